@@ -1,0 +1,494 @@
+//! Model configuration: Hugging Face `config.json` (and GGUF metadata) parsed into one
+//! architecture-independent [`ModelConfig`].
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+
+/// The model families skymoe implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Dense Llama (`LlamaForCausalLM`), also the architecture of llama.cpp's `llama` GGUF files.
+    Llama,
+    /// Mixtral (`MixtralForCausalLM`): every layer an MoE of SwiGLU experts.
+    Mixtral,
+    /// Qwen2-MoE (`Qwen2MoeForCausalLM`): q/k/v biases, a sigmoid-gated shared expert.
+    Qwen2Moe,
+    /// Skywork-MoE (`SkyworkForCausalLM`): gating logit normalisation, expert interval.
+    SkyworkMoe,
+}
+
+impl Architecture {
+    /// The Hugging Face class name of the architecture.
+    pub fn hf_class(self) -> &'static str {
+        match self {
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Mixtral => "MixtralForCausalLM",
+            Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Architecture::SkyworkMoe => "SkyworkForCausalLM",
+        }
+    }
+
+    /// The `model_type` value written in `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Mixtral => "mixtral",
+            Architecture::Qwen2Moe => "qwen2_moe",
+            Architecture::SkyworkMoe => "skywork_moe",
+        }
+    }
+
+    /// Recognise an architecture from a `architectures[0]` class name or a `model_type`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "LlamaForCausalLM" | "llama" => Some(Architecture::Llama),
+            "MixtralForCausalLM" | "mixtral" => Some(Architecture::Mixtral),
+            "Qwen2MoeForCausalLM" | "qwen2_moe" => Some(Architecture::Qwen2Moe),
+            "SkyworkForCausalLM" | "SkyworkMoeForCausalLM" | "skywork_moe" | "skywork" => {
+                Some(Architecture::SkyworkMoe)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// How the router turns gate logits into expert weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterConfig {
+    /// Gating logit normalisation: `Some(λ)` means `z~ = λ·(z − mean z)/std z` (unbiased std)
+    /// before the softmax (Skywork-MoE `moe_use_logits_norm` with `moe_gate_norm_std`).
+    pub logits_norm_std: Option<f64>,
+    /// Renormalise the selected top-k probabilities to sum to one.
+    pub normalize_top_k: bool,
+    /// Skywork-MoE `moe_2layer_gate`: the gate is Linear(H, 8E) → Tanh → Linear(8E, E).
+    pub two_layer_gate: bool,
+    /// Skywork-MoE `moe_feature_no_mul_topk = false`: the expert input is multiplied by top-k.
+    pub multiply_input_by_top_k: bool,
+}
+
+/// The Mixture-of-Experts part of a configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    /// Number of routed experts per MoE layer.
+    pub num_experts: usize,
+    /// Experts selected per token.
+    pub top_k: usize,
+    /// Hidden width of one routed expert's SwiGLU.
+    pub expert_intermediate_size: usize,
+    /// Width of the sigmoid-gated shared expert (Qwen2-MoE), if any.
+    pub shared_expert_intermediate_size: Option<usize>,
+    /// For each layer, whether its FFN is an MoE (otherwise a dense SwiGLU of `intermediate_size`).
+    pub moe_layers: Vec<bool>,
+    /// Routing rule.
+    pub router: RouterConfig,
+}
+
+/// An architecture-independent description of a decoder-only transformer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Model family.
+    pub architecture: Architecture,
+    /// Vocabulary size (rows of the embedding and of the LM head).
+    pub vocab_size: usize,
+    /// Residual stream width.
+    pub hidden_size: usize,
+    /// Hidden width of a dense FFN (dense layers, or every layer of a dense model).
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than the query heads).
+    pub num_key_value_heads: usize,
+    /// Width of one attention head.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base frequency.
+    pub rope_theta: f64,
+    /// Longest sequence the model was trained for.
+    pub max_position_embeddings: usize,
+    /// LM head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry biases.
+    pub qkv_bias: bool,
+    /// The output projection carries a bias.
+    pub o_bias: bool,
+    /// MoE settings; `None` for a dense model.
+    pub moe: Option<MoeConfig>,
+    /// Beginning-of-sequence token, if the config names one.
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence tokens.
+    pub eos_token_ids: Vec<u32>,
+}
+
+fn get_usize(v: &Value, key: &str) -> Option<usize> {
+    v.get(key).and_then(Value::as_u64).map(|x| x as usize)
+}
+
+fn get_f64(v: &Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(Value::as_f64)
+}
+
+fn get_bool(v: &Value, key: &str) -> Option<bool> {
+    v.get(key).and_then(Value::as_bool)
+}
+
+fn token_ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|x| x as u32)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl ModelConfig {
+    /// Read and parse a Hugging Face `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parse the text of a Hugging Face `config.json`; `origin` names it in errors.
+    pub fn from_json_str(text: &str, origin: &Path) -> Result<Self> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| ModelError::config(origin, format!("not valid JSON: {e}")))?;
+        Self::from_json(&v, origin)
+    }
+
+    /// Build a config from parsed `config.json` contents.
+    pub fn from_json(v: &Value, origin: &Path) -> Result<Self> {
+        if !v.is_object() {
+            return Err(ModelError::config(origin, "expected a JSON object"));
+        }
+        let class = v
+            .get("architectures")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_str);
+        let model_type = v.get("model_type").and_then(Value::as_str);
+        let architecture = class
+            .and_then(Architecture::from_name)
+            .or_else(|| model_type.and_then(Architecture::from_name))
+            .ok_or_else(|| ModelError::UnsupportedArchitecture {
+                found: format!(
+                    "architectures={:?}, model_type={:?}",
+                    class.unwrap_or("<none>"),
+                    model_type.unwrap_or("<none>")
+                ),
+            })?;
+        let need = |key: &str| -> Result<usize> {
+            get_usize(v, key)
+                .filter(|&x| x > 0)
+                .ok_or_else(|| ModelError::config(origin, format!("missing or invalid `{key}`")))
+        };
+        let vocab_size = need("vocab_size")?;
+        let hidden_size = need("hidden_size")?;
+        let num_hidden_layers = need("num_hidden_layers")?;
+        let num_attention_heads = need("num_attention_heads")?;
+        let num_key_value_heads =
+            get_usize(v, "num_key_value_heads").unwrap_or(num_attention_heads);
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(ModelError::config(
+                origin,
+                format!(
+                    "num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads ({num_key_value_heads})"
+                ),
+            ));
+        }
+        let head_dim = match get_usize(v, "head_dim") {
+            Some(h) if h > 0 => h,
+            _ => {
+                if hidden_size % num_attention_heads != 0 {
+                    return Err(ModelError::config(
+                        origin,
+                        format!("hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_attention_heads}) and no head_dim is given"),
+                    ));
+                }
+                hidden_size / num_attention_heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(ModelError::config(
+                origin,
+                format!("head_dim ({head_dim}) must be even for rotary embeddings"),
+            ));
+        }
+        let rope_theta = get_f64(v, "rope_theta")
+            .or_else(|| {
+                v.get("rope_parameters")
+                    .and_then(|r| get_f64(r, "rope_theta"))
+            })
+            .unwrap_or(10000.0);
+        if let Some(kind) = v
+            .get("rope_parameters")
+            .or_else(|| v.get("rope_scaling"))
+            .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
+            .and_then(Value::as_str)
+        {
+            if kind != "default" {
+                return Err(ModelError::config(
+                    origin,
+                    format!("rope scaling type `{kind}` is not supported (only the default rotary embedding is)"),
+                ));
+            }
+        }
+        let rms_norm_eps = get_f64(v, "rms_norm_eps").unwrap_or(1e-6);
+        let max_position_embeddings = get_usize(v, "max_position_embeddings").unwrap_or(4096);
+        let tie_word_embeddings = get_bool(v, "tie_word_embeddings").unwrap_or(false);
+        let attention_bias = get_bool(v, "attention_bias").unwrap_or(false);
+        let (qkv_bias, o_bias) = match architecture {
+            Architecture::Qwen2Moe => (true, false),
+            _ => (attention_bias, attention_bias),
+        };
+        let intermediate_size = need("intermediate_size")?;
+        let moe = match architecture {
+            Architecture::Llama => None,
+            Architecture::Mixtral => {
+                let num_experts = get_usize(v, "num_local_experts").unwrap_or(8);
+                let top_k = get_usize(v, "num_experts_per_tok").unwrap_or(2);
+                Some(MoeConfig {
+                    num_experts,
+                    top_k,
+                    expert_intermediate_size: intermediate_size,
+                    shared_expert_intermediate_size: None,
+                    moe_layers: vec![true; num_hidden_layers],
+                    router: RouterConfig {
+                        logits_norm_std: None,
+                        normalize_top_k: true,
+                        two_layer_gate: false,
+                        multiply_input_by_top_k: false,
+                    },
+                })
+            }
+            Architecture::Qwen2Moe => {
+                let num_experts = need("num_experts")?;
+                let top_k = get_usize(v, "num_experts_per_tok").unwrap_or(4);
+                let step = get_usize(v, "decoder_sparse_step").unwrap_or(1).max(1);
+                let mlp_only: Vec<usize> = v
+                    .get("mlp_only_layers")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_u64)
+                            .map(|x| x as usize)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let moe_layers = (0..num_hidden_layers)
+                    .map(|l| !mlp_only.contains(&l) && (l + 1) % step == 0)
+                    .collect();
+                let shared = get_usize(v, "shared_expert_intermediate_size").filter(|&x| x > 0);
+                Some(MoeConfig {
+                    num_experts,
+                    top_k,
+                    expert_intermediate_size: need("moe_intermediate_size")?,
+                    shared_expert_intermediate_size: shared,
+                    moe_layers,
+                    router: RouterConfig {
+                        logits_norm_std: None,
+                        normalize_top_k: get_bool(v, "norm_topk_prob").unwrap_or(false),
+                        two_layer_gate: false,
+                        multiply_input_by_top_k: false,
+                    },
+                })
+            }
+            Architecture::SkyworkMoe => Some(skywork_moe(
+                v,
+                origin,
+                intermediate_size,
+                num_hidden_layers,
+            )?),
+        };
+        if let Some(m) = &moe {
+            if m.num_experts == 0 || m.top_k == 0 || m.top_k > m.num_experts {
+                return Err(ModelError::config(
+                    origin,
+                    format!(
+                        "top-k ({}) must be between 1 and the number of experts ({})",
+                        m.top_k, m.num_experts
+                    ),
+                ));
+            }
+        }
+        Ok(ModelConfig {
+            architecture,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps,
+            rope_theta,
+            max_position_embeddings,
+            tie_word_embeddings,
+            qkv_bias,
+            o_bias,
+            moe,
+            bos_token_id: v
+                .get("bos_token_id")
+                .and_then(Value::as_u64)
+                .map(|x| x as u32),
+            eos_token_ids: token_ids(v.get("eos_token_id")),
+        })
+    }
+
+    /// Whether layer `layer` has an MoE feed-forward block.
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        self.moe
+            .as_ref()
+            .is_some_and(|m| m.moe_layers.get(layer).copied().unwrap_or(false))
+    }
+}
+
+/// Parse the Skywork-MoE specific keys.
+fn skywork_moe(
+    v: &Value,
+    origin: &Path,
+    intermediate_size: usize,
+    num_layers: usize,
+) -> Result<MoeConfig> {
+    let num_experts = match v.get("num_experts") {
+        Some(Value::Array(a)) => a.first().and_then(Value::as_u64).map(|x| x as usize),
+        Some(Value::Number(n)) => n.as_u64().map(|x| x as usize),
+        _ => None,
+    }
+    .filter(|&x| x > 0)
+    .ok_or_else(|| {
+        ModelError::config(
+            origin,
+            "missing or invalid `num_experts` (expected e.g. [16])",
+        )
+    })?;
+    let top_k = get_usize(v, "moe_topk")
+        .or_else(|| get_usize(v, "num_experts_per_tok"))
+        .unwrap_or(2);
+    let interval = get_usize(v, "moe_expert_interval").unwrap_or(1).max(1);
+    let moe_layers = (0..num_layers)
+        .map(|l| l % interval == interval - 1)
+        .collect();
+    let use_logits_norm = get_bool(v, "moe_use_logits_norm").unwrap_or(false);
+    let norm_std = get_f64(v, "moe_gate_norm_std").unwrap_or(1.0);
+    let mixtral_gating = get_bool(v, "moe_use_mixtral_gating").unwrap_or(false);
+    let no_mul_topk = get_bool(v, "moe_feature_no_mul_topk").unwrap_or(false);
+    Ok(MoeConfig {
+        num_experts,
+        top_k,
+        expert_intermediate_size: intermediate_size,
+        shared_expert_intermediate_size: None,
+        moe_layers,
+        router: RouterConfig {
+            logits_norm_std: use_logits_norm.then_some(norm_std),
+            normalize_top_k: true,
+            // The Skywork config class defaults to a two-layer gate; released checkpoints set false.
+            two_layer_gate: get_bool(v, "moe_2layer_gate").unwrap_or(true),
+            multiply_input_by_top_k: !mixtral_gating && !no_mul_topk,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: serde_json::Value) -> Result<ModelConfig> {
+        ModelConfig::from_json(&v, Path::new("config.json"))
+    }
+
+    fn base(arch: &str) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": [arch], "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        })
+    }
+
+    #[test]
+    fn llama_defaults_and_rope_forms() {
+        let mut v = base("LlamaForCausalLM");
+        v["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 500000.0});
+        let c = parse(v).unwrap();
+        assert_eq!(c.architecture, Architecture::Llama);
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(c.head_dim, 16);
+        assert!(c.moe.is_none());
+        let mut v = base("LlamaForCausalLM");
+        v["rope_theta"] = 1234.0.into();
+        v["head_dim"] = 32.into();
+        let c = parse(v).unwrap();
+        assert_eq!((c.rope_theta, c.head_dim), (1234.0, 32));
+    }
+
+    #[test]
+    fn unsupported_rope_scaling_is_an_error() {
+        let mut v = base("LlamaForCausalLM");
+        v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+        assert!(parse(v).unwrap_err().to_string().contains("yarn"));
+    }
+
+    #[test]
+    fn gqa_must_divide() {
+        let mut v = base("LlamaForCausalLM");
+        v["num_key_value_heads"] = 3.into();
+        assert!(parse(v)
+            .unwrap_err()
+            .to_string()
+            .contains("num_key_value_heads"));
+    }
+
+    #[test]
+    fn qwen2_moe_sparse_layers_shared_expert_and_biases() {
+        let mut v = base("Qwen2MoeForCausalLM");
+        v["num_experts"] = 8.into();
+        v["num_experts_per_tok"] = 2.into();
+        v["moe_intermediate_size"] = 32.into();
+        v["shared_expert_intermediate_size"] = 64.into();
+        v["decoder_sparse_step"] = 2.into();
+        v["mlp_only_layers"] = serde_json::json!([3]);
+        v["norm_topk_prob"] = true.into();
+        let c = parse(v).unwrap();
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!(m.moe_layers, vec![false, true, false, false]);
+        assert_eq!(m.shared_expert_intermediate_size, Some(64));
+        assert!(m.router.normalize_top_k);
+        assert!(c.qkv_bias && !c.o_bias);
+    }
+
+    #[test]
+    fn skywork_keys() {
+        let mut v = base("SkyworkForCausalLM");
+        v["model_type"] = "skywork_moe".into();
+        v["num_experts"] = serde_json::json!([16]);
+        v["moe_expert_interval"] = 2.into();
+        v["moe_use_logits_norm"] = true.into();
+        v["moe_gate_norm_std"] = 1.0.into();
+        v["moe_feature_no_mul_topk"] = false.into();
+        v["moe_use_mixtral_gating"] = false.into();
+        v["moe_2layer_gate"] = false.into();
+        let c = parse(v).unwrap();
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!((m.num_experts, m.top_k), (16, 2));
+        assert_eq!(m.moe_layers, vec![false, true, false, true]);
+        assert_eq!(m.router.logits_norm_std, Some(1.0));
+        assert!(m.router.multiply_input_by_top_k);
+        assert!(!m.router.two_layer_gate);
+    }
+
+    #[test]
+    fn unknown_architecture_names_supported_ones() {
+        let err = parse(base("BertModel")).unwrap_err().to_string();
+        assert!(
+            err.contains("BertModel")
+                && err.contains("SkyworkForCausalLM")
+                && err.contains("Qwen2MoeForCausalLM")
+        );
+    }
+}

@@ -1,0 +1,100 @@
+//! Causal multi-head attention with grouped-query heads, RoPE and an optional KV cache.
+
+use candle_core::{Result, Tensor};
+
+use super::linear::Linear;
+use super::ops::{causal_mask, softmax_last_dim};
+use super::rotary::RotaryEmbedding;
+
+/// Keys and values of the positions seen so far, for one layer: `[batch, kv_heads, seq, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct LayerKv {
+    /// Cached keys (after RoPE).
+    pub k: Tensor,
+    /// Cached values.
+    pub v: Tensor,
+}
+
+/// The attention block of one decoder layer.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// Query projection `[heads·head_dim, hidden]`.
+    pub q_proj: Linear,
+    /// Key projection `[kv_heads·head_dim, hidden]`.
+    pub k_proj: Linear,
+    /// Value projection `[kv_heads·head_dim, hidden]`.
+    pub v_proj: Linear,
+    /// Output projection `[hidden, heads·head_dim]`.
+    pub o_proj: Linear,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Head width.
+    pub head_dim: usize,
+}
+
+impl Attention {
+    /// Attend over `x` of shape `[batch, seq, hidden]` whose first position is `offset`
+    /// (the length of `cache`, if any). Appends this call's keys and values to `cache`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &RotaryEmbedding,
+        offset: usize,
+        cache: Option<&mut Option<LayerKv>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = rotary.apply(&q, offset)?;
+        let mut k = rotary.apply(&k, offset)?;
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some(prev) = slot.as_ref() {
+                k = Tensor::cat(&[&prev.k, &k], 2)?;
+                v = Tensor::cat(&[&prev.v, &v], 2)?;
+            }
+            *slot = Some(LayerKv {
+                k: k.clone(),
+                v: v.clone(),
+            });
+        }
+        let s = k.dim(2)?;
+        let rep = nh / nkv;
+        // Group the query heads that share a kv head: [b, nkv, rep·t, hd].
+        let qg = q.reshape((b, nkv, rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, nh, t, s))?;
+        let scores = if t > 1 {
+            scores.broadcast_add(&causal_mask(t, s - t, x.device())?)?
+        } else {
+            scores
+        };
+        let probs = softmax_last_dim(&scores)?.reshape((b, nkv, rep * t, s))?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&out)
+    }
+}

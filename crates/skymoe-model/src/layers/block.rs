@@ -1,0 +1,59 @@
+//! One decoder layer: pre-norm attention and pre-norm feed-forward (dense or MoE), each with a
+//! residual connection.
+
+use candle_core::{Result, Tensor};
+
+use super::attention::{Attention, LayerKv};
+use super::ffn::SwiGlu;
+use super::moe::MoeBlock;
+use super::norm::RmsNorm;
+use super::rotary::RotaryEmbedding;
+use super::router::Routing;
+
+/// The feed-forward half of a layer.
+#[derive(Debug, Clone)]
+pub enum FeedForward {
+    /// A dense SwiGLU.
+    Dense(SwiGlu),
+    /// A sparse MoE block.
+    Moe(MoeBlock),
+}
+
+/// A decoder layer.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    /// Norm before attention.
+    pub input_norm: RmsNorm,
+    /// Self-attention.
+    pub attention: Attention,
+    /// Norm before the feed-forward block.
+    pub post_attention_norm: RmsNorm,
+    /// Feed-forward block.
+    pub ffn: FeedForward,
+}
+
+impl DecoderLayer {
+    /// Apply to `x` `[batch, seq, hidden]`; returns the new residual stream and, for an MoE
+    /// layer, its routing.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &RotaryEmbedding,
+        offset: usize,
+        cache: Option<&mut Option<LayerKv>>,
+    ) -> Result<(Tensor, Option<Routing>)> {
+        let a = self
+            .attention
+            .forward(&self.input_norm.forward(x)?, rotary, offset, cache)?;
+        let x = (x + a)?;
+        let h = self.post_attention_norm.forward(&x)?;
+        let (f, routing) = match &self.ffn {
+            FeedForward::Dense(ffn) => (ffn.forward(&h)?, None),
+            FeedForward::Moe(moe) => {
+                let (y, r) = moe.forward(&h)?;
+                (y, Some(r))
+            }
+        };
+        Ok(((x + f)?, routing))
+    }
+}

@@ -1,0 +1,293 @@
+//! The causal language model: embedding → decoder layers → final norm → LM head.
+
+use candle_core::{Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::layers::attention::{Attention, LayerKv};
+use crate::layers::block::{DecoderLayer, FeedForward};
+use crate::layers::ffn::SwiGlu;
+use crate::layers::linear::Linear;
+use crate::layers::moe::{MoeBlock, SharedExpert};
+use crate::layers::norm::RmsNorm;
+use crate::layers::rotary::RotaryEmbedding;
+use crate::layers::router::{Gate, Router, Routing};
+use crate::layers::TensorLoader;
+use crate::names::{self, SwiGluNames};
+use crate::weights::{Checkpoint, WeightSource};
+
+/// Per-layer keys and values for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<LayerKv>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for a model of `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
+    }
+
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forget everything.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.len = 0;
+    }
+}
+
+/// What a forward pass returns besides the logits.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    /// Logits `[batch, seq, vocab]`.
+    pub logits: Tensor,
+    /// The routing of each MoE layer, in layer order (`None` for dense layers).
+    pub routings: Vec<Option<Routing>>,
+}
+
+/// A decoder-only causal language model of any supported family.
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    /// Its configuration.
+    pub config: ModelConfig,
+    /// Token embedding `[vocab, hidden]`.
+    pub embed: Tensor,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    /// Final norm.
+    pub norm: RmsNorm,
+    /// LM head `[vocab, hidden]` (the embedding when tied).
+    pub lm_head: Tensor,
+    rotary: RotaryEmbedding,
+}
+
+/// A [`TensorLoader`] over a checkpoint's weights on a device.
+pub struct CheckpointLoader<'a> {
+    weights: &'a WeightSource,
+    device: &'a Device,
+}
+
+impl<'a> CheckpointLoader<'a> {
+    /// Loads from `weights` onto `device`.
+    pub fn new(weights: &'a WeightSource, device: &'a Device) -> Self {
+        CheckpointLoader { weights, device }
+    }
+}
+
+impl TensorLoader for CheckpointLoader<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.weights.get(name, shape, self.device)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.weights.contains(name)
+    }
+}
+
+fn swiglu(l: &dyn TensorLoader, n: &SwiGluNames, hidden: usize, ffn: usize) -> Result<SwiGlu> {
+    Ok(SwiGlu {
+        gate: Linear::new(l.tensor(&n.gate, &[ffn, hidden])?, None),
+        up: Linear::new(l.tensor(&n.up, &[ffn, hidden])?, None),
+        down: Linear::new(l.tensor(&n.down, &[hidden, ffn])?, None),
+    })
+}
+
+impl CausalLm {
+    /// Build the model from a checkpoint opened with [`Checkpoint::open`].
+    pub fn load(ckpt: &Checkpoint, device: &Device) -> Result<Self> {
+        Self::from_loader(
+            ckpt.config.clone(),
+            &CheckpointLoader::new(&ckpt.weights, device),
+            device,
+        )
+    }
+
+    /// Build the model from any tensor loader (checkpoints, trainable variables, ...).
+    pub fn from_loader(config: ModelConfig, l: &dyn TensorLoader, device: &Device) -> Result<Self> {
+        let c = &config;
+        let h = c.hidden_size;
+        let (q, kv) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let embed = l.tensor(names::EMBED, &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = |s: &str| names::layer(i, s);
+            let proj = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
+                let w = l.tensor(&p(&format!("self_attn.{name}.weight")), &[rows, cols])?;
+                let b = if bias {
+                    Some(l.tensor(&p(&format!("self_attn.{name}.bias")), &[rows])?)
+                } else {
+                    None
+                };
+                Ok(Linear::new(w, b))
+            };
+            let attention = Attention {
+                q_proj: proj("q_proj", q, h, c.qkv_bias)?,
+                k_proj: proj("k_proj", kv, h, c.qkv_bias)?,
+                v_proj: proj("v_proj", kv, h, c.qkv_bias)?,
+                o_proj: proj("o_proj", h, q, c.o_bias)?,
+                num_heads: c.num_attention_heads,
+                num_kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+            };
+            let ffn = match (&c.moe, c.is_moe_layer(i)) {
+                (Some(m), true) => {
+                    let n = c.moe_names(i);
+                    let e = m.num_experts;
+                    let gate = match &n.gate2 {
+                        Some(g2) => Gate::TwoLayer(
+                            Linear::new(l.tensor(&n.gate, &[8 * e, h])?, None),
+                            Linear::new(l.tensor(g2, &[e, 8 * e])?, None),
+                        ),
+                        None => Gate::Linear(Linear::new(l.tensor(&n.gate, &[e, h])?, None)),
+                    };
+                    let experts = n
+                        .experts
+                        .iter()
+                        .map(|x| swiglu(l, x, h, m.expert_intermediate_size))
+                        .collect::<Result<Vec<_>>>()?;
+                    let shared = match (&n.shared, m.shared_expert_intermediate_size) {
+                        (Some((sn, sg)), Some(sf)) => Some(SharedExpert {
+                            ffn: swiglu(l, sn, h, sf)?,
+                            gate: Linear::new(l.tensor(sg, &[1, h])?, None),
+                        }),
+                        _ => None,
+                    };
+                    FeedForward::Moe(MoeBlock {
+                        router: Router {
+                            gate,
+                            config: m.router.clone(),
+                            top_k: m.top_k,
+                        },
+                        experts,
+                        shared,
+                    })
+                }
+                _ => FeedForward::Dense(swiglu(l, &c.dense_ffn_names(i), h, c.intermediate_size)?),
+            };
+            layers.push(DecoderLayer {
+                input_norm: RmsNorm::new(
+                    l.tensor(&p("input_layernorm.weight"), &[h])?,
+                    c.rms_norm_eps,
+                ),
+                attention,
+                post_attention_norm: RmsNorm::new(
+                    l.tensor(&p("post_attention_layernorm.weight"), &[h])?,
+                    c.rms_norm_eps,
+                ),
+                ffn,
+            });
+        }
+        let norm = RmsNorm::new(l.tensor(names::FINAL_NORM, &[h])?, c.rms_norm_eps);
+        let lm_head = if c.tie_word_embeddings {
+            embed.clone()
+        } else {
+            l.tensor(names::LM_HEAD, &[c.vocab_size, h])?
+        };
+        let rotary = RotaryEmbedding::new(
+            c.head_dim,
+            c.rope_theta,
+            c.max_position_embeddings.max(1),
+            device,
+        )?;
+        Ok(CausalLm {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rotary,
+        })
+    }
+
+    /// A fresh KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Check token ids against the vocabulary and the position limit.
+    fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(ModelError::InvalidInput("no tokens to run".into()));
+        }
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(ModelError::InvalidInput(format!(
+                "token id {bad} is out of range for a vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        let end = offset + tokens.len();
+        if end > self.rotary.max_positions() {
+            return Err(ModelError::InvalidInput(format!(
+                "sequence of {end} positions exceeds the model's maximum of {}",
+                self.rotary.max_positions()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Run one sequence (`tokens`), continuing after what `cache` holds (if given), and
+    /// return the logits of every position `[seq, vocab]`.
+    pub fn forward_tokens(&self, tokens: &[u32], cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let out = self.forward_full(tokens, cache, true)?;
+        Ok(out.logits.squeeze(0)?)
+    }
+
+    /// Run one sequence and return only the logits of its last position `[vocab]`.
+    pub fn forward_last(&self, tokens: &[u32], cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let out = self.forward_full(tokens, cache, false)?;
+        Ok(out.logits.squeeze(0)?.squeeze(0)?)
+    }
+
+    /// Run one sequence; `all_positions` selects logits for every position or only the last.
+    pub fn forward_full(
+        &self,
+        tokens: &[u32],
+        mut cache: Option<&mut KvCache>,
+        all_positions: bool,
+    ) -> Result<ForwardOutput> {
+        let offset = cache.as_ref().map_or(0, |c| c.len);
+        self.check_tokens(tokens, offset)?;
+        let dev = self.embed.device();
+        let ids = Tensor::from_vec(tokens.to_vec(), tokens.len(), dev)?;
+        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
+        let mut routings = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            let (y, r) = layer.forward(&x, &self.rotary, offset, slot)?;
+            x = y;
+            routings.push(r);
+        }
+        if let Some(c) = cache {
+            c.len += tokens.len();
+        }
+        if !all_positions {
+            let t = x.dim(1)?;
+            x = x.narrow(1, t - 1, 1)?;
+        }
+        let x = self.norm.forward(&x)?;
+        let (b, t, h) = x.dims3()?;
+        let logits = x
+            .reshape((b * t, h))?
+            .matmul(&self.lm_head.t()?)?
+            .reshape((b, t, self.config.vocab_size))?;
+        Ok(ForwardOutput { logits, routings })
+    }
+}

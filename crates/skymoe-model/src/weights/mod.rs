@@ -1,0 +1,121 @@
+//! Reading checkpoints: Hugging Face safetensors directories and llama.cpp GGUF files.
+//!
+//! Every source yields tensors under their Hugging Face checkpoint names, in the Hugging Face
+//! layout, as f32 on the requested device.
+
+mod gguf;
+mod safetensors_dir;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+pub use gguf::{GgufCheckpoint, GgufMetadata};
+pub use safetensors_dir::SafetensorsCheckpoint;
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+
+/// Where a model's tensors come from.
+pub enum WeightSource {
+    /// A Hugging Face directory with one or more safetensors files (memory-mapped).
+    Safetensors(SafetensorsCheckpoint),
+    /// Tensors already converted to Hugging Face names and layout (from GGUF or built in memory).
+    InMemory(HashMap<String, Tensor>),
+}
+
+impl WeightSource {
+    /// Whether a tensor of this name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            WeightSource::Safetensors(s) => s.contains(name),
+            WeightSource::InMemory(m) => m.contains_key(name),
+        }
+    }
+
+    /// Names of all tensors, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names = match self {
+            WeightSource::Safetensors(s) => s.names(),
+            WeightSource::InMemory(m) => m.keys().cloned().collect(),
+        };
+        names.sort();
+        names
+    }
+
+    /// Load a tensor as f32 on `device`, checking that its shape is `expected`.
+    pub fn get(&self, name: &str, expected: &[usize], device: &Device) -> Result<Tensor> {
+        let t = match self {
+            WeightSource::Safetensors(s) => s.load(name, device)?,
+            WeightSource::InMemory(m) => m
+                .get(name)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    name: name.to_string(),
+                })?
+                .to_device(device)?,
+        };
+        if t.dims() != expected {
+            return Err(ModelError::ShapeMismatch {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        Ok(t.to_dtype(DType::F32)?)
+    }
+}
+
+/// A model checkpoint opened from disk: its config, its tensors, and where it came from.
+pub struct Checkpoint {
+    /// The parsed configuration.
+    pub config: ModelConfig,
+    /// The tensors.
+    pub weights: WeightSource,
+    /// The directory or file it was opened from.
+    pub path: PathBuf,
+    /// GGUF metadata (tokenizer and the rest) when the checkpoint is a GGUF file.
+    pub gguf_metadata: Option<GgufMetadata>,
+}
+
+impl Checkpoint {
+    /// Open a Hugging Face model directory (config.json + safetensors) or a `.gguf` file.
+    pub fn open(path: &Path, device: &Device) -> Result<Self> {
+        if path.is_dir() {
+            let config_path = path.join("config.json");
+            if !config_path.exists() {
+                return Err(ModelError::config(
+                    &config_path,
+                    "config.json not found in the model directory",
+                ));
+            }
+            let config = ModelConfig::from_file(&config_path)?;
+            let weights = WeightSource::Safetensors(SafetensorsCheckpoint::open_dir(path)?);
+            Ok(Checkpoint {
+                config,
+                weights,
+                path: path.to_path_buf(),
+                gguf_metadata: None,
+            })
+        } else if path.is_file() {
+            if path.extension().and_then(|e| e.to_str()) == Some("gguf") {
+                let g = GgufCheckpoint::open(path, device)?;
+                Ok(Checkpoint {
+                    config: g.config,
+                    weights: WeightSource::InMemory(g.tensors),
+                    path: path.to_path_buf(),
+                    gguf_metadata: Some(g.metadata),
+                })
+            } else {
+                Err(ModelError::NoWeights {
+                    path: path.to_path_buf(),
+                })
+            }
+        } else {
+            Err(ModelError::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ))
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! The forward pass of every family against Hugging Face transformers / PyTorch.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::{fixtures, max_abs_diff, reference};
+use skymoe_model::{CausalLm, Checkpoint};
+
+const TOL: f32 = 1e-4;
+
+fn check_dir(name: &str) {
+    let dir = fixtures().join(name);
+    let ckpt = Checkpoint::open(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let model = CausalLm::load(&ckpt, &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let (tokens, expected) = reference(&dir.join("reference.safetensors"));
+    let logits = model.forward_tokens(&tokens, None).unwrap();
+    let d = max_abs_diff(&logits, &expected);
+    assert!(d <= TOL, "{name}: max |Δlogit| = {d:e} > {TOL:e}");
+    check_kv_cache(name, &model, &tokens, &logits);
+}
+
+/// Token-by-token decoding and chunked prefill through the KV cache give the logits of one
+/// full forward pass.
+fn check_kv_cache(name: &str, model: &CausalLm, tokens: &[u32], full: &Tensor) {
+    let mut cache = model.new_cache();
+    let rows: Vec<Tensor> = tokens
+        .iter()
+        .map(|&t| model.forward_tokens(&[t], Some(&mut cache)).unwrap())
+        .collect();
+    let stepwise = Tensor::cat(&rows, 0).unwrap();
+    let d = max_abs_diff(&stepwise, full);
+    assert!(d <= TOL, "{name}: token-by-token decoding differs by {d:e}");
+    assert_eq!(cache.len(), tokens.len());
+
+    let mut cache = model.new_cache();
+    let split = tokens.len() / 2 + 1;
+    let a = model
+        .forward_tokens(&tokens[..split], Some(&mut cache))
+        .unwrap();
+    let b = model
+        .forward_tokens(&tokens[split..], Some(&mut cache))
+        .unwrap();
+    let d = max_abs_diff(&Tensor::cat(&[a, b], 0).unwrap(), full);
+    assert!(d <= TOL, "{name}: chunked prefill differs by {d:e}");
+}
+
+#[test]
+fn llama_matches_transformers() {
+    check_dir("llama");
+}
+
+#[test]
+fn mixtral_sharded_matches_transformers() {
+    check_dir("mixtral");
+}
+
+#[test]
+fn qwen2_moe_matches_transformers() {
+    check_dir("qwen2_moe");
+}
+
+#[test]
+fn qwen2_moe_normalised_with_dense_layer_matches_transformers() {
+    check_dir("qwen2_moe_norm");
+}
+
+#[test]
+fn skywork_moe_matches_reference() {
+    check_dir("skywork_moe");
+}
+
+#[test]
+fn skywork_moe_variant_matches_reference() {
+    check_dir("skywork_moe_variant");
+}
+
+fn check_gguf(file: &str) {
+    let path = fixtures().join("gguf").join(file);
+    let ckpt = Checkpoint::open(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let model = CausalLm::load(&ckpt, &Device::Cpu).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let stem = file.trim_end_matches(".gguf");
+    let (tokens, expected) = reference(
+        &fixtures()
+            .join("gguf")
+            .join(format!("{stem}.reference.safetensors")),
+    );
+    let logits = model.forward_tokens(&tokens, None).unwrap();
+    let d = max_abs_diff(&logits, &expected);
+    assert!(d <= TOL, "{file}: max |Δlogit| = {d:e} > {TOL:e}");
+    check_kv_cache(file, &model, &tokens, &logits);
+}
+
+#[test]
+fn gguf_llama_f32_matches_transformers() {
+    check_gguf("llama-f32.gguf");
+}
+
+#[test]
+fn gguf_mixtral_f16_stacked_experts_matches_transformers() {
+    check_gguf("mixtral-f16.gguf");
+}
+
+#[test]
+fn gguf_llama_q8_0_matches_dequantised_reference() {
+    check_gguf("llama-q8_0.gguf");
+}
+
+#[test]
+fn gguf_llama_q4_0_matches_dequantised_reference() {
+    check_gguf("llama-q4_0.gguf");
+}
+
+#[test]
+fn gguf_llama_q4_1_matches_dequantised_reference() {
+    check_gguf("llama-q4_1.gguf");
+}
+
+#[test]
+fn gguf_f32_equals_safetensors_model() {
+    let st = Checkpoint::open(&fixtures().join("llama"), &Device::Cpu).unwrap();
+    let gg = Checkpoint::open(&fixtures().join("gguf/llama-f32.gguf"), &Device::Cpu).unwrap();
+    assert_eq!(st.config.hidden_size, gg.config.hidden_size);
+    assert_eq!(st.config.num_key_value_heads, gg.config.num_key_value_heads);
+    assert_eq!(st.config.tie_word_embeddings, gg.config.tie_word_embeddings);
+    for spec in st.config.param_specs() {
+        let a = st
+            .weights
+            .get(&spec.name, &spec.shape, &Device::Cpu)
+            .unwrap();
+        let b = gg
+            .weights
+            .get(&spec.name, &spec.shape, &Device::Cpu)
+            .unwrap();
+        assert_eq!(
+            max_abs_diff(&a, &b),
+            0.0,
+            "{} differs after GGUF round trip",
+            spec.name
+        );
+    }
+}

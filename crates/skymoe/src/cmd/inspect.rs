@@ -1,0 +1,154 @@
+//! `skymoe inspect`: architecture, sizes and parameter counts of a model.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::Device;
+use skymoe_model::Checkpoint;
+
+/// Arguments of `skymoe inspect`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A Hugging Face model directory or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn human(n: usize) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2}B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2}M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1}K", n / 1e3)
+    } else {
+        format!("{n}")
+    }
+}
+
+fn bytes(n: f64) -> String {
+    const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+    if n >= GIB {
+        format!("{:.2} GiB", n / GIB)
+    } else {
+        format!("{:.2} MiB", n / 1024.0 / 1024.0)
+    }
+}
+
+/// Run the verb.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let ckpt = Checkpoint::open(&a.model, &Device::Cpu)
+        .with_context(|| format!("cannot open model {}", a.model.display()))?;
+    let c = &ckpt.config;
+    // Check the checkpoint against the config: every tensor present with the right shape.
+    let specs = c.param_specs();
+    for s in &specs {
+        if !ckpt.weights.contains(&s.name) {
+            anyhow::bail!("tensor {} is missing from the checkpoint", s.name);
+        }
+    }
+    let total = c.total_params();
+    let active = c.active_params();
+    let moe_layers = (0..c.num_hidden_layers)
+        .filter(|&l| c.is_moe_layer(l))
+        .count();
+    let dtypes: [(&str, f64); 5] = [
+        ("f32", 4.0),
+        ("bf16/f16", 2.0),
+        ("fp8/int8", 1.0),
+        ("q8_0", 34.0 / 32.0),
+        ("q4_0", 18.0 / 32.0),
+    ];
+    if a.json {
+        let v = serde_json::json!({
+            "architecture": c.architecture.hf_class(),
+            "model_type": c.architecture.model_type(),
+            "layers": c.num_hidden_layers,
+            "moe_layers": moe_layers,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "attention_heads": c.num_attention_heads,
+            "kv_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "vocab_size": c.vocab_size,
+            "experts": c.moe.as_ref().map(|m| m.num_experts),
+            "top_k": c.moe.as_ref().map(|m| m.top_k),
+            "expert_intermediate_size": c.moe.as_ref().map(|m| m.expert_intermediate_size),
+            "shared_expert_intermediate_size": c.moe.as_ref().and_then(|m| m.shared_expert_intermediate_size),
+            "gate_logits_norm_std": c.moe.as_ref().and_then(|m| m.router.logits_norm_std),
+            "params_total": total,
+            "params_active_per_token": active,
+            "bytes": dtypes.iter().map(|(n, b)| (n.to_string(), serde_json::json!(total as f64 * b))).collect::<serde_json::Map<_, _>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("model          {}", a.model.display());
+    println!(
+        "architecture   {} ({})",
+        c.architecture.hf_class(),
+        c.architecture.model_type()
+    );
+    println!(
+        "layers         {} ({} MoE)",
+        c.num_hidden_layers, moe_layers
+    );
+    println!("hidden         {}", c.hidden_size);
+    println!(
+        "attention      {} heads x {} (kv heads {}{})",
+        c.num_attention_heads,
+        c.head_dim,
+        c.num_key_value_heads,
+        if c.qkv_bias { ", q/k/v bias" } else { "" }
+    );
+    println!("vocab          {}", c.vocab_size);
+    println!("rope theta     {}", c.rope_theta);
+    println!("tied embedding {}", c.tie_word_embeddings);
+    match &c.moe {
+        Some(m) => {
+            println!(
+                "experts        {} (top-{}), expert FFN {}",
+                m.num_experts, m.top_k, m.expert_intermediate_size
+            );
+            if let Some(s) = m.shared_expert_intermediate_size {
+                println!("shared expert  FFN {s}, sigmoid gate");
+            }
+            let r = &m.router;
+            println!(
+                "router         softmax{}{}{}{}",
+                r.logits_norm_std
+                    .map(|l| format!(", logit norm λ={l}"))
+                    .unwrap_or_default(),
+                if r.normalize_top_k {
+                    ", top-k renormalised"
+                } else {
+                    ""
+                },
+                if r.two_layer_gate {
+                    ", 2-layer gate"
+                } else {
+                    ""
+                },
+                if r.multiply_input_by_top_k {
+                    ", input x top-k"
+                } else {
+                    ""
+                },
+            );
+            if moe_layers < c.num_hidden_layers {
+                println!("dense FFN      {} (non-MoE layers)", c.intermediate_size);
+            }
+        }
+        None => println!("FFN            dense SwiGLU {}", c.intermediate_size),
+    }
+    println!("params total   {} ({total})", human(total));
+    println!("params active  {} per token ({active})", human(active));
+    for (n, b) in dtypes {
+        println!("size {n:<9} {}", bytes(total as f64 * b));
+    }
+    Ok(())
+}

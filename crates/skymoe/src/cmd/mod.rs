@@ -1,0 +1,48 @@
+//! One module per verb; each is a thin adapter over the library crates.
+
+pub mod generate;
+pub mod inspect;
+pub mod logits;
+
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::Device;
+use skymoe_model::{CausalLm, Checkpoint};
+
+/// The compute device: CPU unless built with `cuda` and a GPU is present.
+pub fn device() -> anyhow::Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        if let Ok(d) = Device::new_cuda(0) {
+            return Ok(d);
+        }
+    }
+    Ok(Device::Cpu)
+}
+
+/// Open a checkpoint and build its model.
+pub fn load_model(path: &Path, device: &Device) -> anyhow::Result<(Checkpoint, CausalLm)> {
+    let ckpt = Checkpoint::open(path, device)
+        .with_context(|| format!("cannot open model {}", path.display()))?;
+    let model = CausalLm::load(&ckpt, device)
+        .with_context(|| format!("cannot load model {}", path.display()))?;
+    Ok((ckpt, model))
+}
+
+/// Parse `1,2,3` into token ids.
+pub fn parse_tokens(s: &str) -> anyhow::Result<Vec<u32>> {
+    let ids = s
+        .split(',')
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<u32>()
+                .with_context(|| format!("`{t}` is not a token id"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if ids.is_empty() {
+        anyhow::bail!("no token ids given");
+    }
+    Ok(ids)
+}

@@ -1,0 +1,43 @@
+//! The `skymoe` command-line tool.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// skymoe: Mixture-of-Experts language models — load, inspect, run and generate.
+#[derive(Parser)]
+#[command(name = "skymoe", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's architecture, sizes and parameter counts.
+    Inspect(cmd::inspect::Args),
+    /// Write the logits of a token sequence to a safetensors file.
+    Logits(cmd::logits::Args),
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(cmd::generate::Args),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SKYMOE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Logits(a) => cmd::logits::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
