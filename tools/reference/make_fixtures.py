@@ -73,7 +73,7 @@ LLAMA_FF = 96  # dense FFN (multiple of 32 so ffn_down rows quantise in Q4/Q8 bl
 EXPERT_FF = 32  # Mixtral / Qwen2-MoE routed experts
 QWEN_DENSE_FF = 96  # Qwen2-MoE dense (mlp_only) layer
 QWEN_SHARED_FF = 48  # Qwen2-MoE shared expert
-SKY_FF = 48  # Skywork: intermediate_size, used by experts and by dense layers alike
+SKY_FF = 32  # Skywork: intermediate_size, used by experts and by dense layers alike
 N_EXPERTS = 4
 TOP_K = 2
 ROPE_THETA = 10000.0
@@ -145,6 +145,26 @@ def init_params(model: torch.nn.Module, seed: int) -> None:
         else:
             v = WEIGHT_STD * noise
         p.copy_(v.to(p.dtype))
+
+
+def dump_json(obj: Any, path: str) -> None:
+    """JSON with lists of scalars kept on one line (readable routing / tokenizer-case files)."""
+
+    def enc(o: Any, ind: int) -> str:
+        pad = " " * ind
+        if isinstance(o, dict):
+            if not o:
+                return "{}"
+            items = [f"{pad}  {json.dumps(k)}: {enc(v, ind + 2)}" for k, v in o.items()]
+            return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+        if isinstance(o, (list, tuple)):
+            if all(not isinstance(x, (dict, list, tuple)) for x in o):
+                return "[" + ", ".join(json.dumps(x, ensure_ascii=False) for x in o) + "]"
+            return "[\n" + ",\n".join(f"{pad}  {enc(x, ind + 2)}" for x in o) + "\n" + pad + "]"
+        return json.dumps(o, ensure_ascii=False)
+
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(enc(obj, 0) + "\n")
 
 
 def ce_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -273,7 +293,6 @@ def hf_config(family: str, vocab: int):
         eos_token_id=1,
         attn_implementation="eager",
         experts_implementation="eager",  # the per-expert loop (default would be grouped_mm, f32/bf16 only)
-        use_cache=False,
     )
     if family == "llama":
         return LlamaConfig(intermediate_size=LLAMA_FF, rms_norm_eps=1e-5, tie_word_embeddings=True, **common)
@@ -469,7 +488,9 @@ def save_reference(path: str, tokens, logits, loss, grads: dict[str, torch.Tenso
     if grads:
         for n, g in grads.items():
             tensors[f"grad.{n}"] = g.to(torch.float32).contiguous()
-    save_file(tensors, path, metadata={k: str(v) for k, v in meta.items()})
+    # one metadata key: safetensors writes the metadata map in hash order, so several keys would
+    # make the file bytes differ between runs
+    save_file(tensors, path, metadata={"reference_info": json.dumps({k: str(v) for k, v in meta.items()}, sort_keys=True)})
 
 
 def same_routing(a: dict[int, dict], b: dict[int, dict]) -> bool:
@@ -547,8 +568,7 @@ def run_hf_family(family: str, out_root: str, vocab: int, tok_json_path: str, to
     }
     save_reference(os.path.join(d, "reference.safetensors"), tokens, logits, loss32.item(), grads, meta)
     if routing is not None:
-        with open(os.path.join(d, "routing.json"), "w") as f:
-            json.dump(routing, f, indent=1)
+        dump_json(routing, os.path.join(d, "routing.json"))
     files = sorted(os.listdir(d))
     nbytes = sum(os.path.getsize(os.path.join(d, fn)) for fn in files)
     s = {
@@ -745,7 +765,7 @@ def run_skywork(variant: str, out_root: str, vocab: int, tok_json_path: str, tok
     os.makedirs(d)
     cfg_json, model, seed, routing = build_skywork(variant, vocab, tokens)
     with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(cfg_json, f, indent=2)
+        json.dump(cfg_json, f, indent=2, sort_keys=True)
         f.write("\n")
     state = model.checkpoint_state()
     save_file({n: t.contiguous() for n, t in state.items()}, os.path.join(d, "model.safetensors"),
@@ -799,8 +819,7 @@ def run_skywork(variant: str, out_root: str, vocab: int, tok_json_path: str, tok
         "implementation": "tools/reference/skywork_moe_ref.py",
     }
     save_reference(os.path.join(d, "reference.safetensors"), tokens, logits, loss32.item(), grads, meta)
-    with open(os.path.join(d, "routing.json"), "w") as f:
-        json.dump(routing, f, indent=1)
+    dump_json(routing, os.path.join(d, "routing.json"))
     files = sorted(os.listdir(d))
     nbytes = sum(os.path.getsize(os.path.join(d, fn)) for fn in files)
     s = {
@@ -1019,6 +1038,73 @@ def verify_gguf(path: str, hf_cfg, stored: dict[str, tuple[QT, np.ndarray]], tok
     return rows
 
 
+def np_gguf_forward(t: dict[str, np.ndarray], hf_cfg, tokens: list[int]) -> np.ndarray:
+    """Independent float64 numpy forward over the GGUF tensors *as stored* (q/k permuted), using
+    llama.cpp's llama-arch RoPE convention (rotate adjacent pairs (2i, 2i+1)). Validates that the
+    permutation + interleaved RoPE equals HF's rotate-half on the unpermuted weights."""
+    t = {k: v.astype(np.float64) for k, v in t.items()}
+    nh, nkv = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
+    hd = hf_cfg.hidden_size // nh
+    eps = float(hf_cfg.rms_norm_eps)
+    base = float(hf_cfg.rope_parameters["rope_theta"])
+    n_exp = getattr(hf_cfg, "num_local_experts", None)
+    k_used = getattr(hf_cfg, "num_experts_per_tok", None)
+    T_ = len(tokens)
+    pos = np.arange(T_, dtype=np.float64)
+
+    def rms(x, w):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+    def rope(x):  # x [T, heads, hd]; pairs (2i, 2i+1), theta_i = base^(-2i/hd)
+        inv = base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+        ang = pos[:, None] * inv[None, :]
+        c, s_ = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = x0 * c - x1 * s_
+        out[..., 1::2] = x0 * s_ + x1 * c
+        return out
+
+    def silu(x):
+        return x / (1.0 + np.exp(-x))
+
+    h = t["token_embd.weight"][tokens]
+    mask = np.triu(np.full((T_, T_), -np.inf), 1)
+    for i in range(hf_cfg.num_hidden_layers):
+        b = f"blk.{i}."
+        x = rms(h, t[b + "attn_norm.weight"])
+        q = rope((x @ t[b + "attn_q.weight"].T).reshape(T_, nh, hd))
+        k = rope((x @ t[b + "attn_k.weight"].T).reshape(T_, nkv, hd))
+        v = (x @ t[b + "attn_v.weight"].T).reshape(T_, nkv, hd)
+        o = np.empty((T_, nh, hd))
+        for j in range(nh):
+            kv = j // (nh // nkv)
+            sc = q[:, j] @ k[:, kv].T / np.sqrt(hd) + mask
+            sc = np.exp(sc - sc.max(-1, keepdims=True))
+            sc /= sc.sum(-1, keepdims=True)
+            o[:, j] = sc @ v[:, kv]
+        h = h + o.reshape(T_, nh * hd) @ t[b + "attn_output.weight"].T
+        x = rms(h, t[b + "ffn_norm.weight"])
+        if n_exp:
+            z = x @ t[b + "ffn_gate_inp.weight"].T
+            p = np.exp(z - z.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            y = np.zeros_like(x)
+            for r in range(T_):
+                sel = np.argsort(-p[r], kind="stable")[:k_used]
+                w = p[r, sel] / p[r, sel].sum()
+                for e, we in zip(sel, w):
+                    g = t[b + "ffn_gate_exps.weight"][e] @ x[r]
+                    u = t[b + "ffn_up_exps.weight"][e] @ x[r]
+                    y[r] += we * (t[b + "ffn_down_exps.weight"][e] @ (silu(g) * u))
+        else:
+            y = (silu(x @ t[b + "ffn_gate.weight"].T) * (x @ t[b + "ffn_up.weight"].T)) @ t[b + "ffn_down.weight"].T
+        h = h + y
+    h = rms(h, t["output_norm.weight"])
+    out_w = t["output.weight"] if "output.weight" in t else t["token_embd.weight"]
+    return h @ out_w.T
+
+
 def hf_model_from_state(family: str, hf_cfg, state: dict[str, torch.Tensor]):
     """Loads canonical tensors through transformers' own from_pretrained (via a temp dir)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -1065,12 +1151,16 @@ def run_gguf(out_root: str, tok_meta: dict, tokens: torch.Tensor, hf_models: dic
         with torch.no_grad():
             ref_logits, ref_routing = hf_forward_with_routing(hf_models[family], tokens)
         diff_vs_f32 = (logits - ref_logits).abs().max().item()
+        np_logits = np_gguf_forward(deq, hf_cfg, tokens.tolist())
+        np_diff = float(np.abs(np_logits - logits.double().numpy()).max())
+        assert np_diff < 1e-4, (fname, np_diff)
         if qt == QT.F32:
             assert diff_vs_f32 == 0.0, diff_vs_f32
         entry: dict[str, Any] = {
             "file_bytes": os.path.getsize(path),
             "max_abs_logit": logits.abs().max().item(),
             "max_abs_logit_diff_vs_f32_checkpoint": diff_vs_f32,
+            "numpy_llamacpp_rope_forward_max_abs_diff": np_diff,
             "tensors": rows,
         }
         if n_exp:
@@ -1086,7 +1176,7 @@ def run_gguf(out_root: str, tok_meta: dict, tokens: torch.Tensor, hf_models: dic
         })
         gsum[fname] = entry
         log(f"  {len(rows)} tensors, {entry['file_bytes']} bytes, max|logit|={entry['max_abs_logit']:.4f}, "
-            f"max|dlogit| vs f32 checkpoint={diff_vs_f32:.3e}"
+            f"max|dlogit| vs f32 checkpoint={diff_vs_f32:.3e}, numpy interleaved-rope forward diff={np_diff:.1e}"
             + (f", min sel margin {entry['min_selection_margin']:.3e}, routing same as f32: "
                f"{entry['routing_same_as_f32_checkpoint']}" if n_exp else ""))
     summary["gguf"] = gsum
@@ -1118,9 +1208,7 @@ def main() -> None:
         enc = tok.encode(text, add_special_tokens=False)
         assert tok.decode(enc.ids) == text, text
         cases.append({"text": text, "ids": enc.ids, "tokens": enc.tokens})
-    with open(os.path.join(out_root, "tokenizer_cases.json"), "w", encoding="utf-8") as f:
-        json.dump(cases, f, ensure_ascii=False, indent=1)
-        f.write("\n")
+    dump_json(cases, os.path.join(out_root, "tokenizer_cases.json"))
     id_to_tok = {i: t for t, i in tok.get_vocab().items()}
     special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
     tok_meta = {
@@ -1166,9 +1254,7 @@ def main() -> None:
     files.sort(key=lambda x: x["path"])
     summary["files"] = files
     summary["total_bytes"] = sum(f["bytes"] for f in files)
-    with open(os.path.join(out_root, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1, ensure_ascii=False)
-        f.write("\n")
+    dump_json(summary, os.path.join(out_root, "summary.json"))
     log("")
     log(f"wrote {len(files)} files, {summary['total_bytes']} bytes under {out_root}")
     for fi in files:

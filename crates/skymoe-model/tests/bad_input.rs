@@ -42,7 +42,7 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 fn missing_weights_file_is_reported() {
     let (_t, dir) = scratch("llama");
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
-    let err = open_and_load(&dir).err().expect("must fail");
+    let err = open_and_load(&dir).map(|_| ()).expect_err("must fail");
     assert!(matches!(err, ModelError::NoWeights { .. }), "{err}");
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
@@ -50,8 +50,8 @@ fn missing_weights_file_is_reported() {
 #[test]
 fn missing_model_path_is_reported() {
     let err = open_and_load(Path::new("/nonexistent/model"))
-        .err()
-        .expect("must fail");
+        .map(|_| ())
+        .expect_err("must fail");
     assert!(matches!(err, ModelError::Io { .. }), "{err}");
 }
 
@@ -61,7 +61,7 @@ fn truncated_safetensors_is_reported() {
     let p = dir.join("model.safetensors");
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-    let err = open_and_load(&dir).err().expect("must fail");
+    let err = open_and_load(&dir).map(|_| ()).expect_err("must fail");
     assert!(matches!(err, ModelError::CorruptWeights { .. }), "{err}");
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
@@ -75,7 +75,7 @@ fn corrupt_safetensors_header_is_reported() {
         *b = b'#';
     }
     std::fs::write(&p, &bytes).unwrap();
-    let err = open_and_load(&dir).err().expect("must fail");
+    let err = open_and_load(&dir).map(|_| ()).expect_err("must fail");
     assert!(matches!(err, ModelError::CorruptWeights { .. }), "{err}");
 }
 
@@ -83,7 +83,7 @@ fn corrupt_safetensors_header_is_reported() {
 fn tiny_garbage_safetensors_is_reported() {
     let (_t, dir) = scratch("llama");
     std::fs::write(dir.join("model.safetensors"), b"abc").unwrap();
-    let err = open_and_load(&dir).err().expect("must fail");
+    let err = open_and_load(&dir).map(|_| ()).expect_err("must fail");
     assert!(matches!(err, ModelError::CorruptWeights { .. }), "{err}");
 }
 
@@ -99,7 +99,7 @@ fn missing_shard_is_reported() {
         })
         .expect("the mixtral fixture is sharded");
     std::fs::remove_file(&shard).unwrap();
-    let err = open_and_load(&dir).err().expect("must fail");
+    let err = open_and_load(&dir).map(|_| ()).expect_err("must fail");
     assert!(matches!(err, ModelError::MissingShard { .. }), "{err}");
     assert!(
         err.to_string()
@@ -116,7 +116,7 @@ fn missing_tensor_is_reported() {
     map.remove("model.layers.1.self_attn.k_proj.weight")
         .unwrap();
     candle_core::safetensors::save(&map, &p).unwrap();
-    let err = open_and_load(&dir).err().expect("must fail");
+    let err = open_and_load(&dir).map(|_| ()).expect_err("must fail");
     match &err {
         ModelError::MissingTensor { name } => {
             assert_eq!(name, "model.layers.1.self_attn.k_proj.weight")
@@ -132,7 +132,7 @@ fn shape_mismatch_is_reported() {
         let i = v["intermediate_size"].as_u64().unwrap();
         v["intermediate_size"] = (i * 2).into();
     });
-    let err = open_and_load(&dir).err().expect("must fail");
+    let err = open_and_load(&dir).map(|_| ()).expect_err("must fail");
     assert!(matches!(err, ModelError::ShapeMismatch { .. }), "{err}");
 }
 
@@ -143,7 +143,7 @@ fn unknown_architecture_lists_supported_ones() {
         v["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
         v["model_type"] = "gpt_neox".into();
     });
-    let err = open_and_load(&dir).err().expect("must fail");
+    let err = open_and_load(&dir).map(|_| ()).expect_err("must fail");
     assert!(
         matches!(err, ModelError::UnsupportedArchitecture { .. }),
         "{err}"
@@ -164,7 +164,7 @@ fn unknown_architecture_lists_supported_ones() {
 fn invalid_config_json_is_reported() {
     let (_t, dir) = scratch("llama");
     std::fs::write(dir.join("config.json"), "{ not json").unwrap();
-    let err = open_and_load(&dir).err().expect("must fail");
+    let err = open_and_load(&dir).map(|_| ()).expect_err("must fail");
     assert!(matches!(err, ModelError::Config { .. }), "{err}");
 }
 
@@ -174,11 +174,14 @@ fn out_of_vocab_and_empty_tokens_are_rejected() {
     let v = model.config.vocab_size as u32;
     let err = model
         .forward_tokens(&[1, v], None)
-        .err()
-        .expect("must fail");
+        .map(|_| ())
+        .expect_err("must fail");
     assert!(matches!(err, ModelError::InvalidInput(_)), "{err}");
     assert!(err.to_string().contains(&v.to_string()), "{err}");
-    let err = model.forward_tokens(&[], None).err().expect("must fail");
+    let err = model
+        .forward_tokens(&[], None)
+        .map(|_| ())
+        .expect_err("must fail");
     assert!(matches!(err, ModelError::InvalidInput(_)), "{err}");
 }
 
@@ -189,7 +192,9 @@ fn truncated_gguf_is_reported() {
     for cut in [bytes.len() - 100, bytes.len() / 2, 200, 10] {
         let p = tmp.path().join(format!("cut{cut}.gguf"));
         std::fs::write(&p, &bytes[..cut]).unwrap();
-        let err = Checkpoint::open(&p, &Device::Cpu).err().expect("must fail");
+        let err = Checkpoint::open(&p, &Device::Cpu)
+            .map(|_| ())
+            .expect_err("must fail");
         assert!(
             matches!(err, ModelError::CorruptWeights { .. }),
             "cut at {cut}: {err}"
@@ -205,10 +210,14 @@ fn corrupt_gguf_is_reported() {
     bytes[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
     let p = tmp.path().join("bad.gguf");
     std::fs::write(&p, &bytes).unwrap();
-    let err = Checkpoint::open(&p, &Device::Cpu).err().expect("must fail");
+    let err = Checkpoint::open(&p, &Device::Cpu)
+        .map(|_| ())
+        .expect_err("must fail");
     assert!(matches!(err, ModelError::CorruptWeights { .. }), "{err}");
     std::fs::write(&p, b"NOTAGGUFFILE____").unwrap();
-    let err = Checkpoint::open(&p, &Device::Cpu).err().expect("must fail");
+    let err = Checkpoint::open(&p, &Device::Cpu)
+        .map(|_| ())
+        .expect_err("must fail");
     assert!(matches!(err, ModelError::CorruptWeights { .. }), "{err}");
 }
 
@@ -232,7 +241,9 @@ fn gguf_of_unsupported_architecture_is_reported() {
     )
     .unwrap();
     drop(f);
-    let err = Checkpoint::open(&p, &Device::Cpu).err().expect("must fail");
+    let err = Checkpoint::open(&p, &Device::Cpu)
+        .map(|_| ())
+        .expect_err("must fail");
     assert!(
         matches!(err, ModelError::UnsupportedArchitecture { .. }),
         "{err}"

@@ -15,6 +15,9 @@ fn check_dir(name: &str) {
     let (tokens, expected) = reference(&dir.join("reference.safetensors"));
     let logits = model.forward_tokens(&tokens, None).unwrap();
     let d = max_abs_diff(&logits, &expected);
+    let scale = max_abs_diff(&expected, &expected.zeros_like().unwrap());
+    eprintln!("{name}: max |Δlogit| = {d:e} (max |logit| = {scale})");
+    assert!(scale > 0.5, "{name}: reference logits are degenerate");
     assert!(d <= TOL, "{name}: max |Δlogit| = {d:e} > {TOL:e}");
     check_kv_cache(name, &model, &tokens, &logits);
 }
@@ -86,6 +89,7 @@ fn check_gguf(file: &str) {
     );
     let logits = model.forward_tokens(&tokens, None).unwrap();
     let d = max_abs_diff(&logits, &expected);
+    eprintln!("{file}: max |Δlogit| = {d:e}");
     assert!(d <= TOL, "{file}: max |Δlogit| = {d:e} > {TOL:e}");
     check_kv_cache(file, &model, &tokens, &logits);
 }

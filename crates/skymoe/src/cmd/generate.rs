@@ -40,7 +40,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.prompt.is_empty() {
         anyhow::bail!("the prompt is empty");
     }
-    if !(a.temperature >= 0.0) || !(a.top_p > 0.0 && a.top_p <= 1.0) {
+    let temperature_ok = a.temperature.is_finite() && a.temperature >= 0.0;
+    let top_p_ok = a.top_p > 0.0 && a.top_p <= 1.0;
+    if !temperature_ok || !top_p_ok {
         anyhow::bail!("--temperature must be ≥ 0 and --top-p in (0, 1]");
     }
     let device = super::device()?;
@@ -94,6 +96,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         next = sampler.sample(&logits);
     }
     writeln!(out)?;
+    out.flush()?;
     let decode_s = t1.elapsed().as_secs_f64();
     eprintln!(
         "prompt: {} tokens, {:.1} tokens/s | decode: {} tokens, {:.1} tokens/s",

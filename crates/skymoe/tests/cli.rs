@@ -1,0 +1,206 @@
+//! The `skymoe` binary end to end: verbs work on the reference fixtures, and bad input gives a
+//! clear message and a non-zero exit, never a panic.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/reference")
+}
+
+fn skymoe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_skymoe"))
+        .args(args)
+        .output()
+        .expect("run skymoe")
+}
+
+fn assert_clean_failure(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "panic instead of an error: {stderr}"
+    );
+    assert!(
+        stderr.contains(needle),
+        "stderr should mention `{needle}`: {stderr}"
+    );
+}
+
+#[test]
+fn logits_verb_writes_the_reference_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_file = tmp.path().join("logits.safetensors");
+    let dir = fixtures().join("mixtral");
+    let refmap = candle_core::safetensors::load(
+        dir.join("reference.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let tokens: Vec<String> = refmap["tokens"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let out = skymoe(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &tokens.join(","),
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = candle_core::safetensors::load(&out_file, &candle_core::Device::Cpu).unwrap();
+    let logits = &got["logits"];
+    assert_eq!(logits.dtype(), candle_core::DType::F32);
+    assert_eq!(logits.dims(), refmap["logits"].dims());
+    let d = (logits - &refmap["logits"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d <= 1e-4, "max |Δ| {d}");
+}
+
+#[test]
+fn inspect_reports_counts() {
+    let out = skymoe(&[
+        "inspect",
+        "--model",
+        fixtures().join("qwen2_moe").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["architecture"], "Qwen2MoeForCausalLM");
+    let total = v["params_total"].as_u64().unwrap();
+    let active = v["params_active_per_token"].as_u64().unwrap();
+    assert!(
+        active < total,
+        "an MoE activates fewer parameters than it has"
+    );
+    // Count the checkpoint's scalars directly.
+    let st = candle_core::safetensors::load(
+        fixtures().join("qwen2_moe/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let n: usize = st.values().map(|t| t.elem_count()).sum();
+    assert_eq!(total as usize, n);
+}
+
+#[test]
+fn generate_is_deterministic_and_greedy_at_zero_temperature() {
+    let dir = fixtures().join("llama");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "The king",
+            "--max-tokens",
+            "8",
+        ];
+        args.extend_from_slice(extra);
+        let out = skymoe(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("tokens/s"));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let a = run(&[]);
+    assert!(a.starts_with("The king"));
+    assert_eq!(a, run(&[]));
+    let s1 = run(&["--temperature", "1.0", "--seed", "5"]);
+    assert_eq!(s1, run(&["--temperature", "1.0", "--seed", "5"]));
+}
+
+#[test]
+fn empty_prompt_is_an_error() {
+    let out = skymoe(&[
+        "generate",
+        "--model",
+        fixtures().join("llama").to_str().unwrap(),
+        "--prompt",
+        "",
+    ]);
+    assert_clean_failure(&out, "prompt is empty");
+}
+
+#[test]
+fn token_out_of_vocab_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = skymoe(&[
+        "logits",
+        "--model",
+        fixtures().join("llama").to_str().unwrap(),
+        "--tokens",
+        "1,999999",
+        "--out",
+        tmp.path().join("x.safetensors").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "out of range");
+    assert!(!tmp.path().join("x.safetensors").exists());
+    let out = skymoe(&[
+        "logits",
+        "--model",
+        fixtures().join("llama").to_str().unwrap(),
+        "--tokens",
+        "1,x",
+        "--out",
+        tmp.path().join("x.safetensors").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "not a token id");
+}
+
+#[test]
+fn missing_model_is_an_error() {
+    let out = skymoe(&["inspect", "--model", "/nonexistent/dir"]);
+    assert_clean_failure(&out, "/nonexistent/dir");
+}
+
+#[test]
+fn unknown_architecture_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("config.json"),
+        r#"{"architectures": ["FalconForCausalLM"], "model_type": "falcon"}"#,
+    )
+    .unwrap();
+    let out = skymoe(&["inspect", "--model", tmp.path().to_str().unwrap()]);
+    assert_clean_failure(&out, "supported: LlamaForCausalLM");
+}
+
+#[test]
+fn truncated_gguf_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixtures().join("gguf/llama-q4_0.gguf")).unwrap();
+    let p = tmp.path().join("cut.gguf");
+    std::fs::write(&p, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let out = skymoe(&["generate", "--model", p.to_str().unwrap(), "--prompt", "hi"]);
+    assert_clean_failure(&out, "corrupt or truncated");
+}
