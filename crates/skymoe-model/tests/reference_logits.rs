@@ -143,3 +143,30 @@ fn gguf_f32_equals_safetensors_model() {
         );
     }
 }
+
+/// Half-precision checkpoints load (converted to f32 at load) and stay close to the f32 model.
+#[test]
+fn f16_and_bf16_safetensors_load() {
+    let src = fixtures().join("qwen2_moe");
+    let (tokens, expected) = reference(&src.join("reference.safetensors"));
+    for (dtype, tol) in [
+        (candle_core::DType::F16, 0.02f32),
+        (candle_core::DType::BF16, 0.15),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+        let map =
+            candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+        let half: std::collections::HashMap<String, Tensor> = map
+            .into_iter()
+            .map(|(k, v)| (k, v.to_dtype(dtype).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&half, tmp.path().join("model.safetensors")).unwrap();
+        let ckpt = Checkpoint::open(tmp.path(), &Device::Cpu).unwrap();
+        let model = CausalLm::load(&ckpt, &Device::Cpu).unwrap();
+        assert_eq!(model.embed.dtype(), candle_core::DType::F32);
+        let d = max_abs_diff(&model.forward_tokens(&tokens, None).unwrap(), &expected);
+        assert!(d < tol, "{dtype:?}: max |Δlogit| {d}");
+        assert!(d > 0.0, "{dtype:?}: rounding must show");
+    }
+}

@@ -20,6 +20,8 @@ enum Command {
     Logits(cmd::logits::Args),
     /// Generate text from a prompt, streaming it to stdout.
     Generate(cmd::generate::Args),
+    /// Write the loss of a token sequence and every parameter's gradient to a safetensors file.
+    Grads(cmd::grads::Args),
 }
 
 fn main() {
@@ -35,6 +37,7 @@ fn main() {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Logits(a) => cmd::logits::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Grads(a) => cmd::grads::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

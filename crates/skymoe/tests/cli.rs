@@ -204,3 +204,65 @@ fn truncated_gguf_is_an_error() {
     let out = skymoe(&["generate", "--model", p.to_str().unwrap(), "--prompt", "hi"]);
     assert_clean_failure(&out, "corrupt or truncated");
 }
+
+#[test]
+fn grads_verb_writes_loss_and_every_gradient() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_file = tmp.path().join("grads.safetensors");
+    let dir = fixtures().join("skywork_moe");
+    let dev = candle_core::Device::Cpu;
+    let refmap = candle_core::safetensors::load(dir.join("reference.safetensors"), &dev).unwrap();
+    let tokens: Vec<String> = refmap["tokens"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let out = skymoe(&[
+        "grads",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &tokens.join(","),
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = candle_core::safetensors::load(&out_file, &dev).unwrap();
+    let loss = got["loss"].to_scalar::<f32>().unwrap();
+    assert!((loss - refmap["loss"].to_scalar::<f32>().unwrap()).abs() < 1e-5);
+    let n_ref = refmap.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(got.len(), n_ref + 1);
+    let g = &got["model.layers.0.block_sparse_moe.gate.weight"];
+    let want = &refmap["grad.model.layers.0.block_sparse_moe.gate.weight"];
+    let d = (g - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-6, "router gradient differs by {d}");
+}
+
+#[test]
+fn grads_needs_two_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = skymoe(&[
+        "grads",
+        "--model",
+        fixtures().join("llama").to_str().unwrap(),
+        "--tokens",
+        "5",
+        "--out",
+        tmp.path().join("g.safetensors").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "at least two tokens");
+}

@@ -1,6 +1,7 @@
 //! One module per verb; each is a thin adapter over the library crates.
 
 pub mod generate;
+pub mod grads;
 pub mod inspect;
 pub mod logits;
 
@@ -45,4 +46,17 @@ pub fn parse_tokens(s: &str) -> anyhow::Result<Vec<u32>> {
         anyhow::bail!("no token ids given");
     }
     Ok(ids)
+}
+
+/// Write tensors to a safetensors file through a temporary file and a rename, so an
+/// interrupted write never leaves a half-written file under the final name.
+pub fn save_atomically(
+    map: &std::collections::HashMap<String, candle_core::Tensor>,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(map, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }
