@@ -1,0 +1,1 @@
+//! Training data: corpora, tokenizer training, memory-mapped token files, packed batches.

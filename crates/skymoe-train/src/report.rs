@@ -1,0 +1,1 @@
+//! `skymoe report`: plots and an HTML page from a run's metrics log.
