@@ -257,29 +257,55 @@ impl CausalLm {
     }
 
     /// Run one sequence; `all_positions` selects logits for every position or only the last.
-    pub fn forward_full(
-        &self,
-        tokens: &[u32],
-        mut cache: Option<&mut KvCache>,
-        all_positions: bool,
-    ) -> Result<ForwardOutput> {
+    pub fn forward_full(&self, tokens: &[u32], cache: Option<&mut KvCache>, all_positions: bool) -> Result<ForwardOutput> {
         let offset = cache.as_ref().map_or(0, |c| c.len);
         self.check_tokens(tokens, offset)?;
-        let dev = self.embed.device();
-        let ids = Tensor::from_vec(tokens.to_vec(), tokens.len(), dev)?;
-        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
+        let ids = Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), self.embed.device())?;
+        self.run(&ids, offset, cache, None, all_positions)
+    }
+
+    /// Run a batch of equal-length sequences from position 0 (training): logits
+    /// `[batch, seq, vocab]` and every MoE layer's routing. `capacity_factor` limits tokens per
+    /// expert over the whole batch (`None` or ≤ 0: dropless).
+    pub fn forward_batch(&self, batch: &[Vec<u32>], capacity_factor: Option<f64>) -> Result<ForwardOutput> {
+        let t = batch.first().map_or(0, Vec::len);
+        if batch.iter().any(|s| s.len() != t) {
+            return Err(ModelError::InvalidInput("all sequences of a batch must have the same length".into()));
+        }
+        let flat: Vec<u32> = batch.iter().flatten().copied().collect();
+        self.check_tokens(&flat, 0)?;
+        if t > self.rotary.max_positions() {
+            return Err(ModelError::InvalidInput(format!(
+                "sequence length {t} exceeds the model's maximum of {}",
+                self.rotary.max_positions()
+            )));
+        }
+        let ids = Tensor::from_vec(flat, (batch.len(), t), self.embed.device())?;
+        self.run(&ids, 0, None, capacity_factor, true)
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        offset: usize,
+        mut cache: Option<&mut KvCache>,
+        capacity_factor: Option<f64>,
+        all_positions: bool,
+    ) -> Result<ForwardOutput> {
+        let (b, t) = ids.dims2()?;
+        let h = self.config.hidden_size;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, h))?;
         let mut routings = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            let (y, r) = layer.forward(&x, &self.rotary, offset, slot)?;
+            let (y, r) = layer.forward(&x, &self.rotary, offset, slot, capacity_factor)?;
             x = y;
             routings.push(r);
         }
         if let Some(c) = cache {
-            c.len += tokens.len();
+            c.len += t;
         }
         if !all_positions {
-            let t = x.dim(1)?;
             x = x.narrow(1, t - 1, 1)?;
         }
         let x = self.norm.forward(&x)?;

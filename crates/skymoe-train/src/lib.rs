@@ -4,6 +4,7 @@
 pub mod data;
 pub mod grads;
 pub mod loss;
+pub mod optim;
 pub mod params;
 pub mod report;
 

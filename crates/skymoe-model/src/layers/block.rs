@@ -34,13 +34,14 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     /// Apply to `x` `[batch, seq, hidden]`; returns the new residual stream and, for an MoE
-    /// layer, its routing.
+    /// layer, its routing. `capacity_factor` limits tokens per expert (`None`: dropless).
     pub fn forward(
         &self,
         x: &Tensor,
         rotary: &RotaryEmbedding,
         offset: usize,
         cache: Option<&mut Option<LayerKv>>,
+        capacity_factor: Option<f64>,
     ) -> Result<(Tensor, Option<Routing>)> {
         let a = self
             .attention
@@ -50,7 +51,7 @@ impl DecoderLayer {
         let (f, routing) = match &self.ffn {
             FeedForward::Dense(ffn) => (ffn.forward(&h)?, None),
             FeedForward::Moe(moe) => {
-                let (y, r) = moe.forward(&h)?;
+                let (y, r) = moe.forward_with_capacity(&h, capacity_factor)?;
                 (y, Some(r))
             }
         };

@@ -30,14 +30,19 @@ pub struct MoeBlock {
 }
 
 /// Tokens assigned to each expert: for expert `e`, the token rows and the flat
-/// `token · top_k + slot` positions of their combine weights.
+/// `token · top_k + slot` positions of their combine weights. Assignments with
+/// `kept[a] == false` (dropped by the capacity limit) are left out.
 pub fn group_by_expert(
     experts: &[u32],
+    kept: &[bool],
     top_k: usize,
     num_experts: usize,
 ) -> Vec<(Vec<u32>, Vec<u32>)> {
     let mut groups = vec![(Vec::new(), Vec::new()); num_experts];
     for (flat, &e) in experts.iter().enumerate() {
+        if !kept.get(flat).copied().unwrap_or(true) {
+            continue;
+        }
         if let Some(g) = groups.get_mut(e as usize) {
             g.0.push((flat / top_k) as u32);
             g.1.push(flat as u32);
@@ -47,12 +52,20 @@ pub fn group_by_expert(
 }
 
 impl MoeBlock {
-    /// Apply to `x` of shape `[batch, seq, hidden]`; returns the output and the routing.
+    /// Apply to `x` of shape `[batch, seq, hidden]` without dropping; returns the output and
+    /// the routing.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Routing)> {
+        self.forward_with_capacity(x, None)
+    }
+
+    /// Apply with a capacity factor (`None` or ≤ 0: dropless). Dropped assignments contribute
+    /// nothing; the residual stream carries their tokens.
+    pub fn forward_with_capacity(&self, x: &Tensor, capacity_factor: Option<f64>) -> Result<(Tensor, Routing)> {
         let dims = x.dims().to_vec();
         let h = *dims.last().unwrap_or(&0);
         let xs = x.reshape((x.elem_count() / h.max(1), h))?;
-        let routing = self.router.route(&xs)?;
+        let mut routing = self.router.route(&xs)?;
+        routing.apply_capacity(capacity_factor);
         let k = routing.top_k;
         let expert_input = if self.router.config.multiply_input_by_top_k {
             (&xs * k as f64)?
@@ -62,7 +75,7 @@ impl MoeBlock {
         let flat_weights = routing.weights.flatten_all()?;
         let mut out = xs.zeros_like()?;
         let dev = xs.device();
-        for (e, (rows, slots)) in group_by_expert(&routing.experts, k, self.experts.len())
+        for (e, (rows, slots)) in group_by_expert(&routing.experts, &routing.kept, k, self.experts.len())
             .into_iter()
             .enumerate()
         {

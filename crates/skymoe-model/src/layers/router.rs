@@ -41,6 +41,68 @@ pub struct Routing {
     pub weights: Tensor,
     /// Experts per token.
     pub top_k: usize,
+    /// Gate probability of each selected assignment (before renormalisation), token-major.
+    pub selected_probs: Vec<f32>,
+    /// Whether each assignment reached its expert (false: dropped by the capacity limit).
+    pub kept: Vec<bool>,
+    /// Assignments routed to each expert before capacity dropping.
+    pub expert_counts: Vec<usize>,
+    /// Per-expert capacity in force, if any.
+    pub capacity: Option<usize>,
+}
+
+impl Routing {
+    /// Fraction of assignments dropped by the capacity limit.
+    pub fn drop_rate(&self) -> f64 {
+        let total = self.kept.len();
+        if total == 0 {
+            return 0.0;
+        }
+        self.kept.iter().filter(|k| !**k).count() as f64 / total as f64
+    }
+
+    /// Fraction of routed assignments that went to each expert.
+    pub fn expert_load(&self) -> Vec<f64> {
+        let total: usize = self.expert_counts.iter().sum();
+        self.expert_counts
+            .iter()
+            .map(|&c| if total == 0 { 0.0 } else { c as f64 / total as f64 })
+            .collect()
+    }
+
+    /// Apply a capacity limit of `ceil(cf · k · T / E)` assignments per expert; `cf ≤ 0` (or
+    /// `None`) means dropless. Within an expert, assignments are kept in order of descending gate
+    /// probability (ties: earlier token first), so the tokens that most want an expert get it.
+    pub fn apply_capacity(&mut self, capacity_factor: Option<f64>) {
+        let e = self.expert_counts.len();
+        let tokens = if self.top_k == 0 { 0 } else { self.experts.len() / self.top_k };
+        self.kept = vec![true; self.experts.len()];
+        self.capacity = None;
+        let Some(cf) = capacity_factor.filter(|&cf| cf > 0.0) else { return };
+        if e == 0 {
+            return;
+        }
+        let cap = (cf * self.top_k as f64 * tokens as f64 / e as f64).ceil() as usize;
+        self.capacity = Some(cap);
+        let mut per_expert: Vec<Vec<usize>> = vec![Vec::new(); e];
+        for (a, &x) in self.experts.iter().enumerate() {
+            per_expert[x as usize].push(a);
+        }
+        for list in &mut per_expert {
+            if list.len() <= cap {
+                continue;
+            }
+            list.sort_by(|&a, &b| {
+                self.selected_probs[b]
+                    .partial_cmp(&self.selected_probs[a])
+                    .unwrap_or(std::cmp::Ordering::Equal)
+                    .then(a.cmp(&b))
+            });
+            for &a in &list[cap..] {
+                self.kept[a] = false;
+            }
+        }
+    }
 }
 
 /// A router: gate network plus routing rule.
@@ -70,8 +132,19 @@ impl Router {
             None => logits.clone(),
         };
         let probs = softmax_last_dim(&z)?;
-        let experts = top_k_indices(&probs.detach().to_vec2::<f32>()?, self.top_k);
+        let rows = probs.detach().to_vec2::<f32>()?;
+        let experts = top_k_indices(&rows, self.top_k);
         let n = probs.dim(0)?;
+        let num_experts = probs.dim(1)?;
+        let selected_probs: Vec<f32> = experts
+            .iter()
+            .enumerate()
+            .map(|(a, &e)| rows[a / self.top_k][e as usize])
+            .collect();
+        let mut expert_counts = vec![0usize; num_experts];
+        for &e in &experts {
+            expert_counts[e as usize] += 1;
+        }
         let idx = Tensor::from_vec(experts.clone(), (n, self.top_k), probs.device())?;
         let mut weights = probs.gather(&idx, 1)?;
         if self.config.normalize_top_k {
@@ -81,9 +154,13 @@ impl Router {
         Ok(Routing {
             logits,
             probs,
+            kept: vec![true; experts.len()],
             experts,
             weights,
             top_k: self.top_k,
+            selected_probs,
+            expert_counts,
+            capacity: None,
         })
     }
 }
@@ -115,6 +192,47 @@ mod tests {
     fn top_k_picks_largest_in_order_with_stable_ties() {
         let rows = vec![vec![0.1, 0.5, 0.2, 0.5], vec![0.9, 0.0, 0.05, 0.05]];
         assert_eq!(top_k_indices(&rows, 2), vec![1, 3, 0, 2]);
+    }
+
+    fn routing(experts: Vec<u32>, probs: Vec<f32>, k: usize, e: usize) -> Routing {
+        let dev = candle_core::Device::Cpu;
+        let mut counts = vec![0; e];
+        experts.iter().for_each(|&x| counts[x as usize] += 1);
+        let n = experts.len();
+        Routing {
+            logits: Tensor::zeros((n / k, e), DType::F32, &dev).unwrap(),
+            probs: Tensor::zeros((n / k, e), DType::F32, &dev).unwrap(),
+            kept: vec![true; n],
+            experts,
+            weights: Tensor::zeros((n / k, k), DType::F32, &dev).unwrap(),
+            top_k: k,
+            selected_probs: probs,
+            expert_counts: counts,
+            capacity: None,
+        }
+    }
+
+    /// Capacity dropping against a plain reference: per expert keep the `cap` assignments with
+    /// the highest gate probability.
+    #[test]
+    fn capacity_keeps_most_confident_assignments() {
+        // 4 tokens, top-2, 2 experts: every token picks both experts; cf 0.5 → cap ceil(0.5·2·4/2) = 2.
+        let experts = vec![0, 1, 1, 0, 0, 1, 1, 0];
+        let probs = vec![0.9, 0.1, 0.6, 0.4, 0.7, 0.3, 0.55, 0.45];
+        let mut r = routing(experts, probs, 2, 2);
+        r.apply_capacity(Some(0.5));
+        assert_eq!(r.capacity, Some(2));
+        // expert 0 assignments (prob): a0 .9, a3 .4, a4 .7, a7 .45 → keep a0, a4.
+        // expert 1 assignments: a1 .1, a2 .6, a5 .3, a6 .55 → keep a2, a6.
+        assert_eq!(r.kept, vec![true, false, true, false, true, false, true, false]);
+        assert!((r.drop_rate() - 0.5).abs() < 1e-12);
+        assert_eq!(r.expert_load(), vec![0.5, 0.5]);
+        r.apply_capacity(None);
+        assert_eq!(r.drop_rate(), 0.0);
+        r.apply_capacity(Some(0.0));
+        assert_eq!(r.drop_rate(), 0.0);
+        r.apply_capacity(Some(1.0));
+        assert_eq!((r.capacity, r.drop_rate()), (Some(4), 0.0));
     }
 
     #[test]
