@@ -257,7 +257,12 @@ impl CausalLm {
     }
 
     /// Run one sequence; `all_positions` selects logits for every position or only the last.
-    pub fn forward_full(&self, tokens: &[u32], cache: Option<&mut KvCache>, all_positions: bool) -> Result<ForwardOutput> {
+    pub fn forward_full(
+        &self,
+        tokens: &[u32],
+        cache: Option<&mut KvCache>,
+        all_positions: bool,
+    ) -> Result<ForwardOutput> {
         let offset = cache.as_ref().map_or(0, |c| c.len);
         self.check_tokens(tokens, offset)?;
         let ids = Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), self.embed.device())?;
@@ -267,10 +272,16 @@ impl CausalLm {
     /// Run a batch of equal-length sequences from position 0 (training): logits
     /// `[batch, seq, vocab]` and every MoE layer's routing. `capacity_factor` limits tokens per
     /// expert over the whole batch (`None` or ≤ 0: dropless).
-    pub fn forward_batch(&self, batch: &[Vec<u32>], capacity_factor: Option<f64>) -> Result<ForwardOutput> {
+    pub fn forward_batch(
+        &self,
+        batch: &[Vec<u32>],
+        capacity_factor: Option<f64>,
+    ) -> Result<ForwardOutput> {
         let t = batch.first().map_or(0, Vec::len);
         if batch.iter().any(|s| s.len() != t) {
-            return Err(ModelError::InvalidInput("all sequences of a batch must have the same length".into()));
+            return Err(ModelError::InvalidInput(
+                "all sequences of a batch must have the same length".into(),
+            ));
         }
         let flat: Vec<u32> = batch.iter().flatten().copied().collect();
         self.check_tokens(&flat, 0)?;
@@ -294,7 +305,10 @@ impl CausalLm {
     ) -> Result<ForwardOutput> {
         let (b, t) = ids.dims2()?;
         let h = self.config.hidden_size;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, h))?;
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, h))?;
         let mut routings = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);

@@ -1,12 +1,20 @@
 //! skymoe-train: backpropagation through every model family, losses, training-time routing,
 //! optimiser, data pipeline, trainer, checkpoints, metrics and reports.
 
+pub mod aux_loss;
+pub mod checkpoint;
 pub mod data;
+pub mod error;
 pub mod grads;
 pub mod loss;
 pub mod optim;
 pub mod params;
 pub mod report;
+pub mod run_config;
+pub mod trainer;
 
+pub use error::{Result, TrainError};
 pub use grads::{loss_and_grads, LossAndGrads};
 pub use params::TrainableParams;
+pub use run_config::RunConfig;
+pub use trainer::{Observer, StepMetrics, Trainer, ValMetrics};

@@ -44,7 +44,10 @@ impl Schedule {
         match self.decay {
             Decay::Constant => self.lr,
             Decay::Linear => self.lr + (self.min_lr - self.lr) * t,
-            Decay::Cosine => self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * t).cos()),
+            Decay::Cosine => {
+                self.min_lr
+                    + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * t).cos())
+            }
         }
     }
 }
@@ -117,7 +120,13 @@ impl InplaceOp2 for AdamWUpdate<'_> {
         "adamw-update"
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
         let g = cpu_f32(s2, l2)?;
         let Some((a, b)) = l1.contiguous_offsets() else {
             candle_core::bail!("optimizer expects contiguous parameters")
@@ -126,7 +135,10 @@ impl InplaceOp2 for AdamWUpdate<'_> {
             CpuStorage::F32(v) => &mut v[a..b],
             _ => candle_core::bail!("optimizer expects f32 parameters"),
         };
-        let mut guard = self.moments.lock().map_err(|_| candle_core::Error::Msg("poisoned optimizer state".into()))?;
+        let mut guard = self
+            .moments
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned optimizer state".into()))?;
         let st = &mut *guard;
         if p.len() != g.len() || st.m.len() != p.len() {
             candle_core::bail!("optimizer state does not match the parameter");
@@ -157,16 +169,32 @@ impl AdamW {
             .iter()
             .map(|(n, v)| {
                 let k = v.elem_count();
-                (n.clone(), Mutex::new(Moments { m: vec![0.0; k], v: vec![0.0; k] }))
+                (
+                    n.clone(),
+                    Mutex::new(Moments {
+                        m: vec![0.0; k],
+                        v: vec![0.0; k],
+                    }),
+                )
             })
             .collect();
-        AdamW { config, moments, step: 0 }
+        AdamW {
+            config,
+            moments,
+            step: 0,
+        }
     }
 
     /// One update of every variable from `grads`, each first multiplied by `grad_scale`
     /// (clipping and accumulation averaging). Variables without a gradient are left as they are
     /// (their moments still decay as if the gradient were zero would change them; we skip them).
-    pub fn step(&mut self, vars: &BTreeMap<String, Var>, grads: &BTreeMap<String, Tensor>, lr: f64, grad_scale: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        vars: &BTreeMap<String, Var>,
+        grads: &BTreeMap<String, Tensor>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         self.step += 1;
         let c = &self.config;
         let t = self.step as i32;
@@ -183,12 +211,20 @@ impl AdamW {
                 beta1: c.beta1 as f32,
                 beta2: c.beta2 as f32,
                 eps: c.eps as f32,
-                decay: if decays(name, var) { c.weight_decay as f32 } else { 0.0 },
+                decay: if decays(name, var) {
+                    c.weight_decay as f32
+                } else {
+                    0.0
+                },
                 bias1: bias1 as f32,
                 bias2: bias2 as f32,
                 grad_scale: grad_scale as f32,
             };
-            let g = if g.is_contiguous() { g.clone() } else { g.contiguous()? };
+            let g = if g.is_contiguous() {
+                g.clone()
+            } else {
+                g.contiguous()?
+            };
             var.as_tensor().inplace_op2(&g, &op)?;
         }
         Ok(())
@@ -205,8 +241,15 @@ pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
     }
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
-        Storage::Cpu(s) => Ok(cpu_f32(s, layout)?.iter().map(|&x| (x as f64) * (x as f64)).sum()),
-        _ => Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?),
+        Storage::Cpu(s) => Ok(cpu_f32(s, layout)?
+            .iter()
+            .map(|&x| (x as f64) * (x as f64))
+            .sum()),
+        _ => Ok(t
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?),
     }
 }
 
@@ -225,7 +268,13 @@ impl InplaceOp2 for AddInPlace {
     fn name(&self) -> &'static str {
         "add-in-place"
     }
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
         let src = cpu_f32(s2, l2)?;
         let Some((a, b)) = l1.contiguous_offsets() else {
             candle_core::bail!("accumulator must be contiguous")
@@ -246,11 +295,18 @@ impl InplaceOp2 for AddInPlace {
 
 /// Add the gradients of one micro-batch into an accumulator (allocated on the first call,
 /// then updated in place).
-pub fn accumulate(acc: &mut BTreeMap<String, Tensor>, grads: BTreeMap<String, Tensor>) -> Result<()> {
+pub fn accumulate(
+    acc: &mut BTreeMap<String, Tensor>,
+    grads: BTreeMap<String, Tensor>,
+) -> Result<()> {
     for (name, g) in grads {
         match acc.get(&name) {
             Some(a) => {
-                let g = if g.is_contiguous() { g } else { g.contiguous()? };
+                let g = if g.is_contiguous() {
+                    g
+                } else {
+                    g.contiguous()?
+                };
                 a.inplace_op2(&g, &AddInPlace)?;
             }
             None => {
@@ -269,13 +325,22 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_and_decays() {
-        let s = Schedule { lr: 1.0, min_lr: 0.1, warmup_steps: 10, total_steps: 110, decay: Decay::Cosine };
+        let s = Schedule {
+            lr: 1.0,
+            min_lr: 0.1,
+            warmup_steps: 10,
+            total_steps: 110,
+            decay: Decay::Cosine,
+        };
         assert!((s.lr_at(0) - 0.1).abs() < 1e-12);
         assert!((s.lr_at(9) - 1.0).abs() < 1e-12);
         assert!((s.lr_at(10) - 1.0).abs() < 1e-12);
         assert!((s.lr_at(60) - 0.55).abs() < 1e-12);
         assert!((s.lr_at(110) - 0.1).abs() < 1e-12);
-        let l = Schedule { decay: Decay::Linear, ..s.clone() };
+        let l = Schedule {
+            decay: Decay::Linear,
+            ..s.clone()
+        };
         assert!((l.lr_at(60) - 0.55).abs() < 1e-12);
         assert!((l.lr_at(35) - 0.775).abs() < 1e-12);
     }
@@ -286,17 +351,34 @@ mod tests {
         let dev = Device::Cpu;
         let w0 = vec![0.5f32, -1.0, 2.0, 0.0];
         let mut vars = BTreeMap::new();
-        vars.insert("layer.weight".to_string(), Var::from_tensor(&Tensor::from_vec(w0.clone(), (2, 2), &dev)?)?);
-        vars.insert("layer.bias".to_string(), Var::from_tensor(&Tensor::from_vec(vec![1.0f32, 1.0], 2, &dev)?)?);
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+        vars.insert(
+            "layer.weight".to_string(),
+            Var::from_tensor(&Tensor::from_vec(w0.clone(), (2, 2), &dev)?)?,
+        );
+        vars.insert(
+            "layer.bias".to_string(),
+            Var::from_tensor(&Tensor::from_vec(vec![1.0f32, 1.0], 2, &dev)?)?,
+        );
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
         let mut opt = AdamW::new(cfg.clone(), &vars);
         let gw = [vec![0.1f32, -0.2, 0.3, 0.0], vec![-0.5f32, 0.1, 0.2, 1.0]];
         let mut w: Vec<f64> = w0.iter().map(|&x| x as f64).collect();
         let (mut m, mut v) = (vec![0.0f64; 4], vec![0.0f64; 4]);
         for (t, g) in gw.iter().enumerate() {
             let mut grads = BTreeMap::new();
-            grads.insert("layer.weight".to_string(), Tensor::from_vec(g.clone(), (2, 2), &dev)?);
-            grads.insert("layer.bias".to_string(), Tensor::from_vec(vec![0.5f32, -0.5], 2, &dev)?);
+            grads.insert(
+                "layer.weight".to_string(),
+                Tensor::from_vec(g.clone(), (2, 2), &dev)?,
+            );
+            grads.insert(
+                "layer.bias".to_string(),
+                Tensor::from_vec(vec![0.5f32, -0.5], 2, &dev)?,
+            );
             opt.step(&vars, &grads, 0.01, 1.0)?;
             let t = (t + 1) as i32;
             for i in 0..4 {
@@ -310,11 +392,19 @@ mod tests {
         }
         let got = vars["layer.weight"].flatten_all()?.to_vec1::<f32>()?;
         for i in 0..4 {
-            assert!((got[i] as f64 - w[i]).abs() < 1e-6, "{i}: {} vs {}", got[i], w[i]);
+            assert!(
+                (got[i] as f64 - w[i]).abs() < 1e-6,
+                "{i}: {} vs {}",
+                got[i],
+                w[i]
+            );
         }
         // No decay on the bias: two steps of ±lr·(mhat/sqrt(vhat)) = ∓0.01 each.
         let b = vars["layer.bias"].to_vec1::<f32>()?;
-        assert!((b[0] - 0.98).abs() < 1e-5 && (b[1] - 1.02).abs() < 1e-5, "{b:?}");
+        assert!(
+            (b[0] - 0.98).abs() < 1e-5 && (b[1] - 1.02).abs() < 1e-5,
+            "{b:?}"
+        );
         Ok(())
     }
 
@@ -322,12 +412,18 @@ mod tests {
     fn global_norm_and_accumulation() -> Result<()> {
         let dev = Device::Cpu;
         let mut a = BTreeMap::new();
-        let g1: BTreeMap<String, Tensor> = [("x".to_string(), Tensor::new(&[3.0f32, 0.0], &dev)?)].into();
-        let g2: BTreeMap<String, Tensor> = [("x".to_string(), Tensor::new(&[0.0f32, 4.0], &dev)?)].into();
+        let g1: BTreeMap<String, Tensor> =
+            [("x".to_string(), Tensor::new(&[3.0f32, 0.0], &dev)?)].into();
+        let g2: BTreeMap<String, Tensor> =
+            [("x".to_string(), Tensor::new(&[0.0f32, 4.0], &dev)?)].into();
         accumulate(&mut a, g1.clone())?;
         accumulate(&mut a, g2)?;
         assert_eq!(a["x"].to_vec1::<f32>()?, vec![3.0, 4.0]);
-        assert_eq!(g1["x"].to_vec1::<f32>()?, vec![3.0, 0.0], "the first gradient must not be aliased");
+        assert_eq!(
+            g1["x"].to_vec1::<f32>()?,
+            vec![3.0, 0.0],
+            "the first gradient must not be aliased"
+        );
         assert!((global_norm(&a)? - 5.0).abs() < 1e-12);
         Ok(())
     }

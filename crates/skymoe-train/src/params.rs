@@ -55,3 +55,54 @@ impl TensorLoader for TrainableParams {
         self.vars.contains_key(name)
     }
 }
+
+/// Gaussian samples from a seeded generator (Box–Muller), so initialisation is reproducible.
+fn normal_samples(n: usize, std: f64, rng: &mut rand::rngs::StdRng) -> Vec<f32> {
+    use rand::Rng;
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        let u2: f64 = rng.random();
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let th = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * th.cos()) as f32);
+        out.push((r * th.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+impl TrainableParams {
+    /// Fresh parameters: norms at one, everything else normal(0, `std`), output projections
+    /// (`o_proj`, `down_proj`/`w2`) scaled by `1/sqrt(2·layers)` as in GPT-2; reproducible from `seed`.
+    pub fn random(config: &ModelConfig, std: f64, seed: u64, device: &Device) -> Result<Self> {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut vars = BTreeMap::new();
+        let depth_scale = 1.0 / (2.0 * config.num_hidden_layers.max(1) as f64).sqrt();
+        for spec in config.param_specs() {
+            let n = spec.numel();
+            let data = if spec.name.ends_with("norm.weight") {
+                vec![1.0f32; n]
+            } else if spec.name.ends_with(".bias") {
+                vec![0.0f32; n]
+            } else {
+                let out_proj = spec.name.contains("o_proj")
+                    || spec.name.contains("down_proj")
+                    || spec.name.ends_with("w2.weight");
+                normal_samples(n, if out_proj { std * depth_scale } else { std }, &mut rng)
+            };
+            let t = Tensor::from_vec(data, spec.shape.clone(), device)?;
+            vars.insert(spec.name, Var::from_tensor(&t)?);
+        }
+        Ok(TrainableParams { vars })
+    }
+
+    /// The current values as plain tensors (for saving).
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+}

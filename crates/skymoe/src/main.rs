@@ -22,6 +22,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Write the loss of a token sequence and every parameter's gradient to a safetensors file.
     Grads(cmd::grads::Args),
+    /// Train a model from a TOML run file.
+    Train(cmd::train::Args),
 }
 
 fn main() {
@@ -38,6 +40,7 @@ fn main() {
         Command::Logits(a) => cmd::logits::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Grads(a) => cmd::grads::run(a),
+        Command::Train(a) => cmd::train::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

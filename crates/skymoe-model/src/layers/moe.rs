@@ -60,7 +60,11 @@ impl MoeBlock {
 
     /// Apply with a capacity factor (`None` or ≤ 0: dropless). Dropped assignments contribute
     /// nothing; the residual stream carries their tokens.
-    pub fn forward_with_capacity(&self, x: &Tensor, capacity_factor: Option<f64>) -> Result<(Tensor, Routing)> {
+    pub fn forward_with_capacity(
+        &self,
+        x: &Tensor,
+        capacity_factor: Option<f64>,
+    ) -> Result<(Tensor, Routing)> {
         let dims = x.dims().to_vec();
         let h = *dims.last().unwrap_or(&0);
         let xs = x.reshape((x.elem_count() / h.max(1), h))?;
@@ -75,9 +79,10 @@ impl MoeBlock {
         let flat_weights = routing.weights.flatten_all()?;
         let mut out = xs.zeros_like()?;
         let dev = xs.device();
-        for (e, (rows, slots)) in group_by_expert(&routing.experts, &routing.kept, k, self.experts.len())
-            .into_iter()
-            .enumerate()
+        for (e, (rows, slots)) in
+            group_by_expert(&routing.experts, &routing.kept, k, self.experts.len())
+                .into_iter()
+                .enumerate()
         {
             if rows.is_empty() {
                 continue;

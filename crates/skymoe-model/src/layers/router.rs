@@ -66,7 +66,13 @@ impl Routing {
         let total: usize = self.expert_counts.iter().sum();
         self.expert_counts
             .iter()
-            .map(|&c| if total == 0 { 0.0 } else { c as f64 / total as f64 })
+            .map(|&c| {
+                if total == 0 {
+                    0.0
+                } else {
+                    c as f64 / total as f64
+                }
+            })
             .collect()
     }
 
@@ -75,10 +81,16 @@ impl Routing {
     /// probability (ties: earlier token first), so the tokens that most want an expert get it.
     pub fn apply_capacity(&mut self, capacity_factor: Option<f64>) {
         let e = self.expert_counts.len();
-        let tokens = if self.top_k == 0 { 0 } else { self.experts.len() / self.top_k };
+        let tokens = if self.top_k == 0 {
+            0
+        } else {
+            self.experts.len() / self.top_k
+        };
         self.kept = vec![true; self.experts.len()];
         self.capacity = None;
-        let Some(cf) = capacity_factor.filter(|&cf| cf > 0.0) else { return };
+        let Some(cf) = capacity_factor.filter(|&cf| cf > 0.0) else {
+            return;
+        };
         if e == 0 {
             return;
         }
@@ -224,7 +236,10 @@ mod tests {
         assert_eq!(r.capacity, Some(2));
         // expert 0 assignments (prob): a0 .9, a3 .4, a4 .7, a7 .45 → keep a0, a4.
         // expert 1 assignments: a1 .1, a2 .6, a5 .3, a6 .55 → keep a2, a6.
-        assert_eq!(r.kept, vec![true, false, true, false, true, false, true, false]);
+        assert_eq!(
+            r.kept,
+            vec![true, false, true, false, true, false, true, false]
+        );
         assert!((r.drop_rate() - 0.5).abs() < 1e-12);
         assert_eq!(r.expert_load(), vec![0.5, 0.5]);
         r.apply_capacity(None);

@@ -4,6 +4,7 @@ pub mod generate;
 pub mod grads;
 pub mod inspect;
 pub mod logits;
+pub mod train;
 
 use std::path::Path;
 

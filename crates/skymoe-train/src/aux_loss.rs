@@ -1,0 +1,189 @@
+//! Router auxiliary losses and Skywork-MoE's adaptive per-layer coefficient.
+//!
+//! - Skywork L_aux (report eq. 4): `Σ_j (1/n − (1/T) Σ_i g_ij)²` over the `n` experts, with
+//!   `g` the full softmax gate distribution of each of the `T` tokens.
+//! - Switch/GShard load balancing: `E · Σ_e f_e · P_e`, with `f_e` the fraction of the routed
+//!   (top-k) assignments that chose expert `e` (counted before capacity dropping, not
+//!   differentiable) and `P_e` the mean gate probability of `e`.
+//! - Router z-loss (ST-MoE): `mean_i (log Σ_j exp z_ij)²` over the raw gate logits.
+//! - Adaptive coefficient (eqs. 7–9): after each step, `α̂ = min(ξ · d, α_max)` from the layer's
+//!   token drop rate `d`, and `α ← β · α + (1 − β) · α̂`.
+
+use candle_core::{Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+/// Which load-balancing loss to add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BalanceLoss {
+    /// Skywork-MoE eq. 4.
+    Skywork,
+    /// Switch Transformer / GShard `E · Σ f·P`.
+    Switch,
+    /// No balancing loss.
+    None,
+}
+
+/// Skywork L_aux of one layer from its gate probabilities `[tokens, experts]`.
+pub fn skywork_aux(probs: &Tensor) -> Result<Tensor> {
+    let n = probs.dim(D::Minus1)? as f64;
+    let mean = probs.mean(0)?; // [experts]
+    (mean - 1.0 / n)?.sqr()?.sum_all()
+}
+
+/// Switch/GShard load-balancing loss of one layer.
+pub fn switch_aux(probs: &Tensor, expert_counts: &[usize]) -> Result<Tensor> {
+    let e = expert_counts.len();
+    let total: usize = expert_counts.iter().sum::<usize>().max(1);
+    let f: Vec<f32> = expert_counts
+        .iter()
+        .map(|&c| c as f32 / total as f32)
+        .collect();
+    let f = Tensor::from_vec(f, e, probs.device())?;
+    let p = probs.mean(0)?;
+    (p * f)?.sum_all()? * e as f64
+}
+
+/// Router z-loss of one layer from its raw gate logits `[tokens, experts]`.
+pub fn z_loss(logits: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let lse = (logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + &max)?;
+    lse.sqr()?.mean_all()
+}
+
+/// Settings of the adaptive auxiliary-loss coefficient.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdaptiveConfig {
+    /// ξ: sensitivity to the drop rate.
+    pub xi: f64,
+    /// α_max: upper bound of the target coefficient.
+    pub alpha_max: f64,
+    /// β: smoothing of the moving average.
+    pub beta: f64,
+    /// α before the first update.
+    pub alpha_init: f64,
+}
+
+impl Default for AdaptiveConfig {
+    fn default() -> Self {
+        AdaptiveConfig {
+            xi: 0.2,
+            alpha_max: 0.01,
+            beta: 0.99,
+            alpha_init: 0.0,
+        }
+    }
+}
+
+/// Per-layer auxiliary-loss coefficients, fixed or adapted to each layer's drop rate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuxCoefficients {
+    /// Current α of each MoE layer.
+    pub alpha: Vec<f64>,
+    /// `Some` for the adaptive rule; `None` keeps α fixed.
+    pub adaptive: Option<AdaptiveConfig>,
+}
+
+impl AuxCoefficients {
+    /// Fixed coefficient `alpha` for `layers` MoE layers.
+    pub fn fixed(layers: usize, alpha: f64) -> Self {
+        AuxCoefficients {
+            alpha: vec![alpha; layers],
+            adaptive: None,
+        }
+    }
+
+    /// Adaptive coefficients starting at `config.alpha_init`.
+    pub fn adaptive(layers: usize, config: AdaptiveConfig) -> Self {
+        AuxCoefficients {
+            alpha: vec![config.alpha_init; layers],
+            adaptive: Some(config),
+        }
+    }
+
+    /// Update after a step that saw `drop_rates` (one per MoE layer); no-op when fixed.
+    pub fn update(&mut self, drop_rates: &[f64]) {
+        let Some(c) = &self.adaptive else { return };
+        for (a, &d) in self.alpha.iter_mut().zip(drop_rates) {
+            let target = (c.xi * d).min(c.alpha_max);
+            *a = c.beta * *a + (1.0 - c.beta) * target;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn skywork_aux_matches_plain_formula() -> Result<()> {
+        let p = [[0.7f32, 0.2, 0.1], [0.1, 0.6, 0.3]];
+        let t = Tensor::new(&p, &Device::Cpu)?;
+        let got = skywork_aux(&t)?.to_scalar::<f32>()?;
+        let mut want = 0.0f32;
+        for j in 0..3 {
+            let mean = (p[0][j] + p[1][j]) / 2.0;
+            want += (1.0 / 3.0 - mean).powi(2);
+        }
+        assert!((got - want).abs() < 1e-7, "{got} vs {want}");
+        // Perfect balance gives zero.
+        let u = Tensor::new(&[[0.5f32, 0.5], [0.5, 0.5]], &Device::Cpu)?;
+        assert!(skywork_aux(&u)?.to_scalar::<f32>()?.abs() < 1e-9);
+        Ok(())
+    }
+
+    #[test]
+    fn switch_aux_and_z_loss_match_plain_formulas() -> Result<()> {
+        let p = [[0.7f32, 0.2, 0.1], [0.1, 0.6, 0.3]];
+        let t = Tensor::new(&p, &Device::Cpu)?;
+        let counts = [2usize, 1, 1];
+        let got = switch_aux(&t, &counts)?.to_scalar::<f32>()?;
+        let f = [0.5f32, 0.25, 0.25];
+        let want: f32 = 3.0
+            * (0..3)
+                .map(|j| f[j] * (p[0][j] + p[1][j]) / 2.0)
+                .sum::<f32>();
+        assert!((got - want).abs() < 1e-6);
+        let z = [[1.0f32, 2.0, 3.0], [0.0, -1.0, 5.0]];
+        let zt = Tensor::new(&z, &Device::Cpu)?;
+        let want: f32 = z
+            .iter()
+            .map(|r| r.iter().map(|x| x.exp()).sum::<f32>().ln().powi(2))
+            .sum::<f32>()
+            / 2.0;
+        assert!((z_loss(&zt)?.to_scalar::<f32>()? - want).abs() < 1e-4);
+        Ok(())
+    }
+
+    #[test]
+    fn adaptive_alpha_follows_eqs_7_to_9() {
+        let cfg = AdaptiveConfig {
+            xi: 0.2,
+            alpha_max: 0.01,
+            beta: 0.99,
+            alpha_init: 0.0,
+        };
+        let mut c = AuxCoefficients::adaptive(2, cfg);
+        let mut reference = [0.0f64; 2];
+        let drops = [[0.30, 0.01], [0.20, 0.02], [0.0, 0.04]];
+        for d in drops {
+            c.update(&d);
+            for l in 0..2 {
+                let target = f64::min(0.2 * d[l], 0.01);
+                reference[l] = 0.99 * reference[l] + 0.01 * target;
+            }
+            assert_eq!(c.alpha, reference.to_vec());
+        }
+        // Layer 0 was capped at α_max twice then fell: 0.0001, 0.000199, then decays.
+        assert!((c.alpha[0] - 0.99 * 0.000199).abs() < 1e-12);
+        let mut fixed = AuxCoefficients::fixed(2, 0.01);
+        fixed.update(&[0.5, 0.5]);
+        assert_eq!(fixed.alpha, vec![0.01, 0.01]);
+    }
+}

@@ -1,0 +1,521 @@
+//! The training loop, readable top to bottom: data → forward (capacity, drops) → cross-entropy
+//! plus auxiliary losses → backward → clip → AdamW → adaptive α → metrics, validation and
+//! checkpoints.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use skymoe_model::{CausalLm, Checkpoint, ModelConfig};
+
+use crate::aux_loss::{skywork_aux, switch_aux, z_loss, BalanceLoss};
+use crate::checkpoint::{list_checkpoints, load_trainer_state, save_checkpoint, TrainerState};
+use crate::data::{PackedDataset, TokenFile};
+use crate::error::{Result, TrainError};
+use crate::loss::cross_entropy;
+use crate::optim::{accumulate, global_norm, AdamW};
+use crate::params::TrainableParams;
+use crate::run_config::RunConfig;
+
+/// Metrics of one optimiser step (one line of `metrics.jsonl`, `kind = "train"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Optimiser step (1-based: the number of updates done).
+    pub step: u64,
+    /// Tokens trained on so far.
+    pub tokens: u64,
+    /// Total loss (cross-entropy + auxiliary terms), averaged over micro-batches.
+    pub loss: f64,
+    /// Cross-entropy.
+    pub ce: f64,
+    /// Σ_l α_l · L_aux_l.
+    pub aux_loss: f64,
+    /// z-loss term (coefficient applied).
+    pub z_loss: f64,
+    /// α per MoE layer used in this step.
+    pub alpha: Vec<f64>,
+    /// Token drop rate per MoE layer.
+    pub drop_rate: Vec<f64>,
+    /// Fraction of assignments per expert, per MoE layer.
+    pub expert_load: Vec<Vec<f64>>,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// Training throughput of this step.
+    pub tokens_per_s: f64,
+    /// Seconds since the run (or resume) started.
+    pub elapsed_s: f64,
+}
+
+/// A validation result (`kind = "val"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValMetrics {
+    /// The step after which it was measured.
+    pub step: u64,
+    /// Mean next-token cross-entropy on held-out sequences (dropless routing).
+    pub val_loss: f64,
+    /// exp(val_loss).
+    pub val_ppl: f64,
+}
+
+/// Receives progress; the CLI draws a progress bar from it.
+pub trait Observer {
+    /// Training starts at `start_step` of `total_steps`.
+    fn on_start(&mut self, _start_step: u64, _total_steps: u64) {}
+    /// A step finished.
+    fn on_step(&mut self, _m: &StepMetrics) {}
+    /// A validation finished.
+    fn on_val(&mut self, _v: &ValMetrics) {}
+    /// A checkpoint was written.
+    fn on_checkpoint(&mut self, _dir: &Path) {}
+    /// A message worth showing.
+    fn on_message(&mut self, _msg: &str) {}
+}
+
+/// An observer that ignores everything.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// Steps done in total.
+    pub steps: u64,
+    /// Last training loss.
+    pub final_loss: f64,
+    /// Last validation result.
+    pub final_val: Option<ValMetrics>,
+    /// The final checkpoint.
+    pub checkpoint: PathBuf,
+    /// Mean tokens/s over this invocation.
+    pub tokens_per_s: f64,
+}
+
+/// A prepared training run.
+pub struct Trainer {
+    /// The configuration.
+    pub cfg: RunConfig,
+    /// The model's configuration.
+    pub model_config: ModelConfig,
+    /// The trainable variables.
+    pub params: TrainableParams,
+    model: CausalLm,
+    optimizer: AdamW,
+    /// Step, data position and α.
+    pub state: TrainerState,
+    data: PackedDataset,
+    tokenizer_path: PathBuf,
+    run_dir: PathBuf,
+    device: Device,
+}
+
+fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"ok").map_err(|e| TrainError::io(dir, e))?;
+    std::fs::remove_file(&probe).map_err(|e| TrainError::io(&probe, e))
+}
+
+impl Trainer {
+    /// Set up a run: tokenizer, token file, dataset, model (fresh, from `model.init`, or resumed
+    /// from the newest checkpoint of the run directory).
+    pub fn prepare(cfg: RunConfig, obs: &mut dyn Observer) -> Result<Self> {
+        cfg.validate()?;
+        let device = Device::Cpu;
+        let run_dir = cfg.train.out_dir.clone();
+        check_writable(&run_dir)?;
+        let ckpt_root = run_dir.join("checkpoints");
+        let resume_from = if cfg.train.resume {
+            list_checkpoints(&ckpt_root)?.pop()
+        } else {
+            None
+        };
+
+        // Tokenizer: given, already trained for this run, or trained now.
+        let tokenizer_path = match &cfg.data.tokenizer {
+            Some(p) => p.clone(),
+            None => {
+                let p = run_dir.join("tokenizer.json");
+                if !(resume_from.is_some() && p.exists()) {
+                    obs.on_message(&format!(
+                        "training a byte-level BPE tokenizer of {} tokens",
+                        cfg.data.vocab_size
+                    ));
+                    crate::data::train_tokenizer(
+                        &cfg.data.inputs,
+                        cfg.data.vocab_size,
+                        &["<|endoftext|>"],
+                        &p,
+                    )?;
+                }
+                p
+            }
+        };
+        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| {
+            TrainError::Config(format!(
+                "cannot load tokenizer {}: {e}",
+                tokenizer_path.display()
+            ))
+        })?;
+        let eos = tokenizer
+            .token_to_id("<|endoftext|>")
+            .or_else(|| tokenizer.token_to_id("</s>"))
+            .or_else(|| tokenizer.token_to_id("<|im_end|>"));
+
+        // Tokens, written once.
+        let token_path = run_dir.join("data").join("tokens.bin");
+        if !(resume_from.is_some() && token_path.exists()) {
+            std::fs::create_dir_all(run_dir.join("data"))
+                .map_err(|e| TrainError::io(run_dir.join("data"), e))?;
+            obs.on_message("tokenizing the corpus");
+            TokenFile::build(&cfg.data.inputs, &tokenizer, eos, &token_path)?;
+        }
+        let tokens = TokenFile::open(&token_path)?;
+        let data = PackedDataset::new(
+            tokens,
+            cfg.data.seq_len,
+            cfg.data.val_fraction,
+            cfg.train.seed,
+        )?;
+
+        // Model.
+        let vocab = tokenizer.get_vocab_size(true);
+        let (model_config, params) = match (&resume_from, &cfg.model.init) {
+            (Some((_, dir)), _) | (None, Some(dir)) => {
+                let ck = Checkpoint::open(dir, &device)?;
+                (
+                    ck.config.clone(),
+                    TrainableParams::from_checkpoint(&ck, &device)?,
+                )
+            }
+            (None, None) => {
+                let mc = cfg.fresh_model_config(vocab, None, eos)?;
+                let p = TrainableParams::random(&mc, cfg.model.init_std, cfg.train.seed, &device)?;
+                (mc, p)
+            }
+        };
+        if model_config.vocab_size < vocab {
+            return Err(TrainError::Config(format!(
+                "the tokenizer has {vocab} tokens but the model's vocabulary is {}",
+                model_config.vocab_size
+            )));
+        }
+        if cfg.data.seq_len > model_config.max_position_embeddings {
+            return Err(TrainError::Config(format!(
+                "data.seq_len ({}) exceeds the model's maximum sequence length ({})",
+                cfg.data.seq_len, model_config.max_position_embeddings
+            )));
+        }
+        let moe_layers = (0..model_config.num_hidden_layers)
+            .filter(|&l| model_config.is_moe_layer(l))
+            .count();
+        let mut optimizer = AdamW::new(cfg.adamw(), &params.vars);
+        let state = match &resume_from {
+            Some((_, dir)) => {
+                obs.on_message(&format!("resuming from {}", dir.display()));
+                load_trainer_state(dir, &params, &mut optimizer)?
+            }
+            None => TrainerState {
+                step: 0,
+                consumed: 0,
+                aux: cfg.aux_coefficients(moe_layers),
+                seed: cfg.train.seed,
+                tokens: 0,
+            },
+        };
+        let model = params.model(&model_config, &device)?;
+        let cfg_text = cfg.to_toml()?;
+        std::fs::write(run_dir.join("run.toml"), cfg_text)
+            .map_err(|e| TrainError::io(run_dir.join("run.toml"), e))?;
+        truncate_metrics(&run_dir.join("metrics.jsonl"), state.step)?;
+        Ok(Trainer {
+            cfg,
+            model_config,
+            params,
+            model,
+            optimizer,
+            state,
+            data,
+            tokenizer_path,
+            run_dir,
+            device,
+        })
+    }
+
+    /// The run directory.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// The model over the current weights.
+    pub fn model(&self) -> &CausalLm {
+        &self.model
+    }
+
+    /// Train until `train.steps`, validating and checkpointing on schedule.
+    pub fn run(&mut self, obs: &mut dyn Observer) -> Result<TrainSummary> {
+        let total = self.cfg.train.steps;
+        obs.on_start(self.state.step, total);
+        let metrics_path = self.run_dir.join("metrics.jsonl");
+        let mut metrics = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| TrainError::io(&metrics_path, e))?;
+        let ckpt_root = self.run_dir.join("checkpoints");
+        let mut last_checkpoint = list_checkpoints(&ckpt_root)?.pop().map(|c| c.1);
+        let start = Instant::now();
+        let start_tokens = self.state.tokens;
+        let mut final_loss = f64::NAN;
+        let mut final_val = None;
+        while self.state.step < total {
+            let m = self.train_step(start, &last_checkpoint)?;
+            final_loss = m.loss;
+            let mut line =
+                serde_json::to_value(&m).map_err(|e| TrainError::Config(e.to_string()))?;
+            line["kind"] = "train".into();
+            writeln!(metrics, "{line}").map_err(|e| TrainError::io(&metrics_path, e))?;
+            obs.on_step(&m);
+            let step = self.state.step;
+            let eval_now = (self.cfg.train.eval_every > 0 && step % self.cfg.train.eval_every == 0)
+                || step == total;
+            if eval_now && self.data.num_val() > 0 {
+                let v = self.evaluate()?;
+                let mut line =
+                    serde_json::to_value(&v).map_err(|e| TrainError::Config(e.to_string()))?;
+                line["kind"] = "val".into();
+                writeln!(metrics, "{line}").map_err(|e| TrainError::io(&metrics_path, e))?;
+                obs.on_val(&v);
+                final_val = Some(v);
+            }
+            metrics
+                .flush()
+                .map_err(|e| TrainError::io(&metrics_path, e))?;
+            let ckpt_now = (self.cfg.train.checkpoint_every > 0
+                && step % self.cfg.train.checkpoint_every == 0)
+                || step == total;
+            if ckpt_now {
+                metrics
+                    .sync_data()
+                    .map_err(|e| TrainError::io(&metrics_path, e))?;
+                let dir = save_checkpoint(
+                    &ckpt_root,
+                    &self.model_config,
+                    &self.params,
+                    &self.optimizer,
+                    &self.state,
+                    Some(&self.tokenizer_path),
+                    self.cfg.train.keep_checkpoints,
+                )?;
+                obs.on_checkpoint(&dir);
+                last_checkpoint = Some(dir);
+            }
+        }
+        let secs = start.elapsed().as_secs_f64().max(1e-9);
+        Ok(TrainSummary {
+            steps: self.state.step,
+            final_loss,
+            final_val,
+            checkpoint: last_checkpoint.unwrap_or_else(|| ckpt_root.clone()),
+            tokens_per_s: (self.state.tokens - start_tokens) as f64 / secs,
+        })
+    }
+
+    /// One optimiser step over `grad_accum` micro-batches.
+    fn train_step(
+        &mut self,
+        start: Instant,
+        last_checkpoint: &Option<PathBuf>,
+    ) -> Result<StepMetrics> {
+        let t0 = Instant::now();
+        let cfg = &self.cfg;
+        let accum = cfg.train.grad_accum;
+        let bs = cfg.train.batch_size;
+        let capacity = cfg.capacity_factor();
+        let alpha = self.state.aux.alpha.clone();
+        let n_moe = alpha.len();
+        let mut grads_acc: BTreeMap<String, Tensor> = BTreeMap::new();
+        let (mut loss_sum, mut ce_sum, mut aux_sum, mut z_sum) = (0.0, 0.0, 0.0, 0.0);
+        let mut drop = vec![0.0; n_moe];
+        let mut load: Vec<Vec<f64>> = Vec::new();
+        let mut tokens = 0u64;
+        for _ in 0..accum {
+            let batch = self.data.train_batch(self.state.consumed, bs);
+            self.state.consumed += bs as u64;
+            let t = batch[0].len() - 1;
+            let inputs: Vec<Vec<u32>> = batch.iter().map(|s| s[..t].to_vec()).collect();
+            let targets: Vec<u32> = batch.iter().flat_map(|s| s[1..].iter().copied()).collect();
+            tokens += (bs * t) as u64;
+            let out = self.model.forward_batch(&inputs, capacity)?;
+            let v = self.model_config.vocab_size;
+            let targets = Tensor::from_vec(targets, bs * t, &self.device)?;
+            let ce = cross_entropy(&out.logits.reshape((bs * t, v))?, &targets)?;
+            let mut total = ce.clone();
+            let mut aux_val = 0.0;
+            let mut z_val = 0.0;
+            for (l, r) in out.routings.iter().flatten().enumerate() {
+                let a = alpha.get(l).copied().unwrap_or(0.0);
+                let aux = match cfg.aux.balance {
+                    BalanceLoss::Skywork => Some(skywork_aux(&r.probs)?),
+                    BalanceLoss::Switch => Some(switch_aux(&r.probs, &r.expert_counts)?),
+                    BalanceLoss::None => None,
+                };
+                if let Some(aux) = aux {
+                    if a != 0.0 {
+                        let term = (aux * a)?;
+                        aux_val += term.to_scalar::<f32>()? as f64;
+                        total = (total + term)?;
+                    }
+                }
+                if cfg.aux.z_loss_coef > 0.0 {
+                    let term = (z_loss(&r.logits)? * cfg.aux.z_loss_coef)?;
+                    z_val += term.to_scalar::<f32>()? as f64;
+                    total = (total + term)?;
+                }
+                if l < n_moe {
+                    drop[l] += r.drop_rate() / accum as f64;
+                }
+                let el = r.expert_load();
+                if load.len() <= l {
+                    load.push(vec![0.0; el.len()]);
+                }
+                for (s, x) in load[l].iter_mut().zip(el) {
+                    *s += x / accum as f64;
+                }
+            }
+            let total_val = total.to_scalar::<f32>()?;
+            if !total_val.is_finite() {
+                return Err(TrainError::NonFiniteLoss {
+                    step: self.state.step + 1,
+                    value: total_val,
+                    last_checkpoint: last_checkpoint.clone(),
+                });
+            }
+            loss_sum += total_val as f64;
+            ce_sum += ce.to_scalar::<f32>()? as f64;
+            aux_sum += aux_val;
+            z_sum += z_val;
+            let store = (total / accum as f64)?.backward()?;
+            let mut grads = BTreeMap::new();
+            for (name, var) in &self.params.vars {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    grads.insert(name.clone(), g.clone());
+                }
+            }
+            accumulate(&mut grads_acc, grads)?;
+        }
+        let grad_norm = global_norm(&grads_acc)?;
+        if !grad_norm.is_finite() {
+            return Err(TrainError::NonFiniteLoss {
+                step: self.state.step + 1,
+                value: grad_norm as f32,
+                last_checkpoint: last_checkpoint.clone(),
+            });
+        }
+        let clip = cfg.optim.grad_clip;
+        let scale = if clip > 0.0 && grad_norm > clip {
+            clip / grad_norm
+        } else {
+            1.0
+        };
+        let lr = cfg.schedule().lr_at(self.state.step);
+        self.optimizer
+            .step(&self.params.vars, &grads_acc, lr, scale)?;
+        self.state.aux.update(&drop);
+        self.state.step += 1;
+        self.state.tokens += tokens;
+        let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        Ok(StepMetrics {
+            step: self.state.step,
+            tokens: self.state.tokens,
+            loss: loss_sum / accum as f64,
+            ce: ce_sum / accum as f64,
+            aux_loss: aux_sum / accum as f64,
+            z_loss: z_sum / accum as f64,
+            alpha,
+            drop_rate: drop,
+            expert_load: load,
+            grad_norm,
+            lr,
+            tokens_per_s: tokens as f64 / secs,
+            elapsed_s: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Validation loss over the held-out sequences (dropless routing, as at inference).
+    pub fn evaluate(&self) -> Result<ValMetrics> {
+        let loss = evaluate_model(
+            &self.model,
+            &self.data,
+            self.cfg.train.batch_size,
+            self.cfg.train.eval_batches,
+        )?;
+        Ok(ValMetrics {
+            step: self.state.step,
+            val_loss: loss,
+            val_ppl: loss.exp(),
+        })
+    }
+}
+
+/// Mean next-token cross-entropy of `model` on the validation windows of `data`
+/// (`max_batches = 0`: all of them).
+pub fn evaluate_model(
+    model: &CausalLm,
+    data: &PackedDataset,
+    batch_size: usize,
+    max_batches: usize,
+) -> Result<f64> {
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for (i, batch) in data.val_batches(batch_size).enumerate() {
+        if max_batches > 0 && i >= max_batches {
+            break;
+        }
+        let t = batch[0].len() - 1;
+        let inputs: Vec<Vec<u32>> = batch.iter().map(|s| s[..t].to_vec()).collect();
+        let targets: Vec<u32> = batch.iter().flat_map(|s| s[1..].iter().copied()).collect();
+        let out = model.forward_batch(&inputs, None)?;
+        let rows = batch.len() * t;
+        let targets = Tensor::from_vec(targets, rows, out.logits.device())?;
+        let ce = cross_entropy(
+            &out.logits.reshape((rows, model.config.vocab_size))?,
+            &targets,
+        )?
+        .to_scalar::<f32>()?;
+        sum += ce as f64 * rows as f64;
+        n += rows;
+    }
+    if n == 0 {
+        return Err(TrainError::Config(
+            "no validation sequences to evaluate".into(),
+        ));
+    }
+    Ok(sum / n as f64)
+}
+
+/// Drop metric lines newer than `step` (after a resume from the checkpoint of `step`).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    std::fs::write(path, out).map_err(|e| TrainError::io(path, e))
+}

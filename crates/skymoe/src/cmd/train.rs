@@ -1,0 +1,204 @@
+//! `skymoe train`: train a model from a TOML run file (CLI flags override it), with a progress
+//! bar, a JSONL metrics log, validation and checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use skymoe_train::trainer::{Observer, StepMetrics, ValMetrics};
+use skymoe_train::{RunConfig, Trainer};
+
+/// Arguments of `skymoe train`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The run file (see docs/run.toml for every option).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override train.steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Override train.out_dir.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override data.inputs (repeatable).
+    #[arg(long)]
+    data: Vec<PathBuf>,
+    /// Override model.init (a checkpoint to start from).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Override optim.lr.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Override train.batch_size.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Override data.seq_len.
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Override train.seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override train.checkpoint_every.
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Continue from the newest checkpoint in the run directory.
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar (log lines instead).
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Draws the progress bar.
+pub struct ProgressObserver {
+    bar: Option<ProgressBar>,
+    quiet: bool,
+    last_val: Option<f64>,
+}
+
+impl ProgressObserver {
+    /// A progress bar, or plain lines when `quiet`.
+    pub fn new(quiet: bool) -> Self {
+        ProgressObserver {
+            bar: None,
+            quiet,
+            last_val: None,
+        }
+    }
+}
+
+impl Observer for ProgressObserver {
+    fn on_start(&mut self, start: u64, total: u64) {
+        if self.quiet {
+            return;
+        }
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_position(start);
+        bar.enable_steady_tick(Duration::from_millis(250));
+        self.bar = Some(bar);
+    }
+
+    fn on_step(&mut self, m: &StepMetrics) {
+        let drop = if m.drop_rate.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " drop {:.3}",
+                m.drop_rate.iter().sum::<f64>() / m.drop_rate.len() as f64
+            )
+        };
+        let val = self
+            .last_val
+            .map(|v| format!(" val {v:.3}"))
+            .unwrap_or_default();
+        let msg = format!(
+            "loss {:.4}{val}{drop} lr {:.2e} {:.0} tok/s",
+            m.loss, m.lr, m.tokens_per_s
+        );
+        match &self.bar {
+            Some(b) => {
+                b.set_position(m.step);
+                b.set_message(msg);
+            }
+            None => eprintln!("step {} {msg}", m.step),
+        }
+    }
+
+    fn on_val(&mut self, v: &ValMetrics) {
+        self.last_val = Some(v.val_loss);
+        self.on_message(&format!(
+            "step {}: validation loss {:.4} (perplexity {:.2})",
+            v.step, v.val_loss, v.val_ppl
+        ));
+    }
+
+    fn on_checkpoint(&mut self, dir: &Path) {
+        self.on_message(&format!("checkpoint {}", dir.display()));
+    }
+
+    fn on_message(&mut self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(msg),
+            None => eprintln!("{msg}"),
+        }
+    }
+}
+
+impl Drop for ProgressObserver {
+    fn drop(&mut self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Apply the CLI overrides to a run configuration.
+fn apply_overrides(mut cfg: RunConfig, a: &Args) -> RunConfig {
+    if let Some(s) = a.steps {
+        cfg.train.steps = s;
+    }
+    if let Some(o) = &a.out {
+        cfg.train.out_dir = o.clone();
+    }
+    if !a.data.is_empty() {
+        cfg.data.inputs = a.data.clone();
+    }
+    if let Some(i) = &a.init {
+        cfg.model.init = Some(i.clone());
+    }
+    if let Some(lr) = a.lr {
+        cfg.optim.lr = lr;
+    }
+    if let Some(b) = a.batch_size {
+        cfg.train.batch_size = b;
+    }
+    if let Some(s) = a.seq_len {
+        cfg.data.seq_len = s;
+    }
+    if let Some(s) = a.seed {
+        cfg.train.seed = s;
+    }
+    if let Some(c) = a.checkpoint_every {
+        cfg.train.checkpoint_every = c;
+    }
+    if a.resume {
+        cfg.train.resume = true;
+    }
+    cfg
+}
+
+/// Run the verb.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let cfg = match &a.config {
+        Some(p) => RunConfig::from_file(p)?,
+        None => RunConfig::default(),
+    };
+    let cfg = apply_overrides(cfg, &a);
+    let mut obs = ProgressObserver::new(a.quiet);
+    let mut trainer = Trainer::prepare(cfg, &mut obs).context("cannot set up the run")?;
+    let summary = trainer.run(&mut obs).context("training failed")?;
+    drop(obs);
+    eprintln!(
+        "trained {} steps: final loss {:.4}{}, {:.0} tokens/s; checkpoint {}",
+        summary.steps,
+        summary.final_loss,
+        summary
+            .final_val
+            .as_ref()
+            .map(|v| format!(
+                ", validation loss {:.4} (perplexity {:.2})",
+                v.val_loss, v.val_ppl
+            ))
+            .unwrap_or_default(),
+        summary.tokens_per_s,
+        summary.checkpoint.display()
+    );
+    Ok(())
+}
