@@ -234,7 +234,7 @@ fn missing_inputs_and_empty_corpora_are_errors() -> TestResult {
     match train_tokenizer(&[&dir], 300, &["<|endoftext|>"], &out) {
         Err(ref e @ DataError::EmptyCorpus { ref inputs }) => {
             assert_eq!(inputs, &vec![dir.clone()]);
-            assert!(e.to_string().contains("empty"), "{e}");
+            assert!(e.to_string().contains("no documents"), "{e}");
         }
         other => panic!("expected EmptyCorpus, got {other:?}"),
     }

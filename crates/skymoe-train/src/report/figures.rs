@@ -4,7 +4,9 @@ use plotters::style::RGBColor;
 
 use super::metrics::{RunMetrics, TrainRecord};
 use super::plot::{series_color, Figure, Heatmap, Legend, LineChart, Series, Stroke};
-use super::stats::{decimate, ema, ema_span, finite, RunSummary, MAX_PLOT_POINTS, SMOOTH_MIN_RECORDS};
+use super::stats::{
+    decimate, ema, ema_span, finite, RunSummary, MAX_PLOT_POINTS, SMOOTH_MIN_RECORDS,
+};
 
 /// Above this many experts, per-expert load over time is drawn as a heatmap instead of lines.
 const MAX_EXPERT_LINES: usize = 16;
@@ -28,7 +30,11 @@ pub struct NamedFigure {
 
 /// `(step, value)` of the finite values of one metric, in step order.
 fn curve(m: &RunMetrics, f: impl Fn(&TrainRecord) -> Option<f64>) -> Vec<(f64, f64)> {
-    finite(m.train.iter().map(|r| (r.step as f64, f(r).unwrap_or(f64::NAN))))
+    finite(
+        m.train
+            .iter()
+            .map(|r| (r.step as f64, f(r).unwrap_or(f64::NAN))),
+    )
 }
 
 /// The EMA of a curve (same x values).
@@ -68,7 +74,12 @@ fn raw_and_smoothed(
                 &smooth(points, span),
             ),
         ],
-        None => vec![series(Some(name.to_string()), color, Stroke::Solid(2), points)],
+        None => vec![series(
+            Some(name.to_string()),
+            color,
+            Stroke::Solid(2),
+            points,
+        )],
     }
 }
 
@@ -293,7 +304,11 @@ fn expert_load_figure(m: &RunMetrics, s: &RunSummary) -> NamedFigure {
 }
 
 fn expert_load_time_figure(m: &RunMetrics, span: Option<f64>) -> NamedFigure {
-    let first = m.train.first().map(|r| r.expert_load.clone()).unwrap_or_default();
+    let first = m
+        .train
+        .first()
+        .map(|r| r.expert_load.clone())
+        .unwrap_or_default();
     let layers = first.len();
     let experts = first.iter().map(Vec::len).max().unwrap_or(0);
     let as_lines = experts <= MAX_EXPERT_LINES;
@@ -330,7 +345,10 @@ fn expert_load_time_figure(m: &RunMetrics, span: Option<f64>) -> NamedFigure {
         heading: "Expert load over time",
         caption,
         figure: Figure::Grid {
-            title: format!("Expert load over time{}", ema_suffix(span.filter(|_| as_lines))),
+            title: format!(
+                "Expert load over time{}",
+                ema_suffix(span.filter(|_| as_lines))
+            ),
             cols: if layers > 1 { 2 } else { 1 },
             panel,
             panels,
@@ -341,7 +359,9 @@ fn expert_load_time_figure(m: &RunMetrics, span: Option<f64>) -> NamedFigure {
 fn expert_lines_panel(m: &RunMetrics, span: Option<f64>, layer: usize, n_e: usize) -> Figure {
     let mut series_list: Vec<Series> = (0..n_e)
         .map(|e| {
-            let raw = curve(m, |r| r.expert_load.get(layer).and_then(|x| x.get(e)).copied());
+            let raw = curve(m, |r| {
+                r.expert_load.get(layer).and_then(|x| x.get(e)).copied()
+            });
             let pts = match span {
                 Some(span) => smooth(&raw, span),
                 None => raw,
@@ -382,23 +402,27 @@ fn expert_time_heatmap_panel(m: &RunMetrics, layer: usize, n_e: usize) -> Figure
     let buckets = n.clamp(1, TIME_BUCKETS);
     let size = n.div_ceil(buckets).max(1);
     let chunks: Vec<&[TrainRecord]> = m.train.chunks(size).collect();
-    let cells = (0..n_e)
-        .map(|e| {
-            chunks
-                .iter()
-                .map(|c| {
-                    super::stats::mean(
-                        c.iter()
-                            .filter_map(|r| r.expert_load.get(layer).and_then(|x| x.get(e)).copied()),
-                    )
-                    .unwrap_or(f64::NAN)
-                })
-                .collect()
-        })
-        .collect();
+    let cells =
+        (0..n_e)
+            .map(|e| {
+                chunks
+                    .iter()
+                    .map(|c| {
+                        super::stats::mean(c.iter().filter_map(|r| {
+                            r.expert_load.get(layer).and_then(|x| x.get(e)).copied()
+                        }))
+                        .unwrap_or(f64::NAN)
+                    })
+                    .collect()
+            })
+            .collect();
     let col_labels = chunks
         .iter()
-        .map(|c| c.get(c.len() / 2).map(|r| r.step.to_string()).unwrap_or_default())
+        .map(|c| {
+            c.get(c.len() / 2)
+                .map(|r| r.step.to_string())
+                .unwrap_or_default()
+        })
         .collect();
     Figure::Heatmap(Heatmap {
         title: format!("MoE layer {layer}"),

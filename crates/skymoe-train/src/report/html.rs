@@ -132,9 +132,17 @@ fn summary_table(out: &mut String, s: &RunSummary) {
     row(
         out,
         "steps",
-        &format!("{} ({} training records)", grouped(s.last_step), s.train_records),
+        &format!(
+            "{} ({} training records)",
+            grouped(s.last_step),
+            s.train_records
+        ),
     );
-    row(out, "tokens", &opt(s.tokens.map(|t| t as f64), |t| grouped(t as u64)));
+    row(
+        out,
+        "tokens",
+        &opt(s.tokens.map(|t| t as f64), |t| grouped(t as u64)),
+    );
     row(out, "final train loss", &num(s.final_loss));
     if let Some(ce) = s.final_ce {
         row(out, "final cross-entropy", &num(ce));
@@ -261,7 +269,9 @@ pub fn comparison_page(
     type Cell = fn(&RunSummary) -> String;
     let rows: [(&str, Cell); 6] = [
         ("steps", |s| grouped(s.last_step)),
-        ("tokens", |s| opt(s.tokens.map(|t| t as f64), |t| grouped(t as u64))),
+        ("tokens", |s| {
+            opt(s.tokens.map(|t| t as f64), |t| grouped(t as u64))
+        }),
         ("final train loss", |s| num(s.final_loss)),
         ("best validation loss", |s| {
             s.best_val
@@ -299,7 +309,10 @@ mod tests {
 
     #[test]
     fn formats() {
-        assert_eq!(escape("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            escape("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
         assert_eq!(num(3.21), "3.210");
         assert_eq!(num(29.96), "29.96");
         assert_eq!(num(0.004), "0.004000");

@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::FontStyle;
 
 use super::{write_atomically, ReportError};
@@ -25,8 +26,9 @@ type DrawResult = Result<(), Box<dyn Error + Send + Sync>>;
 /// Register the embedded font with plotters (once per process).
 fn ensure_font() -> Result<(), ReportError> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
-    let ok = *REGISTERED
-        .get_or_init(|| plotters::style::register_font(FONT, FontStyle::Normal, FONT_BYTES).is_ok());
+    let ok = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font(FONT, FontStyle::Normal, FONT_BYTES).is_ok()
+    });
     if ok {
         Ok(())
     } else {
@@ -398,21 +400,17 @@ where
             )?;
         }
         let anno = match s.stroke {
-            Stroke::Dashed | Stroke::DashedMarkers => chart.draw_series(DashedLineSeries::new(
-                s.points.iter().copied(),
-                8,
-                5,
-                st,
-            ))?,
+            Stroke::Dashed | Stroke::DashedMarkers => {
+                chart.draw_series(DashedLineSeries::new(s.points.iter().copied(), 8, 5, st))?
+            }
             Stroke::Solid(_) | Stroke::Faint | Stroke::Markers => {
                 chart.draw_series(LineSeries::new(s.points.iter().copied(), st))?
             }
         };
         if let (true, Some(label)) = (inside, &s.label) {
             let legend_style = st.stroke_width(3);
-            anno.label(label.as_str()).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 22, y)], legend_style)
-            });
+            anno.label(label.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], legend_style));
         }
     }
     if inside && c.series.iter().any(|s| s.label.is_some()) {
@@ -464,7 +462,11 @@ fn cell_size(h: &Heatmap) -> (u32, u32) {
 
 /// Viridis colour of `t` in [0, 1] (clamped; non-finite values give the low end).
 fn viridis(t: f64) -> RGBColor {
-    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
+    let t = if t.is_finite() {
+        t.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     ViridisRGB::get_color(t)
 }
 

@@ -1,0 +1,381 @@
+//! `skymoe train` end to end: a run trains and checkpoints; a run killed mid-way and resumed
+//! reproduces the losses of an uninterrupted run exactly; bad setups fail cleanly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn corpus() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/corpus")
+}
+
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let p = dir.join("run.toml");
+    let text = format!(
+        r#"
+[model]
+arch = "skywork_moe"
+hidden_size = 32
+intermediate_size = 64
+layers = 2
+heads = 4
+kv_heads = 2
+experts = 4
+top_k = 2
+max_position_embeddings = 128
+
+[router]
+capacity_factor = 1.0
+
+[data]
+inputs = ["{}"]
+vocab_size = 300
+seq_len = 32
+
+[optim]
+decay = "constant"
+warmup_steps = 0
+lr = 0.003
+
+[train]
+batch_size = 4
+eval_every = 0
+checkpoint_every = 5
+keep_checkpoints = 3
+{extra}
+"#,
+        corpus().display()
+    );
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn skymoe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_skymoe"))
+        .args(args)
+        .output()
+        .expect("run skymoe")
+}
+
+fn losses(run: &Path) -> Vec<(u64, f64, Vec<f64>, Vec<f64>)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| {
+            let f = |k: &str| {
+                v[k].as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect::<Vec<_>>()
+            };
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap(),
+                f("alpha"),
+                f("drop_rate"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn killed_and_resumed_run_matches_an_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "");
+    let straight = tmp.path().join("straight");
+    let out = skymoe(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--quiet",
+        "--steps",
+        "30",
+        "--out",
+        straight.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Start a long run and kill it hard once its step-10 checkpoint exists.
+    let killed = tmp.path().join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_skymoe"))
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--quiet",
+            "--steps",
+            "100000",
+            "--out",
+            killed.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let marker = killed.join("checkpoints/step-00000010/trainer_state.json");
+    let t0 = Instant::now();
+    while !marker.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(losses(&killed).len() >= 10);
+
+    let out = skymoe(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--quiet",
+        "--steps",
+        "30",
+        "--out",
+        killed.to_str().unwrap(),
+        "--resume",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from"));
+    let a = losses(&straight);
+    let b = losses(&killed);
+    assert_eq!(a.len(), 30);
+    assert_eq!(
+        a, b,
+        "losses, α and drop rates must be identical after the resume"
+    );
+    assert!(
+        a.iter().any(|x| x.3.iter().any(|&d| d > 0.0)),
+        "capacity 1.0 should drop some tokens"
+    );
+    assert!(
+        a.last().unwrap().2.iter().all(|&al| al > 0.0),
+        "adaptive α rises while tokens drop"
+    );
+    // The final checkpoints hold identical weights.
+    let w = |run: &Path| {
+        candle_core::safetensors::load(
+            run.join("checkpoints/step-00000030/model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (wa, wb) = (w(&straight), w(&killed));
+    for (k, t) in &wa {
+        let d = (t - &wb[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{k}");
+    }
+    // Only the newest checkpoints are kept, and no partial directory is left.
+    let names: Vec<String> = std::fs::read_dir(killed.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(names.len() <= 3, "{names:?}");
+    assert!(names.iter().all(|n| n.starts_with("step-")), "{names:?}");
+}
+
+#[test]
+fn trained_checkpoint_loads_and_generates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "");
+    let run = tmp.path().join("run");
+    let out = skymoe(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--quiet",
+        "--steps",
+        "10",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = losses(&run)[0].1;
+    let last = losses(&run).last().unwrap().1;
+    assert!(last < first, "loss should fall: {first} -> {last}");
+    let ck = run.join("checkpoints/step-00000010");
+    let out = skymoe(&[
+        "generate",
+        "--model",
+        ck.to_str().unwrap(),
+        "--prompt",
+        "When shall we",
+        "--max-tokens",
+        "5",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = skymoe(&["inspect", "--model", ck.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["architecture"], "SkyworkForCausalLM");
+    assert_eq!(v["experts"], 4);
+}
+
+fn assert_clean_failure(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure; stderr: {stderr}");
+    assert!(
+        !stderr.contains("panicked"),
+        "panic instead of an error: {stderr}"
+    );
+    assert!(
+        stderr.contains(needle),
+        "stderr should mention `{needle}`: {stderr}"
+    );
+}
+
+#[test]
+fn empty_corpus_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let cfg = write_config(tmp.path(), "");
+    let out = skymoe(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--quiet",
+        "--data",
+        empty.to_str().unwrap(),
+        "--out",
+        tmp.path().join("r").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "empty");
+}
+
+#[test]
+fn non_utf8_input_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.txt");
+    std::fs::write(&bad, [b'o', b'k', 0xff, 0xfe, b'\n']).unwrap();
+    let cfg = write_config(tmp.path(), "");
+    let out = skymoe(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--quiet",
+        "--data",
+        bad.to_str().unwrap(),
+        "--out",
+        tmp.path().join("r").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "bad.txt");
+}
+
+#[test]
+fn sequence_longer_than_the_model_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "");
+    let out = skymoe(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--quiet",
+        "--seq-len",
+        "512",
+        "--out",
+        tmp.path().join("r").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "max_position_embeddings");
+}
+
+#[test]
+fn unwritable_output_directory_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "");
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let out = skymoe(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--quiet",
+        "--out",
+        file.join("run").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "a-file");
+}
+
+#[test]
+fn diverging_loss_stops_with_the_last_checkpoint_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "");
+    let run = tmp.path().join("r");
+    // A sane first stretch, checkpointed at step 5.
+    let out = skymoe(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--quiet",
+        "--steps",
+        "5",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let good = std::fs::read(run.join("checkpoints/step-00000005/model.safetensors")).unwrap();
+    // Then an absurd learning rate blows the weights up.
+    let out = skymoe(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--quiet",
+        "--steps",
+        "50",
+        "--lr",
+        "1e30",
+        "--out",
+        run.to_str().unwrap(),
+        "--resume",
+    ]);
+    assert_clean_failure(&out, "step-00000005");
+    assert_eq!(
+        std::fs::read(run.join("checkpoints/step-00000005/model.safetensors")).unwrap(),
+        good
+    );
+}
+
+#[test]
+fn bad_run_file_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("run.toml");
+    std::fs::write(&p, "[train]\nstepz = 3\n").unwrap();
+    let out = skymoe(&["train", "--config", p.to_str().unwrap()]);
+    assert_clean_failure(&out, "stepz");
+}
