@@ -176,7 +176,7 @@ mod tests {
             c.update(&d);
             for l in 0..2 {
                 let target = f64::min(0.2 * d[l], 0.01);
-                reference[l] = 0.99 * reference[l] + 0.01 * target;
+                reference[l] = 0.99 * reference[l] + (1.0 - 0.99) * target;
             }
             assert_eq!(c.alpha, reference.to_vec());
         }

@@ -410,3 +410,33 @@ impl RunConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/run.toml documents every option with its default value.
+    #[test]
+    fn documented_run_file_lists_the_defaults() {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/run.toml");
+        let cfg = RunConfig::from_file(&p).unwrap();
+        assert_eq!(cfg, RunConfig::default());
+        let text = std::fs::read_to_string(&p).unwrap();
+        let full = toml::to_string(&RunConfig::default()).unwrap();
+        for line in full.lines().filter(|l| l.contains(" = ")) {
+            let key = line.split(" = ").next().unwrap();
+            assert!(
+                text.contains(&format!("{key} =")) || text.contains(&format!("# {key} =")),
+                "docs/run.toml lacks `{key}`"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = toml::from_str::<RunConfig>("[optim]\nlearning_rate = 1.0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("learning_rate"), "{err}");
+    }
+}

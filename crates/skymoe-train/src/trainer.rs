@@ -519,3 +519,43 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     }
     std::fs::write(path, out).map_err(|e| TrainError::io(path, e))
 }
+
+/// Mean next-token cross-entropy of `model` over every window of `data` (train and validation
+/// alike), at most `max_windows` of them (0: all). Dropless routing.
+pub fn evaluate_all_windows(
+    model: &CausalLm,
+    data: &PackedDataset,
+    batch_size: usize,
+    max_windows: usize,
+) -> Result<(f64, usize)> {
+    let n = if max_windows > 0 {
+        data.num_windows().min(max_windows)
+    } else {
+        data.num_windows()
+    };
+    let (mut sum, mut rows_total) = (0.0f64, 0usize);
+    let ids: Vec<usize> = (0..n).collect();
+    for chunk in ids.chunks(batch_size.max(1)) {
+        let batch: Vec<&[u32]> = chunk.iter().filter_map(|&i| data.window(i)).collect();
+        if batch.is_empty() {
+            continue;
+        }
+        let t = batch[0].len() - 1;
+        let inputs: Vec<Vec<u32>> = batch.iter().map(|s| s[..t].to_vec()).collect();
+        let targets: Vec<u32> = batch.iter().flat_map(|s| s[1..].iter().copied()).collect();
+        let out = model.forward_batch(&inputs, None)?;
+        let rows = batch.len() * t;
+        let targets = Tensor::from_vec(targets, rows, out.logits.device())?;
+        let ce = cross_entropy(
+            &out.logits.reshape((rows, model.config.vocab_size))?,
+            &targets,
+        )?
+        .to_scalar::<f32>()?;
+        sum += ce as f64 * rows as f64;
+        rows_total += rows;
+    }
+    if rows_total == 0 {
+        return Err(TrainError::Config("no sequences to evaluate".into()));
+    }
+    Ok((sum / rows_total as f64, rows_total))
+}

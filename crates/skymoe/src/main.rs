@@ -24,6 +24,8 @@ enum Command {
     Grads(cmd::grads::Args),
     /// Train a model from a TOML run file.
     Train(cmd::train::Args),
+    /// Perplexity of a model on a corpus.
+    Eval(cmd::eval::Args),
 }
 
 fn main() {
@@ -41,6 +43,7 @@ fn main() {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Grads(a) => cmd::grads::run(a),
         Command::Train(a) => cmd::train::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -241,6 +241,28 @@ fn trained_checkpoint_loads_and_generates() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["architecture"], "SkyworkForCausalLM");
     assert_eq!(v["experts"], 4);
+    // Perplexity of the trained model on its corpus: finite, better than uniform over the vocab.
+    let out = skymoe(&[
+        "eval",
+        "--model",
+        ck.to_str().unwrap(),
+        "--data",
+        corpus().to_str().unwrap(),
+        "--seq-len",
+        "32",
+        "--max-windows",
+        "40",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ppl = e["perplexity"].as_f64().unwrap();
+    assert!(ppl > 1.0 && ppl < 300.0, "perplexity {ppl}");
+    assert!((e["loss"].as_f64().unwrap().exp() - ppl).abs() < 1e-2 * ppl);
+    assert_eq!(e["tokens_predicted"], 40 * 32);
 }
 
 fn assert_clean_failure(out: &Output, needle: &str) {

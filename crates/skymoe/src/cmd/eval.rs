@@ -1,0 +1,57 @@
+//! `skymoe eval`: perplexity of a model on a corpus.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use skymoe_model::Tokenizer;
+use skymoe_train::data::{PackedDataset, TokenFile};
+use skymoe_train::trainer::evaluate_all_windows;
+
+/// Arguments of `skymoe eval`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A Hugging Face model directory or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Text files, directories or JSONL files (repeatable).
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    /// Tokens per evaluated window.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Evaluate at most this many windows (0: all).
+    #[arg(long, default_value_t = 0)]
+    max_windows: usize,
+}
+
+/// Run the verb.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let device = super::device()?;
+    let (ckpt, model) = super::load_model(&a.model, &device)?;
+    if a.seq_len > model.config.max_position_embeddings {
+        anyhow::bail!(
+            "--seq-len {} exceeds the model's maximum of {}",
+            a.seq_len,
+            model.config.max_position_embeddings
+        );
+    }
+    let tok = Tokenizer::for_model(&ckpt.path, ckpt.gguf_metadata.as_ref())
+        .context("cannot load the tokenizer")?;
+    let tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let path = tmp.path().join("tokens.bin");
+    let eos = tok.eos_ids.first().copied();
+    TokenFile::build(&a.data, tok.inner(), eos, &path).context("cannot tokenize the data")?;
+    let tokens = TokenFile::open(&path)?;
+    let n_tokens = tokens.len();
+    let data = PackedDataset::new(tokens, a.seq_len, 0.0, 0)
+        .context("cannot cut the data into windows")?;
+    let (loss, predicted) = evaluate_all_windows(&model, &data, a.batch_size, a.max_windows)?;
+    println!(
+        "{{\"loss\": {loss:.6}, \"perplexity\": {:.4}, \"tokens_predicted\": {predicted}, \"corpus_tokens\": {n_tokens}}}",
+        loss.exp()
+    );
+    Ok(())
+}
