@@ -219,8 +219,8 @@ impl CausalLm {
         KvCache::new(self.layers.len())
     }
 
-    /// Check token ids against the vocabulary and the position limit.
-    fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<()> {
+    /// Check token ids against the vocabulary, and `offset + seq_len` against the position limit.
+    fn check_tokens(&self, tokens: &[u32], offset: usize, seq_len: usize) -> Result<()> {
         if tokens.is_empty() {
             return Err(ModelError::InvalidInput("no tokens to run".into()));
         }
@@ -233,7 +233,7 @@ impl CausalLm {
                 self.config.vocab_size
             )));
         }
-        let end = offset + tokens.len();
+        let end = offset + seq_len;
         if end > self.rotary.max_positions() {
             return Err(ModelError::InvalidInput(format!(
                 "sequence of {end} positions exceeds the model's maximum of {}",
@@ -264,7 +264,7 @@ impl CausalLm {
         all_positions: bool,
     ) -> Result<ForwardOutput> {
         let offset = cache.as_ref().map_or(0, |c| c.len);
-        self.check_tokens(tokens, offset)?;
+        self.check_tokens(tokens, offset, tokens.len())?;
         let ids = Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), self.embed.device())?;
         self.run(&ids, offset, cache, None, all_positions)
     }
@@ -284,13 +284,7 @@ impl CausalLm {
             ));
         }
         let flat: Vec<u32> = batch.iter().flatten().copied().collect();
-        self.check_tokens(&flat, 0)?;
-        if t > self.rotary.max_positions() {
-            return Err(ModelError::InvalidInput(format!(
-                "sequence length {t} exceeds the model's maximum of {}",
-                self.rotary.max_positions()
-            )));
-        }
+        self.check_tokens(&flat, 0, t)?;
         let ids = Tensor::from_vec(flat, (batch.len(), t), self.embed.device())?;
         self.run(&ids, 0, None, capacity_factor, true)
     }

@@ -170,3 +170,27 @@ fn f16_and_bf16_safetensors_load() {
         assert!(d > 0.0, "{dtype:?}: rounding must show");
     }
 }
+
+/// A batch of sequences gives each sequence's own logits; the position limit applies per sequence.
+#[test]
+fn batched_forward_equals_single_sequences() {
+    let dir = fixtures().join("qwen2_moe");
+    let ckpt = Checkpoint::open(&dir, &Device::Cpu).unwrap();
+    let model = CausalLm::load(&ckpt, &Device::Cpu).unwrap();
+    let (tokens, expected) = reference(&dir.join("reference.safetensors"));
+    let mut other = tokens.clone();
+    other.reverse();
+    let out = model
+        .forward_batch(&[tokens.clone(), other.clone()], None)
+        .unwrap();
+    let a = out.logits.get(0).unwrap();
+    let b = out.logits.get(1).unwrap();
+    assert!(max_abs_diff(&a, &expected) <= TOL);
+    let single = model.forward_tokens(&other, None).unwrap();
+    assert!(max_abs_diff(&b, &single) <= TOL);
+    // Many sequences whose total length exceeds the position limit are fine.
+    let limit = model.config.max_position_embeddings;
+    let n = limit / tokens.len() + 2;
+    let many: Vec<Vec<u32>> = (0..n).map(|_| tokens.clone()).collect();
+    assert!(model.forward_batch(&many, None).is_ok());
+}

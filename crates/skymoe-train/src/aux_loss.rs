@@ -2,9 +2,10 @@
 //!
 //! - Skywork L_aux (report eq. 4): `Σ_j (1/n − (1/T) Σ_i g_ij)²` over the `n` experts, with
 //!   `g` the full softmax gate distribution of each of the `T` tokens.
-//! - Switch/GShard load balancing: `E · Σ_e f_e · P_e`, with `f_e` the fraction of the routed
-//!   (top-k) assignments that chose expert `e` (counted before capacity dropping, not
-//!   differentiable) and `P_e` the mean gate probability of `e`.
+//! - Switch/GShard load balancing: `E · Σ_e f_e · P_e`, with `f_e` the fraction of tokens that
+//!   chose expert `e` among their top-k (so `Σ_e f_e = k`; counted before capacity dropping, not
+//!   differentiable) and `P_e` the mean gate probability of `e` — transformers'
+//!   `load_balancing_loss_func` for Mixtral computes the same value.
 //! - Router z-loss (ST-MoE): `mean_i (log Σ_j exp z_ij)²` over the raw gate logits.
 //! - Adaptive coefficient (eqs. 7–9): after each step, `α̂ = min(ξ · d, α_max)` from the layer's
 //!   token drop rate `d`, and `α ← β · α + (1 − β) · α̂`.
@@ -142,9 +143,10 @@ mod tests {
     fn switch_aux_and_z_loss_match_plain_formulas() -> Result<()> {
         let p = [[0.7f32, 0.2, 0.1], [0.1, 0.6, 0.3]];
         let t = Tensor::new(&p, &Device::Cpu)?;
-        let counts = [2usize, 1, 1];
+        // Two tokens, top-2: token 0 → {0, 1}, token 1 → {1, 2}.
+        let counts = [1usize, 2, 1];
         let got = switch_aux(&t, &counts)?.to_scalar::<f32>()?;
-        let f = [0.5f32, 0.25, 0.25];
+        let f = [0.5f32, 1.0, 0.5];
         let want: f32 = 3.0
             * (0..3)
                 .map(|j| f[j] * (p[0][j] + p[1][j]) / 2.0)

@@ -108,8 +108,9 @@ pub struct Trainer {
     optimizer: AdamW,
     /// Step, data position and α.
     pub state: TrainerState,
-    data: PackedDataset,
-    tokenizer_path: PathBuf,
+    /// Training data; `None` for a trainer driven with explicit batches.
+    data: Option<PackedDataset>,
+    tokenizer_path: Option<PathBuf>,
     run_dir: PathBuf,
     device: Device,
 }
@@ -240,9 +241,43 @@ impl Trainer {
             model,
             optimizer,
             state,
-            data,
-            tokenizer_path,
+            data: Some(data),
+            tokenizer_path: Some(tokenizer_path),
             run_dir,
+            device,
+        })
+    }
+
+    /// A trainer over given parameters without a data pipeline or run directory, driven with
+    /// [`Trainer::step_on_batches`] (tests, experiments, other schedulers).
+    pub fn in_memory(
+        cfg: RunConfig,
+        model_config: ModelConfig,
+        params: TrainableParams,
+    ) -> Result<Self> {
+        let device = Device::Cpu;
+        let moe_layers = (0..model_config.num_hidden_layers)
+            .filter(|&l| model_config.is_moe_layer(l))
+            .count();
+        let optimizer = AdamW::new(cfg.adamw(), &params.vars);
+        let state = TrainerState {
+            step: 0,
+            consumed: 0,
+            aux: cfg.aux_coefficients(moe_layers),
+            seed: cfg.train.seed,
+            tokens: 0,
+        };
+        let model = params.model(&model_config, &device)?;
+        Ok(Trainer {
+            run_dir: cfg.train.out_dir.clone(),
+            cfg,
+            model_config,
+            params,
+            model,
+            optimizer,
+            state,
+            data: None,
+            tokenizer_path: None,
             device,
         })
     }
@@ -284,7 +319,7 @@ impl Trainer {
             let step = self.state.step;
             let eval_now = (self.cfg.train.eval_every > 0 && step % self.cfg.train.eval_every == 0)
                 || step == total;
-            if eval_now && self.data.num_val() > 0 {
+            if eval_now && self.data.as_ref().is_some_and(|d| d.num_val() > 0) {
                 let v = self.evaluate()?;
                 let mut line =
                     serde_json::to_value(&v).map_err(|e| TrainError::Config(e.to_string()))?;
@@ -309,7 +344,7 @@ impl Trainer {
                     &self.params,
                     &self.optimizer,
                     &self.state,
-                    Some(&self.tokenizer_path),
+                    self.tokenizer_path.as_deref(),
                     self.cfg.train.keep_checkpoints,
                 )?;
                 obs.on_checkpoint(&dir);
@@ -326,16 +361,36 @@ impl Trainer {
         })
     }
 
-    /// One optimiser step over `grad_accum` micro-batches.
+    /// One optimiser step over the next `grad_accum` micro-batches of the training data.
     fn train_step(
         &mut self,
         start: Instant,
         last_checkpoint: &Option<PathBuf>,
     ) -> Result<StepMetrics> {
+        let bs = self.cfg.train.batch_size;
+        let data = self
+            .data
+            .as_ref()
+            .ok_or_else(|| TrainError::Config("this trainer has no training data".into()))?;
+        let mut micro = Vec::with_capacity(self.cfg.train.grad_accum);
+        for _ in 0..self.cfg.train.grad_accum {
+            micro.push(data.train_batch(self.state.consumed, bs));
+            self.state.consumed += bs as u64;
+        }
+        self.step_on_batches(&micro, start, last_checkpoint)
+    }
+
+    /// One optimiser step over the given micro-batches (each a list of equal-length sequences
+    /// of `seq_len + 1` tokens: inputs followed by the shifted targets).
+    pub fn step_on_batches(
+        &mut self,
+        micro: &[Vec<Vec<u32>>],
+        start: Instant,
+        last_checkpoint: &Option<PathBuf>,
+    ) -> Result<StepMetrics> {
         let t0 = Instant::now();
         let cfg = &self.cfg;
-        let accum = cfg.train.grad_accum;
-        let bs = cfg.train.batch_size;
+        let accum = micro.len().max(1);
         let capacity = cfg.capacity_factor();
         let alpha = self.state.aux.alpha.clone();
         let n_moe = alpha.len();
@@ -344,9 +399,8 @@ impl Trainer {
         let mut drop = vec![0.0; n_moe];
         let mut load: Vec<Vec<f64>> = Vec::new();
         let mut tokens = 0u64;
-        for _ in 0..accum {
-            let batch = self.data.train_batch(self.state.consumed, bs);
-            self.state.consumed += bs as u64;
+        for batch in micro {
+            let bs = batch.len();
             let t = batch[0].len() - 1;
             let inputs: Vec<Vec<u32>> = batch.iter().map(|s| s[..t].to_vec()).collect();
             let targets: Vec<u32> = batch.iter().flat_map(|s| s[1..].iter().copied()).collect();
@@ -449,9 +503,13 @@ impl Trainer {
 
     /// Validation loss over the held-out sequences (dropless routing, as at inference).
     pub fn evaluate(&self) -> Result<ValMetrics> {
+        let data = self
+            .data
+            .as_ref()
+            .ok_or_else(|| TrainError::Config("this trainer has no validation data".into()))?;
         let loss = evaluate_model(
             &self.model,
-            &self.data,
+            data,
             self.cfg.train.batch_size,
             self.cfg.train.eval_batches,
         )?;
