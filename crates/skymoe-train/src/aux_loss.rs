@@ -32,13 +32,14 @@ pub fn skywork_aux(probs: &Tensor) -> Result<Tensor> {
     (mean - 1.0 / n)?.sqr()?.sum_all()
 }
 
-/// Switch/GShard load-balancing loss of one layer.
+/// Switch/GShard load-balancing loss of one layer from its gate probabilities
+/// `[tokens, experts]` and the number of tokens routed to each expert.
 pub fn switch_aux(probs: &Tensor, expert_counts: &[usize]) -> Result<Tensor> {
     let e = expert_counts.len();
-    let total: usize = expert_counts.iter().sum::<usize>().max(1);
+    let tokens = probs.dim(0)?.max(1);
     let f: Vec<f32> = expert_counts
         .iter()
-        .map(|&c| c as f32 / total as f32)
+        .map(|&c| c as f32 / tokens as f32)
         .collect();
     let f = Tensor::from_vec(f, e, probs.device())?;
     let p = probs.mean(0)?;
@@ -127,11 +128,11 @@ mod tests {
         let p = [[0.7f32, 0.2, 0.1], [0.1, 0.6, 0.3]];
         let t = Tensor::new(&p, &Device::Cpu)?;
         let got = skywork_aux(&t)?.to_scalar::<f32>()?;
-        let mut want = 0.0f32;
-        for j in 0..3 {
-            let mean = (p[0][j] + p[1][j]) / 2.0;
-            want += (1.0 / 3.0 - mean).powi(2);
-        }
+        let want: f32 = p[0]
+            .iter()
+            .zip(&p[1])
+            .map(|(a, b)| (1.0 / 3.0 - (a + b) / 2.0).powi(2))
+            .sum();
         assert!((got - want).abs() < 1e-7, "{got} vs {want}");
         // Perfect balance gives zero.
         let u = Tensor::new(&[[0.5f32, 0.5], [0.5, 0.5]], &Device::Cpu)?;

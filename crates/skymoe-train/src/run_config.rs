@@ -281,7 +281,7 @@ impl RunConfig {
                 self.data.val_fraction
             ));
         }
-        if !(self.optim.lr > 0.0) || self.optim.min_lr < 0.0 {
+        if self.optim.lr.is_nan() || self.optim.lr <= 0.0 || self.optim.min_lr < 0.0 {
             return bad("optim.lr must be > 0 and optim.min_lr ≥ 0".into());
         }
         if self.data.inputs.is_empty() {
@@ -349,8 +349,8 @@ impl RunConfig {
         })?;
         if m.heads == 0
             || m.kv_heads == 0
-            || m.heads % m.kv_heads != 0
-            || m.hidden_size % m.heads != 0
+            || !m.heads.is_multiple_of(m.kv_heads)
+            || !m.hidden_size.is_multiple_of(m.heads)
         {
             return Err(TrainError::Config(format!(
                 "model.heads ({}) must divide hidden_size ({}) and be a multiple of kv_heads ({})",

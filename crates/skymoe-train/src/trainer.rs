@@ -317,7 +317,8 @@ impl Trainer {
             writeln!(metrics, "{line}").map_err(|e| TrainError::io(&metrics_path, e))?;
             obs.on_step(&m);
             let step = self.state.step;
-            let eval_now = (self.cfg.train.eval_every > 0 && step % self.cfg.train.eval_every == 0)
+            let eval_now = (self.cfg.train.eval_every > 0
+                && step.is_multiple_of(self.cfg.train.eval_every))
                 || step == total;
             if eval_now && self.data.as_ref().is_some_and(|d| d.num_val() > 0) {
                 let v = self.evaluate()?;
@@ -332,7 +333,7 @@ impl Trainer {
                 .flush()
                 .map_err(|e| TrainError::io(&metrics_path, e))?;
             let ckpt_now = (self.cfg.train.checkpoint_every > 0
-                && step % self.cfg.train.checkpoint_every == 0)
+                && step.is_multiple_of(self.cfg.train.checkpoint_every))
                 || step == total;
             if ckpt_now {
                 metrics
@@ -471,9 +472,10 @@ impl Trainer {
                 last_checkpoint: last_checkpoint.clone(),
             });
         }
+        // As torch.nn.utils.clip_grad_norm_: scale by min(1, clip / (norm + 1e-6)).
         let clip = cfg.optim.grad_clip;
-        let scale = if clip > 0.0 && grad_norm > clip {
-            clip / grad_norm
+        let scale = if clip > 0.0 {
+            (clip / (grad_norm + 1e-6)).min(1.0)
         } else {
             1.0
         };

@@ -18,7 +18,7 @@ fn write(path: &Path, content: impl AsRef<[u8]>) {
 }
 
 /// Every document of `inputs` as (text, file name, line).
-fn read_all(inputs: &[PathBuf]) -> Result<Vec<(String, String, Option<u64>)>, DataError> {
+fn read_all<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<(String, String, Option<u64>)>, DataError> {
     let corpus = Corpus::new(inputs)?;
     corpus
         .documents()
@@ -92,7 +92,10 @@ fn corpus_reads_jsonl_text_and_nested_dirs_in_sorted_order() -> TestResult {
     );
     write(&root.join("b.txt"), "bee");
     write(&root.join("sub/c.md"), "\u{FEFF}sea");
-    write(&root.join("sub/deeper/d.JSONL"), "{\"text\": \"dee\"}\n");
+    write(
+        &root.join("sub/deeper/d.JSONL"),
+        "\u{FEFF}{\"text\": \"dee\"}\n",
+    );
     write(&root.join("sub/empty.txt"), "");
     write(&root.join("z.txt"), "zed");
     write(&root.join(".hidden.txt"), "hidden");
@@ -101,7 +104,10 @@ fn corpus_reads_jsonl_text_and_nested_dirs_in_sorted_order() -> TestResult {
     let extra = t.path().join(".explicit.txt");
     write(&extra, "explicit");
 
-    let inputs = vec![root.clone(), extra.clone()];
+    // Named twice (directly and inside the directory), and reached through a link: read once.
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(root.join("sub"), root.join("sub/deeper/loop"))?;
+    let inputs = vec![root.clone(), extra.clone(), root.join("b.txt")];
     let corpus = Corpus::new(&inputs)?;
     let names: Vec<_> = corpus
         .files()
@@ -155,7 +161,7 @@ fn non_utf8_text_file_is_an_error_naming_the_file() -> TestResult {
     write(&t.path().join("a.txt"), "fine");
     let bad = t.path().join("b.txt");
     write(&bad, b"caf\xe9 latin-1");
-    let got = read_all(&[t.path().to_path_buf()]);
+    let got = read_all(&[t.path()]);
     match got {
         Err(ref e @ DataError::NotUtf8 { ref path, line }) => {
             assert_eq!(path, &bad);
@@ -200,7 +206,7 @@ fn malformed_jsonl_is_an_error_with_line_number() -> TestResult {
         &bad,
         "{\"text\": \"a\"}\n{\"text\": \"b\"}\n{\"text\": \"unterminated\n{\"text\": \"d\"}\n",
     );
-    match read_all(&[bad.clone()]) {
+    match read_all(&[&bad]) {
         Err(ref e @ DataError::BadJsonl { ref path, line, .. }) => {
             assert_eq!(path, &bad);
             assert_eq!(line, 3);
@@ -228,7 +234,7 @@ fn missing_inputs_and_empty_corpora_are_errors() -> TestResult {
     write(&dir.join(".hidden.txt"), "not read");
     write(&dir.join("blank.jsonl"), "\n\n{\"meta\": 1}\n");
     write(&dir.join("void.txt"), "");
-    assert!(read_all(&[dir.clone()])?.is_empty());
+    assert!(read_all(&[&dir])?.is_empty());
 
     let out = t.path().join("tokenizer.json");
     match train_tokenizer(&[&dir], 300, &["<|endoftext|>"], &out) {
@@ -643,6 +649,9 @@ fn train_batch_is_a_pure_function_of_consumed_and_wraps_epochs() -> TestResult {
         );
     }
     assert!(ds.train_batch(5, 0).is_empty());
+
+    fn shareable<T: Send + Sync>(_: &T) {}
+    shareable(&ds);
     Ok(())
 }
 

@@ -26,6 +26,10 @@ enum Command {
     Train(cmd::train::Args),
     /// Perplexity of a model on a corpus.
     Eval(cmd::eval::Args),
+    /// Train a tokenizer (byte-level BPE) on a corpus: `tokenizer train`.
+    Tokenizer(cmd::tokenizer::Args),
+    /// Plot a training run's metrics and write an HTML report.
+    Report(cmd::report::Args),
 }
 
 fn main() {
@@ -44,6 +48,8 @@ fn main() {
         Command::Grads(a) => cmd::grads::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Tokenizer(a) => cmd::tokenizer::run(a),
+        Command::Report(a) => cmd::report::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

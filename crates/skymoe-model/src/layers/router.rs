@@ -81,11 +81,7 @@ impl Routing {
     /// probability (ties: earlier token first), so the tokens that most want an expert get it.
     pub fn apply_capacity(&mut self, capacity_factor: Option<f64>) {
         let e = self.expert_counts.len();
-        let tokens = if self.top_k == 0 {
-            0
-        } else {
-            self.experts.len() / self.top_k
-        };
+        let tokens = self.experts.len().checked_div(self.top_k).unwrap_or(0);
         self.kept = vec![true; self.experts.len()];
         self.capacity = None;
         let Some(cf) = capacity_factor.filter(|&cf| cf > 0.0) else {

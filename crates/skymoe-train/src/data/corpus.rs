@@ -7,7 +7,9 @@
 //! - Any other file is one document: its whole content.
 //! - Directories are walked recursively in sorted order (byte-wise by name), skipping hidden
 //!   entries (names starting with `.`) and anything that is neither a file nor a directory.
-//!   Paths given explicitly are always read, hidden or not.
+//!   Paths given explicitly are always read, hidden or not. Each file and directory is read
+//!   once, at its first occurrence (naming it twice, or reaching it again through a symbolic
+//!   link, does not repeat it; this also stops directory cycles).
 //! - Text must be UTF-8 (a leading byte-order mark is dropped); anything else is an error
 //!   naming the file (and the line, in JSONL), never lossy decoding.
 //! - Empty documents are skipped.
@@ -61,17 +63,19 @@ impl Corpus {
             return Err(DataError::NoInputs);
         }
         let inputs: Vec<PathBuf> = inputs.iter().map(|p| p.as_ref().to_path_buf()).collect();
-        let mut files = Vec::new();
-        let mut visited = HashSet::new();
+        let mut walk = Walk::default();
         for input in &inputs {
             let meta = std::fs::metadata(input).map_err(|e| DataError::io(input, e))?;
             if meta.is_dir() {
-                walk_dir(input, &mut files, &mut visited)?;
+                walk.dir(input)?;
             } else {
-                files.push(input.clone());
+                walk.file(input)?;
             }
         }
-        Ok(Corpus { inputs, files })
+        Ok(Corpus {
+            inputs,
+            files: walk.files,
+        })
     }
 
     /// The paths the corpus was made from.
@@ -103,40 +107,63 @@ impl Corpus {
     }
 }
 
-/// Append the files under `dir` to `out`, depth first, entries sorted by name.
-fn walk_dir(dir: &Path, out: &mut Vec<PathBuf>, visited: &mut HashSet<PathBuf>) -> Result<()> {
-    // Guard against directory cycles through symbolic links.
-    let canonical = std::fs::canonicalize(dir).map_err(|e| DataError::io(dir, e))?;
-    if !visited.insert(canonical) {
-        tracing::warn!("skipping {}: directory already visited", dir.display());
-        return Ok(());
-    }
-    let mut entries = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
-        let entry = entry.map_err(|e| DataError::io(dir, e))?;
-        let name = entry.file_name();
-        if name.as_encoded_bytes().first() == Some(&b'.') {
-            continue;
+/// Collects the files to read, each once.
+#[derive(Default)]
+struct Walk {
+    files: Vec<PathBuf>,
+    /// Canonical paths of the files and directories seen.
+    seen: HashSet<PathBuf>,
+}
+
+impl Walk {
+    /// Whether `path` (by its canonical path) is new.
+    fn first_visit(&mut self, path: &Path) -> Result<bool> {
+        let canonical = std::fs::canonicalize(path).map_err(|e| DataError::io(path, e))?;
+        let new = self.seen.insert(canonical);
+        if !new {
+            tracing::debug!("skipping {}: already read", path.display());
         }
-        entries.push(entry.path());
+        Ok(new)
     }
-    entries.sort_by(|a, b| {
-        a.file_name()
-            .map(|n| n.as_encoded_bytes())
-            .cmp(&b.file_name().map(|n| n.as_encoded_bytes()))
-    });
-    for path in entries {
-        // Follows symbolic links.
-        let meta = std::fs::metadata(&path).map_err(|e| DataError::io(&path, e))?;
-        if meta.is_dir() {
-            walk_dir(&path, out, visited)?;
-        } else if meta.is_file() {
-            out.push(path);
-        } else {
-            tracing::debug!("skipping {}: not a regular file", path.display());
+
+    fn file(&mut self, path: &Path) -> Result<()> {
+        if self.first_visit(path)? {
+            self.files.push(path.to_path_buf());
         }
+        Ok(())
     }
-    Ok(())
+
+    /// Add the files under `dir`, depth first, entries sorted by name.
+    fn dir(&mut self, dir: &Path) -> Result<()> {
+        if !self.first_visit(dir)? {
+            return Ok(());
+        }
+        let mut entries = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
+            let entry = entry.map_err(|e| DataError::io(dir, e))?;
+            if entry.file_name().as_encoded_bytes().first() == Some(&b'.') {
+                continue;
+            }
+            entries.push(entry.path());
+        }
+        entries.sort_by(|a, b| {
+            a.file_name()
+                .map(|n| n.as_encoded_bytes())
+                .cmp(&b.file_name().map(|n| n.as_encoded_bytes()))
+        });
+        for path in entries {
+            // Follows symbolic links.
+            let meta = std::fs::metadata(&path).map_err(|e| DataError::io(&path, e))?;
+            if meta.is_dir() {
+                self.dir(&path)?;
+            } else if meta.is_file() {
+                self.file(&path)?;
+            } else {
+                tracing::debug!("skipping {}: not a regular file", path.display());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Whether a file is read as JSONL.

@@ -1,23 +1,7 @@
 //! Token files: a corpus tokenized once into a flat array of `u32` token ids, memory-mapped
 //! for reading.
 //!
-//! Layout (all integers little-endian):
-//!
-//! | offset | size | field |
-//! | --- | --- | --- |
-//! | 0 | 8 | magic `SKYMOETK` |
-//! | 8 | 4 | format version (1) |
-//! | 12 | 4 | header length in bytes (64) |
-//! | 16 | 8 | number of tokens `n` |
-//! | 24 | 8 | number of documents |
-//! | 32 | 4 | vocabulary size (every id is below it) |
-//! | 36 | 4 | end-of-sequence id appended after each document, `u32::MAX` if none |
-//! | 40 | 24 | reserved, zero |
-//! | 64 | 4·n | the token ids |
-//!
-//! The header is 64 bytes, a multiple of 4, and a memory map starts on a page boundary, so the
-//! ids are 4-byte aligned in memory and are exposed as `&[u32]` without copying (on
-//! little-endian machines; a big-endian machine decodes them into memory at open).
+//! The format is described on [`TokenFile`].
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -161,7 +145,28 @@ enum Storage {
     Owned(Vec<u32>),
 }
 
-/// A token file opened for reading; see the [module docs](self) for the format.
+/// A token file opened for reading.
+///
+/// Layout (all integers little-endian):
+///
+/// | offset | size | field |
+/// | --- | --- | --- |
+/// | 0 | 8 | magic `SKYMOETK` |
+/// | 8 | 4 | format version (1) |
+/// | 12 | 4 | header length in bytes (64) |
+/// | 16 | 8 | number of tokens `n` |
+/// | 24 | 8 | number of documents |
+/// | 32 | 4 | vocabulary size (every id is below it) |
+/// | 36 | 4 | end-of-sequence id appended after each document, `u32::MAX` if none |
+/// | 40 | 24 | reserved, zero |
+/// | 64 | 4·n | the token ids |
+///
+/// The header is 64 bytes, a multiple of 4, and a memory map starts on a page boundary, so the
+/// ids are 4-byte aligned in memory and are exposed as `&[u32]` without copying (on
+/// little-endian machines; a big-endian machine decodes them into memory at open).
+///
+/// Token files are written once (under a temporary name, then renamed) and must not be
+/// modified in place while open: the map would see the change.
 pub struct TokenFile {
     path: PathBuf,
     header: Header,

@@ -102,6 +102,7 @@ pub fn train_bpe<S: AsRef<str>>(
                 .map(|s| AddedToken::from(s.clone(), true))
                 .collect(),
         )
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let mut tokenizer: BpeTokenizer = TokenizerBuilder::new()
         .with_model(BPE::default())

@@ -3,7 +3,7 @@
 use plotters::style::RGBColor;
 
 use super::metrics::{RunMetrics, TrainRecord};
-use super::plot::{series_color, Figure, Heatmap, Legend, LineChart, Series, Stroke};
+use super::plot::{series_color, Columns, Figure, Heatmap, Legend, LineChart, Series, Stroke};
 use super::stats::{
     decimate, ema, ema_span, finite, RunSummary, MAX_PLOT_POINTS, SMOOTH_MIN_RECORDS,
 };
@@ -11,7 +11,7 @@ use super::stats::{
 /// Above this many experts, per-expert load over time is drawn as a heatmap instead of lines.
 const MAX_EXPERT_LINES: usize = 16;
 /// Columns (time buckets) of the expert-load-over-time heatmap.
-const TIME_BUCKETS: usize = 120;
+const TIME_BUCKETS: usize = 100;
 
 const GREY: RGBColor = RGBColor(110, 110, 110);
 const VAL_COLOR: RGBColor = RGBColor(214, 39, 40);
@@ -106,8 +106,8 @@ fn val_curve(m: &RunMetrics) -> Vec<(f64, f64)> {
 pub fn run_figures(m: &RunMetrics, s: &RunSummary) -> Vec<NamedFigure> {
     let span = smoothing(m);
     let mut figs = vec![loss_figure(m, span), lr_gradnorm_figure(m, span)];
-    let layers = m.train.first();
-    if layers.is_some_and(|r| !r.drop_rate.is_empty()) {
+    let logged = |f: fn(&TrainRecord) -> bool| m.train.iter().any(f);
+    if logged(|r| !r.drop_rate.is_empty()) {
         figs.push(per_layer_figure(
             m,
             span,
@@ -118,7 +118,7 @@ pub fn run_figures(m: &RunMetrics, s: &RunSummary) -> Vec<NamedFigure> {
             |r, l| r.drop_rate.get(l).copied(),
         ));
     }
-    if layers.is_some_and(|r| !r.alpha.is_empty()) {
+    if logged(|r| !r.alpha.is_empty()) {
         figs.push(per_layer_figure(
             m,
             None,
@@ -129,7 +129,7 @@ pub fn run_figures(m: &RunMetrics, s: &RunSummary) -> Vec<NamedFigure> {
             |r, l| r.alpha.get(l).copied(),
         ));
     }
-    if layers.is_some_and(|r| !r.expert_load.is_empty()) {
+    if logged(|r| !r.expert_load.is_empty()) {
         figs.push(expert_load_figure(m, s));
         figs.push(expert_load_time_figure(m, span));
     }
@@ -145,11 +145,16 @@ fn loss_figure(m: &RunMetrics, span: Option<f64>) -> NamedFigure {
     );
     let differs = ce_differs(m);
     if differs {
-        series_list.extend(raw_and_smoothed(
-            "cross-entropy",
+        let ce = curve(m, |r| r.ce);
+        let (ce, suffix) = match span {
+            Some(span) => (smooth(&ce, span), ema_suffix(Some(span))),
+            None => (ce, String::new()),
+        };
+        series_list.push(series(
+            Some(format!("cross-entropy{suffix}")),
             series_color(2, 10),
-            &curve(m, |r| r.ce),
-            span,
+            Stroke::Dashed,
+            &ce,
         ));
     }
     let val = val_curve(m);
@@ -163,7 +168,7 @@ fn loss_figure(m: &RunMetrics, span: Option<f64>) -> NamedFigure {
     }
     let mut caption = String::from("Training loss");
     if differs {
-        caption.push_str(" and its cross-entropy part");
+        caption.push_str(" and its cross-entropy part (dashed green)");
     }
     if let Some(span) = span {
         caption.push_str(&format!(
@@ -279,7 +284,11 @@ fn expert_load_figure(m: &RunMetrics, s: &RunSummary) -> NamedFigure {
     let k = s.late_records;
     let experts = s.late_load.iter().map(Vec::len).max().unwrap_or(0);
     let uniform = if experts > 0 {
-        format!(" (uniform = 1/{experts} = {:.3})", 1.0 / experts as f64)
+        format!(
+            "; the colour scale runs from 0 to at least twice the uniform load 1/E = 1/{experts} = {:.3}, \
+             marked on the scale",
+            1.0 / experts as f64
+        )
     } else {
         String::new()
     };
@@ -296,25 +305,24 @@ fn expert_load_figure(m: &RunMetrics, s: &RunSummary) -> NamedFigure {
             y_desc: "MoE layer".into(),
             cells: s.late_load.clone(),
             row_labels: (0..s.late_load.len()).map(|l| l.to_string()).collect(),
-            col_labels: (0..experts).map(|e| e.to_string()).collect(),
+            top_down: true,
+            columns: Columns::Labels((0..experts).map(|e| e.to_string()).collect()),
             annotate: true,
             scale_desc: "fraction of assignments".into(),
+            scale_max_at_least: uniform_scale_max(experts),
+            scale_mark: uniform_mark(experts),
         }),
     }
 }
 
 fn expert_load_time_figure(m: &RunMetrics, span: Option<f64>) -> NamedFigure {
-    let first = m
-        .train
-        .first()
-        .map(|r| r.expert_load.clone())
-        .unwrap_or_default();
-    let layers = first.len();
-    let experts = first.iter().map(Vec::len).max().unwrap_or(0);
+    let per_layer = m.experts_per_layer();
+    let layers = per_layer.len();
+    let experts = per_layer.iter().copied().max().unwrap_or(0);
     let as_lines = experts <= MAX_EXPERT_LINES;
     let panels: Vec<Figure> = (0..layers)
         .map(|l| {
-            let n_e = first[l].len();
+            let n_e = per_layer[l];
             if as_lines {
                 expert_lines_panel(m, span, l, n_e)
             } else {
@@ -335,7 +343,8 @@ fn expert_load_time_figure(m: &RunMetrics, span: Option<f64>) -> NamedFigure {
         (
             format!(
                 "Load of each expert over time, one panel per MoE layer: rows are experts, \
-                 columns are up to {TIME_BUCKETS} consecutive groups of steps (mean load per group)."
+                 columns are up to {TIME_BUCKETS} consecutive groups of steps (mean load per \
+                 group); the colour scale is centred on the uniform load 1/E."
             ),
             (780, 440),
         )
@@ -393,7 +402,7 @@ fn expert_lines_panel(m: &RunMetrics, span: Option<f64>, layer: usize, n_e: usiz
         y_desc: "fraction of assignments".into(),
         series: series_list,
         legend: Legend::Right,
-        y_from_zero: true,
+        y_from_zero: false,
     })
 }
 
@@ -416,24 +425,46 @@ fn expert_time_heatmap_panel(m: &RunMetrics, layer: usize, n_e: usize) -> Figure
                     .collect()
             })
             .collect();
-    let col_labels = chunks
+    let mut edges: Vec<i64> = chunks
         .iter()
-        .map(|c| {
-            c.get(c.len() / 2)
-                .map(|r| r.step.to_string())
-                .unwrap_or_default()
-        })
+        .map(|c| c.first().map_or(0, |r| step_i64(r.step)))
         .collect();
+    edges.push(
+        m.train
+            .last()
+            .map_or(0, |r| step_i64(r.step).saturating_add(1)),
+    );
     Figure::Heatmap(Heatmap {
         title: format!("MoE layer {layer}"),
         x_desc: "step".into(),
         y_desc: "expert".into(),
         cells,
         row_labels: (0..n_e).map(|e| e.to_string()).collect(),
-        col_labels,
+        top_down: false,
+        columns: Columns::Steps(edges),
         annotate: false,
         scale_desc: "fraction of assignments".into(),
+        scale_max_at_least: uniform_scale_max(n_e),
+        scale_mark: uniform_mark(n_e),
     })
+}
+
+fn step_i64(step: u64) -> i64 {
+    i64::try_from(step).unwrap_or(i64::MAX / 2)
+}
+
+/// Load colour scales run to at least twice the uniform load, so a balanced layer sits in the
+/// middle of the scale.
+fn uniform_scale_max(experts: usize) -> f64 {
+    if experts > 0 {
+        2.0 / experts as f64
+    } else {
+        0.0
+    }
+}
+
+fn uniform_mark(experts: usize) -> Option<(f64, String)> {
+    (experts > 0).then(|| (1.0 / experts as f64, "1/E".to_string()))
 }
 
 /// The figures of a comparison: train and validation loss of every run on one plot, and

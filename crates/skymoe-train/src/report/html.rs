@@ -44,14 +44,15 @@ pub fn num(x: f64) -> String {
 /// An integer with thousands separators: 1234567 → `1,234,567`.
 pub fn grouped(n: u64) -> String {
     let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
+    let mut groups = Vec::new();
+    let mut end = digits.len();
+    while end > 3 {
+        groups.push(&digits[end - 3..end]);
+        end -= 3;
     }
-    out
+    groups.push(&digits[..end]);
+    groups.reverse();
+    groups.join(",")
 }
 
 /// Seconds as `1h 02m 03s`, `2m 03s` or `3.0s`.
@@ -147,10 +148,10 @@ fn summary_table(out: &mut String, s: &RunSummary) {
     if let Some(ce) = s.final_ce {
         row(out, "final cross-entropy", &num(ce));
     }
-    if let Some(aux) = s.final_aux_loss {
+    if let Some(aux) = s.final_aux_loss.filter(|&x| x != 0.0) {
         row(out, "final aux loss", &num(aux));
     }
-    if let Some(z) = s.final_z_loss {
+    if let Some(z) = s.final_z_loss.filter(|&x| x != 0.0) {
         row(out, "final z-loss", &num(z));
     }
     match s.best_val {
@@ -169,7 +170,7 @@ fn summary_table(out: &mut String, s: &RunSummary) {
         "mean throughput",
         &opt(s.mean_tokens_per_s, |t| format!("{} tokens/s", num(t))),
     );
-    row(out, "wall-clock time", &opt(s.elapsed_s, duration));
+    row(out, "elapsed at the last step", &opt(s.elapsed_s, duration));
     out.push_str("</table>\n");
 }
 
@@ -234,12 +235,6 @@ pub fn run_page(p: &RunPage<'_>) -> String {
     }
     for f in p.figures {
         figure(&mut out, f);
-    }
-    if !p.moe {
-        out.push_str(
-            "<h2 id=\"routing\">Routing</h2>\n<p class=\"note\">dense model: no routing metrics \
-             (no drop rate, α or expert load plots).</p>\n",
-        );
     }
     out.push_str("<h2 id=\"config\">Run configuration</h2>\n");
     match p.run_toml {

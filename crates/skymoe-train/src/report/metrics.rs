@@ -152,19 +152,28 @@ impl RunMetrics {
         Ok(out.metrics)
     }
 
-    /// Number of MoE layers with routing metrics (0 for a dense model).
+    /// Number of MoE layers with routing metrics (0 for a dense model): the length of the
+    /// first non-empty `alpha`, `drop_rate` or `expert_load`.
     pub fn moe_layers(&self) -> usize {
-        self.train.first().map_or(0, |r| {
-            r.alpha
-                .len()
-                .max(r.drop_rate.len())
-                .max(r.expert_load.len())
-        })
+        let first_len =
+            |f: fn(&TrainRecord) -> usize| self.train.iter().map(f).find(|&n| n > 0).unwrap_or(0);
+        first_len(|r| r.alpha.len())
+            .max(first_len(|r| r.drop_rate.len()))
+            .max(first_len(|r| r.expert_load.len()))
     }
 
     /// Whether the run logged any routing metrics.
     pub fn is_moe(&self) -> bool {
         self.moe_layers() > 0
+    }
+
+    /// Experts per MoE layer, from the first record with a non-empty `expert_load`.
+    pub fn experts_per_layer(&self) -> Vec<usize> {
+        self.train
+            .iter()
+            .find(|r| !r.expert_load.is_empty())
+            .map(|r| r.expert_load.iter().map(Vec::len).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -230,44 +239,52 @@ impl Parser {
         ));
     }
 
-    /// Every training record must have as many layers (and experts per layer) as the first.
+    /// A per-layer array may be empty in any record (not logged at that step), but when it is
+    /// not, it must have as many layers (and `expert_load` as many experts per layer) as the
+    /// first record where it is not empty.
     fn check_shapes(&self) -> Result<(), ReportError> {
-        let train = &self.metrics.train;
-        let (Some(first), Some(&first_line)) = (train.first(), self.train_lines.first()) else {
-            return Ok(());
-        };
-        for (r, &line) in train.iter().zip(&self.train_lines).skip(1) {
-            let checks = [
-                ("alpha", r.alpha.len(), first.alpha.len()),
-                ("drop_rate", r.drop_rate.len(), first.drop_rate.len()),
-                ("expert_load", r.expert_load.len(), first.expert_load.len()),
-            ];
-            for (name, got, want) in checks {
-                if got != want {
-                    return Err(self.malformed(
-                        line,
-                        format!(
-                            "{name} has {got} layer(s) but the first training record \
-                             (line {first_line}) has {want}"
-                        ),
-                    ));
+        type Shape = fn(&TrainRecord) -> Vec<usize>;
+        let shapes: [(&str, Shape); 3] = [
+            ("alpha", |r| vec![r.alpha.len()]),
+            ("drop_rate", |r| vec![r.drop_rate.len()]),
+            ("expert_load", |r| {
+                r.expert_load.iter().map(Vec::len).collect()
+            }),
+        ];
+        for (name, shape) in shapes {
+            let mut first: Option<(Vec<usize>, usize)> = None;
+            for (r, &line) in self.metrics.train.iter().zip(&self.train_lines) {
+                let got = shape(r);
+                if got.iter().all(|&n| n == 0) {
+                    continue;
                 }
-            }
-            for (l, (row, first_row)) in r.expert_load.iter().zip(&first.expert_load).enumerate() {
-                if row.len() != first_row.len() {
-                    return Err(self.malformed(
-                        line,
-                        format!(
-                            "expert_load[{l}] has {} expert(s) but the first training record \
-                             (line {first_line}) has {}",
-                            row.len(),
-                            first_row.len()
-                        ),
-                    ));
+                match &first {
+                    None => first = Some((got, line)),
+                    Some((want, first_line)) if *want != got => {
+                        return Err(self.malformed(
+                            line,
+                            format!(
+                                "{name} has shape {} but the first training record with {name} \
+                                 (line {first_line}) has {}",
+                                describe(name, &got),
+                                describe(name, want)
+                            ),
+                        ))
+                    }
+                    Some(_) => {}
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// `2 layers` or `2 layers × [4, 4] experts`.
+fn describe(name: &str, shape: &[usize]) -> String {
+    if name == "expert_load" {
+        format!("{} layers × {:?} experts", shape.len(), shape)
+    } else {
+        format!("{} layers", shape.first().copied().unwrap_or(0))
     }
 }
 
@@ -340,6 +357,23 @@ mod tests {
     fn a_complete_but_invalid_last_line_is_an_error() {
         let e = parse("{\"kind\":\"train\",\"step\":1,\"loss\":3}\n{\"kind\":\"train\"}\n")
             .unwrap_err();
+        assert!(matches!(e, ReportError::Malformed { line: 2, .. }), "{e}");
+    }
+
+    #[test]
+    fn empty_routing_arrays_are_allowed_but_other_shapes_must_match() {
+        let m = parse(
+            "{\"kind\":\"train\",\"step\":1,\"loss\":3}\n\
+             {\"kind\":\"train\",\"step\":2,\"loss\":3,\"expert_load\":[[0.5,0.5]]}\n\
+             {\"kind\":\"train\",\"step\":3,\"loss\":3,\"expert_load\":[]}\n",
+        )
+        .unwrap();
+        assert_eq!((m.moe_layers(), m.experts_per_layer()), (1, vec![2]));
+        let e = parse(
+            "{\"kind\":\"train\",\"step\":1,\"loss\":3,\"expert_load\":[[0.5,0.5]]}\n\
+             {\"kind\":\"train\",\"step\":2,\"loss\":3,\"expert_load\":[[0.2,0.4,0.4]]}\n",
+        )
+        .unwrap_err();
         assert!(matches!(e, ReportError::Malformed { line: 2, .. }), "{e}");
     }
 

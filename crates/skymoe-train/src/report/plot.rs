@@ -86,8 +86,18 @@ pub struct LineChart {
     pub series: Vec<Series>,
     /// Legend placement.
     pub legend: Legend,
-    /// Start the y axis at 0 when every value is non-negative.
+    /// Start the y axis at 0 (when every value is non-negative).
     pub y_from_zero: bool,
+}
+
+/// The columns of a heatmap.
+#[derive(Debug, Clone)]
+pub enum Columns {
+    /// Categorical columns, one label each, labels centred under the cells.
+    Labels(Vec<String>),
+    /// Columns spanning consecutive step ranges: `edges[c]..edges[c + 1]` (one more edge than
+    /// columns, increasing); the x axis is a numeric step axis.
+    Steps(Vec<i64>),
 }
 
 /// A matrix of values drawn as coloured cells with a colour scale (viridis).
@@ -99,16 +109,22 @@ pub struct Heatmap {
     pub x_desc: String,
     /// Y-axis description.
     pub y_desc: String,
-    /// `cells[row][col]`; row 0 is drawn at the top. Non-finite cells are left grey.
+    /// `cells[row][col]`. Non-finite cells are left grey.
     pub cells: Vec<Vec<f64>>,
     /// One label per row.
     pub row_labels: Vec<String>,
-    /// One label per column.
-    pub col_labels: Vec<String>,
+    /// Row 0 at the top (a matrix) rather than at the bottom.
+    pub top_down: bool,
+    /// The columns.
+    pub columns: Columns,
     /// Write each cell's value into it (when the cells are large enough).
     pub annotate: bool,
     /// Description of the colour scale.
     pub scale_desc: String,
+    /// The colour scale runs from 0 to at least this value.
+    pub scale_max_at_least: f64,
+    /// A value marked on the colour scale, with its label.
+    pub scale_mark: Option<(f64, String)>,
 }
 
 /// Something to draw.
@@ -133,7 +149,7 @@ pub enum Figure {
 
 const LINE_SIZE: (u32, u32) = (960, 540);
 const TITLE_H: u32 = 44;
-const COLORBAR_W: u32 = 120;
+const COLORBAR_W: u32 = 150;
 
 impl Figure {
     /// Size in pixels.
@@ -267,8 +283,8 @@ fn style(color: RGBColor, stroke: Stroke) -> ShapeStyle {
     }
 }
 
-/// Axis range covering the finite `values`, padded by `pad` of the span on each side (from 0
-/// when `from_zero`); never empty.
+/// Axis range covering the finite `values`, padded by `pad` of the span on each side, starting
+/// at 0 when `from_zero` (for non-negative data); never empty.
 fn padded_range(values: impl Iterator<Item = f64>, from_zero: bool, pad: f64) -> Range<f64> {
     let (lo, hi) = values
         .filter(|v| v.is_finite())
@@ -285,7 +301,7 @@ fn padded_range(values: impl Iterator<Item = f64>, from_zero: bool, pad: f64) ->
         let p = if lo == 0.0 { 1.0 } else { lo.abs() * 0.1 };
         (lo - p, hi + p)
     };
-    if from_zero && lo < 0.0 {
+    if from_zero {
         lo = 0.0;
     }
     if hi <= lo {
@@ -294,25 +310,39 @@ fn padded_range(values: impl Iterator<Item = f64>, from_zero: bool, pad: f64) ->
     lo..hi
 }
 
-/// Tick label formatter for an axis spanning `lo..hi`: fixed decimals suited to the tick
-/// spacing, scientific notation for very small or large magnitudes.
+/// Most tick labels plotters puts on a numeric axis (its default, which the charts keep).
+const TICKS: f64 = 11.0;
+
+/// The tick spacing plotters picks for a float axis `lo..hi`: the smallest of 1, 2, 5 × 10^k
+/// whose multiples inside the range number at most `TICKS`.
+fn tick_step(lo: f64, hi: f64) -> Option<f64> {
+    let span = hi - lo;
+    if !(span.is_finite() && span > 0.0) {
+        return None;
+    }
+    let mut base = 10f64.powf(span.log10().floor() - 2.0);
+    for _ in 0..6 {
+        for m in [1.0, 2.0, 5.0] {
+            let step = base * m;
+            let n = 1.0 + ((hi / step).floor() - (lo / step).ceil());
+            if n <= TICKS {
+                return Some(step);
+            }
+        }
+        base *= 10.0;
+    }
+    None
+}
+
+/// Tick label formatter for an axis spanning `lo..hi`: just enough decimals for the tick
+/// spacing, scientific notation for magnitudes below 1e-3 or from `sci_above` on.
 fn tick_format(lo: f64, hi: f64, sci_above: f64) -> impl Fn(&f64) -> String {
     let mag = lo.abs().max(hi.abs());
-    let step = (hi - lo).abs() / 8.0;
     let sci = mag > 0.0 && (mag < 1e-3 || mag >= sci_above);
-    let digits = |x: f64| {
-        if x.is_finite() && x > 0.0 {
-            x.log10().ceil().clamp(0.0, 8.0) as usize
-        } else {
-            2
-        }
-    };
-    let decimals = if step > 0.0 { digits(1.0 / step) } else { 2 };
-    let sci_decimals = if step > 0.0 {
-        digits(mag / step).clamp(1, 6) - 1
-    } else {
-        2
-    };
+    let step = tick_step(lo.min(hi), lo.max(hi));
+    let exp10 = |x: f64| x.log10().floor() as i32;
+    let decimals = step.map_or(2, |st| (-exp10(st)).clamp(0, 8) as usize);
+    let sci_decimals = step.map_or(2, |st| (exp10(mag) - exp10(st)).clamp(0, 6) as usize);
     move |v: &f64| {
         if *v == 0.0 {
             "0".to_string()
@@ -396,7 +426,7 @@ where
             chart.draw_series(
                 s.points
                     .iter()
-                    .map(|&p| Circle::new(p, 3, s.color.filled())),
+                    .map(|&p| Circle::new(p, 4, s.color.filled())),
             )?;
         }
         let anno = match s.stroke {
@@ -457,7 +487,7 @@ fn n_cols(h: &Heatmap) -> usize {
 fn cell_size(h: &Heatmap) -> (u32, u32) {
     let rows = h.cells.len().max(1) as u32;
     let cols = n_cols(h) as u32;
-    ((900 / cols).clamp(3, 90), (560 / rows).clamp(6, 60))
+    ((900 / cols).clamp(3, 110), (560 / rows).clamp(6, 90))
 }
 
 /// Viridis colour of `t` in [0, 1] (clamped; non-finite values give the low end).
@@ -480,73 +510,96 @@ where
     let cols = n_cols(h);
     let finite = || h.cells.iter().flatten().copied().filter(|v| v.is_finite());
     let vmin = finite().fold(f64::INFINITY, f64::min).min(0.0);
-    let mut vmax = finite().fold(f64::NEG_INFINITY, f64::max);
-    if !(vmax > vmin) {
+    let mut vmax = finite()
+        .fold(f64::NEG_INFINITY, f64::max)
+        .max(h.scale_max_at_least);
+    if vmax.is_nan() || vmax <= vmin {
         vmax = vmin + 1.0;
     }
+    // Column c spans x_edge(c)..x_edge(c + 1).
+    let edges: Vec<i64> = match &h.columns {
+        Columns::Steps(e) if e.len() == cols + 1 => e.clone(),
+        _ => (0..=cols as i64).collect(),
+    };
+    let categorical = !matches!(&h.columns, Columns::Steps(e) if e.len() == cols + 1);
+    let (x0, x1) = (edges[0], edges[cols].max(edges[0] + 1));
 
     let mut chart = ChartBuilder::on(&main)
         .caption(&h.title, (FONT, 22))
         .margin(12)
         .x_label_area_size(48)
         .y_label_area_size(78)
-        .build_cartesian_2d(0..cols as i32, 0..rows as i32)?;
+        .build_cartesian_2d(x0..x1, 0..rows as i32)?;
     let (pw, ph) = chart.plotting_area().dim_in_pixel();
     let cell_w = pw as f64 / cols as f64;
     let cell_h = ph as f64 / rows as f64;
-    let col_label = |v: &i32| {
-        usize::try_from(*v)
+    // Plot row of data row r (row 0 at the top when `top_down`).
+    let y_of = |r: usize| {
+        if h.top_down {
+            (rows - 1 - r) as i32
+        } else {
+            r as i32
+        }
+    };
+    let col_label = |v: &i64| match &h.columns {
+        Columns::Labels(labels) if categorical => usize::try_from(*v)
             .ok()
-            .and_then(|i| h.col_labels.get(i))
+            .and_then(|i| labels.get(i))
             .cloned()
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        _ => v.to_string(),
     };
     let row_label = |v: &i32| {
-        usize::try_from(rows as i32 - 1 - *v)
+        let r = if h.top_down { rows as i32 - 1 - *v } else { *v };
+        usize::try_from(r)
             .ok()
             .and_then(|i| h.row_labels.get(i))
             .cloned()
             .unwrap_or_default()
     };
-    chart
-        .configure_mesh()
-        .disable_mesh()
+    let mut mesh = chart.configure_mesh();
+    mesh.disable_mesh()
         .x_desc(h.x_desc.as_str())
         .y_desc(h.y_desc.as_str())
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 16))
-        .x_labels(cols.min(16) + 1)
         .y_labels(rows.min(24) + 1)
-        .x_label_offset((cell_w / 2.0) as i32)
         .y_label_offset(-(cell_h / 2.0) as i32)
         .x_label_formatter(&col_label)
-        .y_label_formatter(&row_label)
-        .draw()?;
+        .y_label_formatter(&row_label);
+    if categorical {
+        mesh.x_labels(cols.min(16) + 1)
+            .x_label_offset((cell_w / 2.0) as i32);
+    } else {
+        mesh.x_labels(10);
+    }
+    mesh.draw()?;
     let norm = |v: f64| (v - vmin) / (vmax - vmin);
     chart.draw_series(h.cells.iter().enumerate().flat_map(|(r, row)| {
-        let y = (rows - 1 - r) as i32;
+        let y = y_of(r);
+        let edges = &edges;
         row.iter().enumerate().map(move |(c, &v)| {
             let color = if v.is_finite() {
                 viridis(norm(v))
             } else {
                 RGBColor(200, 200, 200)
             };
-            Rectangle::new([(c as i32, y), (c as i32 + 1, y + 1)], color.filled())
+            Rectangle::new([(edges[c], y), (edges[c + 1], y + 1)], color.filled())
         })
     }))?;
     if h.annotate && cell_w >= 44.0 && cell_h >= 20.0 {
         let size = (cell_h * 0.4).clamp(11.0, 16.0);
+        let base = main.get_base_pixel();
         for (r, row) in h.cells.iter().enumerate() {
             for (c, &v) in row.iter().enumerate() {
                 if !v.is_finite() {
                     continue;
                 }
-                let t = norm(v);
-                let color = if t > 0.6 { BLACK } else { WHITE };
-                let (px, py) = chart.backend_coord(&(c as i32, (rows - r) as i32));
+                let color = if norm(v) > 0.6 { BLACK } else { WHITE };
+                let (px, py) = chart.backend_coord(&(edges[c], y_of(r) + 1));
                 let center = (
-                    px + (cell_w / 2.0) as i32 - main.get_base_pixel().0,
-                    py + (cell_h / 2.0) as i32 - main.get_base_pixel().1,
+                    px + (cell_w / 2.0) as i32 - base.0,
+                    py + (cell_h / 2.0) as i32 - base.1,
                 );
                 let style = TextStyle::from((FONT, size).into_font())
                     .color(&color)
@@ -555,7 +608,7 @@ where
             }
         }
     }
-    draw_colorbar(&bar, vmin, vmax, &h.scale_desc)
+    draw_colorbar(&bar, vmin, vmax, &h.scale_desc, h.scale_mark.as_ref())
 }
 
 fn draw_colorbar<DB: DrawingBackend>(
@@ -563,6 +616,7 @@ fn draw_colorbar<DB: DrawingBackend>(
     vmin: f64,
     vmax: f64,
     desc: &str,
+    mark: Option<&(f64, String)>,
 ) -> DrawResult
 where
     DB::ErrorType: 'static,
@@ -571,7 +625,7 @@ where
     let chart = ChartBuilder::on(area)
         .margin_top(46)
         .margin_bottom(60)
-        .margin_left(4)
+        .margin_left(34)
         .margin_right(4)
         .y_label_area_size(0)
         .right_y_label_area_size(72)
@@ -586,6 +640,20 @@ where
             viridis((i as f64 + 0.5) / STEPS as f64).filled(),
         )
     }))?;
+    if let Some((v, label)) = mark.filter(|(v, _)| (vmin..=vmax).contains(v)) {
+        chart.draw_series(std::iter::once(PathElement::new(
+            vec![(-0.15, *v), (1.15, *v)],
+            BLACK.stroke_width(2),
+        )))?;
+        let text = TextStyle::from((FONT, 13).into_font()).pos(Pos::new(HPos::Right, VPos::Center));
+        let (x, y) = chart.backend_coord(&(0.0, *v));
+        let base = area.get_base_pixel();
+        area.draw(&Text::new(
+            label.clone(),
+            (x - base.0 - 4, y - base.1),
+            text,
+        ))?;
+    }
     chart
         .configure_secondary_axes()
         .y_desc(desc)
@@ -615,8 +683,15 @@ mod tests {
     fn tick_labels_suit_the_scale() {
         let f = tick_format(0.0, 3e-4, 1e5);
         assert_eq!(f(&3e-4), "3.0e-4");
+        assert_eq!(f(&2.5e-4), "2.5e-4");
         let f = tick_format(2.0, 4.0, 1e5);
-        assert_eq!(f(&2.5), "2.50");
+        assert_eq!(f(&2.5), "2.5");
+        let f = tick_format(0.19, 0.38, 1e5);
+        assert_eq!(f(&0.25), "0.25");
+        assert_eq!(tick_step(0.19, 0.38), Some(0.02));
+        // 0.05..0.55 holds 11 multiples of 0.05, as many labels as plotters allows.
+        let f = tick_format(0.001, 0.551, 1e5);
+        assert_eq!(f(&0.15), "0.15");
         let f = tick_format(0.0, 1000.0, 1e7);
         assert_eq!(f(&500.0), "500");
     }

@@ -117,20 +117,18 @@ fn late_count(n: usize) -> usize {
     n.div_ceil(10).max(1).min(n)
 }
 
-/// Expert load of each layer averaged over the last 10% (at least one) of training records.
+/// Expert load of each layer averaged over the last 10% (at least one) of training records
+/// (over those of them that logged it; NaN where none did).
 fn late_load(metrics: &RunMetrics) -> Vec<Vec<f64>> {
     let n = metrics.train.len();
     let k = late_count(n);
     let tail = &metrics.train[n - k..];
-    let Some(first) = tail.first() else {
-        return Vec::new();
-    };
-    first
-        .expert_load
-        .iter()
+    metrics
+        .experts_per_layer()
+        .into_iter()
         .enumerate()
-        .map(|(l, row)| {
-            (0..row.len())
+        .map(|(l, experts)| {
+            (0..experts)
                 .map(|e| {
                     mean(
                         tail.iter()

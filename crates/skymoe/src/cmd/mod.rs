@@ -5,6 +5,8 @@ pub mod generate;
 pub mod grads;
 pub mod inspect;
 pub mod logits;
+pub mod report;
+pub mod tokenizer;
 pub mod train;
 
 use std::path::Path;

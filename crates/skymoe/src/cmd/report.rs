@@ -38,7 +38,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| skymoe_train::report::default_out_dir(&a.run));
     let report = skymoe_train::report::render_report(&a.run, &out)
-        .with_context(|| format!("cannot write the report of {}", a.run.display()))?;
+        .with_context(|| format!("cannot report on run {}", a.run.display()))?;
     println!("{}", report.index_html.display());
     if !a.compare.is_empty() {
         let label = a.label.clone().unwrap_or_else(|| default_label(&a.run));

@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Training throughput: skymoe against PyTorch (transformers MixtralForCausalLM, eager) on the
+same model configuration, batch, sequence length and optimiser, on this machine, one after the
+other. Prints a table and the ratio; records nothing by itself (copy the table into
+BENCHMARKS.md).
+
+Usage: python3 benches/train_vs_pytorch.py [--skymoe target/release/skymoe] [--steps 8]
+       [--hidden 256 --layers 4 --experts 8 --top-k 2 --ffn 512 --heads 8 --kv-heads 4
+        --vocab 1024 --seq-len 256 --batch 4] [--threads N]
+
+Both sides: f32 on CPU, dropless routing, AdamW (lr 1e-3, betas 0.9/0.95, wd 0.1), gradient
+clipping at 1.0, no auxiliary loss term in the timing difference that matters (skymoe adds its
+Skywork aux loss; transformers adds none when router_aux_loss_coef = 0). The first step of each
+side is a warm-up and is not timed; the median of the remaining step times is reported.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def peak_rss_mib_of_children():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+
+
+def run_pytorch(a):
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = MixtralConfig(
+        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=a.layers,
+        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, num_local_experts=a.experts,
+        num_experts_per_tok=a.top_k, max_position_embeddings=max(1024, a.seq_len), tie_word_embeddings=True,
+        router_aux_loss_coef=0.0, output_router_logits=False,
+    )
+    cfg._attn_implementation = "eager"
+    model = MixtralForCausalLM(cfg).float().train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    g = torch.Generator().manual_seed(1)
+    times = []
+    for step in range(a.steps):
+        ids = torch.randint(0, a.vocab, (a.batch, a.seq_len + 1), generator=g)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids[:, :-1], labels=ids[:, :-1])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return times[1:], rss
+
+
+def run_skymoe(a, corpus_dir):
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = os.path.join(tmp, "run")
+        cfg = f"""
+[model]
+arch = "mixtral"
+hidden_size = {a.hidden}
+intermediate_size = {a.ffn}
+layers = {a.layers}
+heads = {a.heads}
+kv_heads = {a.kv_heads}
+experts = {a.experts}
+top_k = {a.top_k}
+max_position_embeddings = {max(1024, a.seq_len)}
+[router]
+capacity_factor = 0.0
+[aux]
+balance = "none"
+[data]
+inputs = ["{corpus_dir}"]
+vocab_size = {a.vocab}
+seq_len = {a.seq_len}
+val_fraction = 0.01
+[optim]
+lr = 0.001
+warmup_steps = 0
+grad_clip = 1.0
+[train]
+steps = {a.steps}
+batch_size = {a.batch}
+eval_every = 0
+eval_batches = 1
+checkpoint_every = 0
+out_dir = "{run_dir}"
+"""
+        path = os.path.join(tmp, "run.toml")
+        with open(path, "w") as f:
+            f.write(cfg)
+        env = dict(os.environ)
+        subprocess.run([a.skymoe, "train", "--config", path, "--quiet"], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        steps = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+        steps = [s for s in steps if s["kind"] == "train"]
+        tokens = a.batch * a.seq_len
+        times = [tokens / s["tokens_per_s"] for s in steps]
+        return times[1:], peak_rss_mib_of_children()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--skymoe", default="target/release/skymoe")
+    p.add_argument("--corpus", default="fixtures/corpus")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args()
+    tokens = a.batch * a.seq_len
+    sk_times, sk_rss = run_skymoe(a, os.path.abspath(a.corpus))
+    pt_times, pt_rss = run_pytorch(a)
+    sk = tokens / statistics.median(sk_times)
+    pt = tokens / statistics.median(pt_times)
+    print(f"machine: {os.cpu_count()} cores, {cpu_model()}; date {time.strftime('%Y-%m-%d')}")
+    print(f"model: mixtral hidden {a.hidden}, {a.layers} layers, {a.experts} experts top-{a.top_k}, ffn {a.ffn}, "
+          f"heads {a.heads}/{a.kv_heads}, vocab {a.vocab}; batch {a.batch} x seq {a.seq_len}; {a.steps} steps (first untimed)")
+    print("| engine | tokens/s (median) | peak RSS MiB |")
+    print("| --- | --- | --- |")
+    print(f"| skymoe | {sk:.0f} | {sk_rss:.0f} |")
+    print(f"| PyTorch {__import__('torch').__version__} eager | {pt:.0f} | {pt_rss:.0f} |")
+    print(f"ratio skymoe / PyTorch: {sk / pt:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
