@@ -1,0 +1,177 @@
+//! Several optimiser steps of the trainer against a PyTorch re-implementation of the same
+//! recipe (tools/reference/make_train_fixtures.py): capacity dropping, Skywork / Switch
+//! balancing losses, z-loss, adaptive α, clipping, schedules, AdamW, gradient accumulation.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use skymoe_model::Checkpoint;
+use skymoe_train::aux_loss::BalanceLoss;
+use skymoe_train::optim::Decay;
+use skymoe_train::{RunConfig, TrainableParams, Trainer};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/reference")
+}
+
+fn scalar(map: &std::collections::HashMap<String, Tensor>, k: &str) -> f64 {
+    map.get(k)
+        .unwrap_or_else(|| panic!("missing {k}"))
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+fn vec1(map: &std::collections::HashMap<String, Tensor>, k: &str) -> Vec<f64> {
+    map.get(k)
+        .unwrap_or_else(|| panic!("missing {k}"))
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+fn close(a: f64, b: f64, rel: f64, what: &str) {
+    assert!(
+        (a - b).abs() <= rel * b.abs().max(1e-3),
+        "{what}: {a} vs {b}"
+    );
+}
+
+fn check(family: &str, case: &str) {
+    let dev = Device::Cpu;
+    let dir = fixtures().join(family);
+    let refmap =
+        candle_core::safetensors::load(dir.join(format!("train_{case}.safetensors")), &dev)
+            .unwrap();
+    let bytes: Vec<u8> = refmap["config_json"].to_vec1::<u8>().unwrap();
+    let c: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let f = |k: &str| c[k].as_f64().unwrap_or_else(|| panic!("config lacks {k}"));
+    let u = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("config lacks {k}"));
+
+    let mut cfg = RunConfig::default();
+    cfg.router.capacity_factor = f("capacity_factor");
+    cfg.aux.balance = match c["balance"].as_str().unwrap() {
+        "skywork" => BalanceLoss::Skywork,
+        "switch" => BalanceLoss::Switch,
+        other => panic!("balance {other}"),
+    };
+    cfg.aux.adaptive = c["adaptive"].as_bool().unwrap();
+    cfg.aux.coef = c["coef"].as_f64().unwrap_or(0.0);
+    if cfg.aux.adaptive {
+        cfg.aux.alpha_init = f("alpha_init");
+        cfg.aux.xi = f("xi");
+        cfg.aux.alpha_max = f("alpha_max");
+        cfg.aux.beta = f("beta");
+    }
+    cfg.aux.z_loss_coef = f("z_loss_coef");
+    cfg.optim.lr = f("lr");
+    cfg.optim.min_lr = f("min_lr");
+    cfg.optim.warmup_steps = u("warmup_steps");
+    cfg.optim.decay = match c["decay"].as_str().unwrap() {
+        "cosine" => Decay::Cosine,
+        "linear" => Decay::Linear,
+        _ => Decay::Constant,
+    };
+    cfg.optim.weight_decay = f("weight_decay");
+    cfg.optim.beta1 = f("beta1");
+    cfg.optim.beta2 = f("beta2");
+    cfg.optim.eps = f("eps");
+    cfg.optim.grad_clip = f("grad_clip");
+    cfg.train.steps = u("total_steps");
+
+    let ckpt = Checkpoint::open(&dir, &dev).unwrap();
+    let params = TrainableParams::from_checkpoint(&ckpt, &dev).unwrap();
+    let mut trainer = Trainer::in_memory(cfg, ckpt.config.clone(), params).unwrap();
+
+    let batches = refmap["batches"].to_dtype(DType::I64).unwrap();
+    let (steps, micro, _, _) = batches.dims4().unwrap();
+    let start = Instant::now();
+    for s in 0..steps {
+        let mb: Vec<Vec<Vec<u32>>> = (0..micro)
+            .map(|m| {
+                batches
+                    .get(s)
+                    .unwrap()
+                    .get(m)
+                    .unwrap()
+                    .to_vec2::<i64>()
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| r.into_iter().map(|t| t as u32).collect())
+                    .collect()
+            })
+            .collect();
+        let m = trainer.step_on_batches(&mb, start, &None).unwrap();
+        let k = |n: &str| format!("step{s}.{n}");
+        close(m.loss, scalar(&refmap, &k("loss")), 1e-5, &k("loss"));
+        close(m.ce, scalar(&refmap, &k("ce")), 1e-5, &k("ce"));
+        close(m.aux_loss, scalar(&refmap, &k("aux")), 1e-4, &k("aux"));
+        close(m.z_loss, scalar(&refmap, &k("z")), 1e-4, &k("z"));
+        close(
+            m.grad_norm,
+            scalar(&refmap, &k("grad_norm")),
+            1e-4,
+            &k("grad_norm"),
+        );
+        close(m.lr, scalar(&refmap, &k("lr")), 1e-6, &k("lr"));
+        for (l, (a, b)) in m.alpha.iter().zip(vec1(&refmap, &k("alpha"))).enumerate() {
+            close(*a, b, 1e-6, &format!("{} layer {l}", k("alpha")));
+        }
+        assert_eq!(m.drop_rate.len(), vec1(&refmap, &k("drop_rate")).len());
+        for (l, (a, b)) in m
+            .drop_rate
+            .iter()
+            .zip(vec1(&refmap, &k("drop_rate")))
+            .enumerate()
+        {
+            assert!(
+                (a - b).abs() < 1e-6,
+                "{} layer {l}: {a} vs {b}",
+                k("drop_rate")
+            );
+        }
+    }
+    // Weights after the last step. AdamW moves an element whose gradient is ~0 by about ±lr, so
+    // f32 rounding may flip a few such steps: bound the worst element loosely and the mean tightly.
+    let (mut worst, mut sum, mut n) = (0.0f32, 0.0f64, 0usize);
+    for (name, var) in &trainer.params.vars {
+        let want = refmap
+            .get(&format!("final.{name}"))
+            .unwrap_or_else(|| panic!("no final.{name}"));
+        let diff = (var.as_tensor() - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let err = diff.max(0).unwrap().to_scalar::<f32>().unwrap();
+        worst = worst.max(err);
+        sum += diff
+            .sum_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        n += diff.elem_count();
+        assert!(err <= 2e-3, "final {name}: max |Δ| {err}");
+    }
+    let mean = sum / n as f64;
+    eprintln!("{family}/{case}: final weights max |Δ| {worst:e}, mean |Δ| {mean:e}");
+    assert!(mean <= 1e-6, "mean |Δ| of the final weights {mean}");
+}
+
+#[test]
+fn skywork_adaptive_capacity_steps_match_pytorch() {
+    check("skywork_moe", "adaptive");
+}
+
+#[test]
+fn mixtral_switch_accumulation_steps_match_pytorch() {
+    check("mixtral", "switch_accum");
+}
