@@ -1,5 +1,6 @@
 //! The `skymoe` command-line tool.
 
+mod alloc;
 mod cmd;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +41,7 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    alloc::configure();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(a) => cmd::inspect::run(a),
