@@ -10,11 +10,10 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
-/// Mean cross-entropy of `logits` `[n, vocab]` against `targets` `[n]` (u32 ids).
+/// Mean cross-entropy of `logits` `[n, vocab]` against `targets` `[n]` (u32 ids); fused on
+/// CPU, with backward.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let logp = log_softmax_last_dim(logits)?;
-    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;
-    picked.mean_all()?.neg()
+    skymoe_kernels::cross_entropy(logits, targets)
 }
 
 /// Mean next-token cross-entropy of a sequence: position `i` predicts token `i + 1`.

@@ -3,7 +3,7 @@
 use candle_core::{Result, Tensor};
 
 use super::linear::Linear;
-use super::ops::{causal_mask, softmax_last_dim};
+use super::ops::softmax_last_dim;
 use super::rotary::RotaryEmbedding;
 
 /// Keys and values of the positions seen so far, for one layer: `[batch, kv_heads, seq, head_dim]`.
@@ -83,12 +83,12 @@ impl Attention {
         let qg = q.reshape((b, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, nh, t, s))?;
-        let scores = if t > 1 {
-            scores.broadcast_add(&causal_mask(t, s - t, x.device())?)?
+        let probs = if t > 1 {
+            skymoe_kernels::causal_softmax(&scores, s - t)?
         } else {
-            scores
+            softmax_last_dim(&scores)?
         };
-        let probs = softmax_last_dim(&scores)?.reshape((b, nkv, rep * t, s))?;
+        let probs = probs.reshape((b, nkv, rep * t, s))?;
         let out = probs
             .matmul(&v)?
             .reshape((b, nh, t, hd))?

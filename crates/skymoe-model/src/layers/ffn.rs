@@ -19,8 +19,8 @@ pub struct SwiGlu {
 impl SwiGlu {
     /// Apply to `x` of shape `[..., hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate.forward(x)?.silu()?;
+        let g = self.gate.forward(x)?;
         let u = self.up.forward(x)?;
-        self.down.forward(&(g * u)?)
+        self.down.forward(&skymoe_kernels::silu_mul(&g, &u)?)
     }
 }

@@ -1,6 +1,6 @@
 //! RMSNorm as in Hugging Face Llama: `w · x / sqrt(mean(x²) + eps)`, computed in f32.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
 /// Root-mean-square layer normalisation.
 #[derive(Debug, Clone)]
@@ -19,8 +19,6 @@ impl RmsNorm {
 
     /// Normalise over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv = (ms + self.eps)?.sqrt()?.recip()?;
-        x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)
+        skymoe_kernels::rms_norm(x, &self.weight, self.eps)
     }
 }

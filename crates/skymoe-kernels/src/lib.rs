@@ -1,0 +1,28 @@
+//! skymoe-kernels: fused forward+backward operations that candle lacks.
+//!
+//! Each public function computes the same value as a composition of candle's generic tensor
+//! ops (the "reference" functions in [`reference`]), but in one pass over memory, and carries
+//! a backward pass (candle's own fused ops such as `softmax_last_dim` or `rms_norm` carry none).
+//! On CPU with contiguous f32 inputs the fused kernel runs; anything else (other devices or
+//! dtypes) falls back to the reference composition, which candle differentiates itself.
+
+mod cpu;
+pub mod reference;
+
+mod cross_entropy;
+mod rms_norm;
+mod silu_mul;
+mod softmax;
+
+pub use cross_entropy::cross_entropy;
+pub use rms_norm::rms_norm;
+pub use silu_mul::silu_mul;
+pub use softmax::{causal_softmax, softmax_last_dim};
+
+use candle_core::{DType, Device, Tensor};
+
+/// Whether the fused CPU kernels apply to these tensors.
+pub(crate) fn fused_ok(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32)
+}

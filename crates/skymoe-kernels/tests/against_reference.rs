@@ -1,0 +1,196 @@
+//! Every fused kernel against its plain composition: values and gradients, on shapes small
+//! (single-threaded path) and large (multi-threaded path).
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use skymoe_kernels::{
+    causal_softmax, cross_entropy, reference, rms_norm, silu_mul, softmax_last_dim,
+};
+
+/// Deterministic pseudo-random values in [-scale, scale).
+fn rand(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Compare `fused` and `plain` (both functions of the vars) in value and in the gradient of
+/// `Σ out · probe` with respect to every var.
+fn check(
+    vars: &[Var],
+    fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+    plain: impl Fn(&[Tensor]) -> Result<Tensor>,
+    tol: f32,
+) {
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let a = fused(&ts).unwrap();
+    let b = plain(&ts).unwrap();
+    let d = max_diff(&a, &b);
+    assert!(d <= tol, "values differ by {d}");
+    let probe = rand(a.dims(), 99, 1.0);
+    let ga = (&a * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gb = (&b * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        let x = ga
+            .get(v)
+            .unwrap_or_else(|| panic!("fused op gave no gradient for input {i}"));
+        let y = gb.get(v).expect("reference gradient");
+        let scale = y
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-6);
+        let d = max_diff(x, y) / scale;
+        assert!(d <= tol, "gradient of input {i} differs by {d} (relative)");
+    }
+}
+
+#[test]
+fn rms_norm_matches_reference() {
+    for (rows, h, seed) in [(3, 8, 1u64), (300, 256, 2)] {
+        let x = Var::from_tensor(&rand(&[rows, h], seed, 2.0)).unwrap();
+        let w = Var::from_tensor(&(rand(&[h], seed + 7, 0.5) + 1.0).unwrap()).unwrap();
+        check(
+            &[x, w],
+            |t| rms_norm(&t[0], &t[1], 1e-5),
+            |t| reference::rms_norm(&t[0], &t[1], 1e-5),
+            2e-5,
+        );
+    }
+}
+
+#[test]
+fn softmax_matches_reference() {
+    for (shape, seed) in [(vec![2, 5], 3u64), (vec![4, 8, 64, 64], 4)] {
+        let x = Var::from_tensor(&rand(&shape, seed, 6.0)).unwrap();
+        check(
+            &[x],
+            |t| softmax_last_dim(&t[0]),
+            |t| reference::softmax_last_dim(&t[0]),
+            2e-5,
+        );
+    }
+}
+
+#[test]
+fn causal_softmax_matches_masked_reference() {
+    for (shape, offset, seed) in [
+        (vec![1, 2, 4, 4], 0usize, 5u64),
+        (vec![2, 4, 3, 7], 4, 6),
+        (vec![2, 8, 128, 128], 0, 7),
+    ] {
+        let x = Var::from_tensor(&rand(&shape, seed, 6.0)).unwrap();
+        check(
+            &[x.clone()],
+            |t| causal_softmax(&t[0], offset),
+            |t| reference::causal_softmax(&t[0], offset),
+            2e-5,
+        );
+        // Masked entries are exactly zero.
+        let y = causal_softmax(x.as_tensor(), offset).unwrap();
+        let (t, s) = (shape[2], shape[3]);
+        let rows = y
+            .flatten_to(1)
+            .unwrap()
+            .reshape(((), t, s))
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (i, row) in rows.iter().enumerate() {
+            assert!(row[(offset + i + 1).min(s)..].iter().all(|&v| v == 0.0));
+        }
+    }
+}
+
+#[test]
+fn silu_mul_matches_reference() {
+    for (shape, seed) in [(vec![3, 5], 8u64), (vec![512, 96], 9)] {
+        let a = Var::from_tensor(&rand(&shape, seed, 4.0)).unwrap();
+        let b = Var::from_tensor(&rand(&shape, seed + 1, 2.0)).unwrap();
+        check(
+            &[a, b],
+            |t| silu_mul(&t[0], &t[1]),
+            |t| reference::silu_mul(&t[0], &t[1]),
+            2e-5,
+        );
+    }
+}
+
+#[test]
+fn cross_entropy_matches_reference() {
+    for (n, v, seed) in [(4usize, 7usize, 10u64), (256, 1000, 11)] {
+        let x = Var::from_tensor(&rand(&[n, v], seed, 5.0)).unwrap();
+        let targets: Vec<u32> = (0..n).map(|i| ((i * 7919 + 13) % v) as u32).collect();
+        let t = Tensor::from_vec(targets, n, &Device::Cpu).unwrap();
+        let a = cross_entropy(x.as_tensor(), &t).unwrap();
+        let b = reference::cross_entropy(x.as_tensor(), &t).unwrap();
+        assert!(max_diff(&a, &b) < 1e-5, "{a} vs {b}");
+        let ga = a.backward().unwrap();
+        let gb = b.backward().unwrap();
+        let d = max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap());
+        assert!(d < 1e-7, "gradient differs by {d}");
+    }
+    // A target outside the vocabulary is an error, not a panic.
+    let x = rand(&[2, 3], 1, 1.0);
+    let t = Tensor::new(&[0u32, 3], &Device::Cpu).unwrap();
+    assert!(cross_entropy(&x, &t).is_err());
+}
+
+#[test]
+fn other_dtypes_fall_back_to_the_reference() {
+    let x = rand(&[4, 6], 12, 3.0).to_dtype(DType::F64).unwrap();
+    let a = softmax_last_dim(&x).unwrap();
+    assert_eq!(a.dtype(), DType::F64);
+    let b = reference::softmax_last_dim(&x).unwrap();
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert_eq!(d, 0.0);
+}
