@@ -58,6 +58,9 @@ impl CustomOp2 for RowNll {
     }
 }
 
+/// One row of the backward pass: (output, logits), target, upstream gradient.
+type BackwardRow<'a> = (((&'a mut [f32], &'a [f32]), &'a u32), &'a f32);
+
 /// `dx[r] = (softmax(x[r]) − onehot(t[r])) · g[r]`.
 struct RowNllBackward;
 
@@ -80,7 +83,7 @@ impl CustomOp3 for RowNllBackward {
         let g = slice(s3, l3)?;
         let (_, v) = l1.shape().dims2()?;
         let mut out = vec![0.0f32; x.len()];
-        let run = |(((o, x), &id), &g): (((&mut [f32], &[f32]), &u32), &f32)| {
+        let run = |(((o, x), &id), &g): BackwardRow<'_>| {
             let l = lse(x);
             for i in 0..v {
                 o[i] = (x[i] - l).exp() * g;

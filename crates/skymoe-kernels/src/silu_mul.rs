@@ -70,6 +70,9 @@ impl CustomOp2 for SiluMul {
     }
 }
 
+/// One chunk of the backward pass: output, a, b, upstream gradient.
+type BackwardChunk<'a> = (((&'a mut [f32], &'a [f32]), &'a [f32]), &'a [f32]);
+
 struct SiluMulBackward {
     wrt_b: bool,
 }
@@ -93,7 +96,7 @@ impl CustomOp3 for SiluMulBackward {
         let g = slice(s3, l3)?;
         let mut out = vec![0.0f32; a.len()];
         let wrt_b = self.wrt_b;
-        let run = |(((o, a), b), g): (((&mut [f32], &[f32]), &[f32]), &[f32])| {
+        let run = |(((o, a), b), g): BackwardChunk<'_>| {
             for i in 0..o.len() {
                 let s = sigmoid(a[i]);
                 o[i] = if wrt_b {

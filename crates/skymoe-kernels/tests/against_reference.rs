@@ -119,7 +119,7 @@ fn causal_softmax_matches_masked_reference() {
     ] {
         let x = Var::from_tensor(&rand(&shape, seed, 6.0)).unwrap();
         check(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             |t| causal_softmax(&t[0], offset),
             |t| reference::causal_softmax(&t[0], offset),
             2e-5,
