@@ -48,9 +48,19 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn save_tensors(map: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    candle_core::safetensors::save(map, path).map_err(|e| match e {
-        candle_core::Error::Io(io) => TrainError::io(path, io),
-        other => TrainError::Candle(other),
+    candle_core::safetensors::save(map, path).map_err(|e| {
+        // candle repeats the OS error in its message; keep the first statement of it.
+        let msg = e.to_string();
+        let reason = msg
+            .split(": ")
+            .skip_while(|p| p.starts_with("I/O error"))
+            .next()
+            .unwrap_or(&msg)
+            .to_string();
+        TrainError::Write {
+            path: path.to_path_buf(),
+            reason,
+        }
     })?;
     sync_file(path)
 }

@@ -22,6 +22,14 @@ pub enum TrainError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A file could not be written (a full disk, a read-only directory, ...).
+    #[error("cannot write {path}: {reason}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
     /// The run configuration is invalid.
     #[error("invalid training configuration: {0}")]
     Config(String),

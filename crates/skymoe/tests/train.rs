@@ -401,3 +401,68 @@ fn bad_run_file_is_an_error() {
     let out = skymoe(&["train", "--config", p.to_str().unwrap()]);
     assert_clean_failure(&out, "stepz");
 }
+
+/// A disk that fills up mid-checkpoint: a clear error, no half-written checkpoint, and the last
+/// good one intact. Runs inside a private mount namespace over a 1.5 MB tmpfs.
+#[test]
+fn full_disk_stops_cleanly_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "");
+    let bin = env!("CARGO_BIN_EXE_skymoe");
+    let mnt = tmp.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let run = mnt.join("run");
+    let script = format!(
+        "set -u; mount -t tmpfs -o size=1500k tmpfs '{m}' || exit 90; \
+         '{bin}' train --config '{cfg}' --quiet --steps 40 --checkpoint-every 2 --out '{run}' 2>'{m}/err.txt'; \
+         echo \"exit=$?\"; cat '{m}/err.txt'; ls -a '{run}/checkpoints' | sed 's/^/ls: /'; \
+         last=$(ls -d '{run}'/checkpoints/step-* | tail -1); \
+         '{bin}' inspect --model \"$last\" --json >/dev/null && echo LOADS",
+        m = mnt.display(),
+        cfg = cfg.display(),
+        run = run.display(),
+    );
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let ns = if is_root { "-m" } else { "-rm" };
+    let out = Command::new("unshare")
+        .args([ns, "sh", "-c", &script])
+        .output()
+        .expect("unshare (util-linux) is needed for this test");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(90),
+        "cannot mount a tmpfs in a private namespace: {text}"
+    );
+    assert!(
+        text.contains("exit=1"),
+        "training should fail with exit status 1: {text}"
+    );
+    assert!(
+        text.contains("No space left on device"),
+        "the error should say the disk is full: {text}"
+    );
+    assert!(!text.contains("panicked"), "{text}");
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("ls: ") && l.contains("partial")),
+        "no partial checkpoint may remain: {text}"
+    );
+    assert!(
+        text.contains("ls: step-00000002"),
+        "an early checkpoint fits: {text}"
+    );
+    assert!(
+        text.contains("LOADS"),
+        "the last checkpoint must load: {text}"
+    );
+}
