@@ -53,8 +53,7 @@ fn save_tensors(map: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
         let msg = e.to_string();
         let reason = msg
             .split(": ")
-            .skip_while(|p| p.starts_with("I/O error"))
-            .next()
+            .find(|p| !p.starts_with("I/O error"))
             .unwrap_or(&msg)
             .to_string();
         TrainError::Write {
