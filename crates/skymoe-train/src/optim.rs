@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Storage, Tensor, Var};
+use rayon::prelude::*;
 
 /// Learning-rate schedule after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -103,6 +104,9 @@ fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
+/// A chunk of (parameter, gradient, first moment, second moment).
+type UpdateChunk<'a> = (((&'a mut [f32], &'a [f32]), &'a mut [f32]), &'a mut [f32]);
+
 struct AdamWUpdate<'a> {
     moments: &'a Mutex<Moments>,
     lr: f32,
@@ -143,15 +147,26 @@ impl InplaceOp2 for AdamWUpdate<'_> {
         if p.len() != g.len() || st.m.len() != p.len() {
             candle_core::bail!("optimizer state does not match the parameter");
         }
-        for i in 0..p.len() {
-            let gi = g[i] * self.grad_scale;
-            let m = self.beta1 * st.m[i] + (1.0 - self.beta1) * gi;
-            let v = self.beta2 * st.v[i] + (1.0 - self.beta2) * gi * gi;
-            st.m[i] = m;
-            st.v[i] = v;
-            let mhat = m / self.bias1;
-            let vhat = v / self.bias2;
-            p[i] -= self.lr * (mhat / (vhat.sqrt() + self.eps) + self.decay * p[i]);
+        let update = |(((p, g), m), v): UpdateChunk<'_>| {
+            for i in 0..p.len() {
+                let gi = g[i] * self.grad_scale;
+                m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * gi;
+                v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * gi * gi;
+                let mhat = m[i] / self.bias1;
+                let vhat = v[i] / self.bias2;
+                p[i] -= self.lr * (mhat / (vhat.sqrt() + self.eps) + self.decay * p[i]);
+            }
+        };
+        const CHUNK: usize = 1 << 14;
+        let Moments { m, v } = st;
+        if p.len() >= 2 * CHUNK {
+            p.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .for_each(update);
+        } else {
+            update((((p, g), m.as_mut_slice()), v.as_mut_slice()));
         }
         Ok(())
     }
