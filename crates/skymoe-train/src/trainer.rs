@@ -462,7 +462,12 @@ impl Trainer {
                     grads.insert(name.clone(), g.clone());
                 }
             }
-            accumulate(&mut grads_acc, grads)?;
+            if accum == 1 {
+                // One micro-batch: use the gradients as they are, no copy.
+                grads_acc = grads;
+            } else {
+                accumulate(&mut grads_acc, grads)?;
+            }
         }
         let grad_norm = global_norm(&grads_acc)?;
         if !grad_norm.is_finite() {
