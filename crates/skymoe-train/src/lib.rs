@@ -12,6 +12,7 @@ pub mod params;
 pub mod report;
 pub mod run_config;
 pub mod trainer;
+pub mod upcycle;
 
 pub use error::{Result, TrainError};
 pub use grads::{loss_and_grads, LossAndGrads};

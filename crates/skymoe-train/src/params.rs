@@ -57,7 +57,7 @@ impl TensorLoader for TrainableParams {
 }
 
 /// Gaussian samples from a seeded generator (Box–Muller), so initialisation is reproducible.
-fn normal_samples(n: usize, std: f64, rng: &mut rand::rngs::StdRng) -> Vec<f32> {
+pub(crate) fn normal_samples(n: usize, std: f64, rng: &mut rand::rngs::StdRng) -> Vec<f32> {
     use rand::Rng;
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {

@@ -31,6 +31,8 @@ enum Command {
     Tokenizer(cmd::tokenizer::Args),
     /// Plot a training run's metrics and write an HTML report.
     Report(cmd::report::Args),
+    /// Turn a dense Llama checkpoint into an MoE (experts start as copies of the dense FFN).
+    Upcycle(cmd::upcycle::Args),
 }
 
 fn main() {
@@ -52,6 +54,7 @@ fn main() {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Tokenizer(a) => cmd::tokenizer::run(a),
         Command::Report(a) => cmd::report::run(a),
+        Command::Upcycle(a) => cmd::upcycle::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -126,9 +126,12 @@ pub struct Router {
 
 impl Router {
     /// Gating logit normalisation: `λ · (z − mean z) / std z` with the unbiased std.
+    /// A token whose logits are all equal (e.g. a zero-initialised gate) gets all-zero
+    /// normalised logits rather than 0/0: the variance is floored at 1e-12 before the square root,
+    /// far below any variance f32 logits can otherwise have that would change the result.
     pub fn normalize_logits(z: &Tensor, lambda: f64) -> Result<Tensor> {
         let mean = z.mean_keepdim(D::Minus1)?;
-        let std = z.var_keepdim(D::Minus1)?.sqrt()?;
+        let std = (z.var_keepdim(D::Minus1)? + 1e-12)?.sqrt()?;
         z.broadcast_sub(&mean)?.broadcast_div(&std)? * lambda
     }
 
@@ -244,6 +247,16 @@ mod tests {
         assert_eq!(r.drop_rate(), 0.0);
         r.apply_capacity(Some(1.0));
         assert_eq!((r.capacity, r.drop_rate()), (Some(4), 0.0));
+    }
+
+    #[test]
+    fn logits_norm_of_equal_logits_is_zero_not_nan() -> Result<()> {
+        let z = Tensor::new(&[[0.0f32, 0.0, 0.0, 0.0]], &candle_core::Device::Cpu)?;
+        assert_eq!(
+            Router::normalize_logits(&z, 1.0)?.to_vec2::<f32>()?,
+            vec![vec![0.0; 4]]
+        );
+        Ok(())
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod logits;
 pub mod report;
 pub mod tokenizer;
 pub mod train;
+pub mod upcycle;
 
 use std::path::Path;
 

@@ -1,0 +1,75 @@
+//! `skymoe upcycle`: turn a dense Llama checkpoint into an MoE whose experts start as copies of
+//! the dense FFN.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use skymoe_model::Architecture;
+use skymoe_train::upcycle::{upcycle, GateInit, UpcycleOptions};
+
+/// Arguments of `skymoe upcycle`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The dense model: a Hugging Face Llama directory or a Llama .gguf file.
+    #[arg(long)]
+    from: PathBuf,
+    /// Experts per MoE layer.
+    #[arg(long)]
+    experts: usize,
+    /// Experts per token.
+    #[arg(long)]
+    top_k: usize,
+    /// Output layout: skywork or mixtral.
+    #[arg(long, default_value = "skywork")]
+    arch: String,
+    /// Router initialisation: zeros or normal:STD.
+    #[arg(long, default_value = "zeros")]
+    gate_init: GateInit,
+    /// Gaussian noise added to each expert copy (standard deviation; 0 keeps exact copies).
+    #[arg(long, default_value_t = 0.0)]
+    expert_noise: f64,
+    /// Gating logit normalisation λ of the Skywork layout (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    gate_norm_std: f64,
+    /// Seed of the gate and noise draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output directory (a Hugging Face checkpoint).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Run the verb.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let arch = match a.arch.as_str() {
+        "skywork" | "skywork_moe" => Architecture::SkyworkMoe,
+        "mixtral" => Architecture::Mixtral,
+        other => anyhow::bail!("unknown --arch `{other}` (skywork | mixtral)"),
+    };
+    let opts = UpcycleOptions {
+        experts: a.experts,
+        top_k: a.top_k,
+        arch,
+        gate_init: a.gate_init,
+        expert_noise: a.expert_noise,
+        gate_norm_std: (a.gate_norm_std > 0.0).then_some(a.gate_norm_std),
+        seed: a.seed,
+    };
+    let s = upcycle(&a.from, &a.out, &opts)
+        .with_context(|| format!("cannot upcycle {}", a.from.display()))?;
+    eprintln!(
+        "wrote {} ({} experts, top-{}, {:.2}M parameters, {:.2}M active per token{}) to {}",
+        s.config.architecture.hf_class(),
+        a.experts,
+        a.top_k,
+        s.config.total_params() as f64 / 1e6,
+        s.config.active_params() as f64 / 1e6,
+        if s.tokenizer {
+            ", tokenizer included"
+        } else {
+            ""
+        },
+        s.out.display()
+    );
+    Ok(())
+}

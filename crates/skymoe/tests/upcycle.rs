@@ -1,0 +1,222 @@
+//! `skymoe upcycle`: the upcycled model computes the dense model's function (no noise), for
+//! both layouts and both gate initialisations, from safetensors and GGUF; bad requests fail.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{Device, Tensor};
+use skymoe_model::{CausalLm, Checkpoint, Tokenizer};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/reference")
+}
+
+fn skymoe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_skymoe"))
+        .args(args)
+        .output()
+        .expect("run skymoe")
+}
+
+fn logits(model: &Path, tokens: &[u32]) -> Tensor {
+    let ckpt = Checkpoint::open(model, &Device::Cpu).unwrap();
+    CausalLm::load(&ckpt, &Device::Cpu)
+        .unwrap()
+        .forward_tokens(tokens, None)
+        .unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+const TOKENS: [u32; 10] = [0, 45, 319, 17, 290, 128, 256, 3, 318, 77];
+
+#[test]
+fn upcycled_models_compute_the_dense_function() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = fixtures().join("llama");
+    let want = logits(&dense, &TOKENS);
+    for (arch, gate, extra) in [
+        ("skywork", "zeros", "1"),
+        ("skywork", "normal:0.5", "2"),
+        ("mixtral", "zeros", "0"),
+        ("mixtral", "normal:1.0", "0"),
+    ] {
+        let out = tmp.path().join(format!("{arch}-{gate}"));
+        let o = skymoe(&[
+            "upcycle",
+            "--from",
+            dense.to_str().unwrap(),
+            "--experts",
+            "8",
+            "--top-k",
+            "2",
+            "--arch",
+            arch,
+            "--gate-init",
+            gate,
+            "--gate-norm-std",
+            extra,
+            "--seed",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let ck = Checkpoint::open(&out, &Device::Cpu).unwrap();
+        let m = ck.config.moe.as_ref().unwrap();
+        assert_eq!((m.num_experts, m.top_k), (8, 2));
+        assert!(out.join("tokenizer.json").exists());
+        let got = logits(&out, &TOKENS);
+        let d = max_diff(&got, &want);
+        assert!(
+            d <= 1e-5,
+            "{arch} {gate}: upcycled logits differ from dense by {d}"
+        );
+    }
+}
+
+#[test]
+fn upcycling_a_gguf_keeps_function_and_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = fixtures().join("gguf/llama-f32.gguf");
+    let out = tmp.path().join("moe");
+    let o = skymoe(&[
+        "upcycle",
+        "--from",
+        gguf.to_str().unwrap(),
+        "--experts",
+        "4",
+        "--top-k",
+        "1",
+        "--arch",
+        "mixtral",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = max_diff(&logits(&out, &TOKENS), &logits(&gguf, &TOKENS));
+    assert!(d <= 1e-5, "differs by {d}");
+    let ck = Checkpoint::open(&gguf, &Device::Cpu).unwrap();
+    let from_gguf = Tokenizer::for_model(&ck.path, ck.gguf_metadata.as_ref()).unwrap();
+    let written = Tokenizer::for_model(&out, None).unwrap();
+    let text = "Hello world, café naïve 日本!\nsecond line";
+    assert_eq!(
+        written.encode_plain(text).unwrap(),
+        from_gguf.encode_plain(text).unwrap()
+    );
+}
+
+#[test]
+fn expert_noise_makes_experts_differ() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = fixtures().join("llama");
+    let out = tmp.path().join("noisy");
+    let o = skymoe(&[
+        "upcycle",
+        "--from",
+        dense.to_str().unwrap(),
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--expert-noise",
+        "0.02",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let w = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let a = &w["model.layers.0.block_sparse_moe.experts.0.w1.weight"];
+    let b = &w["model.layers.0.block_sparse_moe.experts.1.w1.weight"];
+    assert!(max_diff(a, b) > 1e-3);
+    let d = max_diff(&logits(&out, &TOKENS), &logits(&dense, &TOKENS));
+    assert!(d > 1e-4, "noise should change the function (Δ {d})");
+}
+
+fn assert_clean_failure(o: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && !stderr.contains("panicked") && stderr.contains(needle),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_requests_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = fixtures().join("llama");
+    let out = tmp.path().join("x");
+    let d = dense.to_str().unwrap();
+    let o = out.to_str().unwrap();
+    assert_clean_failure(
+        &skymoe(&[
+            "upcycle",
+            "--from",
+            d,
+            "--experts",
+            "2",
+            "--top-k",
+            "4",
+            "--out",
+            o,
+        ]),
+        "must be at least --top-k",
+    );
+    assert_clean_failure(
+        &skymoe(&[
+            "upcycle",
+            "--from",
+            d,
+            "--experts",
+            "2",
+            "--top-k",
+            "0",
+            "--out",
+            o,
+        ]),
+        "at least 1",
+    );
+    let moe = fixtures().join("mixtral");
+    assert_clean_failure(
+        &skymoe(&[
+            "upcycle",
+            "--from",
+            moe.to_str().unwrap(),
+            "--experts",
+            "8",
+            "--top-k",
+            "2",
+            "--out",
+            o,
+        ]),
+        "dense Llama",
+    );
+    assert_clean_failure(
+        &skymoe(&[
+            "upcycle",
+            "--from",
+            d,
+            "--experts",
+            "8",
+            "--top-k",
+            "2",
+            "--gate-init",
+            "uniform",
+            "--out",
+            o,
+        ]),
+        "unknown gate init",
+    );
+    assert!(!out.exists(), "nothing may be written on error");
+}
