@@ -4,6 +4,7 @@
 pub mod aux_loss;
 pub mod checkpoint;
 pub mod data;
+pub mod demo;
 pub mod error;
 pub mod grads;
 pub mod loss;

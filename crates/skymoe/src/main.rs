@@ -15,6 +15,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The Skywork-MoE recipe in miniature: dense → upcycle → MoE vs dense control, on Shakespeare.
+    Demo(cmd::demo::Args),
     /// Show a model's architecture, sizes and parameter counts.
     Inspect(cmd::inspect::Args),
     /// Write the logits of a token sequence to a safetensors file.
@@ -46,6 +48,7 @@ fn main() {
     alloc::configure();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(a) => cmd::demo::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Logits(a) => cmd::logits::run(a),
         Command::Generate(a) => cmd::generate::run(a),

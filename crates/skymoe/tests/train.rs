@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use skymoe_model::Checkpoint;
+
 fn corpus() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/corpus")
 }
@@ -465,4 +467,66 @@ fn full_disk_stops_cleanly_and_keeps_the_last_checkpoint() {
         text.contains("LOADS"),
         "the last checkpoint must load: {text}"
     );
+}
+
+/// `skymoe demo` end to end on a tiny budget: all phases run, reports and samples appear, and
+/// every figure it prints comes from the run.
+#[test]
+fn demo_runs_every_phase() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let o = skymoe(&[
+        "demo",
+        "--quiet",
+        "--steps",
+        "6,4",
+        "--data",
+        corpus().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        stdout,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for needle in [
+        "dense, pre-trained",
+        "dense control, continued",
+        "MoE 8x top-2",
+        "sample from the MoE",
+        "sample from the dense control",
+        "MoE minus control",
+    ] {
+        assert!(stdout.contains(needle), "missing `{needle}` in:\n{stdout}");
+    }
+    assert!(out.join("report/index.html").exists());
+    for run in ["dense", "moe", "dense-control"] {
+        assert!(
+            out.join(run).join("report/index.html").exists(),
+            "{run} report"
+        );
+        assert!(out.join(run).join("metrics.jsonl").exists());
+    }
+    let ck = Checkpoint::open(&out.join("moe-init"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(
+        ck.config.architecture,
+        skymoe_model::Architecture::SkyworkMoe
+    );
+    // The validation losses printed are those of the runs' last validation records.
+    let last_val = |run: &str| -> f64 {
+        std::fs::read_to_string(out.join(run).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["kind"] == "val")
+            .last()
+            .unwrap()["val_loss"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(stdout.contains(&format!("{:.4}", last_val("moe"))));
+    assert!(stdout.contains(&format!("{:.4}", last_val("dense-control"))));
 }

@@ -1,5 +1,6 @@
 //! One module per verb; each is a thin adapter over the library crates.
 
+pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod grads;
