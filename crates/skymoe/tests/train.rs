@@ -520,9 +520,9 @@ fn demo_runs_every_phase() {
         std::fs::read_to_string(out.join(run).join("metrics.jsonl"))
             .unwrap()
             .lines()
+            .rev()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["kind"] == "val")
-            .last()
+            .find(|v| v["kind"] == "val")
             .unwrap()["val_loss"]
             .as_f64()
             .unwrap()
