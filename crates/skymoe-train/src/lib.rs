@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod demo;
 pub mod error;
+pub mod experiments;
 pub mod grads;
 pub mod loss;
 pub mod optim;

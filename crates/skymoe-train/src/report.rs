@@ -191,3 +191,43 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
         }
     })
 }
+
+/// Draw a simple line chart (one solid line per labelled series, legend on the right) to
+/// `out_dir/stem.png` and `out_dir/stem.svg`; returns both paths. Used by experiments to plot
+/// quantities that are not in a run's metrics log.
+pub fn line_chart(
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    out_dir: &Path,
+    stem: &str,
+) -> Result<Vec<PathBuf>, ReportError> {
+    std::fs::create_dir_all(out_dir).map_err(|e| ReportError::Write {
+        path: out_dir.to_path_buf(),
+        source: e,
+    })?;
+    let n = series.len();
+    let chart = plot::LineChart {
+        title: title.to_string(),
+        x_desc: x_desc.to_string(),
+        y_desc: y_desc.to_string(),
+        series: series
+            .iter()
+            .enumerate()
+            .map(|(i, (label, points))| plot::Series {
+                label: Some(label.clone()),
+                color: plot::series_color(i, n),
+                stroke: if points.len() <= 12 {
+                    plot::Stroke::Markers
+                } else {
+                    plot::Stroke::Solid(2)
+                },
+                points: stats::finite(points.iter().copied()),
+            })
+            .collect(),
+        legend: plot::Legend::Right,
+        y_from_zero: false,
+    };
+    plot::save(&plot::Figure::Lines(chart), out_dir, stem)
+}

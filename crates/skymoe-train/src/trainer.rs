@@ -42,6 +42,10 @@ pub struct StepMetrics {
     pub drop_rate: Vec<f64>,
     /// Fraction of assignments per expert, per MoE layer.
     pub expert_load: Vec<Vec<f64>>,
+    /// Mean ratio of the top-1 to the top-2 gate probability per MoE layer (1 means the
+    /// router cannot tell its two choices apart; empty for top-1 routing).
+    #[serde(default)]
+    pub gate_ratio: Vec<f64>,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// Learning rate of this step.
@@ -399,6 +403,7 @@ impl Trainer {
         let (mut loss_sum, mut ce_sum, mut aux_sum, mut z_sum) = (0.0, 0.0, 0.0, 0.0);
         let mut drop = vec![0.0; n_moe];
         let mut load: Vec<Vec<f64>> = Vec::new();
+        let mut gate_ratio = vec![0.0; n_moe];
         let mut tokens = 0u64;
         for batch in micro {
             let bs = batch.len();
@@ -438,6 +443,9 @@ impl Trainer {
                 let el = r.expert_load();
                 if load.len() <= l {
                     load.push(vec![0.0; el.len()]);
+                }
+                if l < n_moe {
+                    gate_ratio[l] += r.gate_ratio() / accum as f64;
                 }
                 for (s, x) in load[l].iter_mut().zip(el) {
                     *s += x / accum as f64;
@@ -501,6 +509,11 @@ impl Trainer {
             alpha,
             drop_rate: drop,
             expert_load: load,
+            gate_ratio: if gate_ratio.iter().all(|g| g.is_finite()) {
+                gate_ratio
+            } else {
+                Vec::new()
+            },
             grad_norm,
             lr,
             tokens_per_s: tokens as f64 / secs,

@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// The Skywork-MoE recipe in miniature: dense → upcycle → MoE vs dense control, on Shakespeare.
     Demo(cmd::demo::Args),
+    /// Reproduce one of the Skywork-MoE report's findings in miniature.
+    Experiment(cmd::experiment::Args),
     /// Show a model's architecture, sizes and parameter counts.
     Inspect(cmd::inspect::Args),
     /// Write the logits of a token sequence to a safetensors file.
@@ -49,6 +51,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Experiment(a) => cmd::experiment::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Logits(a) => cmd::logits::run(a),
         Command::Generate(a) => cmd::generate::run(a),

@@ -530,3 +530,62 @@ fn demo_runs_every_phase() {
     assert!(stdout.contains(&format!("{:.4}", last_val("moe"))));
     assert!(stdout.contains(&format!("{:.4}", last_val("dense-control"))));
 }
+
+/// `skymoe experiment` on a tiny budget: tables and plots are written and the expert-similarity
+/// metric starts where it must (identical upcycled experts: 1; random experts: near 0).
+#[test]
+fn experiments_write_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("exp");
+    let o = skymoe(&[
+        "experiment",
+        "expert-similarity",
+        "--quiet",
+        "--steps",
+        "8",
+        "--data",
+        corpus().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let csv = std::fs::read_to_string(out.join("expert-similarity/results.csv")).unwrap();
+    let start = |kind: &str| -> f64 {
+        csv.lines()
+            .find(|l| l.starts_with(&format!("{kind},0,")))
+            .unwrap()
+            .rsplit(',')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!((start("upcycled") - 1.0).abs() < 1e-4, "{csv}");
+    assert!(start("scratch").abs() < 0.05, "{csv}");
+    assert!(out.join("expert-similarity/similarity.png").exists());
+    let o = skymoe(&[
+        "experiment",
+        "gating-norm",
+        "--quiet",
+        "--steps",
+        "4",
+        "--data",
+        corpus().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.join("gating-norm/results.md")).unwrap();
+    for row in ["| none |", "| lambda-1 |", "| lambda-2 |"] {
+        assert!(md.contains(row), "{md}");
+    }
+    let o = skymoe(&["experiment", "no-such-thing"]);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("unknown experiment")
+    );
+}

@@ -61,6 +61,20 @@ impl Routing {
         self.kept.iter().filter(|k| !**k).count() as f64 / total as f64
     }
 
+    /// Mean over tokens of (top-1 gate probability / top-2 gate probability); NaN for top-1
+    /// routing.
+    pub fn gate_ratio(&self) -> f64 {
+        if self.top_k < 2 || self.selected_probs.is_empty() {
+            return f64::NAN;
+        }
+        let pairs = self.selected_probs.chunks(self.top_k);
+        let n = pairs.len() as f64;
+        pairs
+            .map(|p| p[0] as f64 / (p[1] as f64).max(1e-30))
+            .sum::<f64>()
+            / n
+    }
+
     /// Fraction of routed assignments that went to each expert.
     pub fn expert_load(&self) -> Vec<f64> {
         let total: usize = self.expert_counts.iter().sum();

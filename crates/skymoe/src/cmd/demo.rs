@@ -52,7 +52,7 @@ fn parse_steps(s: &str) -> Result<(u64, u64), String> {
 
 /// The bundled corpus, looked up beside the working directory and beside the executable's
 /// source tree.
-fn default_corpus() -> anyhow::Result<PathBuf> {
+pub fn default_corpus() -> anyhow::Result<PathBuf> {
     let candidates = [
         PathBuf::from("data/shakespeare"),
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/shakespeare"),
