@@ -110,20 +110,27 @@ impl CustomOp3 for RmsNormBackward {
                 }
                 acc
             };
-            let dw = if x.len() >= PARALLEL_MIN_ELEMS {
-                x.par_chunks(h)
-                    .zip(g.par_chunks(h))
-                    .fold(|| vec![0.0f32; h], partial)
-                    .reduce(
-                        || vec![0.0f32; h],
-                        |mut a, b| {
-                            a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                            a
-                        },
-                    )
-            } else {
+            // Fixed blocks of rows summed in a fixed order: the result does not depend on how
+            // the threads were scheduled, so training is bit-for-bit reproducible.
+            const BLOCK_ROWS: usize = 64;
+            let block = |(x, g): (&[f32], &[f32])| {
                 x.chunks(h).zip(g.chunks(h)).fold(vec![0.0f32; h], partial)
             };
+            let partials: Vec<Vec<f32>> = if x.len() >= PARALLEL_MIN_ELEMS {
+                x.par_chunks(h * BLOCK_ROWS)
+                    .zip(g.par_chunks(h * BLOCK_ROWS))
+                    .map(block)
+                    .collect()
+            } else {
+                x.chunks(h * BLOCK_ROWS)
+                    .zip(g.chunks(h * BLOCK_ROWS))
+                    .map(block)
+                    .collect()
+            };
+            let mut dw = vec![0.0f32; h];
+            for p in partials {
+                dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+            }
             return Ok((CpuStorage::F32(dw), l2.shape().clone()));
         }
         let mut out = vec![0.0f32; x.len()];

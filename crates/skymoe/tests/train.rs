@@ -589,3 +589,34 @@ fn experiments_write_results() {
         !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("unknown experiment")
     );
 }
+
+/// Two runs of the same configuration, large enough for the multithreaded kernels, give
+/// bit-identical losses, drop rates and α (no dependence on thread scheduling).
+#[test]
+fn training_is_deterministic_across_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("hidden_size = 32", "hidden_size = 128")
+        .replace("intermediate_size = 64", "intermediate_size = 256");
+    std::fs::write(&cfg, text).unwrap();
+    let run = |name: &str| {
+        let out = tmp.path().join(name);
+        let o = skymoe(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--quiet",
+            "--steps",
+            "6",
+            "--batch-size",
+            "8",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        losses(&out)
+    };
+    assert_eq!(run("a"), run("b"));
+}
