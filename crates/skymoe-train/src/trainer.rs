@@ -554,18 +554,8 @@ pub fn evaluate_model(
         if max_batches > 0 && i >= max_batches {
             break;
         }
-        let t = batch[0].len() - 1;
-        let inputs: Vec<Vec<u32>> = batch.iter().map(|s| s[..t].to_vec()).collect();
-        let targets: Vec<u32> = batch.iter().flat_map(|s| s[1..].iter().copied()).collect();
-        let out = model.forward_batch(&inputs, None)?;
-        let rows = batch.len() * t;
-        let targets = Tensor::from_vec(targets, rows, out.logits.device())?;
-        let ce = cross_entropy(
-            &out.logits.reshape((rows, model.config.vocab_size))?,
-            &targets,
-        )?
-        .to_scalar::<f32>()?;
-        sum += ce as f64 * rows as f64;
+        let (ce, rows) = window_loss(model, &batch)?;
+        sum += ce * rows as f64;
         n += rows;
     }
     if n == 0 {
@@ -574,6 +564,23 @@ pub fn evaluate_model(
         ));
     }
     Ok(sum / n as f64)
+}
+
+/// Mean next-token cross-entropy (dropless) of equal-length windows of `seq_len + 1` tokens,
+/// and the number of predicted positions.
+fn window_loss<S: AsRef<[u32]>>(model: &CausalLm, batch: &[S]) -> Result<(f64, usize)> {
+    let t = batch[0].as_ref().len() - 1;
+    let inputs: Vec<Vec<u32>> = batch.iter().map(|s| s.as_ref()[..t].to_vec()).collect();
+    let targets: Vec<u32> = batch
+        .iter()
+        .flat_map(|s| s.as_ref()[1..].iter().copied())
+        .collect();
+    let out = model.forward_batch(&inputs, None)?;
+    let rows = batch.len() * t;
+    let targets = Tensor::from_vec(targets, rows, out.logits.device())?;
+    let logits = out.logits.reshape((rows, model.config.vocab_size))?;
+    let ce = cross_entropy(&logits, &targets)?.to_scalar::<f32>()?;
+    Ok((ce as f64, rows))
 }
 
 /// Drop metric lines newer than `step` (after a resume from the checkpoint of `step`).
@@ -618,18 +625,8 @@ pub fn evaluate_all_windows(
         if batch.is_empty() {
             continue;
         }
-        let t = batch[0].len() - 1;
-        let inputs: Vec<Vec<u32>> = batch.iter().map(|s| s[..t].to_vec()).collect();
-        let targets: Vec<u32> = batch.iter().flat_map(|s| s[1..].iter().copied()).collect();
-        let out = model.forward_batch(&inputs, None)?;
-        let rows = batch.len() * t;
-        let targets = Tensor::from_vec(targets, rows, out.logits.device())?;
-        let ce = cross_entropy(
-            &out.logits.reshape((rows, model.config.vocab_size))?,
-            &targets,
-        )?
-        .to_scalar::<f32>()?;
-        sum += ce as f64 * rows as f64;
+        let (ce, rows) = window_loss(model, &batch)?;
+        sum += ce * rows as f64;
         rows_total += rows;
     }
     if rows_total == 0 {
