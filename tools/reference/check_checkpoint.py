@@ -6,7 +6,9 @@ Usage: python3 tools/reference/check_checkpoint.py CHECKPOINT_DIR [--skymoe targ
 
 Runs `skymoe logits` and transformers' AutoModelForCausalLM (eager attention, float32) on the
 same tokens and prints the largest absolute logit difference; exits 1 above the tolerance.
-Works for the llama, mixtral and qwen2_moe layouts (Skywork-MoE needs its remote code).
+Works for the llama, mixtral and qwen2_moe layouts, and for Skywork-MoE checkpoints written by
+skymoe, which carry transformers remote code (tools/reference/skywork_remote/, loaded with
+trust_remote_code=True).
 """
 
 import argparse
@@ -32,7 +34,7 @@ def main():
         out = os.path.join(tmp, "logits.safetensors")
         subprocess.run([a.skymoe, "logits", "--model", a.checkpoint, "--tokens", a.tokens, "--out", out], check=True)
         ours = load_file(out)["logits"]
-    model = AutoModelForCausalLM.from_pretrained(a.checkpoint, attn_implementation="eager").float().eval()
+    model = AutoModelForCausalLM.from_pretrained(a.checkpoint, attn_implementation="eager", trust_remote_code=True).float().eval()
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
     d = (ref - ours).abs().max().item()

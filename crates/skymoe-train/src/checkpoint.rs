@@ -64,6 +64,24 @@ fn save_tensors(map: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     sync_file(path)
 }
 
+/// transformers remote code for the Skywork-MoE layout (Skywork's own modeling code lives on
+/// the Hugging Face hub): written beside every Skywork-MoE checkpoint so that
+/// `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads it.
+const SKYWORK_REMOTE_CODE: [(&str, &str); 3] = [
+    (
+        "configuration_skywork_moe.py",
+        include_str!("../../../tools/reference/skywork_remote/configuration_skywork_moe.py"),
+    ),
+    (
+        "modeling_skywork_moe.py",
+        include_str!("../../../tools/reference/skywork_remote/modeling_skywork_moe.py"),
+    ),
+    (
+        "skywork_moe_ref.py",
+        include_str!("../../../tools/reference/skywork_moe_ref.py"),
+    ),
+];
+
 /// Write the model (Hugging Face layout) into `dir`, which must exist.
 pub fn write_model_files(
     dir: &Path,
@@ -71,8 +89,17 @@ pub fn write_model_files(
     tensors: &BTreeMap<String, Tensor>,
     tokenizer: Option<&Path>,
 ) -> Result<()> {
-    let cfg = serde_json::to_vec_pretty(&config.to_hf_json())
-        .map_err(|e| TrainError::Config(e.to_string()))?;
+    let mut json = config.to_hf_json();
+    if config.architecture == skymoe_model::Architecture::SkyworkMoe {
+        json["auto_map"] = serde_json::json!({
+            "AutoConfig": "configuration_skywork_moe.SkyworkMoeConfig",
+            "AutoModelForCausalLM": "modeling_skywork_moe.SkyworkForCausalLM",
+        });
+        for (name, text) in SKYWORK_REMOTE_CODE {
+            write_synced(&dir.join(name), text.as_bytes())?;
+        }
+    }
+    let cfg = serde_json::to_vec_pretty(&json).map_err(|e| TrainError::Config(e.to_string()))?;
     write_synced(&dir.join("config.json"), &cfg)?;
     let map: HashMap<String, Tensor> = tensors
         .iter()

@@ -77,6 +77,24 @@ fn upcycled_models_compute_the_dense_function() {
         let m = ck.config.moe.as_ref().unwrap();
         assert_eq!((m.num_experts, m.top_k), (8, 2));
         assert!(out.join("tokenizer.json").exists());
+        // Skywork checkpoints carry transformers remote code (auto_map) so transformers loads them.
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        let remote = [
+            "configuration_skywork_moe.py",
+            "modeling_skywork_moe.py",
+            "skywork_moe_ref.py",
+        ];
+        if arch == "skywork" {
+            assert_eq!(
+                cfg["auto_map"]["AutoModelForCausalLM"],
+                "modeling_skywork_moe.SkyworkForCausalLM"
+            );
+            assert!(remote.iter().all(|f| out.join(f).exists()));
+        } else {
+            assert!(cfg.get("auto_map").is_none() && remote.iter().all(|f| !out.join(f).exists()));
+        }
         let got = logits(&out, &TOKENS);
         let d = max_diff(&got, &want);
         assert!(
