@@ -1,4 +1,5 @@
-//! skymoe-kernels: fused forward+backward operations that candle lacks.
+//! skymoe-kernels: fused forward+backward operations that candle lacks (RMSNorm, softmax,
+//! causal softmax, RoPE, SwiGLU activation, cross-entropy).
 //!
 //! Each public function computes the same value as a composition of candle's generic tensor
 //! ops (the "reference" functions in [`reference`]), but in one pass over memory, and carries
@@ -11,11 +12,13 @@ pub mod reference;
 
 mod cross_entropy;
 mod rms_norm;
+mod rope;
 mod silu_mul;
 mod softmax;
 
 pub use cross_entropy::cross_entropy;
 pub use rms_norm::rms_norm;
+pub use rope::rope;
 pub use silu_mul::silu_mul;
 pub use softmax::{causal_softmax, softmax_last_dim};
 

@@ -51,3 +51,14 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logp = shifted.broadcast_sub(&lse)?;
     logp.gather(&targets.unsqueeze(1)?, 1)?.mean_all()?.neg()
 }
+
+/// RoPE, "rotate_half" layout: `x · cos + rotate_half(x) · sin` with `rotate_half([a, b]) =
+/// [−b, a]`; `cos`/`sin` are `[seq, head_dim]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let half = d / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use skymoe_kernels::{
-    causal_softmax, cross_entropy, reference, rms_norm, silu_mul, softmax_last_dim,
+    causal_softmax, cross_entropy, reference, rms_norm, rope, silu_mul, softmax_last_dim,
 };
 
 /// Deterministic pseudo-random values in [-scale, scale).
@@ -193,4 +193,28 @@ fn other_dtypes_fall_back_to_the_reference() {
         .to_scalar::<f64>()
         .unwrap();
     assert_eq!(d, 0.0);
+}
+
+#[test]
+fn rope_matches_reference() {
+    for (shape, seed) in [(vec![1, 2, 3, 8], 13u64), (vec![4, 8, 128, 32], 14)] {
+        let (t, d) = (shape[2], shape[3]);
+        // "rotate_half" tables: both halves of each row equal.
+        let half: Vec<f32> = (0..t * d / 2).map(|i| (i as f32 * 0.37).sin()).collect();
+        let table = |f: fn(f32) -> f32| {
+            let v: Vec<f32> = (0..t)
+                .flat_map(|r| (0..d).map(move |c| (r, c % (d / 2))))
+                .map(|(r, c)| f(half[r * d / 2 + c] * 3.0))
+                .collect();
+            Tensor::from_vec(v, (t, d), &Device::Cpu).unwrap()
+        };
+        let (cos, sin) = (table(f32::cos), table(f32::sin));
+        let x = Var::from_tensor(&rand(&shape, seed, 2.0)).unwrap();
+        check(
+            &[x],
+            |ts| rope(&ts[0], &cos, &sin),
+            |ts| reference::rope(&ts[0], &cos, &sin),
+            2e-5,
+        );
+    }
 }

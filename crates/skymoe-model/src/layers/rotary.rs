@@ -1,13 +1,12 @@
 //! Rotary position embedding in Hugging Face's "rotate_half" layout.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// Precomputed cos/sin tables.
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
     cos: Tensor,
     sin: Tensor,
-    head_dim: usize,
 }
 
 impl RotaryEmbedding {
@@ -33,7 +32,6 @@ impl RotaryEmbedding {
         Ok(RotaryEmbedding {
             cos: Tensor::from_vec(cos, (max_positions, head_dim), device)?.to_dtype(DType::F32)?,
             sin: Tensor::from_vec(sin, (max_positions, head_dim), device)?.to_dtype(DType::F32)?,
-            head_dim,
         })
     }
 
@@ -47,10 +45,6 @@ impl RotaryEmbedding {
         let seq = x.dim(2)?;
         let cos = self.cos.narrow(0, offset, seq)?;
         let sin = self.sin.narrow(0, offset, seq)?;
-        let half = self.head_dim / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+        skymoe_kernels::rope(x, &cos, &sin)
     }
 }
