@@ -1,35 +1,9 @@
 //! The `skymoe` binary end to end: verbs work on the reference fixtures, and bad input gives a
 //! clear message and a non-zero exit, never a panic.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/reference")
-}
-
-fn skymoe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_skymoe"))
-        .args(args)
-        .output()
-        .expect("run skymoe")
-}
-
-fn assert_clean_failure(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "expected failure, got success; stderr: {stderr}"
-    );
-    assert!(
-        !stderr.contains("panicked"),
-        "panic instead of an error: {stderr}"
-    );
-    assert!(
-        stderr.contains(needle),
-        "stderr should mention `{needle}`: {stderr}"
-    );
-}
+use common::{assert_clean_failure, fixtures, skymoe};
 
 #[test]
 fn logits_verb_writes_the_reference_logits() {

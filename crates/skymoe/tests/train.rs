@@ -1,15 +1,14 @@
 //! `skymoe train` end to end: a run trains and checkpoints; a run killed mid-way and resumed
 //! reproduces the losses of an uninterrupted run exactly; bad setups fail cleanly.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{assert_clean_failure, corpus, skymoe};
 use skymoe_model::Checkpoint;
-
-fn corpus() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/corpus")
-}
 
 fn write_config(dir: &Path, extra: &str) -> PathBuf {
     let p = dir.join("run.toml");
@@ -50,13 +49,6 @@ keep_checkpoints = 3
     );
     std::fs::write(&p, text).unwrap();
     p
-}
-
-fn skymoe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_skymoe"))
-        .args(args)
-        .output()
-        .expect("run skymoe")
 }
 
 fn losses(run: &Path) -> Vec<(u64, f64, Vec<f64>, Vec<f64>)> {
@@ -265,19 +257,6 @@ fn trained_checkpoint_loads_and_generates() {
     assert!(ppl > 1.0 && ppl < 300.0, "perplexity {ppl}");
     assert!((e["loss"].as_f64().unwrap().exp() - ppl).abs() < 1e-2 * ppl);
     assert_eq!(e["tokens_predicted"], 40 * 32);
-}
-
-fn assert_clean_failure(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure; stderr: {stderr}");
-    assert!(
-        !stderr.contains("panicked"),
-        "panic instead of an error: {stderr}"
-    );
-    assert!(
-        stderr.contains(needle),
-        "stderr should mention `{needle}`: {stderr}"
-    );
 }
 
 #[test]

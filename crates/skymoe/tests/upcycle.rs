@@ -1,22 +1,13 @@
 //! `skymoe upcycle`: the upcycled model computes the dense model's function (no noise), for
 //! both layouts and both gate initialisations, from safetensors and GGUF; bad requests fail.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
+use common::{assert_clean_failure, fixtures, skymoe};
 use skymoe_model::{CausalLm, Checkpoint, Tokenizer};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/reference")
-}
-
-fn skymoe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_skymoe"))
-        .args(args)
-        .output()
-        .expect("run skymoe")
-}
 
 fn logits(model: &Path, tokens: &[u32]) -> Tensor {
     let ckpt = Checkpoint::open(model, &Device::Cpu).unwrap();
@@ -160,14 +151,6 @@ fn expert_noise_makes_experts_differ() {
     assert!(max_diff(a, b) > 1e-3);
     let d = max_diff(&logits(&out, &TOKENS), &logits(&dense, &TOKENS));
     assert!(d > 1e-4, "noise should change the function (Δ {d})");
-}
-
-fn assert_clean_failure(o: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && !stderr.contains("panicked") && stderr.contains(needle),
-        "{stderr}"
-    );
 }
 
 #[test]

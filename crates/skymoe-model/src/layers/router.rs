@@ -264,6 +264,15 @@ mod tests {
     }
 
     #[test]
+    fn gate_ratio_is_the_mean_top1_over_top2() {
+        let r = routing(vec![0, 1, 1, 0], vec![0.6, 0.2, 0.5, 0.5], 2, 2);
+        assert!((r.gate_ratio() - 2.0).abs() < 1e-6, "(3 + 1) / 2");
+        assert!(routing(vec![0, 1], vec![0.7, 0.9], 1, 2)
+            .gate_ratio()
+            .is_nan());
+    }
+
+    #[test]
     fn logits_norm_of_equal_logits_is_zero_not_nan() -> Result<()> {
         let z = Tensor::new(&[[0.0f32, 0.0, 0.0, 0.0]], &candle_core::Device::Cpu)?;
         assert_eq!(
