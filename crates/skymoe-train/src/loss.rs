@@ -1,14 +1,6 @@
-//! Losses: next-token cross-entropy (composed from differentiable ops).
+//! Losses: next-token cross-entropy (the fused kernel of `skymoe-kernels`, with backward).
 
-use candle_core::{Result, Tensor, D};
-
-/// `log_softmax` over the last dimension: `x − max − log Σ exp(x − max)`.
-pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    shifted.broadcast_sub(&lse)
-}
+use candle_core::{Result, Tensor};
 
 /// Mean cross-entropy of `logits` `[n, vocab]` against `targets` `[n]` (u32 ids); fused on
 /// CPU, with backward.
