@@ -35,6 +35,8 @@ enum Command {
     Tokenizer(cmd::tokenizer::Args),
     /// Plot a training run's metrics and write an HTML report.
     Report(cmd::report::Args),
+    /// Choose the parallel layout (TP/EP/EDP/ETP/PP/DP/ZeRO) of an MoE training job on a cluster.
+    Plan(cmd::plan::Args),
     /// Turn a dense Llama checkpoint into an MoE (experts start as copies of the dense FFN).
     Upcycle(cmd::upcycle::Args),
 }
@@ -61,6 +63,7 @@ fn main() {
         Command::Tokenizer(a) => cmd::tokenizer::run(a),
         Command::Report(a) => cmd::report::run(a),
         Command::Upcycle(a) => cmd::upcycle::run(a),
+        Command::Plan(a) => cmd::plan::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,5 +1,6 @@
 //! One module per verb; each is a thin adapter over the library crates.
 
+pub mod calibrate;
 pub mod demo;
 pub mod eval;
 pub mod experiment;
@@ -7,6 +8,7 @@ pub mod generate;
 pub mod grads;
 pub mod inspect;
 pub mod logits;
+pub mod plan;
 pub mod report;
 pub mod tokenizer;
 pub mod train;
