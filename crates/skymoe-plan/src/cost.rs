@@ -76,6 +76,10 @@ pub struct LayerCost {
     pub ep_bytes: (f64, f64),
     /// Bytes this rank sends per micro-batch through tensor-parallel collectives, forward and backward.
     pub tp_bytes: f64,
+    /// Matrix-product FLOPs of the forward (the backward does twice as many).
+    pub forward_flops: f64,
+    /// Element-wise memory traffic of the forward (the backward moves twice as much).
+    pub forward_bytes: f64,
 }
 
 impl LayerCost {
@@ -96,6 +100,20 @@ pub struct EdgeCost {
     pub activation_bytes: f64,
     /// Transient bytes of one micro-batch (the fp32 logits and their gradient).
     pub transient_bytes: f64,
+    /// Matrix-product FLOPs, forward and backward.
+    pub flops: f64,
+    /// Element-wise memory traffic, forward and backward.
+    pub bytes: f64,
+}
+
+/// The compute of one optimiser step on a single device (no parallelism): what
+/// `skymoe plan --calibrate` fits the machine's constants to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepWork {
+    /// Matrix-product FLOPs.
+    pub flops: f64,
+    /// Element-wise and optimiser memory traffic, bytes.
+    pub bytes: f64,
 }
 
 /// Everything the per-layer formulas need.
@@ -274,6 +292,8 @@ impl CostModel<'_> {
             expert_params,
             ep_bytes: (2.0 * ep_fwd.intra_bytes, 2.0 * ep_fwd.inter_bytes),
             tp_bytes: 2.0 * (tp_fwd.intra_bytes + tp_fwd.inter_bytes),
+            forward_flops: flops,
+            forward_bytes: ELEMENTWISE_TRAFFIC * act,
         }
     }
 
@@ -287,8 +307,11 @@ impl CostModel<'_> {
         );
         let tp = self.layout.tp as f64;
         let pass = self.net().ring_pass(self.tp_group(), t * h * e);
-        let compute = self.compute_seconds(0.0, 3.0 * t * h * e);
+        let bytes = 3.0 * t * h * e;
+        let compute = self.compute_seconds(0.0, bytes);
         EdgeCost {
+            flops: 0.0,
+            bytes,
             work: Work {
                 compute,
                 tp_comm: 2.0 * pass.seconds,
@@ -311,8 +334,9 @@ impl CostModel<'_> {
         let tp = self.layout.tp as f64;
         let logits = t * v / tp * 4.0;
         let flops = t * self.head_flops_per_token() / tp;
-        let fwd = self.compute_seconds(flops, 3.0 * t / tp * h * e + 2.0 * logits);
-        let bwd = self.compute_seconds(2.0 * flops, 3.0 * t / tp * h * e + 2.0 * logits);
+        let traffic = 3.0 * t / tp * h * e + 2.0 * logits;
+        let fwd = self.compute_seconds(flops, traffic);
+        let bwd = self.compute_seconds(2.0 * flops, traffic);
         let net = self.net();
         // All-gather of the hidden states, three all-reduces of per-token scalars (max,
         // sum of exponentials, target logit); the mirror in backward.
@@ -327,6 +351,8 @@ impl CostModel<'_> {
             params: v * h / tp + h,
             activation_bytes: t / tp * h * e,
             transient_bytes: 2.0 * logits + t * h * e,
+            flops: 3.0 * flops,
+            bytes: 2.0 * traffic,
         }
     }
 
@@ -388,5 +414,27 @@ impl CostModel<'_> {
         let shards = |n: usize| if self.layout.zero >= 1 { n as f64 } else { 1.0 };
         let params = dense / shards(self.layout.dp) + expert / shards(self.layout.expert_dp());
         params * (b.grad + 2.0 * b.optimizer + b.weight) / (self.cluster.mem_gbps * 1e9)
+    }
+
+    /// The work of one optimiser step over `micro` micro-batches on a single device: every
+    /// layer's forward and backward, embedding, head and loss, and the optimiser update.
+    pub fn single_device_step(&self, micro: usize) -> StepWork {
+        let m = self.model;
+        let (mut flops, mut bytes, mut params) = (0.0, 0.0, 0.0);
+        for l in 0..m.layers {
+            let c = self.layer(l);
+            flops += 3.0 * c.forward_flops;
+            bytes += 3.0 * c.forward_bytes;
+            params += c.dense_params + c.expert_params;
+        }
+        let (emb, head) = (self.embedding(), self.head());
+        flops += emb.flops + head.flops;
+        bytes += emb.bytes + head.bytes;
+        params += emb.params + if m.tied_embeddings { 0.0 } else { head.params };
+        let b = self.job.bytes_per_param();
+        StepWork {
+            flops: micro as f64 * flops,
+            bytes: micro as f64 * bytes + params * (b.grad + 2.0 * b.optimizer + b.weight),
+        }
     }
 }

@@ -596,6 +596,11 @@ pub fn enumerate_layouts(model: &ModelShape, cluster: &Cluster, zero_stages: &[u
                         continue;
                     }
                     for &zero in zero_stages {
+                        // Without replicas ZeRO shards nothing: keep one stage.
+                        let replicated = dp > 1 || tp * dp > ep * etp;
+                        if !replicated && zero != zero_stages[0] {
+                            continue;
+                        }
                         let layout = Layout {
                             tp,
                             ep,
@@ -639,12 +644,18 @@ pub fn plan_all(
     Ok(plans)
 }
 
-/// Feasible plans first, faster first, then less memory.
+/// Feasible plans first, faster first, then less memory; then the plans that do not fit,
+/// closest to fitting first.
 pub fn sort_plans(plans: &mut [Plan]) {
     plans.sort_by(|a, b| {
-        b.feasible
-            .cmp(&a.feasible)
-            .then(a.step_time_s.total_cmp(&b.step_time_s))
-            .then(a.mem_gib_per_gpu.total_cmp(&b.mem_gib_per_gpu))
+        b.feasible.cmp(&a.feasible).then(if a.feasible {
+            a.step_time_s
+                .total_cmp(&b.step_time_s)
+                .then(a.mem_gib_per_gpu.total_cmp(&b.mem_gib_per_gpu))
+        } else {
+            a.mem_gib_per_gpu
+                .total_cmp(&b.mem_gib_per_gpu)
+                .then(a.step_time_s.total_cmp(&b.step_time_s))
+        })
     });
 }

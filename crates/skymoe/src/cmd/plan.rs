@@ -179,7 +179,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     if let Some(p) = plans.first().filter(|p| !p.feasible) {
         bail!(
-            "no layout fits: {}",
+            "no layout fits; the closest, {}: {}",
+            p.args,
             p.why_infeasible.as_deref().unwrap_or("unknown")
         );
     }

@@ -48,6 +48,62 @@ pub struct Args {
     /// No progress bar (log lines instead).
     #[arg(long)]
     quiet: bool,
+    /// Parallel layout, as `skymoe plan` prints it: `tp=..,ep=..,edp=..,etp=..,pp=..,dp=..,zero=..`.
+    #[arg(long)]
+    parallel: Option<String>,
+    /// Decoder layers per pipeline stage, e.g. 5,7,7,5.
+    #[arg(long)]
+    pp_layers: Option<String>,
+    /// Recomputed (activation-checkpointed) layers per pipeline stage.
+    #[arg(long)]
+    recompute_layers: Option<String>,
+}
+
+/// Processes in this run. Multi-process launching (mpirun) is not part of this build, so
+/// every run is one process.
+const WORLD_SIZE: usize = 1;
+
+/// Parse `--parallel` and check that this run has the processes it needs.
+fn parallel_spec(a: &Args) -> anyhow::Result<skymoe_plan::LayoutSpec> {
+    let spec = match &a.parallel {
+        Some(text) => skymoe_plan::LayoutSpec::parse(text)?,
+        None => skymoe_plan::LayoutSpec::default(),
+    };
+    let wanted = spec.tp.or(spec.edp).unwrap_or(1) * spec.pp.unwrap_or(1) * spec.dp.unwrap_or(1);
+    if wanted != WORLD_SIZE {
+        anyhow::bail!(
+            "--parallel {} needs {wanted} processes; this build trains in one process (multi-process training under mpirun is not available yet)",
+            a.parallel.as_deref().unwrap_or("")
+        );
+    }
+    Ok(spec)
+}
+
+/// Check `--parallel`, `--pp-layers` and `--recompute-layers` against this run's processes
+/// and the model; a layout this build cannot run is a clear error.
+fn check_parallel(a: &Args, model: &skymoe_model::ModelConfig) -> anyhow::Result<()> {
+    use skymoe_plan::layout::{check_stage_layers, parse_counts};
+    use skymoe_plan::ModelShape;
+    let spec = parallel_spec(a)?;
+    let layout = spec.resolve(WORLD_SIZE, 0)?;
+    layout.check(&ModelShape::from_config(model, "model"))?;
+    if let Some(text) = &a.pp_layers {
+        check_stage_layers(&parse_counts(text)?, layout.pp, model.num_hidden_layers)?;
+    }
+    if let Some(text) = &a.recompute_layers {
+        let counts = parse_counts(text)?;
+        if counts.len() != layout.pp {
+            anyhow::bail!(
+                "{} recompute counts given for pp={}",
+                counts.len(),
+                layout.pp
+            );
+        }
+        if counts.iter().any(|&r| r > 0) {
+            anyhow::bail!("activation recomputation is not available in the trainer yet; use --recompute-layers 0");
+        }
+    }
+    Ok(())
 }
 
 /// Draws the progress bar.
@@ -181,8 +237,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         None => RunConfig::default(),
     };
     let cfg = apply_overrides(cfg, &a);
+    parallel_spec(&a).context("bad parallel layout")?;
     let mut obs = ProgressObserver::new(a.quiet);
     let mut trainer = Trainer::prepare(cfg, &mut obs).context("cannot set up the run")?;
+    check_parallel(&a, &trainer.model_config).context("bad parallel layout")?;
     let summary = trainer.run(&mut obs).context("training failed")?;
     drop(obs);
     eprintln!(
