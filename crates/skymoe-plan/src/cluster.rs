@@ -41,6 +41,11 @@ pub struct Cluster {
     pub intra_latency_us: f64,
     /// Start-up latency of one collective across nodes, µs.
     pub inter_latency_us: f64,
+    /// Fixed cost of one layer's forward and backward beyond its FLOPs and bytes (operator
+    /// dispatch, thread synchronisation), µs. Zero for GPUs, whose kernels queue
+    /// asynchronously; fitted by `skymoe plan --calibrate` on CPUs.
+    #[serde(default)]
+    pub layer_overhead_us: f64,
 }
 
 /// Names of the built-in cluster presets.
@@ -73,6 +78,7 @@ impl Cluster {
                 inter_gbps: 25.0 * 0.8,
                 intra_latency_us: 10.0,
                 inter_latency_us: 20.0,
+                layer_overhead_us: 0.0,
             },
             "h100-80g" => Cluster {
                 name: name.into(),
@@ -88,6 +94,7 @@ impl Cluster {
                 inter_gbps: 50.0 * 0.8,
                 intra_latency_us: 10.0,
                 inter_latency_us: 20.0,
+                layer_overhead_us: 0.0,
             },
             "rtx4090-24g" => Cluster {
                 name: name.into(),
@@ -103,6 +110,7 @@ impl Cluster {
                 inter_gbps: 12.5 / 8.0,
                 intra_latency_us: 20.0,
                 inter_latency_us: 40.0,
+                layer_overhead_us: 0.0,
             },
             _ => return None,
         };
@@ -174,6 +182,7 @@ impl Cluster {
             ("reserved_gib", self.reserved_gib),
             ("intra_latency_us", self.intra_latency_us),
             ("inter_latency_us", self.inter_latency_us),
+            ("layer_overhead_us", self.layer_overhead_us),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(PlanError::Cluster(format!(

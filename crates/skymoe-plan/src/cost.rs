@@ -114,6 +114,8 @@ pub struct StepWork {
     pub flops: f64,
     /// Element-wise and optimiser memory traffic, bytes.
     pub bytes: f64,
+    /// Layer forward-and-backward passes (each pays the cluster's `layer_overhead_us`).
+    pub layer_passes: f64,
 }
 
 /// Everything the per-layer formulas need.
@@ -274,7 +276,8 @@ impl CostModel<'_> {
                 dense_params += m.ffn_dense_params(layer) / tp;
             }
         }
-        let compute = self.compute_seconds(flops, ELEMENTWISE_TRAFFIC * act);
+        let overhead = self.cluster.layer_overhead_us * 1e-6;
+        let compute = self.compute_seconds(flops, ELEMENTWISE_TRAFFIC * act) + overhead / 3.0;
         let forward = Work {
             compute,
             tp_comm: tp_fwd.seconds,
@@ -283,7 +286,7 @@ impl CostModel<'_> {
         LayerCost {
             forward,
             backward: Work {
-                compute: 2.0 * compute,
+                compute: 2.0 * (compute - overhead / 3.0) + 2.0 * overhead / 3.0,
                 ..forward
             },
             activation_bytes: act,
@@ -433,6 +436,7 @@ impl CostModel<'_> {
         params += emb.params + if m.tied_embeddings { 0.0 } else { head.params };
         let b = self.job.bytes_per_param();
         StepWork {
+            layer_passes: (micro * m.layers) as f64,
             flops: micro as f64 * flops,
             bytes: micro as f64 * bytes + params * (b.grad + 2.0 * b.optimizer + b.weight),
         }

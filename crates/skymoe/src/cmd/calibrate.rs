@@ -33,7 +33,7 @@ struct Point {
     seconds: f64,
 }
 
-const VOCAB: usize = 512;
+const VOCAB: usize = 2048;
 
 fn run_config(s: &Shape) -> RunConfig {
     let mut c = RunConfig::default();
@@ -45,6 +45,7 @@ fn run_config(s: &Shape) -> RunConfig {
     c.model.experts = s.experts;
     c.model.max_position_embeddings = s.seq.max(64);
     c.data.seq_len = s.seq;
+    c.data.vocab_size = VOCAB;
     c.train.batch_size = s.batch;
     c
 }
@@ -74,6 +75,7 @@ fn placeholder_cluster() -> Cluster {
         inter_gbps: 1.0,
         intra_latency_us: 1.0,
         inter_latency_us: 10.0,
+        layer_overhead_us: 0.0,
     }
 }
 
@@ -98,7 +100,7 @@ fn work_of(config: &ModelConfig, s: &Shape, c: &RunConfig) -> StepWork {
     cost.single_device_step(1)
 }
 
-/// Median seconds of a training step of `s` over `reps` steps after one warm-up step.
+/// Median seconds of a training step of `s` over `reps` steps after three warm-up steps.
 fn measure(s: &Shape, reps: usize) -> anyhow::Result<Point> {
     let c = run_config(s);
     let config = c.fresh_model_config(VOCAB, None, None)?;
@@ -115,10 +117,11 @@ fn measure(s: &Shape, reps: usize) -> anyhow::Result<Point> {
         .collect();
     let micro = vec![batch];
     let mut times = Vec::with_capacity(reps);
-    for i in 0..=reps {
+    const WARM_UP: usize = 3;
+    for i in 0..reps + WARM_UP {
         let t0 = Instant::now();
         trainer.step_on_batches(&micro, t0, &None)?;
-        if i > 0 {
+        if i >= WARM_UP {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
@@ -149,17 +152,39 @@ fn matmul_flops_per_s() -> anyhow::Result<f64> {
     Ok(2.0 * (n * n * n) as f64 / times[times.len() / 2])
 }
 
-/// With matrix products at `flops_per_s`, fit the seconds per byte of element-wise traffic
-/// that minimises the squared relative error of `seconds ≈ flops/flops_per_s + bytes·b`.
-fn fit_bytes(points: &[Point], flops_per_s: f64) -> f64 {
-    let (mut num, mut den) = (0.0, 0.0);
-    for p in points {
-        let rest = (p.seconds - p.work.flops / flops_per_s) / p.seconds;
-        let y = p.work.bytes / p.seconds;
-        num += rest * y;
-        den += y * y;
+/// With matrix products at `flops_per_s`, fit seconds per byte of element-wise traffic `b`
+/// and seconds per layer pass `c` (both ≥ 0) minimising the squared relative error of
+/// `seconds ≈ flops/flops_per_s + bytes·b + layer_passes·c`.
+fn fit_rest(points: &[Point], flops_per_s: f64) -> (f64, f64) {
+    // Rows scaled by 1/seconds: x = bytes/s, y = passes/s, target = 1 − flops/(F·s).
+    let rows: Vec<(f64, f64, f64)> = points
+        .iter()
+        .map(|p| {
+            (
+                p.work.bytes / p.seconds,
+                p.work.layer_passes / p.seconds,
+                1.0 - p.work.flops / flops_per_s / p.seconds,
+            )
+        })
+        .collect();
+    let (mut sxx, mut sxy, mut syy, mut sxt, mut syt) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for &(x, y, t) in &rows {
+        sxx += x * x;
+        sxy += x * y;
+        syy += y * y;
+        sxt += x * t;
+        syt += y * t;
     }
-    (num / den).max(1e-15)
+    let det = sxx * syy - sxy * sxy;
+    if det > 0.0 {
+        let b = (sxt * syy - syt * sxy) / det;
+        let c = (syt * sxx - sxt * sxy) / det;
+        if b > 0.0 && c >= 0.0 {
+            return (b, c);
+        }
+    }
+    // The overhead term alone would be negative or degenerate: bytes only.
+    ((sxt / sxx).max(1e-15), 0.0)
 }
 
 fn memory_gib() -> Option<f64> {
@@ -225,9 +250,9 @@ pub fn run(out: Option<&Path>, quick: bool, json: bool) -> anyhow::Result<()> {
                 shape(512, 1536, 1, 4, 128, 4),
                 shape(768, 2048, 1, 4, 64, 4),
             ],
-            // The demo's MoE shape, not in the fit.
-            shape(256, 512, 4, 8, 256, 4),
-            5,
+            // The default run's shape (docs/run.toml), not in the fit.
+            shape(128, 256, 4, 8, 128, 8),
+            7,
         )
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -244,14 +269,15 @@ pub fn run(out: Option<&Path>, quick: bool, json: bool) -> anyhow::Result<()> {
     }
     let held_out = measure(&check, reps).with_context(|| format!("timing {}", describe(&check)))?;
     let flops_per_s = matmul_flops_per_s()?;
-    let b = fit_bytes(&points, flops_per_s);
-    let predict = |w: &StepWork| w.flops / flops_per_s + b * w.bytes;
+    let (b, c) = fit_rest(&points, flops_per_s);
+    let predict = |w: &StepWork| w.flops / flops_per_s + b * w.bytes + c * w.layer_passes;
     let bytes_per_s = 1.0 / b;
     let mut cluster = placeholder_cluster();
     cluster.name = format!("{} ({threads} threads, calibrated)", cpu_name());
     cluster.fp32_tflops = flops_per_s / 1e12;
     cluster.tflops = cluster.fp32_tflops;
     cluster.mem_gbps = bytes_per_s / 1e9;
+    cluster.layer_overhead_us = c * 1e6;
     let err = |p: &Point| predict(&p.work) / p.seconds - 1.0;
     if json {
         let pts: Vec<serde_json::Value> = points
@@ -277,9 +303,10 @@ pub fn run(out: Option<&Path>, quick: bool, json: bool) -> anyhow::Result<()> {
         );
     } else {
         println!(
-            "measured {:.1} GFLOP/s in a large matrix product; fitted {:.2} GB/s of element-wise traffic (everything else the step does)\n",
+            "measured {:.1} GFLOP/s in a large matrix product; fitted {:.2} GB/s of element-wise traffic and {:.0} µs per layer pass\n",
             flops_per_s / 1e9,
-            bytes_per_s / 1e9
+            bytes_per_s / 1e9,
+            c * 1e6
         );
         println!(
             "{:<55} {:>12} {:>12} {:>8}",
