@@ -1,0 +1,1 @@
+//! The device mesh: which ranks form each group of a parallel layout.
