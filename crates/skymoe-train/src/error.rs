@@ -30,6 +30,9 @@ pub enum TrainError {
         /// What went wrong.
         reason: String,
     },
+    /// Synchronisation with the other data-parallel replicas failed.
+    #[error("replica synchronisation: {0}")]
+    Replica(String),
     /// The run configuration is invalid.
     #[error("invalid training configuration: {0}")]
     Config(String),

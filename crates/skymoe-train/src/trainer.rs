@@ -115,6 +115,8 @@ pub struct Trainer {
     /// Training data; `None` for a trainer driven with explicit batches.
     data: Option<PackedDataset>,
     tokenizer_path: Option<PathBuf>,
+    /// The other data-parallel replicas, when there are any.
+    replicas: Option<Box<dyn ReplicaSync>>,
     run_dir: PathBuf,
     device: Device,
 }
@@ -126,14 +128,83 @@ fn check_writable(dir: &Path) -> Result<()> {
     std::fs::remove_file(&probe).map_err(|e| TrainError::io(&probe, e))
 }
 
+/// Synchronisation with the other data-parallel replicas of a run (implemented over MPI by
+/// skymoe-dist). Every replica calls the same methods in the same order.
+pub trait ReplicaSync {
+    /// This replica's index.
+    fn rank(&self) -> usize;
+    /// Replicas in the run.
+    fn replicas(&self) -> usize;
+    /// Element-wise sum over the replicas, in place.
+    fn sum_f32(&self, data: &mut [f32]) -> Result<()>;
+    /// Element-wise sum over the replicas, in place.
+    fn sum_f64(&self, data: &mut [f64]) -> Result<()>;
+    /// Whether every replica passes `true`.
+    fn all_ok(&self, ok: bool) -> Result<bool>;
+}
+
+/// Elements per gradient all-reduce: gradients are flattened into buckets of this size.
+pub const GRAD_BUCKET_ELEMS: usize = 1 << 22;
+
 impl Trainer {
     /// Set up a run: tokenizer, token file, dataset, model (fresh, from `model.init`, or resumed
     /// from the newest checkpoint of the run directory).
     pub fn prepare(cfg: RunConfig, obs: &mut dyn Observer) -> Result<Self> {
+        Self::prepare_inner(cfg, obs, true)
+    }
+
+    /// Set up one data-parallel replica of a run. Replica 0 prepares the run directory
+    /// (tokenizer, token file) as [`Trainer::prepare`] does; the others then read it. Each
+    /// step, replica `r` trains on its share of the global batch (`replicas × grad_accum`
+    /// micro-batches of `batch_size`), gradients and metrics are summed over the replicas,
+    /// and every replica applies the same update; only replica 0 writes metrics and
+    /// checkpoints. The result equals one process with `grad_accum × replicas`.
+    pub fn prepare_replicated(
+        cfg: RunConfig,
+        obs: &mut dyn Observer,
+        sync: Box<dyn ReplicaSync>,
+    ) -> Result<Self> {
+        let rank = sync.rank();
+        let first = if rank == 0 {
+            Some(Self::prepare_inner(cfg.clone(), obs, true))
+        } else {
+            None
+        };
+        let ok = first.as_ref().is_none_or(|r| r.is_ok());
+        if !sync.all_ok(ok)? {
+            return match first {
+                Some(Err(e)) => Err(e),
+                _ => Err(TrainError::Config(
+                    "replica 0 could not prepare the run (see its error)".into(),
+                )),
+            };
+        }
+        let mut trainer = match first {
+            Some(t) => t?,
+            None => Self::prepare_inner(cfg, &mut Silent, false)?,
+        };
+        let ok = sync.all_ok(true)?;
+        if !ok {
+            return Err(TrainError::Config(
+                "a replica could not prepare the run".into(),
+            ));
+        }
+        trainer.replicas = Some(sync);
+        Ok(trainer)
+    }
+
+    /// This process's replica index (0 without data parallelism).
+    pub fn replica_rank(&self) -> usize {
+        self.replicas.as_ref().map_or(0, |s| s.rank())
+    }
+
+    fn prepare_inner(cfg: RunConfig, obs: &mut dyn Observer, writer: bool) -> Result<Self> {
         cfg.validate()?;
         let device = Device::Cpu;
         let run_dir = cfg.train.out_dir.clone();
-        check_writable(&run_dir)?;
+        if writer {
+            check_writable(&run_dir)?;
+        }
         let ckpt_root = run_dir.join("checkpoints");
         let resume_from = if cfg.train.resume {
             list_checkpoints(&ckpt_root)?.pop()
@@ -146,7 +217,7 @@ impl Trainer {
             Some(p) => p.clone(),
             None => {
                 let p = run_dir.join("tokenizer.json");
-                if !(resume_from.is_some() && p.exists()) {
+                if writer && !(resume_from.is_some() && p.exists()) {
                     obs.on_message(&format!(
                         "training a byte-level BPE tokenizer of {} tokens",
                         cfg.data.vocab_size
@@ -174,7 +245,7 @@ impl Trainer {
 
         // Tokens, written once.
         let token_path = run_dir.join("data").join("tokens.bin");
-        if !(resume_from.is_some() && token_path.exists()) {
+        if writer && !(resume_from.is_some() && token_path.exists()) {
             std::fs::create_dir_all(run_dir.join("data"))
                 .map_err(|e| TrainError::io(run_dir.join("data"), e))?;
             obs.on_message("tokenizing the corpus");
@@ -234,10 +305,12 @@ impl Trainer {
             },
         };
         let model = params.model(&model_config, &device)?;
-        let cfg_text = cfg.to_toml()?;
-        std::fs::write(run_dir.join("run.toml"), cfg_text)
-            .map_err(|e| TrainError::io(run_dir.join("run.toml"), e))?;
-        truncate_metrics(&run_dir.join("metrics.jsonl"), state.step)?;
+        if writer {
+            let cfg_text = cfg.to_toml()?;
+            std::fs::write(run_dir.join("run.toml"), cfg_text)
+                .map_err(|e| TrainError::io(run_dir.join("run.toml"), e))?;
+            truncate_metrics(&run_dir.join("metrics.jsonl"), state.step)?;
+        }
         Ok(Trainer {
             cfg,
             model_config,
@@ -249,6 +322,7 @@ impl Trainer {
             tokenizer_path: Some(tokenizer_path),
             run_dir,
             device,
+            replicas: None,
         })
     }
 
@@ -283,6 +357,7 @@ impl Trainer {
             data: None,
             tokenizer_path: None,
             device,
+            replicas: None,
         })
     }
 
@@ -300,7 +375,13 @@ impl Trainer {
     pub fn run(&mut self, obs: &mut dyn Observer) -> Result<TrainSummary> {
         let total = self.cfg.train.steps;
         obs.on_start(self.state.step, total);
-        let metrics_path = self.run_dir.join("metrics.jsonl");
+        let writer = self.replica_rank() == 0;
+        let metrics_path = if writer {
+            self.run_dir.join("metrics.jsonl")
+        } else {
+            // Replicas other than 0 write nothing to the run directory.
+            PathBuf::from("/dev/null")
+        };
         let mut metrics = OpenOptions::new()
             .create(true)
             .append(true)
@@ -324,7 +405,7 @@ impl Trainer {
             let eval_now = (self.cfg.train.eval_every > 0
                 && step.is_multiple_of(self.cfg.train.eval_every))
                 || step == total;
-            if eval_now && self.data.as_ref().is_some_and(|d| d.num_val() > 0) {
+            if writer && eval_now && self.data.as_ref().is_some_and(|d| d.num_val() > 0) {
                 let v = self.evaluate()?;
                 let mut line =
                     serde_json::to_value(&v).map_err(|e| TrainError::Config(e.to_string()))?;
@@ -339,7 +420,7 @@ impl Trainer {
             let ckpt_now = (self.cfg.train.checkpoint_every > 0
                 && step.is_multiple_of(self.cfg.train.checkpoint_every))
                 || step == total;
-            if ckpt_now {
+            if writer && ckpt_now {
                 metrics
                     .sync_data()
                     .map_err(|e| TrainError::io(&metrics_path, e))?;
@@ -377,11 +458,18 @@ impl Trainer {
             .data
             .as_ref()
             .ok_or_else(|| TrainError::Config("this trainer has no training data".into()))?;
-        let mut micro = Vec::with_capacity(self.cfg.train.grad_accum);
-        for _ in 0..self.cfg.train.grad_accum {
-            micro.push(data.train_batch(self.state.consumed, bs));
-            self.state.consumed += bs as u64;
+        let accum = self.cfg.train.grad_accum;
+        let (rank, replicas) = self
+            .replicas
+            .as_ref()
+            .map_or((0, 1), |s| (s.rank(), s.replicas()));
+        // The global batch is `replicas × accum` micro-batches; replica r takes its run of them.
+        let mut micro = Vec::with_capacity(accum);
+        for i in 0..accum {
+            let at = self.state.consumed + ((rank * accum + i) * bs) as u64;
+            micro.push(data.train_batch(at, bs));
         }
+        self.state.consumed += (replicas * accum * bs) as u64;
         self.step_on_batches(&micro, start, last_checkpoint)
     }
 
@@ -405,6 +493,7 @@ impl Trainer {
         let mut load: Vec<Vec<f64>> = Vec::new();
         let mut gate_ratio = vec![0.0; n_moe];
         let mut tokens = 0u64;
+        let mut nonfinite = 0.0f64;
         for batch in micro {
             let bs = batch.len();
             let t = batch[0].len() - 1;
@@ -452,6 +541,11 @@ impl Trainer {
                 }
             }
             let total_val = total.to_scalar::<f32>()?;
+            if !total_val.is_finite() && self.replicas.is_some() {
+                // Tell the other replicas after the step's synchronisation, so that all stop.
+                nonfinite = nonfinite.max(1.0);
+                continue;
+            }
             if !total_val.is_finite() {
                 return Err(TrainError::NonFiniteLoss {
                     step: self.state.step + 1,
@@ -475,6 +569,49 @@ impl Trainer {
                 grads_acc = grads;
             } else {
                 accumulate(&mut grads_acc, grads)?;
+            }
+        }
+        if let Some(sync) = self.replicas.as_ref().filter(|s| s.replicas() > 1) {
+            let replicas = sync.replicas() as f64;
+            grads_acc = sum_gradients(sync.as_ref(), &self.params, grads_acc)?;
+            // Metrics: sums over replicas, means divided by their count.
+            let mut stats = vec![loss_sum, ce_sum, aux_sum, z_sum, tokens as f64, nonfinite];
+            stats.extend(&drop);
+            stats.extend(&gate_ratio);
+            for l in &load {
+                stats.extend(l);
+            }
+            sync.sum_f64(&mut stats)?;
+            let mean = |x: f64| x / replicas;
+            (loss_sum, ce_sum, aux_sum, z_sum) = (
+                mean(stats[0]),
+                mean(stats[1]),
+                mean(stats[2]),
+                mean(stats[3]),
+            );
+            tokens = stats[4].round() as u64;
+            nonfinite = stats[5];
+            let mut at = 6;
+            for d in drop.iter_mut() {
+                *d = mean(stats[at]);
+                at += 1;
+            }
+            for g in gate_ratio.iter_mut() {
+                *g = mean(stats[at]);
+                at += 1;
+            }
+            for l in load.iter_mut() {
+                for x in l.iter_mut() {
+                    *x = mean(stats[at]);
+                    at += 1;
+                }
+            }
+            if nonfinite > 0.0 {
+                return Err(TrainError::NonFiniteLoss {
+                    step: self.state.step + 1,
+                    value: f32::NAN,
+                    last_checkpoint: last_checkpoint.clone(),
+                });
             }
         }
         let grad_norm = global_norm(&grads_acc)?;
@@ -633,4 +770,55 @@ pub fn evaluate_all_windows(
         return Err(TrainError::Config("no sequences to evaluate".into()));
     }
     Ok((sum / rows_total as f64, rows_total))
+}
+
+/// Sum every parameter's gradient over the replicas and divide by their count, in buckets of
+/// [`GRAD_BUCKET_ELEMS`] elements, in parameter-name order (a parameter no token reached
+/// contributes zeros).
+fn sum_gradients(
+    sync: &dyn ReplicaSync,
+    params: &TrainableParams,
+    mut local: BTreeMap<String, Tensor>,
+) -> Result<BTreeMap<String, Tensor>> {
+    let scale = 1.0 / sync.replicas() as f32;
+    let names: Vec<&String> = params.vars.keys().collect();
+    let mut out = BTreeMap::new();
+    let mut start = 0;
+    while start < names.len() {
+        // One bucket: whole tensors up to GRAD_BUCKET_ELEMS elements (at least one tensor).
+        let mut end = start;
+        let mut elems = 0;
+        while end < names.len() {
+            let n = params.vars[names[end]].as_tensor().elem_count();
+            if end > start && elems + n > GRAD_BUCKET_ELEMS {
+                break;
+            }
+            elems += n;
+            end += 1;
+        }
+        let mut bucket = Vec::with_capacity(elems);
+        for name in &names[start..end] {
+            match local.remove(*name) {
+                Some(g) => bucket.extend(g.flatten_all()?.to_vec1::<f32>()?),
+                None => bucket.extend(std::iter::repeat_n(
+                    0f32,
+                    params.vars[*name].as_tensor().elem_count(),
+                )),
+            }
+        }
+        sync.sum_f32(&mut bucket)?;
+        let mut at = 0;
+        for name in &names[start..end] {
+            let var = params.vars[*name].as_tensor();
+            let n = var.elem_count();
+            let data: Vec<f32> = bucket[at..at + n].iter().map(|x| x * scale).collect();
+            out.insert(
+                (*name).clone(),
+                Tensor::from_vec(data, var.shape(), var.device())?,
+            );
+            at += n;
+        }
+        start = end;
+    }
+    Ok(out)
 }

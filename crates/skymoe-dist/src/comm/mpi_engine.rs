@@ -27,6 +27,11 @@ impl MpiRuntime {
         self.universe.world().size() as usize
     }
 
+    /// This process's rank in the job.
+    pub fn world_rank(&self) -> usize {
+        self.universe.world().rank() as usize
+    }
+
     /// The communicator of every process, watched with `timeout`.
     pub fn world(&self, timeout: Duration) -> MpiComm {
         let world = self.universe.world();

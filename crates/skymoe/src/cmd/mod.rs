@@ -7,6 +7,7 @@ pub mod experiment;
 pub mod generate;
 pub mod grads;
 pub mod inspect;
+pub mod launch;
 pub mod logits;
 pub mod plan;
 pub mod report;

@@ -9,6 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use skymoe_train::trainer::{Observer, StepMetrics, ValMetrics};
 use skymoe_train::{RunConfig, Trainer};
 
+use super::launch;
+
 /// Arguments of `skymoe train`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -57,36 +59,66 @@ pub struct Args {
     /// Recomputed (activation-checkpointed) layers per pipeline stage.
     #[arg(long)]
     recompute_layers: Option<String>,
+    /// Seconds a collective may wait for the other processes before the run stops.
+    #[arg(long, default_value_t = 600)]
+    comm_timeout_s: u64,
 }
 
-/// Processes in this run. Multi-process launching (mpirun) is not part of this build, so
-/// every run is one process.
-const WORLD_SIZE: usize = 1;
-
-/// Parse `--parallel` and check that this run has the processes it needs.
-fn parallel_spec(a: &Args) -> anyhow::Result<skymoe_plan::LayoutSpec> {
+/// Parse `--parallel` and check it against the processes of this run. Data parallelism runs
+/// over processes; the other degrees are checked but not yet run across processes.
+fn parallel_spec(a: &Args, world: usize) -> anyhow::Result<skymoe_plan::Layout> {
     let spec = match &a.parallel {
         Some(text) => skymoe_plan::LayoutSpec::parse(text)?,
         None => skymoe_plan::LayoutSpec::default(),
     };
-    let wanted = spec.tp.or(spec.edp).unwrap_or(1) * spec.pp.unwrap_or(1) * spec.dp.unwrap_or(1);
-    if wanted != WORLD_SIZE {
+    let wanted = spec.tp.or(spec.edp).unwrap_or(1)
+        * spec.pp.unwrap_or(1)
+        * spec
+            .dp
+            .unwrap_or(if a.parallel.is_some() { 1 } else { world });
+    if wanted != world {
+        if world == 1 {
+            anyhow::bail!(
+                "--parallel {} needs {wanted} processes; launch with `mpirun -np {wanted} skymoe train ...`",
+                a.parallel.as_deref().unwrap_or("")
+            );
+        }
         anyhow::bail!(
-            "--parallel {} needs {wanted} processes; this build trains in one process (multi-process training under mpirun is not available yet)",
+            "--parallel {} needs {wanted} processes, but {world} were started",
             a.parallel.as_deref().unwrap_or("")
         );
     }
-    Ok(spec)
+    let layout = spec.resolve(world, 0)?;
+    if layout.tp > 1 || layout.pp > 1 || layout.ep > 1 || layout.etp > 1 {
+        anyhow::bail!(
+            "--parallel {}: tensor, expert and pipeline parallelism across processes are not available yet; data parallelism (dp=N) is",
+            layout.to_arg()
+        );
+    }
+    if layout.zero > 0 && layout.dp > 1 {
+        anyhow::bail!(
+            "--parallel {}: ZeRO sharding is not available yet; use zero=0",
+            layout.to_arg()
+        );
+    }
+    Ok(layout)
 }
 
-/// Check `--parallel`, `--pp-layers` and `--recompute-layers` against this run's processes
-/// and the model; a layout this build cannot run is a clear error.
-fn check_parallel(a: &Args, model: &skymoe_model::ModelConfig) -> anyhow::Result<()> {
+/// Check `--parallel`, `--pp-layers` and `--recompute-layers` against the model.
+fn check_parallel(
+    a: &Args,
+    layout: skymoe_plan::Layout,
+    procs: &launch::Processes,
+    model: &skymoe_model::ModelConfig,
+) -> anyhow::Result<()> {
     use skymoe_plan::layout::{check_stage_layers, parse_counts};
     use skymoe_plan::ModelShape;
-    let spec = parallel_spec(a)?;
-    let layout = spec.resolve(WORLD_SIZE, 0)?;
-    layout.check(&ModelShape::from_config(model, "model"))?;
+    skymoe_dist::mesh::Mesh::new(
+        procs.world,
+        procs.rank,
+        layout,
+        &ModelShape::from_config(model, "model"),
+    )?;
     if let Some(text) = &a.pp_layers {
         check_stage_layers(&parse_counts(text)?, layout.pp, model.num_hidden_layers)?;
     }
@@ -100,7 +132,9 @@ fn check_parallel(a: &Args, model: &skymoe_model::ModelConfig) -> anyhow::Result
             );
         }
         if counts.iter().any(|&r| r > 0) {
-            anyhow::bail!("activation recomputation is not available in the trainer yet; use --recompute-layers 0");
+            anyhow::bail!(
+                "activation recomputation is not available in the trainer yet; use --recompute-layers 0"
+            );
         }
     }
     Ok(())
@@ -232,20 +266,46 @@ fn apply_overrides(mut cfg: RunConfig, a: &Args) -> RunConfig {
 
 /// Run the verb.
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let procs = launch::Processes::detect()?;
+    match run_on(&a, &procs) {
+        Err(e) if procs.world > 1 => procs.fail(&e),
+        other => other,
+    }
+}
+
+fn run_on(a: &Args, procs: &launch::Processes) -> anyhow::Result<()> {
     let cfg = match &a.config {
         Some(p) => RunConfig::from_file(p)?,
         None => RunConfig::default(),
     };
-    let cfg = apply_overrides(cfg, &a);
-    parallel_spec(&a).context("bad parallel layout")?;
-    let mut obs = ProgressObserver::new(a.quiet);
-    let mut trainer = Trainer::prepare(cfg, &mut obs).context("cannot set up the run")?;
-    check_parallel(&a, &trainer.model_config).context("bad parallel layout")?;
-    let summary = trainer.run(&mut obs).context("training failed")?;
-    drop(obs);
+    let cfg = apply_overrides(cfg, a);
+    let layout = parallel_spec(a, procs.world).context("bad parallel layout")?;
+    let lead = procs.rank == 0;
+    let mut progress = ProgressObserver::new(a.quiet);
+    let mut silent = skymoe_train::trainer::Silent;
+    let obs: &mut dyn Observer = if lead { &mut progress } else { &mut silent };
+    let mut trainer = if procs.world > 1 {
+        let comm = procs.world_comm(Duration::from_secs(a.comm_timeout_s.max(1)));
+        let sync = skymoe_dist::data_parallel::DataParallel::new(comm);
+        Trainer::prepare_replicated(cfg, obs, Box::new(sync))
+    } else {
+        Trainer::prepare(cfg, obs)
+    }
+    .context("cannot set up the run")?;
+    check_parallel(a, layout, procs, &trainer.model_config).context("bad parallel layout")?;
+    let summary = trainer.run(obs).context("training failed")?;
+    drop(progress);
+    if !lead {
+        return Ok(());
+    }
     eprintln!(
-        "trained {} steps: final loss {:.4}{}, {:.0} tokens/s; checkpoint {}",
+        "trained {} steps{}: final loss {:.4}{}, {:.0} tokens/s; checkpoint {}",
         summary.steps,
+        if procs.world > 1 {
+            format!(" on {} processes", procs.world)
+        } else {
+            String::new()
+        },
         summary.final_loss,
         summary
             .final_val

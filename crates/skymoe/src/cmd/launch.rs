@@ -1,0 +1,84 @@
+//! The processes of a run: one, or many under `mpirun` (feature `mpi`).
+
+use std::time::Duration;
+
+use skymoe_dist::comm::{Communicator, SingleProcess};
+
+/// Environment variables that MPI launchers set in every process they start.
+const LAUNCHER_VARS: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"];
+
+/// This process's place among the processes of the run.
+pub struct Processes {
+    /// Processes in the run.
+    pub world: usize,
+    /// This process's rank.
+    pub rank: usize,
+    #[cfg(feature = "mpi")]
+    runtime: Option<skymoe_dist::comm::mpi_engine::MpiRuntime>,
+}
+
+impl Processes {
+    /// One process, or the MPI job this process was started in.
+    pub fn detect() -> anyhow::Result<Self> {
+        let launched = LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some());
+        #[cfg(feature = "mpi")]
+        {
+            if launched {
+                let runtime = skymoe_dist::comm::mpi_engine::MpiRuntime::init()
+                    .ok_or_else(|| anyhow::anyhow!("MPI was already initialised"))?;
+                let world = runtime.world_size();
+                let rank = runtime.world_rank();
+                return Ok(Processes {
+                    world,
+                    rank,
+                    runtime: Some(runtime),
+                });
+            }
+            Ok(Processes {
+                world: 1,
+                rank: 0,
+                runtime: None,
+            })
+        }
+        #[cfg(not(feature = "mpi"))]
+        {
+            let many = std::env::var("OMPI_COMM_WORLD_SIZE")
+                .ok()
+                .and_then(|s| s.parse::<usize>().ok())
+                .is_some_and(|n| n > 1);
+            if launched && many {
+                anyhow::bail!(
+                    "started under mpirun, but this skymoe was built without multi-process support; rebuild with `cargo build --release --features mpi`"
+                );
+            }
+            Ok(Processes { world: 1, rank: 0 })
+        }
+    }
+
+    /// The communicator of all processes; a collective waiting longer than `timeout` ends
+    /// the process with a message naming its rank.
+    pub fn world_comm(&self, timeout: Duration) -> Box<dyn Communicator> {
+        #[cfg(feature = "mpi")]
+        if let Some(rt) = &self.runtime {
+            return Box::new(rt.world(timeout));
+        }
+        let _ = timeout;
+        Box::new(SingleProcess)
+    }
+
+    /// Report `error` as this rank's and end every process of the run with a failure.
+    pub fn fail(&self, error: &anyhow::Error) -> ! {
+        if self.world > 1 {
+            eprintln!("error: rank {}: {error:#}", self.rank);
+        } else {
+            eprintln!("error: {error:#}");
+        }
+        #[cfg(feature = "mpi")]
+        if let Some(rt) = &self.runtime {
+            if self.world > 1 {
+                rt.abort(1);
+            }
+        }
+        std::process::exit(1)
+    }
+}

@@ -1,0 +1,324 @@
+//! Multi-process training under `mpirun` (feature `mpi`): data parallelism equals one process
+//! accumulating the same micro-batches; layout errors and a killed rank stop every rank.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{corpus, skymoe};
+
+fn mpirun(np: usize, args: &[&str], tag: &str) -> Command {
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["-np", &np.to_string(), "--oversubscribe"])
+        .arg(env!("CARGO_BIN_EXE_skymoe"))
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("SKYMOE_TEST_TAG", tag);
+    cmd
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn write_config(dir: &Path, grad_accum: usize, steps: usize) -> PathBuf {
+    let p = dir.join(format!("run-accum{grad_accum}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            r#"
+[model]
+arch = "skywork_moe"
+hidden_size = 32
+intermediate_size = 64
+layers = 2
+heads = 4
+kv_heads = 2
+experts = 4
+top_k = 2
+max_position_embeddings = 128
+
+[router]
+capacity_factor = 1.0
+
+[aux]
+balance = "skywork"
+adaptive = true
+alpha_init = 0.01
+
+[data]
+inputs = ["{}"]
+vocab_size = 300
+seq_len = 32
+
+[optim]
+warmup_steps = 1
+lr = 0.003
+
+[train]
+steps = {steps}
+batch_size = 2
+grad_accum = {grad_accum}
+eval_every = 0
+checkpoint_every = 0
+"#,
+            corpus().display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// (loss, ce, aux, drop rates, α) per training step.
+type StepRecord = (f64, f64, f64, Vec<f64>, Vec<f64>);
+
+fn steps(run: &Path) -> Vec<StepRecord> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| {
+            let list = |k: &str| -> Vec<f64> {
+                v[k].as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            };
+            (
+                v["loss"].as_f64().unwrap(),
+                v["ce"].as_f64().unwrap(),
+                v["aux_loss"].as_f64().unwrap(),
+                list("drop_rate"),
+                list("alpha"),
+            )
+        })
+        .collect()
+}
+
+fn close(a: f64, b: f64, what: &str) {
+    let tol = 1e-5 * a.abs().max(b.abs()) + 1e-9;
+    assert!((a - b).abs() <= tol, "{what}: {a} vs {b}");
+}
+
+fn weights(run: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    let ck = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    candle_core::safetensors::load(ck.join("model.safetensors"), &candle_core::Device::Cpu).unwrap()
+}
+
+#[test]
+fn data_parallel_equals_one_process_accumulating_the_same_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    for np in [2usize, 4] {
+        let single = tmp.path().join(format!("single-{np}"));
+        let cfg = write_config(tmp.path(), np, 3);
+        let out = skymoe(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--quiet",
+            "--out",
+            single.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+
+        let parallel = tmp.path().join(format!("dp-{np}"));
+        let cfg = write_config(tmp.path(), 1, 3);
+        let dp = format!("dp={np}");
+        let out = mpirun(
+            np,
+            &[
+                "train",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--quiet",
+                "--out",
+                parallel.to_str().unwrap(),
+                "--parallel",
+                &dp,
+            ],
+            "dp",
+        )
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            text(&out).contains(&format!("on {np} processes")),
+            "{}",
+            text(&out)
+        );
+
+        let (a, b) = (steps(&single), steps(&parallel));
+        assert_eq!(a.len(), 3);
+        assert_eq!(b.len(), 3, "only rank 0 writes metrics");
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            close(x.0, y.0, &format!("np={np} step {i} loss"));
+            close(x.1, y.1, &format!("np={np} step {i} ce"));
+            close(x.2, y.2, &format!("np={np} step {i} aux"));
+            for (l, (p, q)) in x.3.iter().zip(&y.3).enumerate() {
+                close(*p, *q, &format!("np={np} step {i} drop rate layer {l}"));
+            }
+            for (l, (p, q)) in x.4.iter().zip(&y.4).enumerate() {
+                close(*p, *q, &format!("np={np} step {i} alpha layer {l}"));
+            }
+        }
+        assert!(
+            a.iter().any(|s| s.3.iter().any(|&d| d > 0.0)),
+            "the runs drop tokens"
+        );
+        let (wa, wb) = (weights(&single), weights(&parallel));
+        assert_eq!(wa.len(), wb.len());
+        for (name, ta) in &wa {
+            let tb = &wb[name];
+            let diff = (ta - tb)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let scale = ta
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= 1e-5 * scale.max(1e-3),
+                "np={np} {name}: max |Δ| {diff} (scale {scale})"
+            );
+        }
+        // The checkpoint of the parallel run is an ordinary one: a single process loads it.
+        let ck = std::fs::read_dir(parallel.join("checkpoints"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let out = skymoe(&["inspect", "--model", ck.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+}
+
+#[test]
+fn a_layout_the_processes_cannot_run_stops_every_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), 1, 2);
+    let run = tmp.path().join("run");
+    for (layout, needle) in [
+        ("dp=4", "needs 4 processes, but 2 were started"),
+        ("tp=2", "not available yet"),
+    ] {
+        let out = mpirun(
+            2,
+            &[
+                "train",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--quiet",
+                "--out",
+                run.to_str().unwrap(),
+                "--parallel",
+                layout,
+            ],
+            "layout",
+        )
+        .output()
+        .unwrap();
+        assert!(!out.status.success());
+        let t = text(&out);
+        assert!(t.contains(needle), "{layout}: {t}");
+        assert!(t.contains("error: rank "), "{t}");
+    }
+}
+
+/// Processes of this test's runs with `OMPI_COMM_WORLD_RANK` = `rank`.
+fn pids_of_rank(tag: &str, rank: usize) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+        let has = |kv: &str| vars.contains(&kv.as_bytes());
+        if has(&format!("SKYMOE_TEST_TAG={tag}")) && has(&format!("OMPI_COMM_WORLD_RANK={rank}")) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn killing_a_rank_stops_the_run_with_the_rank_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), 1, 100_000);
+    let run = tmp.path().join("run");
+    let tag = format!("kill-{}", std::process::id());
+    let mut child = mpirun(
+        2,
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--quiet",
+            "--out",
+            run.to_str().unwrap(),
+            "--parallel",
+            "dp=2",
+        ],
+        &tag,
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Wait for training to start (a metrics line), then kill rank 1.
+    let t0 = Instant::now();
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(true, |t| t.lines().count() < 2)
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let victims = pids_of_rank(&tag, 1);
+    assert!(!victims.is_empty(), "rank 1's process not found");
+    for pid in victims {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    // Every rank must exit, non-zero, promptly: no hang.
+    let t0 = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the run hung after rank 1 was killed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("rank 1"), "{t}");
+    assert!(pids_of_rank(&tag, 0).is_empty(), "rank 0 is still running");
+}
