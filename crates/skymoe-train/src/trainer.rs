@@ -54,6 +54,10 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     /// Seconds since the run (or resume) started.
     pub elapsed_s: f64,
+    /// Bytes this replica handed to the data-parallel all-reduces this step (gradients and
+    /// metrics; 0 in a single process).
+    #[serde(default)]
+    pub sync_bytes: u64,
 }
 
 /// A validation result (`kind = "val"`).
@@ -571,8 +575,15 @@ impl Trainer {
                 accumulate(&mut grads_acc, grads)?;
             }
         }
+        let mut sync_bytes = 0u64;
         if let Some(sync) = self.replicas.as_ref().filter(|s| s.replicas() > 1) {
             let replicas = sync.replicas() as f64;
+            sync_bytes = 4 * self
+                .params
+                .vars
+                .values()
+                .map(|v| v.as_tensor().elem_count() as u64)
+                .sum::<u64>();
             grads_acc = sum_gradients(sync.as_ref(), &self.params, grads_acc)?;
             // Metrics: sums over replicas, means divided by their count.
             let mut stats = vec![loss_sum, ce_sum, aux_sum, z_sum, tokens as f64, nonfinite];
@@ -581,6 +592,7 @@ impl Trainer {
             for l in &load {
                 stats.extend(l);
             }
+            sync_bytes += 8 * stats.len() as u64;
             sync.sum_f64(&mut stats)?;
             let mean = |x: f64| x / replicas;
             (loss_sum, ce_sum, aux_sum, z_sum) = (
@@ -655,6 +667,7 @@ impl Trainer {
             lr,
             tokens_per_s: tokens as f64 / secs,
             elapsed_s: start.elapsed().as_secs_f64(),
+            sync_bytes,
         })
     }
 

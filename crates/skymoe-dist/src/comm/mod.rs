@@ -7,6 +7,8 @@
 
 #[cfg(feature = "mpi")]
 pub mod mpi_engine;
+#[cfg(feature = "nccl")]
+pub mod nccl_engine;
 mod watchdog;
 
 pub use watchdog::Watchdog;

@@ -7,6 +7,25 @@ use skymoe_dist::comm::{Communicator, SingleProcess};
 /// Environment variables that MPI launchers set in every process they start.
 const LAUNCHER_VARS: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"];
 
+/// Give each process of this node an equal share of its cores for intra-op threads (unless
+/// `RAYON_NUM_THREADS` is set): ranks on one node would otherwise each start a thread per
+/// core and fight over them. Runs before any thread pool exists.
+#[cfg(feature = "mpi")]
+fn share_cores_between_local_ranks() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let local = std::env::var("OMPI_COMM_WORLD_LOCAL_SIZE")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / local).max(1);
+    // Read by the thread pool when it starts and by the matrix products on every call.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+}
+
 /// This process's place among the processes of the run.
 pub struct Processes {
     /// Processes in the run.
@@ -24,6 +43,7 @@ impl Processes {
         #[cfg(feature = "mpi")]
         {
             if launched {
+                share_cores_between_local_ranks();
                 let runtime = skymoe_dist::comm::mpi_engine::MpiRuntime::init()
                     .ok_or_else(|| anyhow::anyhow!("MPI was already initialised"))?;
                 let world = runtime.world_size();
