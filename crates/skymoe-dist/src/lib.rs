@@ -9,3 +9,4 @@
 pub mod comm;
 pub mod data_parallel;
 pub mod mesh;
+pub mod model_parallel;

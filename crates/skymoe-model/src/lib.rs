@@ -6,6 +6,7 @@ pub mod error;
 pub mod layers;
 pub mod model;
 pub mod names;
+pub mod parallel;
 pub mod params;
 pub mod sampling;
 pub mod tokenizer;

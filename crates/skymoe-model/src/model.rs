@@ -14,6 +14,7 @@ use crate::layers::rotary::RotaryEmbedding;
 use crate::layers::router::{Gate, Router, Routing};
 use crate::layers::TensorLoader;
 use crate::names::{self, SwiGluNames};
+use crate::parallel::Sharding;
 use crate::weights::{Checkpoint, WeightSource};
 
 /// Per-layer keys and values for incremental decoding.
@@ -104,6 +105,108 @@ fn swiglu(l: &dyn TensorLoader, n: &SwiGluNames, hidden: usize, ffn: usize) -> R
     })
 }
 
+/// Build decoder layer `i` of `c` from `l`, cut over `sharding`'s group when given (the loader
+/// then hands out this rank's parts).
+pub fn build_layer(
+    c: &ModelConfig,
+    l: &dyn TensorLoader,
+    i: usize,
+    sharding: Option<&Sharding>,
+) -> Result<DecoderLayer> {
+    let h = c.hidden_size;
+    let (n, rank) = sharding.map_or((1, 0), |s| (s.tp.size(), s.tp.rank()));
+    let tp = sharding.map(|s| s.tp.clone());
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim / n,
+        c.num_key_value_heads * c.head_dim / n,
+    );
+    let p = |s: &str| names::layer(i, s);
+    let proj = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
+        let w = l.tensor(&p(&format!("self_attn.{name}.weight")), &[rows, cols])?;
+        let b = if bias {
+            Some(l.tensor(&p(&format!("self_attn.{name}.bias")), &[rows])?)
+        } else {
+            None
+        };
+        Ok(Linear::new(w, b))
+    };
+    let attention = Attention {
+        q_proj: proj("q_proj", q, h, c.qkv_bias)?,
+        k_proj: proj("k_proj", kv, h, c.qkv_bias)?,
+        v_proj: proj("v_proj", kv, h, c.qkv_bias)?,
+        o_proj: proj("o_proj", h, q, c.o_bias)?,
+        num_heads: c.num_attention_heads / n,
+        num_kv_heads: c.num_key_value_heads / n,
+        head_dim: c.head_dim,
+        tp: tp.clone(),
+    };
+    let ffn = match (&c.moe, c.is_moe_layer(i)) {
+        (Some(m), true) => {
+            let names = c.moe_names(i);
+            let e = m.num_experts;
+            let gate = match &names.gate2 {
+                Some(g2) => Gate::TwoLayer(
+                    Linear::new(l.tensor(&names.gate, &[8 * e, h])?, None),
+                    Linear::new(l.tensor(g2, &[e, 8 * e])?, None),
+                ),
+                None => Gate::Linear(Linear::new(l.tensor(&names.gate, &[e, h])?, None)),
+            };
+            let whole = sharding.is_some_and(|s| s.whole_experts);
+            let (expert_ids, width): (Vec<usize>, usize) = if whole {
+                let per = e / n;
+                (
+                    (rank * per..(rank + 1) * per).collect(),
+                    m.expert_intermediate_size,
+                )
+            } else {
+                ((0..e).collect(), m.expert_intermediate_size / n)
+            };
+            let experts = expert_ids
+                .iter()
+                .map(|&x| swiglu(l, &names.experts[x], h, width))
+                .collect::<Result<Vec<_>>>()?;
+            let shared = match (&names.shared, m.shared_expert_intermediate_size) {
+                (Some((sn, sg)), Some(sf)) => Some(SharedExpert {
+                    ffn: swiglu(l, sn, h, sf / n)?,
+                    gate: Linear::new(l.tensor(sg, &[1, h])?, None),
+                }),
+                _ => None,
+            };
+            FeedForward::Moe(MoeBlock {
+                router: Router {
+                    gate,
+                    config: m.router.clone(),
+                    top_k: m.top_k,
+                },
+                experts,
+                expert_ids,
+                num_experts: e,
+                shared,
+                tp: tp.clone(),
+            })
+        }
+        _ => FeedForward::Dense(swiglu(
+            l,
+            &c.dense_ffn_names(i),
+            h,
+            c.intermediate_size / n,
+        )?),
+    };
+    Ok(DecoderLayer {
+        input_norm: RmsNorm::new(
+            l.tensor(&p("input_layernorm.weight"), &[h])?,
+            c.rms_norm_eps,
+        ),
+        attention,
+        post_attention_norm: RmsNorm::new(
+            l.tensor(&p("post_attention_layernorm.weight"), &[h])?,
+            c.rms_norm_eps,
+        ),
+        ffn,
+        tp,
+    })
+}
+
 impl CausalLm {
     /// Build the model from a checkpoint opened with [`Checkpoint::open`].
     pub fn load(ckpt: &Checkpoint, device: &Device) -> Result<Self> {
@@ -116,82 +219,24 @@ impl CausalLm {
 
     /// Build the model from any tensor loader (checkpoints, trainable variables, ...).
     pub fn from_loader(config: ModelConfig, l: &dyn TensorLoader, device: &Device) -> Result<Self> {
+        Self::from_loader_sharded(config, l, device, None)
+    }
+
+    /// Build this rank's part of a model cut over a tensor-parallel group (see
+    /// [`crate::parallel`]); `l` hands out this rank's parts (e.g. a
+    /// [`crate::parallel::SliceLoader`]). `None` builds the whole model.
+    pub fn from_loader_sharded(
+        config: ModelConfig,
+        l: &dyn TensorLoader,
+        device: &Device,
+        sharding: Option<&Sharding>,
+    ) -> Result<Self> {
         let c = &config;
         let h = c.hidden_size;
-        let (q, kv) = (
-            c.num_attention_heads * c.head_dim,
-            c.num_key_value_heads * c.head_dim,
-        );
         let embed = l.tensor(names::EMBED, &[c.vocab_size, h])?;
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for i in 0..c.num_hidden_layers {
-            let p = |s: &str| names::layer(i, s);
-            let proj = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
-                let w = l.tensor(&p(&format!("self_attn.{name}.weight")), &[rows, cols])?;
-                let b = if bias {
-                    Some(l.tensor(&p(&format!("self_attn.{name}.bias")), &[rows])?)
-                } else {
-                    None
-                };
-                Ok(Linear::new(w, b))
-            };
-            let attention = Attention {
-                q_proj: proj("q_proj", q, h, c.qkv_bias)?,
-                k_proj: proj("k_proj", kv, h, c.qkv_bias)?,
-                v_proj: proj("v_proj", kv, h, c.qkv_bias)?,
-                o_proj: proj("o_proj", h, q, c.o_bias)?,
-                num_heads: c.num_attention_heads,
-                num_kv_heads: c.num_key_value_heads,
-                head_dim: c.head_dim,
-            };
-            let ffn = match (&c.moe, c.is_moe_layer(i)) {
-                (Some(m), true) => {
-                    let n = c.moe_names(i);
-                    let e = m.num_experts;
-                    let gate = match &n.gate2 {
-                        Some(g2) => Gate::TwoLayer(
-                            Linear::new(l.tensor(&n.gate, &[8 * e, h])?, None),
-                            Linear::new(l.tensor(g2, &[e, 8 * e])?, None),
-                        ),
-                        None => Gate::Linear(Linear::new(l.tensor(&n.gate, &[e, h])?, None)),
-                    };
-                    let experts = n
-                        .experts
-                        .iter()
-                        .map(|x| swiglu(l, x, h, m.expert_intermediate_size))
-                        .collect::<Result<Vec<_>>>()?;
-                    let shared = match (&n.shared, m.shared_expert_intermediate_size) {
-                        (Some((sn, sg)), Some(sf)) => Some(SharedExpert {
-                            ffn: swiglu(l, sn, h, sf)?,
-                            gate: Linear::new(l.tensor(sg, &[1, h])?, None),
-                        }),
-                        _ => None,
-                    };
-                    FeedForward::Moe(MoeBlock {
-                        router: Router {
-                            gate,
-                            config: m.router.clone(),
-                            top_k: m.top_k,
-                        },
-                        experts,
-                        shared,
-                    })
-                }
-                _ => FeedForward::Dense(swiglu(l, &c.dense_ffn_names(i), h, c.intermediate_size)?),
-            };
-            layers.push(DecoderLayer {
-                input_norm: RmsNorm::new(
-                    l.tensor(&p("input_layernorm.weight"), &[h])?,
-                    c.rms_norm_eps,
-                ),
-                attention,
-                post_attention_norm: RmsNorm::new(
-                    l.tensor(&p("post_attention_layernorm.weight"), &[h])?,
-                    c.rms_norm_eps,
-                ),
-                ffn,
-            });
-        }
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| build_layer(c, l, i, sharding))
+            .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(l.tensor(names::FINAL_NORM, &[h])?, c.rms_norm_eps);
         let lm_head = if c.tie_word_embeddings {
             embed.clone()

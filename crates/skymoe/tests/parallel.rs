@@ -322,3 +322,108 @@ fn killing_a_rank_stops_the_run_with_the_rank_named() {
     assert!(t.contains("rank 1"), "{t}");
     assert!(pids_of_rank(&tag, 0).is_empty(), "rank 0 is still running");
 }
+
+/// `skymoe grads` of one process, and the same under mpirun with a model-parallel layout.
+fn grads_file(dir: &Path, model: &Path, tag: &str, layout: Option<(usize, &[&str])>) -> PathBuf {
+    let out = dir.join(format!("{tag}.safetensors"));
+    let tokens = "1,5,9,3,7,2,11,4";
+    let mut args = vec![
+        "grads",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        tokens,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let o = match layout {
+        None => skymoe(&args),
+        Some((np, extra)) => {
+            args.extend_from_slice(extra);
+            mpirun(np, &args, "grads").output().unwrap()
+        }
+    };
+    assert!(o.status.success(), "{tag}: {}", text(&o));
+    out
+}
+
+/// Processes and extra arguments of one `mpirun` launch.
+type Launch<'a> = (usize, &'a [&'a str]);
+
+#[test]
+fn model_parallel_gradients_equal_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixtures = common::fixtures();
+    let cases: [(&str, &[Launch]); 4] = [
+        (
+            "skywork_moe",
+            &[
+                (2, &["--parallel", "tp=2"]),
+                (2, &["--parallel", "edp=2"]),
+                (4, &["--parallel", "edp=4"]),
+                (4, &["--parallel", "tp=4"]),
+                (4, &["--parallel", "edp=2,pp=2", "--pp-layers", "1,2"]),
+                (3, &["--parallel", "pp=3"]),
+            ],
+        ),
+        (
+            "qwen2_moe",
+            &[
+                (2, &["--parallel", "tp=2"]),
+                (2, &["--parallel", "edp=2"]),
+                (4, &["--parallel", "tp=2,pp=2", "--pp-layers", "2,1"]),
+            ],
+        ),
+        (
+            "skywork_moe_variant",
+            &[
+                (2, &["--parallel", "edp=2"]),
+                (2, &["--parallel", "pp=2", "--pp-layers", "1,2"]),
+            ],
+        ),
+        (
+            "llama",
+            &[
+                (2, &["--parallel", "tp=2"]),
+                (2, &["--parallel", "pp=2", "--pp-layers", "2,1"]),
+            ],
+        ),
+    ];
+    for (name, layouts) in cases {
+        let model = fixtures.join(name);
+        let single = grads_file(tmp.path(), &model, &format!("{name}-single"), None);
+        let want = candle_core::safetensors::load(&single, &candle_core::Device::Cpu).unwrap();
+        for (i, &(np, extra)) in layouts.iter().enumerate() {
+            let file = grads_file(
+                tmp.path(),
+                &model,
+                &format!("{name}-{i}"),
+                Some((np, extra)),
+            );
+            let got = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+            assert_eq!(got.len(), want.len(), "{name} {extra:?}");
+            for (t, w) in &want {
+                let g = &got[t];
+                let diff = (w - g)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let scale = w
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    diff <= 1e-5 * scale.max(1e-6),
+                    "{name} {extra:?} {t}: max |Δ| {diff}, scale {scale}"
+                );
+            }
+        }
+    }
+}

@@ -5,6 +5,7 @@ use candle_core::{Result, Tensor};
 use super::linear::Linear;
 use super::ops::softmax_last_dim;
 use super::rotary::RotaryEmbedding;
+use crate::parallel::TensorParallel;
 
 /// Keys and values of the positions seen so far, for one layer: `[batch, kv_heads, seq, head_dim]`.
 #[derive(Debug, Clone)]
@@ -26,10 +27,12 @@ pub struct Attention {
     pub v_proj: Linear,
     /// Output projection `[hidden, heads·head_dim]`.
     pub o_proj: Linear,
-    /// Query heads.
+    /// Query heads (on this rank, under tensor parallelism).
     pub num_heads: usize,
-    /// Key/value heads.
+    /// Key/value heads (on this rank).
     pub num_kv_heads: usize,
+    /// The tensor-parallel group the heads are split over, if any.
+    pub tp: Option<TensorParallel>,
     /// Head width.
     pub head_dim: usize,
 }
@@ -46,6 +49,10 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let x = &match &self.tp {
+            Some(tp) => tp.copy_in(x)?,
+            None => x.clone(),
+        };
         let q = self
             .q_proj
             .forward(x)?
@@ -95,6 +102,12 @@ impl Attention {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, nh * hd))?;
-        self.o_proj.forward(&out)
+        match &self.tp {
+            Some(tp) => {
+                let partial = self.o_proj.forward_without_bias(&out)?;
+                self.o_proj.add_bias(&tp.reduce_out(&partial)?)
+            }
+            None => self.o_proj.forward(&out),
+        }
     }
 }

@@ -9,6 +9,7 @@ use super::moe::MoeBlock;
 use super::norm::RmsNorm;
 use super::rotary::RotaryEmbedding;
 use super::router::Routing;
+use crate::parallel::TensorParallel;
 
 /// The feed-forward half of a layer.
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub struct DecoderLayer {
     pub post_attention_norm: RmsNorm,
     /// Feed-forward block.
     pub ffn: FeedForward,
+    /// The tensor-parallel group a dense FFN's columns are split over, if any.
+    pub tp: Option<TensorParallel>,
 }
 
 impl DecoderLayer {
@@ -49,7 +52,10 @@ impl DecoderLayer {
         let x = (x + a)?;
         let h = self.post_attention_norm.forward(&x)?;
         let (f, routing) = match &self.ffn {
-            FeedForward::Dense(ffn) => (ffn.forward(&h)?, None),
+            FeedForward::Dense(ffn) => match &self.tp {
+                Some(tp) => (tp.reduce_out(&ffn.forward(&tp.copy_in(&h)?)?)?, None),
+                None => (ffn.forward(&h)?, None),
+            },
             FeedForward::Moe(moe) => {
                 let (y, r) = moe.forward_with_capacity(&h, capacity_factor)?;
                 (y, Some(r))

@@ -8,6 +8,7 @@ use super::ffn::SwiGlu;
 use super::linear::Linear;
 use super::ops::sigmoid;
 use super::router::{Router, Routing};
+use crate::parallel::TensorParallel;
 
 /// A shared expert that every token passes through, scaled by `sigmoid(gate x)`.
 #[derive(Debug, Clone)]
@@ -23,10 +24,17 @@ pub struct SharedExpert {
 pub struct MoeBlock {
     /// The router.
     pub router: Router,
-    /// The routed experts.
+    /// The routed experts held here (all of them without expert parallelism).
     pub experts: Vec<SwiGlu>,
+    /// The index among all routed experts of each expert in `experts`.
+    pub expert_ids: Vec<usize>,
+    /// Routed experts in the layer.
+    pub num_experts: usize,
     /// The shared expert, if any.
     pub shared: Option<SharedExpert>,
+    /// The tensor-parallel group the experts are split or spread over, if any: each rank
+    /// computes its part of the combined output and the parts are summed.
+    pub tp: Option<TensorParallel>,
 }
 
 /// Tokens assigned to each expert: for expert `e`, the token rows and the flat
@@ -71,33 +79,64 @@ impl MoeBlock {
         let mut routing = self.router.route(&xs)?;
         routing.apply_capacity(capacity_factor);
         let k = routing.top_k;
-        let expert_input = if self.router.config.multiply_input_by_top_k {
-            (&xs * k as f64)?
-        } else {
-            xs.clone()
+        // Under tensor parallelism the router runs on every rank alike; the experts' input
+        // and the combine weights pass through `copy_in` so that their gradients, partial on
+        // each rank, are summed over the group.
+        // One joint `copy_in` per block, so every rank runs its backward all-reduces in the
+        // same order whatever experts its tokens reached.
+        let shared_gate = match &self.shared {
+            Some(shared) => Some(sigmoid(&shared.gate.forward(&xs)?)?),
+            None => None,
         };
-        let flat_weights = routing.weights.flatten_all()?;
+        let (xe, weights, shared_gate, joined) = match &self.tp {
+            Some(tp) => {
+                let mut pieces = vec![xs.clone(), routing.weights.clone()];
+                pieces.extend(shared_gate.iter().cloned());
+                let joined = tp.copy_in(&Tensor::cat(&pieces, 1)?)?;
+                (
+                    joined.narrow(1, 0, h)?.contiguous()?,
+                    joined.narrow(1, h, k)?.contiguous()?,
+                    shared_gate
+                        .as_ref()
+                        .map(|_| joined.narrow(1, h + k, 1)?.contiguous())
+                        .transpose()?,
+                    Some(joined),
+                )
+            }
+            None => (xs.clone(), routing.weights.clone(), shared_gate, None),
+        };
+        let expert_input = if self.router.config.multiply_input_by_top_k {
+            (&xe * k as f64)?
+        } else {
+            xe.clone()
+        };
+        let flat_weights = weights.flatten_all()?;
         let mut out = xs.zeros_like()?;
         let dev = xs.device();
-        for (e, (rows, slots)) in
-            group_by_expert(&routing.experts, &routing.kept, k, self.experts.len())
-                .into_iter()
-                .enumerate()
-        {
+        let groups = group_by_expert(&routing.experts, &routing.kept, k, self.num_experts);
+        for (expert, &e) in self.experts.iter().zip(&self.expert_ids) {
+            let (rows, slots) = &groups[e];
             if rows.is_empty() {
                 continue;
             }
             let n = rows.len();
-            let rows = Tensor::from_vec(rows, n, dev)?;
-            let slots = Tensor::from_vec(slots, n, dev)?;
-            let y = self.experts[e].forward(&expert_input.index_select(&rows, 0)?)?;
+            let rows = Tensor::from_vec(rows.clone(), n, dev)?;
+            let slots = Tensor::from_vec(slots.clone(), n, dev)?;
+            let y = expert.forward(&expert_input.index_select(&rows, 0)?)?;
             let w = flat_weights.index_select(&slots, 0)?.unsqueeze(1)?;
             out = out.index_add(&rows, &y.broadcast_mul(&w)?, 0)?;
         }
-        if let Some(shared) = &self.shared {
-            let s = shared.ffn.forward(&xs)?;
-            let g = sigmoid(&shared.gate.forward(&xs)?)?;
-            out = (out + s.broadcast_mul(&g)?)?;
+        if let (Some(shared), Some(g)) = (&self.shared, &shared_gate) {
+            let s = shared.ffn.forward(&xe)?;
+            out = (out + s.broadcast_mul(g)?)?;
+        }
+        if let (Some(tp), Some(joined)) = (&self.tp, &joined) {
+            // Keep the `copy_in` in the graph even when none of this rank's experts received a
+            // token, so that its backward all-reduce runs on every rank.
+            // (A zero tensor, not the constant 0: backprop prunes affine ops scaling by zero.)
+            let sum = joined.sum_all()?;
+            let anchor = sum.mul(&sum.zeros_like()?)?;
+            out = tp.reduce_out(&out.broadcast_add(&anchor)?)?;
         }
         Ok((out.reshape(dims)?, routing))
     }

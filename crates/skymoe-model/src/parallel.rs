@@ -1,0 +1,300 @@
+//! Tensor and expert parallelism inside one model replica (Megatron style, activations
+//! replicated over the tensor-parallel group).
+//!
+//! Attention heads, dense FFN columns and shared-expert columns are split over the group; the
+//! routed experts are either split the same way (ETP) or spread whole (EDP: rank `r` holds
+//! experts `r·E/n .. (r+1)·E/n`). Two autograd-aware collectives join the pieces:
+//! [`TensorParallel::copy_in`] (Megatron's *f*: identity forward, all-reduce of the gradient
+//! backward) before a split computation, and [`TensorParallel::reduce_out`] (*g*: all-reduce
+//! forward, identity backward) after it. Replicated parameters then get their full gradient
+//! on every rank and split ones the gradient of their slice: exactly the single-process
+//! gradients, cut the same way.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::layers::TensorLoader;
+use crate::names::{self, SwiGluNames};
+
+/// The all-reduce the model needs from a tensor-parallel group (implemented over MPI or
+/// NCCL by skymoe-dist). Called on the thread that runs the forward and backward passes.
+pub trait ShardComm: Send + Sync + std::fmt::Debug {
+    /// This rank in the group.
+    fn rank(&self) -> usize;
+    /// Ranks in the group.
+    fn size(&self) -> usize;
+    /// Element-wise sum over the group, in place.
+    fn all_reduce_sum(&self, data: &mut [f32]) -> std::result::Result<(), String>;
+}
+
+/// A tensor-parallel group as the layers see it.
+#[derive(Debug, Clone)]
+pub struct TensorParallel {
+    /// The group.
+    pub comm: Arc<dyn ShardComm>,
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("tensor-parallel collective expects a contiguous tensor"),
+    }
+}
+
+/// All-reduce without a backward (used inside the backward of [`CopyIn`]).
+struct AllReduce(Arc<dyn ShardComm>);
+
+impl CustomOp1 for AllReduce {
+    fn name(&self) -> &'static str {
+        "tp-all-reduce"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut v = contiguous_f32(s, l)?.to_vec();
+        self.0
+            .all_reduce_sum(&mut v)
+            .map_err(candle_core::Error::msg)?;
+        Ok((CpuStorage::F32(v), l.shape().clone()))
+    }
+}
+
+/// Megatron's *g*: all-reduce forward, identity backward.
+struct ReduceOut(Arc<dyn ShardComm>);
+
+impl CustomOp1 for ReduceOut {
+    fn name(&self) -> &'static str {
+        "tp-reduce-out"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        AllReduce(self.0.clone()).cpu_fwd(s, l)
+    }
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.clone()))
+    }
+}
+
+/// Megatron's *f*: identity forward, all-reduce of the gradient backward.
+struct CopyIn(Arc<dyn ShardComm>);
+
+impl CustomOp1 for CopyIn {
+    fn name(&self) -> &'static str {
+        "tp-copy-in"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((
+            CpuStorage::F32(contiguous_f32(s, l)?.to_vec()),
+            l.shape().clone(),
+        ))
+    }
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            grad.contiguous()?
+                .apply_op1_no_bwd(&AllReduce(self.0.clone()))?,
+        ))
+    }
+}
+
+impl TensorParallel {
+    /// This rank in the group.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// Ranks in the group.
+    pub fn size(&self) -> usize {
+        self.comm.size()
+    }
+
+    /// Identity forward; the gradient is summed over the group backward.
+    pub fn copy_in(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1(CopyIn(self.comm.clone()))
+    }
+
+    /// Sum over the group forward; the gradient passes unchanged backward.
+    pub fn reduce_out(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1(ReduceOut(self.comm.clone()))
+    }
+}
+
+/// How one model replica is cut over a tensor-parallel group.
+#[derive(Debug, Clone)]
+pub struct Sharding {
+    /// The group.
+    pub tp: TensorParallel,
+    /// Routed experts spread whole over the group (EDP) rather than split across it (ETP).
+    pub whole_experts: bool,
+}
+
+/// Which part of a checkpoint tensor a rank holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// All of it (replicated).
+    Full,
+    /// All of it, held by this rank alone (one of its whole experts).
+    Whole,
+    /// `len` rows (`dim` 0) or columns (`dim` 1) from `start`, of `full` in all.
+    Slice {
+        /// The split dimension.
+        dim: usize,
+        /// First index held.
+        start: usize,
+        /// Indices held.
+        len: usize,
+        /// Size of the dimension in the whole tensor.
+        full: usize,
+    },
+    /// None of it (another rank's expert).
+    Absent,
+}
+
+impl Part {
+    /// The shape this rank holds of a tensor of `full_shape`.
+    pub fn local_shape(&self, full_shape: &[usize]) -> Option<Vec<usize>> {
+        match *self {
+            Part::Full | Part::Whole => Some(full_shape.to_vec()),
+            Part::Slice { dim, len, .. } => {
+                let mut s = full_shape.to_vec();
+                s[dim] = len;
+                Some(s)
+            }
+            Part::Absent => None,
+        }
+    }
+}
+
+fn slice(dim: usize, full: usize, rank: usize, size: usize) -> Part {
+    let len = full / size;
+    Part::Slice {
+        dim,
+        start: rank * len,
+        len,
+        full,
+    }
+}
+
+fn split_swiglu(
+    parts: &mut HashMap<String, Part>,
+    n: &SwiGluNames,
+    ffn: usize,
+    rank: usize,
+    size: usize,
+) {
+    parts.insert(n.gate.clone(), slice(0, ffn, rank, size));
+    parts.insert(n.up.clone(), slice(0, ffn, rank, size));
+    parts.insert(n.down.clone(), slice(1, ffn, rank, size));
+}
+
+/// The part of every split or absent tensor for `rank` of `size` (tensors not listed are
+/// replicated). Heads, FFN widths and expert counts must divide by `size`.
+pub fn parts(
+    config: &ModelConfig,
+    rank: usize,
+    size: usize,
+    whole_experts: bool,
+) -> HashMap<String, Part> {
+    let c = config;
+    let mut parts = HashMap::new();
+    if size <= 1 {
+        return parts;
+    }
+    let q = c.num_attention_heads * c.head_dim;
+    let kv = c.num_key_value_heads * c.head_dim;
+    for i in 0..c.num_hidden_layers {
+        for (proj, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+            parts.insert(
+                names::layer(i, &format!("self_attn.{proj}.weight")),
+                slice(0, rows, rank, size),
+            );
+            parts.insert(
+                names::layer(i, &format!("self_attn.{proj}.bias")),
+                slice(0, rows, rank, size),
+            );
+        }
+        parts.insert(
+            names::layer(i, "self_attn.o_proj.weight"),
+            slice(1, q, rank, size),
+        );
+        match &c.moe {
+            Some(m) if c.is_moe_layer(i) => {
+                let n = c.moe_names(i);
+                let per_rank = m.num_experts / size;
+                for (e, en) in n.experts.iter().enumerate() {
+                    if whole_experts {
+                        let part = if e / per_rank.max(1) == rank {
+                            Part::Whole
+                        } else {
+                            Part::Absent
+                        };
+                        for name in [&en.gate, &en.up, &en.down] {
+                            parts.insert(name.clone(), part);
+                        }
+                    } else {
+                        split_swiglu(&mut parts, en, m.expert_intermediate_size, rank, size);
+                    }
+                }
+                if let (Some((sn, _)), Some(sf)) = (&n.shared, m.shared_expert_intermediate_size) {
+                    split_swiglu(&mut parts, sn, sf, rank, size);
+                }
+            }
+            _ => split_swiglu(
+                &mut parts,
+                &c.dense_ffn_names(i),
+                c.intermediate_size,
+                rank,
+                size,
+            ),
+        }
+    }
+    parts
+}
+
+/// Hands out this rank's part of the tensors of a loader that holds whole tensors.
+pub struct SliceLoader<'a> {
+    /// The loader of whole tensors.
+    pub inner: &'a dyn TensorLoader,
+    /// The parts (see [`parts`]).
+    pub parts: &'a HashMap<String, Part>,
+}
+
+impl TensorLoader for SliceLoader<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        match self.parts.get(name).copied().unwrap_or(Part::Full) {
+            Part::Full | Part::Whole => self.inner.tensor(name, shape),
+            Part::Slice {
+                dim,
+                start,
+                len,
+                full,
+            } => {
+                let mut whole = shape.to_vec();
+                whole[dim] = full;
+                Ok(self
+                    .inner
+                    .tensor(name, &whole)?
+                    .narrow(dim, start, len)?
+                    .contiguous()?)
+            }
+            Part::Absent => Err(ModelError::InvalidInput(format!(
+                "{name} belongs to another rank"
+            ))),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.parts.get(name) != Some(&Part::Absent) && self.inner.contains(name)
+    }
+}
