@@ -70,6 +70,33 @@ impl Mesh {
         Ok(Mesh { layout, rank })
     }
 
+    /// The mesh of `rank` among `world` ranks before the model is known (the layout is
+    /// checked against the model later, with [`Mesh::new`]).
+    pub fn for_layout(world: usize, rank: usize, layout: Layout) -> Result<Self, PlanError> {
+        if layout.world() != world || rank >= world {
+            return Err(PlanError::Layout(format!(
+                "tp={} × pp={} × dp={} = {} ranks, but {world} processes were started",
+                layout.tp,
+                layout.pp,
+                layout.dp,
+                layout.world()
+            )));
+        }
+        Ok(Mesh { layout, rank })
+    }
+
+    /// A communicator for this rank's group of `kind`, split from `world` (every rank must
+    /// ask for the same kinds in the same order).
+    pub fn communicator(
+        &self,
+        kind: GroupKind,
+        world: &dyn Communicator,
+    ) -> CommResult<Box<dyn Communicator>> {
+        let (ranks, color) = self.group(kind);
+        let key = ranks.iter().position(|&r| r == self.rank).unwrap_or(0);
+        world.split(color, key)
+    }
+
     /// (pp, dp, tp) coordinates of a rank.
     pub fn coords(&self, rank: usize) -> (usize, usize, usize) {
         let l = &self.layout;

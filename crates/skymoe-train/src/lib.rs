@@ -13,6 +13,7 @@ pub mod optim;
 pub mod params;
 pub mod report;
 pub mod run_config;
+pub mod sharded;
 pub mod trainer;
 pub mod upcycle;
 

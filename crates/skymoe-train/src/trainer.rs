@@ -8,8 +8,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
+use skymoe_model::parallel::Part;
 use skymoe_model::{CausalLm, Checkpoint, ModelConfig};
 
 use crate::aux_loss::{skywork_aux, switch_aux, z_loss, BalanceLoss};
@@ -121,6 +122,10 @@ pub struct Trainer {
     tokenizer_path: Option<PathBuf>,
     /// The other data-parallel replicas, when there are any.
     replicas: Option<Box<dyn ReplicaSync>>,
+    /// The tensor-parallel group the model is cut over, when there is one.
+    shards: Option<crate::sharded::ModelShards>,
+    /// Whether this process writes metrics and checkpoints (one process of a run does).
+    writer: bool,
     run_dir: PathBuf,
     device: Device,
 }
@@ -157,44 +162,156 @@ impl Trainer {
         Self::prepare_inner(cfg, obs, true)
     }
 
-    /// Set up one data-parallel replica of a run. Replica 0 prepares the run directory
-    /// (tokenizer, token file) as [`Trainer::prepare`] does; the others then read it. Each
-    /// step, replica `r` trains on its share of the global batch (`replicas × grad_accum`
-    /// micro-batches of `batch_size`), gradients and metrics are summed over the replicas,
-    /// and every replica applies the same update; only replica 0 writes metrics and
-    /// checkpoints. The result equals one process with `grad_accum × replicas`.
-    pub fn prepare_replicated(
+    /// Set up this process's part of a run over many processes. Process 0 of `world`
+    /// prepares the run directory (tokenizer, token file) as [`Trainer::prepare`] does and
+    /// alone writes metrics and checkpoints; the others then read it. With `data`, replica `r`
+    /// of the data-parallel group trains on its share of each global batch (`replicas ×
+    /// grad_accum` micro-batches of `batch_size`), gradients and metrics are summed over the
+    /// replicas and every replica applies the same update: the result equals one process
+    /// with `grad_accum × replicas`. With `shards`, the model and its optimiser state are cut
+    /// over a tensor-parallel group, and checkpoints hold the whole tensors.
+    pub fn prepare_parallel(
         cfg: RunConfig,
         obs: &mut dyn Observer,
-        sync: Box<dyn ReplicaSync>,
+        world: Box<dyn ReplicaSync>,
+        data: Option<Box<dyn ReplicaSync>>,
+        shards: Option<crate::sharded::ShardGroup>,
     ) -> Result<Self> {
-        let rank = sync.rank();
-        let first = if rank == 0 {
+        let writer = world.rank() == 0;
+        let first = if writer {
             Some(Self::prepare_inner(cfg.clone(), obs, true))
         } else {
             None
         };
         let ok = first.as_ref().is_none_or(|r| r.is_ok());
-        if !sync.all_ok(ok)? {
+        if !world.all_ok(ok)? {
             return match first {
                 Some(Err(e)) => Err(e),
                 _ => Err(TrainError::Config(
-                    "replica 0 could not prepare the run (see its error)".into(),
+                    "process 0 could not prepare the run (see its error)".into(),
                 )),
             };
         }
-        let mut trainer = match first {
-            Some(t) => t?,
-            None => Self::prepare_inner(cfg, &mut Silent, false)?,
+        let trainer = match first {
+            Some(t) => t,
+            None => Self::prepare_inner(cfg, &mut Silent, false),
         };
-        let ok = sync.all_ok(true)?;
-        if !ok {
-            return Err(TrainError::Config(
-                "a replica could not prepare the run".into(),
-            ));
+        if !world.all_ok(trainer.is_ok())? {
+            return match trainer {
+                Err(e) => Err(e),
+                Ok(_) => Err(TrainError::Config(
+                    "another process could not prepare the run (see its error)".into(),
+                )),
+            };
         }
-        trainer.replicas = Some(sync);
+        let mut trainer = trainer?;
+        trainer.writer = writer;
+        trainer.replicas = data;
+        if let Some(group) = shards {
+            let shards = crate::sharded::ModelShards::new(group, &trainer.model_config);
+            if !world.all_ok(shards.is_ok())? {
+                return Err(shards.err().unwrap_or_else(|| {
+                    TrainError::Config("another process could not cut the model".into())
+                }));
+            }
+            trainer.shard(shards?)?;
+        }
         Ok(trainer)
+    }
+
+    /// Cut the model and its optimiser state down to this rank's parts.
+    fn shard(&mut self, shards: crate::sharded::ModelShards) -> Result<()> {
+        let full = std::mem::replace(
+            &mut self.params,
+            TrainableParams {
+                vars: BTreeMap::new(),
+            },
+        );
+        let shapes: BTreeMap<String, Vec<usize>> = full
+            .vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+            .collect();
+        self.params = shards.shard_params(full)?;
+        let mut optimizer = AdamW::new(self.cfg.adamw(), &self.params.vars);
+        optimizer.step = self.optimizer.step;
+        for (name, m) in &optimizer.moments {
+            let (Some(old), Some(shape)) = (self.optimizer.moments.get(name), shapes.get(name))
+            else {
+                continue;
+            };
+            let old = old
+                .lock()
+                .map_err(|_| TrainError::Config("poisoned optimizer state".into()))?;
+            let p = shards.parts.get(name).copied().unwrap_or(Part::Full);
+            let mut m = m
+                .lock()
+                .map_err(|_| TrainError::Config("poisoned optimizer state".into()))?;
+            if let (Some(a), Some(b)) = (
+                crate::sharded::slice_flat(&old.m, shape, p),
+                crate::sharded::slice_flat(&old.v, shape, p),
+            ) {
+                m.m = a;
+                m.v = b;
+            }
+        }
+        self.optimizer = optimizer;
+        self.model = CausalLm::from_loader_sharded(
+            self.model_config.clone(),
+            &self.params,
+            &self.device,
+            Some(&shards.sharding),
+        )?;
+        self.shards = Some(shards);
+        Ok(())
+    }
+
+    /// The whole parameters and optimiser state of a model cut over a tensor-parallel group
+    /// (every rank of the group calls this; the result is the same on each).
+    fn gather_whole(&self) -> Result<(TrainableParams, AdamW)> {
+        let shards = self
+            .shards
+            .as_ref()
+            .ok_or_else(|| TrainError::Config("the model is not sharded".into()))?;
+        let mut vars = BTreeMap::new();
+        let mut moments = BTreeMap::new();
+        for spec in self.model_config.param_specs() {
+            let local = self.params.vars.get(&spec.name);
+            let data = match local {
+                Some(v) => Some(v.as_tensor().flatten_all()?.to_vec1::<f32>()?),
+                None => None,
+            };
+            let whole = shards.gather(&spec.name, &spec.shape, data.as_deref())?;
+            vars.insert(
+                spec.name.clone(),
+                Var::from_tensor(&Tensor::from_vec(whole, spec.shape.clone(), &self.device)?)?,
+            );
+            let (m, v) = match self.optimizer.moments.get(&spec.name) {
+                Some(m) => {
+                    let m = m
+                        .lock()
+                        .map_err(|_| TrainError::Config("poisoned optimizer state".into()))?;
+                    (Some(m.m.clone()), Some(m.v.clone()))
+                }
+                None => (None, None),
+            };
+            let m = shards.gather(&spec.name, &spec.shape, m.as_deref())?;
+            let v = shards.gather(&spec.name, &spec.shape, v.as_deref())?;
+            moments.insert(spec.name.clone(), (m, v));
+        }
+        let params = TrainableParams { vars };
+        let mut optimizer = AdamW::new(self.cfg.adamw(), &params.vars);
+        optimizer.step = self.optimizer.step;
+        for (name, slot) in &optimizer.moments {
+            if let Some((m, v)) = moments.remove(name) {
+                let mut slot = slot
+                    .lock()
+                    .map_err(|_| TrainError::Config("poisoned optimizer state".into()))?;
+                slot.m = m;
+                slot.v = v;
+            }
+        }
+        Ok((params, optimizer))
     }
 
     /// This process's replica index (0 without data parallelism).
@@ -327,6 +444,8 @@ impl Trainer {
             run_dir,
             device,
             replicas: None,
+            shards: None,
+            writer: true,
         })
     }
 
@@ -362,6 +481,8 @@ impl Trainer {
             tokenizer_path: None,
             device,
             replicas: None,
+            shards: None,
+            writer: true,
         })
     }
 
@@ -379,7 +500,7 @@ impl Trainer {
     pub fn run(&mut self, obs: &mut dyn Observer) -> Result<TrainSummary> {
         let total = self.cfg.train.steps;
         obs.on_start(self.state.step, total);
-        let writer = self.replica_rank() == 0;
+        let writer = self.writer;
         let metrics_path = if writer {
             self.run_dir.join("metrics.jsonl")
         } else {
@@ -409,14 +530,19 @@ impl Trainer {
             let eval_now = (self.cfg.train.eval_every > 0
                 && step.is_multiple_of(self.cfg.train.eval_every))
                 || step == total;
-            if writer && eval_now && self.data.as_ref().is_some_and(|d| d.num_val() > 0) {
+            // A sharded model evaluates on every rank of its group (the forward pass is
+            // collective); one process records the result.
+            let evaluates = writer || self.shards.is_some();
+            if evaluates && eval_now && self.data.as_ref().is_some_and(|d| d.num_val() > 0) {
                 let v = self.evaluate()?;
-                let mut line =
-                    serde_json::to_value(&v).map_err(|e| TrainError::Config(e.to_string()))?;
-                line["kind"] = "val".into();
-                writeln!(metrics, "{line}").map_err(|e| TrainError::io(&metrics_path, e))?;
-                obs.on_val(&v);
-                final_val = Some(v);
+                if writer {
+                    let mut line =
+                        serde_json::to_value(&v).map_err(|e| TrainError::Config(e.to_string()))?;
+                    line["kind"] = "val".into();
+                    writeln!(metrics, "{line}").map_err(|e| TrainError::io(&metrics_path, e))?;
+                    obs.on_val(&v);
+                    final_val = Some(v);
+                }
             }
             metrics
                 .flush()
@@ -424,21 +550,32 @@ impl Trainer {
             let ckpt_now = (self.cfg.train.checkpoint_every > 0
                 && step.is_multiple_of(self.cfg.train.checkpoint_every))
                 || step == total;
-            if writer && ckpt_now {
-                metrics
-                    .sync_data()
-                    .map_err(|e| TrainError::io(&metrics_path, e))?;
-                let dir = save_checkpoint(
-                    &ckpt_root,
-                    &self.model_config,
-                    &self.params,
-                    &self.optimizer,
-                    &self.state,
-                    self.tokenizer_path.as_deref(),
-                    self.cfg.train.keep_checkpoints,
-                )?;
-                obs.on_checkpoint(&dir);
-                last_checkpoint = Some(dir);
+            if ckpt_now {
+                // A sharded model gathers its whole tensors on every rank of its group.
+                let whole = match &self.shards {
+                    Some(_) => Some(self.gather_whole()?),
+                    None => None,
+                };
+                if writer {
+                    metrics
+                        .sync_data()
+                        .map_err(|e| TrainError::io(&metrics_path, e))?;
+                    let (params, optimizer) = match &whole {
+                        Some((p, o)) => (p, o),
+                        None => (&self.params, &self.optimizer),
+                    };
+                    let dir = save_checkpoint(
+                        &ckpt_root,
+                        &self.model_config,
+                        params,
+                        optimizer,
+                        &self.state,
+                        self.tokenizer_path.as_deref(),
+                        self.cfg.train.keep_checkpoints,
+                    )?;
+                    obs.on_checkpoint(&dir);
+                    last_checkpoint = Some(dir);
+                }
             }
         }
         let secs = start.elapsed().as_secs_f64().max(1e-9);
@@ -626,7 +763,10 @@ impl Trainer {
                 });
             }
         }
-        let grad_norm = global_norm(&grads_acc)?;
+        let grad_norm = match &self.shards {
+            Some(shards) => shards.grad_norm(&grads_acc)?,
+            None => global_norm(&grads_acc)?,
+        };
         if !grad_norm.is_finite() {
             return Err(TrainError::NonFiniteLoss {
                 step: self.state.step + 1,

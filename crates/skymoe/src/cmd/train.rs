@@ -89,9 +89,12 @@ fn parallel_spec(a: &Args, world: usize) -> anyhow::Result<skymoe_plan::Layout> 
         );
     }
     let layout = spec.resolve(world, 0)?;
-    if layout.tp > 1 || layout.pp > 1 || layout.ep > 1 || layout.etp > 1 {
+    use skymoe_plan::Strategy;
+    let experts_ok = matches!(layout.strategy(), Strategy::Edp | Strategy::Etp)
+        || (layout.tp == 1 && layout.strategy() == Strategy::Replicated);
+    if layout.pp > 1 || !experts_ok {
         anyhow::bail!(
-            "--parallel {}: tensor, expert and pipeline parallelism across processes are not available yet; data parallelism (dp=N) is",
+            "--parallel {}: training runs data parallelism (dp=N), tensor parallelism with experts split (tp=N) or spread whole (edp=N), and their products with dp; pipeline parallelism and expert parallelism across data-parallel ranks are not available yet",
             layout.to_arg()
         );
     }
@@ -285,9 +288,35 @@ fn run_on(a: &Args, procs: &launch::Processes) -> anyhow::Result<()> {
     let mut silent = skymoe_train::trainer::Silent;
     let obs: &mut dyn Observer = if lead { &mut progress } else { &mut silent };
     let mut trainer = if procs.world > 1 {
-        let comm = procs.world_comm(Duration::from_secs(a.comm_timeout_s.max(1)));
-        let sync = skymoe_dist::data_parallel::DataParallel::new(comm);
-        Trainer::prepare_replicated(cfg, obs, Box::new(sync))
+        use skymoe_dist::data_parallel::DataParallel;
+        use skymoe_dist::mesh::{GroupKind, Mesh};
+        use skymoe_train::trainer::ReplicaSync;
+        let world = procs.world_comm(Duration::from_secs(a.comm_timeout_s.max(1)));
+        let mesh = Mesh::for_layout(procs.world, procs.rank, layout)?;
+        let data = if layout.dp > 1 {
+            let c = mesh.communicator(GroupKind::Dp, world.as_ref())?;
+            Some(Box::new(DataParallel::new(c)) as Box<dyn ReplicaSync>)
+        } else {
+            None
+        };
+        let shards = if layout.tp > 1 {
+            let for_layers = mesh.communicator(GroupKind::Tp, world.as_ref())?;
+            let for_trainer = mesh.communicator(GroupKind::Tp, world.as_ref())?;
+            Some(skymoe_train::sharded::ShardGroup {
+                group: Box::new(DataParallel::new(for_trainer)),
+                sharding: skymoe_model::parallel::Sharding {
+                    tp: skymoe_model::parallel::TensorParallel {
+                        comm: std::sync::Arc::new(skymoe_dist::model_parallel::CommShard::new(
+                            for_layers,
+                        )),
+                    },
+                    whole_experts: layout.strategy() == skymoe_plan::Strategy::Edp,
+                },
+            })
+        } else {
+            None
+        };
+        Trainer::prepare_parallel(cfg, obs, Box::new(DataParallel::new(world)), data, shards)
     } else {
         Trainer::prepare(cfg, obs)
     }
