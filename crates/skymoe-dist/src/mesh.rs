@@ -33,16 +33,23 @@ pub enum GroupKind {
     Etp,
     /// Data parallel of the expert weights.
     ExpertDp,
+    /// Every rank of one model replica (all stages and TP ranks with the same DP index).
+    ModelParallel,
+    /// The first and the last stage's ranks with the same DP and TP index (a tied embedding
+    /// lives on both); any other rank is alone in its group.
+    Embedding,
 }
 
 /// Every group kind.
-pub const GROUP_KINDS: [GroupKind; 6] = [
+pub const GROUP_KINDS: [GroupKind; 8] = [
     GroupKind::Tp,
     GroupKind::Dp,
     GroupKind::Pp,
     GroupKind::Ep,
     GroupKind::Etp,
     GroupKind::ExpertDp,
+    GroupKind::ModelParallel,
+    GroupKind::Embedding,
 ];
 
 impl Mesh {
@@ -147,6 +154,22 @@ impl Mesh {
                     .collect(),
                 (pp * l.expert_dp() + edp) * l.ep + ep,
             ),
+            GroupKind::ModelParallel => (
+                (0..l.pp)
+                    .flat_map(|p| (0..l.tp).map(move |t| p * stage + dp * l.tp + t))
+                    .collect(),
+                dp,
+            ),
+            GroupKind::Embedding => {
+                if l.pp > 1 && (pp == 0 || pp + 1 == l.pp) {
+                    (
+                        vec![dp * l.tp + tp, (l.pp - 1) * stage + dp * l.tp + tp],
+                        dp * l.tp + tp,
+                    )
+                } else {
+                    (vec![self.rank], stage + self.rank)
+                }
+            }
             GroupKind::ExpertDp => (
                 (0..l.expert_dp())
                     .map(|d| base + d * l.etp * l.ep + ep * l.etp + etp)

@@ -86,6 +86,15 @@ impl ShardComm for CommShard {
     }
 }
 
+impl skymoe_model::parallel::PipeComm for CommShard {
+    fn send(&self, data: &[f32], dest: usize, tag: i32) -> std::result::Result<(), String> {
+        self.comm.0.send(data, dest, tag).map_err(|e| e.to_string())
+    }
+    fn recv(&self, data: &mut [f32], src: usize, tag: i32) -> std::result::Result<(), String> {
+        self.comm.0.recv(data, src, tag).map_err(|e| e.to_string())
+    }
+}
+
 /// Hands out tensors of another loader as trainable variables, remembering them by name
 /// (a name asked twice — a tied embedding — gives the same variable).
 struct VarLoader<'a> {

@@ -1,6 +1,6 @@
 //! The causal language model: embedding → decoder layers → final norm → LM head.
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -14,7 +14,7 @@ use crate::layers::rotary::RotaryEmbedding;
 use crate::layers::router::{Gate, Router, Routing};
 use crate::layers::TensorLoader;
 use crate::names::{self, SwiGluNames};
-use crate::parallel::Sharding;
+use crate::parallel::{PipelineStage, Sharding};
 use crate::weights::{Checkpoint, WeightSource};
 
 /// Per-layer keys and values for incremental decoding.
@@ -55,8 +55,12 @@ impl KvCache {
 pub struct ForwardOutput {
     /// Logits `[batch, seq, vocab]`.
     pub logits: Tensor,
-    /// The routing of each MoE layer, in layer order (`None` for dense layers).
+    /// The routing of each MoE layer, in layer order (`None` for dense layers, and for the
+    /// layers of other pipeline stages).
     pub routings: Vec<Option<Routing>>,
+    /// On a pipeline stage before the last: a zero scalar whose backward pulls the gradient
+    /// of the stage's output from the next stage (`logits` is then empty).
+    pub stage_output: Option<Tensor>,
 }
 
 /// A decoder-only causal language model of any supported family.
@@ -73,6 +77,10 @@ pub struct CausalLm {
     /// LM head `[vocab, hidden]` (the embedding when tied).
     pub lm_head: Tensor,
     rotary: RotaryEmbedding,
+    /// The pipeline stage this model is, if it is one: `layers` then holds only the stage's
+    /// decoder layers; `embed` is used on the first stage only and `norm`/`lm_head` on the
+    /// last only (the others hold empty placeholders).
+    pub pipeline: Option<PipelineStage>,
 }
 
 /// A [`TensorLoader`] over a checkpoint's weights on a device.
@@ -256,6 +264,64 @@ impl CausalLm {
             norm,
             lm_head,
             rotary,
+            pipeline: None,
+        })
+    }
+
+    /// Build one pipeline stage (optionally cut over a tensor-parallel group too): its decoder
+    /// layers, plus the embedding on the first stage and the final norm and LM head on the
+    /// last. `l` need only hold the stage's tensors.
+    pub fn from_loader_stage(
+        config: ModelConfig,
+        l: &dyn TensorLoader,
+        device: &Device,
+        sharding: Option<&Sharding>,
+        stage: PipelineStage,
+    ) -> Result<Self> {
+        let c = &config;
+        let h = c.hidden_size;
+        let placeholder = || Tensor::zeros((0, h), candle_core::DType::F32, device);
+        let embed = if stage.is_first() {
+            l.tensor(names::EMBED, &[c.vocab_size, h])?
+        } else {
+            placeholder()?
+        };
+        let layers = stage
+            .layers
+            .clone()
+            .map(|i| build_layer(c, l, i, sharding))
+            .collect::<Result<Vec<_>>>()?;
+        let (norm, lm_head) = if stage.is_last() {
+            let norm = RmsNorm::new(l.tensor(names::FINAL_NORM, &[h])?, c.rms_norm_eps);
+            let name = if c.tie_word_embeddings {
+                names::EMBED
+            } else {
+                names::LM_HEAD
+            };
+            (norm, l.tensor(name, &[c.vocab_size, h])?)
+        } else {
+            (
+                RmsNorm::new(
+                    Tensor::ones(h, candle_core::DType::F32, device)?,
+                    c.rms_norm_eps,
+                ),
+                placeholder()?,
+            )
+        };
+        let rotary = RotaryEmbedding::new(
+            c.head_dim,
+            c.rope_theta,
+            c.max_position_embeddings.max(1),
+            device,
+        )?;
+        Ok(CausalLm {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            pipeline: Some(stage),
         })
     }
 
@@ -344,6 +410,9 @@ impl CausalLm {
     ) -> Result<ForwardOutput> {
         let (b, t) = ids.dims2()?;
         let h = self.config.hidden_size;
+        if let Some(stage) = &self.pipeline {
+            return self.run_stage(stage, ids, capacity_factor);
+        }
         let mut x = self
             .embed
             .index_select(&ids.flatten_all()?, 0)?
@@ -367,6 +436,54 @@ impl CausalLm {
             .reshape((b * t, h))?
             .matmul(&self.lm_head.t()?)?
             .reshape((b, t, self.config.vocab_size))?;
-        Ok(ForwardOutput { logits, routings })
+        Ok(ForwardOutput {
+            logits,
+            routings,
+            stage_output: None,
+        })
+    }
+
+    /// A pipeline stage's forward from position 0 without a cache: receive (or embed) the
+    /// input, run the stage's layers, then send the output on (or compute the logits).
+    fn run_stage(
+        &self,
+        stage: &PipelineStage,
+        ids: &Tensor,
+        capacity_factor: Option<f64>,
+    ) -> Result<ForwardOutput> {
+        let (b, t) = ids.dims2()?;
+        let h = self.config.hidden_size;
+        let mut x = if stage.is_first() {
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, h))?
+        } else {
+            // A trainable zero tensor, so that the backward pass reaches the receiving op.
+            let anchor = Var::zeros((b, t, h), candle_core::DType::F32, ids.device())?;
+            stage.receive(anchor.as_tensor())?
+        };
+        let mut routings = vec![None; self.config.num_hidden_layers];
+        for (i, layer) in stage.layers.clone().zip(&self.layers) {
+            let (y, r) = layer.forward(&x, &self.rotary, 0, None, capacity_factor)?;
+            x = y;
+            routings[i] = r;
+        }
+        if !stage.is_last() {
+            return Ok(ForwardOutput {
+                logits: Tensor::zeros(0, candle_core::DType::F32, ids.device())?,
+                routings,
+                stage_output: Some(stage.send(&x)?),
+            });
+        }
+        let x = self.norm.forward(&x)?;
+        let logits = x
+            .reshape((b * t, h))?
+            .matmul(&self.lm_head.t()?)?
+            .reshape((b, t, self.config.vocab_size))?;
+        Ok(ForwardOutput {
+            logits,
+            routings,
+            stage_output: None,
+        })
     }
 }

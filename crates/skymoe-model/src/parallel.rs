@@ -298,3 +298,147 @@ impl TensorLoader for SliceLoader<'_> {
         self.parts.get(name) != Some(&Part::Absent) && self.inner.contains(name)
     }
 }
+
+/// Point-to-point messages between pipeline stages (implemented over MPI by skymoe-dist).
+/// Called on the thread that runs the forward and backward passes.
+pub trait PipeComm: Send + Sync + std::fmt::Debug {
+    /// Send `data` to stage `dest`.
+    fn send(&self, data: &[f32], dest: usize, tag: i32) -> std::result::Result<(), String>;
+    /// Receive exactly `data.len()` elements from stage `src`.
+    fn recv(&self, data: &mut [f32], src: usize, tag: i32) -> std::result::Result<(), String>;
+}
+
+/// This process's pipeline stage: which decoder layers it runs, and the link to its
+/// neighbours. The first stage also embeds the tokens, the last also runs the final norm, the
+/// LM head and the loss.
+#[derive(Debug, Clone)]
+pub struct PipelineStage {
+    /// Messages to the other stages (ranks of the pipeline group are stage indices).
+    pub comm: Arc<dyn PipeComm>,
+    /// This stage's index.
+    pub stage: usize,
+    /// Stages in the pipeline.
+    pub stages: usize,
+    /// The decoder layers of this stage.
+    pub layers: std::ops::Range<usize>,
+}
+
+const TAG_ACTIVATION: i32 = 21;
+const TAG_GRADIENT: i32 = 22;
+
+impl PipelineStage {
+    /// Whether this stage embeds the tokens.
+    pub fn is_first(&self) -> bool {
+        self.stage == 0
+    }
+
+    /// Whether this stage computes the logits.
+    pub fn is_last(&self) -> bool {
+        self.stage + 1 == self.stages
+    }
+
+    /// The activations from the previous stage, shaped like `anchor` (a trainable zero tensor,
+    /// so that the backward pass reaches this op and sends the gradient back).
+    pub fn receive(&self, anchor: &Tensor) -> candle_core::Result<Tensor> {
+        anchor.apply_op1(RecvActivations {
+            comm: self.comm.clone(),
+            src: self.stage - 1,
+        })
+    }
+
+    /// Send `y` to the next stage; returns a zero scalar whose backward receives `y`'s
+    /// gradient from that stage.
+    pub fn send(&self, y: &Tensor) -> candle_core::Result<Tensor> {
+        y.contiguous()?.apply_op1(SendActivations {
+            comm: self.comm.clone(),
+            dest: self.stage + 1,
+        })
+    }
+}
+
+/// Receives a stage's input forward; sends its gradient back backward.
+struct RecvActivations {
+    comm: Arc<dyn PipeComm>,
+    src: usize,
+}
+
+impl CustomOp1 for RecvActivations {
+    fn name(&self) -> &'static str {
+        "pp-recv-activations"
+    }
+    fn cpu_fwd(&self, _s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut buf = vec![0f32; l.shape().elem_count()];
+        self.comm
+            .recv(&mut buf, self.src, TAG_ACTIVATION)
+            .map_err(candle_core::Error::msg)?;
+        Ok((CpuStorage::F32(buf), l.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        self.comm
+            .send(&g, self.src, TAG_GRADIENT)
+            .map_err(candle_core::Error::msg)?;
+        Ok(None)
+    }
+}
+
+/// Sends a stage's output forward (returning a zero scalar); receives its gradient backward.
+struct SendActivations {
+    comm: Arc<dyn PipeComm>,
+    dest: usize,
+}
+
+impl CustomOp1 for SendActivations {
+    fn name(&self) -> &'static str {
+        "pp-send-activations"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.comm
+            .send(contiguous_f32(s, l)?, self.dest, TAG_ACTIVATION)
+            .map_err(candle_core::Error::msg)?;
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+    }
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        _grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // The next stage's gradient already carries the loss scaling (both stages scale their
+        // objective alike), so the incoming scalar gradient is not applied again.
+        let mut buf = vec![0f32; arg.elem_count()];
+        self.comm
+            .recv(&mut buf, self.dest, TAG_GRADIENT)
+            .map_err(candle_core::Error::msg)?;
+        Ok(Some(Tensor::from_vec(buf, arg.shape(), arg.device())?))
+    }
+}
+
+/// Checkpoint names of the tensors a pipeline stage holds.
+pub fn stage_tensor_names(
+    config: &ModelConfig,
+    stage: &PipelineStage,
+) -> std::collections::HashSet<String> {
+    let mut keep = std::collections::HashSet::new();
+    for spec in config.param_specs() {
+        let name = spec.name;
+        let in_layer = stage
+            .layers
+            .clone()
+            .any(|i| name.starts_with(&names::layer(i, "")));
+        let first = stage.is_first() && name == names::EMBED;
+        let last = stage.is_last()
+            && (name == names::FINAL_NORM
+                || name == names::LM_HEAD
+                || (config.tie_word_embeddings && name == names::EMBED));
+        if in_layer || first || last {
+            keep.insert(name);
+        }
+    }
+    keep
+}

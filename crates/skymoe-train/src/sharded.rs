@@ -1,25 +1,70 @@
-//! Training a model cut over a tensor-parallel group (see `skymoe_model::parallel`): this
-//! rank's slices of the parameters and optimiser moments, the global gradient norm, and the
-//! whole tensors gathered back for checkpoints.
+//! Training one model replica cut over several processes: tensor parallelism (see
+//! `skymoe_model::parallel`) and pipeline stages. This rank's slices of the parameters and
+//! optimiser moments, the global gradient norm, the tied embedding shared by the first and
+//! last stage, the per-layer metrics of all stages, and the whole tensors gathered back for
+//! checkpoints.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use candle_core::{Tensor, Var};
-use skymoe_model::parallel::{Part, Sharding};
+use skymoe_model::parallel::{stage_tensor_names, Part, PipelineStage, Sharding};
+use skymoe_model::{names, ModelConfig};
 
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 use crate::optim::global_norm;
 use crate::params::TrainableParams;
 use crate::trainer::ReplicaSync;
 
-/// The tensor-parallel group of a run and how the model is cut over it.
+/// How the model replica is split, before the model is known.
+pub struct ModelSplit {
+    /// Every rank of the replica (all stages and tensor-parallel ranks): norms and gathers.
+    pub replica: Box<dyn ReplicaSync>,
+    /// The tensor-parallel group of this rank, if the layers are cut over one.
+    pub tensor: Option<Sharding>,
+    /// The pipeline stage of this rank, if the layers are split into stages.
+    pub pipeline: Option<PipelineSplit>,
+}
+
+/// This rank's pipeline stage and its groups, before the model is known.
+pub struct PipelineSplit {
+    /// Messages to the other stages (ranks are stage indices).
+    pub comm: std::sync::Arc<dyn skymoe_model::parallel::PipeComm>,
+    /// This stage.
+    pub stage: usize,
+    /// Stages.
+    pub stages_count: usize,
+    /// Decoder layers per stage; as even as possible (extra layers first) when `None`.
+    pub layers_per_stage: Option<Vec<usize>>,
+    /// One rank per stage (same DP and TP index): per-layer metrics are summed over it.
+    pub stages: Box<dyn ReplicaSync>,
+    /// The first and last stage's ranks of this DP/TP index, which both hold a tied embedding
+    /// (`None` on other stages or without tying).
+    pub embedding: Option<Box<dyn ReplicaSync>>,
+}
+
+/// A pipeline stage with its groups, once the model is known.
+pub struct StageGroups {
+    /// The stage.
+    pub stage: PipelineStage,
+    /// See [`PipelineSplit::stages`].
+    pub stages: Box<dyn ReplicaSync>,
+    /// See [`PipelineSplit::embedding`].
+    pub embedding: Option<Box<dyn ReplicaSync>>,
+}
+
+/// A model replica split over processes, once the model is known.
 pub struct ModelShards {
-    /// Collectives over the group (norms and gathers).
-    pub group: Box<dyn ReplicaSync>,
-    /// The layers' view of the group.
-    pub sharding: Sharding,
-    /// This rank's part of every split or absent tensor.
+    /// See [`ModelSplit::replica`].
+    pub replica: Box<dyn ReplicaSync>,
+    /// See [`ModelSplit::tensor`].
+    pub tensor: Option<Sharding>,
+    /// This rank's pipeline stage and its groups, if the layers are split into stages.
+    pub pipeline: Option<StageGroups>,
+    /// This rank's part of every split or absent tensor (tensor parallelism).
     pub parts: HashMap<String, Part>,
+    /// Tensors this rank holds (its stage's).
+    pub held: Option<HashSet<String>>,
+    tied: bool,
 }
 
 fn part(parts: &HashMap<String, Part>, name: &str) -> Part {
@@ -67,21 +112,14 @@ fn unslice_into(whole: &mut [f32], local: &[f32], shape: &[usize], p: Part) {
     }
 }
 
-/// A tensor-parallel group before the model is known: its collectives and the layers' view.
-pub struct ShardGroup {
-    /// Collectives over the group (norms and gathers).
-    pub group: Box<dyn ReplicaSync>,
-    /// The layers' view of the group.
-    pub sharding: Sharding,
-}
-
 impl ModelShards {
-    /// Cut `config` over `g`; an error says what does not divide.
-    pub fn new(g: ShardGroup, config: &skymoe_model::ModelConfig) -> Result<Self> {
-        let n = g.group.replicas();
-        let rank = g.group.rank();
+    /// Split `config` as `split` says; an error says what does not divide.
+    pub fn new(split: ModelSplit, config: &ModelConfig) -> Result<Self> {
+        let (n, rank, whole) = split.tensor.as_ref().map_or((1, 0, false), |s| {
+            (s.tp.size(), s.tp.rank(), s.whole_experts)
+        });
         let bad = |what: &str, count: usize| {
-            Err(crate::error::TrainError::Config(format!(
+            Err(TrainError::Config(format!(
                 "tensor parallelism over {n} ranks: the {count} {what} do not divide by {n}"
             )))
         };
@@ -92,86 +130,148 @@ impl ModelShards {
             return bad("key/value heads", config.num_key_value_heads);
         }
         if let Some(m) = &config.moe {
-            if g.sharding.whole_experts && m.num_experts % n != 0 {
+            if whole && !m.num_experts.is_multiple_of(n) {
                 return bad("experts", m.num_experts);
             }
-            if !g.sharding.whole_experts && m.expert_intermediate_size % n != 0 {
+            if !whole && !m.expert_intermediate_size.is_multiple_of(n) {
                 return bad("expert FFN columns", m.expert_intermediate_size);
             }
         }
         if !config.intermediate_size.is_multiple_of(n) {
             return bad("FFN columns", config.intermediate_size);
         }
-        let parts = skymoe_model::parallel::parts(config, rank, n, g.sharding.whole_experts);
+        let pipeline = match split.pipeline {
+            None => None,
+            Some(p) => {
+                let layers = config.num_hidden_layers;
+                let k = p.stages_count.max(1);
+                let sizes = p.layers_per_stage.clone().unwrap_or_else(|| {
+                    (0..k)
+                        .map(|i| layers / k + usize::from(i < layers % k))
+                        .collect()
+                });
+                if sizes.len() != k || sizes.contains(&0) || sizes.iter().sum::<usize>() != layers {
+                    return Err(TrainError::Config(format!(
+                        "{sizes:?} layers per stage do not split {layers} layers into {k} non-empty stages"
+                    )));
+                }
+                let start: usize = sizes[..p.stage].iter().sum();
+                Some(StageGroups {
+                    stage: PipelineStage {
+                        comm: p.comm,
+                        stage: p.stage,
+                        stages: k,
+                        layers: start..start + sizes[p.stage],
+                    },
+                    stages: p.stages,
+                    embedding: p.embedding,
+                })
+            }
+        };
+        let parts = skymoe_model::parallel::parts(config, rank, n, whole);
+        let held = pipeline
+            .as_ref()
+            .map(|p| stage_tensor_names(config, &p.stage));
         Ok(ModelShards {
-            group: g.group,
-            sharding: g.sharding,
+            replica: split.replica,
+            tensor: split.tensor,
+            pipeline,
             parts,
+            held,
+            tied: config.tie_word_embeddings,
         })
     }
 
-    /// This rank in the group.
-    pub fn rank(&self) -> usize {
-        self.group.rank()
+    fn tp_rank(&self) -> usize {
+        self.tensor.as_ref().map_or(0, |s| s.tp.rank())
     }
 
-    /// Cut whole parameters down to this rank's parts.
+    /// Whether this rank's copy of `name` counts in sums over the replica: split tensors
+    /// always, replicated ones on TP rank 0 only, a tied embedding on the first stage only.
+    fn counts(&self, name: &str) -> bool {
+        if part(&self.parts, name) == Part::Full && self.tp_rank() != 0 {
+            return false;
+        }
+        match &self.pipeline {
+            Some(p) if self.tied && name == names::EMBED => p.stage.is_first(),
+            _ => true,
+        }
+    }
+
+    /// Cut whole parameters down to what this rank holds.
     pub fn shard_params(&self, params: TrainableParams) -> Result<TrainableParams> {
-        let mut vars = std::collections::BTreeMap::new();
+        let mut vars = BTreeMap::new();
         for (name, var) in params.vars {
-            let p = part(&self.parts, &name);
-            let t = var.as_tensor();
-            let local = match p {
+            if self.held.as_ref().is_some_and(|h| !h.contains(&name)) {
+                continue;
+            }
+            let local = match part(&self.parts, &name) {
                 Part::Full | Part::Whole => var,
                 Part::Absent => continue,
                 Part::Slice {
                     dim, start, len, ..
-                } => Var::from_tensor(&t.narrow(dim, start, len)?.contiguous()?)?,
+                } => Var::from_tensor(&var.as_tensor().narrow(dim, start, len)?.contiguous()?)?,
             };
             vars.insert(name, local);
         }
         Ok(TrainableParams { vars })
     }
 
+    /// This rank's part of a whole tensor `name` (`None` when it holds none).
+    pub fn local_part(&self, name: &str, shape: &[usize], whole: &[f32]) -> Option<Vec<f32>> {
+        if self.held.as_ref().is_some_and(|h| !h.contains(name)) {
+            return None;
+        }
+        slice_flat(whole, shape, part(&self.parts, name))
+    }
+
     /// The whole tensor `name` of `shape` from every rank's `local` elements (`None` where
-    /// this rank holds none), summed over the group; replicated tensors count once.
+    /// this rank holds none), summed over the replica's ranks.
     pub fn gather(&self, name: &str, shape: &[usize], local: Option<&[f32]>) -> Result<Vec<f32>> {
         let n: usize = shape.iter().product();
         let mut whole = vec![0f32; n];
-        let p = part(&self.parts, name);
         if let Some(local) = local {
-            let replicated = p == Part::Full;
-            if !replicated || self.rank() == 0 {
-                unslice_into(&mut whole, local, shape, p);
+            if self.counts(name) {
+                unslice_into(&mut whole, local, shape, part(&self.parts, name));
             }
         }
-        self.group.sum_f32(&mut whole)?;
+        self.replica.sum_f32(&mut whole)?;
         Ok(whole)
     }
 
-    /// The global norm of gradients held in parts over the group (replicated ones counted
-    /// once).
-    pub fn grad_norm(&self, grads: &std::collections::BTreeMap<String, Tensor>) -> Result<f64> {
-        let mut split = std::collections::BTreeMap::new();
-        let mut replicated = std::collections::BTreeMap::new();
-        for (name, g) in grads {
-            if part(&self.parts, name) == Part::Full {
-                replicated.insert(name.clone(), g.clone());
-            } else {
-                split.insert(name.clone(), g.clone());
-            }
-        }
-        let sq = |m: &std::collections::BTreeMap<String, Tensor>| -> Result<f64> {
-            let n = global_norm(m)?;
-            Ok(n * n)
-        };
-        let mut total = [sq(&split)?
-            + if self.rank() == 0 {
-                sq(&replicated)?
-            } else {
-                0.0
-            }];
-        self.group.sum_f64(&mut total)?;
+    /// The global norm of the replica's gradients (each element counted once).
+    pub fn grad_norm(&self, grads: &BTreeMap<String, Tensor>) -> Result<f64> {
+        let counted: BTreeMap<String, Tensor> = grads
+            .iter()
+            .filter(|(n, _)| self.counts(n))
+            .map(|(n, g)| (n.clone(), g.clone()))
+            .collect();
+        let norm = global_norm(&counted)?;
+        let mut total = [norm * norm];
+        self.replica.sum_f64(&mut total)?;
         Ok(total[0].sqrt())
+    }
+
+    /// Sum the gradient of a tied embedding over the first and last stage, which both hold it.
+    pub fn sum_tied_embedding(&self, grads: &mut BTreeMap<String, Tensor>) -> Result<()> {
+        let Some(group) = self.pipeline.as_ref().and_then(|p| p.embedding.as_ref()) else {
+            return Ok(());
+        };
+        if let Some(g) = grads.get(names::EMBED) {
+            let shape = g.dims().to_vec();
+            let mut data = g.flatten_all()?.to_vec1::<f32>()?;
+            group.sum_f32(&mut data)?;
+            let t = Tensor::from_vec(data, shape, g.device())?;
+            grads.insert(names::EMBED.to_string(), t);
+        }
+        Ok(())
+    }
+
+    /// Sum per-layer metrics over the pipeline stages (each stage fills its own layers).
+    pub fn sum_over_stages(&self, values: &mut [f64]) -> Result<()> {
+        match &self.pipeline {
+            Some(p) => p.stages.sum_f64(values),
+            None => Ok(()),
+        }
     }
 }

@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
-use skymoe_model::parallel::Part;
 use skymoe_model::{CausalLm, Checkpoint, ModelConfig};
 
 use crate::aux_loss::{skywork_aux, switch_aux, z_loss, BalanceLoss};
@@ -175,7 +174,7 @@ impl Trainer {
         obs: &mut dyn Observer,
         world: Box<dyn ReplicaSync>,
         data: Option<Box<dyn ReplicaSync>>,
-        shards: Option<crate::sharded::ShardGroup>,
+        shards: Option<crate::sharded::ModelSplit>,
     ) -> Result<Self> {
         let writer = world.rank() == 0;
         let first = if writer {
@@ -243,25 +242,33 @@ impl Trainer {
             let old = old
                 .lock()
                 .map_err(|_| TrainError::Config("poisoned optimizer state".into()))?;
-            let p = shards.parts.get(name).copied().unwrap_or(Part::Full);
             let mut m = m
                 .lock()
                 .map_err(|_| TrainError::Config("poisoned optimizer state".into()))?;
             if let (Some(a), Some(b)) = (
-                crate::sharded::slice_flat(&old.m, shape, p),
-                crate::sharded::slice_flat(&old.v, shape, p),
+                shards.local_part(name, shape, &old.m),
+                shards.local_part(name, shape, &old.v),
             ) {
                 m.m = a;
                 m.v = b;
             }
         }
         self.optimizer = optimizer;
-        self.model = CausalLm::from_loader_sharded(
-            self.model_config.clone(),
-            &self.params,
-            &self.device,
-            Some(&shards.sharding),
-        )?;
+        self.model = match &shards.pipeline {
+            Some(p) => CausalLm::from_loader_stage(
+                self.model_config.clone(),
+                &self.params,
+                &self.device,
+                shards.tensor.as_ref(),
+                p.stage.clone(),
+            )?,
+            None => CausalLm::from_loader_sharded(
+                self.model_config.clone(),
+                &self.params,
+                &self.device,
+                shards.tensor.as_ref(),
+            )?,
+        };
         self.shards = Some(shards);
         Ok(())
     }
@@ -631,8 +638,17 @@ impl Trainer {
         let mut grads_acc: BTreeMap<String, Tensor> = BTreeMap::new();
         let (mut loss_sum, mut ce_sum, mut aux_sum, mut z_sum) = (0.0, 0.0, 0.0, 0.0);
         let mut drop = vec![0.0; n_moe];
-        let mut load: Vec<Vec<f64>> = Vec::new();
+        let experts = self.model_config.moe.as_ref().map_or(0, |m| m.num_experts);
+        let mut load: Vec<Vec<f64>> = vec![vec![0.0; experts]; n_moe];
         let mut gate_ratio = vec![0.0; n_moe];
+        // The index among the MoE layers of each layer (a pipeline stage routes only its own).
+        let mut moe_index = Vec::with_capacity(self.model_config.num_hidden_layers);
+        let mut next = 0;
+        for layer in 0..self.model_config.num_hidden_layers {
+            moe_index.push(self.model_config.is_moe_layer(layer).then_some(next));
+            next += usize::from(self.model_config.is_moe_layer(layer));
+        }
+        let split = self.replicas.is_some() || self.shards.is_some();
         let mut tokens = 0u64;
         let mut nonfinite = 0.0f64;
         for batch in micro {
@@ -644,11 +660,21 @@ impl Trainer {
             let out = self.model.forward_batch(&inputs, capacity)?;
             let v = self.model_config.vocab_size;
             let targets = Tensor::from_vec(targets, bs * t, &self.device)?;
-            let ce = cross_entropy(&out.logits.reshape((bs * t, v))?, &targets)?;
-            let mut total = ce.clone();
+            // A pipeline stage before the last has no logits: its objective is the zero
+            // scalar that pulls its output's gradient from the next stage.
+            let (ce, mut total) = match &out.stage_output {
+                Some(zero) => (None, zero.clone()),
+                None => {
+                    let ce = cross_entropy(&out.logits.reshape((bs * t, v))?, &targets)?;
+                    (Some(ce.clone()), ce)
+                }
+            };
             let mut aux_val = 0.0;
             let mut z_val = 0.0;
-            for (l, r) in out.routings.iter().flatten().enumerate() {
+            for (layer, r) in out.routings.iter().enumerate() {
+                let (Some(r), Some(l)) = (r, moe_index.get(layer).copied().flatten()) else {
+                    continue;
+                };
                 let a = alpha.get(l).copied().unwrap_or(0.0);
                 let aux = match cfg.aux.balance {
                     BalanceLoss::Skywork => Some(skywork_aux(&r.probs)?),
@@ -671,18 +697,17 @@ impl Trainer {
                     drop[l] += r.drop_rate() / accum as f64;
                 }
                 let el = r.expert_load();
-                if load.len() <= l {
-                    load.push(vec![0.0; el.len()]);
-                }
                 if l < n_moe {
                     gate_ratio[l] += r.gate_ratio() / accum as f64;
                 }
-                for (s, x) in load[l].iter_mut().zip(el) {
-                    *s += x / accum as f64;
+                if let Some(slot) = load.get_mut(l) {
+                    for (s, x) in slot.iter_mut().zip(el) {
+                        *s += x / accum as f64;
+                    }
                 }
             }
             let total_val = total.to_scalar::<f32>()?;
-            if !total_val.is_finite() && self.replicas.is_some() {
+            if !total_val.is_finite() && split {
                 // Tell the other replicas after the step's synchronisation, so that all stop.
                 nonfinite = nonfinite.max(1.0);
                 continue;
@@ -695,7 +720,9 @@ impl Trainer {
                 });
             }
             loss_sum += total_val as f64;
-            ce_sum += ce.to_scalar::<f32>()? as f64;
+            if let Some(ce) = &ce {
+                ce_sum += ce.to_scalar::<f32>()? as f64;
+            }
             aux_sum += aux_val;
             z_sum += z_val;
             let store = (total / accum as f64)?.backward()?;
@@ -711,6 +738,9 @@ impl Trainer {
             } else {
                 accumulate(&mut grads_acc, grads)?;
             }
+        }
+        if let Some(shards) = &self.shards {
+            shards.sum_tied_embedding(&mut grads_acc)?;
         }
         let mut sync_bytes = 0u64;
         if let Some(sync) = self.replicas.as_ref().filter(|s| s.replicas() > 1) {
@@ -762,6 +792,36 @@ impl Trainer {
                     last_checkpoint: last_checkpoint.clone(),
                 });
             }
+        }
+        if let Some(shards) = self.shards.as_ref().filter(|s| s.pipeline.is_some()) {
+            // Each stage measured its own layers and the last one the cross-entropy.
+            let mut stats = vec![loss_sum, ce_sum, aux_sum, z_sum, nonfinite];
+            stats.extend(&drop);
+            stats.extend(&gate_ratio);
+            for l in &load {
+                stats.extend(l);
+            }
+            shards.sum_over_stages(&mut stats)?;
+            (loss_sum, ce_sum, aux_sum, z_sum, nonfinite) =
+                (stats[0], stats[1], stats[2], stats[3], stats[4]);
+            let mut at = 5;
+            for d in drop.iter_mut().chain(gate_ratio.iter_mut()) {
+                *d = stats[at];
+                at += 1;
+            }
+            for l in load.iter_mut() {
+                for x in l.iter_mut() {
+                    *x = stats[at];
+                    at += 1;
+                }
+            }
+        }
+        if nonfinite > 0.0 {
+            return Err(TrainError::NonFiniteLoss {
+                step: self.state.step + 1,
+                value: f32::NAN,
+                last_checkpoint: last_checkpoint.clone(),
+            });
         }
         let grad_norm = match &self.shards {
             Some(shards) => shards.grad_norm(&grads_acc)?,
@@ -817,12 +877,17 @@ impl Trainer {
             .data
             .as_ref()
             .ok_or_else(|| TrainError::Config("this trainer has no validation data".into()))?;
-        let loss = evaluate_model(
+        let mut loss = [evaluate_model(
             &self.model,
             data,
             self.cfg.train.batch_size,
             self.cfg.train.eval_batches,
-        )?;
+        )?];
+        if let Some(shards) = &self.shards {
+            // Only the last pipeline stage measures the loss (the others report 0).
+            shards.sum_over_stages(&mut loss)?;
+        }
+        let loss = loss[0];
         Ok(ValMetrics {
             step: self.state.step,
             val_loss: loss,
@@ -860,6 +925,12 @@ pub fn evaluate_model(
 /// and the number of predicted positions.
 fn window_loss<S: AsRef<[u32]>>(model: &CausalLm, batch: &[S]) -> Result<(f64, usize)> {
     let t = batch[0].as_ref().len() - 1;
+    if model.pipeline.as_ref().is_some_and(|p| !p.is_last()) {
+        // A stage before the last only passes activations on.
+        let inputs: Vec<Vec<u32>> = batch.iter().map(|s| s.as_ref()[..t].to_vec()).collect();
+        model.forward_batch(&inputs, None)?;
+        return Ok((0.0, batch.len() * t));
+    }
     let inputs: Vec<Vec<u32>> = batch.iter().map(|s| s.as_ref()[..t].to_vec()).collect();
     let targets: Vec<u32> = batch
         .iter()

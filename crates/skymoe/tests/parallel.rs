@@ -39,7 +39,7 @@ fn write_config(dir: &Path, grad_accum: usize, steps: usize) -> PathBuf {
 arch = "skywork_moe"
 hidden_size = 32
 intermediate_size = 64
-layers = 2
+layers = 3
 heads = 4
 kv_heads = 2
 experts = 4
@@ -181,29 +181,28 @@ fn model_parallel_training_equals_one_process() {
     ]);
     assert!(out.status.success(), "{}", text(&out));
     let cfg1 = write_config(tmp.path(), 1, 3);
-    for (np, layout, cfg) in [
-        (2, "tp=2", &cfg2),
-        (2, "edp=2", &cfg2),
-        (4, "edp=2,dp=2", &cfg1),
-        (4, "tp=2,dp=2", &cfg1),
+    for (np, layout, cfg, extra) in [
+        (2, "tp=2", &cfg2, &[][..]),
+        (2, "edp=2", &cfg2, &[]),
+        (4, "edp=2,dp=2", &cfg1, &[]),
+        (4, "tp=2,dp=2", &cfg1, &[]),
+        (2, "pp=2", &cfg2, &["--pp-layers", "1,2"][..]),
+        (4, "pp=2,dp=2", &cfg1, &["--pp-layers", "2,1"]),
+        (4, "edp=2,pp=2", &cfg2, &["--pp-layers", "1,2"]),
     ] {
         let run = tmp.path().join(layout.replace([',', '='], "-"));
-        let out = mpirun(
-            np,
-            &[
-                "train",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--quiet",
-                "--out",
-                run.to_str().unwrap(),
-                "--parallel",
-                layout,
-            ],
-            "mp",
-        )
-        .output()
-        .unwrap();
+        let mut args = vec![
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--quiet",
+            "--out",
+            run.to_str().unwrap(),
+            "--parallel",
+            layout,
+        ];
+        args.extend_from_slice(extra);
+        let out = mpirun(np, &args, "mp").output().unwrap();
         assert!(out.status.success(), "{layout}: {}", text(&out));
         assert_same_training(&single, &run, layout);
     }
@@ -323,7 +322,6 @@ fn a_layout_the_processes_cannot_run_stops_every_rank() {
     let run = tmp.path().join("run");
     for (layout, needle) in [
         ("dp=4", "needs 4 processes, but 2 were started"),
-        ("pp=2", "not available yet"),
         ("tp=1,ep=2,dp=2", "not available yet"),
     ] {
         let out = mpirun(

@@ -92,9 +92,9 @@ fn parallel_spec(a: &Args, world: usize) -> anyhow::Result<skymoe_plan::Layout> 
     use skymoe_plan::Strategy;
     let experts_ok = matches!(layout.strategy(), Strategy::Edp | Strategy::Etp)
         || (layout.tp == 1 && layout.strategy() == Strategy::Replicated);
-    if layout.pp > 1 || !experts_ok {
+    if !experts_ok {
         anyhow::bail!(
-            "--parallel {}: training runs data parallelism (dp=N), tensor parallelism with experts split (tp=N) or spread whole (edp=N), and their products with dp; pipeline parallelism and expert parallelism across data-parallel ranks are not available yet",
+            "--parallel {}: training runs data (dp=N), tensor (tp=N: experts split; edp=N: experts whole) and pipeline (pp=N) parallelism and their products; expert parallelism across data-parallel ranks is not available yet",
             layout.to_arg()
         );
     }
@@ -299,19 +299,47 @@ fn run_on(a: &Args, procs: &launch::Processes) -> anyhow::Result<()> {
         } else {
             None
         };
-        let shards = if layout.tp > 1 {
-            let for_layers = mesh.communicator(GroupKind::Tp, world.as_ref())?;
-            let for_trainer = mesh.communicator(GroupKind::Tp, world.as_ref())?;
-            Some(skymoe_train::sharded::ShardGroup {
-                group: Box::new(DataParallel::new(for_trainer)),
-                sharding: skymoe_model::parallel::Sharding {
+        let shards = if layout.tp > 1 || layout.pp > 1 {
+            use skymoe_dist::model_parallel::CommShard;
+            use std::sync::Arc;
+            let replica = mesh.communicator(GroupKind::ModelParallel, world.as_ref())?;
+            let tensor = if layout.tp > 1 {
+                let tp = mesh.communicator(GroupKind::Tp, world.as_ref())?;
+                Some(skymoe_model::parallel::Sharding {
                     tp: skymoe_model::parallel::TensorParallel {
-                        comm: std::sync::Arc::new(skymoe_dist::model_parallel::CommShard::new(
-                            for_layers,
-                        )),
+                        comm: Arc::new(CommShard::new(tp)),
                     },
                     whole_experts: layout.strategy() == skymoe_plan::Strategy::Edp,
-                },
+                })
+            } else {
+                None
+            };
+            let pipeline = if layout.pp > 1 {
+                let links = mesh.communicator(GroupKind::Pp, world.as_ref())?;
+                let stages = mesh.communicator(GroupKind::Pp, world.as_ref())?;
+                let embedding = mesh.communicator(GroupKind::Embedding, world.as_ref())?;
+                let stage = mesh.coords(procs.rank).0;
+                let layers_per_stage = a
+                    .pp_layers
+                    .as_deref()
+                    .map(skymoe_plan::layout::parse_counts)
+                    .transpose()?;
+                Some(skymoe_train::sharded::PipelineSplit {
+                    comm: Arc::new(CommShard::new(links)),
+                    stage,
+                    stages_count: layout.pp,
+                    layers_per_stage,
+                    stages: Box::new(DataParallel::new(stages)),
+                    embedding: (embedding.size() > 1)
+                        .then(|| Box::new(DataParallel::new(embedding)) as Box<dyn ReplicaSync>),
+                })
+            } else {
+                None
+            };
+            Some(skymoe_train::sharded::ModelSplit {
+                replica: Box::new(DataParallel::new(replica)),
+                tensor,
+                pipeline,
             })
         } else {
             None
