@@ -125,6 +125,8 @@ pub struct Trainer {
     shards: Option<crate::sharded::ModelShards>,
     /// Whether this process writes metrics and checkpoints (one process of a run does).
     writer: bool,
+    /// Under ZeRO-1: the parameters whose optimiser state this data-parallel replica owns.
+    zero_owned: Option<std::collections::BTreeSet<String>>,
     run_dir: PathBuf,
     device: Device,
 }
@@ -273,9 +275,68 @@ impl Trainer {
         Ok(())
     }
 
+    /// ZeRO-1: shard the AdamW state over the data-parallel replicas. Whole tensors are dealt
+    /// to replicas in name order, each to the one with the fewest elements so far; a replica
+    /// keeps moments only for its own, updates only those, and sends them to the others after
+    /// each step. The updates are those of replicated AdamW.
+    pub fn enable_zero(&mut self) -> Result<()> {
+        let Some(sync) = self.replicas.as_ref() else {
+            return Err(TrainError::Config(
+                "ZeRO-1 shards optimiser state over data-parallel replicas; this run has none"
+                    .into(),
+            ));
+        };
+        let (rank, replicas) = (sync.rank(), sync.replicas());
+        let mut loads = vec![0usize; replicas];
+        let mut owned = std::collections::BTreeSet::new();
+        for (name, var) in &self.params.vars {
+            let r = (0..replicas).min_by_key(|&r| (loads[r], r)).unwrap_or(0);
+            loads[r] += var.elem_count();
+            if r == rank {
+                owned.insert(name.clone());
+            }
+        }
+        self.optimizer
+            .moments
+            .retain(|name, _| owned.contains(name));
+        self.zero_owned = Some(owned);
+        Ok(())
+    }
+
+    /// Under ZeRO-1, the optimiser with every replica's moments (all replicas call this).
+    fn optimizer_over_replicas(&self) -> Result<Option<AdamW>> {
+        let (Some(owned), Some(sync)) = (&self.zero_owned, &self.replicas) else {
+            return Ok(None);
+        };
+        let mut whole = AdamW::new(self.cfg.adamw(), &self.params.vars);
+        whole.step = self.optimizer.step;
+        for (name, var) in &self.params.vars {
+            let n = var.elem_count();
+            let mut buf = vec![0f32; 2 * n];
+            if owned.contains(name) {
+                if let Some(m) = self.optimizer.moments.get(name) {
+                    let m = m
+                        .lock()
+                        .map_err(|_| TrainError::Config("poisoned optimizer state".into()))?;
+                    buf[..n].copy_from_slice(&m.m);
+                    buf[n..].copy_from_slice(&m.v);
+                }
+            }
+            sync.sum_f32(&mut buf)?;
+            if let Some(slot) = whole.moments.get(name) {
+                let mut slot = slot
+                    .lock()
+                    .map_err(|_| TrainError::Config("poisoned optimizer state".into()))?;
+                slot.m = buf[..n].to_vec();
+                slot.v = buf[n..].to_vec();
+            }
+        }
+        Ok(Some(whole))
+    }
+
     /// The whole parameters and optimiser state of a model cut over a tensor-parallel group
     /// (every rank of the group calls this; the result is the same on each).
-    fn gather_whole(&self) -> Result<(TrainableParams, AdamW)> {
+    fn gather_whole(&self, local_optimizer: &AdamW) -> Result<(TrainableParams, AdamW)> {
         let shards = self
             .shards
             .as_ref()
@@ -293,7 +354,7 @@ impl Trainer {
                 spec.name.clone(),
                 Var::from_tensor(&Tensor::from_vec(whole, spec.shape.clone(), &self.device)?)?,
             );
-            let (m, v) = match self.optimizer.moments.get(&spec.name) {
+            let (m, v) = match local_optimizer.moments.get(&spec.name) {
                 Some(m) => {
                     let m = m
                         .lock()
@@ -453,6 +514,7 @@ impl Trainer {
             replicas: None,
             shards: None,
             writer: true,
+            zero_owned: None,
         })
     }
 
@@ -490,6 +552,7 @@ impl Trainer {
             replicas: None,
             shards: None,
             writer: true,
+            zero_owned: None,
         })
     }
 
@@ -559,8 +622,10 @@ impl Trainer {
                 || step == total;
             if ckpt_now {
                 // A sharded model gathers its whole tensors on every rank of its group.
+                let over_replicas = self.optimizer_over_replicas()?;
+                let local_optimizer = over_replicas.as_ref().unwrap_or(&self.optimizer);
                 let whole = match &self.shards {
-                    Some(_) => Some(self.gather_whole()?),
+                    Some(_) => Some(self.gather_whole(local_optimizer)?),
                     None => None,
                 };
                 if writer {
@@ -569,7 +634,7 @@ impl Trainer {
                         .map_err(|e| TrainError::io(&metrics_path, e))?;
                     let (params, optimizer) = match &whole {
                         Some((p, o)) => (p, o),
-                        None => (&self.params, &self.optimizer),
+                        None => (&self.params, local_optimizer),
                     };
                     let dir = save_checkpoint(
                         &ckpt_root,
@@ -842,8 +907,22 @@ impl Trainer {
             1.0
         };
         let lr = cfg.schedule().lr_at(self.state.step);
-        self.optimizer
-            .step(&self.params.vars, &grads_acc, lr, scale)?;
+        match (&self.zero_owned, &self.replicas) {
+            (Some(owned), Some(sync)) => {
+                let mine: BTreeMap<String, Var> = self
+                    .params
+                    .vars
+                    .iter()
+                    .filter(|(n, _)| owned.contains(*n))
+                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .collect();
+                self.optimizer.step(&mine, &grads_acc, lr, scale)?;
+                share_from_owners(sync.as_ref(), &self.params, owned)?;
+            }
+            _ => self
+                .optimizer
+                .step(&self.params.vars, &grads_acc, lr, scale)?,
+        }
         self.state.aux.update(&drop);
         self.state.step += 1;
         self.state.tokens += tokens;
@@ -1045,4 +1124,49 @@ fn sum_gradients(
         start = end;
     }
     Ok(out)
+}
+
+/// After a ZeRO-1 step: every replica receives the tensors other replicas updated (a sum in
+/// which only the owner contributes), in buckets of [`GRAD_BUCKET_ELEMS`] elements.
+fn share_from_owners(
+    sync: &dyn ReplicaSync,
+    params: &TrainableParams,
+    owned: &std::collections::BTreeSet<String>,
+) -> Result<()> {
+    let names: Vec<&String> = params.vars.keys().collect();
+    let mut start = 0;
+    while start < names.len() {
+        let mut end = start;
+        let mut elems = 0;
+        while end < names.len() {
+            let n = params.vars[names[end]].elem_count();
+            if end > start && elems + n > GRAD_BUCKET_ELEMS {
+                break;
+            }
+            elems += n;
+            end += 1;
+        }
+        let mut bucket = Vec::with_capacity(elems);
+        for name in &names[start..end] {
+            let var = &params.vars[*name];
+            if owned.contains(*name) {
+                bucket.extend(var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+            } else {
+                bucket.extend(std::iter::repeat_n(0f32, var.elem_count()));
+            }
+        }
+        sync.sum_f32(&mut bucket)?;
+        let mut at = 0;
+        for name in &names[start..end] {
+            let var = &params.vars[*name];
+            let n = var.elem_count();
+            if !owned.contains(*name) {
+                let t = Tensor::from_vec(bucket[at..at + n].to_vec(), var.shape(), var.device())?;
+                var.set(&t)?;
+            }
+            at += n;
+        }
+        start = end;
+    }
+    Ok(())
 }

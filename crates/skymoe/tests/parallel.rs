@@ -315,6 +315,62 @@ fn data_parallel_equals_one_process_accumulating_the_same_batches() {
     }
 }
 
+/// The optimiser state of a run's last checkpoint.
+fn moments(run: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    let ck = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    candle_core::safetensors::load(ck.join("optimizer.safetensors"), &candle_core::Device::Cpu)
+        .unwrap()
+}
+
+#[test]
+fn zero_one_shards_optimizer_state_and_changes_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), 1, 3);
+    let mut runs = Vec::new();
+    for layout in ["dp=2", "dp=2,zero=1", "edp=2,dp=2,zero=1"] {
+        let np = if layout.starts_with("edp") { 4 } else { 2 };
+        let run = tmp.path().join(layout.replace([',', '='], "-"));
+        let out = mpirun(
+            np,
+            &[
+                "train",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--quiet",
+                "--out",
+                run.to_str().unwrap(),
+                "--parallel",
+                layout,
+            ],
+            "zero",
+        )
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "{layout}: {}", text(&out));
+        runs.push(run);
+    }
+    assert_same_training(&runs[0], &runs[1], "zero=1");
+    assert_same_training(&runs[0], &runs[2], "edp=2,zero=1");
+    // The checkpoint holds every replica's moments, as without ZeRO.
+    let (a, b) = (moments(&runs[0]), moments(&runs[1]));
+    assert_eq!(a.len(), b.len());
+    for (name, ta) in &a {
+        let diff = (ta - &b[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff <= 1e-9, "{name}: {diff}");
+    }
+}
+
 #[test]
 fn a_layout_the_processes_cannot_run_stops_every_rank() {
     let tmp = tempfile::tempdir().unwrap();
@@ -323,6 +379,7 @@ fn a_layout_the_processes_cannot_run_stops_every_rank() {
     for (layout, needle) in [
         ("dp=4", "needs 4 processes, but 2 were started"),
         ("tp=1,ep=2,dp=2", "not available yet"),
+        ("dp=2,zero=2", "ZeRO-2 is not available"),
     ] {
         let out = mpirun(
             2,

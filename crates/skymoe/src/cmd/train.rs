@@ -98,10 +98,11 @@ fn parallel_spec(a: &Args, world: usize) -> anyhow::Result<skymoe_plan::Layout> 
             layout.to_arg()
         );
     }
-    if layout.zero > 0 && layout.dp > 1 {
+    if layout.zero > 1 {
         anyhow::bail!(
-            "--parallel {}: ZeRO sharding is not available yet; use zero=0",
-            layout.to_arg()
+            "--parallel {}: ZeRO-{} is not available; zero=1 (optimiser state sharded over data-parallel replicas) is",
+            layout.to_arg(),
+            layout.zero
         );
     }
     Ok(layout)
@@ -350,6 +351,9 @@ fn run_on(a: &Args, procs: &launch::Processes) -> anyhow::Result<()> {
     }
     .context("cannot set up the run")?;
     check_parallel(a, layout, procs, &trainer.model_config).context("bad parallel layout")?;
+    if layout.zero == 1 && layout.dp > 1 {
+        trainer.enable_zero()?;
+    }
     let summary = trainer.run(obs).context("training failed")?;
     drop(progress);
     if !lead {
