@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Data-parallel scaling on this machine: skymoe training tokens/s with 1 process and with
-N processes under mpirun (the same global batch: one process accumulates N micro-batches,
-N processes take one each), the bytes each rank hands to the gradient all-reduce per step,
-and the planner's prediction for both runs from a calibrated machine file.
+"""Multi-process training on this machine: skymoe training tokens/s with 1 process and with
+N processes under mpirun for each strategy (data, tensor with experts split, EDP, pipeline,
+data with ZeRO-1), on the same global batch (one process accumulates N micro-batches; data
+parallelism gives each process one; model parallelism splits every micro-batch's work), the
+bytes each rank hands to the data-parallel all-reduce per step, and the planner's prediction
+for every run from a calibrated machine file.
 
-Usage: cargo build --release --features mpi && python3 benches/dp_scaling.py [--np 2] [--steps 12]
+Usage: cargo build --release --features mpi && python3 benches/parallel_scaling.py [--np 2] [--steps 12]
 """
 
 import argparse
@@ -59,7 +61,7 @@ def cpu_model():
     return "unknown"
 
 
-def train(tmp, name, np_, batch, accum, steps):
+def train(tmp, name, np_, batch, accum, steps, layout):
     out = os.path.join(tmp, name)
     cfg = os.path.join(tmp, name + ".toml")
     with open(cfg, "w") as f:
@@ -68,7 +70,7 @@ def train(tmp, name, np_, batch, accum, steps):
     cmd = [SKYMOE, "train", "--config", cfg, "--quiet"]
     if np_ > 1:
         env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-        cmd = ["mpirun", "-np", str(np_), "--oversubscribe"] + cmd + ["--parallel", f"dp={np_}"]
+        cmd = ["mpirun", "-np", str(np_), "--oversubscribe"] + cmd + ["--parallel", layout]
     else:
         env = dict(os.environ)
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -80,11 +82,11 @@ def train(tmp, name, np_, batch, accum, steps):
             os.path.join(out, "checkpoints", ckpt))
 
 
-def plan(model, machine, np_, tokens, seq, micro):
+def plan(model, machine, np_, tokens, seq, micro, layout):
     out = subprocess.run([SKYMOE, "plan", "--model", model, "--cluster", machine, "--nodes", "1",
                           "--gpus-per-node", str(np_), "--global-batch-tokens", str(tokens),
                           "--seq-len", str(seq), "--micro-batch", str(micro), "--precision", "fp32",
-                          "--capacity-factor", "0", "--layout", f"dp={np_},zero=0", "--json"],
+                          "--capacity-factor", "0", "--layout", layout, "--json"],
                          check=True, capture_output=True, text=True).stdout
     p = json.loads(out)[0]
     return p["step_time_s"], p["tokens_per_gpu_s"] * np_, p["traffic"]["dp_gib"] + p["traffic"]["expert_dp_gib"]
@@ -95,23 +97,31 @@ def main():
     ap.add_argument("--np", type=int, default=2)
     ap.add_argument("--steps", type=int, default=12)
     a = ap.parse_args()
+    n = a.np
     batch, seq = 2, 256
-    tokens = a.np * batch * seq
+    tokens = n * batch * seq
+    layouts = [(f"dp={n}", 1), (f"dp={n},zero=1", 1), (f"tp={n}", n), (f"edp={n}", n), (f"pp={n}", n)]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         machine = os.path.join(tmp, "machine.json")
         subprocess.run([SKYMOE, "plan", "--calibrate", "--out", machine], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        one, _, ckpt = train(tmp, "np1", 1, batch, a.np, a.steps)
-        many, sync, _ = train(tmp, f"np{a.np}", a.np, batch, 1, a.steps)
-        p1 = plan(ckpt, machine, 1, tokens, seq, batch)
-        pn = plan(ckpt, machine, a.np, tokens, seq, batch)
+        one, _, ckpt = train(tmp, "np1", 1, batch, n, a.steps, None)
+        p1 = plan(ckpt, machine, 1, tokens, seq, batch, "dp=1,zero=0")
+        rows.append(("1 process", one, p1[1], None, None))
+        for layout, accum in layouts:
+            name = layout.replace(",", "-").replace("=", "")
+            got, sync, _ = train(tmp, name, n, batch, accum, a.steps, layout)
+            planned = plan(ckpt, machine, n, tokens, seq, batch, layout if "zero" in layout else layout + ",zero=0")
+            rows.append((layout, got, planned[1], sync, planned[2]))
     print(f"machine: {os.cpu_count()} cores, {cpu_model()}")
-    print(f"model: mixtral hidden 256, 4 layers, 8 experts top-2; global batch {a.np} x {batch} x {seq} tokens; f32; median of steps 3-{a.steps}")
-    print("| processes | tokens/s measured | tokens/s planned | all-reduce payload per rank per step | planned DP traffic per rank per step |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    print(f"| 1 | {one:.0f} | {p1[1]:.0f} | - | - |")
-    print(f"| {a.np} (dp={a.np}) | {many:.0f} | {pn[1]:.0f} | {sync / 2**20:.1f} MiB | {pn[2] * 1024:.1f} MiB |")
-    print(f"speed-up x{many / one:.2f}")
+    print(f"model: mixtral hidden 256, 4 layers, 8 experts top-2; global batch {n} x {batch} x {seq} tokens; f32; median of steps 3-{a.steps}")
+    print("| run | tokens/s measured | tokens/s planned | speed-up | DP all-reduce payload per rank per step | planned DP traffic per rank per step |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for label, got, planned, sync, traffic in rows:
+        s1 = "-" if sync is None else f"{sync / 2**20:.1f} MiB"
+        s2 = "-" if traffic is None else f"{traffic * 1024:.1f} MiB"
+        print(f"| {label} | {got:.0f} | {planned:.0f} | x{got / rows[0][1]:.2f} | {s1} | {s2} |")
 
 
 if __name__ == "__main__":
