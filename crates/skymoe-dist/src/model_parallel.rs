@@ -95,6 +95,26 @@ impl skymoe_model::parallel::PipeComm for CommShard {
     }
 }
 
+impl skymoe_model::parallel::ExpertComm for CommShard {
+    fn rank(&self) -> usize {
+        self.comm.0.rank()
+    }
+    fn size(&self) -> usize {
+        self.comm.0.size()
+    }
+    fn all_to_all_v(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> std::result::Result<Vec<f32>, String> {
+        self.comm
+            .0
+            .all_to_all_v(send, send_counts, recv_counts)
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Hands out tensors of another loader as trainable variables, remembering them by name
 /// (a name asked twice — a tied embedding — gives the same variable).
 struct VarLoader<'a> {

@@ -14,7 +14,7 @@ use crate::layers::rotary::RotaryEmbedding;
 use crate::layers::router::{Gate, Router, Routing};
 use crate::layers::TensorLoader;
 use crate::names::{self, SwiGluNames};
-use crate::parallel::{PipelineStage, Sharding};
+use crate::parallel::{ExpertParallel, PipelineStage, Sharding};
 use crate::weights::{Checkpoint, WeightSource};
 
 /// Per-layer keys and values for incremental decoding.
@@ -121,6 +121,18 @@ pub fn build_layer(
     i: usize,
     sharding: Option<&Sharding>,
 ) -> Result<DecoderLayer> {
+    build_layer_split(c, l, i, sharding, None)
+}
+
+/// [`build_layer`] with experts spread over an expert-parallel group of ranks holding
+/// different tokens (this rank builds only its share of the experts).
+pub fn build_layer_split(
+    c: &ModelConfig,
+    l: &dyn TensorLoader,
+    i: usize,
+    sharding: Option<&Sharding>,
+    ep: Option<&ExpertParallel>,
+) -> Result<DecoderLayer> {
     let h = c.hidden_size;
     let (n, rank) = sharding.map_or((1, 0), |s| (s.tp.size(), s.tp.rank()));
     let tp = sharding.map(|s| s.tp.clone());
@@ -160,7 +172,13 @@ pub fn build_layer(
                 None => Gate::Linear(Linear::new(l.tensor(&names.gate, &[e, h])?, None)),
             };
             let whole = sharding.is_some_and(|s| s.whole_experts);
-            let (expert_ids, width): (Vec<usize>, usize) = if whole {
+            let (expert_ids, width): (Vec<usize>, usize) = if let Some(ep) = ep {
+                let per = e / ep.size();
+                (
+                    (ep.rank() * per..(ep.rank() + 1) * per).collect(),
+                    m.expert_intermediate_size / n,
+                )
+            } else if whole {
                 let per = e / n;
                 (
                     (rank * per..(rank + 1) * per).collect(),
@@ -191,6 +209,7 @@ pub fn build_layer(
                 num_experts: e,
                 shared,
                 tp: tp.clone(),
+                ep: ep.cloned(),
             })
         }
         _ => FeedForward::Dense(swiglu(
@@ -239,66 +258,45 @@ impl CausalLm {
         device: &Device,
         sharding: Option<&Sharding>,
     ) -> Result<Self> {
-        let c = &config;
-        let h = c.hidden_size;
-        let embed = l.tensor(names::EMBED, &[c.vocab_size, h])?;
-        let layers = (0..c.num_hidden_layers)
-            .map(|i| build_layer(c, l, i, sharding))
-            .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(l.tensor(names::FINAL_NORM, &[h])?, c.rms_norm_eps);
-        let lm_head = if c.tie_word_embeddings {
-            embed.clone()
-        } else {
-            l.tensor(names::LM_HEAD, &[c.vocab_size, h])?
-        };
-        let rotary = RotaryEmbedding::new(
-            c.head_dim,
-            c.rope_theta,
-            c.max_position_embeddings.max(1),
-            device,
-        )?;
-        Ok(CausalLm {
-            config,
-            embed,
-            layers,
-            norm,
-            lm_head,
-            rotary,
-            pipeline: None,
-        })
+        Self::from_loader_split(config, l, device, sharding, None, None)
     }
 
-    /// Build one pipeline stage (optionally cut over a tensor-parallel group too): its decoder
-    /// layers, plus the embedding on the first stage and the final norm and LM head on the
-    /// last. `l` need only hold the stage's tensors.
-    pub fn from_loader_stage(
+    /// Build this process's part of a model split any way: cut over a tensor-parallel group
+    /// (`sharding`), with experts spread over ranks holding different tokens (`ep`), and/or
+    /// as one pipeline stage (`stage`: its decoder layers, plus the embedding on the first
+    /// stage and the final norm and LM head on the last). `l` hands out this rank's parts.
+    pub fn from_loader_split(
         config: ModelConfig,
         l: &dyn TensorLoader,
         device: &Device,
         sharding: Option<&Sharding>,
-        stage: PipelineStage,
+        ep: Option<&ExpertParallel>,
+        stage: Option<PipelineStage>,
     ) -> Result<Self> {
         let c = &config;
         let h = c.hidden_size;
+        let first = stage.as_ref().is_none_or(|s| s.is_first());
+        let last = stage.as_ref().is_none_or(|s| s.is_last());
+        let range = stage
+            .as_ref()
+            .map_or(0..c.num_hidden_layers, |s| s.layers.clone());
         let placeholder = || Tensor::zeros((0, h), candle_core::DType::F32, device);
-        let embed = if stage.is_first() {
+        let embed = if first {
             l.tensor(names::EMBED, &[c.vocab_size, h])?
         } else {
             placeholder()?
         };
-        let layers = stage
-            .layers
-            .clone()
-            .map(|i| build_layer(c, l, i, sharding))
+        let layers = range
+            .map(|i| build_layer_split(c, l, i, sharding, ep))
             .collect::<Result<Vec<_>>>()?;
-        let (norm, lm_head) = if stage.is_last() {
+        let (norm, lm_head) = if last {
             let norm = RmsNorm::new(l.tensor(names::FINAL_NORM, &[h])?, c.rms_norm_eps);
-            let name = if c.tie_word_embeddings {
-                names::EMBED
-            } else {
-                names::LM_HEAD
+            let head = match (c.tie_word_embeddings, first) {
+                (true, true) => embed.clone(),
+                (true, false) => l.tensor(names::EMBED, &[c.vocab_size, h])?,
+                (false, _) => l.tensor(names::LM_HEAD, &[c.vocab_size, h])?,
             };
-            (norm, l.tensor(name, &[c.vocab_size, h])?)
+            (norm, head)
         } else {
             (
                 RmsNorm::new(
@@ -321,8 +319,21 @@ impl CausalLm {
             norm,
             lm_head,
             rotary,
-            pipeline: Some(stage),
+            pipeline: stage,
         })
+    }
+
+    /// Build one pipeline stage (optionally cut over a tensor-parallel group too): its decoder
+    /// layers, plus the embedding on the first stage and the final norm and LM head on the
+    /// last. `l` need only hold the stage's tensors.
+    pub fn from_loader_stage(
+        config: ModelConfig,
+        l: &dyn TensorLoader,
+        device: &Device,
+        sharding: Option<&Sharding>,
+        stage: PipelineStage,
+    ) -> Result<Self> {
+        Self::from_loader_split(config, l, device, sharding, None, Some(stage))
     }
 
     /// A fresh KV cache for this model.

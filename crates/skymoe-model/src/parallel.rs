@@ -442,3 +442,140 @@ pub fn stage_tensor_names(
     }
     keep
 }
+
+/// The variable-size all-to-all that moves tokens to their experts' ranks (implemented over
+/// MPI by skymoe-dist). Called on the thread that runs the forward and backward passes.
+pub trait ExpertComm: Send + Sync + std::fmt::Debug {
+    /// This rank in the expert-parallel group.
+    fn rank(&self) -> usize;
+    /// Ranks in the group.
+    fn size(&self) -> usize;
+    /// Send `send_counts[j]` consecutive elements of `send` to rank `j`; receive
+    /// `recv_counts[j]` from rank `j`, concatenated in rank order.
+    fn all_to_all_v(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> std::result::Result<Vec<f32>, String>;
+}
+
+/// Experts spread over ranks that each hold different tokens (Megatron expert parallelism
+/// across data-parallel ranks): tokens travel to their experts' ranks and back by all-to-all.
+#[derive(Debug, Clone)]
+pub struct ExpertParallel {
+    /// The expert-parallel group.
+    pub comm: Arc<dyn ExpertComm>,
+}
+
+/// Moves rows between the ranks of an expert-parallel group; its backward moves the
+/// gradients back the opposite way.
+struct Exchange {
+    comm: Arc<dyn ExpertComm>,
+    /// Rows sent to each rank, and received from each.
+    send_rows: Vec<usize>,
+    recv_rows: Vec<usize>,
+    width: usize,
+}
+
+impl CustomOp1 for Exchange {
+    fn name(&self) -> &'static str {
+        "ep-all-to-all"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = self.width;
+        let sc: Vec<usize> = self.send_rows.iter().map(|r| r * w).collect();
+        let rc: Vec<usize> = self.recv_rows.iter().map(|r| r * w).collect();
+        let out = self
+            .comm
+            .all_to_all_v(contiguous_f32(s, l)?, &sc, &rc)
+            .map_err(candle_core::Error::msg)?;
+        let rows: usize = self.recv_rows.iter().sum();
+        Ok((CpuStorage::F32(out), Shape::from((rows, w))))
+    }
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let back = Exchange {
+            comm: self.comm.clone(),
+            send_rows: self.recv_rows.clone(),
+            recv_rows: self.send_rows.clone(),
+            width: self.width,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}
+
+impl ExpertParallel {
+    /// This rank in the group.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// Ranks in the group.
+    pub fn size(&self) -> usize {
+        self.comm.size()
+    }
+
+    /// Send `send_rows[j]` consecutive rows of `x` `[rows, width]` to rank `j`; returns the
+    /// rows received, in rank order. Differentiable.
+    pub fn exchange(
+        &self,
+        x: &Tensor,
+        send_rows: Vec<usize>,
+        recv_rows: Vec<usize>,
+    ) -> candle_core::Result<Tensor> {
+        let width = x.dim(1)?;
+        x.contiguous()?.apply_op1(Exchange {
+            comm: self.comm.clone(),
+            send_rows,
+            recv_rows,
+            width,
+        })
+    }
+
+    /// Exchange `per_rank` counts with every rank: `counts[j·per_rank .. (j+1)·per_rank]` go
+    /// to rank `j`; returns the counts received, in rank order.
+    pub fn exchange_counts(
+        &self,
+        counts: &[usize],
+        per_rank: usize,
+    ) -> candle_core::Result<Vec<usize>> {
+        let n = self.size();
+        let send: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
+        let got = self
+            .comm
+            .all_to_all_v(&send, &vec![per_rank; n], &vec![per_rank; n])
+            .map_err(candle_core::Error::msg)?;
+        Ok(got.into_iter().map(|c| c as usize).collect())
+    }
+}
+
+/// Parts of the routed experts for expert-parallel rank `rank` of `size`: its own experts
+/// whole, the others absent.
+pub fn expert_parts(config: &ModelConfig, rank: usize, size: usize) -> HashMap<String, Part> {
+    let mut parts = HashMap::new();
+    let Some(m) = &config.moe else {
+        return parts;
+    };
+    let per = (m.num_experts / size.max(1)).max(1);
+    for i in 0..config.num_hidden_layers {
+        if !config.is_moe_layer(i) {
+            continue;
+        }
+        for (e, en) in config.moe_names(i).experts.iter().enumerate() {
+            let p = if e / per == rank {
+                Part::Whole
+            } else {
+                Part::Absent
+            };
+            for name in [&en.gate, &en.up, &en.down] {
+                parts.insert(name.clone(), p);
+            }
+        }
+    }
+    parts
+}

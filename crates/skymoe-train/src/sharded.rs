@@ -7,7 +7,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use candle_core::{Tensor, Var};
-use skymoe_model::parallel::{stage_tensor_names, Part, PipelineStage, Sharding};
+use skymoe_model::parallel::{
+    expert_parts, stage_tensor_names, ExpertParallel, Part, PipelineStage, Sharding,
+};
 use skymoe_model::{names, ModelConfig};
 
 use crate::error::{Result, TrainError};
@@ -23,6 +25,18 @@ pub struct ModelSplit {
     pub tensor: Option<Sharding>,
     /// The pipeline stage of this rank, if the layers are split into stages.
     pub pipeline: Option<PipelineSplit>,
+    /// Experts spread over ranks holding different tokens, if they are.
+    pub experts: Option<ExpertSplit>,
+}
+
+/// Experts spread over an expert-parallel group across data-parallel ranks.
+pub struct ExpertSplit {
+    /// The group, for the token all-to-all.
+    pub ep: ExpertParallel,
+    /// The same group, for norms and gathers of expert tensors.
+    pub group: Box<dyn ReplicaSync>,
+    /// The ranks holding the same experts (expert data parallelism), when more than one.
+    pub expert_dp: Option<Box<dyn ReplicaSync>>,
 }
 
 /// This rank's pipeline stage and its groups, before the model is known.
@@ -60,6 +74,10 @@ pub struct ModelShards {
     pub tensor: Option<Sharding>,
     /// This rank's pipeline stage and its groups, if the layers are split into stages.
     pub pipeline: Option<StageGroups>,
+    /// See [`ModelSplit::experts`].
+    pub experts: Option<ExpertSplit>,
+    /// Names of the routed experts' tensors when experts are spread over ranks.
+    pub expert_names: HashSet<String>,
     /// This rank's part of every split or absent tensor (tensor parallelism).
     pub parts: HashMap<String, Part>,
     /// Tensors this rank holds (its stage's).
@@ -168,7 +186,20 @@ impl ModelShards {
                 })
             }
         };
-        let parts = skymoe_model::parallel::parts(config, rank, n, whole);
+        let mut parts = skymoe_model::parallel::parts(config, rank, n, whole);
+        let mut expert_names = HashSet::new();
+        if let Some(x) = &split.experts {
+            let e = config.moe.as_ref().map_or(0, |m| m.num_experts);
+            if n > 1 || e == 0 || !e.is_multiple_of(x.ep.size()) {
+                return Err(TrainError::Config(format!(
+                    "expert parallelism over {} ranks needs a model whose experts divide by it, without tensor parallelism",
+                    x.ep.size()
+                )));
+            }
+            let ep_parts = expert_parts(config, x.ep.rank(), x.ep.size());
+            expert_names = ep_parts.keys().cloned().collect();
+            parts.extend(ep_parts);
+        }
         let held = pipeline
             .as_ref()
             .map(|p| stage_tensor_names(config, &p.stage));
@@ -176,6 +207,8 @@ impl ModelShards {
             replica: split.replica,
             tensor: split.tensor,
             pipeline,
+            experts: split.experts,
+            expert_names,
             parts,
             held,
             tied: config.tie_word_embeddings,
@@ -236,7 +269,52 @@ impl ModelShards {
             }
         }
         self.replica.sum_f32(&mut whole)?;
+        if let Some(x) = self
+            .experts
+            .as_ref()
+            .filter(|_| self.expert_names.contains(name))
+        {
+            x.group.sum_f32(&mut whole)?;
+        }
         Ok(whole)
+    }
+
+    /// Under expert parallelism: sum the expert gradients over the ranks holding the same
+    /// experts and divide by the data-parallel size (the other gradients are averaged over
+    /// the data-parallel group by the trainer).
+    pub fn sync_expert_grads(
+        &self,
+        grads: &mut BTreeMap<String, Tensor>,
+        data_parallel: usize,
+        params: &TrainableParams,
+    ) -> Result<()> {
+        let Some(x) = &self.experts else {
+            return Ok(());
+        };
+        let scale = 1.0 / data_parallel.max(1) as f64;
+        for (name, var) in params
+            .vars
+            .iter()
+            .filter(|(n, _)| self.expert_names.contains(*n))
+        {
+            // An expert no token reached has no gradient: it contributes zeros.
+            let g = match grads.get(name) {
+                Some(g) => g.clone(),
+                None => var.as_tensor().zeros_like()?,
+            };
+            let g = &g;
+            let g = match &x.expert_dp {
+                Some(group) => {
+                    let shape = g.dims().to_vec();
+                    let mut data = g.flatten_all()?.to_vec1::<f32>()?;
+                    group.sum_f32(&mut data)?;
+                    Tensor::from_vec(data, shape, g.device())?
+                }
+                None => g.clone(),
+            };
+            grads.insert(name.clone(), (g * scale)?);
+        }
+        Ok(())
     }
 
     /// The global norm of the replica's gradients (each element counted once).
@@ -246,10 +324,18 @@ impl ModelShards {
             .filter(|(n, _)| self.counts(n))
             .map(|(n, g)| (n.clone(), g.clone()))
             .collect();
-        let norm = global_norm(&counted)?;
-        let mut total = [norm * norm];
+        let (experts, others): (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) = counted
+            .into_iter()
+            .partition(|(n, _)| self.expert_names.contains(n));
+        let (a, b) = (global_norm(&others)?, global_norm(&experts)?);
+        let mut total = [a * a, b * b];
         self.replica.sum_f64(&mut total)?;
-        Ok(total[0].sqrt())
+        if let Some(x) = &self.experts {
+            let mut e = [total[1]];
+            x.group.sum_f64(&mut e)?;
+            total[1] = e[0];
+        }
+        Ok((total[0] + total[1]).sqrt())
     }
 
     /// Sum the gradient of a tied embedding over the first and last stage, which both hold it.

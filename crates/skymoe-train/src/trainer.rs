@@ -256,21 +256,14 @@ impl Trainer {
             }
         }
         self.optimizer = optimizer;
-        self.model = match &shards.pipeline {
-            Some(p) => CausalLm::from_loader_stage(
-                self.model_config.clone(),
-                &self.params,
-                &self.device,
-                shards.tensor.as_ref(),
-                p.stage.clone(),
-            )?,
-            None => CausalLm::from_loader_sharded(
-                self.model_config.clone(),
-                &self.params,
-                &self.device,
-                shards.tensor.as_ref(),
-            )?,
-        };
+        self.model = CausalLm::from_loader_split(
+            self.model_config.clone(),
+            &self.params,
+            &self.device,
+            shards.tensor.as_ref(),
+            shards.experts.as_ref().map(|x| &x.ep),
+            shards.pipeline.as_ref().map(|p| p.stage.clone()),
+        )?;
         self.shards = Some(shards);
         Ok(())
     }
@@ -286,6 +279,11 @@ impl Trainer {
                     .into(),
             ));
         };
+        if self.shards.as_ref().is_some_and(|s| s.experts.is_some()) {
+            return Err(TrainError::Config(
+                "ZeRO-1 with experts spread over data-parallel ranks is not available yet".into(),
+            ));
+        }
         let (rank, replicas) = (sync.rank(), sync.replicas());
         let mut loads = vec![0usize; replicas];
         let mut owned = std::collections::BTreeSet::new();
@@ -816,7 +814,15 @@ impl Trainer {
                 .values()
                 .map(|v| v.as_tensor().elem_count() as u64)
                 .sum::<u64>();
-            grads_acc = sum_gradients(sync.as_ref(), &self.params, grads_acc)?;
+            let experts = self
+                .shards
+                .as_ref()
+                .map(|s| s.expert_names.clone())
+                .unwrap_or_default();
+            grads_acc = sum_gradients(sync.as_ref(), &self.params, grads_acc, &experts)?;
+            if let Some(shards) = &self.shards {
+                shards.sync_expert_grads(&mut grads_acc, sync.replicas(), &self.params)?;
+            }
             // Metrics: sums over replicas, means divided by their count.
             let mut stats = vec![loss_sum, ce_sum, aux_sum, z_sum, tokens as f64, nonfinite];
             stats.extend(&drop);
@@ -1082,10 +1088,15 @@ fn sum_gradients(
     sync: &dyn ReplicaSync,
     params: &TrainableParams,
     mut local: BTreeMap<String, Tensor>,
+    skip: &std::collections::HashSet<String>,
 ) -> Result<BTreeMap<String, Tensor>> {
     let scale = 1.0 / sync.replicas() as f32;
-    let names: Vec<&String> = params.vars.keys().collect();
-    let mut out = BTreeMap::new();
+    let names: Vec<&String> = params.vars.keys().filter(|n| !skip.contains(*n)).collect();
+    // Gradients left out (experts spread over the replicas) pass through unchanged.
+    let mut out: BTreeMap<String, Tensor> = skip
+        .iter()
+        .filter_map(|n| local.remove(n).map(|g| (n.clone(), g)))
+        .collect();
     let mut start = 0;
     while start < names.len() {
         // One bucket: whole tensors up to GRAD_BUCKET_ELEMS elements (at least one tensor).

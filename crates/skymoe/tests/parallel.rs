@@ -189,6 +189,8 @@ fn model_parallel_training_equals_one_process() {
         (2, "pp=2", &cfg2, &["--pp-layers", "1,2"][..]),
         (4, "pp=2,dp=2", &cfg1, &["--pp-layers", "2,1"]),
         (4, "edp=2,pp=2", &cfg2, &["--pp-layers", "1,2"]),
+        (2, "ep=2,dp=2", &cfg1, &[]),
+        (4, "ep=2,dp=2,pp=2", &cfg1, &["--pp-layers", "2,1"]),
     ] {
         let run = tmp.path().join(layout.replace([',', '='], "-"));
         let mut args = vec![
@@ -205,6 +207,40 @@ fn model_parallel_training_equals_one_process() {
         let out = mpirun(np, &args, "mp").output().unwrap();
         assert!(out.status.success(), "{layout}: {}", text(&out));
         assert_same_training(&single, &run, layout);
+    }
+    // Four data-parallel ranks: experts over all four, and over pairs (expert-data-parallel
+    // groups of two summing their experts' gradients).
+    let single4 = tmp.path().join("single4");
+    let cfg4 = write_config(tmp.path(), 4, 3);
+    let out = skymoe(&[
+        "train",
+        "--config",
+        cfg4.to_str().unwrap(),
+        "--quiet",
+        "--out",
+        single4.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    for layout in ["ep=4,dp=4", "ep=2,dp=4"] {
+        let run = tmp.path().join(layout.replace([',', '='], "-"));
+        let out = mpirun(
+            4,
+            &[
+                "train",
+                "--config",
+                cfg1.to_str().unwrap(),
+                "--quiet",
+                "--out",
+                run.to_str().unwrap(),
+                "--parallel",
+                layout,
+            ],
+            "ep4",
+        )
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "{layout}: {}", text(&out));
+        assert_same_training(&single4, &run, layout);
     }
     // Resharding: two steps in one process, the third resumed under EDP over two processes.
     let resumed = tmp.path().join("resumed");
@@ -378,7 +414,7 @@ fn a_layout_the_processes_cannot_run_stops_every_rank() {
     let run = tmp.path().join("run");
     for (layout, needle) in [
         ("dp=4", "needs 4 processes, but 2 were started"),
-        ("tp=1,ep=2,dp=2", "not available yet"),
+        ("tp=2,ep=2,etp=2", "not available yet"),
         ("dp=2,zero=2", "ZeRO-2 is not available"),
     ] {
         let out = mpirun(

@@ -8,7 +8,7 @@ use super::ffn::SwiGlu;
 use super::linear::Linear;
 use super::ops::sigmoid;
 use super::router::{Router, Routing};
-use crate::parallel::TensorParallel;
+use crate::parallel::{ExpertParallel, TensorParallel};
 
 /// A shared expert that every token passes through, scaled by `sigmoid(gate x)`.
 #[derive(Debug, Clone)]
@@ -35,6 +35,9 @@ pub struct MoeBlock {
     /// The tensor-parallel group the experts are split or spread over, if any: each rank
     /// computes its part of the combined output and the parts are summed.
     pub tp: Option<TensorParallel>,
+    /// The expert-parallel group across data-parallel ranks, if any: tokens travel to their
+    /// experts' ranks and back (`experts` holds this rank's share).
+    pub ep: Option<ExpertParallel>,
 }
 
 /// Tokens assigned to each expert: for expert `e`, the token rows and the flat
@@ -113,6 +116,14 @@ impl MoeBlock {
         let flat_weights = weights.flatten_all()?;
         let mut out = xs.zeros_like()?;
         let dev = xs.device();
+        if let Some(ep) = &self.ep {
+            out = self.dispatch_to_ranks(ep, &routing, &expert_input, &flat_weights, out)?;
+            if let (Some(shared), Some(g)) = (&self.shared, &shared_gate) {
+                let s = shared.ffn.forward(&xe)?;
+                out = (out + s.broadcast_mul(g)?)?;
+            }
+            return Ok((out.reshape(dims)?, routing));
+        }
         let groups = group_by_expert(&routing.experts, &routing.kept, k, self.num_experts);
         for (expert, &e) in self.experts.iter().zip(&self.expert_ids) {
             let (rows, slots) = &groups[e];
@@ -139,5 +150,86 @@ impl MoeBlock {
             out = tp.reduce_out(&out.broadcast_add(&anchor)?)?;
         }
         Ok((out.reshape(dims)?, routing))
+    }
+
+    /// Expert parallelism across ranks holding different tokens: send each kept assignment's
+    /// input row to the rank of its expert, run this rank's experts on what arrives, send the
+    /// outputs back and combine them with the routing weights into `out`.
+    fn dispatch_to_ranks(
+        &self,
+        ep: &ExpertParallel,
+        routing: &Routing,
+        expert_input: &Tensor,
+        flat_weights: &Tensor,
+        out: Tensor,
+    ) -> Result<Tensor> {
+        let dev = expert_input.device();
+        let h = expert_input.dim(1)?;
+        let n = ep.size();
+        let per = self.num_experts / n;
+        let groups = group_by_expert(
+            &routing.experts,
+            &routing.kept,
+            routing.top_k,
+            self.num_experts,
+        );
+        // Rows in the order of their experts (so of their destination ranks).
+        let (mut rows, mut slots, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+        let mut send_rows = vec![0usize; n];
+        for (e, (r, s)) in groups.iter().enumerate() {
+            counts.push(r.len());
+            send_rows[e / per] += r.len();
+            rows.extend_from_slice(r);
+            slots.extend_from_slice(s);
+        }
+        let received = ep.exchange_counts(&counts, per)?;
+        let recv_rows: Vec<usize> = (0..n)
+            .map(|src| received[src * per..(src + 1) * per].iter().sum())
+            .collect();
+        let sent = rows.len();
+        let x_send = if sent > 0 {
+            expert_input.index_select(&Tensor::from_vec(rows.clone(), sent, dev)?, 0)?
+        } else {
+            expert_input.narrow(0, 0, 0)?
+        };
+        let x_recv = ep.exchange(&x_send, send_rows.clone(), recv_rows.clone())?;
+        // Received rows: from each source, this rank's experts in order.
+        let total: usize = recv_rows.iter().sum();
+        let mut y_recv = Tensor::zeros((total, h), x_recv.dtype(), dev)?;
+        for (j, expert) in self.experts.iter().enumerate() {
+            let mut idx = Vec::new();
+            let mut offset = 0;
+            for src in 0..n {
+                let before: usize = received[src * per..src * per + j].iter().sum();
+                let c = received[src * per + j];
+                idx.extend((offset + before..offset + before + c).map(|x| x as u32));
+                offset += recv_rows[src];
+            }
+            if idx.is_empty() {
+                continue;
+            }
+            let k = idx.len();
+            let idx = Tensor::from_vec(idx, k, dev)?;
+            let y = expert.forward(&x_recv.index_select(&idx, 0)?)?;
+            y_recv = y_recv.index_add(&idx, &y, 0)?;
+        }
+        // Every rank runs both exchanges' backward, in the same order, even when it received
+        // or sent nothing: the outputs depend on the inputs through zero-valued terms (a zero
+        // tensor, not the constant 0, which backprop prunes).
+        let tie = |t: &Tensor| -> Result<Tensor> {
+            let s = t.sum_all()?;
+            s.mul(&s.zeros_like()?)
+        };
+        let y_recv = y_recv.broadcast_add(&tie(&x_recv)?)?;
+        let y_back = ep.exchange(&y_recv, recv_rows, send_rows)?;
+        let mut out = out.broadcast_add(&tie(&y_back)?)?;
+        if sent > 0 {
+            let rows = Tensor::from_vec(rows, sent, dev)?;
+            let w = flat_weights
+                .index_select(&Tensor::from_vec(slots, sent, dev)?, 0)?
+                .unsqueeze(1)?;
+            out = out.index_add(&rows, &y_back.broadcast_mul(&w)?, 0)?;
+        }
+        Ok(out)
     }
 }

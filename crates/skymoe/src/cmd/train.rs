@@ -91,10 +91,10 @@ fn parallel_spec(a: &Args, world: usize) -> anyhow::Result<skymoe_plan::Layout> 
     let layout = spec.resolve(world, 0)?;
     use skymoe_plan::Strategy;
     let experts_ok = matches!(layout.strategy(), Strategy::Edp | Strategy::Etp)
-        || (layout.tp == 1 && layout.strategy() == Strategy::Replicated);
+        || (layout.tp == 1 && matches!(layout.strategy(), Strategy::Replicated | Strategy::Ep));
     if !experts_ok {
         anyhow::bail!(
-            "--parallel {}: training runs data (dp=N), tensor (tp=N: experts split; edp=N: experts whole) and pipeline (pp=N) parallelism and their products; expert parallelism across data-parallel ranks is not available yet",
+            "--parallel {}: training runs data (dp=N), tensor (tp=N: experts split; edp=N: experts whole), expert (ep=N over data-parallel ranks, without tp) and pipeline (pp=N) parallelism and their products; expert parallelism combined with tensor parallelism is not available yet",
             layout.to_arg()
         );
     }
@@ -300,7 +300,8 @@ fn run_on(a: &Args, procs: &launch::Processes) -> anyhow::Result<()> {
         } else {
             None
         };
-        let shards = if layout.tp > 1 || layout.pp > 1 {
+        let spread_experts = layout.strategy() == skymoe_plan::Strategy::Ep;
+        let shards = if layout.tp > 1 || layout.pp > 1 || spread_experts {
             use skymoe_dist::model_parallel::CommShard;
             use std::sync::Arc;
             let replica = mesh.communicator(GroupKind::ModelParallel, world.as_ref())?;
@@ -337,10 +338,26 @@ fn run_on(a: &Args, procs: &launch::Processes) -> anyhow::Result<()> {
             } else {
                 None
             };
+            let experts = if spread_experts {
+                let a2a = mesh.communicator(GroupKind::Ep, world.as_ref())?;
+                let group = mesh.communicator(GroupKind::Ep, world.as_ref())?;
+                let expert_dp = mesh.communicator(GroupKind::ExpertDp, world.as_ref())?;
+                Some(skymoe_train::sharded::ExpertSplit {
+                    ep: skymoe_model::parallel::ExpertParallel {
+                        comm: Arc::new(CommShard::new(a2a)),
+                    },
+                    group: Box::new(DataParallel::new(group)),
+                    expert_dp: (expert_dp.size() > 1)
+                        .then(|| Box::new(DataParallel::new(expert_dp)) as Box<dyn ReplicaSync>),
+                })
+            } else {
+                None
+            };
             Some(skymoe_train::sharded::ModelSplit {
                 replica: Box::new(DataParallel::new(replica)),
                 tensor,
                 pipeline,
+                experts,
             })
         } else {
             None
