@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Multi-process training on this machine: skymoe training tokens/s with 1 process and with
 N processes under mpirun for each strategy (data, tensor with experts split, EDP, pipeline,
-data with ZeRO-1), on the same global batch (one process accumulates N micro-batches; data
+data with ZeRO-1, experts spread over the data-parallel ranks), on the same global batch (one process accumulates N micro-batches; data
 parallelism gives each process one; model parallelism splits every micro-batch's work), the
 bytes each rank hands to the data-parallel all-reduce per step, and the planner's prediction
 for every run from a calibrated machine file.
@@ -100,7 +100,8 @@ def main():
     n = a.np
     batch, seq = 2, 256
     tokens = n * batch * seq
-    layouts = [(f"dp={n}", 1), (f"dp={n},zero=1", 1), (f"tp={n}", n), (f"edp={n}", n), (f"pp={n}", n)]
+    layouts = [(f"dp={n}", 1), (f"dp={n},zero=1", 1), (f"ep={n},dp={n}", 1), (f"tp={n}", n),
+               (f"edp={n}", n), (f"pp={n}", n)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         machine = os.path.join(tmp, "machine.json")

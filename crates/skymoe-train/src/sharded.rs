@@ -297,22 +297,34 @@ impl ModelShards {
             .iter()
             .filter(|(n, _)| self.expert_names.contains(*n))
         {
-            // An expert no token reached has no gradient: it contributes zeros.
-            let g = match grads.get(name) {
-                Some(g) => g.clone(),
-                None => var.as_tensor().zeros_like()?,
-            };
-            let g = &g;
+            // An expert no token reached has no gradient; it stays without one unless another
+            // rank holding it has one (then it contributes zeros), as in one process.
+            let local = grads.get(name).cloned();
             let g = match &x.expert_dp {
                 Some(group) => {
-                    let shape = g.dims().to_vec();
-                    let mut data = g.flatten_all()?.to_vec1::<f32>()?;
+                    let t = match &local {
+                        Some(g) => g.clone(),
+                        None => var.as_tensor().zeros_like()?,
+                    };
+                    let shape = t.dims().to_vec();
+                    let mut data = t.flatten_all()?.to_vec1::<f32>()?;
+                    data.push(if local.is_some() { 1.0 } else { 0.0 });
                     group.sum_f32(&mut data)?;
-                    Tensor::from_vec(data, shape, g.device())?
+                    let present = data.pop().unwrap_or(0.0) > 0.0;
+                    present
+                        .then(|| Tensor::from_vec(data, shape, t.device()))
+                        .transpose()?
                 }
-                None => g.clone(),
+                None => local,
             };
-            grads.insert(name.clone(), (g * scale)?);
+            match g {
+                Some(g) => {
+                    grads.insert(name.clone(), (g * scale)?);
+                }
+                None => {
+                    grads.remove(name);
+                }
+            }
         }
         Ok(())
     }

@@ -1110,26 +1110,40 @@ fn sum_gradients(
             elems += n;
             end += 1;
         }
-        let mut bucket = Vec::with_capacity(elems);
+        // The bucket ends with one presence flag per tensor: a tensor no replica has a
+        // gradient for stays without one (the optimiser then leaves it alone, as one process
+        // accumulating the same micro-batches would).
+        let count = end - start;
+        let mut bucket = Vec::with_capacity(elems + count);
+        let mut present = Vec::with_capacity(count);
         for name in &names[start..end] {
             match local.remove(*name) {
-                Some(g) => bucket.extend(g.flatten_all()?.to_vec1::<f32>()?),
-                None => bucket.extend(std::iter::repeat_n(
-                    0f32,
-                    params.vars[*name].as_tensor().elem_count(),
-                )),
+                Some(g) => {
+                    bucket.extend(g.flatten_all()?.to_vec1::<f32>()?);
+                    present.push(1.0);
+                }
+                None => {
+                    bucket.extend(std::iter::repeat_n(
+                        0f32,
+                        params.vars[*name].as_tensor().elem_count(),
+                    ));
+                    present.push(0.0);
+                }
             }
         }
+        bucket.extend(present);
         sync.sum_f32(&mut bucket)?;
         let mut at = 0;
-        for name in &names[start..end] {
+        for (i, name) in names[start..end].iter().enumerate() {
             let var = params.vars[*name].as_tensor();
             let n = var.elem_count();
-            let data: Vec<f32> = bucket[at..at + n].iter().map(|x| x * scale).collect();
-            out.insert(
-                (*name).clone(),
-                Tensor::from_vec(data, var.shape(), var.device())?,
-            );
+            if bucket[elems + i] > 0.0 {
+                let data: Vec<f32> = bucket[at..at + n].iter().map(|x| x * scale).collect();
+                out.insert(
+                    (*name).clone(),
+                    Tensor::from_vec(data, var.shape(), var.device())?,
+                );
+            }
             at += n;
         }
         start = end;

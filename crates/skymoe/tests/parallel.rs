@@ -362,6 +362,93 @@ fn moments(run: &Path) -> std::collections::HashMap<String, candle_core::Tensor>
         .unwrap()
 }
 
+/// The Mixtral fixture with every gate zeroed: all routing logits tie, and every token goes
+/// to experts 0 and 1, so under `ep=2` the second rank's experts receive nothing.
+fn collapsed_router_model(dir: &Path) -> PathBuf {
+    let src = common::fixtures().join("mixtral");
+    let out = dir.join("collapsed");
+    std::fs::create_dir_all(&out).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), out.join(f)).unwrap();
+    }
+    let mut all = std::collections::HashMap::new();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("model-") && name.ends_with(".safetensors") {
+            for (k, t) in candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap()
+            {
+                let t = if k.ends_with("block_sparse_moe.gate.weight") {
+                    t.zeros_like().unwrap()
+                } else {
+                    t
+                };
+                all.insert(k, t);
+            }
+        }
+    }
+    candle_core::safetensors::save(&all, out.join("model.safetensors")).unwrap();
+    out
+}
+
+#[test]
+fn expert_parallelism_survives_a_rank_whose_experts_get_no_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = collapsed_router_model(tmp.path());
+    let tokenizer = model.join("tokenizer.json");
+    let cfg = |accum: usize| {
+        let p = tmp.path().join(format!("collapsed-{accum}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "[model]\ninit = \"{}\"\n[router]\ncapacity_factor = 0.0\n[aux]\nbalance = \"none\"\n[data]\ninputs = [\"{}\"]\ntokenizer = \"{}\"\nseq_len = 32\n[optim]\nwarmup_steps = 0\neps = 1e-6\n[train]\nsteps = 2\nbatch_size = 2\ngrad_accum = {accum}\neval_every = 0\ncheckpoint_every = 0\n",
+                model.display(),
+                corpus().display(),
+                tokenizer.display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let single = tmp.path().join("single");
+    let out = skymoe(&[
+        "train",
+        "--config",
+        cfg(2).to_str().unwrap(),
+        "--quiet",
+        "--out",
+        single.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let run = tmp.path().join("ep");
+    let out = mpirun(
+        2,
+        &[
+            "train",
+            "--config",
+            cfg(1).to_str().unwrap(),
+            "--quiet",
+            "--out",
+            run.to_str().unwrap(),
+            "--parallel",
+            "ep=2,dp=2",
+        ],
+        "collapsed",
+    )
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    // Every token went to experts 0 and 1 in the first step (rank 1's experts idle).
+    let first = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+    let load = first["expert_load"][0].as_array().unwrap();
+    assert!(
+        load[2].as_f64().unwrap() == 0.0 && load[3].as_f64().unwrap() == 0.0,
+        "{load:?}"
+    );
+    assert_same_training(&single, &run, "ep=2 with idle experts");
+}
+
 #[test]
 fn zero_one_shards_optimizer_state_and_changes_nothing_else() {
     let tmp = tempfile::tempdir().unwrap();

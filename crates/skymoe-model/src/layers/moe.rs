@@ -187,14 +187,25 @@ impl MoeBlock {
             .map(|src| received[src * per..(src + 1) * per].iter().sum())
             .collect();
         let sent = rows.len();
-        let x_send = if sent > 0 {
-            expert_input.index_select(&Tensor::from_vec(rows.clone(), sent, dev)?, 0)?
-        } else {
-            expert_input.narrow(0, 0, 0)?
-        };
-        let x_recv = ep.exchange(&x_send, send_rows.clone(), recv_rows.clone())?;
-        // Received rows: from each source, this rank's experts in order.
-        let total: usize = recv_rows.iter().sum();
+        // Every message carries one padding row after the real ones, so that no tensor on
+        // the path is empty (backprop skips empty tensors, and every rank must run both
+        // exchanges' backward, in the same order).
+        let pad = Tensor::zeros((1, h), expert_input.dtype(), dev)?;
+        let mut pieces = Vec::with_capacity(2 * n);
+        let mut at = 0u32;
+        for &c in &send_rows {
+            let idx: Vec<u32> = (at..at + c as u32).map(|r| rows[r as usize]).collect();
+            if c > 0 {
+                pieces.push(expert_input.index_select(&Tensor::from_vec(idx, c, dev)?, 0)?);
+            }
+            pieces.push(pad.clone());
+            at += c as u32;
+        }
+        let x_send = Tensor::cat(&pieces, 0)?;
+        let plus_one = |v: &[usize]| v.iter().map(|c| c + 1).collect::<Vec<_>>();
+        let x_recv = ep.exchange(&x_send, plus_one(&send_rows), plus_one(&recv_rows))?;
+        // Received rows: from each source, this rank's experts in order, then the padding.
+        let total = x_recv.dim(0)?;
         let mut y_recv = Tensor::zeros((total, h), x_recv.dtype(), dev)?;
         for (j, expert) in self.experts.iter().enumerate() {
             let mut idx = Vec::new();
@@ -203,7 +214,7 @@ impl MoeBlock {
                 let before: usize = received[src * per..src * per + j].iter().sum();
                 let c = received[src * per + j];
                 idx.extend((offset + before..offset + before + c).map(|x| x as u32));
-                offset += recv_rows[src];
+                offset += recv_rows[src] + 1;
             }
             if idx.is_empty() {
                 continue;
@@ -213,22 +224,29 @@ impl MoeBlock {
             let y = expert.forward(&x_recv.index_select(&idx, 0)?)?;
             y_recv = y_recv.index_add(&idx, &y, 0)?;
         }
-        // Every rank runs both exchanges' backward, in the same order, even when it received
-        // or sent nothing: the outputs depend on the inputs through zero-valued terms (a zero
-        // tensor, not the constant 0, which backprop prunes).
+        // Tie each exchange's output into what follows with a zero-valued term (a zero tensor,
+        // not the constant 0, which backprop prunes) so that its backward always runs.
         let tie = |t: &Tensor| -> Result<Tensor> {
             let s = t.sum_all()?;
             s.mul(&s.zeros_like()?)
         };
         let y_recv = y_recv.broadcast_add(&tie(&x_recv)?)?;
-        let y_back = ep.exchange(&y_recv, recv_rows, send_rows)?;
+        let y_back = ep.exchange(&y_recv, plus_one(&recv_rows), plus_one(&send_rows))?;
         let mut out = out.broadcast_add(&tie(&y_back)?)?;
         if sent > 0 {
+            // The real rows of what came back, in the order they were sent.
+            let mut real = Vec::with_capacity(sent);
+            let mut offset = 0u32;
+            for &c in &send_rows {
+                real.extend(offset..offset + c as u32);
+                offset += c as u32 + 1;
+            }
+            let y = y_back.index_select(&Tensor::from_vec(real, sent, dev)?, 0)?;
             let rows = Tensor::from_vec(rows, sent, dev)?;
             let w = flat_weights
                 .index_select(&Tensor::from_vec(slots, sent, dev)?, 0)?
                 .unsqueeze(1)?;
-            out = out.index_add(&rows, &y_back.broadcast_mul(&w)?, 0)?;
+            out = out.index_add(&rows, &y.broadcast_mul(&w)?, 0)?;
         }
         Ok(out)
     }
