@@ -808,11 +808,14 @@ impl Trainer {
         let mut sync_bytes = 0u64;
         if let Some(sync) = self.replicas.as_ref().filter(|s| s.replicas() > 1) {
             let replicas = sync.replicas() as f64;
+            // Experts spread over the replicas are not all-reduced.
+            let spread = self.shards.as_ref().map(|s| &s.expert_names);
             sync_bytes = 4 * self
                 .params
                 .vars
-                .values()
-                .map(|v| v.as_tensor().elem_count() as u64)
+                .iter()
+                .filter(|(n, _)| spread.is_none_or(|e| !e.contains(*n)))
+                .map(|(_, v)| v.as_tensor().elem_count() as u64)
                 .sum::<u64>();
             let experts = self
                 .shards
