@@ -88,7 +88,10 @@ impl ShardComm for CommShard {
 
 impl skymoe_model::parallel::PipeComm for CommShard {
     fn send(&self, data: &[f32], dest: usize, tag: i32) -> std::result::Result<(), String> {
-        self.comm.0.send(data, dest, tag).map_err(|e| e.to_string())
+        self.comm
+            .0
+            .send_detached(data, dest, tag)
+            .map_err(|e| e.to_string())
     }
     fn recv(&self, data: &mut [f32], src: usize, tag: i32) -> std::result::Result<(), String> {
         self.comm.0.recv(data, src, tag).map_err(|e| e.to_string())

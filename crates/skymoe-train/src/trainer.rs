@@ -714,92 +714,119 @@ impl Trainer {
         let split = self.replicas.is_some() || self.shards.is_some();
         let mut tokens = 0u64;
         let mut nonfinite = 0.0f64;
-        for batch in micro {
-            let bs = batch.len();
-            let t = batch[0].len() - 1;
-            let inputs: Vec<Vec<u32>> = batch.iter().map(|s| s[..t].to_vec()).collect();
-            let targets: Vec<u32> = batch.iter().flat_map(|s| s[1..].iter().copied()).collect();
-            tokens += (bs * t) as u64;
-            let out = self.model.forward_batch(&inputs, capacity)?;
-            let v = self.model_config.vocab_size;
-            let targets = Tensor::from_vec(targets, bs * t, &self.device)?;
-            // A pipeline stage before the last has no logits: its objective is the zero
-            // scalar that pulls its output's gradient from the next stage.
-            let (ce, mut total) = match &out.stage_output {
-                Some(zero) => (None, zero.clone()),
-                None => {
-                    let ce = cross_entropy(&out.logits.reshape((bs * t, v))?, &targets)?;
-                    (Some(ce.clone()), ce)
+        // The order of the forward and backward passes: each micro-batch's backward right
+        // after its forward or, on a pipeline stage, 1F1B (warm-up forwards, then one forward
+        // and one backward in turn, then the remaining backwards). Backwards run in
+        // micro-batch order either way, so the gradients add up in the same order.
+        let order = pass_order(
+            micro.len(),
+            self.model.pipeline.as_ref().map(|p| (p.stage, p.stages)),
+        );
+        let mut pending: Vec<Option<Tensor>> = vec![None; micro.len()];
+        for pass in order {
+            match pass {
+                Pass::Forward(i) => {
+                    let batch = &micro[i];
+                    let bs = batch.len();
+                    let t = batch[0].len() - 1;
+                    let inputs: Vec<Vec<u32>> = batch.iter().map(|s| s[..t].to_vec()).collect();
+                    let targets: Vec<u32> =
+                        batch.iter().flat_map(|s| s[1..].iter().copied()).collect();
+                    tokens += (bs * t) as u64;
+                    let out = self.model.forward_batch(&inputs, capacity)?;
+                    let v = self.model_config.vocab_size;
+                    let targets = Tensor::from_vec(targets, bs * t, &self.device)?;
+                    // A pipeline stage before the last has no logits: its objective is the zero
+                    // scalar that pulls its output's gradient from the next stage.
+                    let (ce, mut total) = match &out.stage_output {
+                        Some(zero) => (None, zero.clone()),
+                        None => {
+                            let ce = cross_entropy(&out.logits.reshape((bs * t, v))?, &targets)?;
+                            (Some(ce.clone()), ce)
+                        }
+                    };
+                    let mut aux_val = 0.0;
+                    let mut z_val = 0.0;
+                    for (layer, r) in out.routings.iter().enumerate() {
+                        let (Some(r), Some(l)) = (r, moe_index.get(layer).copied().flatten())
+                        else {
+                            continue;
+                        };
+                        let a = alpha.get(l).copied().unwrap_or(0.0);
+                        let aux = match cfg.aux.balance {
+                            BalanceLoss::Skywork => Some(skywork_aux(&r.probs)?),
+                            BalanceLoss::Switch => Some(switch_aux(&r.probs, &r.expert_counts)?),
+                            BalanceLoss::None => None,
+                        };
+                        if let Some(aux) = aux {
+                            if a != 0.0 {
+                                let term = (aux * a)?;
+                                aux_val += term.to_scalar::<f32>()? as f64;
+                                total = (total + term)?;
+                            }
+                        }
+                        if cfg.aux.z_loss_coef > 0.0 {
+                            let term = (z_loss(&r.logits)? * cfg.aux.z_loss_coef)?;
+                            z_val += term.to_scalar::<f32>()? as f64;
+                            total = (total + term)?;
+                        }
+                        if l < n_moe {
+                            drop[l] += r.drop_rate() / accum as f64;
+                        }
+                        let el = r.expert_load();
+                        if l < n_moe {
+                            gate_ratio[l] += r.gate_ratio() / accum as f64;
+                        }
+                        if let Some(slot) = load.get_mut(l) {
+                            for (s, x) in slot.iter_mut().zip(el) {
+                                *s += x / accum as f64;
+                            }
+                        }
+                    }
+                    let total_val = total.to_scalar::<f32>()?;
+                    if !total_val.is_finite() && split {
+                        // Tell the other processes after the step's synchronisation, so that all
+                        // stop. A model split over processes still runs this backward (its
+                        // collectives must match); replicas alone skip it.
+                        nonfinite = nonfinite.max(1.0);
+                        if self.shards.is_some() {
+                            pending[i] = Some(total);
+                        }
+                        continue;
+                    }
+                    if !total_val.is_finite() {
+                        return Err(TrainError::NonFiniteLoss {
+                            step: self.state.step + 1,
+                            value: total_val,
+                            last_checkpoint: last_checkpoint.clone(),
+                        });
+                    }
+                    loss_sum += total_val as f64;
+                    if let Some(ce) = &ce {
+                        ce_sum += ce.to_scalar::<f32>()? as f64;
+                    }
+                    aux_sum += aux_val;
+                    z_sum += z_val;
+                    pending[i] = Some(total);
                 }
-            };
-            let mut aux_val = 0.0;
-            let mut z_val = 0.0;
-            for (layer, r) in out.routings.iter().enumerate() {
-                let (Some(r), Some(l)) = (r, moe_index.get(layer).copied().flatten()) else {
-                    continue;
-                };
-                let a = alpha.get(l).copied().unwrap_or(0.0);
-                let aux = match cfg.aux.balance {
-                    BalanceLoss::Skywork => Some(skywork_aux(&r.probs)?),
-                    BalanceLoss::Switch => Some(switch_aux(&r.probs, &r.expert_counts)?),
-                    BalanceLoss::None => None,
-                };
-                if let Some(aux) = aux {
-                    if a != 0.0 {
-                        let term = (aux * a)?;
-                        aux_val += term.to_scalar::<f32>()? as f64;
-                        total = (total + term)?;
+                Pass::Backward(i) => {
+                    let Some(total) = pending[i].take() else {
+                        continue;
+                    };
+                    let store = (total / accum as f64)?.backward()?;
+                    let mut grads = BTreeMap::new();
+                    for (name, var) in &self.params.vars {
+                        if let Some(g) = store.get(var.as_tensor()) {
+                            grads.insert(name.clone(), g.clone());
+                        }
+                    }
+                    if accum == 1 {
+                        // One micro-batch: use the gradients as they are, no copy.
+                        grads_acc = grads;
+                    } else {
+                        accumulate(&mut grads_acc, grads)?;
                     }
                 }
-                if cfg.aux.z_loss_coef > 0.0 {
-                    let term = (z_loss(&r.logits)? * cfg.aux.z_loss_coef)?;
-                    z_val += term.to_scalar::<f32>()? as f64;
-                    total = (total + term)?;
-                }
-                if l < n_moe {
-                    drop[l] += r.drop_rate() / accum as f64;
-                }
-                let el = r.expert_load();
-                if l < n_moe {
-                    gate_ratio[l] += r.gate_ratio() / accum as f64;
-                }
-                if let Some(slot) = load.get_mut(l) {
-                    for (s, x) in slot.iter_mut().zip(el) {
-                        *s += x / accum as f64;
-                    }
-                }
-            }
-            let total_val = total.to_scalar::<f32>()?;
-            if !total_val.is_finite() && split {
-                // Tell the other replicas after the step's synchronisation, so that all stop.
-                nonfinite = nonfinite.max(1.0);
-                continue;
-            }
-            if !total_val.is_finite() {
-                return Err(TrainError::NonFiniteLoss {
-                    step: self.state.step + 1,
-                    value: total_val,
-                    last_checkpoint: last_checkpoint.clone(),
-                });
-            }
-            loss_sum += total_val as f64;
-            if let Some(ce) = &ce {
-                ce_sum += ce.to_scalar::<f32>()? as f64;
-            }
-            aux_sum += aux_val;
-            z_sum += z_val;
-            let store = (total / accum as f64)?.backward()?;
-            let mut grads = BTreeMap::new();
-            for (name, var) in &self.params.vars {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    grads.insert(name.clone(), g.clone());
-                }
-            }
-            if accum == 1 {
-                // One micro-batch: use the gradients as they are, no copy.
-                grads_acc = grads;
-            } else {
-                accumulate(&mut grads_acc, grads)?;
             }
         }
         if let Some(shards) = &self.shards {
@@ -1197,4 +1224,48 @@ fn share_from_owners(
         start = end;
     }
     Ok(())
+}
+
+/// One pass of a micro-batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Forward(usize),
+    Backward(usize),
+}
+
+/// The passes of `micro` micro-batches: forward then backward for each in turn, or on stage
+/// `s` of `p` the 1F1B schedule: `min(p − s − 1, micro)` warm-up forwards, then a forward and
+/// the oldest pending backward in turn, then the remaining backwards.
+fn pass_order(micro: usize, stage: Option<(usize, usize)>) -> Vec<Pass> {
+    let warmup = stage.map_or(0, |(s, p)| (p - s - 1).min(micro));
+    let mut order: Vec<Pass> = (0..warmup).map(Pass::Forward).collect();
+    for i in 0..micro - warmup {
+        order.push(Pass::Forward(warmup + i));
+        order.push(Pass::Backward(i));
+    }
+    order.extend((micro - warmup..micro).map(Pass::Backward));
+    order
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::*;
+
+    #[test]
+    fn one_f_one_b_orders_passes_per_stage() {
+        use Pass::{Backward as B, Forward as F};
+        assert_eq!(pass_order(2, None), vec![F(0), B(0), F(1), B(1)]);
+        // Four micro-batches on the first of three stages: two warm-up forwards.
+        assert_eq!(
+            pass_order(4, Some((0, 3))),
+            vec![F(0), F(1), F(2), B(0), F(3), B(1), B(2), B(3)]
+        );
+        // The last stage alternates from the start.
+        assert_eq!(
+            pass_order(3, Some((2, 3))),
+            vec![F(0), B(0), F(1), B(1), F(2), B(2)]
+        );
+        // More stages than micro-batches: all forwards, then all backwards.
+        assert_eq!(pass_order(2, Some((0, 4))), vec![F(0), F(1), B(0), B(1)]);
+    }
 }

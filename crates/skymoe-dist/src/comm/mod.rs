@@ -62,6 +62,12 @@ pub trait Communicator {
     ) -> Result<Vec<f32>>;
     /// Send `data` to rank `dest`.
     fn send(&self, data: &[f32], dest: usize, tag: i32) -> Result<()>;
+    /// Send `data` to rank `dest` without waiting for the receiver (copied into a send
+    /// buffer where the engine has one: see [`mpi_engine::MpiRuntime::reserve_send_buffer`]),
+    /// so that two ranks may send to each other before either receives (pipeline schedules).
+    fn send_detached(&self, data: &[f32], dest: usize, tag: i32) -> Result<()> {
+        self.send(data, dest, tag)
+    }
     /// Receive exactly `data.len()` elements from rank `src`.
     fn recv(&self, data: &mut [f32], src: usize, tag: i32) -> Result<()>;
     /// Copy `data` of rank `root` to every rank.

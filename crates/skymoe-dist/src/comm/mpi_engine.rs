@@ -32,6 +32,15 @@ impl MpiRuntime {
         self.universe.world().rank() as usize
     }
 
+    /// Attach a buffer of `bytes` for [`Communicator::send_detached`] (MPI's buffered mode):
+    /// detached sends copy into it and return at once; the buffer must hold every message not
+    /// yet received.
+    pub fn reserve_send_buffer(&mut self, bytes: usize) {
+        if bytes > self.universe.buffer_size() {
+            self.universe.set_buffer_size(bytes);
+        }
+    }
+
     /// The communicator of every process, watched with `timeout`.
     pub fn world(&self, timeout: Duration) -> MpiComm {
         let world = self.universe.world();
@@ -192,6 +201,21 @@ impl Communicator for MpiComm {
         self.comm
             .process_at_rank(dest as i32)
             .send_with_tag(data, tag);
+        Ok(())
+    }
+
+    fn send_detached(&self, data: &[f32], dest: usize, tag: i32) -> Result<()> {
+        if dest >= self.size() {
+            return Err(CommError::Invalid {
+                rank: self.rank(),
+                op: "send",
+                msg: format!("no rank {dest} in a group of {}", self.size()),
+            });
+        }
+        let _g = self.dog.watch("send");
+        self.comm
+            .process_at_rank(dest as i32)
+            .buffered_send_with_tag(data, tag);
         Ok(())
     }
 

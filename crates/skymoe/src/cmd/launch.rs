@@ -86,6 +86,15 @@ impl Processes {
         Box::new(SingleProcess)
     }
 
+    /// Room for `bytes` of detached sends (pipeline activations and gradients in flight).
+    pub fn reserve_send_buffer(&mut self, bytes: usize) {
+        #[cfg(feature = "mpi")]
+        if let Some(rt) = &mut self.runtime {
+            rt.reserve_send_buffer(bytes);
+        }
+        let _ = bytes;
+    }
+
     /// Report `error` as this rank's and end every process of the run with a failure.
     pub fn fail(&self, error: &anyhow::Error) -> ! {
         if self.world > 1 {

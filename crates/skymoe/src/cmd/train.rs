@@ -270,14 +270,14 @@ fn apply_overrides(mut cfg: RunConfig, a: &Args) -> RunConfig {
 
 /// Run the verb.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let procs = launch::Processes::detect()?;
-    match run_on(&a, &procs) {
+    let mut procs = launch::Processes::detect()?;
+    match run_on(&a, &mut procs) {
         Err(e) if procs.world > 1 => procs.fail(&e),
         other => other,
     }
 }
 
-fn run_on(a: &Args, procs: &launch::Processes) -> anyhow::Result<()> {
+fn run_on(a: &Args, procs: &mut launch::Processes) -> anyhow::Result<()> {
     let cfg = match &a.config {
         Some(p) => RunConfig::from_file(p)?,
         None => RunConfig::default(),
@@ -368,6 +368,14 @@ fn run_on(a: &Args, procs: &launch::Processes) -> anyhow::Result<()> {
     }
     .context("cannot set up the run")?;
     check_parallel(a, layout, procs, &trainer.model_config).context("bad parallel layout")?;
+    if layout.pp > 1 {
+        // 1F1B keeps up to `pp` micro-batches in flight per link, each way.
+        let t = &trainer.cfg.train;
+        let message =
+            t.batch_size * trainer.cfg.data.seq_len * trainer.model_config.hidden_size * 4;
+        let messages = 2 * (layout.pp + t.grad_accum) + 4;
+        procs.reserve_send_buffer((message + 1024) * messages);
+    }
     if layout.zero == 1 && layout.dp > 1 {
         trainer.enable_zero()?;
     }
