@@ -8,6 +8,7 @@ pub mod model;
 pub mod names;
 pub mod parallel;
 pub mod params;
+pub mod recompute;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;

@@ -81,6 +81,8 @@ pub struct CausalLm {
     /// decoder layers; `embed` is used on the first stage only and `norm`/`lm_head` on the
     /// last only (the others hold empty placeholders).
     pub pipeline: Option<PipelineStage>,
+    /// Layers whose activations are recomputed in backward (training), if any.
+    pub recompute: Option<std::sync::Arc<crate::recompute::Recompute>>,
 }
 
 /// A [`TensorLoader`] over a checkpoint's weights on a device.
@@ -320,6 +322,7 @@ impl CausalLm {
             lm_head,
             rotary,
             pipeline: stage,
+            recompute: None,
         })
     }
 
@@ -430,6 +433,13 @@ impl CausalLm {
             .reshape((b, t, h))?;
         let mut routings = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
+            if cache.is_none() && offset == 0 {
+                if let Some((y, r)) = self.recomputed(i, layer, &x, capacity_factor)? {
+                    x = y;
+                    routings.push(r);
+                    continue;
+                }
+            }
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             let (y, r) = layer.forward(&x, &self.rotary, offset, slot, capacity_factor)?;
             x = y;
@@ -454,6 +464,39 @@ impl CausalLm {
         })
     }
 
+    /// Decoder layer `index` applied to `x` with its activations recomputed in backward, when
+    /// it is one of the recomputed layers (`None` otherwise).
+    fn recomputed(
+        &self,
+        index: usize,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        capacity_factor: Option<f64>,
+    ) -> Result<Option<(Tensor, Option<Routing>)>> {
+        let Some(plan) = self
+            .recompute
+            .as_ref()
+            .filter(|p| p.layers.contains(&index))
+        else {
+            return Ok(None);
+        };
+        let y = x
+            .contiguous()?
+            .apply_op1(crate::recompute::RecomputeLayer {
+                index,
+                layer: layer.clone(),
+                rotary: self.rotary.clone(),
+                capacity_factor,
+                plan: plan.clone(),
+            })?;
+        let routing = plan
+            .routings
+            .lock()
+            .map_err(|_| ModelError::InvalidInput("recomputation state poisoned".into()))?
+            .remove(&index);
+        Ok(Some((y, routing)))
+    }
+
     /// A pipeline stage's forward from position 0 without a cache: receive (or embed) the
     /// input, run the stage's layers, then send the output on (or compute the logits).
     fn run_stage(
@@ -475,7 +518,10 @@ impl CausalLm {
         };
         let mut routings = vec![None; self.config.num_hidden_layers];
         for (i, layer) in stage.layers.clone().zip(&self.layers) {
-            let (y, r) = layer.forward(&x, &self.rotary, 0, None, capacity_factor)?;
+            let (y, r) = match self.recomputed(i, layer, &x, capacity_factor)? {
+                Some(out) => out,
+                None => layer.forward(&x, &self.rotary, 0, None, capacity_factor)?,
+            };
             x = y;
             routings[i] = r;
         }

@@ -268,6 +268,46 @@ impl Trainer {
         Ok(())
     }
 
+    /// Recompute the activations of the first `per_stage[s]` decoder layers of this
+    /// process's pipeline stage `s` (the whole model is stage 0) in backward instead of
+    /// keeping them.
+    pub fn enable_recompute(&mut self, per_stage: &[usize]) -> Result<()> {
+        let (stage, range) = match &self.model.pipeline {
+            Some(p) => (p.stage, p.layers.clone()),
+            None => (0, 0..self.model_config.num_hidden_layers),
+        };
+        let count = per_stage.get(stage).copied().unwrap_or(0);
+        if count > range.len() {
+            return Err(TrainError::Config(format!(
+                "{count} recomputed layers for a stage of {} layers",
+                range.len()
+            )));
+        }
+        if count == 0 {
+            self.model.recompute = None;
+            return Ok(());
+        }
+        let layers: std::collections::HashSet<usize> = (range.start..range.start + count).collect();
+        let mut params = std::collections::HashMap::new();
+        for &i in &layers {
+            let prefix = skymoe_model::names::layer(i, "");
+            let held: Vec<(String, Tensor)> = self
+                .params
+                .vars
+                .iter()
+                .filter(|(n, _)| n.starts_with(&prefix))
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect();
+            params.insert(i, held);
+        }
+        self.model.recompute = Some(std::sync::Arc::new(skymoe_model::recompute::Recompute {
+            layers,
+            params,
+            ..Default::default()
+        }));
+        Ok(())
+    }
+
     /// ZeRO-1: shard the AdamW state over the data-parallel replicas. Whole tensors are dealt
     /// to replicas in name order, each to the one with the fewest elements so far; a replica
     /// keeps moments only for its own, updates only those, and sends them to the others after
@@ -718,6 +758,47 @@ impl Trainer {
         // after its forward or, on a pipeline stage, 1F1B (warm-up forwards, then one forward
         // and one backward in turn, then the remaining backwards). Backwards run in
         // micro-batch order either way, so the gradients add up in the same order.
+        if let Some(plan) = &self.model.recompute {
+            // A recomputed layer's backward adds its auxiliary losses itself (its routing
+            // here carries no graph).
+            let alpha = alpha.clone();
+            let moe_index = moe_index.clone();
+            let balance = cfg.aux.balance;
+            let z_coef = cfg.aux.z_loss_coef;
+            let scale = 1.0 / accum as f64;
+            let objective: std::sync::Arc<skymoe_model::recompute::AuxObjective> =
+                std::sync::Arc::new(move |layer, r| {
+                    let Some(l) = moe_index.get(layer).copied().flatten() else {
+                        return Ok(None);
+                    };
+                    let a = alpha.get(l).copied().unwrap_or(0.0);
+                    let mut total: Option<Tensor> = None;
+                    let mut add = |t: Tensor| -> candle_core::Result<()> {
+                        total = Some(match total.take() {
+                            Some(prev) => (prev + t)?,
+                            None => t,
+                        });
+                        Ok(())
+                    };
+                    let aux = match balance {
+                        BalanceLoss::Skywork => Some(skywork_aux(&r.probs)?),
+                        BalanceLoss::Switch => Some(switch_aux(&r.probs, &r.expert_counts)?),
+                        BalanceLoss::None => None,
+                    };
+                    if let Some(aux) = aux {
+                        if a != 0.0 {
+                            add((aux * a)?)?;
+                        }
+                    }
+                    if z_coef > 0.0 {
+                        add((z_loss(&r.logits)? * z_coef)?)?;
+                    }
+                    total.map(|t| t * scale).transpose()
+                });
+            if let Ok(mut slot) = plan.aux.lock() {
+                *slot = Some(objective);
+            }
+        }
         let order = pass_order(
             micro.len(),
             self.model.pipeline.as_ref().map(|p| (p.stage, p.stages)),
@@ -818,6 +899,17 @@ impl Trainer {
                     for (name, var) in &self.params.vars {
                         if let Some(g) = store.get(var.as_tensor()) {
                             grads.insert(name.clone(), g.clone());
+                        }
+                    }
+                    if let Some(plan) = &self.model.recompute {
+                        // Parameters of recomputed layers got their gradients in the
+                        // recomputation.
+                        for (name, g) in plan.take_grads() {
+                            let sum = match grads.remove(&name) {
+                                Some(prev) => (prev + g)?,
+                                None => g,
+                            };
+                            grads.insert(name, sum);
                         }
                     }
                     if accum == 1 {

@@ -189,7 +189,14 @@ fn model_parallel_training_equals_one_process() {
         (2, "pp=2", &cfg2, &["--pp-layers", "1,2"][..]),
         (4, "pp=2,dp=2", &cfg1, &["--pp-layers", "2,1"]),
         (4, "edp=2,pp=2", &cfg2, &["--pp-layers", "1,2"]),
-        (2, "ep=2,dp=2", &cfg1, &[]),
+        (2, "ep=2,dp=2", &cfg1, &["--recompute-layers", "2"]),
+        (2, "tp=2", &cfg2, &["--recompute-layers", "3"]),
+        (
+            2,
+            "pp=2",
+            &cfg2,
+            &["--pp-layers", "1,2", "--recompute-layers", "1,1"],
+        ),
         (4, "ep=2,dp=2,pp=2", &cfg1, &["--pp-layers", "2,1"]),
     ] {
         let run = tmp.path().join(layout.replace([',', '='], "-"));

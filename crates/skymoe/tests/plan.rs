@@ -350,8 +350,8 @@ fn calibrated_plan_for_this_machine_is_accepted_by_train() {
         "add up to 3 layers; the model has 2",
     );
     bad(
-        &["--parallel", "tp=1,pp=1", "--recompute-layers", "1"],
-        "recomputation is not available",
+        &["--parallel", "tp=1,pp=1", "--recompute-layers", "3"],
+        "3 recomputed layers for a stage of 2 layers",
     );
     bad(&["--parallel", "tp=1,foo=2"], "unknown key");
 }

@@ -599,3 +599,84 @@ fn training_is_deterministic_across_runs() {
     };
     assert_eq!(run("a"), run("b"));
 }
+
+/// Recomputing layers in backward gives the same training as keeping their activations.
+#[test]
+fn recomputed_layers_train_exactly_like_kept_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "");
+    let mut runs = Vec::new();
+    for (name, extra) in [
+        ("kept", None),
+        ("recomputed", Some("2")),
+        ("first-recomputed", Some("1")),
+    ] {
+        let run = tmp.path().join(name);
+        let mut args = vec![
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--quiet",
+            "--steps",
+            "3",
+            "--out",
+            run.to_str().unwrap(),
+        ];
+        if let Some(r) = extra {
+            args.extend(["--recompute-layers", r]);
+        }
+        let out = skymoe(&args);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        runs.push(run);
+    }
+    let base = losses(&runs[0]);
+    for run in &runs[1..] {
+        let other = losses(run);
+        assert_eq!(base.len(), other.len());
+        for (a, b) in base.iter().zip(&other) {
+            assert!((a.1 - b.1).abs() <= 1e-6 * a.1.abs(), "{a:?} vs {b:?}");
+            assert_eq!(a.2.len(), b.2.len());
+            for (x, y) in a.2.iter().zip(&b.2) {
+                assert!((x - y).abs() <= 1e-9, "drop rates {a:?} vs {b:?}");
+            }
+        }
+        let wa = candle_core::safetensors::load(
+            runs[0].join("checkpoints/step-00000003/model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let wb = candle_core::safetensors::load(
+            run.join("checkpoints/step-00000003/model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        for (name, ta) in &wa {
+            let diff = (ta - &wb[name])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff <= 1e-6, "{name}: {diff}");
+        }
+    }
+    let out = skymoe(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--quiet",
+        "--steps",
+        "1",
+        "--out",
+        tmp.path().join("bad").to_str().unwrap(),
+        "--recompute-layers",
+        "1,1",
+    ]);
+    assert_clean_failure(&out, "2 recompute counts given for pp=1");
+}

@@ -135,11 +135,6 @@ fn check_parallel(
                 layout.pp
             );
         }
-        if counts.iter().any(|&r| r > 0) {
-            anyhow::bail!(
-                "activation recomputation is not available in the trainer yet; use --recompute-layers 0"
-            );
-        }
     }
     Ok(())
 }
@@ -378,6 +373,12 @@ fn run_on(a: &Args, procs: &mut launch::Processes) -> anyhow::Result<()> {
     }
     if layout.zero == 1 && layout.dp > 1 {
         trainer.enable_zero()?;
+    }
+    if let Some(text) = &a.recompute_layers {
+        let counts = skymoe_plan::layout::parse_counts(text)?;
+        trainer
+            .enable_recompute(&counts)
+            .context("bad --recompute-layers")?;
     }
     let summary = trainer.run(obs).context("training failed")?;
     drop(progress);
