@@ -178,7 +178,7 @@ pub fn build_layer_split(
                 let per = e / ep.size();
                 (
                     (ep.rank() * per..(ep.rank() + 1) * per).collect(),
-                    m.expert_intermediate_size / n,
+                    m.expert_intermediate_size,
                 )
             } else if whole {
                 let per = e / n;

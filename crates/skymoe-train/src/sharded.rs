@@ -190,9 +190,9 @@ impl ModelShards {
         let mut expert_names = HashSet::new();
         if let Some(x) = &split.experts {
             let e = config.moe.as_ref().map_or(0, |m| m.num_experts);
-            if n > 1 || e == 0 || !e.is_multiple_of(x.ep.size()) {
+            if e == 0 || !e.is_multiple_of(x.ep.size()) {
                 return Err(TrainError::Config(format!(
-                    "expert parallelism over {} ranks needs a model whose experts divide by it, without tensor parallelism",
+                    "expert parallelism over {} ranks needs a model whose experts divide by it",
                     x.ep.size()
                 )));
             }
@@ -268,13 +268,20 @@ impl ModelShards {
                 unslice_into(&mut whole, local, shape, part(&self.parts, name));
             }
         }
-        self.replica.sum_f32(&mut whole)?;
-        if let Some(x) = self
+        match self
             .experts
             .as_ref()
             .filter(|_| self.expert_names.contains(name))
         {
-            x.group.sum_f32(&mut whole)?;
+            // Each expert lives on one rank of its stage's expert-parallel group (which may
+            // span tensor-parallel ranks): sum over that group, then over the stages.
+            Some(x) => {
+                x.group.sum_f32(&mut whole)?;
+                if let Some(p) = &self.pipeline {
+                    p.stages.sum_f32(&mut whole)?;
+                }
+            }
+            None => self.replica.sum_f32(&mut whole)?,
         }
         Ok(whole)
     }
@@ -340,14 +347,17 @@ impl ModelShards {
             .into_iter()
             .partition(|(n, _)| self.expert_names.contains(n));
         let (a, b) = (global_norm(&others)?, global_norm(&experts)?);
-        let mut total = [a * a, b * b];
-        self.replica.sum_f64(&mut total)?;
+        let mut others_sq = [a * a];
+        self.replica.sum_f64(&mut others_sq)?;
+        // Experts: once per rank of each stage's expert-parallel group, then over the stages.
+        let mut experts_sq = [b * b];
         if let Some(x) = &self.experts {
-            let mut e = [total[1]];
-            x.group.sum_f64(&mut e)?;
-            total[1] = e[0];
+            x.group.sum_f64(&mut experts_sq)?;
+            if let Some(p) = &self.pipeline {
+                p.stages.sum_f64(&mut experts_sq)?;
+            }
         }
-        Ok((total[0] + total[1]).sqrt())
+        Ok((others_sq[0] + experts_sq[0]).sqrt())
     }
 
     /// Sum the gradient of a tied embedding over the first and last stage, which both hold it.

@@ -319,15 +319,16 @@ impl Trainer {
                     .into(),
             ));
         };
-        if self.shards.as_ref().is_some_and(|s| s.experts.is_some()) {
-            return Err(TrainError::Config(
-                "ZeRO-1 with experts spread over data-parallel ranks is not available yet".into(),
-            ));
-        }
         let (rank, replicas) = (sync.rank(), sync.replicas());
         let mut loads = vec![0usize; replicas];
         let mut owned = std::collections::BTreeSet::new();
+        let spread = self.spread_experts();
         for (name, var) in &self.params.vars {
+            if spread.contains(name) {
+                // An expert spread over the replicas has its state on its own rank already.
+                owned.insert(name.clone());
+                continue;
+            }
             let r = (0..replicas).min_by_key(|&r| (loads[r], r)).unwrap_or(0);
             loads[r] += var.elem_count();
             if r == rank {
@@ -341,6 +342,14 @@ impl Trainer {
         Ok(())
     }
 
+    /// Names of the experts spread over the data-parallel replicas (each on its own rank).
+    fn spread_experts(&self) -> std::collections::HashSet<String> {
+        self.shards
+            .as_ref()
+            .map(|s| s.expert_names.clone())
+            .unwrap_or_default()
+    }
+
     /// Under ZeRO-1, the optimiser with every replica's moments (all replicas call this).
     fn optimizer_over_replicas(&self) -> Result<Option<AdamW>> {
         let (Some(owned), Some(sync)) = (&self.zero_owned, &self.replicas) else {
@@ -348,9 +357,26 @@ impl Trainer {
         };
         let mut whole = AdamW::new(self.cfg.adamw(), &self.params.vars);
         whole.step = self.optimizer.step;
+        let spread = self.spread_experts();
         for (name, var) in &self.params.vars {
             let n = var.elem_count();
             let mut buf = vec![0f32; 2 * n];
+            if spread.contains(name) {
+                // Local to this rank: no exchange.
+                if let (Some(m), Some(slot)) =
+                    (self.optimizer.moments.get(name), whole.moments.get(name))
+                {
+                    let m = m
+                        .lock()
+                        .map_err(|_| TrainError::Config("poisoned optimizer state".into()))?;
+                    let mut slot = slot
+                        .lock()
+                        .map_err(|_| TrainError::Config("poisoned optimizer state".into()))?;
+                    slot.m = m.m.clone();
+                    slot.v = m.v.clone();
+                }
+                continue;
+            }
             if owned.contains(name) {
                 if let Some(m) = self.optimizer.moments.get(name) {
                     let m = m
@@ -1045,7 +1071,7 @@ impl Trainer {
                     .map(|(n, v)| (n.clone(), v.clone()))
                     .collect();
                 self.optimizer.step(&mine, &grads_acc, lr, scale)?;
-                share_from_owners(sync.as_ref(), &self.params, owned)?;
+                share_from_owners(sync.as_ref(), &self.params, owned, &self.spread_experts())?;
             }
             _ => self
                 .optimizer
@@ -1279,8 +1305,13 @@ fn share_from_owners(
     sync: &dyn ReplicaSync,
     params: &TrainableParams,
     owned: &std::collections::BTreeSet<String>,
+    spread: &std::collections::HashSet<String>,
 ) -> Result<()> {
-    let names: Vec<&String> = params.vars.keys().collect();
+    let names: Vec<&String> = params
+        .vars
+        .keys()
+        .filter(|n| !spread.contains(*n))
+        .collect();
     let mut start = 0;
     while start < names.len() {
         let mut end = start;

@@ -190,6 +190,7 @@ fn model_parallel_training_equals_one_process() {
         (4, "pp=2,dp=2", &cfg1, &["--pp-layers", "2,1"]),
         (4, "edp=2,pp=2", &cfg2, &["--pp-layers", "1,2"]),
         (2, "ep=2,dp=2", &cfg1, &["--recompute-layers", "2"]),
+        (4, "tp=2,ep=4,dp=2", &cfg1, &[]),
         (2, "tp=2", &cfg2, &["--recompute-layers", "3"]),
         (
             2,
@@ -461,7 +462,12 @@ fn zero_one_shards_optimizer_state_and_changes_nothing_else() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = write_config(tmp.path(), 1, 3);
     let mut runs = Vec::new();
-    for layout in ["dp=2", "dp=2,zero=1", "edp=2,dp=2,zero=1"] {
+    for layout in [
+        "dp=2",
+        "dp=2,zero=1",
+        "edp=2,dp=2,zero=1",
+        "ep=2,dp=2,zero=1",
+    ] {
         let np = if layout.starts_with("edp") { 4 } else { 2 };
         let run = tmp.path().join(layout.replace([',', '='], "-"));
         let out = mpirun(
@@ -485,6 +491,7 @@ fn zero_one_shards_optimizer_state_and_changes_nothing_else() {
     }
     assert_same_training(&runs[0], &runs[1], "zero=1");
     assert_same_training(&runs[0], &runs[2], "edp=2,zero=1");
+    assert_same_training(&runs[0], &runs[3], "ep=2,zero=1");
     // The checkpoint holds every replica's moments, as without ZeRO.
     let (a, b) = (moments(&runs[0]), moments(&runs[1]));
     assert_eq!(a.len(), b.len());

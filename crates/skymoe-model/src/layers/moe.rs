@@ -117,10 +117,18 @@ impl MoeBlock {
         let mut out = xs.zeros_like()?;
         let dev = xs.device();
         if let Some(ep) = &self.ep {
-            out = self.dispatch_to_ranks(ep, &routing, &expert_input, &flat_weights, out)?;
+            // Under tensor parallelism the group's ranks hold the same tokens: each dispatches
+            // its share of the rows, and `reduce_out` below joins the shares.
+            let share = self.tp.as_ref().map(|tp| (tp.rank(), tp.size()));
+            out = self.dispatch_to_ranks(ep, &routing, &expert_input, &flat_weights, out, share)?;
             if let (Some(shared), Some(g)) = (&self.shared, &shared_gate) {
                 let s = shared.ffn.forward(&xe)?;
                 out = (out + s.broadcast_mul(g)?)?;
+            }
+            if let (Some(tp), Some(joined)) = (&self.tp, &joined) {
+                let sum = joined.sum_all()?;
+                let anchor = sum.mul(&sum.zeros_like()?)?;
+                out = tp.reduce_out(&out.broadcast_add(&anchor)?)?;
             }
             return Ok((out.reshape(dims)?, routing));
         }
@@ -162,17 +170,28 @@ impl MoeBlock {
         expert_input: &Tensor,
         flat_weights: &Tensor,
         out: Tensor,
+        share: Option<(usize, usize)>,
     ) -> Result<Tensor> {
         let dev = expert_input.device();
         let h = expert_input.dim(1)?;
         let n = ep.size();
         let per = self.num_experts / n;
-        let groups = group_by_expert(
+        let mut groups = group_by_expert(
             &routing.experts,
             &routing.kept,
             routing.top_k,
             self.num_experts,
         );
+        if let Some((rank, size)) = share {
+            // This rank dispatches the rows `r` with `r mod size = rank`.
+            for (rows, slots) in groups.iter_mut() {
+                let keep: Vec<bool> = rows.iter().map(|&r| r as usize % size == rank).collect();
+                let mut k = keep.iter();
+                rows.retain(|_| *k.next().unwrap_or(&false));
+                let mut k = keep.iter();
+                slots.retain(|_| *k.next().unwrap_or(&false));
+            }
+        }
         // Rows in the order of their experts (so of their destination ranks).
         let (mut rows, mut slots, mut counts) = (Vec::new(), Vec::new(), Vec::new());
         let mut send_rows = vec![0usize; n];

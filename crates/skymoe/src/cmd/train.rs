@@ -91,10 +91,11 @@ fn parallel_spec(a: &Args, world: usize) -> anyhow::Result<skymoe_plan::Layout> 
     let layout = spec.resolve(world, 0)?;
     use skymoe_plan::Strategy;
     let experts_ok = matches!(layout.strategy(), Strategy::Edp | Strategy::Etp)
-        || (layout.tp == 1 && matches!(layout.strategy(), Strategy::Replicated | Strategy::Ep));
+        || layout.strategy() == Strategy::Ep
+        || (layout.tp == 1 && layout.strategy() == Strategy::Replicated);
     if !experts_ok {
         anyhow::bail!(
-            "--parallel {}: training runs data (dp=N), tensor (tp=N: experts split; edp=N: experts whole), expert (ep=N over data-parallel ranks, without tp) and pipeline (pp=N) parallelism and their products; expert parallelism combined with tensor parallelism is not available yet",
+            "--parallel {}: training runs data (dp=N), tensor (tp=N: experts split; edp=N: experts whole), expert (ep=N, experts whole) and pipeline (pp=N) parallelism and their products; experts both spread and split (ep with etp > 1) and experts replicated over a tensor-parallel group are not available yet",
             layout.to_arg()
         );
     }
