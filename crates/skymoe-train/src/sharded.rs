@@ -39,6 +39,9 @@ pub struct ExpertSplit {
     pub expert_dp: Option<Box<dyn ReplicaSync>>,
 }
 
+/// Chooses layers per stage for a model and a number of stages.
+pub type SplitChooser = Box<dyn Fn(&ModelConfig, usize) -> Option<Vec<usize>>>;
+
 /// This rank's pipeline stage and its groups, before the model is known.
 pub struct PipelineSplit {
     /// Messages to the other stages (ranks are stage indices).
@@ -47,8 +50,11 @@ pub struct PipelineSplit {
     pub stage: usize,
     /// Stages.
     pub stages_count: usize,
-    /// Decoder layers per stage; as even as possible (extra layers first) when `None`.
+    /// Decoder layers per stage; chosen by `choose_split` when `None`.
     pub layers_per_stage: Option<Vec<usize>>,
+    /// Chooses the layers per stage for a model and a stage count (e.g. the planner's
+    /// non-uniform split); as even as possible (extra layers first) when absent or `None`.
+    pub choose_split: Option<SplitChooser>,
     /// One rank per stage (same DP and TP index): per-layer metrics are summed over it.
     pub stages: Box<dyn ReplicaSync>,
     /// The first and last stage's ranks of this DP/TP index, which both hold a tied embedding
@@ -60,6 +66,8 @@ pub struct PipelineSplit {
 pub struct StageGroups {
     /// The stage.
     pub stage: PipelineStage,
+    /// Decoder layers of every stage.
+    pub split: Vec<usize>,
     /// See [`PipelineSplit::stages`].
     pub stages: Box<dyn ReplicaSync>,
     /// See [`PipelineSplit::embedding`].
@@ -163,11 +171,15 @@ impl ModelShards {
             Some(p) => {
                 let layers = config.num_hidden_layers;
                 let k = p.stages_count.max(1);
-                let sizes = p.layers_per_stage.clone().unwrap_or_else(|| {
-                    (0..k)
-                        .map(|i| layers / k + usize::from(i < layers % k))
-                        .collect()
-                });
+                let sizes = p
+                    .layers_per_stage
+                    .clone()
+                    .or_else(|| p.choose_split.as_ref().and_then(|f| f(config, k)))
+                    .unwrap_or_else(|| {
+                        (0..k)
+                            .map(|i| layers / k + usize::from(i < layers % k))
+                            .collect()
+                    });
                 if sizes.len() != k || sizes.contains(&0) || sizes.iter().sum::<usize>() != layers {
                     return Err(TrainError::Config(format!(
                         "{sizes:?} layers per stage do not split {layers} layers into {k} non-empty stages"
@@ -175,6 +187,7 @@ impl ModelShards {
                 }
                 let start: usize = sizes[..p.stage].iter().sum();
                 Some(StageGroups {
+                    split: sizes.clone(),
                     stage: PipelineStage {
                         comm: p.comm,
                         stage: p.stage,

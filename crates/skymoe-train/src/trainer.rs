@@ -446,6 +446,14 @@ impl Trainer {
         Ok((params, optimizer))
     }
 
+    /// Decoder layers of every pipeline stage, when the model is split into stages.
+    pub fn pipeline_split(&self) -> Option<&[usize]> {
+        self.shards
+            .as_ref()
+            .and_then(|s| s.pipeline.as_ref())
+            .map(|p| p.split.as_slice())
+    }
+
     /// This process's replica index (0 without data parallelism).
     pub fn replica_rank(&self) -> usize {
         self.replicas.as_ref().map_or(0, |s| s.rank())

@@ -216,6 +216,32 @@ fn model_parallel_training_equals_one_process() {
         assert!(out.status.success(), "{layout}: {}", text(&out));
         assert_same_training(&single, &run, layout);
     }
+    // Without --pp-layers the planner splits the stages: the LM head and loss weigh on the
+    // last stage, which gets fewer layers.
+    let run = tmp.path().join("pp-planned");
+    let out = mpirun(
+        2,
+        &[
+            "train",
+            "--config",
+            cfg2.to_str().unwrap(),
+            "--quiet",
+            "--out",
+            run.to_str().unwrap(),
+            "--parallel",
+            "pp=2",
+        ],
+        "planned",
+    )
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("pipeline: [2, 1] layers per stage (planned)"),
+        "{}",
+        text(&out)
+    );
+    assert_same_training(&single, &run, "pp=2 planned");
     // Four data-parallel ranks: experts over all four, and over pairs (expert-data-parallel
     // groups of two summing their experts' gradients).
     let single4 = tmp.path().join("single4");

@@ -109,6 +109,49 @@ fn parallel_spec(a: &Args, world: usize) -> anyhow::Result<skymoe_plan::Layout> 
     Ok(layout)
 }
 
+/// The planner's non-uniform stage split for this run (the first stage also embeds, the last
+/// also runs the LM head and loss), from its cost model with CPU constants.
+fn planned_split(
+    cfg: RunConfig,
+    layout: skymoe_plan::Layout,
+    world: usize,
+) -> skymoe_train::sharded::SplitChooser {
+    Box::new(move |config, stages| {
+        use skymoe_plan::planner::{evaluate, SplitChoice};
+        use skymoe_plan::{Cluster, Job, ModelShape, Precision};
+        let shape = ModelShape::from_config(config, "model");
+        let cluster = Cluster {
+            name: "this machine".into(),
+            gpus_per_node: world,
+            nodes: 1,
+            mem_gib: 1e6,
+            reserved_gib: 0.0,
+            tflops: 0.2,
+            fp32_tflops: 0.2,
+            matmul_efficiency: 1.0,
+            mem_gbps: 5.0,
+            intra_gbps: 10.0,
+            inter_gbps: 10.0,
+            intra_latency_us: 1.0,
+            inter_latency_us: 1.0,
+            layer_overhead_us: 0.0,
+        };
+        let t = &cfg.train;
+        let tokens = (t.batch_size * cfg.data.seq_len * t.grad_accum * layout.dp) as u64;
+        let job = Job {
+            micro_batch: t.batch_size,
+            precision: Precision::Fp32,
+            capacity_factor: cfg.router.capacity_factor,
+            ..Job::new(tokens, cfg.data.seq_len)
+        };
+        let layout = skymoe_plan::Layout { zero: 0, ..layout };
+        evaluate(&shape, &cluster, &job, layout, &SplitChoice::default())
+            .ok()
+            .filter(|p| p.feasible && p.pp_layers.len() == stages)
+            .map(|p| p.pp_layers)
+    })
+}
+
 /// Check `--parallel`, `--pp-layers` and `--recompute-layers` against the model.
 fn check_parallel(
     a: &Args,
@@ -279,6 +322,7 @@ fn run_on(a: &Args, procs: &mut launch::Processes) -> anyhow::Result<()> {
         None => RunConfig::default(),
     };
     let cfg = apply_overrides(cfg, a);
+    let a_cfg = cfg.clone();
     let layout = parallel_spec(a, procs.world).context("bad parallel layout")?;
     let lead = procs.rank == 0;
     let mut progress = ProgressObserver::new(a.quiet);
@@ -322,7 +366,11 @@ fn run_on(a: &Args, procs: &mut launch::Processes) -> anyhow::Result<()> {
                     .as_deref()
                     .map(skymoe_plan::layout::parse_counts)
                     .transpose()?;
+                let choose_split = layers_per_stage
+                    .is_none()
+                    .then(|| planned_split(a_cfg.clone(), layout, procs.world));
                 Some(skymoe_train::sharded::PipelineSplit {
+                    choose_split,
                     comm: Arc::new(CommShard::new(links)),
                     stage,
                     stages_count: layout.pp,
@@ -364,6 +412,14 @@ fn run_on(a: &Args, procs: &mut launch::Processes) -> anyhow::Result<()> {
     }
     .context("cannot set up the run")?;
     check_parallel(a, layout, procs, &trainer.model_config).context("bad parallel layout")?;
+    if let Some(split) = trainer.pipeline_split().filter(|_| lead) {
+        let how = if a.pp_layers.is_some() {
+            "given"
+        } else {
+            "planned"
+        };
+        eprintln!("pipeline: {split:?} layers per stage ({how})");
+    }
     if layout.pp > 1 {
         // 1F1B keeps up to `pp` micro-batches in flight per link, each way.
         let t = &trainer.cfg.train;
