@@ -73,12 +73,15 @@ def train(tmp, name, np_, batch, accum, steps, layout):
         cmd = ["mpirun", "-np", str(np_), "--oversubscribe"] + cmd + ["--parallel", layout]
     else:
         env = dict(os.environ)
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sent = None
+    for line in done.stderr.splitlines():
+        if line.startswith("communication: rank 0 handed"):
+            sent = float(line.split()[4]) * 2**20
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     rows = [r for r in rows if r["kind"] == "train"][2:]
     ckpt = sorted(os.listdir(os.path.join(out, "checkpoints")))[-1]
-    return (statistics.median(r["tokens_per_s"] for r in rows),
-            statistics.median(r.get("sync_bytes", 0) for r in rows),
+    return (statistics.median(r["tokens_per_s"] for r in rows), sent,
             os.path.join(out, "checkpoints", ckpt))
 
 
@@ -89,7 +92,9 @@ def plan(model, machine, np_, tokens, seq, micro, layout):
                           "--capacity-factor", "0", "--layout", layout, "--json"],
                          check=True, capture_output=True, text=True).stdout
     p = json.loads(out)[0]
-    return p["step_time_s"], p["tokens_per_gpu_s"] * np_, p["traffic"]["dp_gib"] + p["traffic"]["expert_dp_gib"]
+    t = p["traffic"]
+    return (p["step_time_s"], p["tokens_per_gpu_s"] * np_,
+            t["dp_gib"] + t["expert_dp_gib"] + t["tp_gib"] + t["ep_intra_gib"] + t["ep_inter_gib"])
 
 
 def main():
@@ -117,7 +122,7 @@ def main():
             rows.append((layout, got, planned[1], sync, planned[2]))
     print(f"machine: {os.cpu_count()} cores, {cpu_model()}")
     print(f"model: mixtral hidden 256, 4 layers, 8 experts top-2; global batch {n} x {batch} x {seq} tokens; f32; median of steps 3-{a.steps}")
-    print("| run | tokens/s measured | tokens/s planned | speed-up | DP all-reduce payload per rank per step | planned DP traffic per rank per step |")
+    print("| run | tokens/s measured | tokens/s planned | speed-up | payload rank 0 hands to MPI per step | planned traffic per rank per step (DP, TP, EP) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for label, got, planned, sync, traffic in rows:
         s1 = "-" if sync is None else f"{sync / 2**20:.1f} MiB"

@@ -13,7 +13,24 @@ mod watchdog;
 
 pub use watchdog::Watchdog;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use thiserror::Error;
+
+/// Bytes this process has handed to collectives and sends (its payload, whatever the
+/// engine's algorithm then moves on the wire).
+static PAYLOAD_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes this process has handed to collectives and sends so far.
+pub fn payload_bytes() -> u64 {
+    PAYLOAD_BYTES.load(Ordering::Relaxed)
+}
+
+/// Count `elements` of `bytes_each` handed to the engine.
+#[cfg(feature = "mpi")]
+pub(crate) fn count_payload(elements: usize, bytes_each: usize) {
+    PAYLOAD_BYTES.fetch_add((elements * bytes_each) as u64, Ordering::Relaxed);
+}
 
 /// A failed collective.
 #[derive(Debug, Error)]

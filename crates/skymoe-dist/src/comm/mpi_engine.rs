@@ -9,7 +9,7 @@ use mpi::point_to_point::{Destination, Source};
 use mpi::topology::{Color, Communicator as _, SimpleCommunicator};
 use mpi::Count;
 
-use super::{check_blocks, CommError, Communicator, Result, Watchdog};
+use super::{check_blocks, count_payload, CommError, Communicator, Result, Watchdog};
 
 /// The MPI library, initialised for this process; finalised when dropped.
 pub struct MpiRuntime {
@@ -110,6 +110,7 @@ impl Communicator for MpiComm {
 
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
         let _g = self.dog.watch("all_reduce");
+        count_payload(data.len(), 4);
         let send = data.to_vec();
         self.comm
             .all_reduce_into(&send[..], data, SystemOperation::sum());
@@ -118,6 +119,7 @@ impl Communicator for MpiComm {
 
     fn all_reduce_sum_f64(&self, data: &mut [f64]) -> Result<()> {
         let _g = self.dog.watch("all_reduce_f64");
+        count_payload(data.len(), 8);
         let send = data.to_vec();
         self.comm
             .all_reduce_into(&send[..], data, SystemOperation::sum());
@@ -141,6 +143,7 @@ impl Communicator for MpiComm {
             self.size(),
         )?;
         let _g = self.dog.watch("reduce_scatter");
+        count_payload(send.len(), 4);
         self.comm
             .reduce_scatter_block_into(send, recv, SystemOperation::sum());
         Ok(())
@@ -155,6 +158,7 @@ impl Communicator for MpiComm {
             self.size(),
         )?;
         let _g = self.dog.watch("all_gather");
+        count_payload(send.len(), 4);
         self.comm.all_gather_into(send, recv);
         Ok(())
     }
@@ -181,6 +185,7 @@ impl Communicator for MpiComm {
         let (rc, rd) = counts(rank, "all_to_all_v", recv_counts, size)?;
         let mut out = vec![0f32; recv_counts.iter().sum()];
         let _g = self.dog.watch("all_to_all_v");
+        count_payload(send.len(), 4);
         {
             let sendbuf = Partition::new(send, &sc[..], &sd[..]);
             let mut recvbuf = PartitionMut::new(&mut out[..], &rc[..], &rd[..]);
@@ -198,6 +203,7 @@ impl Communicator for MpiComm {
             });
         }
         let _g = self.dog.watch("send");
+        count_payload(data.len(), 4);
         self.comm
             .process_at_rank(dest as i32)
             .send_with_tag(data, tag);
@@ -213,6 +219,7 @@ impl Communicator for MpiComm {
             });
         }
         let _g = self.dog.watch("send");
+        count_payload(data.len(), 4);
         self.comm
             .process_at_rank(dest as i32)
             .buffered_send_with_tag(data, tag);
@@ -255,6 +262,9 @@ impl Communicator for MpiComm {
             });
         }
         let _g = self.dog.watch("broadcast");
+        if self.rank() == root {
+            count_payload(data.len(), 4);
+        }
         self.comm.process_at_rank(root as i32).broadcast_into(data);
         Ok(())
     }

@@ -188,6 +188,9 @@ pub struct ProgressObserver {
     bar: Option<ProgressBar>,
     quiet: bool,
     last_val: Option<f64>,
+    /// Communication payload counter at the previous step, and the per-step differences.
+    last_bytes: u64,
+    step_bytes: Vec<u64>,
 }
 
 impl ProgressObserver {
@@ -197,7 +200,16 @@ impl ProgressObserver {
             bar: None,
             quiet,
             last_val: None,
+            last_bytes: skymoe_dist::comm::payload_bytes(),
+            step_bytes: Vec::new(),
         }
+    }
+
+    /// Median bytes this process handed to collectives and sends per training step.
+    pub fn median_step_bytes(&self) -> Option<u64> {
+        let mut v = self.step_bytes.clone();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied()
     }
 }
 
@@ -219,6 +231,9 @@ impl Observer for ProgressObserver {
     }
 
     fn on_step(&mut self, m: &StepMetrics) {
+        let now = skymoe_dist::comm::payload_bytes();
+        self.step_bytes.push(now - self.last_bytes);
+        self.last_bytes = now;
         let drop = if m.drop_rate.is_empty() {
             String::new()
         } else {
@@ -438,9 +453,16 @@ fn run_on(a: &Args, procs: &mut launch::Processes) -> anyhow::Result<()> {
             .context("bad --recompute-layers")?;
     }
     let summary = trainer.run(obs).context("training failed")?;
+    let step_bytes = progress.median_step_bytes();
     drop(progress);
     if !lead {
         return Ok(());
+    }
+    if let Some(bytes) = step_bytes.filter(|_| procs.world > 1) {
+        eprintln!(
+            "communication: rank 0 handed {:.2} MiB per step to collectives and sends (median)",
+            bytes as f64 / 1048576.0
+        );
     }
     eprintln!(
         "trained {} steps{}: final loss {:.4}{}, {:.0} tokens/s; checkpoint {}",
