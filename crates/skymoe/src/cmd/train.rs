@@ -355,7 +355,11 @@ fn run_on(a: &Args, procs: &mut launch::Processes) -> anyhow::Result<()> {
         } else {
             None
         };
-        let spread_experts = layout.strategy() == skymoe_plan::Strategy::Ep;
+        // EP and EDP move tokens to their experts by all-to-all (for EDP inside the TP group).
+        let spread_experts = matches!(
+            layout.strategy(),
+            skymoe_plan::Strategy::Ep | skymoe_plan::Strategy::Edp
+        );
         let shards = if layout.tp > 1 || layout.pp > 1 || spread_experts {
             use skymoe_dist::model_parallel::CommShard;
             use std::sync::Arc;
