@@ -363,32 +363,11 @@ pub fn parallel_grads(
                 .get(var.as_tensor())
                 .cloned()
                 .unwrap_or(var.as_tensor().zeros_like()?);
-            match stage.parts.get(&spec.name).copied().unwrap_or(Part::Full) {
-                Part::Full => {
-                    if tp_rank == 0 {
-                        whole = g.flatten_all()?.to_vec1::<f32>()?;
-                    }
-                }
-                Part::Whole => whole = g.flatten_all()?.to_vec1::<f32>()?,
-                Part::Slice { dim, start, .. } if spec.shape.len() == 1 && dim == 0 => {
-                    let local = g.to_vec1::<f32>()?;
-                    whole[start..start + local.len()].copy_from_slice(&local);
-                }
-                Part::Slice { dim, start, .. } => {
-                    let local = g.to_vec2::<f32>()?;
-                    let cols = spec.shape[1];
-                    for (r, row) in local.iter().enumerate() {
-                        for (k, &x) in row.iter().enumerate() {
-                            let (i, j) = if dim == 0 {
-                                (start + r, k)
-                            } else {
-                                (r, start + k)
-                            };
-                            whole[i * cols + j] = x;
-                        }
-                    }
-                }
-                Part::Absent => {}
+            let p = stage.parts.get(&spec.name).copied().unwrap_or(Part::Full);
+            // A replicated tensor is contributed by TP rank 0 only.
+            if p != Part::Full || tp_rank == 0 {
+                let local = g.flatten_all()?.to_vec1::<f32>()?;
+                skymoe_train::sharded::unslice_into(&mut whole, &local, &spec.shape, p);
             }
         }
         world.all_reduce_sum(&mut whole)?;

@@ -119,7 +119,7 @@ pub fn slice_flat(data: &[f32], shape: &[usize], p: Part) -> Option<Vec<f32>> {
 }
 
 /// Write this rank's elements `local` into `whole` (row-major, `shape`).
-fn unslice_into(whole: &mut [f32], local: &[f32], shape: &[usize], p: Part) {
+pub fn unslice_into(whole: &mut [f32], local: &[f32], shape: &[usize], p: Part) {
     match p {
         Part::Full | Part::Whole => whole.copy_from_slice(local),
         Part::Absent => {}

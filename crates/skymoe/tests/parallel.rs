@@ -21,6 +21,24 @@ fn mpirun(np: usize, args: &[&str], tag: &str) -> Command {
     cmd
 }
 
+/// `skymoe train --quiet` in one process with `args`; panics with its output on failure.
+fn train_alone(args: &[&str]) {
+    let mut all = vec!["train", "--quiet"];
+    all.extend_from_slice(args);
+    let out = skymoe(&all);
+    assert!(out.status.success(), "{args:?}: {}", text(&out));
+}
+
+/// `skymoe train --quiet` under `mpirun -np np` with `args`; panics with its output on
+/// failure, else returns it.
+fn train_mpirun(np: usize, args: &[&str], tag: &str) -> Output {
+    let mut all = vec!["train", "--quiet"];
+    all.extend_from_slice(args);
+    let out = mpirun(np, &all, tag).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", text(&out));
+    out
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -171,15 +189,12 @@ fn model_parallel_training_equals_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let single = tmp.path().join("single");
     let cfg2 = write_config(tmp.path(), 2, 3);
-    let out = skymoe(&[
-        "train",
+    train_alone(&[
         "--config",
         cfg2.to_str().unwrap(),
-        "--quiet",
         "--out",
         single.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", text(&out));
     let cfg1 = write_config(tmp.path(), 1, 3);
     for (np, layout, cfg, extra) in [
         (2, "tp=2", &cfg2, &[][..]),
@@ -219,23 +234,18 @@ fn model_parallel_training_equals_one_process() {
     // Without --pp-layers the planner splits the stages: the LM head and loss weigh on the
     // last stage, which gets fewer layers.
     let run = tmp.path().join("pp-planned");
-    let out = mpirun(
+    let out = train_mpirun(
         2,
         &[
-            "train",
             "--config",
             cfg2.to_str().unwrap(),
-            "--quiet",
             "--out",
             run.to_str().unwrap(),
             "--parallel",
             "pp=2",
         ],
         "planned",
-    )
-    .output()
-    .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    );
     assert!(
         text(&out).contains("pipeline: [2, 1] layers per stage (planned)"),
         "{}",
@@ -246,56 +256,43 @@ fn model_parallel_training_equals_one_process() {
     // groups of two summing their experts' gradients).
     let single4 = tmp.path().join("single4");
     let cfg4 = write_config(tmp.path(), 4, 3);
-    let out = skymoe(&[
-        "train",
+    train_alone(&[
         "--config",
         cfg4.to_str().unwrap(),
-        "--quiet",
         "--out",
         single4.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", text(&out));
     for layout in ["ep=4,dp=4", "ep=2,dp=4"] {
         let run = tmp.path().join(layout.replace([',', '='], "-"));
-        let out = mpirun(
+        train_mpirun(
             4,
             &[
-                "train",
                 "--config",
                 cfg1.to_str().unwrap(),
-                "--quiet",
                 "--out",
                 run.to_str().unwrap(),
                 "--parallel",
                 layout,
             ],
             "ep4",
-        )
-        .output()
-        .unwrap();
-        assert!(out.status.success(), "{layout}: {}", text(&out));
+        );
         assert_same_training(&single4, &run, layout);
     }
     // Resharding: two steps in one process, the third resumed under EDP over two processes.
     let resumed = tmp.path().join("resumed");
-    let out = skymoe(&[
-        "train",
+    train_alone(&[
         "--config",
         cfg2.to_str().unwrap(),
-        "--quiet",
         "--out",
         resumed.to_str().unwrap(),
         "--steps",
         "2",
     ]);
-    assert!(out.status.success(), "{}", text(&out));
-    let out = mpirun(
+    train_mpirun(
         2,
         &[
-            "train",
             "--config",
             cfg2.to_str().unwrap(),
-            "--quiet",
             "--out",
             resumed.to_str().unwrap(),
             "--steps",
@@ -305,10 +302,7 @@ fn model_parallel_training_equals_one_process() {
             "edp=2",
         ],
         "resume",
-    )
-    .output()
-    .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    );
     assert_same_training(&single, &resumed, "one process then edp=2");
 }
 
@@ -318,36 +312,28 @@ fn data_parallel_equals_one_process_accumulating_the_same_batches() {
     for np in [2usize, 4] {
         let single = tmp.path().join(format!("single-{np}"));
         let cfg = write_config(tmp.path(), np, 3);
-        let out = skymoe(&[
-            "train",
+        train_alone(&[
             "--config",
             cfg.to_str().unwrap(),
-            "--quiet",
             "--out",
             single.to_str().unwrap(),
         ]);
-        assert!(out.status.success(), "{}", text(&out));
 
         let parallel = tmp.path().join(format!("dp-{np}"));
         let cfg = write_config(tmp.path(), 1, 3);
         let dp = format!("dp={np}");
-        let out = mpirun(
+        let out = train_mpirun(
             np,
             &[
-                "train",
                 "--config",
                 cfg.to_str().unwrap(),
-                "--quiet",
                 "--out",
                 parallel.to_str().unwrap(),
                 "--parallel",
                 &dp,
             ],
             "dp",
-        )
-        .output()
-        .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
+        );
         assert!(
             text(&out).contains(&format!("on {np} processes")),
             "{}",
@@ -445,33 +431,25 @@ fn expert_parallelism_survives_a_rank_whose_experts_get_no_tokens() {
         p
     };
     let single = tmp.path().join("single");
-    let out = skymoe(&[
-        "train",
+    train_alone(&[
         "--config",
         cfg(2).to_str().unwrap(),
-        "--quiet",
         "--out",
         single.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", text(&out));
     let run = tmp.path().join("ep");
-    let out = mpirun(
+    train_mpirun(
         2,
         &[
-            "train",
             "--config",
             cfg(1).to_str().unwrap(),
-            "--quiet",
             "--out",
             run.to_str().unwrap(),
             "--parallel",
-            "ep=2,dp=2",
+            "ep=2, dp=2",
         ],
         "collapsed",
-    )
-    .output()
-    .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    );
     // Every token went to experts 0 and 1 in the first step (rank 1's experts idle).
     let first = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
@@ -496,23 +474,18 @@ fn zero_one_shards_optimizer_state_and_changes_nothing_else() {
     ] {
         let np = if layout.starts_with("edp") { 4 } else { 2 };
         let run = tmp.path().join(layout.replace([',', '='], "-"));
-        let out = mpirun(
+        train_mpirun(
             np,
             &[
-                "train",
                 "--config",
                 cfg.to_str().unwrap(),
-                "--quiet",
                 "--out",
                 run.to_str().unwrap(),
                 "--parallel",
                 layout,
             ],
             "zero",
-        )
-        .output()
-        .unwrap();
-        assert!(out.status.success(), "{layout}: {}", text(&out));
+        );
         runs.push(run);
     }
     assert_same_training(&runs[0], &runs[1], "zero=1");

@@ -99,6 +99,20 @@ fn counts(
     Ok((c, displs))
 }
 
+impl MpiComm {
+    /// An error unless `peer` is a rank of this group.
+    fn check_peer(&self, op: &'static str, peer: usize) -> Result<()> {
+        if peer >= self.size() {
+            return Err(CommError::Invalid {
+                rank: self.rank(),
+                op,
+                msg: format!("no rank {peer} in a group of {}", self.size()),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Communicator for MpiComm {
     fn rank(&self) -> usize {
         self.comm.rank() as usize
@@ -195,13 +209,7 @@ impl Communicator for MpiComm {
     }
 
     fn send(&self, data: &[f32], dest: usize, tag: i32) -> Result<()> {
-        if dest >= self.size() {
-            return Err(CommError::Invalid {
-                rank: self.rank(),
-                op: "send",
-                msg: format!("no rank {dest} in a group of {}", self.size()),
-            });
-        }
+        self.check_peer("send", dest)?;
         let _g = self.dog.watch("send");
         count_payload(data.len(), 4);
         self.comm
@@ -211,13 +219,7 @@ impl Communicator for MpiComm {
     }
 
     fn send_detached(&self, data: &[f32], dest: usize, tag: i32) -> Result<()> {
-        if dest >= self.size() {
-            return Err(CommError::Invalid {
-                rank: self.rank(),
-                op: "send",
-                msg: format!("no rank {dest} in a group of {}", self.size()),
-            });
-        }
+        self.check_peer("send", dest)?;
         let _g = self.dog.watch("send");
         count_payload(data.len(), 4);
         self.comm
@@ -227,13 +229,7 @@ impl Communicator for MpiComm {
     }
 
     fn recv(&self, data: &mut [f32], src: usize, tag: i32) -> Result<()> {
-        if src >= self.size() {
-            return Err(CommError::Invalid {
-                rank: self.rank(),
-                op: "recv",
-                msg: format!("no rank {src} in a group of {}", self.size()),
-            });
-        }
+        self.check_peer("recv", src)?;
         let _g = self.dog.watch("recv");
         let status = self
             .comm
@@ -254,13 +250,7 @@ impl Communicator for MpiComm {
     }
 
     fn broadcast(&self, data: &mut [f32], root: usize) -> Result<()> {
-        if root >= self.size() {
-            return Err(CommError::Invalid {
-                rank: self.rank(),
-                op: "broadcast",
-                msg: format!("no rank {root} in a group of {}", self.size()),
-            });
-        }
+        self.check_peer("broadcast", root)?;
         let _g = self.dog.watch("broadcast");
         if self.rank() == root {
             count_payload(data.len(), 4);
