@@ -8,6 +8,7 @@
 //! dtypes) falls back to the reference composition, which candle differentiates itself.
 
 mod cpu;
+pub mod quant;
 pub mod reference;
 
 mod cross_entropy;

@@ -1,0 +1,319 @@
+//! Instruction-set dispatch, the portable scalar kernels, and the two product strategies:
+//! fused row dot products (few activation rows) and dequantised tiles fed to a GEMM (many).
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use super::fp8::e4m3_table;
+use super::{par_ranges, QData, QMatrix, Q4_GROUP};
+
+/// The instruction set the kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust.
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512 (F, BW) + FMA + F16C.
+    Avx512,
+}
+
+impl Isa {
+    /// The best instruction set of this CPU, or the one `SKYMOE_ISA` names (if supported).
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let forced = std::env::var("SKYMOE_ISA")
+                .ok()
+                .and_then(|v| match v.as_str() {
+                    "scalar" => Some(Isa::Scalar),
+                    "avx2" => Some(Isa::Avx2),
+                    "avx512" => Some(Isa::Avx512),
+                    _ => None,
+                });
+            match forced {
+                Some(isa) if isa.supported() => isa,
+                _ => [Isa::Avx512, Isa::Avx2]
+                    .into_iter()
+                    .find(|i| i.supported())
+                    .unwrap_or(Isa::Scalar),
+            }
+        })
+    }
+
+    /// Whether this CPU can run the instruction set.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2.supported()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// A short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+}
+
+/// Most activation rows handled by the fused dot-product kernels; more go through tiles.
+pub(crate) const FUSED_MAX_ROWS: usize = 4;
+
+/// The per-row scale applied after the dot product (int8, fp8), else 1.
+fn row_scale(mat: &QMatrix, r: usize) -> f32 {
+    match &mat.data {
+        QData::Int8 { scales, .. } | QData::Fp8 { scales, .. } => scales[r],
+        _ => 1.0,
+    }
+}
+
+/// Add to `acc[i]` the dot products of activation row `i` of `x` (rows of `cols`) with row
+/// `r` of `mat` over columns `from..cols`, before the per-row scale (q4 group scales applied).
+/// `from` is a multiple of 32 for q4.
+fn scalar_partial(mat: &QMatrix, r: usize, x: &[f32], from: usize, acc: &mut [f32]) {
+    let cols = mat.cols;
+    let rows_x = acc.len();
+    match &mat.data {
+        QData::F32(w) => {
+            let wr = &w[r * cols..(r + 1) * cols];
+            for (i, a) in acc.iter_mut().enumerate().take(rows_x) {
+                let xi = &x[i * cols..(i + 1) * cols];
+                *a += (from..cols).map(|c| xi[c] * wr[c]).sum::<f32>();
+            }
+        }
+        QData::F16(w) => {
+            let wr = &w[r * cols..(r + 1) * cols];
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xi = &x[i * cols..(i + 1) * cols];
+                *a += (from..cols)
+                    .map(|c| xi[c] * half::f16::from_bits(wr[c]).to_f32())
+                    .sum::<f32>();
+            }
+        }
+        QData::Int8 { q, .. } => {
+            let wr = &q[r * cols..(r + 1) * cols];
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xi = &x[i * cols..(i + 1) * cols];
+                *a += (from..cols).map(|c| xi[c] * wr[c] as f32).sum::<f32>();
+            }
+        }
+        QData::Fp8 { q, .. } => {
+            let t = e4m3_table();
+            let wr = &q[r * cols..(r + 1) * cols];
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xi = &x[i * cols..(i + 1) * cols];
+                *a += (from..cols).map(|c| xi[c] * t[wr[c] as usize]).sum::<f32>();
+            }
+        }
+        QData::Q4 { packed, scales } => {
+            let groups = super::q4_groups(cols);
+            for g in from / Q4_GROUP..groups {
+                let d = scales[r * groups + g];
+                let bytes = &packed[(r * groups + g) * 16..(r * groups + g + 1) * 16];
+                let len = Q4_GROUP.min(cols - g * Q4_GROUP);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xi = &x[i * cols + g * Q4_GROUP..i * cols + g * Q4_GROUP + len];
+                    let mut s = 0f32;
+                    for (j, xv) in xi.iter().enumerate() {
+                        let b = bytes[j % 16];
+                        let q = if j < 16 { b & 0x0F } else { b >> 4 };
+                        s += xv * (q as f32 - 8.0);
+                    }
+                    *a += d * s;
+                }
+            }
+        }
+    }
+}
+
+/// Dequantise row `r` of `mat` into `out` over columns `from..cols` (scales applied).
+fn scalar_dequantize(mat: &QMatrix, r: usize, from: usize, out: &mut [f32]) {
+    let cols = mat.cols;
+    match &mat.data {
+        QData::F32(w) => out[from..cols].copy_from_slice(&w[r * cols + from..(r + 1) * cols]),
+        QData::F16(w) => {
+            for c in from..cols {
+                out[c] = half::f16::from_bits(w[r * cols + c]).to_f32();
+            }
+        }
+        QData::Int8 { q, scales } => {
+            for c in from..cols {
+                out[c] = q[r * cols + c] as f32 * scales[r];
+            }
+        }
+        QData::Fp8 { q, scales } => {
+            let t = e4m3_table();
+            for c in from..cols {
+                out[c] = t[q[r * cols + c] as usize] * scales[r];
+            }
+        }
+        QData::Q4 { packed, scales } => {
+            let groups = super::q4_groups(cols);
+            for c in from..cols {
+                let g = c / Q4_GROUP;
+                let j = c % Q4_GROUP;
+                let b = packed[(r * groups + g) * 16 + j % 16];
+                let q = if j < 16 { b & 0x0F } else { b >> 4 };
+                out[c] = scales[r * groups + g] * (q as f32 - 8.0);
+            }
+        }
+    }
+}
+
+/// Dequantise row `r` with `isa`.
+pub(crate) fn dequantize_row(isa: Isa, mat: &QMatrix, r: usize, out: &mut [f32]) {
+    assert!(
+        r < mat.rows && out.len() >= mat.cols,
+        "row {r} out of range"
+    );
+    let done = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx2 if isa.supported() => {
+            // SAFETY: the CPU supports the instruction set (checked just above); the callee
+            // reads row `r` of `mat` and writes `out[..cols]`, both in bounds (asserted).
+            unsafe { super::x86::dequantize_row(isa, mat, r, out) }
+        }
+        _ => 0,
+    };
+    scalar_dequantize(mat, r, done, out);
+}
+
+/// Dot products of `M` activation rows with row `r`, scales applied.
+fn row_dots<const M: usize>(isa: Isa, mat: &QMatrix, r: usize, x: &[f32]) -> [f32; M] {
+    let (mut acc, done) = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx2 => {
+            // SAFETY: `matmul` only passes a supported `isa`; `x` holds `M` rows of `cols`
+            // (asserted by the caller) and `r < rows`.
+            unsafe { super::x86::row_dots::<M>(isa, mat, r, x) }
+        }
+        _ => ([0f32; M], 0),
+    };
+    if done < mat.cols {
+        scalar_partial(mat, r, x, done, &mut acc);
+    }
+    let s = row_scale(mat, r);
+    acc.map(|a| a * s)
+}
+
+/// A raw output pointer shared by tasks writing disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements of the buffer behind the pointer (disjoint row ranges
+// of the weight matrix are disjoint output columns), and the buffer outlives them.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer to element `i` (not dereferenced here).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+
+    /// Write `v` at `i`.
+    ///
+    /// # Safety
+    /// `i` is in bounds and no other task writes element `i`.
+    unsafe fn write(self, i: usize, v: f32) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { *self.0.add(i) = v }
+    }
+}
+
+thread_local! {
+    static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `out[m, rows] = x[m, cols] · Wᵀ` with a supported `isa`.
+pub(crate) fn matmul(isa: Isa, mat: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) {
+    let (rows, cols) = (mat.rows, mat.cols);
+    if m == 0 || rows == 0 {
+        return;
+    }
+    if cols == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let ptr = OutPtr(out.as_mut_ptr());
+    if m <= FUSED_MAX_ROWS {
+        par_ranges(rows, 16, m * cols, |r0, r1| {
+            for r in r0..r1 {
+                let mut i = 0;
+                while i < m {
+                    let take = (m - i).min(FUSED_MAX_ROWS);
+                    let xs = &x[i * cols..(i + take) * cols];
+                    let dots: Vec<f32> = match take {
+                        1 => row_dots::<1>(isa, mat, r, xs).to_vec(),
+                        2 => row_dots::<2>(isa, mat, r, xs).to_vec(),
+                        3 => row_dots::<3>(isa, mat, r, xs).to_vec(),
+                        _ => row_dots::<4>(isa, mat, r, xs).to_vec(),
+                    };
+                    for (j, d) in dots.into_iter().enumerate() {
+                        // SAFETY: element (i + j, r) is in bounds and belongs to this row range.
+                        unsafe { ptr.write((i + j) * rows + r, d) };
+                    }
+                    i += take;
+                }
+            }
+        });
+        return;
+    }
+    // Many activation rows: dequantise a tile of weight rows into a per-thread buffer (at most
+    // ~256 KiB) and multiply it with a GEMM.
+    let tile = (65536 / cols).clamp(8, 128);
+    par_ranges(rows, tile, m * cols, |r0, r1| {
+        TILE.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let n = r1 - r0;
+            if buf.len() < n * cols {
+                buf.resize(n * cols, 0.0);
+            }
+            for (j, r) in (r0..r1).enumerate() {
+                dequantize_row(isa, mat, r, &mut buf[j * cols..(j + 1) * cols]);
+            }
+            // SAFETY: `x` is [m, cols] row-major, the tile [n, cols] row-major read as its
+            // transpose [cols, n]; the destination is columns r0..r1 of `out` [m, rows]
+            // (row stride `rows`), written by this task only. All extents are in bounds.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    cols,
+                    ptr.at(r0),
+                    1,
+                    rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    buf.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        })
+    });
+}

@@ -1,0 +1,458 @@
+//! Quantised weight matrices (`[rows, cols]`, PyTorch's `[out, in]` layout) and the product
+//! `y = x Wᵀ` with the dequantisation fused into the kernel: a matrix is never dequantised
+//! as a whole, only 16 or 32 weights at a time in registers (few activation rows) or one tile
+//! of rows into a small per-thread buffer fed to a GEMM (many rows).
+//!
+//! Formats:
+//! - `f32`, `f16`: plain.
+//! - `int8`: symmetric, one f32 scale per row (per output channel): `w = s_r · q`, `q ∈ [-127, 127]`.
+//! - `fp8`: E4M3 with one f32 scale per row or one for the whole tensor: `w = s · e4m3(q)`
+//!   (the layout of vLLM / Skywork FP8 checkpoints: `F8_E4M3` weight + `weight_scale`).
+//! - `q4`: symmetric 4-bit in groups of 32 columns, one f32 scale per group: `w = d · (q − 8)`;
+//!   a group's 16 bytes hold column `j` in the low nibble of byte `j` and column `j + 16` in
+//!   the high nibble; a row's last group may be partial (padding nibbles are 8, i.e. zero).
+//!
+//! The instruction set is chosen at run time: AVX-512 (with F16C/FMA) where present, else
+//! AVX2 + FMA + F16C, else portable scalar code. `SKYMOE_ISA=scalar|avx2|avx512` forces one.
+
+pub mod fp8;
+mod kernels;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::fmt;
+use std::str::FromStr;
+
+use rayon::prelude::*;
+
+pub use kernels::Isa;
+
+/// Columns per q4 scale group.
+pub const Q4_GROUP: usize = 32;
+
+/// Storage format of a weight matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightFormat {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit IEEE floats.
+    F16,
+    /// 8-bit integers with a per-row scale.
+    Int8,
+    /// FP8 E4M3 with a per-row (or per-tensor) scale.
+    Fp8,
+    /// 4-bit integers in groups of 32 with a scale per group.
+    Q4,
+}
+
+impl WeightFormat {
+    /// The name used on the command line and in `quantization_config`.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::F16 => "f16",
+            WeightFormat::Int8 => "int8",
+            WeightFormat::Fp8 => "fp8",
+            WeightFormat::Q4 => "q4",
+        }
+    }
+
+    /// Every format.
+    pub const ALL: [WeightFormat; 5] = [
+        WeightFormat::F32,
+        WeightFormat::F16,
+        WeightFormat::Int8,
+        WeightFormat::Fp8,
+        WeightFormat::Q4,
+    ];
+}
+
+impl fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for WeightFormat {
+    type Err = QuantError;
+    fn from_str(s: &str) -> Result<Self, QuantError> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(WeightFormat::F32),
+            "f16" | "float16" | "fp16" => Ok(WeightFormat::F16),
+            "int8" | "i8" | "q8" => Ok(WeightFormat::Int8),
+            "fp8" | "f8" | "e4m3" | "fp8_e4m3" => Ok(WeightFormat::Fp8),
+            "q4" | "int4" => Ok(WeightFormat::Q4),
+            _ => Err(QuantError::UnknownFormat(s.to_string())),
+        }
+    }
+}
+
+/// Errors building or using a quantised matrix.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum QuantError {
+    /// A format name that is not one of f32, f16, int8, fp8, q4.
+    #[error("unknown weight format `{0}` (expected f32, f16, int8, fp8 or q4)")]
+    UnknownFormat(String),
+    /// Buffer lengths that do not match the shape.
+    #[error("{what}: expected {expected} elements for a {rows}x{cols} matrix, found {found}")]
+    Length {
+        /// Which buffer.
+        what: &'static str,
+        /// Rows.
+        rows: usize,
+        /// Columns.
+        cols: usize,
+        /// Expected length.
+        expected: usize,
+        /// Actual length.
+        found: usize,
+    },
+    /// A weight or scale that is NaN or infinite.
+    #[error("{0} contains NaN or infinite values")]
+    NonFinite(&'static str),
+}
+
+/// The stored data of a [`QMatrix`].
+#[derive(Debug, Clone)]
+pub enum QData {
+    /// Row-major f32.
+    F32(Vec<f32>),
+    /// Row-major f16 bits.
+    F16(Vec<u16>),
+    /// Row-major int8 and one scale per row.
+    Int8 {
+        /// Quantised values.
+        q: Vec<i8>,
+        /// Per-row scales.
+        scales: Vec<f32>,
+    },
+    /// Row-major E4M3 bytes and one scale per row (a per-tensor scale is repeated).
+    Fp8 {
+        /// E4M3 codes.
+        q: Vec<u8>,
+        /// Per-row scales.
+        scales: Vec<f32>,
+    },
+    /// Packed nibbles, `ceil(cols/32)·16` bytes per row, and `ceil(cols/32)` scales per row.
+    Q4 {
+        /// Packed 4-bit values.
+        packed: Vec<u8>,
+        /// Per-group scales.
+        scales: Vec<f32>,
+    },
+}
+
+/// A weight matrix `[rows, cols]` in one of the [`WeightFormat`]s.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    rows: usize,
+    cols: usize,
+    data: QData,
+}
+
+fn check_len(
+    what: &'static str,
+    rows: usize,
+    cols: usize,
+    expected: usize,
+    found: usize,
+) -> Result<(), QuantError> {
+    if expected == found {
+        Ok(())
+    } else {
+        Err(QuantError::Length {
+            what,
+            rows,
+            cols,
+            expected,
+            found,
+        })
+    }
+}
+
+fn check_finite(what: &'static str, v: &[f32]) -> Result<(), QuantError> {
+    if v.iter().all(|x| x.is_finite()) {
+        Ok(())
+    } else {
+        Err(QuantError::NonFinite(what))
+    }
+}
+
+/// Groups of [`Q4_GROUP`] columns in a row of `cols`.
+pub fn q4_groups(cols: usize) -> usize {
+    cols.div_ceil(Q4_GROUP)
+}
+
+impl QMatrix {
+    /// Quantise a row-major f32 matrix. int8 and fp8 scale each row by its largest magnitude
+    /// (to 127 and 448); q4 scales each group so that its largest-magnitude value maps to −8.
+    pub fn quantize(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        format: WeightFormat,
+    ) -> Result<Self, QuantError> {
+        check_len("weights", rows, cols, rows * cols, w.len())?;
+        check_finite("the weight matrix", w)?;
+        let data = match format {
+            WeightFormat::F32 => QData::F32(w.to_vec()),
+            WeightFormat::F16 => QData::F16(
+                w.iter()
+                    .map(|&x| half::f16::from_f32(x).to_bits())
+                    .collect(),
+            ),
+            WeightFormat::Int8 => {
+                let mut q = vec![0i8; rows * cols];
+                let mut scales = vec![0f32; rows];
+                for r in 0..rows {
+                    let row = &w[r * cols..(r + 1) * cols];
+                    let amax = row.iter().fold(0f32, |a, x| a.max(x.abs()));
+                    let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+                    scales[r] = s;
+                    for (d, &x) in q[r * cols..(r + 1) * cols].iter_mut().zip(row) {
+                        *d = (x / s).round().clamp(-127.0, 127.0) as i8;
+                    }
+                }
+                QData::Int8 { q, scales }
+            }
+            WeightFormat::Fp8 => {
+                let mut q = vec![0u8; rows * cols];
+                let mut scales = vec![0f32; rows];
+                for r in 0..rows {
+                    let row = &w[r * cols..(r + 1) * cols];
+                    let amax = row.iter().fold(0f32, |a, x| a.max(x.abs()));
+                    let s = if amax > 0.0 {
+                        amax / fp8::E4M3_MAX
+                    } else {
+                        1.0
+                    };
+                    scales[r] = s;
+                    for (d, &x) in q[r * cols..(r + 1) * cols].iter_mut().zip(row) {
+                        *d = fp8::f32_to_e4m3(x / s);
+                    }
+                }
+                QData::Fp8 { q, scales }
+            }
+            WeightFormat::Q4 => {
+                let groups = q4_groups(cols);
+                let mut packed = vec![0x88u8; rows * groups * 16];
+                let mut scales = vec![0f32; rows * groups];
+                for r in 0..rows {
+                    for g in 0..groups {
+                        let start = r * cols + g * Q4_GROUP;
+                        let len = Q4_GROUP.min(cols - g * Q4_GROUP);
+                        let vals = &w[start..start + len];
+                        // The value of largest magnitude, with its sign, maps to -8.
+                        let extreme = vals
+                            .iter()
+                            .fold(0f32, |a, &x| if x.abs() > a.abs() { x } else { a });
+                        let d = if extreme != 0.0 { extreme / -8.0 } else { 1.0 };
+                        scales[r * groups + g] = d;
+                        let bytes = &mut packed[(r * groups + g) * 16..(r * groups + g + 1) * 16];
+                        for (j, &x) in vals.iter().enumerate() {
+                            let q = ((x / d).round() + 8.0).clamp(0.0, 15.0) as u8;
+                            let b = &mut bytes[j % 16];
+                            *b = if j < 16 {
+                                (*b & 0xF0) | q
+                            } else {
+                                (*b & 0x0F) | (q << 4)
+                            };
+                        }
+                    }
+                }
+                QData::Q4 { packed, scales }
+            }
+        };
+        Ok(QMatrix { rows, cols, data })
+    }
+
+    /// A matrix from E4M3 codes and scales: one scale (per tensor) or one per row.
+    pub fn from_fp8(
+        q: Vec<u8>,
+        scales: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, QuantError> {
+        check_len("fp8 weights", rows, cols, rows * cols, q.len())?;
+        check_finite("weight_scale", scales)?;
+        let scales = match scales.len() {
+            1 => vec![scales[0]; rows],
+            n => {
+                check_len("weight_scale", rows, cols, rows, n)?;
+                scales.to_vec()
+            }
+        };
+        Ok(QMatrix {
+            rows,
+            cols,
+            data: QData::Fp8 { q, scales },
+        })
+    }
+
+    /// A matrix from int8 values and one scale per row (or one per tensor).
+    pub fn from_int8(
+        q: Vec<i8>,
+        scales: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, QuantError> {
+        check_len("int8 weights", rows, cols, rows * cols, q.len())?;
+        check_finite("weight_scale", scales)?;
+        let scales = match scales.len() {
+            1 => vec![scales[0]; rows],
+            n => {
+                check_len("weight_scale", rows, cols, rows, n)?;
+                scales.to_vec()
+            }
+        };
+        Ok(QMatrix {
+            rows,
+            cols,
+            data: QData::Int8 { q, scales },
+        })
+    }
+
+    /// A matrix from packed q4 groups and their scales.
+    pub fn from_q4(
+        packed: Vec<u8>,
+        scales: Vec<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, QuantError> {
+        let groups = q4_groups(cols);
+        check_len(
+            "q4 packed weights",
+            rows,
+            cols,
+            rows * groups * 16,
+            packed.len(),
+        )?;
+        check_len("q4 scales", rows, cols, rows * groups, scales.len())?;
+        check_finite("weight_scale", &scales)?;
+        Ok(QMatrix {
+            rows,
+            cols,
+            data: QData::Q4 { packed, scales },
+        })
+    }
+
+    /// A matrix from f16 bits.
+    pub fn from_f16(bits: Vec<u16>, rows: usize, cols: usize) -> Result<Self, QuantError> {
+        check_len("f16 weights", rows, cols, rows * cols, bits.len())?;
+        Ok(QMatrix {
+            rows,
+            cols,
+            data: QData::F16(bits),
+        })
+    }
+
+    /// Rows (output features).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns (input features).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The stored data.
+    pub fn data(&self) -> &QData {
+        &self.data
+    }
+
+    /// The storage format.
+    pub fn format(&self) -> WeightFormat {
+        match self.data {
+            QData::F32(_) => WeightFormat::F32,
+            QData::F16(_) => WeightFormat::F16,
+            QData::Int8 { .. } => WeightFormat::Int8,
+            QData::Fp8 { .. } => WeightFormat::Fp8,
+            QData::Q4 { .. } => WeightFormat::Q4,
+        }
+    }
+
+    /// Bytes of weight storage (values and scales).
+    pub fn storage_bytes(&self) -> usize {
+        match &self.data {
+            QData::F32(v) => v.len() * 4,
+            QData::F16(v) => v.len() * 2,
+            QData::Int8 { q, scales } => q.len() + scales.len() * 4,
+            QData::Fp8 { q, scales } => q.len() + scales.len() * 4,
+            QData::Q4 { packed, scales } => packed.len() + scales.len() * 4,
+        }
+    }
+
+    /// Dequantise row `r` into `out` (`cols` values), with the instruction set in force.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        kernels::dequantize_row(Isa::detect(), self, r, out);
+    }
+
+    /// Dequantise row `r` with portable scalar code (the reference).
+    pub fn dequantize_row_reference(&self, r: usize, out: &mut [f32]) {
+        kernels::dequantize_row(Isa::Scalar, self, r, out);
+    }
+
+    /// The whole matrix as f32 (for tests, conversions and the reference product).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, row) in out.chunks_mut(self.cols.max(1)).enumerate().take(self.rows) {
+            self.dequantize_row_reference(r, row);
+        }
+        out
+    }
+
+    /// `out[m, rows] = x[m, cols] · Wᵀ`, multithreaded, dequantisation fused.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        self.matmul_with(Isa::detect(), x, m, out);
+    }
+
+    /// [`QMatrix::matmul`] with a given instruction set (it must be supported: see
+    /// [`Isa::supported`]; an unsupported one falls back to scalar code).
+    pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), m * self.cols, "activation length");
+        assert_eq!(out.len(), m * self.rows, "output length");
+        let isa = if isa.supported() { isa } else { Isa::Scalar };
+        kernels::matmul(isa, self, x, m, out);
+    }
+
+    /// The plain reference: dequantise the whole matrix, then multiply in f64-accumulated f32.
+    pub fn matmul_reference(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let w = self.dequantize();
+        let mut out = vec![0f32; m * self.rows];
+        for i in 0..m {
+            let xi = &x[i * self.cols..(i + 1) * self.cols];
+            for r in 0..self.rows {
+                let wr = &w[r * self.cols..(r + 1) * self.cols];
+                out[i * self.rows + r] = xi
+                    .iter()
+                    .zip(wr)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+}
+
+/// Run `f` on disjoint chunks of `0..n` in parallel when the work is worth it.
+pub(crate) fn par_ranges(
+    n: usize,
+    chunk: usize,
+    work_per_item: usize,
+    f: impl Fn(usize, usize) + Sync + Send,
+) {
+    let chunk = chunk.max(1);
+    let chunks = n.div_ceil(chunk);
+    if chunks <= 1 || n * work_per_item < 1 << 15 {
+        f(0, n);
+        return;
+    }
+    (0..chunks).into_par_iter().for_each(|c| {
+        let start = c * chunk;
+        f(start, (start + chunk).min(n));
+    });
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,168 @@
+//! Every kernel against the plain dequantise-then-multiply reference, on every instruction
+//! set this CPU supports.
+
+use super::*;
+
+fn lcg_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
+        })
+        .collect()
+}
+
+fn isas() -> Vec<Isa> {
+    [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+        .into_iter()
+        .filter(|i| i.supported())
+        .collect()
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+#[test]
+fn fused_and_tiled_products_match_the_reference() {
+    for format in WeightFormat::ALL {
+        for &(rows, cols) in &[(7, 64), (33, 48), (20, 100), (130, 576), (3, 31)] {
+            let w = lcg_values(rows * cols, (rows * 31 + cols) as u64);
+            let mat = QMatrix::quantize(&w, rows, cols, format).unwrap();
+            for m in [1, 2, 3, 4, 5, 9, 40] {
+                let x = lcg_values(m * cols, m as u64 + 7);
+                let want = mat.matmul_reference(&x, m);
+                for isa in isas() {
+                    let mut got = vec![f32::NAN; m * rows];
+                    mat.matmul_with(isa, &x, m, &mut got);
+                    let e = rel_err(&got, &want);
+                    assert!(
+                        e < 2e-6,
+                        "{format} {isa:?} {rows}x{cols} m={m}: rel err {e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_dequantisation_matches_scalar() {
+    for format in WeightFormat::ALL {
+        let (rows, cols) = (5, 100);
+        let w = lcg_values(rows * cols, 3);
+        let mat = QMatrix::quantize(&w, rows, cols, format).unwrap();
+        for isa in isas() {
+            for r in 0..rows {
+                let mut a = vec![0f32; cols];
+                let mut b = vec![0f32; cols];
+                kernels::dequantize_row(isa, &mat, r, &mut a);
+                mat.dequantize_row_reference(r, &mut b);
+                for (x, y) in a.iter().zip(&b) {
+                    // q4 computes d·q − 8d by FMA in SIMD, d·(q − 8) in scalar code.
+                    assert!(
+                        (x - y).abs() <= 1e-6 * y.abs().max(1e-3),
+                        "{format} {isa:?} row {r}: {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quantisation_error_is_within_half_a_step() {
+    let (rows, cols) = (6, 80);
+    let w: Vec<f32> = lcg_values(rows * cols, 11)
+        .iter()
+        .map(|v| v * 3.0)
+        .collect();
+    for format in [
+        WeightFormat::Int8,
+        WeightFormat::Fp8,
+        WeightFormat::Q4,
+        WeightFormat::F16,
+    ] {
+        let mat = QMatrix::quantize(&w, rows, cols, format).unwrap();
+        let d = mat.dequantize();
+        for r in 0..rows {
+            let row = &w[r * cols..(r + 1) * cols];
+            let amax = row.iter().fold(0f32, |a, x| a.max(x.abs()));
+            for c in 0..cols {
+                let (x, y) = (row[c], d[r * cols + c]);
+                let bound = match format {
+                    WeightFormat::Int8 => amax / 127.0 / 2.0 * 1.0001,
+                    // 3 mantissa bits: half a step is 2^-4 of the value (or of 2^-6·scale).
+                    WeightFormat::Fp8 => {
+                        (x.abs() / 16.0).max(amax / 448.0 * 2f32.powi(-10)) * 1.0001
+                    }
+                    WeightFormat::Q4 => {
+                        let g = c / Q4_GROUP;
+                        let grp = &row[g * Q4_GROUP..((g + 1) * Q4_GROUP).min(cols)];
+                        // Half a step, or a whole one at +8·d, clamped to 7·d (as llama.cpp's Q4_0).
+                        grp.iter().fold(0f32, |a, x| a.max(x.abs())) / 8.0 * 1.0001
+                    }
+                    _ => x.abs() / 2048.0,
+                };
+                assert!(
+                    (x - y).abs() <= bound,
+                    "{format} ({r},{c}): {x} -> {y}, bound {bound}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn representable_values_survive_exactly() {
+    // Per-row scale 1 when the largest magnitude is 448 (fp8) / 127 (int8).
+    let row_fp8 = [448.0f32, -1.0, 0.5, 2f32.powi(-9), -3.5, 0.0, 12.0, -448.0];
+    let m = QMatrix::quantize(&row_fp8, 1, 8, WeightFormat::Fp8).unwrap();
+    assert_eq!(m.dequantize(), row_fp8.to_vec());
+    let row_i8 = [127.0f32, -127.0, 0.0, 5.0, -64.0, 1.0];
+    let m = QMatrix::quantize(&row_i8, 1, 6, WeightFormat::Int8).unwrap();
+    assert_eq!(m.dequantize(), row_i8.to_vec());
+}
+
+#[test]
+fn per_tensor_fp8_scales_and_bad_buffers() {
+    let q: Vec<u8> = (0..12u8).map(|i| i * 9).collect();
+    let m = QMatrix::from_fp8(q.clone(), &[0.5], 3, 4).unwrap();
+    let d = m.dequantize();
+    for (v, b) in d.iter().zip(&q) {
+        assert_eq!(*v, fp8::e4m3_to_f32(*b) * 0.5);
+    }
+    assert!(matches!(
+        QMatrix::from_fp8(q.clone(), &[0.5, 1.0], 3, 4),
+        Err(QuantError::Length { .. })
+    ));
+    assert!(matches!(
+        QMatrix::from_fp8(q[..5].to_vec(), &[0.5], 3, 4),
+        Err(QuantError::Length { .. })
+    ));
+    assert!(matches!(
+        QMatrix::from_fp8(q, &[f32::NAN], 3, 4),
+        Err(QuantError::NonFinite(_))
+    ));
+    assert!(matches!(
+        QMatrix::quantize(&[1.0, f32::INFINITY], 1, 2, WeightFormat::Int8),
+        Err(QuantError::NonFinite(_))
+    ));
+    assert!("q5".parse::<WeightFormat>().is_err());
+    assert_eq!("FP8".parse::<WeightFormat>().unwrap(), WeightFormat::Fp8);
+}
+
+#[test]
+fn zero_rows_and_columns() {
+    let m = QMatrix::quantize(&[0.0; 8], 2, 4, WeightFormat::Q4).unwrap();
+    let mut out = vec![1.0f32; 2];
+    m.matmul(&[1.0, 2.0, 3.0, 4.0], 1, &mut out);
+    assert_eq!(out, vec![0.0, 0.0]);
+}

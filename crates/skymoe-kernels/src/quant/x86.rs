@@ -1,0 +1,529 @@
+//! AVX2 and AVX-512 kernels: weights are decoded 8 or 16 at a time into f32 registers and
+//! multiplied with the activations by FMA.
+//!
+//! FP8 E4M3 is decoded through F16: the byte's exponent and mantissa moved into an f16 bit
+//! pattern (`(b & 0x7F) << 7 | (b & 0x80) << 8`) give the value divided by 2^8 exactly,
+//! subnormals included, and the hardware f16→f32 conversion does the rest.
+
+use std::arch::x86_64::*;
+
+use super::kernels::Isa;
+use super::{QData, QMatrix, Q4_GROUP};
+
+/// 2^8: FP8 values decoded through f16 come out divided by this.
+const FP8_VIA_F16: f32 = 256.0;
+
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn hsum256(v: __m256) -> f32 {
+    let hi = _mm256_extractf128_ps(v, 1);
+    let lo = _mm256_castps256_ps128(v);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn hsum512(v: __m512) -> f32 {
+    _mm512_reduce_add_ps(v)
+}
+
+// ---- decoders: `n` weights starting at a pointer into f32 lanes ----
+
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+#[inline]
+unsafe fn dec512_f32(p: *const f32) -> __m512 {
+    unsafe { _mm512_loadu_ps(p) }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+#[inline]
+unsafe fn dec512_f16(p: *const u16) -> __m512 {
+    unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+#[inline]
+unsafe fn dec512_i8(p: *const i8) -> __m512 {
+    unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))) }
+}
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+#[inline]
+unsafe fn dec512_fp8(p: *const u8) -> __m512 {
+    let v = _mm256_cvtepu8_epi16(unsafe { _mm_loadu_si128(p as *const __m128i) });
+    let mag = _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7F)), 7);
+    let sign = _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8);
+    _mm512_cvtph_ps(_mm256_or_si256(mag, sign))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dec256_f32(p: *const f32) -> __m256 {
+    unsafe { _mm256_loadu_ps(p) }
+}
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dec256_f16(p: *const u16) -> __m256 {
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+}
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dec256_i8(p: *const i8) -> __m256 {
+    unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
+}
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dec256_fp8(p: *const u8) -> __m256 {
+    let v = _mm_cvtepu8_epi16(unsafe { _mm_loadl_epi64(p as *const __m128i) });
+    let mag = _mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x7F)), 7);
+    let sign = _mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x80)), 8);
+    _mm256_cvtph_ps(_mm_or_si128(mag, sign))
+}
+
+/// A dot-product kernel over whole vectors of one element type: `M` activation rows,
+/// `U` independent accumulators per row. Returns the sums and the columns covered.
+macro_rules! dots_kernel {
+    ($name:ident, $feat:literal, $elem:ty, $lanes:expr, $vec:ty, $zero:expr, $fma:ident,
+     $loadx:ident, $reduce:ident, $add:ident, $dec:ident) => {
+        #[target_feature(enable = $feat)]
+        unsafe fn $name<const M: usize, const U: usize>(
+            w: *const $elem,
+            x: *const f32,
+            cols: usize,
+        ) -> ([f32; M], usize) {
+            let mut acc = [[$zero; U]; M];
+            let mut c = 0;
+            // SAFETY (whole body): the caller guarantees `w` points at `cols` weights and `x`
+            // at `M` rows of `cols` activations; every access below is below `cols`.
+            unsafe {
+                while c + U * $lanes <= cols {
+                    for u in 0..U {
+                        let wv = $dec(w.add(c + u * $lanes));
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            a[u] = $fma(wv, $loadx(x.add(i * cols + c + u * $lanes)), a[u]);
+                        }
+                    }
+                    c += U * $lanes;
+                }
+                while c + $lanes <= cols {
+                    let wv = $dec(w.add(c));
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        a[0] = $fma(wv, $loadx(x.add(i * cols + c)), a[0]);
+                    }
+                    c += $lanes;
+                }
+            }
+            let mut out = [0f32; M];
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
+                let mut s = a[0];
+                for v in a.iter().skip(1) {
+                    s = $add(s, *v);
+                }
+                *o = $reduce(s);
+            }
+            (out, c)
+        }
+    };
+}
+
+dots_kernel!(
+    dots512_f32,
+    "avx512f,avx512bw,avx2,fma,f16c",
+    f32,
+    16,
+    __m512,
+    _mm512_setzero_ps(),
+    _mm512_fmadd_ps,
+    _mm512_loadu_ps,
+    hsum512,
+    _mm512_add_ps,
+    dec512_f32
+);
+dots_kernel!(
+    dots512_f16,
+    "avx512f,avx512bw,avx2,fma,f16c",
+    u16,
+    16,
+    __m512,
+    _mm512_setzero_ps(),
+    _mm512_fmadd_ps,
+    _mm512_loadu_ps,
+    hsum512,
+    _mm512_add_ps,
+    dec512_f16
+);
+dots_kernel!(
+    dots512_i8,
+    "avx512f,avx512bw,avx2,fma,f16c",
+    i8,
+    16,
+    __m512,
+    _mm512_setzero_ps(),
+    _mm512_fmadd_ps,
+    _mm512_loadu_ps,
+    hsum512,
+    _mm512_add_ps,
+    dec512_i8
+);
+dots_kernel!(
+    dots512_fp8,
+    "avx512f,avx512bw,avx2,fma,f16c",
+    u8,
+    16,
+    __m512,
+    _mm512_setzero_ps(),
+    _mm512_fmadd_ps,
+    _mm512_loadu_ps,
+    hsum512,
+    _mm512_add_ps,
+    dec512_fp8
+);
+dots_kernel!(
+    dots256_f32,
+    "avx2,fma,f16c",
+    f32,
+    8,
+    __m256,
+    _mm256_setzero_ps(),
+    _mm256_fmadd_ps,
+    _mm256_loadu_ps,
+    hsum256,
+    _mm256_add_ps,
+    dec256_f32
+);
+dots_kernel!(
+    dots256_f16,
+    "avx2,fma,f16c",
+    u16,
+    8,
+    __m256,
+    _mm256_setzero_ps(),
+    _mm256_fmadd_ps,
+    _mm256_loadu_ps,
+    hsum256,
+    _mm256_add_ps,
+    dec256_f16
+);
+dots_kernel!(
+    dots256_i8,
+    "avx2,fma,f16c",
+    i8,
+    8,
+    __m256,
+    _mm256_setzero_ps(),
+    _mm256_fmadd_ps,
+    _mm256_loadu_ps,
+    hsum256,
+    _mm256_add_ps,
+    dec256_i8
+);
+dots_kernel!(
+    dots256_fp8,
+    "avx2,fma,f16c",
+    u8,
+    8,
+    __m256,
+    _mm256_setzero_ps(),
+    _mm256_fmadd_ps,
+    _mm256_loadu_ps,
+    hsum256,
+    _mm256_add_ps,
+    dec256_fp8
+);
+
+/// q4 dot products over whole groups (AVX-512): group scales applied.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn dots512_q4<const M: usize>(
+    packed: *const u8,
+    scales: *const f32,
+    x: *const f32,
+    cols: usize,
+) -> ([f32; M], usize) {
+    let groups = cols / Q4_GROUP;
+    let mut acc = [[_mm512_setzero_ps(); 2]; M];
+    let low = _mm_set1_epi8(0x0F);
+    // SAFETY (whole body): `packed` holds `groups` whole groups of 16 bytes, `scales` one
+    // value per group, `x` `M` rows of `cols`; every access is below those bounds.
+    unsafe {
+        for g in 0..groups {
+            let d = *scales.add(g);
+            let dv = _mm512_set1_ps(d);
+            let nd8 = _mm512_set1_ps(-8.0 * d);
+            let b = _mm_loadu_si128(packed.add(g * 16) as *const __m128i);
+            let lo = _mm_and_si128(b, low);
+            let hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+            let wlo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), dv, nd8);
+            let whi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), dv, nd8);
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xp = x.add(i * cols + g * Q4_GROUP);
+                a[0] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xp), a[0]);
+                a[1] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xp.add(16)), a[1]);
+            }
+        }
+    }
+    let mut out = [0f32; M];
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        *o = hsum512(_mm512_add_ps(a[0], a[1]));
+    }
+    (out, groups * Q4_GROUP)
+}
+
+/// The 32 weights of one q4 group as four vectors of 8 (AVX2), scale applied.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dec256_q4(p: *const u8, d: f32) -> [__m256; 4] {
+    let b = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    let low = _mm_set1_epi8(0x0F);
+    let lo = _mm_and_si128(b, low);
+    let hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+    let dv = _mm256_set1_ps(d);
+    let nd8 = _mm256_set1_ps(-8.0 * d);
+    [
+        q4_half(lo, dv, nd8),
+        q4_half(_mm_srli_si128(lo, 8), dv, nd8),
+        q4_half(hi, dv, nd8),
+        q4_half(_mm_srli_si128(hi, 8), dv, nd8),
+    ]
+}
+
+/// Eight nibbles (the low 8 bytes of `v`) as `d·q − 8d`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn q4_half(v: __m128i, dv: __m256, nd8: __m256) -> __m256 {
+    _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), dv, nd8)
+}
+
+/// q4 dot products over whole groups (AVX2): group scales applied.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dots256_q4<const M: usize>(
+    packed: *const u8,
+    scales: *const f32,
+    x: *const f32,
+    cols: usize,
+) -> ([f32; M], usize) {
+    let groups = cols / Q4_GROUP;
+    let mut acc = [[_mm256_setzero_ps(); 2]; M];
+    // SAFETY (whole body): as in `dots512_q4`.
+    unsafe {
+        for g in 0..groups {
+            let w = dec256_q4(packed.add(g * 16), *scales.add(g));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xp = x.add(i * cols + g * Q4_GROUP);
+                a[0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xp), a[0]);
+                a[1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp.add(8)), a[1]);
+                a[0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp.add(16)), a[0]);
+                a[1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp.add(24)), a[1]);
+            }
+        }
+    }
+    let mut out = [0f32; M];
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        *o = hsum256(_mm256_add_ps(a[0], a[1]));
+    }
+    (out, groups * Q4_GROUP)
+}
+
+/// Partial dot products of `M` activation rows (`x`, rows of `cols`) with row `r` of `mat`:
+/// the sums over the columns covered (before per-row scales) and how many columns that is.
+///
+/// # Safety
+/// `isa` is supported by this CPU, `r < mat.rows()`, and `x.len() >= M · cols`.
+pub(super) unsafe fn row_dots<const M: usize>(
+    isa: Isa,
+    mat: &QMatrix,
+    r: usize,
+    x: &[f32],
+) -> ([f32; M], usize) {
+    let cols = mat.cols;
+    debug_assert!(x.len() >= M * cols && r < mat.rows);
+    let xp = x.as_ptr();
+    let wide = isa == Isa::Avx512;
+    // One accumulator chain per row is latency-bound: use at least four chains in all.
+    macro_rules! run {
+        ($k512:ident, $k256:ident, $ptr:expr) => {
+            // SAFETY: guaranteed by the caller; `$ptr` is the start of row `r`.
+            unsafe {
+                match (wide, M) {
+                    (true, 1) => $k512::<M, 4>($ptr, xp, cols),
+                    (true, 2) => $k512::<M, 2>($ptr, xp, cols),
+                    (true, _) => $k512::<M, 1>($ptr, xp, cols),
+                    (false, 1) => $k256::<M, 4>($ptr, xp, cols),
+                    (false, 2) => $k256::<M, 2>($ptr, xp, cols),
+                    (false, _) => $k256::<M, 1>($ptr, xp, cols),
+                }
+            }
+        };
+    }
+    match &mat.data {
+        QData::F32(w) => run!(dots512_f32, dots256_f32, w.as_ptr().add(r * cols)),
+        QData::F16(w) => run!(dots512_f16, dots256_f16, w.as_ptr().add(r * cols)),
+        QData::Int8 { q, .. } => run!(dots512_i8, dots256_i8, q.as_ptr().add(r * cols)),
+        QData::Fp8 { q, .. } => {
+            let (s, done) = run!(dots512_fp8, dots256_fp8, q.as_ptr().add(r * cols));
+            (s.map(|v| v * FP8_VIA_F16), done)
+        }
+        QData::Q4 { packed, scales } => {
+            let groups = super::q4_groups(cols);
+            // SAFETY: row `r`'s groups start at these offsets and are in bounds.
+            let (p, s) = unsafe {
+                (
+                    packed.as_ptr().add(r * groups * 16),
+                    scales.as_ptr().add(r * groups),
+                )
+            };
+            // SAFETY: guaranteed by the caller.
+            unsafe {
+                if wide {
+                    dots512_q4::<M>(p, s, xp, cols)
+                } else {
+                    dots256_q4::<M>(p, s, xp, cols)
+                }
+            }
+        }
+    }
+}
+
+macro_rules! dequant_kernel {
+    ($name:ident, $feat:literal, $elem:ty, $lanes:expr, $mul:ident, $set1:ident, $store:ident, $dec:ident) => {
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(w: *const $elem, scale: f32, out: *mut f32, cols: usize) -> usize {
+            let s = $set1(scale);
+            let mut c = 0;
+            // SAFETY: the caller guarantees `cols` readable weights and writable outputs.
+            unsafe {
+                while c + $lanes <= cols {
+                    $store(out.add(c), $mul($dec(w.add(c)), s));
+                    c += $lanes;
+                }
+            }
+            c
+        }
+    };
+}
+
+dequant_kernel!(
+    deq512_f16,
+    "avx512f,avx512bw,avx2,fma,f16c",
+    u16,
+    16,
+    _mm512_mul_ps,
+    _mm512_set1_ps,
+    _mm512_storeu_ps,
+    dec512_f16
+);
+dequant_kernel!(
+    deq512_i8,
+    "avx512f,avx512bw,avx2,fma,f16c",
+    i8,
+    16,
+    _mm512_mul_ps,
+    _mm512_set1_ps,
+    _mm512_storeu_ps,
+    dec512_i8
+);
+dequant_kernel!(
+    deq512_fp8,
+    "avx512f,avx512bw,avx2,fma,f16c",
+    u8,
+    16,
+    _mm512_mul_ps,
+    _mm512_set1_ps,
+    _mm512_storeu_ps,
+    dec512_fp8
+);
+dequant_kernel!(
+    deq256_f16,
+    "avx2,fma,f16c",
+    u16,
+    8,
+    _mm256_mul_ps,
+    _mm256_set1_ps,
+    _mm256_storeu_ps,
+    dec256_f16
+);
+dequant_kernel!(
+    deq256_i8,
+    "avx2,fma,f16c",
+    i8,
+    8,
+    _mm256_mul_ps,
+    _mm256_set1_ps,
+    _mm256_storeu_ps,
+    dec256_i8
+);
+dequant_kernel!(
+    deq256_fp8,
+    "avx2,fma,f16c",
+    u8,
+    8,
+    _mm256_mul_ps,
+    _mm256_set1_ps,
+    _mm256_storeu_ps,
+    dec256_fp8
+);
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn deq256_q4(packed: *const u8, scales: *const f32, out: *mut f32, cols: usize) -> usize {
+    let groups = cols / Q4_GROUP;
+    // SAFETY: the caller guarantees whole groups in bounds and `cols` writable outputs.
+    unsafe {
+        for g in 0..groups {
+            let w = dec256_q4(packed.add(g * 16), *scales.add(g));
+            for (j, v) in w.iter().enumerate() {
+                _mm256_storeu_ps(out.add(g * Q4_GROUP + j * 8), *v);
+            }
+        }
+    }
+    groups * Q4_GROUP
+}
+
+/// Dequantise row `r` of `mat` into `out`, returning how many leading columns were written.
+///
+/// # Safety
+/// `isa` is supported by this CPU, `r < mat.rows()`, and `out.len() >= mat.cols()`.
+pub(super) unsafe fn dequantize_row(isa: Isa, mat: &QMatrix, r: usize, out: &mut [f32]) -> usize {
+    let cols = mat.cols;
+    debug_assert!(out.len() >= cols && r < mat.rows);
+    let o = out.as_mut_ptr();
+    let wide = isa == Isa::Avx512;
+    // SAFETY (whole match): guaranteed by the caller; pointers are the start of row `r`.
+    unsafe {
+        match &mat.data {
+            QData::F32(_) => 0,
+            QData::F16(w) => {
+                let p = w.as_ptr().add(r * cols);
+                if wide {
+                    deq512_f16(p, 1.0, o, cols)
+                } else {
+                    deq256_f16(p, 1.0, o, cols)
+                }
+            }
+            QData::Int8 { q, scales } => {
+                let p = q.as_ptr().add(r * cols);
+                if wide {
+                    deq512_i8(p, scales[r], o, cols)
+                } else {
+                    deq256_i8(p, scales[r], o, cols)
+                }
+            }
+            QData::Fp8 { q, scales } => {
+                let p = q.as_ptr().add(r * cols);
+                let s = scales[r] * FP8_VIA_F16;
+                if wide {
+                    deq512_fp8(p, s, o, cols)
+                } else {
+                    deq256_fp8(p, s, o, cols)
+                }
+            }
+            QData::Q4 { packed, scales } => {
+                let groups = super::q4_groups(cols);
+                deq256_q4(
+                    packed.as_ptr().add(r * groups * 16),
+                    scales.as_ptr().add(r * groups),
+                    o,
+                    cols,
+                )
+            }
+        }
+    }
+}

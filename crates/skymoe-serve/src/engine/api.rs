@@ -1,0 +1,163 @@
+//! What callers of the engine see: requests, the events a request streams back, submission
+//! errors and the engine's counters.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use skymoe_model::sampling::SamplingParams;
+use tokio::sync::mpsc;
+
+/// One generation request, already tokenised.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// Prompt token ids (non-empty).
+    pub prompt: Vec<u32>,
+    /// How the next token is chosen (temperature, top-k/p, min-p, repetition penalty, seed).
+    pub sampling: SamplingParams,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Generation ends when the text produced contains one of these; the stop string itself
+    /// is not returned.
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+/// Why a request finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` reached, or the model's context is full.
+    Length,
+    /// The caller dropped its stream.
+    Cancelled,
+}
+
+impl FinishReason {
+    /// The OpenAI `finish_reason` string.
+    pub fn as_openai(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length | FinishReason::Cancelled => "length",
+        }
+    }
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+}
+
+/// What a request streams back, in order: any number of deltas, then one `Finished` or
+/// one `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// Newly generated text (possibly empty when a token completes no character yet; text
+    /// that might be the start of a stop string is held back until it is known not to be).
+    Delta {
+        /// The new text.
+        text: String,
+        /// The tokens generated since the previous delta.
+        token_ids: Vec<u32>,
+    },
+    /// The request ended normally.
+    Finished {
+        /// Why.
+        reason: FinishReason,
+        /// Token counts.
+        usage: Usage,
+    },
+    /// The request could not be completed (an internal error).
+    Failed {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Why the engine refused a request.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SubmitError {
+    /// As many requests are running or queued as the engine accepts.
+    #[error("the server is at capacity ({limit} requests in flight); retry later")]
+    Saturated {
+        /// The limit in force.
+        limit: usize,
+    },
+    /// Prompt plus `max_tokens` do not fit the model's context.
+    #[error("the prompt has {prompt} tokens and asks for {max_tokens} more, but the model's context is {context} tokens")]
+    TooLong {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Requested new tokens.
+        max_tokens: usize,
+        /// The model's context length.
+        context: usize,
+    },
+    /// The request itself is invalid (empty prompt, out-of-vocabulary ids, bad sampling values).
+    #[error("{0}")]
+    Invalid(String),
+    /// The engine is shutting down or has stopped.
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}
+
+/// Counters of a running engine (for `/metrics`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStats {
+    /// Requests accepted since start.
+    pub requests_total: u64,
+    /// Requests finished (any reason) since start.
+    pub requests_finished: u64,
+    /// Requests cancelled by their caller.
+    pub requests_cancelled: u64,
+    /// Requests in the running batch.
+    pub running: usize,
+    /// Requests waiting for a place in the batch.
+    pub waiting: usize,
+    /// Prompt tokens processed since start.
+    pub prompt_tokens_total: u64,
+    /// Tokens generated since start.
+    pub generated_tokens_total: u64,
+    /// Generated tokens per second over the last few seconds.
+    pub generation_tokens_per_s: f64,
+    /// KV-cache blocks in use.
+    pub kv_blocks_used: usize,
+    /// KV-cache blocks in all.
+    pub kv_blocks_total: usize,
+    /// Times a running request was preempted because the KV cache was full.
+    pub preemptions_total: u64,
+}
+
+/// The receiving end of one request. Dropping it cancels the generation.
+pub struct RequestStream {
+    pub(crate) rx: mpsc::UnboundedReceiver<GenerationEvent>,
+    pub(crate) cancelled: Arc<AtomicBool>,
+}
+
+impl RequestStream {
+    /// The next event (async); `None` after the last one.
+    pub async fn next(&mut self) -> Option<GenerationEvent> {
+        self.rx.recv().await
+    }
+
+    /// The next event, blocking the thread (not for use inside an async runtime).
+    pub fn blocking_next(&mut self) -> Option<GenerationEvent> {
+        self.rx.blocking_recv()
+    }
+
+    /// Ask the engine to stop this generation (as dropping the stream does).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
