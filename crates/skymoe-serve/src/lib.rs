@@ -1,4 +1,9 @@
 //! Serving MoE language models: quantised weights with fused CPU kernels, a paged KV cache,
 //! continuous batching, and an OpenAI-compatible HTTP API.
 
+pub mod chat_template;
 pub mod engine;
+pub mod error;
+pub mod kv_cache;
+pub mod model;
+pub mod stop;

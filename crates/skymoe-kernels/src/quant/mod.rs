@@ -346,6 +346,80 @@ impl QMatrix {
         })
     }
 
+    /// Stack matrices of one format and width on top of each other (e.g. q, k and v into one
+    /// projection).
+    pub fn concat_rows(parts: &[QMatrix]) -> Result<QMatrix, QuantError> {
+        let Some(first) = parts.first() else {
+            return Ok(QMatrix {
+                rows: 0,
+                cols: 0,
+                data: QData::F32(Vec::new()),
+            });
+        };
+        let cols = first.cols;
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        if let Some(p) = parts
+            .iter()
+            .find(|p| p.cols != cols || p.format() != first.format())
+        {
+            return Err(QuantError::Length {
+                what: "stacked matrix (columns or format differ)",
+                rows: p.rows,
+                cols,
+                expected: cols,
+                found: p.cols,
+            });
+        }
+        fn cat<T: Clone>(parts: impl Iterator<Item = Vec<T>>) -> Vec<T> {
+            parts.flatten().collect()
+        }
+        let data = match &first.data {
+            QData::F32(_) => QData::F32(cat(parts.iter().map(|p| match &p.data {
+                QData::F32(v) => v.clone(),
+                _ => Vec::new(),
+            }))),
+            QData::F16(_) => QData::F16(cat(parts.iter().map(|p| match &p.data {
+                QData::F16(v) => v.clone(),
+                _ => Vec::new(),
+            }))),
+            QData::Int8 { .. } => {
+                let (mut q, mut scales) = (Vec::new(), Vec::new());
+                for p in parts {
+                    if let QData::Int8 { q: pq, scales: ps } = &p.data {
+                        q.extend_from_slice(pq);
+                        scales.extend_from_slice(ps);
+                    }
+                }
+                QData::Int8 { q, scales }
+            }
+            QData::Fp8 { .. } => {
+                let (mut q, mut scales) = (Vec::new(), Vec::new());
+                for p in parts {
+                    if let QData::Fp8 { q: pq, scales: ps } = &p.data {
+                        q.extend_from_slice(pq);
+                        scales.extend_from_slice(ps);
+                    }
+                }
+                QData::Fp8 { q, scales }
+            }
+            QData::Q4 { .. } => {
+                let (mut packed, mut scales) = (Vec::new(), Vec::new());
+                for p in parts {
+                    if let QData::Q4 {
+                        packed: pq,
+                        scales: ps,
+                    } = &p.data
+                    {
+                        packed.extend_from_slice(pq);
+                        scales.extend_from_slice(ps);
+                    }
+                }
+                QData::Q4 { packed, scales }
+            }
+        };
+        Ok(QMatrix { rows, cols, data })
+    }
+
     /// Rows (output features).
     pub fn rows(&self) -> usize {
         self.rows

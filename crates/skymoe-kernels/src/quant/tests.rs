@@ -166,3 +166,18 @@ fn zero_rows_and_columns() {
     m.matmul(&[1.0, 2.0, 3.0, 4.0], 1, &mut out);
     assert_eq!(out, vec![0.0, 0.0]);
 }
+
+#[test]
+fn stacked_matrices_multiply_like_their_parts() {
+    for format in WeightFormat::ALL {
+        let a = QMatrix::quantize(&lcg_values(3 * 40, 1), 3, 40, format).unwrap();
+        let b = QMatrix::quantize(&lcg_values(5 * 40, 2), 5, 40, format).unwrap();
+        let ab = QMatrix::concat_rows(&[a.clone(), b.clone()]).unwrap();
+        assert_eq!((ab.rows(), ab.cols()), (8, 40));
+        let mut want = a.dequantize();
+        want.extend(b.dequantize());
+        assert_eq!(ab.dequantize(), want, "{format}");
+        let c = QMatrix::quantize(&lcg_values(2 * 41, 2), 2, 41, format).unwrap();
+        assert!(QMatrix::concat_rows(&[a, c]).is_err());
+    }
+}

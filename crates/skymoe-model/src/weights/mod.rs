@@ -4,6 +4,7 @@
 //! layout, as f32 on the requested device.
 
 mod gguf;
+pub mod quantized;
 mod safetensors_dir;
 
 use std::collections::HashMap;
@@ -44,8 +45,28 @@ impl WeightSource {
         names
     }
 
-    /// Load a tensor as f32 on `device`, checking that its shape is `expected`.
+    /// A matrix stored quantised (fp8, int8, q4 with its `weight_scale`) as it is, or `None`
+    /// when the tensor is stored as a float.
+    pub fn quantized(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<skymoe_kernels::quant::QMatrix>> {
+        match self {
+            WeightSource::Safetensors(s) => quantized::read_qmatrix(s, name, rows, cols),
+            WeightSource::InMemory(_) => Ok(None),
+        }
+    }
+
+    /// Load a tensor as f32 on `device`, checking that its shape is `expected`. Quantised
+    /// matrices are dequantised.
     pub fn get(&self, name: &str, expected: &[usize], device: &Device) -> Result<Tensor> {
+        if let [rows, cols] = *expected {
+            if let Some(q) = self.quantized(name, rows, cols)? {
+                return Ok(Tensor::from_vec(q.dequantize(), (rows, cols), device)?);
+            }
+        }
         let t = match self {
             WeightSource::Safetensors(s) => s.load(name, device)?,
             WeightSource::InMemory(m) => m

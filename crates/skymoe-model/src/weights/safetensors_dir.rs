@@ -118,6 +118,17 @@ impl SafetensorsCheckpoint {
         })
     }
 
+    /// A tensor as stored: its dtype, shape and bytes (little-endian).
+    pub fn raw(&self, name: &str) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
+        let view = self.view(name)?;
+        Ok((view.dtype(), view.shape().to_vec(), view.data().to_vec()))
+    }
+
+    /// The stored dtype of a tensor.
+    pub fn dtype(&self, name: &str) -> Result<Dtype> {
+        Ok(self.view(name)?.dtype())
+    }
+
     /// Load a tensor in its stored dtype (f32, f16 or bf16).
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let view = self.view(name)?;

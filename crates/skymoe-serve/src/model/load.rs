@@ -1,0 +1,184 @@
+//! Building a [`ServeModel`] from a checkpoint: each projection is read once (as f32, or as
+//! stored when the checkpoint is already in the target format, so fp8/int8/q4 checkpoints
+//! load bit-exactly) and converted to the target format; the router gate, norms and biases
+//! stay in f32.
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use safetensors::Dtype;
+use skymoe_kernels::quant::{QMatrix, WeightFormat};
+use skymoe_model::names::{self, SwiGluNames};
+use skymoe_model::weights::WeightSource;
+use skymoe_model::Checkpoint;
+
+use super::attention::Rope;
+use super::linear::QLinear;
+use super::moe::{Ffn, Mlp, MoeFfn, RouterGate};
+use super::{ServeLayer, ServeModel};
+use crate::error::Result;
+
+/// The format a checkpoint's projections are stored in (f32 for GGUF files, which are
+/// dequantised when read).
+pub fn stored_format(ckpt: &Checkpoint) -> WeightFormat {
+    let WeightSource::Safetensors(st) = &ckpt.weights else {
+        return WeightFormat::F32;
+    };
+    match st.dtype(&names::layer(0, "self_attn.q_proj.weight")) {
+        Ok(Dtype::F8_E4M3) => WeightFormat::Fp8,
+        Ok(Dtype::I8) => WeightFormat::Int8,
+        Ok(Dtype::U8) => WeightFormat::Q4,
+        Ok(Dtype::F16) | Ok(Dtype::BF16) => WeightFormat::F16,
+        _ => WeightFormat::F32,
+    }
+}
+
+struct Reader<'a> {
+    weights: &'a WeightSource,
+    format: WeightFormat,
+}
+
+impl Reader<'_> {
+    fn vec(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.weights.get(name, shape, &Device::Cpu)?;
+        Ok(t.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    fn matrix_as(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        format: WeightFormat,
+    ) -> Result<QMatrix> {
+        if let Some(q) = self.weights.quantized(name, rows, cols)? {
+            if q.format() == format {
+                return Ok(q);
+            }
+            return Ok(QMatrix::quantize(&q.dequantize(), rows, cols, format)?);
+        }
+        Ok(QMatrix::quantize(
+            &self.vec(name, &[rows, cols])?,
+            rows,
+            cols,
+            format,
+        )?)
+    }
+
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QMatrix> {
+        self.matrix_as(name, rows, cols, self.format)
+    }
+
+    fn stacked(&self, parts: &[(&str, usize)], cols: usize) -> Result<QMatrix> {
+        let mats = parts
+            .iter()
+            .map(|(name, rows)| self.matrix(name, *rows, cols))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(QMatrix::concat_rows(&mats)?)
+    }
+
+    fn mlp(&self, n: &SwiGluNames, hidden: usize, ffn: usize) -> Result<Mlp> {
+        Ok(Mlp {
+            gate_up: self.stacked(&[(&n.gate, ffn), (&n.up, ffn)], hidden)?,
+            down: self.matrix(&n.down, hidden, ffn)?,
+        })
+    }
+}
+
+impl ServeModel {
+    /// Build from an opened checkpoint with projections in `format` (`None`: as stored).
+    pub fn load(ckpt: &Checkpoint, format: Option<WeightFormat>) -> Result<ServeModel> {
+        let format = format.unwrap_or_else(|| stored_format(ckpt));
+        let c = ckpt.config.clone();
+        let r = Reader {
+            weights: &ckpt.weights,
+            format,
+        };
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let embed = Arc::new(r.matrix(names::EMBED, c.vocab_size, h)?);
+        let lm_head = if c.tie_word_embeddings {
+            embed.clone()
+        } else {
+            Arc::new(r.matrix(names::LM_HEAD, c.vocab_size, h)?)
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = |s: &str| names::layer(i, s);
+            let (qn, kn, vn, on) = (
+                p("self_attn.q_proj.weight"),
+                p("self_attn.k_proj.weight"),
+                p("self_attn.v_proj.weight"),
+                p("self_attn.o_proj.weight"),
+            );
+            let qkv_bias = if c.qkv_bias {
+                let mut b = r.vec(&p("self_attn.q_proj.bias"), &[q])?;
+                b.extend(r.vec(&p("self_attn.k_proj.bias"), &[kv])?);
+                b.extend(r.vec(&p("self_attn.v_proj.bias"), &[kv])?);
+                Some(b)
+            } else {
+                None
+            };
+            let o_bias = if c.o_bias {
+                Some(r.vec(&p("self_attn.o_proj.bias"), &[h])?)
+            } else {
+                None
+            };
+            let ffn = match (&c.moe, c.is_moe_layer(i)) {
+                (Some(m), true) => {
+                    let n = c.moe_names(i);
+                    let e = m.num_experts;
+                    let f32m =
+                        |name: &str, rows, cols| r.matrix_as(name, rows, cols, WeightFormat::F32);
+                    let gate = match &n.gate2 {
+                        Some(g2) => {
+                            RouterGate::TwoLayer(f32m(&n.gate, 8 * e, h)?, f32m(g2, e, 8 * e)?)
+                        }
+                        None => RouterGate::Linear(f32m(&n.gate, e, h)?),
+                    };
+                    let experts = n
+                        .experts
+                        .iter()
+                        .map(|en| r.mlp(en, h, m.expert_intermediate_size))
+                        .collect::<Result<Vec<_>>>()?;
+                    let shared = match (&n.shared, m.shared_expert_intermediate_size) {
+                        (Some((sn, sg)), Some(sf)) => {
+                            Some((r.mlp(sn, h, sf)?, r.vec(sg, &[1, h])?))
+                        }
+                        _ => None,
+                    };
+                    Ffn::Moe(MoeFfn {
+                        gate,
+                        router: m.router.clone(),
+                        top_k: m.top_k,
+                        experts,
+                        shared,
+                    })
+                }
+                _ => Ffn::Dense(r.mlp(&c.dense_ffn_names(i), h, c.intermediate_size)?),
+            };
+            layers.push(ServeLayer {
+                input_norm: r.vec(&p("input_layernorm.weight"), &[h])?,
+                qkv: QLinear {
+                    weight: r.stacked(&[(&qn, q), (&kn, kv), (&vn, kv)], h)?,
+                    bias: qkv_bias,
+                },
+                o: QLinear {
+                    weight: r.matrix(&on, h, q)?,
+                    bias: o_bias,
+                },
+                post_norm: r.vec(&p("post_attention_layernorm.weight"), &[h])?,
+                ffn,
+            });
+        }
+        Ok(ServeModel {
+            final_norm: r.vec(names::FINAL_NORM, &[h])?,
+            rope: Rope::new(hd, c.rope_theta, c.max_position_embeddings),
+            config: c,
+            format,
+            embed,
+            lm_head,
+            layers,
+        })
+    }
+}

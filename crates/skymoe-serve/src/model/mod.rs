@@ -1,0 +1,257 @@
+//! The served model: the same architectures as `skymoe_model::CausalLm`, with weights in a
+//! [`WeightFormat`] (f32, f16, int8, fp8, q4), activations in f32, no autograd, and a paged KV
+//! cache. One forward pass runs a batch of sequence chunks (prompts being prefilled and
+//! sequences decoding one token) through every projection as one matrix.
+
+mod attention;
+mod linear;
+mod load;
+mod moe;
+pub mod ops;
+
+use std::sync::Arc;
+
+use skymoe_kernels::quant::{QMatrix, WeightFormat};
+use skymoe_model::ModelConfig;
+
+pub use attention::{HeadShape, Rope};
+pub use linear::QLinear;
+pub use load::stored_format;
+pub use moe::{Ffn, Mlp, MoeFfn, RouterGate};
+
+use crate::error::{Result, ServeError};
+use crate::kv_cache::KvCache;
+use attention::{attend, ChunkPlacement};
+use ops::{add_in_place, rms_norm};
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct ServeLayer {
+    /// Norm before attention.
+    pub input_norm: Vec<f32>,
+    /// q, k and v stacked: `[(heads + 2·kv_heads)·head_dim, hidden]`.
+    pub qkv: QLinear,
+    /// Output projection.
+    pub o: QLinear,
+    /// Norm before the feed-forward block.
+    pub post_norm: Vec<f32>,
+    /// The feed-forward block.
+    pub ffn: Ffn,
+}
+
+/// Which logits a chunk wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// None (a prompt chunk that is not the prompt's last).
+    None,
+    /// The last position's.
+    Last,
+    /// Every position's (perplexity).
+    All,
+}
+
+/// A piece of one sequence to run: its new tokens, where they start, and its block table
+/// (covering at least `start + tokens.len()` positions).
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    /// New tokens.
+    pub tokens: &'a [u32],
+    /// Position of the first new token (earlier positions are in the cache).
+    pub start: usize,
+    /// The sequence's KV blocks.
+    pub blocks: &'a [u32],
+    /// Which logits to return.
+    pub logits: LogitsFor,
+}
+
+/// A model ready to serve.
+#[derive(Debug, Clone)]
+pub struct ServeModel {
+    /// The architecture and sizes.
+    pub config: ModelConfig,
+    /// The weight format of the projections.
+    pub format: WeightFormat,
+    embed: Arc<QMatrix>,
+    lm_head: Arc<QMatrix>,
+    final_norm: Vec<f32>,
+    layers: Vec<ServeLayer>,
+    rope: Rope,
+}
+
+impl ServeModel {
+    /// Query heads, kv heads and head width.
+    pub fn head_shape(&self) -> HeadShape {
+        HeadShape {
+            heads: self.config.num_attention_heads,
+            kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Width of one position's keys (or values) in one layer.
+    pub fn kv_dim(&self) -> usize {
+        self.config.num_key_value_heads * self.config.head_dim
+    }
+
+    /// Decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Longest sequence the model handles.
+    pub fn context_length(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    /// A KV cache for this model of `num_blocks` blocks of `block_size` positions.
+    pub fn new_kv_cache(&self, block_size: usize, num_blocks: usize) -> KvCache {
+        KvCache::new(self.layers.len(), self.kv_dim(), block_size, num_blocks)
+    }
+
+    /// Bytes of weight storage.
+    pub fn weight_bytes(&self) -> usize {
+        let mats = |l: &ServeLayer| {
+            let ffn = match &l.ffn {
+                Ffn::Dense(m) => m.gate_up.storage_bytes() + m.down.storage_bytes(),
+                Ffn::Moe(moe) => {
+                    moe.experts
+                        .iter()
+                        .map(|m| m.gate_up.storage_bytes() + m.down.storage_bytes())
+                        .sum::<usize>()
+                        + moe.shared.as_ref().map_or(0, |(m, _)| {
+                            m.gate_up.storage_bytes() + m.down.storage_bytes()
+                        })
+                }
+            };
+            l.qkv.weight.storage_bytes() + l.o.weight.storage_bytes() + ffn
+        };
+        let head = if Arc::ptr_eq(&self.embed, &self.lm_head) {
+            0
+        } else {
+            self.lm_head.storage_bytes()
+        };
+        self.embed.storage_bytes() + head + self.layers.iter().map(mats).sum::<usize>()
+    }
+
+    fn check(&self, chunks: &[SeqChunk<'_>], kv: &KvCache) -> Result<()> {
+        for c in chunks {
+            if c.tokens.is_empty() {
+                return Err(ServeError::InvalidInput("a chunk has no tokens".into()));
+            }
+            if let Some(bad) = c
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.config.vocab_size)
+            {
+                return Err(ServeError::InvalidInput(format!(
+                    "token id {bad} is out of range for a vocabulary of {}",
+                    self.config.vocab_size
+                )));
+            }
+            let end = c.start + c.tokens.len();
+            if end > self.context_length() {
+                return Err(ServeError::InvalidInput(format!(
+                    "sequence of {end} positions exceeds the model's maximum of {}",
+                    self.context_length()
+                )));
+            }
+            if kv.blocks_for(end) > c.blocks.len() {
+                return Err(ServeError::InvalidInput(format!(
+                    "{} KV blocks cannot hold {end} positions",
+                    c.blocks.len()
+                )));
+            }
+            if let Some(b) = c.blocks.iter().find(|&&b| b as usize >= kv.total_blocks()) {
+                return Err(ServeError::InvalidInput(format!(
+                    "KV block {b} is not in the cache"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Run a batch of chunks, writing their keys and values into `kv`; returns the logits
+    /// each chunk asked for (empty, `[vocab]` or `[len, vocab]`).
+    pub fn forward(&self, chunks: &[SeqChunk<'_>], kv: &mut KvCache) -> Result<Vec<Vec<f32>>> {
+        self.check(chunks, kv)?;
+        let c = &self.config;
+        let (hsz, hd) = (c.hidden_size, c.head_dim);
+        let shape = self.head_shape();
+        let (qdim, kvd) = (shape.heads * hd, self.kv_dim());
+        let eps = c.rms_norm_eps as f32;
+        let mut placements = Vec::with_capacity(chunks.len());
+        let mut row = 0;
+        for ch in chunks {
+            placements.push(ChunkPlacement {
+                row,
+                len: ch.tokens.len(),
+                start: ch.start,
+                blocks: ch.blocks,
+            });
+            row += ch.tokens.len();
+        }
+        let n = row;
+        let mut x = vec![0f32; n * hsz];
+        for (i, &t) in chunks.iter().flat_map(|c| c.tokens).enumerate() {
+            self.embed
+                .dequantize_row(t as usize, &mut x[i * hsz..(i + 1) * hsz]);
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            let hn = rms_norm(&x, &layer.input_norm, eps);
+            let mut qkv = layer.qkv.forward(&hn, n);
+            let width = qdim + 2 * kvd;
+            let mut q = vec![0f32; n * qdim];
+            for p in &placements {
+                for t in 0..p.len {
+                    let pos = p.start + t;
+                    let r = &mut qkv[(p.row + t) * width..(p.row + t + 1) * width];
+                    let (qs, kvs) = r.split_at_mut(qdim);
+                    for head in qs.chunks_exact_mut(hd) {
+                        self.rope.apply(head, pos);
+                    }
+                    let (ks, vs) = kvs.split_at_mut(kvd);
+                    for head in ks.chunks_exact_mut(hd) {
+                        self.rope.apply(head, pos);
+                    }
+                    kv.write(li, p.blocks, pos, ks, vs);
+                    q[(p.row + t) * qdim..(p.row + t + 1) * qdim].copy_from_slice(qs);
+                }
+            }
+            let att = attend(&q, &placements, kv, li, shape);
+            let o = layer.o.forward(&att, n);
+            add_in_place(&mut x, &o);
+            let hn = rms_norm(&x, &layer.post_norm, eps);
+            let f = layer.ffn.forward(&hn, n);
+            add_in_place(&mut x, &f);
+        }
+        // Logits only for the rows that want them.
+        let mut rows = Vec::new();
+        for (ch, p) in chunks.iter().zip(&placements) {
+            match ch.logits {
+                LogitsFor::None => {}
+                LogitsFor::Last => rows.push(p.row + p.len - 1),
+                LogitsFor::All => rows.extend(p.row..p.row + p.len),
+            }
+        }
+        let mut picked = Vec::with_capacity(rows.len() * hsz);
+        for &r in &rows {
+            picked.extend_from_slice(&x[r * hsz..(r + 1) * hsz]);
+        }
+        let normed = rms_norm(&picked, &self.final_norm, eps);
+        let vocab = c.vocab_size;
+        let mut logits = vec![0f32; rows.len() * vocab];
+        self.lm_head.matmul(&normed, rows.len(), &mut logits);
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut at = 0;
+        for (ch, p) in chunks.iter().zip(&placements) {
+            let count = match ch.logits {
+                LogitsFor::None => 0,
+                LogitsFor::Last => 1,
+                LogitsFor::All => p.len,
+            };
+            out.push(logits[at * vocab..(at + count) * vocab].to_vec());
+            at += count;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,177 @@
+//! The served model against Hugging Face transformers' logits (the reference fixtures), and
+//! batched, chunked, paged execution against running each sequence alone.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use skymoe_kernels::quant::WeightFormat;
+use skymoe_model::Checkpoint;
+use skymoe_serve::model::{LogitsFor, SeqChunk, ServeModel};
+
+const FAMILIES: [&str; 6] = [
+    "llama",
+    "mixtral",
+    "qwen2_moe",
+    "qwen2_moe_norm",
+    "skywork_moe",
+    "skywork_moe_variant",
+];
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/reference")
+        .join(name)
+}
+
+fn reference(name: &str) -> (Vec<u32>, Vec<f32>) {
+    let t =
+        candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &Device::Cpu)
+            .unwrap();
+    let tokens: Vec<u32> = t["tokens"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
+    let logits = t["logits"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    (tokens, logits)
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn run_alone(model: &ServeModel, tokens: &[u32]) -> Vec<f32> {
+    let mut kv = model.new_kv_cache(4, 16);
+    let blocks = kv.allocate(kv.blocks_for(tokens.len())).unwrap();
+    let chunk = SeqChunk {
+        tokens,
+        start: 0,
+        blocks: &blocks,
+        logits: LogitsFor::All,
+    };
+    model.forward(&[chunk], &mut kv).unwrap().remove(0)
+}
+
+#[test]
+fn f32_logits_match_transformers_for_every_family() {
+    for fam in FAMILIES {
+        let ckpt = Checkpoint::open(&fixture(fam), &Device::Cpu).unwrap();
+        let model = ServeModel::load(&ckpt, Some(WeightFormat::F32)).unwrap();
+        let (tokens, want) = reference(fam);
+        let got = run_alone(&model, &tokens);
+        let e = max_rel(&got, &want);
+        assert!(e < 1e-4, "{fam}: max relative logit error {e}");
+    }
+}
+
+#[test]
+fn batched_chunked_decoding_equals_each_sequence_alone() {
+    for fam in ["mixtral", "qwen2_moe", "skywork_moe_variant"] {
+        let ckpt = Checkpoint::open(&fixture(fam), &Device::Cpu).unwrap();
+        let model = ServeModel::load(&ckpt, Some(WeightFormat::F32)).unwrap();
+        let vocab = model.config.vocab_size;
+        let a: Vec<u32> = (0..11).map(|i| (i * 37 + 5) % vocab as u32).collect();
+        let b: Vec<u32> = (0..7).map(|i| (i * 101 + 9) % vocab as u32).collect();
+        let want_a = run_alone(&model, &a);
+        let want_b = run_alone(&model, &b);
+        // Block size 4 over a shared pool, blocks interleaved between the two sequences.
+        let mut kv = model.new_kv_cache(4, 8);
+        let mut ba = Vec::new();
+        let mut bb = Vec::new();
+        for _ in 0..3 {
+            ba.extend(kv.allocate(1).unwrap());
+            bb.extend(kv.allocate(1).unwrap());
+        }
+        // Step 1: prefill a[0..6] (no logits) with b[0..3].
+        let out = model
+            .forward(
+                &[
+                    SeqChunk {
+                        tokens: &a[0..6],
+                        start: 0,
+                        blocks: &ba,
+                        logits: LogitsFor::None,
+                    },
+                    SeqChunk {
+                        tokens: &b[0..3],
+                        start: 0,
+                        blocks: &bb,
+                        logits: LogitsFor::Last,
+                    },
+                ],
+                &mut kv,
+            )
+            .unwrap();
+        assert!(out[0].is_empty());
+        assert!(
+            max_rel(&out[1], &want_b[2 * vocab..3 * vocab]) < 1e-5,
+            "{fam}: b prefill"
+        );
+        // Then one position at a time for b while a finishes its prompt, then both decode.
+        let mut pa = 6;
+        let mut pb = 3;
+        while pa < a.len() || pb < b.len() {
+            let mut chunks = Vec::new();
+            let mut which = Vec::new();
+            if pa < a.len() {
+                let len = if pa == 6 { 3 } else { 1 };
+                chunks.push(SeqChunk {
+                    tokens: &a[pa..pa + len],
+                    start: pa,
+                    blocks: &ba,
+                    logits: LogitsFor::All,
+                });
+                which.push(('a', pa, len));
+            }
+            if pb < b.len() {
+                chunks.push(SeqChunk {
+                    tokens: &b[pb..pb + 1],
+                    start: pb,
+                    blocks: &bb,
+                    logits: LogitsFor::Last,
+                });
+                which.push(('b', pb, 1));
+            }
+            let out = model.forward(&chunks, &mut kv).unwrap();
+            for ((seq, start, len), logits) in which.into_iter().zip(out) {
+                let want = if seq == 'a' { &want_a } else { &want_b };
+                let first = if seq == 'a' { start } else { start + len - 1 };
+                let e = max_rel(&logits, &want[first * vocab..(start + len) * vocab]);
+                assert!(e < 1e-5, "{fam}: {seq} at {start}: {e}");
+                if seq == 'a' {
+                    pa += len;
+                } else {
+                    pb += len;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_chunks_are_errors() {
+    let ckpt = Checkpoint::open(&fixture("mixtral"), &Device::Cpu).unwrap();
+    let model = ServeModel::load(&ckpt, Some(WeightFormat::Int8)).unwrap();
+    let mut kv = model.new_kv_cache(4, 2);
+    let blocks = kv.allocate(1).unwrap();
+    let run = |tokens: &[u32], blocks: &[u32], kv: &mut skymoe_serve::kv_cache::KvCache| {
+        model
+            .forward(
+                &[SeqChunk {
+                    tokens,
+                    start: 0,
+                    blocks,
+                    logits: LogitsFor::Last,
+                }],
+                kv,
+            )
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(run(&[1, 100000], &blocks, &mut kv).contains("out of range"));
+    assert!(run(&[1, 2, 3, 4, 5], &blocks, &mut kv).contains("KV blocks"));
+    assert!(run(&[], &blocks, &mut kv).contains("no tokens"));
+    assert!(run(&[1], &[7], &mut kv).contains("not in the cache"));
+}
