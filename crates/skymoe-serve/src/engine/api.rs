@@ -21,6 +21,22 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// Keep generating past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Seed of the sampler (`None`: a fresh random seed).
+    pub seed: Option<u64>,
+}
+
+impl GenerationRequest {
+    /// A greedy request for `max_tokens` tokens after `prompt`.
+    pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        GenerationRequest {
+            prompt,
+            sampling: SamplingParams::default(),
+            max_tokens,
+            stop: Vec::new(),
+            ignore_eos: false,
+            seed: None,
+        }
+    }
 }
 
 /// Why a request finished.
