@@ -125,7 +125,7 @@ pub fn sample(ckpt_dir: &Path, prompt: &str, n: usize, seed: u64) -> Result<Stri
         SamplingParams {
             temperature: 0.8,
             top_k: 40,
-            top_p: 1.0,
+            ..Default::default()
         },
         seed,
     );

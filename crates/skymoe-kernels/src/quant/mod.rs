@@ -266,6 +266,32 @@ impl QMatrix {
         Ok(QMatrix { rows, cols, data })
     }
 
+    /// FP8 with one scale for the whole matrix (largest magnitude to 448), the layout of
+    /// vLLM's per-tensor FP8 checkpoints.
+    pub fn quantize_fp8_per_tensor(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, QuantError> {
+        check_len("weights", rows, cols, rows * cols, w.len())?;
+        check_finite("the weight matrix", w)?;
+        let amax = w.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let s = if amax > 0.0 {
+            amax / fp8::E4M3_MAX
+        } else {
+            1.0
+        };
+        let q = w.iter().map(|&x| fp8::f32_to_e4m3(x / s)).collect();
+        Ok(QMatrix {
+            rows,
+            cols,
+            data: QData::Fp8 {
+                q,
+                scales: vec![s; rows],
+            },
+        })
+    }
+
     /// A matrix from E4M3 codes and scales: one scale (per tensor) or one per row.
     pub fn from_fp8(
         q: Vec<u8>,

@@ -30,6 +30,12 @@ pub struct Args {
     /// Nucleus sampling threshold (1 = off).
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// Keep tokens at least this fraction as likely as the most likely one (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Repetition penalty on tokens of the prompt and the output (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
     /// Random seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -40,10 +46,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.prompt.is_empty() {
         anyhow::bail!("the prompt is empty");
     }
-    let temperature_ok = a.temperature.is_finite() && a.temperature >= 0.0;
-    let top_p_ok = a.top_p > 0.0 && a.top_p <= 1.0;
-    if !temperature_ok || !top_p_ok {
-        anyhow::bail!("--temperature must be ≥ 0 and --top-p in (0, 1]");
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        ..Default::default()
+    };
+    if let Err(e) = params.validate() {
+        anyhow::bail!("invalid sampling settings: --{}", e.replace('_', "-"));
     }
     let device = super::device()?;
     let (ckpt, model) = super::load_model(&a.model, &device)?;
@@ -55,14 +67,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if prompt.is_empty() {
         anyhow::bail!("the prompt encodes to no tokens");
     }
-    let mut sampler = Sampler::new(
-        SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-        },
-        a.seed,
-    );
+    let mut sampler = Sampler::new(params, a.seed);
     let mut cache = model.new_cache();
     let mut stream = TextStream::new();
     let stdout = std::io::stdout();
@@ -74,7 +79,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .forward_last(&prompt, Some(&mut cache))?
         .to_vec1::<f32>()?;
     let prefill_s = t0.elapsed().as_secs_f64();
-    let mut next = sampler.sample(&logits);
+    let mut output: Vec<u32> = Vec::with_capacity(a.max_tokens);
+    let mut next = sampler.sample_with_history(&logits, &prompt, &output);
     let t1 = Instant::now();
     let mut generated = 0usize;
     let limit = model.config.max_position_embeddings;
@@ -83,6 +89,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             break;
         }
         generated += 1;
+        output.push(next);
         if let Some(text) = stream.push(&tok, next)? {
             write!(out, "{text}")?;
             out.flush()?;
@@ -93,7 +100,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let logits = model
             .forward_last(&[next], Some(&mut cache))?
             .to_vec1::<f32>()?;
-        next = sampler.sample(&logits);
+        next = sampler.sample_with_history(&logits, &prompt, &output);
     }
     writeln!(out)?;
     out.flush()?;

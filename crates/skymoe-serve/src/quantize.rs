@@ -1,0 +1,391 @@
+//! `skymoe quantize`: write a checkpoint whose linear projections (attention q/k/v/o, experts,
+//! dense and shared FFNs) are stored quantised, in the layout `skymoe_model::weights::quantized`
+//! documents (for fp8 the layout of vLLM / Skywork FP8 checkpoints: `F8_E4M3` weights plus
+//! `weight_scale`, `quantization_config.quant_method = "fp8"`). Embeddings, LM head, norms,
+//! biases and the router gate keep their precision (f32). The directory is written under a
+//! temporary name and renamed into place, so an interrupted run leaves nothing half-written.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use skymoe_kernels::quant::{QData, QMatrix, WeightFormat};
+use skymoe_model::names::{self, SwiGluNames};
+use skymoe_model::weights::quantized::scale_name;
+use skymoe_model::weights::WeightSource;
+use skymoe_model::{Checkpoint, ModelConfig, Tokenizer};
+
+use crate::error::{Result, ServeError};
+
+/// How FP8 scales are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp8Scale {
+    /// One scale per output channel (`weight_scale` `[rows, 1]`).
+    Channel,
+    /// One scale per matrix (`weight_scale` `[]`), vLLM's `Fp8Config` layout.
+    Tensor,
+}
+
+/// What [`quantize_checkpoint`] wrote.
+#[derive(Debug, Clone)]
+pub struct QuantizeSummary {
+    /// The output directory.
+    pub out: PathBuf,
+    /// Matrices quantised.
+    pub quantized: usize,
+    /// Tensors copied unchanged.
+    pub kept: usize,
+    /// Bytes of the source tensors (as f32) and of the written tensors.
+    pub bytes_before: usize,
+    /// Bytes written.
+    pub bytes_after: usize,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
+    move |source| ServeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The linear projections of a model (name → `[rows, cols]`).
+pub fn projection_names(c: &ModelConfig) -> BTreeMap<String, (usize, usize)> {
+    let mut out = BTreeMap::new();
+    let (h, hd) = (c.hidden_size, c.head_dim);
+    let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+    let swiglu = |n: &SwiGluNames, f: usize, out: &mut BTreeMap<String, (usize, usize)>| {
+        out.insert(n.gate.clone(), (f, h));
+        out.insert(n.up.clone(), (f, h));
+        out.insert(n.down.clone(), (h, f));
+    };
+    for i in 0..c.num_hidden_layers {
+        let p = |s: &str| names::layer(i, &format!("self_attn.{s}.weight"));
+        out.insert(p("q_proj"), (q, h));
+        out.insert(p("k_proj"), (kv, h));
+        out.insert(p("v_proj"), (kv, h));
+        out.insert(p("o_proj"), (h, q));
+        match (&c.moe, c.is_moe_layer(i)) {
+            (Some(m), true) => {
+                let n = c.moe_names(i);
+                for e in &n.experts {
+                    swiglu(e, m.expert_intermediate_size, &mut out);
+                }
+                if let (Some((sn, _)), Some(sf)) = (&n.shared, m.shared_expert_intermediate_size) {
+                    swiglu(sn, sf, &mut out);
+                }
+            }
+            _ => swiglu(&c.dense_ffn_names(i), c.intermediate_size, &mut out),
+        }
+    }
+    out
+}
+
+struct Owned {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The stored tensors of one quantised matrix: the weight and its scale.
+fn encode(m: &QMatrix, fp8_scale: Fp8Scale) -> (Owned, Owned) {
+    let (rows, cols) = (m.rows(), m.cols());
+    match m.data() {
+        QData::Fp8 { q, scales } => {
+            let scale = match fp8_scale {
+                Fp8Scale::Tensor => Owned {
+                    dtype: Dtype::F32,
+                    shape: vec![],
+                    bytes: f32_bytes(&scales[..1]),
+                },
+                Fp8Scale::Channel => Owned {
+                    dtype: Dtype::F32,
+                    shape: vec![rows, 1],
+                    bytes: f32_bytes(scales),
+                },
+            };
+            (
+                Owned {
+                    dtype: Dtype::F8_E4M3,
+                    shape: vec![rows, cols],
+                    bytes: q.clone(),
+                },
+                scale,
+            )
+        }
+        QData::Int8 { q, scales } => (
+            Owned {
+                dtype: Dtype::I8,
+                shape: vec![rows, cols],
+                bytes: q.iter().map(|&v| v as u8).collect(),
+            },
+            Owned {
+                dtype: Dtype::F32,
+                shape: vec![rows, 1],
+                bytes: f32_bytes(scales),
+            },
+        ),
+        QData::Q4 { packed, scales } => {
+            let groups = scales.len() / rows.max(1);
+            (
+                Owned {
+                    dtype: Dtype::U8,
+                    shape: vec![rows, groups * 16],
+                    bytes: packed.clone(),
+                },
+                Owned {
+                    dtype: Dtype::F32,
+                    shape: vec![rows, groups],
+                    bytes: f32_bytes(scales),
+                },
+            )
+        }
+        QData::F16(bits) => (
+            Owned {
+                dtype: Dtype::F16,
+                shape: vec![rows, cols],
+                bytes: bits.iter().flat_map(|b| b.to_le_bytes()).collect(),
+            },
+            Owned {
+                dtype: Dtype::F32,
+                shape: vec![],
+                bytes: Vec::new(),
+            },
+        ),
+        QData::F32(v) => (
+            Owned {
+                dtype: Dtype::F32,
+                shape: vec![rows, cols],
+                bytes: f32_bytes(v),
+            },
+            Owned {
+                dtype: Dtype::F32,
+                shape: vec![],
+                bytes: Vec::new(),
+            },
+        ),
+    }
+}
+
+fn quantization_config(format: WeightFormat, fp8_scale: Fp8Scale) -> serde_json::Value {
+    match format {
+        WeightFormat::Fp8 => serde_json::json!({
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "weight_scale_granularity": if fp8_scale == Fp8Scale::Tensor { "tensor" } else { "channel" },
+            "ignored_layers": ["lm_head"],
+            "quantized_by": "skymoe",
+        }),
+        WeightFormat::Int8 => serde_json::json!({
+            "quant_method": "skymoe",
+            "format": "int8",
+            "weight_scale_granularity": "channel",
+        }),
+        WeightFormat::Q4 => serde_json::json!({
+            "quant_method": "skymoe",
+            "format": "q4",
+            "group_size": skymoe_kernels::quant::Q4_GROUP,
+        }),
+        WeightFormat::F16 | WeightFormat::F32 => serde_json::Value::Null,
+    }
+}
+
+/// Quantise the checkpoint at `src` into a new model directory `out`.
+pub fn quantize_checkpoint(
+    src: &Path,
+    out: &Path,
+    format: WeightFormat,
+    fp8_scale: Fp8Scale,
+) -> Result<QuantizeSummary> {
+    let ckpt = Checkpoint::open(src, &Device::Cpu)?;
+    let c = &ckpt.config;
+    let projections = projection_names(c);
+    let mut tensors: BTreeMap<String, Owned> = BTreeMap::new();
+    let (mut quantized, mut kept, mut before) = (0, 0, 0);
+    let names = ckpt.weights.names();
+    let present: BTreeSet<&String> = names.iter().collect();
+    for (name, &(rows, cols)) in &projections {
+        if !present.contains(name) {
+            return Err(skymoe_model::ModelError::MissingTensor { name: name.clone() }.into());
+        }
+        let stored = ckpt.weights.quantized(name, rows, cols)?;
+        let m = match stored {
+            Some(q) if q.format() == format => q,
+            Some(q) => QMatrix::quantize(&q.dequantize(), rows, cols, format)?,
+            None => {
+                let w = ckpt
+                    .weights
+                    .get(name, &[rows, cols], &Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                match (format, fp8_scale) {
+                    (WeightFormat::Fp8, Fp8Scale::Tensor) => {
+                        QMatrix::quantize_fp8_per_tensor(&w, rows, cols)?
+                    }
+                    _ => QMatrix::quantize(&w, rows, cols, format)?,
+                }
+            }
+        };
+        before += rows * cols * 4;
+        let (w, s) = encode(&m, fp8_scale);
+        tensors.insert(name.clone(), w);
+        if !s.bytes.is_empty() {
+            tensors.insert(scale_name(name), s);
+        }
+        quantized += 1;
+    }
+    for name in &names {
+        if projections.contains_key(name)
+            || name.ends_with("_scale") && projections.contains_key(name.trim_end_matches("_scale"))
+        {
+            continue;
+        }
+        let shape = tensor_shape(&ckpt.weights, name)?;
+        let t = ckpt.weights.get(name, &shape, &Device::Cpu)?;
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        before += v.len() * 4;
+        tensors.insert(
+            name.clone(),
+            Owned {
+                dtype: Dtype::F32,
+                shape,
+                bytes: f32_bytes(&v),
+            },
+        );
+        kept += 1;
+    }
+    let after: usize = tensors.values().map(|t| t.bytes.len()).sum();
+    let mut config = match &ckpt.gguf_metadata {
+        None => {
+            let path = ckpt.path.join("config.json");
+            let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+            serde_json::from_str::<serde_json::Value>(&text)
+                .map_err(|e| ServeError::InvalidInput(format!("{}: {e}", path.display())))?
+        }
+        Some(_) => c.to_hf_json(),
+    };
+    let qc = quantization_config(format, fp8_scale);
+    if let Some(obj) = config.as_object_mut() {
+        if qc.is_null() {
+            obj.remove("quantization_config");
+        } else {
+            obj.insert("quantization_config".into(), qc);
+        }
+        if format == WeightFormat::F16 {
+            obj.insert("torch_dtype".into(), "float16".into());
+        }
+    }
+    write_dir_atomically(out, |dir| {
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(n, t)| {
+                TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| ServeError::InvalidInput(format!("tensor {n}: {e}")))
+            })
+            .collect::<Result<_>>()?;
+        let file = dir.join("model.safetensors");
+        safetensors::serialize_to_file(views, None, &file).map_err(|e| {
+            ServeError::InvalidInput(format!("cannot write {}: {e}", file.display()))
+        })?;
+        File::open(&file)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&file))?;
+        let cfg = serde_json::to_vec_pretty(&config)
+            .map_err(|e| ServeError::InvalidInput(e.to_string()))?;
+        write_synced(&dir.join("config.json"), &cfg)?;
+        if ckpt.path.is_dir() {
+            for extra in [
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "generation_config.json",
+                "special_tokens_map.json",
+                "chat_template.jinja",
+            ] {
+                let from = ckpt.path.join(extra);
+                if from.is_file() {
+                    let bytes = std::fs::read(&from).map_err(io(&from))?;
+                    write_synced(&dir.join(extra), &bytes)?;
+                }
+            }
+            for entry in std::fs::read_dir(&ckpt.path)
+                .map_err(io(&ckpt.path))?
+                .flatten()
+            {
+                let p = entry.path();
+                if p.extension().is_some_and(|e| e == "py") {
+                    let bytes = std::fs::read(&p).map_err(io(&p))?;
+                    write_synced(&dir.join(entry.file_name()), &bytes)?;
+                }
+            }
+        } else if let Some(meta) = &ckpt.gguf_metadata {
+            let tok = Tokenizer::from_gguf(meta)?;
+            let file = dir.join("tokenizer.json");
+            tok.inner().save(&file, false).map_err(|e| {
+                ServeError::InvalidInput(format!("cannot write {}: {e}", file.display()))
+            })?;
+        }
+        Ok(())
+    })?;
+    Ok(QuantizeSummary {
+        out: out.to_path_buf(),
+        quantized,
+        kept,
+        bytes_before: before,
+        bytes_after: after,
+    })
+}
+
+fn tensor_shape(w: &WeightSource, name: &str) -> Result<Vec<usize>> {
+    Ok(match w {
+        WeightSource::Safetensors(s) => s.shape(name)?,
+        WeightSource::InMemory(m) => m.get(name).map(|t| t.dims().to_vec()).ok_or_else(|| {
+            skymoe_model::ModelError::MissingTensor {
+                name: name.to_string(),
+            }
+        })?,
+    })
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+/// Create `final_dir` through a temporary sibling directory renamed into place.
+fn write_dir_atomically(final_dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = match final_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+    let name = final_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if final_dir.exists() {
+        std::fs::remove_dir_all(final_dir).map_err(io(final_dir))?;
+    }
+    std::fs::rename(&tmp, final_dir).map_err(io(final_dir))?;
+    File::open(&parent)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&parent))
+}
