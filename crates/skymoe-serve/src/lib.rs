@@ -4,6 +4,9 @@
 pub mod chat_template;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod kv_cache;
 pub mod model;
+pub mod openai;
+pub mod quantize;
 pub mod stop;

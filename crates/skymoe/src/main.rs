@@ -39,6 +39,10 @@ enum Command {
     Plan(cmd::plan::Args),
     /// Turn a dense Llama checkpoint into an MoE (experts start as copies of the dense FFN).
     Upcycle(cmd::upcycle::Args),
+    /// Write a copy of a model with quantised projections (fp8, int8, q4, f16).
+    Quantize(cmd::quantize::Args),
+    /// Serve a model over an OpenAI-compatible HTTP API.
+    Serve(cmd::serve::Args),
 }
 
 fn main() {
@@ -64,6 +68,8 @@ fn main() {
         Command::Report(a) => cmd::report::run(a),
         Command::Upcycle(a) => cmd::upcycle::run(a),
         Command::Plan(a) => cmd::plan::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
+        Command::Quantize(a) => cmd::quantize::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -165,12 +165,12 @@ fn scalar_dequantize(mat: &QMatrix, r: usize, from: usize, out: &mut [f32]) {
         }
         QData::Q4 { packed, scales } => {
             let groups = super::q4_groups(cols);
-            for c in from..cols {
+            for (c, o) in out.iter_mut().enumerate().take(cols).skip(from) {
                 let g = c / Q4_GROUP;
                 let j = c % Q4_GROUP;
                 let b = packed[(r * groups + g) * 16 + j % 16];
                 let q = if j < 16 { b & 0x0F } else { b >> 4 };
-                out[c] = scales[r * groups + g] * (q as f32 - 8.0);
+                *o = scales[r * groups + g] * (q as f32 - 8.0);
             }
         }
     }

@@ -407,15 +407,10 @@ impl Scheduler {
         true
     }
 
-    /// Finish a sequence: free its blocks, count it, send the final event.
+    /// Finish a sequence: free its blocks, count it, send the final event (after the counts,
+    /// so a caller that reacts to it finds its place already free).
     fn retire(&mut self, s: Seq, reason: Option<FinishReason>) {
         self.kv.release(&s.blocks);
-        if let Some(reason) = reason {
-            let _ = s.tx.send(GenerationEvent::Finished {
-                reason,
-                usage: s.usage(),
-            });
-        }
         if let Ok(mut st) = self.shared.stats.lock() {
             st.requests_finished += 1;
             if reason == Some(FinishReason::Cancelled) {
@@ -423,6 +418,12 @@ impl Scheduler {
             }
         }
         self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if let Some(reason) = reason {
+            let _ = s.tx.send(GenerationEvent::Finished {
+                reason,
+                usage: s.usage(),
+            });
+        }
     }
 
     fn drop_cancelled(&mut self) {

@@ -33,6 +33,17 @@ pub fn stored_format(ckpt: &Checkpoint) -> WeightFormat {
     }
 }
 
+/// The format of the embedding and LM head for projections in `format`: as vLLM keeps the LM
+/// head of FP8 checkpoints unquantised, fp8 models keep it (and the tied embedding) in f16;
+/// as llama.cpp gives 4-bit models a higher-precision output matrix, q4 models use int8.
+pub fn head_format(format: WeightFormat) -> WeightFormat {
+    match format {
+        WeightFormat::Fp8 => WeightFormat::F16,
+        WeightFormat::Q4 => WeightFormat::Int8,
+        other => other,
+    }
+}
+
 struct Reader<'a> {
     weights: &'a WeightSource,
     format: WeightFormat,
@@ -96,11 +107,12 @@ impl ServeModel {
         };
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-        let embed = Arc::new(r.matrix(names::EMBED, c.vocab_size, h)?);
+        let hf = head_format(format);
+        let embed = Arc::new(r.matrix_as(names::EMBED, c.vocab_size, h, hf)?);
         let lm_head = if c.tie_word_embeddings {
             embed.clone()
         } else {
-            Arc::new(r.matrix(names::LM_HEAD, c.vocab_size, h)?)
+            Arc::new(r.matrix_as(names::LM_HEAD, c.vocab_size, h, hf)?)
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
@@ -147,13 +159,13 @@ impl ServeModel {
                         }
                         _ => None,
                     };
-                    Ffn::Moe(MoeFfn {
+                    Ffn::Moe(Box::new(MoeFfn {
                         gate,
                         router: m.router.clone(),
                         top_k: m.top_k,
                         experts,
                         shared,
-                    })
+                    }))
                 }
                 _ => Ffn::Dense(r.mlp(&c.dense_ffn_names(i), h, c.intermediate_size)?),
             };

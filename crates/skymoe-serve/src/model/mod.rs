@@ -16,7 +16,7 @@ use skymoe_model::ModelConfig;
 
 pub use attention::{HeadShape, Rope};
 pub use linear::QLinear;
-pub use load::stored_format;
+pub use load::{head_format, stored_format};
 pub use moe::{Ffn, Mlp, MoeFfn, RouterGate};
 
 use crate::error::{Result, ServeError};

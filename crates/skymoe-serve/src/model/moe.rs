@@ -161,7 +161,7 @@ pub enum Ffn {
     /// Dense SwiGLU.
     Dense(Mlp),
     /// Mixture of experts.
-    Moe(MoeFfn),
+    Moe(Box<MoeFfn>),
 }
 
 impl Ffn {

@@ -92,9 +92,9 @@ mod tests {
 
     #[test]
     fn softmax_sums_to_one_and_keeps_order() {
-        let mut v = vec![1.0, 3.0, -2.0, 1000.0];
+        let mut v = vec![1001.0, 1003.0, 998.0, 1010.0];
         softmax(&mut v);
         assert!((v.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(v[3] > 0.99 && v[1] > v[0] && v[0] > v[2]);
+        assert!(v[3] > 0.99 && v[1] > v[0] && v[0] > v[2] && v[2] > 0.0);
     }
 }

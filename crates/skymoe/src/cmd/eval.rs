@@ -25,6 +25,10 @@ pub struct Args {
     /// Evaluate at most this many windows (0: all).
     #[arg(long, default_value_t = 0)]
     max_windows: usize,
+    /// Run the serving engine's model with its projections in this format (f32, f16,
+    /// int8, fp8, q4) instead of the training model; `stored` keeps the checkpoint's format.
+    #[arg(long)]
+    weights: Option<String>,
 }
 
 /// Run the verb.
@@ -48,7 +52,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let n_tokens = tokens.len();
     let data = PackedDataset::new(tokens, a.seq_len, 0.0, 0)
         .context("cannot cut the data into windows")?;
-    let (loss, predicted) = evaluate_all_windows(&model, &data, a.batch_size, a.max_windows)?;
+    let (loss, predicted) = match &a.weights {
+        None => evaluate_all_windows(&model, &data, a.batch_size, a.max_windows)?,
+        Some(w) => {
+            let format = match w.as_str() {
+                "stored" => None,
+                other => Some(other.parse::<skymoe_kernels::quant::WeightFormat>()?),
+            };
+            drop(model);
+            let served = skymoe_serve::model::ServeModel::load(&ckpt, format)
+                .with_context(|| format!("cannot load {} for serving", a.model.display()))?;
+            let n = match a.max_windows {
+                0 => data.num_windows(),
+                m => data.num_windows().min(m),
+            };
+            let windows: Vec<&[u32]> = (0..n).filter_map(|i| data.window(i)).collect();
+            let (nll, count) = skymoe_serve::eval::windows_nll(&served, &windows, a.batch_size)?;
+            if count == 0 {
+                anyhow::bail!("no windows to evaluate");
+            }
+            (nll / count as f64, count)
+        }
+    };
     println!(
         "{{\"loss\": {loss:.6}, \"perplexity\": {:.4}, \"tokens_predicted\": {predicted}, \"corpus_tokens\": {n_tokens}}}",
         loss.exp()

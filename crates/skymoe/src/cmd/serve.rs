@@ -1,0 +1,127 @@
+//! `skymoe serve`: the OpenAI-compatible HTTP server (`/v1/completions`,
+//! `/v1/chat/completions`, `/v1/models`, `/health`, `/metrics`).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use skymoe_serve::engine::{EngineConfig, EngineHandle};
+use skymoe_serve::openai::{self, ServerConfig};
+
+/// Arguments of `skymoe serve`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A Hugging Face model directory or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Address to listen on (loopback by default; anything else exposes the server).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0 picks a free one; the address is printed on stdout).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer <KEY>` on /v1/* (also read from SKYMOE_API_KEY).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Most requests generated at once (the batch size).
+    #[arg(long)]
+    max_concurrency: Option<usize>,
+    /// Most requests running or waiting; beyond it the server answers 429.
+    #[arg(long)]
+    max_queue: Option<usize>,
+    /// Weight format the linear layers are stored in for inference.
+    #[arg(long, value_parser = ["fp8", "int8", "q4", "f16", "f32"])]
+    weights: Option<String>,
+    /// The model id clients pass as `model` (default: the model's directory or file name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// KV-cache size in blocks (default: the engine's choice).
+    #[arg(long)]
+    kv_blocks: Option<usize>,
+    /// Largest request body accepted, in MiB.
+    #[arg(long, default_value_t = 4)]
+    max_body_mib: usize,
+}
+
+/// The model id derived from its path: the directory name, or the file name without `.gguf`.
+fn default_model_id(path: &std::path::Path) -> String {
+    let p = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let name = if p.is_file() {
+        p.file_stem()
+    } else {
+        p.file_name()
+    };
+    name.and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty())
+        .unwrap_or("skymoe")
+        .to_string()
+}
+
+/// Run the verb.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let mut config = EngineConfig::default();
+    if let Some(n) = a.max_concurrency {
+        anyhow::ensure!(n >= 1, "--max-concurrency must be at least 1");
+        config.max_batch = n;
+    }
+    if let Some(n) = a.max_queue {
+        anyhow::ensure!(n >= 1, "--max-queue must be at least 1");
+        config.max_queue = n;
+    }
+    if a.kv_blocks.is_some() {
+        config.kv_blocks = a.kv_blocks;
+    }
+    config.model_id = a
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| default_model_id(&a.model));
+    let format = a
+        .weights
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .context("invalid --weights")?;
+    anyhow::ensure!(a.max_body_mib >= 1, "--max-body-mib must be at least 1");
+    let api_key = a
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("SKYMOE_API_KEY").ok())
+        .filter(|k| !k.is_empty());
+    let server = ServerConfig {
+        host: a.host.clone(),
+        port: a.port,
+        api_key,
+        max_body_bytes: a.max_body_mib << 20,
+    };
+    let loopback = matches!(server.host.as_str(), "127.0.0.1" | "localhost" | "::1");
+    if !loopback && server.api_key.is_none() {
+        tracing::warn!(
+            host = %server.host,
+            "listening beyond loopback without --api-key: anyone who can reach it can use it"
+        );
+    }
+
+    let engine = EngineHandle::load(&a.model, format, config)
+        .with_context(|| format!("cannot load model {}", a.model.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = openai::bind(&server).await?;
+        let addr = listener.local_addr()?;
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "skymoe serve: model `{}` ({} tokens of context) on http://{addr}",
+                engine.model_id(),
+                engine.context_length()
+            )?;
+            out.flush()?;
+        }
+        openai::serve_on(listener, engine, server, openai::shutdown_signal()).await?;
+        eprintln!("skymoe serve: drained and stopped");
+        anyhow::Ok(())
+    })
+}

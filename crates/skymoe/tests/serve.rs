@@ -1,0 +1,142 @@
+//! `skymoe serve` as a process: start on a free port, wait for /health, one completion,
+//! then SIGTERM and a clean exit.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One HTTP/1.1 request with `Connection: close`; returns the status and the body.
+fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status: u16 = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad response: {raw:?}"));
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn serve_answers_and_stops_cleanly_on_sigterm() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/reference/mixtral");
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-mixtral");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        if name == "config.json" || name == "tokenizer.json" || name.starts_with("model") {
+            std::fs::copy(&p, model.join(&name)).unwrap();
+        }
+    }
+
+    let help = Command::new(env!("CARGO_BIN_EXE_skymoe"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--model",
+        "--host",
+        "--port",
+        "--api-key",
+        "--max-concurrency",
+        "--weights",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from\n{help}");
+    }
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_skymoe"))
+        .args(["serve", "--model"])
+        .arg(&model)
+        .args(["--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .rsplit("http://")
+        .next()
+        .filter(|_| line.contains("http://"))
+        .unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("no address in {line:?}")
+        })
+        .to_string();
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+
+    let t0 = Instant::now();
+    loop {
+        if TcpStream::connect(&addr).is_ok() {
+            let (status, _) = http(&addr, "GET", "/health", None);
+            if status == 200 {
+                break;
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "no /health");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let (status, models) = http(&addr, "GET", "/v1/models", None);
+    assert_eq!(status, 200, "{models}");
+    let models: serde_json::Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny-mixtral");
+
+    let req = r#"{"model": "tiny-mixtral", "prompt": "Hello", "max_tokens": 5,
+                  "temperature": 0, "ignore_eos": true}"#;
+    let (status, body) = http(&addr, "POST", "/v1/completions", Some(req));
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("the server did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "exit {status:?}; stderr:\n{stderr}");
+    assert!(stderr.contains("drained"), "{stderr}");
+    assert!(TcpStream::connect(&addr).is_err(), "still listening");
+}
