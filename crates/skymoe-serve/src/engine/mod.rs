@@ -119,11 +119,29 @@ impl EngineHandle {
     pub fn load(model: &Path, format: Option<WeightFormat>, config: EngineConfig) -> Result<Self> {
         let ckpt = Checkpoint::open(model, &candle_core::Device::Cpu)?;
         let tokenizer = Tokenizer::for_model(&ckpt.path, ckpt.gguf_metadata.as_ref())?;
-        let template = if ckpt.path.is_dir() {
-            ChatTemplate::from_model_dir(&ckpt.path)
-                .map_err(|e| ServeError::InvalidInput(format!("chat template: {e}")))?
-        } else {
-            None
+        let template_err = |e| ServeError::InvalidInput(format!("chat template: {e}"));
+        let template = match &ckpt.gguf_metadata {
+            // A GGUF file carries its template and special tokens in its metadata.
+            Some(meta) => match meta.string("tokenizer.chat_template") {
+                Some(source) => {
+                    let token = |key: &str| {
+                        let id = meta.uint(key)? as usize;
+                        meta.strings("tokenizer.ggml.tokens")?
+                            .get(id)
+                            .map(|t| t.to_string())
+                    };
+                    Some(
+                        ChatTemplate::new(
+                            source,
+                            token("tokenizer.ggml.bos_token_id"),
+                            token("tokenizer.ggml.eos_token_id"),
+                        )
+                        .map_err(template_err)?,
+                    )
+                }
+                None => None,
+            },
+            None => ChatTemplate::from_model_dir(&ckpt.path).map_err(template_err)?,
         }
         .unwrap_or_else(ChatTemplate::chatml);
         let served = ServeModel::load(&ckpt, format)?;
