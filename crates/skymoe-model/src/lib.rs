@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod error;
+pub mod fsutil;
 pub mod layers;
 pub mod model;
 pub mod names;

@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
@@ -46,10 +45,7 @@ pub struct QuantizeSummary {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
-    move |source| ServeError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| io_error(path, source)
 }
 
 /// The linear projections of a model (name → `[rows, cols]`).
@@ -94,83 +90,47 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// The stored tensors of one quantised matrix: the weight and its scale.
-fn encode(m: &QMatrix, fp8_scale: Fp8Scale) -> (Owned, Owned) {
+/// The stored tensors of one quantised matrix: the weight and its scale (none for f16/f32).
+fn encode(m: &QMatrix, fp8_scale: Fp8Scale) -> (Owned, Option<Owned>) {
     let (rows, cols) = (m.rows(), m.cols());
+    let owned = |dtype, shape: Vec<usize>, bytes| Owned {
+        dtype,
+        shape,
+        bytes,
+    };
+    let scale = |shape: Vec<usize>, v: &[f32]| Some(owned(Dtype::F32, shape, f32_bytes(v)));
     match m.data() {
-        QData::Fp8 { q, scales } => {
-            let scale = match fp8_scale {
-                Fp8Scale::Tensor => Owned {
-                    dtype: Dtype::F32,
-                    shape: vec![],
-                    bytes: f32_bytes(&scales[..1]),
-                },
-                Fp8Scale::Channel => Owned {
-                    dtype: Dtype::F32,
-                    shape: vec![rows, 1],
-                    bytes: f32_bytes(scales),
-                },
-            };
-            (
-                Owned {
-                    dtype: Dtype::F8_E4M3,
-                    shape: vec![rows, cols],
-                    bytes: q.clone(),
-                },
-                scale,
-            )
-        }
+        QData::Fp8 { q, scales } => (
+            owned(Dtype::F8_E4M3, vec![rows, cols], q.clone()),
+            match fp8_scale {
+                Fp8Scale::Tensor => scale(vec![], &scales[..1]),
+                Fp8Scale::Channel => scale(vec![rows, 1], scales),
+            },
+        ),
         QData::Int8 { q, scales } => (
-            Owned {
-                dtype: Dtype::I8,
-                shape: vec![rows, cols],
-                bytes: q.iter().map(|&v| v as u8).collect(),
-            },
-            Owned {
-                dtype: Dtype::F32,
-                shape: vec![rows, 1],
-                bytes: f32_bytes(scales),
-            },
+            owned(
+                Dtype::I8,
+                vec![rows, cols],
+                q.iter().map(|&v| v as u8).collect(),
+            ),
+            scale(vec![rows, 1], scales),
         ),
         QData::Q4 { packed, scales } => {
             let groups = scales.len() / rows.max(1);
             (
-                Owned {
-                    dtype: Dtype::U8,
-                    shape: vec![rows, groups * 16],
-                    bytes: packed.clone(),
-                },
-                Owned {
-                    dtype: Dtype::F32,
-                    shape: vec![rows, groups],
-                    bytes: f32_bytes(scales),
-                },
+                owned(Dtype::U8, vec![rows, groups * 16], packed.clone()),
+                scale(vec![rows, groups], scales),
             )
         }
         QData::F16(bits) => (
-            Owned {
-                dtype: Dtype::F16,
-                shape: vec![rows, cols],
-                bytes: bits.iter().flat_map(|b| b.to_le_bytes()).collect(),
-            },
-            Owned {
-                dtype: Dtype::F32,
-                shape: vec![],
-                bytes: Vec::new(),
-            },
+            owned(
+                Dtype::F16,
+                vec![rows, cols],
+                bits.iter().flat_map(|b| b.to_le_bytes()).collect(),
+            ),
+            None,
         ),
-        QData::F32(v) => (
-            Owned {
-                dtype: Dtype::F32,
-                shape: vec![rows, cols],
-                bytes: f32_bytes(v),
-            },
-            Owned {
-                dtype: Dtype::F32,
-                shape: vec![],
-                bytes: Vec::new(),
-            },
-        ),
+        QData::F32(v) => (owned(Dtype::F32, vec![rows, cols], f32_bytes(v)), None),
     }
 }
 
@@ -237,7 +197,7 @@ pub fn quantize_checkpoint(
         before += rows * cols * 4;
         let (w, s) = encode(&m, fp8_scale);
         tensors.insert(name.clone(), w);
-        if !s.bytes.is_empty() {
+        if let Some(s) = s {
             tensors.insert(scale_name(name), s);
         }
         quantized += 1;
@@ -283,7 +243,7 @@ pub fn quantize_checkpoint(
             obj.insert("torch_dtype".into(), "float16".into());
         }
     }
-    write_dir_atomically(out, |dir| {
+    skymoe_model::fsutil::write_dir_atomically(out, io_error, |dir| {
         let views: Vec<(String, TensorView<'_>)> = tensors
             .iter()
             .map(|(n, t)| {
@@ -356,36 +316,12 @@ fn tensor_shape(w: &WeightSource, name: &str) -> Result<Vec<usize>> {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))?;
-    f.sync_all().map_err(io(path))
+    skymoe_model::fsutil::write_synced(path, bytes, io_error)
 }
 
-/// Create `final_dir` through a temporary sibling directory renamed into place.
-fn write_dir_atomically(final_dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = match final_dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-    let name = final_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+fn io_error(path: &Path, source: std::io::Error) -> ServeError {
+    ServeError::Io {
+        path: path.to_path_buf(),
+        source,
     }
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    if let Err(e) = fill(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if final_dir.exists() {
-        std::fs::remove_dir_all(final_dir).map_err(io(final_dir))?;
-    }
-    std::fs::rename(&tmp, final_dir).map_err(io(final_dir))?;
-    File::open(&parent)
-        .and_then(|f| f.sync_all())
-        .map_err(io(&parent))
 }

@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -42,9 +41,7 @@ fn sync_file(path: &Path) -> Result<()> {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).map_err(|e| TrainError::io(path, e))?;
-    f.write_all(bytes).map_err(|e| TrainError::io(path, e))?;
-    f.sync_all().map_err(|e| TrainError::io(path, e))
+    skymoe_model::fsutil::write_synced(path, bytes, |p, e| TrainError::io(p, e))
 }
 
 fn save_tensors(map: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
@@ -119,29 +116,7 @@ pub fn write_dir_atomically(
     final_dir: &Path,
     fill: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    let parent = final_dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
-    let name = final_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    if let Err(e) = fill(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if final_dir.exists() {
-        std::fs::remove_dir_all(final_dir).map_err(|e| TrainError::io(final_dir, e))?;
-    }
-    std::fs::rename(&tmp, final_dir).map_err(|e| TrainError::io(final_dir, e))?;
-    File::open(parent)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| TrainError::io(parent, e))?;
-    Ok(())
+    skymoe_model::fsutil::write_dir_atomically(final_dir, |p, e| TrainError::io(p, e), fill)
 }
 
 /// Directory name of the checkpoint of `step`.

@@ -255,21 +255,16 @@ pub(crate) fn matmul(isa: Isa, mat: &QMatrix, x: &[f32], m: usize, out: &mut [f3
     if m <= FUSED_MAX_ROWS {
         par_ranges(rows, 16, m * cols, |r0, r1| {
             for r in r0..r1 {
-                let mut i = 0;
-                while i < m {
-                    let take = (m - i).min(FUSED_MAX_ROWS);
-                    let xs = &x[i * cols..(i + take) * cols];
-                    let dots: Vec<f32> = match take {
-                        1 => row_dots::<1>(isa, mat, r, xs).to_vec(),
-                        2 => row_dots::<2>(isa, mat, r, xs).to_vec(),
-                        3 => row_dots::<3>(isa, mat, r, xs).to_vec(),
-                        _ => row_dots::<4>(isa, mat, r, xs).to_vec(),
-                    };
-                    for (j, d) in dots.into_iter().enumerate() {
-                        // SAFETY: element (i + j, r) is in bounds and belongs to this row range.
-                        unsafe { ptr.write((i + j) * rows + r, d) };
-                    }
-                    i += take;
+                let mut dots = [0f32; FUSED_MAX_ROWS];
+                match m {
+                    1 => dots[..1].copy_from_slice(&row_dots::<1>(isa, mat, r, x)),
+                    2 => dots[..2].copy_from_slice(&row_dots::<2>(isa, mat, r, x)),
+                    3 => dots[..3].copy_from_slice(&row_dots::<3>(isa, mat, r, x)),
+                    _ => dots.copy_from_slice(&row_dots::<4>(isa, mat, r, x)),
+                }
+                for (i, &d) in dots[..m].iter().enumerate() {
+                    // SAFETY: element (i, r) is in bounds and belongs to this task's rows.
+                    unsafe { ptr.write(i * rows + r, d) };
                 }
             }
         });

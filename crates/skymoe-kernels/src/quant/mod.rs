@@ -178,6 +178,18 @@ fn check_finite(what: &'static str, v: &[f32]) -> Result<(), QuantError> {
     }
 }
 
+/// One scale per row from a per-tensor scale (repeated) or per-row scales (checked).
+fn per_row_scales(scales: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>, QuantError> {
+    check_finite("weight_scale", scales)?;
+    match scales {
+        [s] => Ok(vec![*s; rows]),
+        _ => {
+            check_len("weight_scale", rows, cols, rows, scales.len())?;
+            Ok(scales.to_vec())
+        }
+    }
+}
+
 /// Groups of [`Q4_GROUP`] columns in a row of `cols`.
 pub fn q4_groups(cols: usize) -> usize {
     cols.div_ceil(Q4_GROUP)
@@ -300,14 +312,7 @@ impl QMatrix {
         cols: usize,
     ) -> Result<Self, QuantError> {
         check_len("fp8 weights", rows, cols, rows * cols, q.len())?;
-        check_finite("weight_scale", scales)?;
-        let scales = match scales.len() {
-            1 => vec![scales[0]; rows],
-            n => {
-                check_len("weight_scale", rows, cols, rows, n)?;
-                scales.to_vec()
-            }
-        };
+        let scales = per_row_scales(scales, rows, cols)?;
         Ok(QMatrix {
             rows,
             cols,
@@ -323,14 +328,7 @@ impl QMatrix {
         cols: usize,
     ) -> Result<Self, QuantError> {
         check_len("int8 weights", rows, cols, rows * cols, q.len())?;
-        check_finite("weight_scale", scales)?;
-        let scales = match scales.len() {
-            1 => vec![scales[0]; rows],
-            n => {
-                check_len("weight_scale", rows, cols, rows, n)?;
-                scales.to_vec()
-            }
-        };
+        let scales = per_row_scales(scales, rows, cols)?;
         Ok(QMatrix {
             rows,
             cols,
@@ -396,50 +394,52 @@ impl QMatrix {
                 found: p.cols,
             });
         }
-        fn cat<T: Clone>(parts: impl Iterator<Item = Vec<T>>) -> Vec<T> {
-            parts.flatten().collect()
+        // Values and scales of every part, one after the other (all parts share a format).
+        fn stack<T: Copy>(
+            parts: &[QMatrix],
+            get: impl Fn(&QData) -> Option<(&[T], &[f32])>,
+        ) -> (Vec<T>, Vec<f32>) {
+            let (mut values, mut scales) = (Vec::new(), Vec::new());
+            for (v, s) in parts.iter().filter_map(|p| get(&p.data)) {
+                values.extend_from_slice(v);
+                scales.extend_from_slice(s);
+            }
+            (values, scales)
         }
         let data = match &first.data {
-            QData::F32(_) => QData::F32(cat(parts.iter().map(|p| match &p.data {
-                QData::F32(v) => v.clone(),
-                _ => Vec::new(),
-            }))),
-            QData::F16(_) => QData::F16(cat(parts.iter().map(|p| match &p.data {
-                QData::F16(v) => v.clone(),
-                _ => Vec::new(),
-            }))),
+            QData::F32(_) => QData::F32(
+                stack(parts, |d| match d {
+                    QData::F32(v) => Some((v.as_slice(), &[][..])),
+                    _ => None,
+                })
+                .0,
+            ),
+            QData::F16(_) => QData::F16(
+                stack(parts, |d| match d {
+                    QData::F16(v) => Some((v.as_slice(), &[][..])),
+                    _ => None,
+                })
+                .0,
+            ),
             QData::Int8 { .. } => {
-                let (mut q, mut scales) = (Vec::new(), Vec::new());
-                for p in parts {
-                    if let QData::Int8 { q: pq, scales: ps } = &p.data {
-                        q.extend_from_slice(pq);
-                        scales.extend_from_slice(ps);
-                    }
-                }
+                let (q, scales) = stack(parts, |d| match d {
+                    QData::Int8 { q, scales } => Some((q.as_slice(), scales.as_slice())),
+                    _ => None,
+                });
                 QData::Int8 { q, scales }
             }
             QData::Fp8 { .. } => {
-                let (mut q, mut scales) = (Vec::new(), Vec::new());
-                for p in parts {
-                    if let QData::Fp8 { q: pq, scales: ps } = &p.data {
-                        q.extend_from_slice(pq);
-                        scales.extend_from_slice(ps);
-                    }
-                }
+                let (q, scales) = stack(parts, |d| match d {
+                    QData::Fp8 { q, scales } => Some((q.as_slice(), scales.as_slice())),
+                    _ => None,
+                });
                 QData::Fp8 { q, scales }
             }
             QData::Q4 { .. } => {
-                let (mut packed, mut scales) = (Vec::new(), Vec::new());
-                for p in parts {
-                    if let QData::Q4 {
-                        packed: pq,
-                        scales: ps,
-                    } = &p.data
-                    {
-                        packed.extend_from_slice(pq);
-                        scales.extend_from_slice(ps);
-                    }
-                }
+                let (packed, scales) = stack(parts, |d| match d {
+                    QData::Q4 { packed, scales } => Some((packed.as_slice(), scales.as_slice())),
+                    _ => None,
+                });
                 QData::Q4 { packed, scales }
             }
         };

@@ -444,37 +444,20 @@ impl Scheduler {
         }
     }
 
+    /// Retire the sequences whose caller cancelled or went away.
     fn drop_cancelled(&mut self) {
         let gone = |s: &Seq| s.cancelled.load(Ordering::Relaxed) || s.tx.is_closed();
-        for list in [0, 1] {
-            let mut i = 0;
-            loop {
-                let len = if list == 0 {
-                    self.waiting.len()
-                } else {
-                    self.running.len()
-                };
-                if i >= len {
-                    break;
-                }
-                let hit = if list == 0 {
-                    gone(&self.waiting[i])
-                } else {
-                    gone(&self.running[i])
-                };
-                if hit {
-                    let s = if list == 0 {
-                        self.waiting.remove(i)
-                    } else {
-                        Some(self.running.remove(i))
-                    };
-                    if let Some(s) = s {
-                        self.retire(s, Some(FinishReason::Cancelled));
-                    }
-                } else {
-                    i += 1;
-                }
-            }
+        let (dead_waiting, waiting): (VecDeque<Seq>, VecDeque<Seq>) =
+            std::mem::take(&mut self.waiting)
+                .into_iter()
+                .partition(gone);
+        let (dead_running, running): (Vec<Seq>, Vec<Seq>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(gone);
+        self.waiting = waiting;
+        self.running = running;
+        for s in dead_waiting.into_iter().chain(dead_running) {
+            self.retire(s, Some(FinishReason::Cancelled));
         }
     }
 
