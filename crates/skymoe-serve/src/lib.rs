@@ -1,6 +1,7 @@
 //! Serving MoE language models: quantised weights with fused CPU kernels, a paged KV cache,
 //! continuous batching, and an OpenAI-compatible HTTP API.
 
+pub mod bench;
 pub mod chat_template;
 pub mod engine;
 pub mod error;

@@ -39,6 +39,8 @@ enum Command {
     Plan(cmd::plan::Args),
     /// Turn a dense Llama checkpoint into an MoE (experts start as copies of the dense FFN).
     Upcycle(cmd::upcycle::Args),
+    /// Serving throughput of a model (prefill, decode, concurrent requests) and peak memory.
+    Bench(cmd::bench::Args),
     /// Write a copy of a model with quantised projections (fp8, int8, q4, f16).
     Quantize(cmd::quantize::Args),
     /// Serve a model over an OpenAI-compatible HTTP API.
@@ -70,6 +72,7 @@ fn main() {
         Command::Plan(a) => cmd::plan::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

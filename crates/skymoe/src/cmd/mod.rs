@@ -1,5 +1,6 @@
 //! One module per verb; each is a thin adapter over the library crates.
 
+pub mod bench;
 pub mod calibrate;
 pub mod demo;
 pub mod eval;
