@@ -15,6 +15,9 @@ pub enum ServeError {
     /// Bad input to the model (token ids, positions, cache blocks).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A collective between tensor-parallel ranks failed.
+    #[error("tensor parallelism: {0}")]
+    Comm(String),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

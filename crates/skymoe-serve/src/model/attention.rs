@@ -72,15 +72,28 @@ pub struct ChunkPlacement<'a> {
     pub blocks: &'a [u32],
 }
 
-/// Shapes of the attention heads.
-#[derive(Debug, Clone, Copy)]
+/// Shapes of the attention heads this process computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeadShape {
-    /// Query heads.
+    /// Query heads held here.
     pub heads: usize,
-    /// Key/value heads.
+    /// Key/value heads held here.
     pub kv_heads: usize,
     /// Head width.
     pub head_dim: usize,
+    /// Global index of the first query head held here (0 without tensor parallelism).
+    pub first_head: usize,
+    /// Global index of the first kv head held here.
+    pub first_kv_head: usize,
+    /// Query heads per kv head in the whole model.
+    pub group: usize,
+}
+
+impl HeadShape {
+    /// Local kv head read by local query head `h`.
+    fn kv_of(&self, h: usize) -> usize {
+        (self.first_head + h) / self.group.max(1) - self.first_kv_head
+    }
 }
 
 /// Attention of every query row of `q` (`[n, heads·head_dim]`, RoPE applied) over the cached
@@ -93,14 +106,9 @@ pub fn attend(
     layer: usize,
     shape: HeadShape,
 ) -> Vec<f32> {
-    let HeadShape {
-        heads,
-        kv_heads,
-        head_dim: hd,
-    } = shape;
+    let (heads, hd) = (shape.heads, shape.head_dim);
     let qdim = heads * hd;
     let n: usize = chunks.iter().map(|c| c.len).sum();
-    let rep = heads / kv_heads.max(1);
     let scale = 1.0 / (hd as f32).sqrt();
     let (keys, values) = kv.layer(layer);
     let tasks: Vec<(usize, usize)> = (0..chunks.len())
@@ -110,7 +118,7 @@ pub fn attend(
         .par_iter()
         .map(|&(c, h)| {
             let ch = &chunks[c];
-            let g = h / rep;
+            let g = shape.kv_of(h);
             let mut out = vec![0f32; ch.len * hd];
             let mut scores = Vec::with_capacity(ch.start + ch.len);
             for t in 0..ch.len {

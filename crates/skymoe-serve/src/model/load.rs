@@ -12,9 +12,12 @@ use skymoe_model::names::{self, SwiGluNames};
 use skymoe_model::weights::WeightSource;
 use skymoe_model::Checkpoint;
 
-use super::attention::Rope;
+use std::ops::Range;
+
+use super::attention::{HeadShape, Rope};
 use super::linear::QLinear;
 use super::moe::{Ffn, Mlp, MoeFfn, RouterGate};
+use super::tp::TensorParallel;
 use super::{ServeLayer, ServeModel};
 use crate::error::Result;
 
@@ -47,6 +50,7 @@ pub fn head_format(format: WeightFormat) -> WeightFormat {
 struct Reader<'a> {
     weights: &'a WeightSource,
     format: WeightFormat,
+    tp: Option<&'a TensorParallel>,
 }
 
 impl Reader<'_> {
@@ -80,18 +84,59 @@ impl Reader<'_> {
         self.matrix_as(name, rows, cols, self.format)
     }
 
-    fn stacked(&self, parts: &[(&str, usize)], cols: usize) -> Result<QMatrix> {
+    /// The block `rows × cols` of a `[all_rows, all_cols]` matrix, in the target format (the
+    /// whole matrix read as stored when the block is all of it).
+    fn block(
+        &self,
+        name: &str,
+        (all_rows, all_cols): (usize, usize),
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<QMatrix> {
+        if rows == (0..all_rows) && cols == (0..all_cols) {
+            return self.matrix(name, all_rows, all_cols);
+        }
+        let full = match self.weights.quantized(name, all_rows, all_cols)? {
+            Some(q) => q.dequantize(),
+            None => self.vec(name, &[all_rows, all_cols])?,
+        };
+        let mut part = Vec::with_capacity(rows.len() * cols.len());
+        for r in rows.clone() {
+            part.extend_from_slice(&full[r * all_cols + cols.start..r * all_cols + cols.end]);
+        }
+        Ok(QMatrix::quantize(
+            &part,
+            rows.len(),
+            cols.len(),
+            self.format,
+        )?)
+    }
+
+    /// Rows `rows` of several matrices of width `cols`, stacked.
+    fn stacked(&self, parts: &[(&str, usize, Range<usize>)], cols: usize) -> Result<QMatrix> {
         let mats = parts
             .iter()
-            .map(|(name, rows)| self.matrix(name, *rows, cols))
+            .map(|(name, rows, range)| self.block(name, (*rows, cols), range.clone(), 0..cols))
             .collect::<Result<Vec<_>>>()?;
         Ok(QMatrix::concat_rows(&mats)?)
     }
 
+    /// This rank's columns of an FFN `ffn` wide (all of them without tensor parallelism).
+    fn ffn_range(&self, ffn: usize) -> Result<Range<usize>> {
+        match self.tp {
+            Some(tp) => tp.range(ffn),
+            None => Ok(0..ffn),
+        }
+    }
+
     fn mlp(&self, n: &SwiGluNames, hidden: usize, ffn: usize) -> Result<Mlp> {
+        let cols = self.ffn_range(ffn)?;
         Ok(Mlp {
-            gate_up: self.stacked(&[(&n.gate, ffn), (&n.up, ffn)], hidden)?,
-            down: self.matrix(&n.down, hidden, ffn)?,
+            gate_up: self.stacked(
+                &[(&n.gate, ffn, cols.clone()), (&n.up, ffn, cols.clone())],
+                hidden,
+            )?,
+            down: self.block(&n.down, (hidden, ffn), 0..hidden, cols)?,
         })
     }
 }
@@ -99,14 +144,44 @@ impl Reader<'_> {
 impl ServeModel {
     /// Build from an opened checkpoint with projections in `format` (`None`: as stored).
     pub fn load(ckpt: &Checkpoint, format: Option<WeightFormat>) -> Result<ServeModel> {
+        Self::load_sharded(ckpt, format, None)
+    }
+
+    /// [`ServeModel::load`] keeping only this rank's share of a tensor-parallel group.
+    pub fn load_sharded(
+        ckpt: &Checkpoint,
+        format: Option<WeightFormat>,
+        tp: Option<TensorParallel>,
+    ) -> Result<ServeModel> {
         let format = format.unwrap_or_else(|| stored_format(ckpt));
         let c = ckpt.config.clone();
         let r = Reader {
             weights: &ckpt.weights,
             format,
+            tp: tp.as_ref(),
         };
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let group = c.num_attention_heads / c.num_key_value_heads.max(1);
+        let heads = match &tp {
+            Some(tp) => tp.range(c.num_attention_heads)?,
+            None => 0..c.num_attention_heads,
+        };
+        let kv_heads = heads.start / group..(heads.end - 1) / group + 1;
+        let shape = HeadShape {
+            heads: heads.len(),
+            kv_heads: kv_heads.len(),
+            head_dim: hd,
+            first_head: heads.start,
+            first_kv_head: kv_heads.start,
+            group,
+        };
+        let (q_rows, kv_rows) = (
+            heads.start * hd..heads.end * hd,
+            kv_heads.start * hd..kv_heads.end * hd,
+        );
+        // A row-parallel projection's bias is added once: by rank 0.
+        let first_rank = tp.as_ref().is_none_or(|t| t.comm.rank() == 0);
         let hf = head_format(format);
         let embed = Arc::new(r.matrix_as(names::EMBED, c.vocab_size, h, hf)?);
         let lm_head = if c.tie_word_embeddings {
@@ -124,14 +199,14 @@ impl ServeModel {
                 p("self_attn.o_proj.weight"),
             );
             let qkv_bias = if c.qkv_bias {
-                let mut b = r.vec(&p("self_attn.q_proj.bias"), &[q])?;
-                b.extend(r.vec(&p("self_attn.k_proj.bias"), &[kv])?);
-                b.extend(r.vec(&p("self_attn.v_proj.bias"), &[kv])?);
+                let mut b = r.vec(&p("self_attn.q_proj.bias"), &[q])?[q_rows.clone()].to_vec();
+                b.extend_from_slice(&r.vec(&p("self_attn.k_proj.bias"), &[kv])?[kv_rows.clone()]);
+                b.extend_from_slice(&r.vec(&p("self_attn.v_proj.bias"), &[kv])?[kv_rows.clone()]);
                 Some(b)
             } else {
                 None
             };
-            let o_bias = if c.o_bias {
+            let o_bias = if c.o_bias && first_rank {
                 Some(r.vec(&p("self_attn.o_proj.bias"), &[h])?)
             } else {
                 None
@@ -172,11 +247,18 @@ impl ServeModel {
             layers.push(ServeLayer {
                 input_norm: r.vec(&p("input_layernorm.weight"), &[h])?,
                 qkv: QLinear {
-                    weight: r.stacked(&[(&qn, q), (&kn, kv), (&vn, kv)], h)?,
+                    weight: r.stacked(
+                        &[
+                            (&qn, q, q_rows.clone()),
+                            (&kn, kv, kv_rows.clone()),
+                            (&vn, kv, kv_rows.clone()),
+                        ],
+                        h,
+                    )?,
                     bias: qkv_bias,
                 },
                 o: QLinear {
-                    weight: r.matrix(&on, h, q)?,
+                    weight: r.block(&on, (h, q), 0..h, q_rows.clone())?,
                     bias: o_bias,
                 },
                 post_norm: r.vec(&p("post_attention_layernorm.weight"), &[h])?,
@@ -191,6 +273,8 @@ impl ServeModel {
             embed,
             lm_head,
             layers,
+            shape,
+            tp,
         })
     }
 }

@@ -8,6 +8,7 @@ mod linear;
 mod load;
 mod moe;
 pub mod ops;
+mod tp;
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ pub use attention::{HeadShape, Rope};
 pub use linear::QLinear;
 pub use load::{head_format, stored_format};
 pub use moe::{Ffn, Mlp, MoeFfn, RouterGate};
+pub use tp::{split_by_weights, TensorParallel, TpComm};
 
 use crate::error::{Result, ServeError};
 use crate::kv_cache::KvCache;
@@ -76,21 +78,24 @@ pub struct ServeModel {
     final_norm: Vec<f32>,
     layers: Vec<ServeLayer>,
     rope: Rope,
+    shape: HeadShape,
+    tp: Option<TensorParallel>,
 }
 
 impl ServeModel {
-    /// Query heads, kv heads and head width.
+    /// The attention heads this process computes.
     pub fn head_shape(&self) -> HeadShape {
-        HeadShape {
-            heads: self.config.num_attention_heads,
-            kv_heads: self.config.num_key_value_heads,
-            head_dim: self.config.head_dim,
-        }
+        self.shape
     }
 
-    /// Width of one position's keys (or values) in one layer.
+    /// Width of one position's keys (or values) in one layer, on this process.
     pub fn kv_dim(&self) -> usize {
-        self.config.num_key_value_heads * self.config.head_dim
+        self.shape.kv_heads * self.shape.head_dim
+    }
+
+    /// The tensor-parallel group, if the model is split over processes.
+    pub fn tensor_parallel(&self) -> Option<&TensorParallel> {
+        self.tp.as_ref()
     }
 
     /// Decoder layers.
@@ -218,10 +223,16 @@ impl ServeModel {
                 }
             }
             let att = attend(&q, &placements, kv, li, shape);
-            let o = layer.o.forward(&att, n);
+            let mut o = layer.o.forward(&att, n);
+            if let Some(tp) = &self.tp {
+                tp.all_reduce(&mut o)?;
+            }
             add_in_place(&mut x, &o);
             let hn = rms_norm(&x, &layer.post_norm, eps);
-            let f = layer.ffn.forward(&hn, n);
+            let mut f = layer.ffn.forward(&hn, n);
+            if let Some(tp) = &self.tp {
+                tp.all_reduce(&mut f)?;
+            }
             add_in_place(&mut x, &f);
         }
         // Logits only for the rows that want them.
