@@ -181,3 +181,78 @@ fn quantised_shards_stay_close_and_bad_splits_are_refused() {
     assert!(e.to_string().contains("cannot split 4"), "{e}");
     assert!(TensorParallel::new(comm, Some(vec![1.0; 2])).is_err());
 }
+
+#[test]
+fn engine_leads_follower_ranks_to_the_same_generations() {
+    use skymoe_serve::chat_template::ChatTemplate;
+    use skymoe_serve::engine::{EngineConfig, EngineHandle, GenerationEvent, GenerationRequest};
+
+    let dir = fixture("mixtral");
+    let prompts: Vec<Vec<u32>> = vec![vec![3, 17, 42], vec![99, 7, 250, 11, 5], vec![8]];
+    let generate = |model: ServeModel| -> Vec<Vec<u32>> {
+        let tok = skymoe_model::Tokenizer::for_model(&dir, None).unwrap();
+        let config = EngineConfig {
+            kv_blocks: Some(16),
+            block_size: 4,
+            ..EngineConfig::default()
+        };
+        let e = EngineHandle::start(model, tok, ChatTemplate::chatml(), config);
+        let streams: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let r = GenerationRequest {
+                    ignore_eos: true,
+                    ..GenerationRequest::greedy(p.clone(), 9)
+                };
+                e.submit(r).unwrap()
+            })
+            .collect();
+        streams
+            .into_iter()
+            .map(|mut s| {
+                let mut ids = Vec::new();
+                while let Some(ev) = s.blocking_next() {
+                    if let GenerationEvent::Delta { token_ids, .. } = ev {
+                        ids.extend(token_ids);
+                    }
+                }
+                ids
+            })
+            .collect()
+    };
+    let ckpt = Checkpoint::open(&dir, &Device::Cpu).unwrap();
+    let alone = generate(ServeModel::load(&ckpt, Some(WeightFormat::F32)).unwrap());
+    let size = 3;
+    let group = Arc::new(Threads {
+        barrier: Barrier::new(size),
+        buf: Mutex::new(Vec::new()),
+    });
+    let handles: Vec<_> = (0..size)
+        .map(|rank| {
+            let group = group.clone();
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let comm: Arc<dyn TpComm> = Arc::new(Rank { group, rank, size });
+                let tp = TensorParallel::new(comm, None).unwrap();
+                let ckpt = Checkpoint::open(&dir, &Device::Cpu).unwrap();
+                let model =
+                    ServeModel::load_sharded(&ckpt, Some(WeightFormat::F32), Some(tp)).unwrap();
+                if rank == 0 {
+                    return (Some(model), 0);
+                }
+                let mut kv = model.new_kv_cache(4, 16);
+                let passes = model.follow(&mut kv).unwrap();
+                (None, passes)
+            })
+        })
+        .collect();
+    // The leading rank's model serves from the test thread's engine.
+    let mut results = handles.into_iter();
+    let lead = results.next().unwrap().join().unwrap().0.unwrap();
+    let got = generate(lead);
+    assert_eq!(got, alone);
+    for h in results {
+        let (_, passes) = h.join().unwrap();
+        assert!(passes > 0, "a follower ran no forward pass");
+    }
+}

@@ -69,6 +69,19 @@ impl Default for EngineConfig {
     }
 }
 
+impl EngineConfig {
+    /// KV-cache blocks for `model`: `kv_blocks`, or as many as `kv_memory_bytes` holds for the
+    /// whole model (the same count on every rank of a tensor-parallel group).
+    pub fn kv_blocks_for(&self, model: &ServeModel) -> usize {
+        self.kv_blocks.unwrap_or_else(|| {
+            let c = &model.config;
+            let kv_dim = c.num_key_value_heads * c.head_dim;
+            let per_pos = KvCache::bytes_per_position(model.num_layers(), kv_dim).max(1);
+            (self.kv_memory_bytes / per_pos / self.block_size.max(1)).max(1)
+        })
+    }
+}
+
 /// Why an engine could not start.
 pub type EngineError = ServeError;
 
@@ -163,10 +176,7 @@ impl EngineHandle {
         config: EngineConfig,
     ) -> Self {
         let block_size = config.block_size.max(1);
-        let blocks = config.kv_blocks.unwrap_or_else(|| {
-            let per_pos = KvCache::bytes_per_position(model.num_layers(), model.kv_dim()).max(1);
-            (config.kv_memory_bytes / per_pos / block_size).max(1)
-        });
+        let blocks = config.kv_blocks_for(&model);
         let kv = model.new_kv_cache(block_size, blocks);
         let shared = Arc::new(Shared {
             queue: Mutex::new(VecDeque::new()),
@@ -364,6 +374,14 @@ enum Outcome {
 
 impl Scheduler {
     fn run(mut self) {
+        self.run_steps();
+        // Under tensor parallelism the other ranks wait for the next step: release them.
+        if let Err(e) = self.model.release_followers() {
+            tracing::error!("cannot release the tensor-parallel ranks: {e}");
+        }
+    }
+
+    fn run_steps(&mut self) {
         loop {
             if !self.take_new() {
                 return;
@@ -553,7 +571,7 @@ impl Scheduler {
             .filter(|&&(i, n, _)| n > 1 || self.running[i].generated() == 0)
             .map(|&(_, n, _)| n)
             .sum();
-        let logits = self.model.forward(&chunks, &mut self.kv)?;
+        let logits = self.model.forward_led(&chunks, &mut self.kv)?;
         drop(chunks);
         let mut generated = 0;
         let mut finished = Vec::new();

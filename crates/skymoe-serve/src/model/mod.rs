@@ -138,6 +138,85 @@ impl ServeModel {
         self.embed.storage_bytes() + head + self.layers.iter().map(mats).sum::<usize>()
     }
 
+    /// [`ServeModel::forward`] on the leading rank of a tensor-parallel group: first send the
+    /// inputs to the other ranks (waiting in [`ServeModel::follow`]). Without tensor
+    /// parallelism, just the forward pass.
+    pub fn forward_led(&self, chunks: &[SeqChunk<'_>], kv: &mut KvCache) -> Result<Vec<Vec<f32>>> {
+        if let Some(tp) = &self.tp {
+            let plan = tp::StepPlan {
+                chunks: chunks
+                    .iter()
+                    .map(|c| {
+                        let code = match c.logits {
+                            LogitsFor::None => 0,
+                            LogitsFor::Last => 1,
+                            LogitsFor::All => 2,
+                        };
+                        (c.start, c.tokens.to_vec(), c.blocks.to_vec(), code)
+                    })
+                    .collect(),
+            };
+            self.send_plan(tp, Some(&plan))?;
+        }
+        self.forward(chunks, kv)
+    }
+
+    fn send_plan(&self, tp: &TensorParallel, plan: Option<&tp::StepPlan>) -> Result<()> {
+        let (mut header, mut body) = tp::StepPlan::encode(plan)?;
+        let err = |e: String| ServeError::Comm(format!("broadcast: {e}"));
+        tp.comm.broadcast(&mut header, 0).map_err(err)?;
+        if !body.is_empty() {
+            tp.comm.broadcast(&mut body, 0).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Tell the ranks waiting in [`ServeModel::follow`] to stop (leading rank only).
+    pub fn release_followers(&self) -> Result<()> {
+        match &self.tp {
+            Some(tp) => self.send_plan(tp, None),
+            None => Ok(()),
+        }
+    }
+
+    /// On a non-leading rank of a tensor-parallel group: run the forward passes the leading
+    /// rank sends, until it releases this rank. Returns the number of passes run.
+    pub fn follow(&self, kv: &mut KvCache) -> Result<usize> {
+        let Some(tp) = &self.tp else {
+            return Ok(0);
+        };
+        let err = |e: String| ServeError::Comm(format!("broadcast: {e}"));
+        let mut passes = 0;
+        loop {
+            let mut header = vec![0f32; 4];
+            tp.comm.broadcast(&mut header, 0).map_err(err)?;
+            let Some(len) = tp::StepPlan::body_len(&header) else {
+                return Ok(passes);
+            };
+            let mut body = vec![0f32; len];
+            if len > 0 {
+                tp.comm.broadcast(&mut body, 0).map_err(err)?;
+            }
+            let plan = tp::StepPlan::decode(&header, &body)?;
+            let chunks: Vec<SeqChunk<'_>> = plan
+                .chunks
+                .iter()
+                .map(|(start, t, b, l)| SeqChunk {
+                    tokens: t,
+                    start: *start,
+                    blocks: b,
+                    logits: match l {
+                        0 => LogitsFor::None,
+                        1 => LogitsFor::Last,
+                        _ => LogitsFor::All,
+                    },
+                })
+                .collect();
+            self.forward(&chunks, kv)?;
+            passes += 1;
+        }
+    }
+
     fn check(&self, chunks: &[SeqChunk<'_>], kv: &KvCache) -> Result<()> {
         for c in chunks {
             if c.tokens.is_empty() {

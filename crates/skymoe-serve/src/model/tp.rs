@@ -146,3 +146,88 @@ mod tests {
         assert!(split_by_weights(5, &[]).is_err());
     }
 }
+
+/// A forward pass's inputs, as the leading rank sends them to the others: header `[stop,
+/// chunks, tokens, blocks]`, then per chunk `[start, len, blocks, logits]`, the tokens and the
+/// block ids, all as f32 (exact for integers below 2^24).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct StepPlan {
+    /// Per chunk: start, tokens, block table, logits code (0 none, 1 last, 2 all).
+    pub chunks: Vec<(usize, Vec<u32>, Vec<u32>, u8)>,
+}
+
+const EXACT: usize = 1 << 24;
+
+impl StepPlan {
+    /// Header and body of the plan (`None`: the stop message).
+    pub(crate) fn encode(plan: Option<&StepPlan>) -> Result<(Vec<f32>, Vec<f32>)> {
+        let Some(p) = plan else {
+            return Ok((vec![1.0, 0.0, 0.0, 0.0], Vec::new()));
+        };
+        let tokens: usize = p.chunks.iter().map(|c| c.1.len()).sum();
+        let blocks: usize = p.chunks.iter().map(|c| c.2.len()).sum();
+        let mut body = Vec::with_capacity(4 * p.chunks.len() + tokens + blocks);
+        for (start, t, b, l) in &p.chunks {
+            body.extend([*start as f32, t.len() as f32, b.len() as f32, *l as f32]);
+        }
+        for (_, t, _, _) in &p.chunks {
+            body.extend(t.iter().map(|&x| x as f32));
+        }
+        for (_, _, b, _) in &p.chunks {
+            body.extend(b.iter().map(|&x| x as f32));
+        }
+        let big = p.chunks.iter().any(|(s, t, b, _)| {
+            s + t.len() >= EXACT || t.iter().chain(b).any(|&x| x as usize >= EXACT)
+        });
+        if big {
+            return Err(ServeError::Comm(
+                "token ids, positions and blocks must stay below 2^24 under tensor parallelism"
+                    .into(),
+            ));
+        }
+        let header = vec![0.0, p.chunks.len() as f32, tokens as f32, blocks as f32];
+        Ok((header, body))
+    }
+
+    /// Body length announced by a header; `None` for the stop message.
+    pub(crate) fn body_len(header: &[f32]) -> Option<usize> {
+        if header[0] != 0.0 {
+            return None;
+        }
+        Some(4 * header[1] as usize + header[2] as usize + header[3] as usize)
+    }
+
+    /// The plan from a header and body.
+    pub(crate) fn decode(header: &[f32], body: &[f32]) -> Result<StepPlan> {
+        let n = header[1] as usize;
+        let bad = || ServeError::Comm("malformed step plan".into());
+        let mut at = 4 * n;
+        let mut b_at = at + header[2] as usize;
+        let mut chunks = Vec::with_capacity(n);
+        for c in 0..n {
+            let meta = body.get(4 * c..4 * c + 4).ok_or_else(bad)?;
+            let (start, len, nb, l) = (
+                meta[0] as usize,
+                meta[1] as usize,
+                meta[2] as usize,
+                meta[3] as u8,
+            );
+            let t = body
+                .get(at..at + len)
+                .ok_or_else(bad)?
+                .iter()
+                .map(|&x| x as u32)
+                .collect();
+            let b = body
+                .get(b_at..b_at + nb)
+                .ok_or_else(bad)?
+                .iter()
+                .map(|&x| x as u32)
+                .collect();
+            at += len;
+            b_at += nb;
+            chunks.push((start, t, b, l));
+        }
+        Ok(StepPlan { chunks })
+    }
+}
