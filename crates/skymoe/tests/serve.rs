@@ -1,37 +1,13 @@
 //! `skymoe serve` as a process: start on a free port, wait for /health, one completion,
 //! then SIGTERM and a clean exit.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// One HTTP/1.1 request with `Connection: close`; returns the status and the body.
-fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let status: u16 = raw
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad response: {raw:?}"));
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
 
 #[test]
 fn serve_answers_and_stops_cleanly_on_sigterm() {
@@ -90,7 +66,7 @@ fn serve_answers_and_stops_cleanly_on_sigterm() {
     let t0 = Instant::now();
     loop {
         if TcpStream::connect(&addr).is_ok() {
-            let (status, _) = http(&addr, "GET", "/health", None);
+            let (status, _) = common::http(&addr, "GET", "/health", None);
             if status == 200 {
                 break;
             }
@@ -99,14 +75,14 @@ fn serve_answers_and_stops_cleanly_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    let (status, models) = http(&addr, "GET", "/v1/models", None);
+    let (status, models) = common::http(&addr, "GET", "/v1/models", None);
     assert_eq!(status, 200, "{models}");
     let models: serde_json::Value = serde_json::from_str(&models).unwrap();
     assert_eq!(models["data"][0]["id"], "tiny-mixtral");
 
     let req = r#"{"model": "tiny-mixtral", "prompt": "Hello", "max_tokens": 5,
                   "temperature": 0, "ignore_eos": true}"#;
-    let (status, body) = http(&addr, "POST", "/v1/completions", Some(req));
+    let (status, body) = common::http(&addr, "POST", "/v1/completions", Some(req));
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["object"], "text_completion");

@@ -36,6 +36,9 @@ use crate::kv_cache::KvCache;
 use crate::model::{LogitsFor, SeqChunk, ServeModel};
 use crate::stop::StopMatcher;
 
+/// How often an idle leader of a tensor-parallel group shows its followers it is alive.
+const KEEP_ALIVE: Duration = Duration::from_secs(20);
+
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -130,6 +133,17 @@ impl EngineHandle {
     /// Open a model directory or `.gguf` file, load it in `format` (`None`: as stored) and
     /// start the scheduler.
     pub fn load(model: &Path, format: Option<WeightFormat>, config: EngineConfig) -> Result<Self> {
+        Self::load_sharded(model, format, config, None)
+    }
+
+    /// [`EngineHandle::load`] on the leading rank of a tensor-parallel group (the other
+    /// ranks run [`ServeModel::follow`] on their shares).
+    pub fn load_sharded(
+        model: &Path,
+        format: Option<WeightFormat>,
+        config: EngineConfig,
+        tp: Option<crate::model::TensorParallel>,
+    ) -> Result<Self> {
         let ckpt = Checkpoint::open(model, &candle_core::Device::Cpu)?;
         let tokenizer = Tokenizer::for_model(&ckpt.path, ckpt.gguf_metadata.as_ref())?;
         let template_err = |e| ServeError::InvalidInput(format!("chat template: {e}"));
@@ -157,7 +171,7 @@ impl EngineHandle {
             None => ChatTemplate::from_model_dir(&ckpt.path).map_err(template_err)?,
         }
         .unwrap_or_else(ChatTemplate::chatml);
-        let served = ServeModel::load(&ckpt, format)?;
+        let served = ServeModel::load_sharded(&ckpt, format, tp)?;
         tracing::info!(
             "loaded {} ({:?}, {} weights, {:.1} MiB)",
             model.display(),
@@ -414,9 +428,16 @@ impl Scheduler {
         let Ok(mut q) = self.shared.queue.lock() else {
             return false;
         };
+        let mut pinged = Instant::now();
         while q.is_empty() && self.running.is_empty() && self.waiting.is_empty() {
             if Arc::strong_count(&self.shared) == 1 {
                 return false;
+            }
+            if pinged.elapsed() > KEEP_ALIVE {
+                if let Err(e) = self.model.keep_followers_alive() {
+                    tracing::error!("tensor-parallel ranks unreachable: {e}");
+                }
+                pinged = Instant::now();
             }
             q = match self.shared.wake.wait_timeout(q, Duration::from_millis(200)) {
                 Ok((q, _)) => q,

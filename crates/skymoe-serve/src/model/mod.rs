@@ -171,6 +171,15 @@ impl ServeModel {
         Ok(())
     }
 
+    /// Send the waiting ranks an empty step, so that their collective watchdog sees traffic
+    /// while the server is idle (leading rank only).
+    pub fn keep_followers_alive(&self) -> Result<()> {
+        match &self.tp {
+            Some(tp) => self.send_plan(tp, Some(&tp::StepPlan::default())),
+            None => Ok(()),
+        }
+    }
+
     /// Tell the ranks waiting in [`ServeModel::follow`] to stop (leading rank only).
     pub fn release_followers(&self) -> Result<()> {
         match &self.tp {
@@ -198,6 +207,9 @@ impl ServeModel {
                 tp.comm.broadcast(&mut body, 0).map_err(err)?;
             }
             let plan = tp::StepPlan::decode(&header, &body)?;
+            if plan.chunks.is_empty() {
+                continue;
+            }
             let chunks: Vec<SeqChunk<'_>> = plan
                 .chunks
                 .iter()

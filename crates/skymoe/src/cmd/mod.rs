@@ -15,6 +15,7 @@ pub mod quantize;
 pub mod report;
 pub mod serve;
 pub mod tokenizer;
+pub mod tp;
 pub mod train;
 pub mod upcycle;
 

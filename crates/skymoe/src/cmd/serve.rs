@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use skymoe_serve::engine::{EngineConfig, EngineHandle};
+use skymoe_serve::model::{ServeModel, TensorParallel};
 use skymoe_serve::openai::{self, ServerConfig};
 
 /// Arguments of `skymoe serve`.
@@ -41,6 +42,13 @@ pub struct Args {
     /// Largest request body accepted, in MiB.
     #[arg(long, default_value_t = 4)]
     max_body_mib: usize,
+    /// Under `mpirun`: relative share of each process of the tensor-parallel split, e.g.
+    /// 2,1,1 (default: equal; heads and FFN columns that do not divide are split unevenly).
+    #[arg(long)]
+    tp_weights: Option<String>,
+    /// Under `mpirun`: a collective waiting longer than this many seconds ends the job.
+    #[arg(long, default_value_t = 3600)]
+    comm_timeout_s: u64,
 }
 
 /// The model id derived from its path: the directory name, or the file name without `.gguf`.
@@ -101,8 +109,70 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     }
 
-    let engine = EngineHandle::load(&a.model, format, config)
-        .with_context(|| format!("cannot load model {}", a.model.display()))?;
+    let procs = super::launch::Processes::detect()?;
+    let tp_weights = super::tp::parse_weights(a.tp_weights.as_deref())?;
+    if procs.world == 1 {
+        anyhow::ensure!(
+            tp_weights.is_none(),
+            "--tp-weights needs several processes (mpirun -np N)"
+        );
+        let engine = EngineHandle::load(&a.model, format, config)
+            .with_context(|| format!("cannot load model {}", a.model.display()))?;
+        return serve_http(engine, server);
+    }
+    // Tensor parallelism over the mpirun job: rank 0 serves HTTP and leads, the other ranks
+    // follow its forward passes; this thread runs the collectives.
+    let comm = procs.world_comm(std::time::Duration::from_secs(a.comm_timeout_s.max(1)));
+    let rank = procs.rank;
+    let model = a.model.clone();
+    let outcome = super::tp::with_comm_thread(comm.as_ref(), move |c| -> anyhow::Result<()> {
+        let tp = TensorParallel::new(c, tp_weights)?;
+        if rank == 0 {
+            let engine = EngineHandle::load_sharded(&model, format, config, Some(tp))
+                .with_context(|| format!("cannot load model {}", model.display()))?;
+            return serve_http(engine, server);
+        }
+        // mpirun passes SIGINT/SIGTERM to every rank: the followers ignore them and stop when
+        // rank 0, having drained its requests, releases them.
+        ignore_shutdown_signals()?;
+        let ckpt = skymoe_model::Checkpoint::open(&model, &candle_core::Device::Cpu)
+            .with_context(|| format!("cannot open model {}", model.display()))?;
+        let served = ServeModel::load_sharded(&ckpt, format, Some(tp))?;
+        drop(ckpt);
+        let mut kv = served.new_kv_cache(config.block_size, config.kv_blocks_for(&served));
+        served.follow(&mut kv)?;
+        Ok(())
+    })
+    .and_then(|r| r);
+    match outcome {
+        Err(e) => procs.fail(&e),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Catch SIGINT/SIGTERM for the rest of the process's life and do nothing with them.
+fn ignore_shutdown_signals() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    std::thread::Builder::new()
+        .name("skymoe-signals".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                loop {
+                    openai::shutdown_signal().await;
+                    tracing::info!(
+                        "a follower rank ignores the signal; rank 0 decides when to stop"
+                    );
+                }
+            })
+        })?;
+    Ok(())
+}
+
+/// Serve `engine` over HTTP until a shutdown signal, then drain.
+fn serve_http(engine: EngineHandle, server: ServerConfig) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
