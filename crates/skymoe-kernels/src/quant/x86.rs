@@ -231,42 +231,6 @@ dots_kernel!(
     dec256_fp8
 );
 
-/// FP8 dot products 32 weights at a time (AVX-512 BW widens 32 bytes to 16-bit lanes in one
-/// step, halving the integer work per weight of [`dec512_fp8`]); sums are value / 2^8.
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn dots512_fp8_wide<const M: usize>(
-    w: *const u8,
-    x: *const f32,
-    cols: usize,
-) -> ([f32; M], usize) {
-    let mut acc = [[_mm512_setzero_ps(); 2]; M];
-    let (mag_mask, sign_mask) = (_mm512_set1_epi16(0x7F), _mm512_set1_epi16(0x80));
-    let mut c = 0;
-    // SAFETY (whole body): the caller guarantees `w` points at `cols` weights and `x` at `M`
-    // rows of `cols` activations; every access below is below `cols`.
-    unsafe {
-        while c + 32 <= cols {
-            let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(w.add(c) as *const __m256i));
-            let mag = _mm512_slli_epi16(_mm512_and_si512(v, mag_mask), 7);
-            let sign = _mm512_slli_epi16(_mm512_and_si512(v, sign_mask), 8);
-            let h = _mm512_or_si512(mag, sign);
-            let lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
-            let hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
-            for (i, a) in acc.iter_mut().enumerate() {
-                let xp = x.add(i * cols + c);
-                a[0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp), a[0]);
-                a[1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), a[1]);
-            }
-            c += 32;
-        }
-    }
-    let mut out = [0f32; M];
-    for (o, a) in out.iter_mut().zip(acc.iter()) {
-        *o = hsum512(_mm512_add_ps(a[0], a[1]));
-    }
-    (out, c)
-}
-
 /// q4 dot products over whole groups (AVX-512): group scales applied.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn dots512_q4<const M: usize>(
@@ -395,13 +359,7 @@ pub(super) unsafe fn row_dots<const M: usize>(
         QData::F16(w) => run!(dots512_f16, dots256_f16, w.as_ptr().add(r * cols)),
         QData::Int8 { q, .. } => run!(dots512_i8, dots256_i8, q.as_ptr().add(r * cols)),
         QData::Fp8 { q, .. } => {
-            let p = q.as_ptr().add(r * cols);
-            let (s, done) = if wide {
-                // SAFETY: guaranteed by the caller; `p` is the start of row `r`.
-                unsafe { dots512_fp8_wide::<M>(p, xp, cols) }
-            } else {
-                run!(dots512_fp8, dots256_fp8, p)
-            };
+            let (s, done) = run!(dots512_fp8, dots256_fp8, q.as_ptr().add(r * cols));
             (s.map(|v| v * FP8_VIA_F16), done)
         }
         QData::Q4 { packed, scales } => {
