@@ -10,11 +10,52 @@ use safetensors::Dtype;
 
 use crate::error::{ModelError, Result};
 
-/// A memory-mapped safetensors checkpoint (one file or several shards).
+/// A safetensors checkpoint (one file or several shards): headers are validated through a
+/// memory map, tensor bytes are read from the file (so a loaded model's memory is not
+/// counted twice, once as mapped file pages and once as its own copy).
 pub struct SafetensorsCheckpoint {
     files: MmapedSafetensors,
     /// Tensor name -> file it lives in (for error messages).
     locations: HashMap<String, PathBuf>,
+    /// Tensor name -> (absolute byte offset in its file, length).
+    ranges: HashMap<String, (u64, usize)>,
+}
+
+/// Absolute byte ranges of the tensors of one safetensors file, from its header.
+fn tensor_ranges(path: &Path) -> Result<Vec<(String, u64, usize)>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|e| ModelError::io(path, e))?;
+    let n = u64::from_le_bytes(len);
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| ModelError::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| ModelError::corrupt(path, format!("header is not JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ModelError::corrupt(path, "header is not an object"))?;
+    let mut out = Vec::with_capacity(obj.len());
+    for (name, info) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        let offsets = info
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)))
+            .ok_or_else(|| {
+                ModelError::corrupt(path, format!("tensor {name} has no data_offsets"))
+            })?;
+        out.push((
+            name.clone(),
+            8 + n + offsets.0,
+            offsets.1.saturating_sub(offsets.0) as usize,
+        ));
+    }
+    Ok(out)
 }
 
 impl SafetensorsCheckpoint {
@@ -65,6 +106,7 @@ impl SafetensorsCheckpoint {
     /// Open an explicit list of safetensors files.
     pub fn open_files(files: &[PathBuf]) -> Result<Self> {
         let mut locations = HashMap::new();
+        let mut ranges = HashMap::new();
         // Open each file on its own first so that a corrupt file is named in the error.
         for f in files {
             // SAFETY: the file is mapped read-only; like every memory-mapped reader we rely on no
@@ -73,6 +115,10 @@ impl SafetensorsCheckpoint {
                 .map_err(|e| ModelError::corrupt(f, strip_candle_context(&e)))?;
             for (name, _) in st.tensors() {
                 locations.insert(name, f.clone());
+            }
+            // The map validated the header and the offsets against the file's length.
+            for (name, start, len) in tensor_ranges(f)? {
+                ranges.insert(name, (start, len));
             }
         }
         // SAFETY: as above.
@@ -85,6 +131,7 @@ impl SafetensorsCheckpoint {
         Ok(SafetensorsCheckpoint {
             files: files_mm,
             locations,
+            ranges,
         })
     }
 
@@ -118,10 +165,23 @@ impl SafetensorsCheckpoint {
         })
     }
 
-    /// A tensor as stored: its dtype, shape and bytes (little-endian).
+    /// A tensor as stored: its dtype, shape and bytes (little-endian), read from the file.
     pub fn raw(&self, name: &str) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
+        use std::io::{Read, Seek, SeekFrom};
         let view = self.view(name)?;
-        Ok((view.dtype(), view.shape().to_vec(), view.data().to_vec()))
+        let path = self.locations.get(name).cloned().unwrap_or_default();
+        let &(start, len) = self
+            .ranges
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+            })?;
+        let mut bytes = vec![0u8; len];
+        let mut f = std::fs::File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+        f.seek(SeekFrom::Start(start))
+            .and_then(|_| f.read_exact(&mut bytes))
+            .map_err(|e| ModelError::io(&path, e))?;
+        Ok((view.dtype(), view.shape().to_vec(), bytes))
     }
 
     /// The stored dtype of a tensor.
@@ -141,10 +201,13 @@ impl SafetensorsCheckpoint {
                 })
             }
         }
-        let path = self.locations.get(name).cloned().unwrap_or_default();
-        self.files.load(name, device).map_err(|e| {
-            ModelError::corrupt(path, format!("tensor {name}: {}", strip_candle_context(&e)))
-        })
+        let (dtype, shape, bytes) = self.raw(name)?;
+        let dtype = match dtype {
+            Dtype::F16 => candle_core::DType::F16,
+            Dtype::BF16 => candle_core::DType::BF16,
+            _ => candle_core::DType::F32,
+        };
+        Ok(Tensor::from_raw_buffer(&bytes, dtype, &shape, device)?)
     }
 }
 
