@@ -72,8 +72,12 @@ impl Isa {
     }
 }
 
-/// Most activation rows handled by the fused dot-product kernels; more go through tiles.
-pub(crate) const FUSED_MAX_ROWS: usize = 4;
+/// Most activation rows one fused dot-product kernel handles at once.
+pub(crate) const FUSED_MAX_ROWS: usize = 8;
+
+/// Most activation rows handled by the fused kernels (in groups of [`FUSED_MAX_ROWS`]);
+/// more go through dequantised tiles and a GEMM.
+pub(crate) const FUSED_MAX_CHUNKED_ROWS: usize = 16;
 
 /// The per-row scale applied after the dot product (int8, fp8), else 1.
 fn row_scale(mat: &QMatrix, r: usize) -> f32 {
@@ -212,6 +216,19 @@ fn row_dots<const M: usize>(isa: Isa, mat: &QMatrix, r: usize, x: &[f32]) -> [f3
     acc.map(|a| a * s)
 }
 
+/// Dot products of the `dots.len()` (1 to [`FUSED_MAX_ROWS`]) rows of `x` with row `r`.
+fn fused_row_dots(isa: Isa, mat: &QMatrix, r: usize, x: &[f32], dots: &mut [f32]) {
+    macro_rules! rows {
+        ($($m:literal)*) => {
+            match dots.len() {
+                $($m => dots.copy_from_slice(&row_dots::<$m>(isa, mat, r, x)),)*
+                _ => unreachable!("at most FUSED_MAX_ROWS activation rows"),
+            }
+        };
+    }
+    rows!(1 2 3 4 5 6 7 8);
+}
+
 /// A raw output pointer shared by tasks writing disjoint elements.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -252,19 +269,22 @@ pub(crate) fn matmul(isa: Isa, mat: &QMatrix, x: &[f32], m: usize, out: &mut [f3
         return;
     }
     let ptr = OutPtr(out.as_mut_ptr());
-    if m <= FUSED_MAX_ROWS {
+    if m <= FUSED_MAX_CHUNKED_ROWS {
+        // Each task takes 16 weight rows and runs every group of up to FUSED_MAX_ROWS
+        // activation rows over them, so the rows are read from memory once and from cache
+        // for the other groups.
         par_ranges(rows, 16, m * cols, |r0, r1| {
-            for r in r0..r1 {
-                let mut dots = [0f32; FUSED_MAX_ROWS];
-                match m {
-                    1 => dots[..1].copy_from_slice(&row_dots::<1>(isa, mat, r, x)),
-                    2 => dots[..2].copy_from_slice(&row_dots::<2>(isa, mat, r, x)),
-                    3 => dots[..3].copy_from_slice(&row_dots::<3>(isa, mat, r, x)),
-                    _ => dots.copy_from_slice(&row_dots::<4>(isa, mat, r, x)),
-                }
-                for (i, &d) in dots[..m].iter().enumerate() {
-                    // SAFETY: element (i, r) is in bounds and belongs to this task's rows.
-                    unsafe { ptr.write(i * rows + r, d) };
+            for g0 in (0..m).step_by(FUSED_MAX_ROWS) {
+                let g = (m - g0).min(FUSED_MAX_ROWS);
+                let xg = &x[g0 * cols..(g0 + g) * cols];
+                for r in r0..r1 {
+                    let mut dots = [0f32; FUSED_MAX_ROWS];
+                    fused_row_dots(isa, mat, r, xg, &mut dots[..g]);
+                    for (i, &d) in dots[..g].iter().enumerate() {
+                        // SAFETY: element (g0 + i, r) is in bounds and belongs to this task's
+                        // rows.
+                        unsafe { ptr.write((g0 + i) * rows + r, d) };
+                    }
                 }
             }
         });

@@ -36,7 +36,7 @@ fn fused_and_tiled_products_match_the_reference() {
         for &(rows, cols) in &[(7, 64), (33, 48), (20, 100), (130, 576), (3, 31)] {
             let w = lcg_values(rows * cols, (rows * 31 + cols) as u64);
             let mat = QMatrix::quantize(&w, rows, cols, format).unwrap();
-            for m in [1, 2, 3, 4, 5, 9, 40] {
+            for m in [1, 2, 3, 4, 5, 8, 9, 16, 17, 40] {
                 let x = lcg_values(m * cols, m as u64 + 7);
                 let want = mat.matmul_reference(&x, m);
                 for isa in isas() {
@@ -179,5 +179,33 @@ fn stacked_matrices_multiply_like_their_parts() {
         assert_eq!(ab.dequantize(), want, "{format}");
         let c = QMatrix::quantize(&lcg_values(2 * 41, 2), 2, 41, format).unwrap();
         assert!(QMatrix::concat_rows(&[a, c]).is_err());
+    }
+}
+
+#[test]
+fn every_finite_fp8_code_decodes_exactly_on_every_isa() {
+    // Row 0 holds the 254 finite codes (0x7F and 0xFF are NaN), padded to 256 with zeros.
+    let mut q: Vec<u8> = (0..=255u8).filter(|b| b & 0x7F != 0x7F).collect();
+    q.resize(256, 0);
+    let mat = QMatrix::from_fp8(q.clone(), &[1.0], 1, 256).unwrap();
+    let table = fp8::e4m3_table();
+    for isa in isas() {
+        let mut row = vec![f32::NAN; 256];
+        kernels::dequantize_row(isa, &mat, 0, &mut row);
+        for (b, v) in q.iter().zip(&row) {
+            assert_eq!(
+                v.to_bits(),
+                table[*b as usize].to_bits(),
+                "{isa:?} code {b:#04x}"
+            );
+        }
+        // One-hot activations pick each weight out of the dot product exactly.
+        for (c, b) in q.iter().enumerate() {
+            let mut x = vec![0f32; 256];
+            x[c] = 1.0;
+            let mut out = [f32::NAN];
+            mat.matmul_with(isa, &x, 1, &mut out);
+            assert_eq!(out[0], table[*b as usize], "{isa:?} dot, code {b:#04x}");
+        }
     }
 }

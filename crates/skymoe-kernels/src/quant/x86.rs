@@ -2,8 +2,9 @@
 //! multiplied with the activations by FMA.
 //!
 //! FP8 E4M3 is decoded through F16: the byte's exponent and mantissa moved into an f16 bit
-//! pattern (`(b & 0x7F) << 7 | (b & 0x80) << 8`) give the value divided by 2^8 exactly,
-//! subnormals included, and the hardware f16→f32 conversion does the rest.
+//! pattern (`(b & 0x7F) << 7 | (b & 0x80) << 8`, computed as a sign extension, a shift and a
+//! mask) give the value divided by 2^8 exactly, subnormals included, and the hardware
+//! f16→f32 conversion does the rest.
 
 use std::arch::x86_64::*;
 
@@ -12,6 +13,11 @@ use super::{QData, QMatrix, Q4_GROUP};
 
 /// 2^8: FP8 values decoded through f16 come out divided by this.
 const FP8_VIA_F16: f32 = 256.0;
+
+/// Keeps bits 15 and 13..7 of a sign-extended E4M3 byte shifted left by 7: the byte
+/// `S EEEE MMM` sign-extended to 16 bits and shifted is `S S EEEE MMM 0000000`, and clearing
+/// bit 14 leaves the f16 pattern `S 0EEEE MMM0000000` (three instructions per vector).
+const FP8_F16_MASK: i16 = 0xBFFF_u16 as i16;
 
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -50,10 +56,11 @@ unsafe fn dec512_i8(p: *const i8) -> __m512 {
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 #[inline]
 unsafe fn dec512_fp8(p: *const u8) -> __m512 {
-    let v = _mm256_cvtepu8_epi16(unsafe { _mm_loadu_si128(p as *const __m128i) });
-    let mag = _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7F)), 7);
-    let sign = _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8);
-    _mm512_cvtph_ps(_mm256_or_si256(mag, sign))
+    let v = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(p as *const __m128i) });
+    _mm512_cvtph_ps(_mm256_and_si256(
+        _mm256_slli_epi16(v, 7),
+        _mm256_set1_epi16(FP8_F16_MASK),
+    ))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -74,10 +81,11 @@ unsafe fn dec256_i8(p: *const i8) -> __m256 {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn dec256_fp8(p: *const u8) -> __m256 {
-    let v = _mm_cvtepu8_epi16(unsafe { _mm_loadl_epi64(p as *const __m128i) });
-    let mag = _mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x7F)), 7);
-    let sign = _mm_slli_epi16(_mm_and_si128(v, _mm_set1_epi16(0x80)), 8);
-    _mm256_cvtph_ps(_mm_or_si128(mag, sign))
+    let v = _mm_cvtepi8_epi16(unsafe { _mm_loadl_epi64(p as *const __m128i) });
+    _mm256_cvtph_ps(_mm_and_si128(
+        _mm_slli_epi16(v, 7),
+        _mm_set1_epi16(FP8_F16_MASK),
+    ))
 }
 
 /// A dot-product kernel over whole vectors of one element type: `M` activation rows,

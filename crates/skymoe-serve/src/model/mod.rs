@@ -268,7 +268,23 @@ impl ServeModel {
 
     /// Run a batch of chunks, writing their keys and values into `kv`; returns the logits
     /// each chunk asked for (empty, `[vocab]` or `[len, vocab]`).
+    ///
+    /// The pass runs on a worker of the thread pool: a decode step runs a few hundred small
+    /// parallel products, and from inside the pool each one is a work-stealing split among
+    /// workers that are still spinning, instead of a hand-off from a foreign thread that
+    /// sleeps and wakes around every product.
     pub fn forward(&self, chunks: &[SeqChunk<'_>], kv: &mut KvCache) -> Result<Vec<Vec<f32>>> {
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward_on_worker(chunks, kv));
+        }
+        self.forward_on_worker(chunks, kv)
+    }
+
+    fn forward_on_worker(
+        &self,
+        chunks: &[SeqChunk<'_>],
+        kv: &mut KvCache,
+    ) -> Result<Vec<Vec<f32>>> {
         self.check(chunks, kv)?;
         let c = &self.config;
         let (hsz, hd) = (c.hidden_size, c.head_dim);
