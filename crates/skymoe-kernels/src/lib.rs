@@ -10,6 +10,7 @@
 mod cpu;
 pub mod quant;
 pub mod reference;
+pub mod sgemm;
 
 mod cross_entropy;
 mod rms_norm;

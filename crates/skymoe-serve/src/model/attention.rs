@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use skymoe_kernels::sgemm::{sgemm, View};
+
 use super::ops::{axpy, dot, softmax};
 use crate::kv_cache::KvCache;
 
@@ -96,6 +98,23 @@ impl HeadShape {
     }
 }
 
+/// Query rows per attention task: a long prompt chunk is split into blocks of this many
+/// rows, so that one prompt's heads keep every thread busy.
+const QUERY_BLOCK: usize = 64;
+
+/// Blocks of at least this many query rows use matrix products (scores `Q·Kᵀ`, then `P·V`);
+/// shorter ones (decoding) take one dot product per cached position.
+const GEMM_MIN_ROWS: usize = 8;
+
+/// One attention task: query rows `t0..t0 + rows` of chunk `chunk`, head `head`.
+#[derive(Debug, Clone, Copy)]
+struct Task {
+    chunk: usize,
+    head: usize,
+    t0: usize,
+    rows: usize,
+}
+
 /// Attention of every query row of `q` (`[n, heads·head_dim]`, RoPE applied) over the cached
 /// keys and values of `layer` (the chunk's own ones already written), causally. Returns
 /// `[n, heads·head_dim]`.
@@ -109,43 +128,202 @@ pub fn attend(
     let (heads, hd) = (shape.heads, shape.head_dim);
     let qdim = heads * hd;
     let n: usize = chunks.iter().map(|c| c.len).sum();
-    let scale = 1.0 / (hd as f32).sqrt();
-    let (keys, values) = kv.layer(layer);
-    let tasks: Vec<(usize, usize)> = (0..chunks.len())
-        .flat_map(|c| (0..heads).map(move |h| (c, h)))
-        .collect();
-    let results: Vec<(usize, usize, Vec<f32>)> = tasks
-        .par_iter()
-        .map(|&(c, h)| {
-            let ch = &chunks[c];
-            let g = shape.kv_of(h);
-            let mut out = vec![0f32; ch.len * hd];
-            let mut scores = Vec::with_capacity(ch.start + ch.len);
-            for t in 0..ch.len {
-                let qv = &q[(ch.row + t) * qdim + h * hd..(ch.row + t) * qdim + (h + 1) * hd];
-                let last = ch.start + t;
-                scores.clear();
-                for pos in 0..=last {
-                    let o = kv.offset(ch.blocks, pos) + g * hd;
-                    scores.push(dot(qv, &keys[o..o + hd]) * scale);
-                }
-                softmax(&mut scores);
-                let ov = &mut out[t * hd..(t + 1) * hd];
-                for (pos, &p) in scores.iter().enumerate() {
-                    let o = kv.offset(ch.blocks, pos) + g * hd;
-                    axpy(p, &values[o..o + hd], ov);
-                }
+    let mut tasks = Vec::new();
+    for (chunk, ch) in chunks.iter().enumerate() {
+        for head in 0..heads {
+            for t0 in (0..ch.len).step_by(QUERY_BLOCK) {
+                let rows = (ch.len - t0).min(QUERY_BLOCK);
+                tasks.push(Task {
+                    chunk,
+                    head,
+                    t0,
+                    rows,
+                });
             }
-            (c, h, out)
+        }
+    }
+    let results: Vec<(Task, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&task| {
+            let out = if task.rows >= GEMM_MIN_ROWS {
+                attend_by_products(q, &chunks[task.chunk], kv, layer, shape, task)
+            } else {
+                attend_by_rows(q, &chunks[task.chunk], kv, layer, shape, task)
+            };
+            (task, out)
         })
         .collect();
     let mut att = vec![0f32; n * qdim];
-    for (c, h, out) in results {
-        let ch = &chunks[c];
-        for t in 0..ch.len {
-            att[(ch.row + t) * qdim + h * hd..(ch.row + t) * qdim + (h + 1) * hd]
-                .copy_from_slice(&out[t * hd..(t + 1) * hd]);
+    for (task, out) in results {
+        let ch = &chunks[task.chunk];
+        let h = task.head;
+        for r in 0..task.rows {
+            let row = ch.row + task.t0 + r;
+            att[row * qdim + h * hd..row * qdim + (h + 1) * hd]
+                .copy_from_slice(&out[r * hd..(r + 1) * hd]);
         }
     }
     att
+}
+
+/// One task's output `[rows, head_dim]`, one query row at a time.
+fn attend_by_rows(
+    q: &[f32],
+    ch: &ChunkPlacement<'_>,
+    kv: &KvCache,
+    layer: usize,
+    shape: HeadShape,
+    task: Task,
+) -> Vec<f32> {
+    let (hd, h) = (shape.head_dim, task.head);
+    let qdim = shape.heads * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (keys, values) = kv.layer(layer);
+    let g = shape.kv_of(h);
+    let mut out = vec![0f32; task.rows * hd];
+    let mut scores = Vec::with_capacity(ch.start + task.t0 + task.rows);
+    for r in 0..task.rows {
+        let t = task.t0 + r;
+        let qv = &q[(ch.row + t) * qdim + h * hd..(ch.row + t) * qdim + (h + 1) * hd];
+        let last = ch.start + t;
+        scores.clear();
+        for pos in 0..=last {
+            let o = kv.offset(ch.blocks, pos) + g * hd;
+            scores.push(dot(qv, &keys[o..o + hd]) * scale);
+        }
+        softmax(&mut scores);
+        let ov = &mut out[r * hd..(r + 1) * hd];
+        for (pos, &p) in scores.iter().enumerate() {
+            let o = kv.offset(ch.blocks, pos) + g * hd;
+            axpy(p, &values[o..o + hd], ov);
+        }
+    }
+    out
+}
+
+/// One task's output `[rows, head_dim]` by matrix products: the head's keys and values up
+/// to the block's last position gathered from the paged cache, scores `Q·Kᵀ/√d` masked
+/// causally and soft-maxed per row, then `P·V`.
+fn attend_by_products(
+    q: &[f32],
+    ch: &ChunkPlacement<'_>,
+    kv: &KvCache,
+    layer: usize,
+    shape: HeadShape,
+    task: Task,
+) -> Vec<f32> {
+    let (hd, h, rows) = (shape.head_dim, task.head, task.rows);
+    let qdim = shape.heads * hd;
+    let (keys, values) = kv.layer(layer);
+    let g = shape.kv_of(h);
+    let len = ch.start + task.t0 + rows;
+    let mut k = Vec::with_capacity(len * hd);
+    let mut v = Vec::with_capacity(len * hd);
+    for pos in 0..len {
+        let o = kv.offset(ch.blocks, pos) + g * hd;
+        k.extend_from_slice(&keys[o..o + hd]);
+        v.extend_from_slice(&values[o..o + hd]);
+    }
+    let first = (ch.row + task.t0) * qdim + h * hd;
+    let queries = View {
+        data: &q[first..],
+        rows,
+        cols: hd,
+        row_stride: qdim,
+        col_stride: 1,
+    };
+    let keys_t = View {
+        data: &k,
+        rows: hd,
+        cols: len,
+        row_stride: 1,
+        col_stride: hd,
+    };
+    let mut scores = vec![0f32; rows * len];
+    sgemm(queries, keys_t, 1.0 / (hd as f32).sqrt(), &mut scores, len);
+    for (r, row) in scores.chunks_exact_mut(len).enumerate() {
+        // Query row r sits at position start + t0 + r and sees positions 0..=that.
+        let visible = ch.start + task.t0 + r + 1;
+        softmax(&mut row[..visible]);
+        row[visible..].fill(0.0);
+    }
+    let probs = View {
+        data: &scores,
+        rows,
+        cols: len,
+        row_stride: len,
+        col_stride: 1,
+    };
+    let vals = View {
+        data: &v,
+        rows: len,
+        cols: hd,
+        row_stride: hd,
+        col_stride: 1,
+    };
+    let mut out = vec![0f32; rows * hd];
+    sgemm(probs, vals, 1.0, &mut out, hd);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + seed) * 7919) % 2003) as f32 / 1001.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn products_equal_row_by_row_attention() {
+        // 4 query heads over 2 kv heads of 16, a chunk of 70 rows after 9 cached positions,
+        // blocks of 4 positions handed out out of order.
+        let shape = HeadShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            first_head: 0,
+            first_kv_head: 0,
+            group: 2,
+        };
+        let kv_dim = 32;
+        let (start, len) = (9, 70);
+        let mut kv = KvCache::new(1, kv_dim, 4, 40);
+        let _spare = kv.allocate(3).unwrap();
+        let blocks = kv.allocate(kv.blocks_for(start + len)).unwrap();
+        let (k, v) = (
+            values((start + len) * kv_dim, 1),
+            values((start + len) * kv_dim, 2),
+        );
+        for pos in 0..start + len {
+            let r = pos * kv_dim..(pos + 1) * kv_dim;
+            kv.write(0, &blocks, pos, &k[r.clone()], &v[r]);
+        }
+        let q = values(len * 64, 3);
+        let ch = ChunkPlacement {
+            row: 0,
+            len,
+            start,
+            blocks: &blocks,
+        };
+        for head in 0..4 {
+            for (t0, rows) in [(0, 64), (64, 6), (3, 20)] {
+                let task = Task {
+                    chunk: 0,
+                    head,
+                    t0,
+                    rows,
+                };
+                let a = attend_by_products(&q, &ch, &kv, 0, shape, task);
+                let b = attend_by_rows(&q, &ch, &kv, 0, shape, task);
+                let err = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(err < 1e-5, "head {head} rows {t0}+{rows}: {err}");
+            }
+        }
+    }
 }
