@@ -269,12 +269,14 @@ impl ServeModel {
     /// Run a batch of chunks, writing their keys and values into `kv`; returns the logits
     /// each chunk asked for (empty, `[vocab]` or `[len, vocab]`).
     ///
-    /// The pass runs on a worker of the thread pool: a decode step runs a few hundred small
-    /// parallel products, and from inside the pool each one is a work-stealing split among
-    /// workers that are still spinning, instead of a hand-off from a foreign thread that
-    /// sleeps and wakes around every product.
+    /// Without tensor parallelism the pass runs on a worker of the thread pool: a decode step
+    /// runs a few hundred small parallel products, and from inside the pool each one is a
+    /// work-stealing split among workers that are still spinning, instead of a hand-off from
+    /// a foreign thread that sleeps and wakes around every product. A tensor-parallel pass
+    /// stays on the calling thread, since it blocks in collectives (ranks run as threads of
+    /// one process would otherwise hold every worker while waiting for each other).
     pub fn forward(&self, chunks: &[SeqChunk<'_>], kv: &mut KvCache) -> Result<Vec<Vec<f32>>> {
-        if rayon::current_thread_index().is_none() {
+        if self.tp.is_none() && rayon::current_thread_index().is_none() {
             return rayon::scope(|_| self.forward_on_worker(chunks, kv));
         }
         self.forward_on_worker(chunks, kv)

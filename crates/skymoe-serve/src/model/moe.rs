@@ -2,6 +2,7 @@
 //! tokens grouped by expert so that only the experts that received tokens are read, and the
 //! optional sigmoid-gated shared expert.
 
+use rayon::prelude::*;
 use skymoe_kernels::quant::QMatrix;
 use skymoe_model::RouterConfig;
 
@@ -129,16 +130,26 @@ impl MoeFfn {
             1.0
         };
         let mut out = vec![0f32; m * h];
-        let mut buf = Vec::new();
-        for (expert, tokens) in self.experts.iter().zip(&groups) {
-            if tokens.is_empty() {
-                continue;
-            }
-            buf.clear();
-            for &(t, _) in tokens {
-                buf.extend(x[t * h..(t + 1) * h].iter().map(|v| v * scale_input));
-            }
-            let y = expert.forward(&buf, tokens.len());
+        // The active experts run concurrently (each product also splits its rows over idle
+        // threads): at small batches a decode step then streams two experts' weights at once
+        // instead of synchronising every thread around each small product.
+        let active: Vec<(&Mlp, &Vec<(usize, f32)>)> = self
+            .experts
+            .iter()
+            .zip(&groups)
+            .filter(|(_, tokens)| !tokens.is_empty())
+            .collect();
+        let outputs: Vec<Vec<f32>> = active
+            .par_iter()
+            .map(|(expert, tokens)| {
+                let mut buf = Vec::with_capacity(tokens.len() * h);
+                for &(t, _) in tokens.iter() {
+                    buf.extend(x[t * h..(t + 1) * h].iter().map(|v| v * scale_input));
+                }
+                expert.forward(&buf, tokens.len())
+            })
+            .collect();
+        for ((_, tokens), y) in active.iter().zip(&outputs) {
             for (j, &(t, w)) in tokens.iter().enumerate() {
                 axpy(w, &y[j * h..(j + 1) * h], &mut out[t * h..(t + 1) * h]);
             }
