@@ -142,13 +142,19 @@ pub fn attend(
             }
         }
     }
+    let inp = LayerInputs {
+        q,
+        kv,
+        layer,
+        shape,
+    };
     let results: Vec<(Task, Vec<f32>)> = tasks
         .par_iter()
         .map(|&task| {
             let out = if task.rows >= GEMM_MIN_ROWS {
-                attend_by_products(q, &chunks[task.chunk], kv, layer, shape, task)
+                attend_by_products(inp, &chunks[task.chunk], task)
             } else {
-                attend_by_rows(q, &chunks[task.chunk], kv, layer, shape, task)
+                attend_by_rows(inp, &chunks[task.chunk], task)
             };
             (task, out)
         })
@@ -166,20 +172,30 @@ pub fn attend(
     att
 }
 
-/// One task's output `[rows, head_dim]`, one query row at a time.
-fn attend_by_rows(
-    q: &[f32],
-    ch: &ChunkPlacement<'_>,
-    kv: &KvCache,
+/// What every attention task of one layer reads: the queries (`[n, heads·head_dim]`), the
+/// cache and the layer.
+#[derive(Clone, Copy)]
+struct LayerInputs<'a> {
+    q: &'a [f32],
+    kv: &'a KvCache,
     layer: usize,
     shape: HeadShape,
-    task: Task,
-) -> Vec<f32> {
-    let (hd, h) = (shape.head_dim, task.head);
-    let qdim = shape.heads * hd;
+}
+
+impl LayerInputs<'_> {
+    /// Head width, width of a query row, and the kv head that `task`'s head reads.
+    fn dims(&self, task: Task) -> (usize, usize, usize) {
+        let hd = self.shape.head_dim;
+        (hd, self.shape.heads * hd, self.shape.kv_of(task.head))
+    }
+}
+
+/// One task's output `[rows, head_dim]`, one query row at a time.
+fn attend_by_rows(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task) -> Vec<f32> {
+    let (hd, qdim, g) = inp.dims(task);
+    let (q, kv, h) = (inp.q, inp.kv, task.head);
     let scale = 1.0 / (hd as f32).sqrt();
-    let (keys, values) = kv.layer(layer);
-    let g = shape.kv_of(h);
+    let (keys, values) = kv.layer(inp.layer);
     let mut out = vec![0f32; task.rows * hd];
     let mut scores = Vec::with_capacity(ch.start + task.t0 + task.rows);
     for r in 0..task.rows {
@@ -204,18 +220,10 @@ fn attend_by_rows(
 /// One task's output `[rows, head_dim]` by matrix products: the head's keys and values up
 /// to the block's last position gathered from the paged cache, scores `Q·Kᵀ/√d` masked
 /// causally and soft-maxed per row, then `P·V`.
-fn attend_by_products(
-    q: &[f32],
-    ch: &ChunkPlacement<'_>,
-    kv: &KvCache,
-    layer: usize,
-    shape: HeadShape,
-    task: Task,
-) -> Vec<f32> {
-    let (hd, h, rows) = (shape.head_dim, task.head, task.rows);
-    let qdim = shape.heads * hd;
-    let (keys, values) = kv.layer(layer);
-    let g = shape.kv_of(h);
+fn attend_by_products(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task) -> Vec<f32> {
+    let (hd, qdim, g) = inp.dims(task);
+    let (q, kv, h, rows) = (inp.q, inp.kv, task.head, task.rows);
+    let (keys, values) = kv.layer(inp.layer);
     let len = ch.start + task.t0 + rows;
     let mut k = Vec::with_capacity(len * hd);
     let mut v = Vec::with_capacity(len * hd);
@@ -316,8 +324,14 @@ mod tests {
                     t0,
                     rows,
                 };
-                let a = attend_by_products(&q, &ch, &kv, 0, shape, task);
-                let b = attend_by_rows(&q, &ch, &kv, 0, shape, task);
+                let inp = LayerInputs {
+                    q: &q,
+                    kv: &kv,
+                    layer: 0,
+                    shape,
+                };
+                let a = attend_by_products(inp, &ch, task);
+                let b = attend_by_rows(inp, &ch, task);
                 let err = a
                     .iter()
                     .zip(&b)
