@@ -6,7 +6,12 @@ BENCHMARKS.md).
 
 Usage: python3 benches/train_vs_pytorch.py [--skymoe target/release/skymoe] [--steps 8]
        [--hidden 256 --layers 4 --experts 8 --top-k 2 --ffn 512 --heads 8 --kv-heads 4
-        --vocab 1024 --seq-len 256 --batch 4] [--threads N]
+        --vocab 1024 --seq-len 256 --batch 4] [--threads N] [--micro-batches M]
+
+skymoe runs twice: the batch as one micro-batch, and the same batch as M micro-batches of
+batch/M sequences (grad_accum = M, default 2) that run concurrently, one per thread. Both take
+one optimiser step per batch of the same sequences; the mean cross-entropy over equal-length
+micro-batches is the mean over the batch, so the gradients are the same up to rounding.
 
 Both sides: f32 on CPU, dropless routing, AdamW (lr 1e-3, betas 0.9/0.95, wd 0.1), gradient
 clipping at 1.0, no auxiliary loss term in the timing difference that matters (skymoe adds its
@@ -34,12 +39,6 @@ def cpu_model():
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def peak_rss_mib_of_children():
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
 
 
 def run_pytorch(a):
@@ -78,7 +77,7 @@ def run_pytorch(a):
     return times[1:], rss
 
 
-def run_skymoe(a, corpus_dir):
+def run_skymoe(a, corpus_dir, micro_batches=1):
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = os.path.join(tmp, "run")
         cfg = f"""
@@ -107,7 +106,8 @@ warmup_steps = 0
 grad_clip = 1.0
 [train]
 steps = {a.steps}
-batch_size = {a.batch}
+batch_size = {a.batch // micro_batches}
+grad_accum = {micro_batches}
 eval_every = 0
 eval_batches = 1
 checkpoint_every = 0
@@ -117,13 +117,18 @@ out_dir = "{run_dir}"
         with open(path, "w") as f:
             f.write(cfg)
         env = dict(os.environ)
-        subprocess.run([a.skymoe, "train", "--config", path, "--quiet"], check=True, env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if a.threads:
+            env["RAYON_NUM_THREADS"] = str(a.threads)
+        child = subprocess.Popen([a.skymoe, "train", "--config", path, "--quiet"], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(child.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            sys.exit(f"skymoe train failed (status {status})")
         steps = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
         steps = [s for s in steps if s["kind"] == "train"]
         tokens = a.batch * a.seq_len
         times = [tokens / s["tokens_per_s"] for s in steps]
-        return times[1:], peak_rss_mib_of_children()
+        return times[1:], usage.ru_maxrss / 1024.0
 
 
 def main():
@@ -142,20 +147,27 @@ def main():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--micro-batches", type=int, default=2)
     a = p.parse_args()
+    if a.micro_batches < 1 or a.batch % a.micro_batches:
+        p.error("--micro-batches must divide --batch")
     tokens = a.batch * a.seq_len
-    sk_times, sk_rss = run_skymoe(a, os.path.abspath(a.corpus))
+    one_times, one_rss = run_skymoe(a, os.path.abspath(a.corpus))
+    split_times, split_rss = run_skymoe(a, os.path.abspath(a.corpus), a.micro_batches)
     pt_times, pt_rss = run_pytorch(a)
-    sk = tokens / statistics.median(sk_times)
+    one = tokens / statistics.median(one_times)
+    sk = tokens / statistics.median(split_times)
     pt = tokens / statistics.median(pt_times)
     print(f"machine: {os.cpu_count()} cores, {cpu_model()}; date {time.strftime('%Y-%m-%d')}")
     print(f"model: mixtral hidden {a.hidden}, {a.layers} layers, {a.experts} experts top-{a.top_k}, ffn {a.ffn}, "
           f"heads {a.heads}/{a.kv_heads}, vocab {a.vocab}; batch {a.batch} x seq {a.seq_len}; {a.steps} steps (first untimed)")
     print("| engine | tokens/s (median) | peak RSS MiB |")
     print("| --- | --- | --- |")
-    print(f"| skymoe | {sk:.0f} | {sk_rss:.0f} |")
-    print(f"| PyTorch {__import__('torch').__version__} eager | {pt:.0f} | {pt_rss:.0f} |")
-    print(f"ratio skymoe / PyTorch: {sk / pt:.2f}x")
+    m = a.micro_batches
+    print(f"| skymoe, 1 micro-batch of {a.batch} | {one:.0f} | {one_rss:.0f} |")
+    print(f"| skymoe, {m} concurrent micro-batches of {a.batch // m} | {sk:.0f} | {split_rss:.0f} |")
+    print(f"| PyTorch {__import__('torch').__version__} eager, batch {a.batch} | {pt:.0f} | {pt_rss:.0f} |")
+    print(f"ratio skymoe / PyTorch: {sk / pt:.2f}x ({m} micro-batches), {one / pt:.2f}x (1 micro-batch)")
 
 
 if __name__ == "__main__":

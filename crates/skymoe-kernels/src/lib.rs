@@ -1,5 +1,5 @@
 //! skymoe-kernels: fused forward+backward operations that candle lacks (RMSNorm, softmax,
-//! causal softmax, RoPE, SwiGLU activation, cross-entropy).
+//! causal softmax, RoPE, SwiGLU activation, cross-entropy, the routed experts of an MoE layer).
 //!
 //! Each public function computes the same value as a composition of candle's generic tensor
 //! ops (the "reference" functions in [`reference`]), but in one pass over memory, and carries
@@ -13,12 +13,14 @@ pub mod reference;
 pub mod sgemm;
 
 mod cross_entropy;
+mod grouped_swiglu;
 mod rms_norm;
 mod rope;
 mod silu_mul;
 mod softmax;
 
 pub use cross_entropy::cross_entropy;
+pub use grouped_swiglu::{grouped_swiglu, reference_grouped_swiglu};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use silu_mul::silu_mul;

@@ -3,7 +3,8 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use skymoe_kernels::{
-    causal_softmax, cross_entropy, reference, rms_norm, rope, silu_mul, softmax_last_dim,
+    causal_softmax, cross_entropy, grouped_swiglu, reference, reference_grouped_swiglu, rms_norm,
+    rope, silu_mul, softmax_last_dim,
 };
 
 /// Deterministic pseudo-random values in [-scale, scale).
@@ -154,6 +155,61 @@ fn silu_mul_matches_reference() {
             2e-5,
         );
     }
+}
+
+/// Each expert's rows through its own SwiGLU, one plain candle product chain per expert.
+fn experts_one_by_one(t: &[Tensor], offsets: &[usize], ffn: usize) -> Result<Tensor> {
+    let mut parts = Vec::new();
+    for e in 0..offsets.len() - 1 {
+        let n = offsets[e + 1] - offsets[e];
+        if n == 0 {
+            continue;
+        }
+        let x = t[0].narrow(0, offsets[e], n)?;
+        let w13 = t[1].get(e)?;
+        let gate = w13.narrow(0, 0, ffn)?;
+        let up = w13.narrow(0, ffn, ffn)?;
+        let act = (x.matmul(&gate.t()?)?.silu()? * x.matmul(&up.t()?)?)?;
+        parts.push(act.matmul(&t[2].get(e)?.t()?)?);
+    }
+    Tensor::cat(&parts, 0)
+}
+
+#[test]
+fn grouped_swiglu_matches_experts_one_by_one() {
+    // Experts with no rows, one row, several row blocks; widths that the weight blocks do not
+    // divide.
+    for (offsets, h, f, seed) in [
+        (vec![0usize, 3, 3, 4], 8usize, 6usize, 20u64),
+        (vec![0, 70, 70, 200, 201, 330], 136, 100, 21),
+    ] {
+        let e = offsets.len() - 1;
+        let n = *offsets.last().unwrap();
+        let x = Var::from_tensor(&rand(&[n, h], seed, 1.0)).unwrap();
+        let w13 = Var::from_tensor(&rand(&[e, 2 * f, h], seed + 1, 0.3)).unwrap();
+        let w2 = Var::from_tensor(&rand(&[e, h, f], seed + 2, 0.3)).unwrap();
+        let o = offsets.clone();
+        check(
+            &[x.clone(), w13.clone(), w2.clone()],
+            |t| grouped_swiglu(&t[0], &t[1], &t[2], &o),
+            |t| experts_one_by_one(t, &o, f),
+            2e-5,
+        );
+        check(
+            &[x, w13, w2],
+            |t| reference_grouped_swiglu(&t[0], &t[1], &t[2], &o),
+            |t| experts_one_by_one(t, &o, f),
+            2e-5,
+        );
+    }
+    // Offsets that do not cover the rows, and mismatched shapes, are errors.
+    let x = rand(&[4, 8], 1, 1.0);
+    let w13 = rand(&[2, 12, 8], 2, 1.0);
+    let w2 = rand(&[2, 8, 6], 3, 1.0);
+    assert!(grouped_swiglu(&x, &w13, &w2, &[0, 2, 3]).is_err());
+    assert!(grouped_swiglu(&x, &w13, &w2, &[0, 3, 2, 4]).is_err());
+    assert!(grouped_swiglu(&x, &w13, &rand(&[2, 8, 5], 3, 1.0), &[0, 2, 4]).is_err());
+    assert!(grouped_swiglu(&x, &w13, &w2, &[0, 2, 4]).is_ok());
 }
 
 #[test]

@@ -198,6 +198,10 @@ pub struct TrainSection {
     pub batch_size: usize,
     /// Micro-batches per optimiser step.
     pub grad_accum: usize,
+    /// Micro-batches of a step that run at once, each on a thread of its own (0: as many as
+    /// there are threads; 1: one after the other). Ignored, as 1, on a pipeline stage, for a
+    /// model cut over processes and with recomputation.
+    pub concurrent_micro_batches: usize,
     /// Validate every this many steps (0: only at the end).
     pub eval_every: u64,
     /// Validation batches per evaluation (0: all).
@@ -220,6 +224,7 @@ impl Default for TrainSection {
             steps: 200,
             batch_size: 8,
             grad_accum: 1,
+            concurrent_micro_batches: 0,
             eval_every: 50,
             eval_batches: 8,
             checkpoint_every: 100,

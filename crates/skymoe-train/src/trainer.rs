@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use skymoe_model::{CausalLm, Checkpoint, ModelConfig};
 
@@ -758,6 +759,21 @@ impl Trainer {
         self.step_on_batches(&micro, start, last_checkpoint)
     }
 
+    /// How many micro-batches of a step of `accum` run at once: `train.concurrent_micro_batches`
+    /// (0: as many as the thread pool has threads), at most `accum`, and 1 when something
+    /// orders the passes (a pipeline stage, a model cut over processes, recomputation).
+    fn concurrent_micro_batches(&self, accum: usize) -> usize {
+        if self.model.pipeline.is_some() || self.shards.is_some() || self.model.recompute.is_some()
+        {
+            return 1;
+        }
+        let wanted = match self.cfg.train.concurrent_micro_batches {
+            0 => rayon::current_num_threads(),
+            n => n,
+        };
+        wanted.clamp(1, accum.max(1))
+    }
+
     /// One optimiser step over the given micro-batches (each a list of equal-length sequences
     /// of `seq_len + 1` tokens: inputs followed by the shifted targets).
     pub fn step_on_batches(
@@ -773,11 +789,8 @@ impl Trainer {
         let alpha = self.state.aux.alpha.clone();
         let n_moe = alpha.len();
         let mut grads_acc: BTreeMap<String, Tensor> = BTreeMap::new();
-        let (mut loss_sum, mut ce_sum, mut aux_sum, mut z_sum) = (0.0, 0.0, 0.0, 0.0);
-        let mut drop = vec![0.0; n_moe];
         let experts = self.model_config.moe.as_ref().map_or(0, |m| m.num_experts);
-        let mut load: Vec<Vec<f64>> = vec![vec![0.0; experts]; n_moe];
-        let mut gate_ratio = vec![0.0; n_moe];
+        let mut sums = StepSums::new(n_moe, experts);
         // The index among the MoE layers of each layer (a pipeline stage routes only its own).
         let mut moe_index = Vec::with_capacity(self.model_config.num_hidden_layers);
         let mut next = 0;
@@ -833,119 +846,93 @@ impl Trainer {
                 *slot = Some(objective);
             }
         }
-        let order = pass_order(
-            micro.len(),
-            self.model.pipeline.as_ref().map(|p| (p.stage, p.stages)),
-        );
+        let ctx = MicroContext {
+            model: &self.model,
+            model_config: &self.model_config,
+            cfg,
+            params: &self.params,
+            device: &self.device,
+            alpha: &alpha,
+            moe_index: &moe_index,
+            capacity,
+            accum,
+        };
+        // Micro-batches run concurrently, each on a thread of its own, when nothing orders
+        // them (no pipeline, no model cut over processes, no recomputation); their gradients
+        // still add up in micro-batch order.
+        let concurrent = self.concurrent_micro_batches(accum);
+        let order = if concurrent > 1 {
+            Vec::new()
+        } else {
+            pass_order(
+                micro.len(),
+                self.model.pipeline.as_ref().map(|p| (p.stage, p.stages)),
+            )
+        };
+        if concurrent > 1 {
+            let all: Vec<usize> = (0..micro.len()).collect();
+            for group in all.chunks(concurrent) {
+                let results: Vec<Result<(MicroForward, Option<Grads>)>> = group
+                    .par_iter()
+                    .map(|&i| {
+                        let f = forward_micro(&ctx, &micro[i])?;
+                        let grads = if f.total_val.is_finite() {
+                            Some(backward_micro(&ctx, &f.total)?)
+                        } else {
+                            None
+                        };
+                        Ok((f, grads))
+                    })
+                    .collect();
+                for result in results {
+                    let (f, grads) = result?;
+                    tokens += f.tokens;
+                    let finite = merge_forward(&f, &mut sums);
+                    match grads {
+                        Some(grads) if finite => accumulate(&mut grads_acc, grads)?,
+                        _ if split => nonfinite = nonfinite.max(1.0),
+                        _ => {
+                            return Err(TrainError::NonFiniteLoss {
+                                step: self.state.step + 1,
+                                value: f.total_val,
+                                last_checkpoint: last_checkpoint.clone(),
+                            })
+                        }
+                    }
+                }
+            }
+        }
         let mut pending: Vec<Option<Tensor>> = vec![None; micro.len()];
         for pass in order {
             match pass {
                 Pass::Forward(i) => {
-                    let batch = &micro[i];
-                    let bs = batch.len();
-                    let t = batch[0].len() - 1;
-                    let inputs: Vec<Vec<u32>> = batch.iter().map(|s| s[..t].to_vec()).collect();
-                    let targets: Vec<u32> =
-                        batch.iter().flat_map(|s| s[1..].iter().copied()).collect();
-                    tokens += (bs * t) as u64;
-                    let out = self.model.forward_batch(&inputs, capacity)?;
-                    let v = self.model_config.vocab_size;
-                    let targets = Tensor::from_vec(targets, bs * t, &self.device)?;
-                    // A pipeline stage before the last has no logits: its objective is the zero
-                    // scalar that pulls its output's gradient from the next stage.
-                    let (ce, mut total) = match &out.stage_output {
-                        Some(zero) => (None, zero.clone()),
-                        None => {
-                            let ce = cross_entropy(&out.logits.reshape((bs * t, v))?, &targets)?;
-                            (Some(ce.clone()), ce)
-                        }
-                    };
-                    let mut aux_val = 0.0;
-                    let mut z_val = 0.0;
-                    for (layer, r) in out.routings.iter().enumerate() {
-                        let (Some(r), Some(l)) = (r, moe_index.get(layer).copied().flatten())
-                        else {
-                            continue;
-                        };
-                        let a = alpha.get(l).copied().unwrap_or(0.0);
-                        let aux = match cfg.aux.balance {
-                            BalanceLoss::Skywork => Some(skywork_aux(&r.probs)?),
-                            BalanceLoss::Switch => Some(switch_aux(&r.probs, &r.expert_counts)?),
-                            BalanceLoss::None => None,
-                        };
-                        if let Some(aux) = aux {
-                            if a != 0.0 {
-                                let term = (aux * a)?;
-                                aux_val += term.to_scalar::<f32>()? as f64;
-                                total = (total + term)?;
-                            }
-                        }
-                        if cfg.aux.z_loss_coef > 0.0 {
-                            let term = (z_loss(&r.logits)? * cfg.aux.z_loss_coef)?;
-                            z_val += term.to_scalar::<f32>()? as f64;
-                            total = (total + term)?;
-                        }
-                        if l < n_moe {
-                            drop[l] += r.drop_rate() / accum as f64;
-                        }
-                        let el = r.expert_load();
-                        if l < n_moe {
-                            gate_ratio[l] += r.gate_ratio() / accum as f64;
-                        }
-                        if let Some(slot) = load.get_mut(l) {
-                            for (s, x) in slot.iter_mut().zip(el) {
-                                *s += x / accum as f64;
-                            }
-                        }
-                    }
-                    let total_val = total.to_scalar::<f32>()?;
-                    if !total_val.is_finite() && split {
+                    let f = forward_micro(&ctx, &micro[i])?;
+                    tokens += f.tokens;
+                    let finite = merge_forward(&f, &mut sums);
+                    if !finite && split {
                         // Tell the other processes after the step's synchronisation, so that all
                         // stop. A model split over processes still runs this backward (its
                         // collectives must match); replicas alone skip it.
                         nonfinite = nonfinite.max(1.0);
                         if self.shards.is_some() {
-                            pending[i] = Some(total);
+                            pending[i] = Some(f.total);
                         }
                         continue;
                     }
-                    if !total_val.is_finite() {
+                    if !finite {
                         return Err(TrainError::NonFiniteLoss {
                             step: self.state.step + 1,
-                            value: total_val,
+                            value: f.total_val,
                             last_checkpoint: last_checkpoint.clone(),
                         });
                     }
-                    loss_sum += total_val as f64;
-                    if let Some(ce) = &ce {
-                        ce_sum += ce.to_scalar::<f32>()? as f64;
-                    }
-                    aux_sum += aux_val;
-                    z_sum += z_val;
-                    pending[i] = Some(total);
+                    pending[i] = Some(f.total);
                 }
                 Pass::Backward(i) => {
                     let Some(total) = pending[i].take() else {
                         continue;
                     };
-                    let store = (total / accum as f64)?.backward()?;
-                    let mut grads = BTreeMap::new();
-                    for (name, var) in &self.params.vars {
-                        if let Some(g) = store.get(var.as_tensor()) {
-                            grads.insert(name.clone(), g.clone());
-                        }
-                    }
-                    if let Some(plan) = &self.model.recompute {
-                        // Parameters of recomputed layers got their gradients in the
-                        // recomputation.
-                        for (name, g) in plan.take_grads() {
-                            let sum = match grads.remove(&name) {
-                                Some(prev) => (prev + g)?,
-                                None => g,
-                            };
-                            grads.insert(name, sum);
-                        }
-                    }
+                    let grads = backward_micro(&ctx, &total)?;
                     if accum == 1 {
                         // One micro-batch: use the gradients as they are, no copy.
                         grads_acc = grads;
@@ -955,6 +942,15 @@ impl Trainer {
                 }
             }
         }
+        let StepSums {
+            mut loss_sum,
+            mut ce_sum,
+            mut aux_sum,
+            mut z_sum,
+            mut drop,
+            mut gate_ratio,
+            mut load,
+        } = sums;
         if let Some(shards) = &self.shards {
             shards.sum_tied_embedding(&mut grads_acc)?;
         }
@@ -1355,6 +1351,187 @@ fn share_from_owners(
         start = end;
     }
     Ok(())
+}
+
+/// Gradients by parameter name.
+type Grads = BTreeMap<String, Tensor>;
+
+/// What the forward pass of every micro-batch of a step reads.
+struct MicroContext<'a> {
+    model: &'a CausalLm,
+    model_config: &'a ModelConfig,
+    cfg: &'a RunConfig,
+    params: &'a TrainableParams,
+    device: &'a Device,
+    /// α per MoE layer.
+    alpha: &'a [f64],
+    /// The index among the MoE layers of each layer.
+    moe_index: &'a [Option<usize>],
+    capacity: Option<f64>,
+    /// Micro-batches in the step.
+    accum: usize,
+}
+
+/// One micro-batch's forward pass: its objective and its share of the step's metrics.
+struct MicroForward {
+    tokens: u64,
+    /// The objective to differentiate (not yet divided by the micro-batch count).
+    total: Tensor,
+    total_val: f32,
+    ce: Option<f64>,
+    aux: f64,
+    z: f64,
+    /// Per MoE layer, already divided by the micro-batch count.
+    drop: Vec<(usize, f64)>,
+    gate_ratio: Vec<(usize, f64)>,
+    load: Vec<(usize, Vec<f64>)>,
+}
+
+/// The step's metrics summed over its micro-batches.
+struct StepSums {
+    loss_sum: f64,
+    ce_sum: f64,
+    aux_sum: f64,
+    z_sum: f64,
+    drop: Vec<f64>,
+    gate_ratio: Vec<f64>,
+    load: Vec<Vec<f64>>,
+}
+
+impl StepSums {
+    fn new(moe_layers: usize, experts: usize) -> Self {
+        StepSums {
+            loss_sum: 0.0,
+            ce_sum: 0.0,
+            aux_sum: 0.0,
+            z_sum: 0.0,
+            drop: vec![0.0; moe_layers],
+            gate_ratio: vec![0.0; moe_layers],
+            load: vec![vec![0.0; experts]; moe_layers],
+        }
+    }
+}
+
+/// Add a micro-batch's routing metrics to `sums` and, when its objective is finite, its
+/// losses; returns whether it was.
+fn merge_forward(f: &MicroForward, sums: &mut StepSums) -> bool {
+    for &(l, d) in &f.drop {
+        if let Some(slot) = sums.drop.get_mut(l) {
+            *slot += d;
+        }
+    }
+    for &(l, g) in &f.gate_ratio {
+        if let Some(slot) = sums.gate_ratio.get_mut(l) {
+            *slot += g;
+        }
+    }
+    for (l, el) in &f.load {
+        if let Some(slot) = sums.load.get_mut(*l) {
+            for (s, x) in slot.iter_mut().zip(el) {
+                *s += x;
+            }
+        }
+    }
+    if !f.total_val.is_finite() {
+        return false;
+    }
+    sums.loss_sum += f.total_val as f64;
+    if let Some(ce) = f.ce {
+        sums.ce_sum += ce;
+    }
+    sums.aux_sum += f.aux;
+    sums.z_sum += f.z;
+    true
+}
+
+/// The forward pass of one micro-batch (sequences of `seq_len + 1` tokens): cross-entropy plus
+/// each MoE layer's auxiliary terms, and the routing metrics.
+fn forward_micro(ctx: &MicroContext<'_>, batch: &[Vec<u32>]) -> Result<MicroForward> {
+    let cfg = ctx.cfg;
+    let accum = ctx.accum as f64;
+    let bs = batch.len();
+    let t = batch.first().map_or(0, |s| s.len().saturating_sub(1));
+    let inputs: Vec<Vec<u32>> = batch.iter().map(|s| s[..t].to_vec()).collect();
+    let targets: Vec<u32> = batch.iter().flat_map(|s| s[1..].iter().copied()).collect();
+    let out = ctx.model.forward_batch(&inputs, ctx.capacity)?;
+    let v = ctx.model_config.vocab_size;
+    let targets = Tensor::from_vec(targets, bs * t, ctx.device)?;
+    // A pipeline stage before the last has no logits: its objective is the zero scalar that
+    // pulls its output's gradient from the next stage.
+    let (ce, mut total) = match &out.stage_output {
+        Some(zero) => (None, zero.clone()),
+        None => {
+            let ce = cross_entropy(&out.logits.reshape((bs * t, v))?, &targets)?;
+            (Some(ce.clone()), ce)
+        }
+    };
+    let (mut aux_val, mut z_val) = (0.0, 0.0);
+    let (mut drop, mut gate_ratio, mut load) = (Vec::new(), Vec::new(), Vec::new());
+    for (layer, r) in out.routings.iter().enumerate() {
+        let (Some(r), Some(l)) = (r, ctx.moe_index.get(layer).copied().flatten()) else {
+            continue;
+        };
+        let a = ctx.alpha.get(l).copied().unwrap_or(0.0);
+        let aux = match cfg.aux.balance {
+            BalanceLoss::Skywork => Some(skywork_aux(&r.probs)?),
+            BalanceLoss::Switch => Some(switch_aux(&r.probs, &r.expert_counts)?),
+            BalanceLoss::None => None,
+        };
+        if let Some(aux) = aux {
+            if a != 0.0 {
+                let term = (aux * a)?;
+                aux_val += term.to_scalar::<f32>()? as f64;
+                total = (total + term)?;
+            }
+        }
+        if cfg.aux.z_loss_coef > 0.0 {
+            let term = (z_loss(&r.logits)? * cfg.aux.z_loss_coef)?;
+            z_val += term.to_scalar::<f32>()? as f64;
+            total = (total + term)?;
+        }
+        drop.push((l, r.drop_rate() / accum));
+        gate_ratio.push((l, r.gate_ratio() / accum));
+        load.push((l, r.expert_load().iter().map(|x| x / accum).collect()));
+    }
+    let total_val = total.to_scalar::<f32>()?;
+    let ce = match &ce {
+        Some(ce) => Some(ce.to_scalar::<f32>()? as f64),
+        None => None,
+    };
+    Ok(MicroForward {
+        tokens: (bs * t) as u64,
+        total,
+        total_val,
+        ce,
+        aux: aux_val,
+        z: z_val,
+        drop,
+        gate_ratio,
+        load,
+    })
+}
+
+/// The backward pass of one micro-batch's objective: the gradient of every parameter, scaled
+/// by one over the micro-batch count.
+fn backward_micro(ctx: &MicroContext<'_>, total: &Tensor) -> Result<Grads> {
+    let store = (total / ctx.accum as f64)?.backward()?;
+    let mut grads = BTreeMap::new();
+    for (name, var) in &ctx.params.vars {
+        if let Some(g) = store.get(var.as_tensor()) {
+            grads.insert(name.clone(), g.clone());
+        }
+    }
+    if let Some(plan) = &ctx.model.recompute {
+        // Parameters of recomputed layers got their gradients in the recomputation.
+        for (name, g) in plan.take_grads() {
+            let sum = match grads.remove(&name) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            grads.insert(name, sum);
+        }
+    }
+    Ok(grads)
 }
 
 /// One pass of a micro-batch.

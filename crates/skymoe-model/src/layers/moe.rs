@@ -133,17 +133,27 @@ impl MoeBlock {
             return Ok((out.reshape(dims)?, routing));
         }
         let groups = group_by_expert(&routing.experts, &routing.kept, k, self.num_experts);
-        for (expert, &e) in self.experts.iter().zip(&self.expert_ids) {
-            let (rows, slots) = &groups[e];
-            if rows.is_empty() {
-                continue;
+        if let Some((w13, w2)) = self.stacked_expert_weights()? {
+            // All local experts in one grouped operation: rows sorted by expert.
+            let (mut rows, mut slots, mut offsets) = (Vec::new(), Vec::new(), vec![0]);
+            for &e in &self.expert_ids {
+                if let Some((r, s)) = groups.get(e) {
+                    rows.extend_from_slice(r);
+                    slots.extend_from_slice(s);
+                }
+                offsets.push(rows.len());
             }
-            let n = rows.len();
-            let rows = Tensor::from_vec(rows.clone(), n, dev)?;
-            let slots = Tensor::from_vec(slots.clone(), n, dev)?;
-            let y = expert.forward(&expert_input.index_select(&rows, 0)?)?;
-            let w = flat_weights.index_select(&slots, 0)?.unsqueeze(1)?;
-            out = out.index_add(&rows, &y.broadcast_mul(&w)?, 0)?;
+            if !rows.is_empty() {
+                let n = rows.len();
+                let rows = Tensor::from_vec(rows, n, dev)?;
+                let slots = Tensor::from_vec(slots, n, dev)?;
+                let x_sorted = expert_input.index_select(&rows, 0)?;
+                let y = skymoe_kernels::grouped_swiglu(&x_sorted, &w13, &w2, &offsets)?;
+                let w = flat_weights.index_select(&slots, 0)?.unsqueeze(1)?;
+                out = out.index_add(&rows, &y.broadcast_mul(&w)?, 0)?;
+            }
+        } else {
+            out = self.experts_one_by_one(&groups, &expert_input, &flat_weights, out)?;
         }
         if let (Some(shared), Some(g)) = (&self.shared, &shared_gate) {
             let s = shared.ffn.forward(&xe)?;
@@ -158,6 +168,63 @@ impl MoeBlock {
             out = tp.reduce_out(&out.broadcast_add(&anchor)?)?;
         }
         Ok((out.reshape(dims)?, routing))
+    }
+
+    /// The local experts' weights stacked for [`skymoe_kernels::grouped_swiglu`]: gate over
+    /// up projection per expert (`[experts, 2·ffn, hidden]`) and the down projections
+    /// (`[experts, hidden, ffn]`); `None` when an expert has a bias or its shapes differ from
+    /// the others'.
+    fn stacked_expert_weights(&self) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(first) = self.experts.first() else {
+            return Ok(None);
+        };
+        let (ffn, hidden) = first.gate.weight.dims2()?;
+        let mut w13 = Vec::with_capacity(2 * self.experts.len());
+        let mut w2 = Vec::with_capacity(self.experts.len());
+        for expert in &self.experts {
+            let biased = [&expert.gate, &expert.up, &expert.down]
+                .iter()
+                .any(|l| l.bias.is_some());
+            if biased
+                || expert.gate.weight.dims() != [ffn, hidden]
+                || expert.up.weight.dims() != [ffn, hidden]
+                || expert.down.weight.dims() != [hidden, ffn]
+            {
+                return Ok(None);
+            }
+            w13.push(&expert.gate.weight);
+            w13.push(&expert.up.weight);
+            w2.push(&expert.down.weight);
+        }
+        let e = self.experts.len();
+        Ok(Some((
+            Tensor::cat(&w13, 0)?.reshape((e, 2 * ffn, hidden))?,
+            Tensor::stack(&w2, 0)?,
+        )))
+    }
+
+    /// The local experts one after the other, each on the rows routed to it, combined into
+    /// `out`.
+    fn experts_one_by_one(
+        &self,
+        groups: &[(Vec<u32>, Vec<u32>)],
+        expert_input: &Tensor,
+        flat_weights: &Tensor,
+        mut out: Tensor,
+    ) -> Result<Tensor> {
+        let dev = expert_input.device();
+        for (expert, &e) in self.experts.iter().zip(&self.expert_ids) {
+            let Some((rows, slots)) = groups.get(e).filter(|g| !g.0.is_empty()) else {
+                continue;
+            };
+            let n = rows.len();
+            let rows = Tensor::from_vec(rows.clone(), n, dev)?;
+            let slots = Tensor::from_vec(slots.clone(), n, dev)?;
+            let y = expert.forward(&expert_input.index_select(&rows, 0)?)?;
+            let w = flat_weights.index_select(&slots, 0)?.unsqueeze(1)?;
+            out = out.index_add(&rows, &y.broadcast_mul(&w)?, 0)?;
+        }
+        Ok(out)
     }
 
     /// Expert parallelism across ranks holding different tokens: send each kept assignment's

@@ -35,6 +35,12 @@ pub struct Args {
     /// Override train.batch_size.
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Override train.grad_accum.
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Override train.concurrent_micro_batches.
+    #[arg(long)]
+    concurrent_micro_batches: Option<usize>,
     /// Override data.seq_len.
     #[arg(long)]
     seq_len: Option<usize>,
@@ -307,6 +313,12 @@ fn apply_overrides(mut cfg: RunConfig, a: &Args) -> RunConfig {
     if let Some(b) = a.batch_size {
         cfg.train.batch_size = b;
     }
+    if let Some(g) = a.grad_accum {
+        cfg.train.grad_accum = g;
+    }
+    if let Some(c) = a.concurrent_micro_batches {
+        cfg.train.concurrent_micro_batches = c;
+    }
     if let Some(s) = a.seq_len {
         cfg.data.seq_len = s;
     }
@@ -323,6 +335,26 @@ fn apply_overrides(mut cfg: RunConfig, a: &Args) -> RunConfig {
 }
 
 /// Run the verb.
+/// When micro-batches will run concurrently, one per thread, candle's element-wise ops stay
+/// on the thread that calls them (`CANDLE_NUM_THREADS=1`, unless set): its own worker pool
+/// takes one caller at a time and would make the micro-batches wait for each other and spin
+/// against their threads. Runs before any tensor op (candle reads the variable once).
+fn keep_elementwise_ops_on_their_thread(cfg: &RunConfig) {
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let concurrent = match cfg.train.concurrent_micro_batches {
+        0 => threads,
+        n => n,
+    }
+    .min(cfg.train.grad_accum);
+    if concurrent > 1 && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut procs = launch::Processes::detect()?;
     match run_on(&a, &mut procs) {
@@ -339,6 +371,9 @@ fn run_on(a: &Args, procs: &mut launch::Processes) -> anyhow::Result<()> {
     let cfg = apply_overrides(cfg, a);
     let a_cfg = cfg.clone();
     let layout = parallel_spec(a, procs.world).context("bad parallel layout")?;
+    if layout.tp == 1 && layout.pp == 1 {
+        keep_elementwise_ops_on_their_thread(&cfg);
+    }
     let lead = procs.rank == 0;
     let mut progress = ProgressObserver::new(a.quiet);
     let mut silent = skymoe_train::trainer::Silent;

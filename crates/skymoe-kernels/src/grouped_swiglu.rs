@@ -1,0 +1,387 @@
+//! The routed experts of an MoE layer as one operation: rows of `x` grouped by expert (the
+//! rows of expert `e` are `offsets[e]..offsets[e + 1]`) each pass through their expert's
+//! SwiGLU `down(silu(gate x) · up x)`, with a backward pass for the rows and for every
+//! expert's weights.
+//!
+//! One operation instead of a graph of gathers, products and activations per expert: the
+//! backward pass allocates one gradient per argument (not one per expert and use), and the
+//! work of all experts is spread over the thread pool in row blocks, so that small experts and
+//! a second core are not left idle. The gate and up projections of expert `e` are stacked as
+//! `w13[e] = [gate; up]` (`[2·ffn, hidden]`), the down projections as `w2[e]` (`[hidden, ffn]`).
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::cpu::slice;
+use crate::sgemm::{sgemm, View};
+use crate::{fused_ok, silu_mul};
+
+/// Rows per task in the row-parallel phases.
+const ROW_BLOCK: usize = 64;
+/// Output rows of a weight gradient per task.
+const WEIGHT_BLOCK: usize = 128;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// The shapes of one call: rows, hidden width, expert FFN width, experts.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    rows: usize,
+    hidden: usize,
+    ffn: usize,
+    experts: usize,
+}
+
+fn check_dims(x: &[usize], w13: &[usize], w2: &[usize], offsets: &[usize]) -> Result<Dims> {
+    let (&[rows, hidden], &[experts, ffn2, h13], &[e2, h2, ffn]) = (x, w13, w2) else {
+        candle_core::bail!("grouped_swiglu: shapes x {x:?}, w13 {w13:?}, w2 {w2:?} are not [n, h], [e, 2f, h], [e, h, f]");
+    };
+    if h13 != hidden || h2 != hidden || e2 != experts || ffn2 != 2 * ffn {
+        candle_core::bail!("grouped_swiglu: shapes x {x:?}, w13 {w13:?}, w2 {w2:?} disagree");
+    }
+    if offsets.len() != experts + 1
+        || offsets.first() != Some(&0)
+        || offsets.last() != Some(&rows)
+        || offsets.windows(2).any(|w| w[0] > w[1])
+    {
+        candle_core::bail!(
+            "grouped_swiglu: offsets {offsets:?} do not split {rows} rows over {experts} experts"
+        );
+    }
+    Ok(Dims {
+        rows,
+        hidden,
+        ffn,
+        experts,
+    })
+}
+
+/// Row blocks `(expert, first row, end row)` covering every expert's rows in order.
+fn row_blocks(offsets: &[usize]) -> Vec<(usize, usize, usize)> {
+    let mut blocks = Vec::new();
+    for (e, w) in offsets.windows(2).enumerate() {
+        let mut r = w[0];
+        while r < w[1] {
+            let end = (r + ROW_BLOCK).min(w[1]);
+            blocks.push((e, r, end));
+            r = end;
+        }
+    }
+    blocks
+}
+
+/// Cut `buf` (rows of `width` floats) into the row ranges of `blocks`, in order.
+fn split_rows<'a>(
+    mut buf: &'a mut [f32],
+    width: usize,
+    blocks: &[(usize, usize, usize)],
+) -> Vec<&'a mut [f32]> {
+    let mut parts = Vec::with_capacity(blocks.len());
+    let mut at = blocks.first().map_or(0, |b| b.1);
+    for &(_, r0, r1) in blocks {
+        let skip = (r0 - at) * width;
+        let (_, rest) = std::mem::take(&mut buf).split_at_mut(skip);
+        let (part, rest) = rest.split_at_mut((r1 - r0) * width);
+        parts.push(part);
+        buf = rest;
+        at = r1;
+    }
+    parts
+}
+
+/// A row-major `rows × cols` matrix.
+fn plain(data: &[f32], rows: usize, cols: usize) -> View<'_> {
+    View {
+        data,
+        rows,
+        cols,
+        row_stride: cols,
+        col_stride: 1,
+    }
+}
+
+/// The transpose of a row-major `cols × rows` matrix, as a `rows × cols` view.
+fn transposed(data: &[f32], rows: usize, cols: usize) -> View<'_> {
+    View {
+        data,
+        rows,
+        cols,
+        row_stride: 1,
+        col_stride: rows,
+    }
+}
+
+/// `act = silu(g) · u` for rows of `[g, u]` (`gu` rows of `2·ffn`).
+fn activate(gu: &[f32], act: &mut [f32], ffn: usize) {
+    for (a, gu) in act.chunks_mut(ffn).zip(gu.chunks(2 * ffn)) {
+        let (g, u) = gu.split_at(ffn);
+        for i in 0..ffn {
+            a[i] = g[i] * sigmoid(g[i]) * u[i];
+        }
+    }
+}
+
+struct GroupedSwiGlu {
+    offsets: Vec<usize>,
+    /// The gate and up projections of every row (`[rows, 2·ffn]`), kept by the forward pass
+    /// for the backward pass.
+    saved_gu: Mutex<Option<Arc<Vec<f32>>>>,
+}
+
+impl GroupedSwiGlu {
+    fn forward(&self, x: &[f32], w13: &[f32], w2: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
+        let (h, f) = (d.hidden, d.ffn);
+        let blocks = row_blocks(&self.offsets);
+        let mut gu = vec![0.0f32; d.rows * 2 * f];
+        let mut y = vec![0.0f32; d.rows * h];
+        let gu_parts = split_rows(&mut gu, 2 * f, &blocks);
+        let y_parts = split_rows(&mut y, h, &blocks);
+        blocks
+            .par_iter()
+            .zip(gu_parts)
+            .zip(y_parts)
+            .for_each(|((&(e, r0, r1), gu), y)| {
+                let n = r1 - r0;
+                let xb = plain(&x[r0 * h..r1 * h], n, h);
+                let w13e = &w13[e * 2 * f * h..(e + 1) * 2 * f * h];
+                sgemm(xb, transposed(w13e, h, 2 * f), 1.0, gu, 2 * f);
+                let mut act = vec![0.0f32; n * f];
+                activate(gu, &mut act, f);
+                let w2e = &w2[e * h * f..(e + 1) * h * f];
+                sgemm(plain(&act, n, f), transposed(w2e, f, h), 1.0, y, h);
+            });
+        (gu, y)
+    }
+
+    /// Gradients of the rows, of `w13` and of `w2` for the upstream gradient `dy`.
+    fn backward(
+        &self,
+        x: &[f32],
+        w13: &[f32],
+        w2: &[f32],
+        gu: &[f32],
+        dy: &[f32],
+        d: Dims,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (h, f) = (d.hidden, d.ffn);
+        let blocks = row_blocks(&self.offsets);
+        // Row phase: the activation, the gradient of [g, u] and of the rows.
+        let mut act = vec![0.0f32; d.rows * f];
+        let mut dgu = vec![0.0f32; d.rows * 2 * f];
+        let mut dx = vec![0.0f32; d.rows * h];
+        let act_parts = split_rows(&mut act, f, &blocks);
+        let dgu_parts = split_rows(&mut dgu, 2 * f, &blocks);
+        let dx_parts = split_rows(&mut dx, h, &blocks);
+        blocks
+            .par_iter()
+            .zip(act_parts)
+            .zip(dgu_parts)
+            .zip(dx_parts)
+            .for_each(|(((&(e, r0, r1), act), dgu), dx)| {
+                let n = r1 - r0;
+                let gub = &gu[r0 * 2 * f..r1 * 2 * f];
+                activate(gub, act, f);
+                let w2e = &w2[e * h * f..(e + 1) * h * f];
+                // dA = dY · W2 (W2 is [h, f]).
+                let mut da = vec![0.0f32; n * f];
+                sgemm(
+                    plain(&dy[r0 * h..r1 * h], n, h),
+                    plain(w2e, h, f),
+                    1.0,
+                    &mut da,
+                    f,
+                );
+                for ((dgu, gu), da) in dgu
+                    .chunks_mut(2 * f)
+                    .zip(gub.chunks(2 * f))
+                    .zip(da.chunks(f))
+                {
+                    let (g, u) = gu.split_at(f);
+                    let (dg, du) = dgu.split_at_mut(f);
+                    for i in 0..f {
+                        let s = sigmoid(g[i]);
+                        du[i] = da[i] * g[i] * s;
+                        dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                    }
+                }
+                // dX = dGU · W13 (W13 is [2f, h]).
+                let w13e = &w13[e * 2 * f * h..(e + 1) * 2 * f * h];
+                sgemm(plain(dgu, n, 2 * f), plain(w13e, 2 * f, h), 1.0, dx, h);
+            });
+        // Weight phase: dW13[e] = dGUᵀ · X and dW2[e] = dYᵀ · A over the expert's rows, in
+        // blocks of output rows. Experts without rows keep zero gradients.
+        let mut dw13 = vec![0.0f32; d.experts * 2 * f * h];
+        let mut dw2 = vec![0.0f32; d.experts * h * f];
+        let offsets = &self.offsets;
+        let (act, dgu) = (&act, &dgu);
+        let w13_tasks = dw13.chunks_mut(2 * f * h).enumerate().flat_map(|(e, out)| {
+            out.chunks_mut(WEIGHT_BLOCK * h)
+                .enumerate()
+                .map(move |(i, out)| (0u8, e, i * WEIGHT_BLOCK, out))
+        });
+        let w2_tasks = dw2.chunks_mut(h * f).enumerate().flat_map(|(e, out)| {
+            out.chunks_mut(WEIGHT_BLOCK * f)
+                .enumerate()
+                .map(move |(i, out)| (1u8, e, i * WEIGHT_BLOCK, out))
+        });
+        let tasks: Vec<(u8, usize, usize, &mut [f32])> = w13_tasks
+            .chain(w2_tasks)
+            .filter(|t| offsets[t.1 + 1] > offsets[t.1])
+            .collect();
+        tasks.into_par_iter().for_each(|(kind, e, row, out)| {
+            let (r0, r1) = (offsets[e], offsets[e + 1]);
+            let n = r1 - r0;
+            if kind == 0 {
+                // Rows `row..` of dW13[e] ([2f, h]).
+                let rows = out.len() / h;
+                let a = View {
+                    data: &dgu[r0 * 2 * f + row..],
+                    rows,
+                    cols: n,
+                    row_stride: 1,
+                    col_stride: 2 * f,
+                };
+                sgemm(a, plain(&x[r0 * h..r1 * h], n, h), 1.0, out, h);
+            } else {
+                let rows = out.len() / f;
+                let a = View {
+                    data: &dy[r0 * h + row..],
+                    rows,
+                    cols: n,
+                    row_stride: 1,
+                    col_stride: h,
+                };
+                sgemm(a, plain(&act[r0 * f..r1 * f], n, f), 1.0, out, f);
+            }
+        });
+        (dx, dw13, dw2)
+    }
+}
+
+fn cpu_tensor(data: Vec<f32>, shape: &[usize]) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cpu(CpuStorage::F32(data)),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )
+}
+
+impl CustomOp3 for GroupedSwiGlu {
+    fn name(&self) -> &'static str {
+        "skymoe-grouped-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = check_dims(l1.dims(), l2.dims(), l3.dims(), &self.offsets)?;
+        let (x, w13, w2) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (gu, y) = self.forward(x, w13, w2, d);
+        if let Ok(mut saved) = self.saved_gu.lock() {
+            *saved = Some(Arc::new(gu));
+        }
+        Ok((CpuStorage::F32(y), Shape::from((d.rows, d.hidden))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w13: &Tensor,
+        w2: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = check_dims(x.dims(), w13.dims(), w2.dims(), &self.offsets)?;
+        let saved = self.saved_gu.lock().ok().and_then(|s| s.clone());
+        let (x_c, w13_c, w2_c, dy_c) = (
+            x.contiguous()?,
+            w13.contiguous()?,
+            w2.contiguous()?,
+            grad.contiguous()?,
+        );
+        let (sx, lx) = x_c.storage_and_layout();
+        let (s13, l13) = w13_c.storage_and_layout();
+        let (s2, l2) = w2_c.storage_and_layout();
+        let (sdy, ldy) = dy_c.storage_and_layout();
+        let (Storage::Cpu(sx), Storage::Cpu(s13), Storage::Cpu(s2), Storage::Cpu(sdy)) =
+            (&*sx, &*s13, &*s2, &*sdy)
+        else {
+            candle_core::bail!("grouped_swiglu: backward expects CPU tensors");
+        };
+        let (xv, w13v, w2v, dy) = (
+            slice(sx, lx)?,
+            slice(s13, l13)?,
+            slice(s2, l2)?,
+            slice(sdy, ldy)?,
+        );
+        let gu = match saved {
+            Some(gu) => gu,
+            None => Arc::new(self.forward(xv, w13v, w2v, d).0),
+        };
+        let (dx, dw13, dw2) = self.backward(xv, w13v, w2v, &gu, dy, d);
+        Ok((
+            Some(cpu_tensor(dx, x.dims())),
+            Some(cpu_tensor(dw13, w13.dims())),
+            Some(cpu_tensor(dw2, w2.dims())),
+        ))
+    }
+}
+
+/// The routed experts' SwiGLU over rows grouped by expert: `x [n, hidden]` (expert `e`'s rows
+/// at `offsets[e]..offsets[e + 1]`), `w13 [experts, 2·ffn, hidden]` (each expert's gate
+/// projection stacked over its up projection), `w2 [experts, hidden, ffn]`; returns
+/// `[n, hidden]`, row `i` being `w2[e] · (silu(gate_e x_i) · up_e x_i)` for its expert `e`.
+/// Differentiable in all three tensors.
+pub fn grouped_swiglu(x: &Tensor, w13: &Tensor, w2: &Tensor, offsets: &[usize]) -> Result<Tensor> {
+    check_dims(x.dims(), w13.dims(), w2.dims(), offsets)?;
+    if !fused_ok(&[x, w13, w2]) {
+        return reference_grouped_swiglu(x, w13, w2, offsets);
+    }
+    x.contiguous()?.apply_op3(
+        &w13.contiguous()?,
+        &w2.contiguous()?,
+        GroupedSwiGlu {
+            offsets: offsets.to_vec(),
+            saved_gu: Mutex::new(None),
+        },
+    )
+}
+
+/// [`grouped_swiglu`] as a composition of candle ops (one product chain per expert), which
+/// candle differentiates itself: the definition the fused operation is tested against, and the
+/// path on other devices and dtypes.
+pub fn reference_grouped_swiglu(
+    x: &Tensor,
+    w13: &Tensor,
+    w2: &Tensor,
+    offsets: &[usize],
+) -> Result<Tensor> {
+    let d = check_dims(x.dims(), w13.dims(), w2.dims(), offsets)?;
+    let mut parts = Vec::with_capacity(d.experts);
+    for e in 0..d.experts {
+        let n = offsets[e + 1] - offsets[e];
+        if n == 0 {
+            continue;
+        }
+        let xe = x.narrow(0, offsets[e], n)?;
+        let w13e = w13.get(e)?;
+        let g = xe.matmul(&w13e.narrow(0, 0, d.ffn)?.t()?)?;
+        let u = xe.matmul(&w13e.narrow(0, d.ffn, d.ffn)?.t()?)?;
+        parts.push(silu_mul(&g, &u)?.matmul(&w2.get(e)?.t()?)?);
+    }
+    if parts.is_empty() {
+        return Tensor::zeros((0, d.hidden), x.dtype(), x.device());
+    }
+    Tensor::cat(&parts, 0)
+}
