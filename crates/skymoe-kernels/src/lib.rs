@@ -1,5 +1,6 @@
 //! skymoe-kernels: fused forward+backward operations that candle lacks (RMSNorm, softmax,
-//! causal softmax, RoPE, SwiGLU activation, cross-entropy, the routed experts of an MoE layer).
+//! causal softmax, RoPE, SwiGLU activation, cross-entropy, causal attention, the routed experts of
+//! an MoE layer).
 //!
 //! Each public function computes the same value as a composition of candle's generic tensor
 //! ops (the "reference" functions in [`reference`]), but in one pass over memory, and carries
@@ -12,6 +13,7 @@ pub mod quant;
 pub mod reference;
 pub mod sgemm;
 
+mod attention;
 mod cross_entropy;
 mod grouped_swiglu;
 mod rms_norm;
@@ -19,6 +21,7 @@ mod rope;
 mod silu_mul;
 mod softmax;
 
+pub use attention::{causal_attention, reference_causal_attention};
 pub use cross_entropy::cross_entropy;
 pub use grouped_swiglu::{grouped_swiglu, reference_grouped_swiglu};
 pub use rms_norm::rms_norm;

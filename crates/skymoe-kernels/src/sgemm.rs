@@ -76,6 +76,49 @@ pub fn sgemm(a: View<'_>, b: View<'_>, alpha: f32, out: &mut [f32], out_stride: 
     }
 }
 
+/// `out[i * out_stride + j] += alpha · Σ_k a(i, k) · b(k, j)`: as [`sgemm`], but adding to the
+/// output's contents.
+///
+/// # Panics
+/// As [`sgemm`].
+pub fn sgemm_add(a: View<'_>, b: View<'_>, alpha: f32, out: &mut [f32], out_stride: usize) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "inner dimensions");
+    assert!(
+        View::fits(m, k, a.row_stride, a.col_stride, a.data.len())
+            && View::fits(k, n, b.row_stride, b.col_stride, b.data.len())
+            && View::fits(m, n, out_stride, 1, out.len()),
+        "matrix view out of bounds"
+    );
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // SAFETY: as in `sgemm`; with `read_dst` the output is read as well, inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            out_stride as isize,
+            true,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0f32,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +155,25 @@ mod tests {
                 assert!((out[i * (n + 2) + j] - want).abs() < 1e-5);
             }
         }
+    }
+
+    #[test]
+    fn accumulating_product_adds_to_the_output() {
+        let a = [1.0f32, 2.0, 3.0, 4.0];
+        let b = [0.5f32, -1.0, 2.0, 0.25];
+        fn square(data: &[f32]) -> View<'_> {
+            View {
+                data,
+                rows: 2,
+                cols: 2,
+                row_stride: 2,
+                col_stride: 1,
+            }
+        }
+        let mut out = [10.0f32, 20.0, 30.0, 40.0];
+        sgemm_add(square(&a), square(&b), 2.0, &mut out, 2);
+        // a·b = [[4.5, -0.5], [9.5, -2]].
+        assert_eq!(out, [19.0, 19.0, 49.0, 36.0]);
     }
 
     #[test]

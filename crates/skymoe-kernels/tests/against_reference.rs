@@ -3,8 +3,9 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use skymoe_kernels::{
-    causal_softmax, cross_entropy, grouped_swiglu, reference, reference_grouped_swiglu, rms_norm,
-    rope, silu_mul, softmax_last_dim,
+    causal_attention, causal_softmax, cross_entropy, grouped_swiglu, reference,
+    reference_causal_attention, reference_grouped_swiglu, rms_norm, rope, silu_mul,
+    softmax_last_dim,
 };
 
 /// Deterministic pseudo-random values in [-scale, scale).
@@ -210,6 +211,78 @@ fn grouped_swiglu_matches_experts_one_by_one() {
     assert!(grouped_swiglu(&x, &w13, &w2, &[0, 3, 2, 4]).is_err());
     assert!(grouped_swiglu(&x, &w13, &rand(&[2, 8, 5], 3, 1.0), &[0, 2, 4]).is_err());
     assert!(grouped_swiglu(&x, &w13, &w2, &[0, 2, 4]).is_ok());
+}
+
+/// Attention one head at a time with plain candle ops and an explicit mask.
+fn attention_head_by_head(t: &[Tensor], scale: f64, offset: usize) -> Result<Tensor> {
+    let (b, heads, tq, hd) = t[0].dims4()?;
+    let (_, kv_heads, s, _) = t[1].dims4()?;
+    let mask: Vec<f32> = (0..tq)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (tq, s), &Device::Cpu)?;
+    let mut rows = Vec::new();
+    for bi in 0..b {
+        let mut per_head = Vec::new();
+        for h in 0..heads {
+            let kv = h / (heads / kv_heads);
+            let q = t[0].get(bi)?.get(h)?;
+            let k = t[1].get(bi)?.get(kv)?;
+            let v = t[2].get(bi)?.get(kv)?;
+            let scores = ((q.matmul(&k.t()?)? * scale)? + &mask)?;
+            let max = scores.max_keepdim(1)?.detach();
+            let e = scores.broadcast_sub(&max)?.exp()?;
+            let p = e.broadcast_div(&e.sum_keepdim(1)?)?;
+            per_head.push(p.matmul(&v)?);
+        }
+        // [t, heads · hd]
+        rows.push(Tensor::cat(&per_head, 1)?);
+    }
+    Tensor::stack(&rows, 0).map(|x| x.reshape((b, tq, heads * hd)).unwrap())
+}
+
+#[test]
+fn causal_attention_matches_head_by_head() {
+    // One query block, a cache offset, several query blocks with grouped heads.
+    for (b, heads, kv_heads, t, offset, hd, seed) in [
+        (1usize, 2usize, 1usize, 3usize, 0usize, 4usize, 30u64),
+        (2, 4, 2, 3, 4, 8, 31),
+        (2, 8, 4, 150, 0, 16, 32),
+    ] {
+        let s = offset + t;
+        let q = Var::from_tensor(&rand(&[b, heads, t, hd], seed, 1.0)).unwrap();
+        let k = Var::from_tensor(&rand(&[b, kv_heads, s, hd], seed + 1, 1.0)).unwrap();
+        let v = Var::from_tensor(&rand(&[b, kv_heads, s, hd], seed + 2, 1.0)).unwrap();
+        let scale = 1.0 / (hd as f64).sqrt();
+        let vars = [q, k, v];
+        check(
+            &vars,
+            |t| causal_attention(&t[0], &t[1], &t[2], scale, offset),
+            |t| attention_head_by_head(t, scale, offset),
+            2e-5,
+        );
+        check(
+            &vars,
+            |t| reference_causal_attention(&t[0], &t[1], &t[2], scale, offset),
+            |t| attention_head_by_head(t, scale, offset),
+            2e-5,
+        );
+    }
+    // Shapes that disagree are errors.
+    let q = rand(&[1, 3, 4, 8], 1, 1.0);
+    let k = rand(&[1, 2, 4, 8], 2, 1.0);
+    assert!(causal_attention(&q, &k, &k, 1.0, 0).is_err());
+    let k = rand(&[1, 1, 4, 8], 2, 1.0);
+    assert!(causal_attention(&q, &k, &k, 1.0, 1).is_err());
+    assert!(causal_attention(&q, &k, &k, 1.0, 0).is_ok());
 }
 
 #[test]

@@ -3,7 +3,6 @@
 use candle_core::{Result, Tensor};
 
 use super::linear::Linear;
-use super::ops::softmax_last_dim;
 use super::rotary::RotaryEmbedding;
 use crate::parallel::TensorParallel;
 
@@ -85,23 +84,8 @@ impl Attention {
             });
         }
         let s = k.dim(2)?;
-        let rep = nh / nkv;
-        // Group the query heads that share a kv head: [b, nkv, rep·t, hd].
-        let qg = q.reshape((b, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, nh, t, s))?;
-        let probs = if t > 1 {
-            skymoe_kernels::causal_softmax(&scores, s - t)?
-        } else {
-            softmax_last_dim(&scores)?
-        };
-        let probs = probs.reshape((b, nkv, rep * t, s))?;
-        let out = probs
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, nh * hd))?;
+        let out = skymoe_kernels::causal_attention(&q, &k, &v, scale, s - t)?;
         match &self.tp {
             Some(tp) => {
                 let partial = self.o_proj.forward_without_bias(&out)?;

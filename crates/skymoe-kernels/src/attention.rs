@@ -1,0 +1,375 @@
+//! Causal attention with grouped-query heads as one operation, with backward:
+//! `out = softmax(scale · Q Kᵀ + causal mask) V` per head, query row `i` seeing keys
+//! `0..=offset + i`; query head `h` reads key/value head `h / (heads / kv_heads)`.
+//!
+//! One operation instead of a chain of products, scaling, reshapes, a softmax and transposes:
+//! the scores of a head are never copied or given to the autograd graph, masked key blocks
+//! are skipped, the output is written directly in `[batch, seq, heads · head_dim]` order, and
+//! heads run in parallel.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::cpu::slice;
+use crate::sgemm::{sgemm, sgemm_add, View};
+use crate::{fused_ok, reference};
+
+/// Query rows per block: a block's products stop at the last key its last row sees.
+const QUERY_BLOCK: usize = 64;
+
+/// The shapes of one call.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    /// Query positions.
+    t: usize,
+    /// Key positions.
+    s: usize,
+    head_dim: usize,
+}
+
+fn check_dims(q: &[usize], k: &[usize], v: &[usize], offset: usize) -> Result<Dims> {
+    let (&[batch, heads, t, head_dim], &[kb, kv_heads, s, kd]) = (q, k) else {
+        candle_core::bail!(
+            "causal_attention: q {q:?} and k {k:?} are not [b, heads, seq, head_dim]"
+        );
+    };
+    if k != v
+        || kb != batch
+        || kd != head_dim
+        || kv_heads == 0
+        || heads % kv_heads != 0
+        || offset + t != s
+    {
+        candle_core::bail!(
+            "causal_attention: shapes q {q:?}, k {k:?}, v {v:?} (offset {offset}) disagree"
+        );
+    }
+    Ok(Dims {
+        batch,
+        heads,
+        kv_heads,
+        t,
+        s,
+        head_dim,
+    })
+}
+
+fn plain(data: &[f32], rows: usize, cols: usize, row_stride: usize) -> View<'_> {
+    View {
+        data,
+        rows,
+        cols,
+        row_stride,
+        col_stride: 1,
+    }
+}
+
+/// The transpose of row-major `cols × rows` data (rows `row_stride` apart), as `rows × cols`.
+fn transposed(data: &[f32], rows: usize, cols: usize, row_stride: usize) -> View<'_> {
+    View {
+        data,
+        rows,
+        cols,
+        row_stride: 1,
+        col_stride: row_stride,
+    }
+}
+
+struct CausalAttention {
+    scale: f32,
+    offset: usize,
+    /// The probabilities of every head (`[batch · heads, t, s]`, zero where masked), kept by
+    /// the forward pass for the backward pass.
+    saved_probs: Mutex<Option<Arc<Vec<f32>>>>,
+}
+
+impl CausalAttention {
+    /// Keys visible to query row `i`.
+    fn visible(&self, i: usize, s: usize) -> usize {
+        (self.offset + i + 1).min(s)
+    }
+
+    /// The output `[batch, t, heads · head_dim]` and the probabilities.
+    fn forward(&self, q: &[f32], k: &[f32], v: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
+        let (t, s, hd) = (d.t, d.s, d.head_dim);
+        let rep = d.heads / d.kv_heads;
+        let mut probs = vec![0.0f32; d.batch * d.heads * t * s];
+        // Per head `[t, head_dim]`, reordered into the output afterwards.
+        let mut per_head = vec![0.0f32; d.batch * d.heads * t * hd];
+        probs
+            .par_chunks_mut(t * s)
+            .zip(per_head.par_chunks_mut(t * hd))
+            .enumerate()
+            .for_each(|(bh, (p, o))| {
+                let (b, h) = (bh / d.heads, bh % d.heads);
+                let kv = b * d.kv_heads + h / rep;
+                let qh = &q[bh * t * hd..(bh + 1) * t * hd];
+                let kh = &k[kv * s * hd..(kv + 1) * s * hd];
+                let vh = &v[kv * s * hd..(kv + 1) * s * hd];
+                for r0 in (0..t).step_by(QUERY_BLOCK) {
+                    let r1 = (r0 + QUERY_BLOCK).min(t);
+                    let n = r1 - r0;
+                    let kend = self.visible(r1 - 1, s);
+                    let pb = &mut p[r0 * s..r1 * s];
+                    sgemm(
+                        plain(&qh[r0 * hd..r1 * hd], n, hd, hd),
+                        transposed(kh, hd, kend, hd),
+                        self.scale,
+                        pb,
+                        s,
+                    );
+                    for (i, row) in pb.chunks_mut(s).enumerate() {
+                        softmax_prefix(&mut row[..kend], self.visible(r0 + i, s));
+                    }
+                    sgemm(
+                        plain(pb, n, kend, s),
+                        plain(vh, kend, hd, hd),
+                        1.0,
+                        &mut o[r0 * hd..r1 * hd],
+                        hd,
+                    );
+                }
+            });
+        let mut out = vec![0.0f32; d.batch * t * d.heads * hd];
+        for (bh, o) in per_head.chunks(t * hd).enumerate() {
+            let (b, h) = (bh / d.heads, bh % d.heads);
+            for (i, row) in o.chunks(hd).enumerate() {
+                let at = ((b * t + i) * d.heads + h) * hd;
+                out[at..at + hd].copy_from_slice(row);
+            }
+        }
+        (out, probs)
+    }
+
+    /// Gradients of q, k and v for the output gradient `dout` (`[batch, t, heads · head_dim]`).
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        probs: &[f32],
+        dout: &[f32],
+        d: Dims,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (t, s, hd) = (d.t, d.s, d.head_dim);
+        let rep = d.heads / d.kv_heads;
+        let row = d.heads * hd;
+        let mut dq = vec![0.0f32; q.len()];
+        let mut dk = vec![0.0f32; k.len()];
+        let mut dv = vec![0.0f32; v.len()];
+        // One task per key/value head: it owns that head's dK, dV and its query heads' dQ.
+        dq.par_chunks_mut(rep * t * hd)
+            .zip(dk.par_chunks_mut(s * hd))
+            .zip(dv.par_chunks_mut(s * hd))
+            .enumerate()
+            .for_each(|(kv, ((dq, dk), dv))| {
+                let b = kv / d.kv_heads;
+                let kh = &k[kv * s * hd..(kv + 1) * s * hd];
+                let vh = &v[kv * s * hd..(kv + 1) * s * hd];
+                let mut ds = vec![0.0f32; QUERY_BLOCK * s];
+                for j in 0..rep {
+                    let h = (kv % d.kv_heads) * rep + j;
+                    let bh = b * d.heads + h;
+                    let qh = &q[bh * t * hd..(bh + 1) * t * hd];
+                    let ph = &probs[bh * t * s..(bh + 1) * t * s];
+                    let dqh = &mut dq[j * t * hd..(j + 1) * t * hd];
+                    for r0 in (0..t).step_by(QUERY_BLOCK) {
+                        let r1 = (r0 + QUERY_BLOCK).min(t);
+                        let n = r1 - r0;
+                        let kend = self.visible(r1 - 1, s);
+                        // The output gradient of these rows for head h.
+                        let go = &dout[(b * t + r0) * row + h * hd..];
+                        let go = plain(go, n, hd, row);
+                        let pb = &ph[r0 * s..r1 * s];
+                        // dP = dO · Vᵀ, then dS = P ∘ (dP − Σ P ∘ dP) row by row.
+                        let dsb = &mut ds[..n * kend];
+                        sgemm(go, transposed(vh, hd, kend, hd), 1.0, dsb, kend);
+                        for (i, (dsr, pr)) in dsb.chunks_mut(kend).zip(pb.chunks(s)).enumerate() {
+                            let vis = self.visible(r0 + i, s);
+                            let c: f32 =
+                                dsr[..vis].iter().zip(&pr[..vis]).map(|(g, p)| g * p).sum();
+                            for (g, p) in dsr[..vis].iter_mut().zip(&pr[..vis]) {
+                                *g = p * (*g - c);
+                            }
+                            dsr[vis..].iter_mut().for_each(|g| *g = 0.0);
+                        }
+                        let dsv = plain(dsb, n, kend, kend);
+                        // dQ = scale · dS · K; dK += scale · dSᵀ · Q; dV += Pᵀ · dO.
+                        sgemm(
+                            dsv,
+                            plain(kh, kend, hd, hd),
+                            self.scale,
+                            &mut dqh[r0 * hd..r1 * hd],
+                            hd,
+                        );
+                        sgemm_add(
+                            transposed(dsb, kend, n, kend),
+                            plain(&qh[r0 * hd..r1 * hd], n, hd, hd),
+                            self.scale,
+                            &mut dk[..kend * hd],
+                            hd,
+                        );
+                        sgemm_add(
+                            transposed(pb, kend, n, s),
+                            go,
+                            1.0,
+                            &mut dv[..kend * hd],
+                            hd,
+                        );
+                    }
+                }
+            });
+        (dq, dk, dv)
+    }
+}
+
+/// Softmax of `row` over its first `visible` entries; the rest become 0.
+fn softmax_prefix(row: &mut [f32], visible: usize) {
+    let (head, tail) = row.split_at_mut(visible.min(row.len()));
+    let max = head.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for x in head.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    head.iter_mut().for_each(|x| *x *= inv);
+    tail.iter_mut().for_each(|x| *x = 0.0);
+}
+
+fn cpu_tensor(data: Vec<f32>, shape: &[usize]) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cpu(CpuStorage::F32(data)),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "skymoe-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = check_dims(l1.dims(), l2.dims(), l3.dims(), self.offset)?;
+        let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (out, probs) = self.forward(q, k, v, d);
+        if let Ok(mut saved) = self.saved_probs.lock() {
+            *saved = Some(Arc::new(probs));
+        }
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((d.batch, d.t, d.heads * d.head_dim)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = check_dims(q.dims(), k.dims(), v.dims(), self.offset)?;
+        let saved = self.saved_probs.lock().ok().and_then(|p| p.clone());
+        let (qc, kc, vc, gc) = (
+            q.contiguous()?,
+            k.contiguous()?,
+            v.contiguous()?,
+            grad.contiguous()?,
+        );
+        let (sq, lq) = qc.storage_and_layout();
+        let (sk, lk) = kc.storage_and_layout();
+        let (sv, lv) = vc.storage_and_layout();
+        let (sg, lg) = gc.storage_and_layout();
+        let (Storage::Cpu(sq), Storage::Cpu(sk), Storage::Cpu(sv), Storage::Cpu(sg)) =
+            (&*sq, &*sk, &*sv, &*sg)
+        else {
+            candle_core::bail!("causal_attention: backward expects CPU tensors");
+        };
+        let (qv, kv, vv, g) = (
+            slice(sq, lq)?,
+            slice(sk, lk)?,
+            slice(sv, lv)?,
+            slice(sg, lg)?,
+        );
+        let probs = match saved {
+            Some(p) => p,
+            None => Arc::new(self.forward(qv, kv, vv, d).1),
+        };
+        let (dq, dk, dv) = self.backward(qv, kv, vv, &probs, g, d);
+        Ok((
+            Some(cpu_tensor(dq, q.dims())),
+            Some(cpu_tensor(dk, k.dims())),
+            Some(cpu_tensor(dv, v.dims())),
+        ))
+    }
+}
+
+/// Causal attention of `q [batch, heads, t, head_dim]` over `k`, `v`
+/// `[batch, kv_heads, offset + t, head_dim]` (`heads` a multiple of `kv_heads`; query head `h`
+/// reads key/value head `h / (heads / kv_heads)`): query row `i` sees keys `0..=offset + i`,
+/// scores are scaled by `scale`. Returns `[batch, t, heads · head_dim]`. Differentiable in
+/// q, k and v.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    offset: usize,
+) -> Result<Tensor> {
+    check_dims(q.dims(), k.dims(), v.dims(), offset)?;
+    if !fused_ok(&[q, k, v]) {
+        return reference_causal_attention(q, k, v, scale, offset);
+    }
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        CausalAttention {
+            scale: scale as f32,
+            offset,
+            saved_probs: Mutex::new(None),
+        },
+    )
+}
+
+/// [`causal_attention`] as a composition of candle ops (grouped products, a masked softmax,
+/// transposes), which candle differentiates itself: the definition the fused operation is
+/// tested against, and the path on other devices and dtypes.
+pub fn reference_causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    offset: usize,
+) -> Result<Tensor> {
+    let d = check_dims(q.dims(), k.dims(), v.dims(), offset)?;
+    let rep = d.heads / d.kv_heads;
+    let (b, t, s, hd) = (d.batch, d.t, d.s, d.head_dim);
+    // Group the query heads that share a kv head: [b, kv_heads, rep·t, hd].
+    let qg = q.reshape((b, d.kv_heads, rep * t, hd))?;
+    let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, d.heads, t, s))?;
+    let probs = reference::causal_softmax(&scores, offset)?.reshape((b, d.kv_heads, rep * t, s))?;
+    probs
+        .matmul(v)?
+        .reshape((b, d.heads, t, hd))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, t, d.heads * hd))
+}
