@@ -19,9 +19,9 @@ use crate::sgemm::{sgemm, View};
 use crate::{fused_ok, silu_mul};
 
 /// Rows per task in the row-parallel phases.
-const ROW_BLOCK: usize = 64;
+const ROW_BLOCK: usize = 256;
 /// Output rows of a weight gradient per task.
-const WEIGHT_BLOCK: usize = 128;
+const WEIGHT_BLOCK: usize = 512;
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())

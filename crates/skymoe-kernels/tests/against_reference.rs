@@ -182,7 +182,8 @@ fn grouped_swiglu_matches_experts_one_by_one() {
     // divide.
     for (offsets, h, f, seed) in [
         (vec![0usize, 3, 3, 4], 8usize, 6usize, 20u64),
-        (vec![0, 70, 70, 200, 201, 330], 136, 100, 21),
+        (vec![0, 70, 70, 370, 371, 400], 40, 300, 21),
+        (vec![0, 5, 9], 520, 8, 22),
     ] {
         let e = offsets.len() - 1;
         let n = *offsets.last().unwrap();
