@@ -235,7 +235,7 @@ fn softmax_prefix(row: &mut [f32], visible: usize) {
     let max = head.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
     for x in head.iter_mut() {
-        *x = (*x - max).exp();
+        *x = crate::vexp::exp(*x - max);
         sum += *x;
     }
     let inv = 1.0 / sum;

@@ -16,16 +16,13 @@ use rayon::prelude::*;
 
 use crate::cpu::slice;
 use crate::sgemm::{sgemm, View};
+use crate::vexp::{swiglu_backward_rows, swiglu_rows};
 use crate::{fused_ok, silu_mul};
 
 /// Rows per task in the row-parallel phases.
 const ROW_BLOCK: usize = 256;
 /// Output rows of a weight gradient per task.
 const WEIGHT_BLOCK: usize = 512;
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
 
 /// The shapes of one call: rows, hidden width, expert FFN width, experts.
 #[derive(Debug, Clone, Copy)]
@@ -115,16 +112,6 @@ fn transposed(data: &[f32], rows: usize, cols: usize) -> View<'_> {
     }
 }
 
-/// `act = silu(g) · u` for rows of `[g, u]` (`gu` rows of `2·ffn`).
-fn activate(gu: &[f32], act: &mut [f32], ffn: usize) {
-    for (a, gu) in act.chunks_mut(ffn).zip(gu.chunks(2 * ffn)) {
-        let (g, u) = gu.split_at(ffn);
-        for i in 0..ffn {
-            a[i] = g[i] * sigmoid(g[i]) * u[i];
-        }
-    }
-}
-
 struct GroupedSwiGlu {
     offsets: Vec<usize>,
     /// The gate and up projections of every row (`[rows, 2·ffn]`), kept by the forward pass
@@ -150,7 +137,7 @@ impl GroupedSwiGlu {
                 let w13e = &w13[e * 2 * f * h..(e + 1) * 2 * f * h];
                 sgemm(xb, transposed(w13e, h, 2 * f), 1.0, gu, 2 * f);
                 let mut act = vec![0.0f32; n * f];
-                activate(gu, &mut act, f);
+                swiglu_rows(gu, &mut act, f);
                 let w2e = &w2[e * h * f..(e + 1) * h * f];
                 sgemm(plain(&act, n, f), transposed(w2e, f, h), 1.0, y, h);
             });
@@ -184,7 +171,7 @@ impl GroupedSwiGlu {
             .for_each(|(((&(e, r0, r1), act), dgu), dx)| {
                 let n = r1 - r0;
                 let gub = &gu[r0 * 2 * f..r1 * 2 * f];
-                activate(gub, act, f);
+                swiglu_rows(gub, act, f);
                 let w2e = &w2[e * h * f..(e + 1) * h * f];
                 // dA = dY · W2 (W2 is [h, f]).
                 let mut da = vec![0.0f32; n * f];
@@ -195,19 +182,7 @@ impl GroupedSwiGlu {
                     &mut da,
                     f,
                 );
-                for ((dgu, gu), da) in dgu
-                    .chunks_mut(2 * f)
-                    .zip(gub.chunks(2 * f))
-                    .zip(da.chunks(f))
-                {
-                    let (g, u) = gu.split_at(f);
-                    let (dg, du) = dgu.split_at_mut(f);
-                    for i in 0..f {
-                        let s = sigmoid(g[i]);
-                        du[i] = da[i] * g[i] * s;
-                        dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                    }
-                }
+                swiglu_backward_rows(gub, &da, dgu, f);
                 // dX = dGU · W13 (W13 is [2f, h]).
                 let w13e = &w13[e * 2 * f * h..(e + 1) * 2 * f * h];
                 sgemm(plain(dgu, n, 2 * f), plain(w13e, 2 * f, h), 1.0, dx, h);

@@ -20,6 +20,7 @@ mod rms_norm;
 mod rope;
 mod silu_mul;
 mod softmax;
+mod vexp;
 
 pub use attention::{causal_attention, reference_causal_attention};
 pub use cross_entropy::cross_entropy;
