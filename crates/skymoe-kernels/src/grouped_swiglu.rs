@@ -112,8 +112,23 @@ fn transposed(data: &[f32], rows: usize, cols: usize) -> View<'_> {
     }
 }
 
+/// Where [`grouped_swiglu_to_sink`] leaves the weight gradients of its backward pass:
+/// `d w13` (`[experts, 2·ffn, hidden]`) and `d w2` (`[experts, hidden, ffn]`).
+#[derive(Debug, Clone, Default)]
+pub struct WeightGradSink(Arc<Mutex<Option<(Tensor, Tensor)>>>);
+
+impl WeightGradSink {
+    /// The gradients of the latest backward pass through the operation, if one ran; taking
+    /// them empties the sink.
+    pub fn take(&self) -> Option<(Tensor, Tensor)> {
+        self.0.lock().ok().and_then(|mut g| g.take())
+    }
+}
+
 struct GroupedSwiGlu {
     offsets: Vec<usize>,
+    /// When set, the weight gradients go here instead of to the autograd graph.
+    sink: Option<WeightGradSink>,
     /// The gate and up projections of every row (`[rows, 2·ffn]`), kept by the forward pass
     /// for the backward pass.
     saved_gu: Mutex<Option<Arc<Vec<f32>>>>,
@@ -305,11 +320,17 @@ impl CustomOp3 for GroupedSwiGlu {
             None => Arc::new(self.forward(xv, w13v, w2v, d).0),
         };
         let (dx, dw13, dw2) = self.backward(xv, w13v, w2v, &gu, dy, d);
-        Ok((
-            Some(cpu_tensor(dx, x.dims())),
-            Some(cpu_tensor(dw13, w13.dims())),
-            Some(cpu_tensor(dw2, w2.dims())),
-        ))
+        let (dw13, dw2) = (cpu_tensor(dw13, w13.dims()), cpu_tensor(dw2, w2.dims()));
+        let dx = Some(cpu_tensor(dx, x.dims()));
+        match &self.sink {
+            Some(sink) => {
+                if let Ok(mut slot) = sink.0.lock() {
+                    *slot = Some((dw13, dw2));
+                }
+                Ok((dx, None, None))
+            }
+            None => Ok((dx, Some(dw13), Some(dw2))),
+        }
     }
 }
 
@@ -328,6 +349,33 @@ pub fn grouped_swiglu(x: &Tensor, w13: &Tensor, w2: &Tensor, offsets: &[usize]) 
         &w2.contiguous()?,
         GroupedSwiGlu {
             offsets: offsets.to_vec(),
+            sink: None,
+            saved_gu: Mutex::new(None),
+        },
+    )
+}
+
+/// [`grouped_swiglu`] whose backward pass hands the weight gradients to `sink` instead of to
+/// the autograd graph (which then receives only the rows' gradient): for weights stacked from
+/// many variables, whose gradients the caller splits itself, this saves the graph a gradient
+/// of the stacked copy. On CPU f32 only (an error elsewhere).
+pub fn grouped_swiglu_to_sink(
+    x: &Tensor,
+    w13: &Tensor,
+    w2: &Tensor,
+    offsets: &[usize],
+    sink: &WeightGradSink,
+) -> Result<Tensor> {
+    check_dims(x.dims(), w13.dims(), w2.dims(), offsets)?;
+    if !fused_ok(&[x, w13, w2]) {
+        candle_core::bail!("grouped_swiglu_to_sink: CPU f32 tensors only");
+    }
+    x.contiguous()?.apply_op3(
+        &w13.contiguous()?,
+        &w2.contiguous()?,
+        GroupedSwiGlu {
+            offsets: offsets.to_vec(),
+            sink: Some(sink.clone()),
             saved_gu: Mutex::new(None),
         },
     )

@@ -3,9 +3,9 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use skymoe_kernels::{
-    causal_attention, causal_softmax, cross_entropy, grouped_swiglu, reference,
-    reference_causal_attention, reference_grouped_swiglu, rms_norm, rope, silu_mul,
-    softmax_last_dim,
+    causal_attention, causal_softmax, cross_entropy, grouped_swiglu, grouped_swiglu_to_sink,
+    reference, reference_causal_attention, reference_grouped_swiglu, rms_norm, rope, silu_mul,
+    softmax_last_dim, WeightGradSink,
 };
 
 /// Deterministic pseudo-random values in [-scale, scale).
@@ -284,6 +284,29 @@ fn causal_attention_matches_head_by_head() {
     let k = rand(&[1, 1, 4, 8], 2, 1.0);
     assert!(causal_attention(&q, &k, &k, 1.0, 1).is_err());
     assert!(causal_attention(&q, &k, &k, 1.0, 0).is_ok());
+}
+
+#[test]
+fn grouped_swiglu_hands_weight_gradients_to_its_sink() {
+    let offsets = [0usize, 3, 3, 10];
+    let (h, f) = (12, 9);
+    let x = Var::from_tensor(&rand(&[10, h], 40, 1.0)).unwrap();
+    let w13 = Var::from_tensor(&rand(&[3, 2 * f, h], 41, 0.3)).unwrap();
+    let w2 = Var::from_tensor(&rand(&[3, h, f], 42, 0.3)).unwrap();
+    let probe = rand(&[10, h], 43, 1.0);
+    let objective = |y: Tensor| (y * &probe).unwrap().sum_all().unwrap();
+    let graph = objective(grouped_swiglu(&x, &w13, &w2, &offsets).unwrap())
+        .backward()
+        .unwrap();
+    let sink = WeightGradSink::default();
+    let y = grouped_swiglu_to_sink(&x, &w13, &w2, &offsets, &sink).unwrap();
+    let sunk = objective(y).backward().unwrap();
+    assert!(sunk.get(&w13).is_none() && sunk.get(&w2).is_none());
+    assert_eq!(max_diff(sunk.get(&x).unwrap(), graph.get(&x).unwrap()), 0.0);
+    let (d13, d2) = sink.take().expect("the backward pass filled the sink");
+    assert_eq!(max_diff(&d13, graph.get(&w13).unwrap()), 0.0);
+    assert_eq!(max_diff(&d2, graph.get(&w2).unwrap()), 0.0);
+    assert!(sink.take().is_none(), "taking empties the sink");
 }
 
 #[test]

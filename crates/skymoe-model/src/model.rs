@@ -212,6 +212,7 @@ pub fn build_layer_split(
                 shared,
                 tp: tp.clone(),
                 ep: ep.cloned(),
+                defer_expert_weight_grads: false,
             })
         }
         _ => FeedForward::Dense(swiglu(
@@ -392,6 +393,17 @@ impl CausalLm {
         self.check_tokens(tokens, offset, tokens.len())?;
         let ids = Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), self.embed.device())?;
         self.run(&ids, offset, cache, None, all_positions)
+    }
+
+    /// Whether the MoE layers hand their experts' weight gradients over in their routing
+    /// instead of through the autograd graph (see
+    /// [`MoeBlock::defer_expert_weight_grads`](crate::layers::moe::MoeBlock::defer_expert_weight_grads)).
+    pub fn set_deferred_expert_grads(&mut self, on: bool) {
+        for layer in &mut self.layers {
+            if let crate::layers::block::FeedForward::Moe(moe) = &mut layer.ffn {
+                moe.defer_expert_weight_grads = on;
+            }
+        }
     }
 
     /// Run a batch of equal-length sequences from position 0 (training): logits

@@ -325,8 +325,10 @@ pub fn accumulate(
                 a.inplace_op2(&g, &AddInPlace)?;
             }
             None => {
-                // Own a fresh contiguous copy: autograd results may share storage.
-                acc.insert(name, g.contiguous()?.copy()?);
+                // Own a fresh contiguous copy: autograd results may share storage. (A copy of
+                // the view only: `copy` would clone the whole storage a narrowed gradient
+                // shares with its siblings.)
+                acc.insert(name, g.force_contiguous()?.detach());
             }
         }
     }

@@ -11,6 +11,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use skymoe_model::layers::moe::DeferredExpertGrads;
 use skymoe_model::{CausalLm, Checkpoint, ModelConfig};
 
 use crate::aux_loss::{skywork_aux, switch_aux, z_loss, BalanceLoss};
@@ -288,6 +289,9 @@ impl Trainer {
             self.model.recompute = None;
             return Ok(());
         }
+        // A recomputed layer runs its own backward pass, which takes every gradient from the
+        // graph.
+        self.model.set_deferred_expert_grads(false);
         let layers: std::collections::HashSet<usize> = (range.start..range.start + count).collect();
         let mut params = std::collections::HashMap::new();
         for &i in &layers {
@@ -566,7 +570,9 @@ impl Trainer {
                 tokens: 0,
             },
         };
-        let model = params.model(&model_config, &device)?;
+        let mut model = params.model(&model_config, &device)?;
+        // The trainer adds the experts' weight gradients from each layer's routing itself.
+        model.set_deferred_expert_grads(true);
         if writer {
             let cfg_text = cfg.to_toml()?;
             std::fs::write(run_dir.join("run.toml"), cfg_text)
@@ -610,7 +616,9 @@ impl Trainer {
             seed: cfg.train.seed,
             tokens: 0,
         };
-        let model = params.model(&model_config, &device)?;
+        let mut model = params.model(&model_config, &device)?;
+        // The trainer adds the experts' weight gradients from each layer's routing itself.
+        model.set_deferred_expert_grads(true);
         Ok(Trainer {
             run_dir: cfg.train.out_dir.clone(),
             cfg,
@@ -877,7 +885,7 @@ impl Trainer {
                     .map(|&i| {
                         let f = forward_micro(&ctx, &micro[i])?;
                         let grads = if f.total_val.is_finite() {
-                            Some(backward_micro(&ctx, &f.total)?)
+                            Some(backward_micro(&ctx, &f.total, &f.deferred)?)
                         } else {
                             None
                         };
@@ -902,7 +910,8 @@ impl Trainer {
                 }
             }
         }
-        let mut pending: Vec<Option<Tensor>> = vec![None; micro.len()];
+        let mut pending: Vec<Option<(Tensor, Vec<DeferredExpertGrads>)>> =
+            (0..micro.len()).map(|_| None).collect();
         for pass in order {
             match pass {
                 Pass::Forward(i) => {
@@ -915,7 +924,7 @@ impl Trainer {
                         // collectives must match); replicas alone skip it.
                         nonfinite = nonfinite.max(1.0);
                         if self.shards.is_some() {
-                            pending[i] = Some(f.total);
+                            pending[i] = Some((f.total, f.deferred));
                         }
                         continue;
                     }
@@ -926,13 +935,13 @@ impl Trainer {
                             last_checkpoint: last_checkpoint.clone(),
                         });
                     }
-                    pending[i] = Some(f.total);
+                    pending[i] = Some((f.total, f.deferred));
                 }
                 Pass::Backward(i) => {
-                    let Some(total) = pending[i].take() else {
+                    let Some((total, deferred)) = pending[i].take() else {
                         continue;
                     };
-                    let grads = backward_micro(&ctx, &total)?;
+                    let grads = backward_micro(&ctx, &total, &deferred)?;
                     if accum == 1 {
                         // One micro-batch: use the gradients as they are, no copy.
                         grads_acc = grads;
@@ -1385,6 +1394,8 @@ struct MicroForward {
     drop: Vec<(usize, f64)>,
     gate_ratio: Vec<(usize, f64)>,
     load: Vec<(usize, Vec<f64>)>,
+    /// Expert weight gradients the backward pass leaves outside the graph.
+    deferred: Vec<DeferredExpertGrads>,
 }
 
 /// The step's metrics summed over its micro-batches.
@@ -1493,6 +1504,12 @@ fn forward_micro(ctx: &MicroContext<'_>, batch: &[Vec<u32>]) -> Result<MicroForw
         gate_ratio.push((l, r.gate_ratio() / accum));
         load.push((l, r.expert_load().iter().map(|x| x / accum).collect()));
     }
+    let deferred = out
+        .routings
+        .iter()
+        .flatten()
+        .filter_map(|r| r.deferred_expert_grads.clone())
+        .collect();
     let total_val = total.to_scalar::<f32>()?;
     let ce = match &ce {
         Some(ce) => Some(ce.to_scalar::<f32>()? as f64),
@@ -1508,13 +1525,21 @@ fn forward_micro(ctx: &MicroContext<'_>, batch: &[Vec<u32>]) -> Result<MicroForw
         drop,
         gate_ratio,
         load,
+        deferred,
     })
 }
 
 /// The backward pass of one micro-batch's objective: the gradient of every parameter, scaled
 /// by one over the micro-batch count.
-fn backward_micro(ctx: &MicroContext<'_>, total: &Tensor) -> Result<Grads> {
-    let store = (total / ctx.accum as f64)?.backward()?;
+fn backward_micro(
+    ctx: &MicroContext<'_>,
+    total: &Tensor,
+    deferred: &[DeferredExpertGrads],
+) -> Result<Grads> {
+    let mut store = (total / ctx.accum as f64)?.backward()?;
+    for d in deferred {
+        d.add_to(&mut store)?;
+    }
     let mut grads = BTreeMap::new();
     for (name, var) in &ctx.params.vars {
         if let Some(g) = store.get(var.as_tensor()) {

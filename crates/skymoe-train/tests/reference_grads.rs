@@ -106,3 +106,70 @@ fn skywork_moe_gradients_match_pytorch() {
 fn skywork_moe_variant_gradients_match_pytorch() {
     check("skywork_moe_variant");
 }
+
+/// The gradient of every parameter of `family`'s fixture model for a fixed objective of its
+/// logits, with the experts' weight gradients taken through the graph or handed over by each
+/// layer's routing.
+fn gradients_with_deferral(family: &str, defer: bool) -> Vec<(String, Tensor)> {
+    let dir = fixtures().join(family);
+    let dev = Device::Cpu;
+    let ckpt = Checkpoint::open(&dir, &dev).unwrap();
+    let params = TrainableParams::from_checkpoint(&ckpt, &dev).unwrap();
+    let mut model = params.model(&ckpt.config, &dev).unwrap();
+    model.set_deferred_expert_grads(defer);
+    let v = ckpt.config.vocab_size as u32;
+    let batch: Vec<Vec<u32>> = (0..2)
+        .map(|b| (0..9).map(|i| (i * 7 + b * 3 + 1) % v).collect())
+        .collect();
+    let out = model.forward_batch(&batch, None).unwrap();
+    let n = out.logits.elem_count();
+    let probe: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let probe = Tensor::from_vec(probe, out.logits.dims(), &dev).unwrap();
+    let mut store = (&out.logits * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let mut deferred = 0;
+    for r in out.routings.iter().flatten() {
+        if let Some(d) = &r.deferred_expert_grads {
+            d.add_to(&mut store).unwrap();
+            deferred += 1;
+        }
+    }
+    assert_eq!(
+        deferred > 0,
+        defer,
+        "{family}: deferral {defer} not honoured"
+    );
+    params
+        .vars
+        .iter()
+        .map(|(name, var)| {
+            let g = store
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{family}: no gradient for {name}"));
+            (name.clone(), g.clone())
+        })
+        .collect()
+}
+
+#[test]
+fn deferred_expert_weight_gradients_equal_the_graph_ones() {
+    for family in ["mixtral", "qwen2_moe", "skywork_moe"] {
+        let graph = gradients_with_deferral(family, false);
+        let deferred = gradients_with_deferral(family, true);
+        assert_eq!(graph.len(), deferred.len());
+        for ((name, a), (other, b)) in graph.iter().zip(&deferred) {
+            assert_eq!(name, other);
+            let diff = max_abs(&(a - b).unwrap());
+            assert!(
+                diff <= 1e-6 * max_abs(a).max(1.0),
+                "{family}: {name} differs by {diff}"
+            );
+        }
+    }
+}

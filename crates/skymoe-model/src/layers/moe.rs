@@ -38,6 +38,47 @@ pub struct MoeBlock {
     /// The expert-parallel group across data-parallel ranks, if any: tokens travel to their
     /// experts' ranks and back (`experts` holds this rank's share).
     pub ep: Option<ExpertParallel>,
+    /// Hand the experts' weight gradients over in [`Routing::deferred_expert_grads`] instead
+    /// of through the autograd graph (whose `backward` then leaves them out): the caller adds
+    /// them with [`DeferredExpertGrads::add_to`]. Saves the graph the gradient of the stacked
+    /// weights; for callers that do add them (the trainer), off by default.
+    pub defer_expert_weight_grads: bool,
+}
+
+/// Expert weight gradients that a layer's backward pass left in a sink, and the weights they
+/// belong to.
+#[derive(Debug, Clone)]
+pub struct DeferredExpertGrads {
+    sink: skymoe_kernels::WeightGradSink,
+    /// Gate, up and down projection weights of each local expert, in stacking order.
+    weights: Vec<(Tensor, Tensor, Tensor)>,
+}
+
+impl DeferredExpertGrads {
+    /// Add the gradients of the latest backward pass to `store`, each under its weight (summed
+    /// with a gradient already there); nothing if no backward pass reached the layer.
+    pub fn add_to(&self, store: &mut candle_core::backprop::GradStore) -> Result<()> {
+        let Some((dw13, dw2)) = self.sink.take() else {
+            return Ok(());
+        };
+        for (e, (gate, up, down)) in self.weights.iter().enumerate() {
+            let ffn = gate.dim(0)?;
+            let d13 = dw13.get(e)?;
+            let grads = [
+                (gate, d13.narrow(0, 0, ffn)?),
+                (up, d13.narrow(0, ffn, ffn)?),
+                (down, dw2.get(e)?),
+            ];
+            for (weight, grad) in grads {
+                let sum = match store.get(weight) {
+                    Some(prev) => (prev + grad)?,
+                    None => grad,
+                };
+                store.insert(weight, sum);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Tokens assigned to each expert: for expert `e`, the token rows and the flat
@@ -133,7 +174,10 @@ impl MoeBlock {
             return Ok((out.reshape(dims)?, routing));
         }
         let groups = group_by_expert(&routing.experts, &routing.kept, k, self.num_experts);
-        if let Some((w13, w2)) = self.stacked_expert_weights()? {
+        let defer = self.defer_expert_weight_grads
+            && matches!(xs.device(), candle_core::Device::Cpu)
+            && xs.dtype() == candle_core::DType::F32;
+        if let Some((w13, w2)) = self.stacked_expert_weights(defer)? {
             // All local experts in one grouped operation: rows sorted by expert.
             let (mut rows, mut slots, mut offsets) = (Vec::new(), Vec::new(), vec![0]);
             for &e in &self.expert_ids {
@@ -148,7 +192,27 @@ impl MoeBlock {
                 let rows = Tensor::from_vec(rows, n, dev)?;
                 let slots = Tensor::from_vec(slots, n, dev)?;
                 let x_sorted = expert_input.index_select(&rows, 0)?;
-                let y = skymoe_kernels::grouped_swiglu(&x_sorted, &w13, &w2, &offsets)?;
+                let y = if defer {
+                    let sink = skymoe_kernels::WeightGradSink::default();
+                    let y = skymoe_kernels::grouped_swiglu_to_sink(
+                        &x_sorted, &w13, &w2, &offsets, &sink,
+                    )?;
+                    let weights = self
+                        .experts
+                        .iter()
+                        .map(|x| {
+                            (
+                                x.gate.weight.clone(),
+                                x.up.weight.clone(),
+                                x.down.weight.clone(),
+                            )
+                        })
+                        .collect();
+                    routing.deferred_expert_grads = Some(DeferredExpertGrads { sink, weights });
+                    y
+                } else {
+                    skymoe_kernels::grouped_swiglu(&x_sorted, &w13, &w2, &offsets)?
+                };
                 let w = flat_weights.index_select(&slots, 0)?.unsqueeze(1)?;
                 out = out.index_add(&rows, &y.broadcast_mul(&w)?, 0)?;
             }
@@ -173,8 +237,8 @@ impl MoeBlock {
     /// The local experts' weights stacked for [`skymoe_kernels::grouped_swiglu`]: gate over
     /// up projection per expert (`[experts, 2·ffn, hidden]`) and the down projections
     /// (`[experts, hidden, ffn]`); `None` when an expert has a bias or its shapes differ from
-    /// the others'.
-    fn stacked_expert_weights(&self) -> Result<Option<(Tensor, Tensor)>> {
+    /// the others'. `detached`: copies outside the autograd graph.
+    fn stacked_expert_weights(&self, detached: bool) -> Result<Option<(Tensor, Tensor)>> {
         let Some(first) = self.experts.first() else {
             return Ok(None);
         };
@@ -192,9 +256,10 @@ impl MoeBlock {
             {
                 return Ok(None);
             }
-            w13.push(&expert.gate.weight);
-            w13.push(&expert.up.weight);
-            w2.push(&expert.down.weight);
+            let take = |w: &Tensor| if detached { w.detach() } else { w.clone() };
+            w13.push(take(&expert.gate.weight));
+            w13.push(take(&expert.up.weight));
+            w2.push(take(&expert.down.weight));
         }
         let e = self.experts.len();
         Ok(Some((

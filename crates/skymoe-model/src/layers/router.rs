@@ -49,6 +49,10 @@ pub struct Routing {
     pub expert_counts: Vec<usize>,
     /// Per-expert capacity in force, if any.
     pub capacity: Option<usize>,
+    /// The experts' weight gradients that the layer's backward pass hands over outside the
+    /// autograd graph, if the layer defers them (see
+    /// [`MoeBlock::defer_expert_weight_grads`](super::moe::MoeBlock::defer_expert_weight_grads)).
+    pub deferred_expert_grads: Option<super::moe::DeferredExpertGrads>,
 }
 
 impl Routing {
@@ -186,6 +190,7 @@ impl Router {
             selected_probs,
             expert_counts,
             capacity: None,
+            deferred_expert_grads: None,
         })
     }
 }
@@ -234,6 +239,7 @@ mod tests {
             selected_probs: probs,
             expert_counts: counts,
             capacity: None,
+            deferred_expert_grads: None,
         }
     }
 
