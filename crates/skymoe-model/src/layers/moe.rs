@@ -177,11 +177,21 @@ impl MoeBlock {
         let defer = self.defer_expert_weight_grads
             && matches!(xs.device(), candle_core::Device::Cpu)
             && xs.dtype() == candle_core::DType::F32;
-        if let Some((w13, w2)) = self.stacked_expert_weights(defer)? {
-            // All local experts in one grouped operation: rows sorted by expert.
+        // The local experts that received tokens: the others take no part in the product and
+        // get no gradient (as in transformers, so AdamW leaves them alone).
+        let active: Vec<usize> = (0..self.experts.len())
+            .filter(|&j| {
+                self.expert_ids
+                    .get(j)
+                    .and_then(|&e| groups.get(e))
+                    .is_some_and(|g| !g.0.is_empty())
+            })
+            .collect();
+        if let Some((w13, w2)) = self.stacked_expert_weights(&active, defer)? {
+            // All active local experts in one grouped operation: rows sorted by expert.
             let (mut rows, mut slots, mut offsets) = (Vec::new(), Vec::new(), vec![0]);
-            for &e in &self.expert_ids {
-                if let Some((r, s)) = groups.get(e) {
+            for &j in &active {
+                if let Some((r, s)) = self.expert_ids.get(j).and_then(|&e| groups.get(e)) {
                     rows.extend_from_slice(r);
                     slots.extend_from_slice(s);
                 }
@@ -197,9 +207,9 @@ impl MoeBlock {
                     let y = skymoe_kernels::grouped_swiglu_to_sink(
                         &x_sorted, &w13, &w2, &offsets, &sink,
                     )?;
-                    let weights = self
-                        .experts
+                    let weights = active
                         .iter()
+                        .map(|&j| &self.experts[j])
                         .map(|x| {
                             (
                                 x.gate.weight.clone(),
@@ -237,14 +247,22 @@ impl MoeBlock {
     /// The local experts' weights stacked for [`skymoe_kernels::grouped_swiglu`]: gate over
     /// up projection per expert (`[experts, 2·ffn, hidden]`) and the down projections
     /// (`[experts, hidden, ffn]`); `None` when an expert has a bias or its shapes differ from
-    /// the others'. `detached`: copies outside the autograd graph.
-    fn stacked_expert_weights(&self, detached: bool) -> Result<Option<(Tensor, Tensor)>> {
+    /// the others'. Only the local experts at positions `which` are stacked (none: `None`);
+    /// `detached`: copies outside the autograd graph.
+    fn stacked_expert_weights(
+        &self,
+        which: &[usize],
+        detached: bool,
+    ) -> Result<Option<(Tensor, Tensor)>> {
         let Some(first) = self.experts.first() else {
             return Ok(None);
         };
+        if which.is_empty() {
+            return Ok(None);
+        }
         let (ffn, hidden) = first.gate.weight.dims2()?;
-        let mut w13 = Vec::with_capacity(2 * self.experts.len());
-        let mut w2 = Vec::with_capacity(self.experts.len());
+        let mut w13 = Vec::with_capacity(2 * which.len());
+        let mut w2 = Vec::with_capacity(which.len());
         for expert in &self.experts {
             let biased = [&expert.gate, &expert.up, &expert.down]
                 .iter()
@@ -256,12 +274,14 @@ impl MoeBlock {
             {
                 return Ok(None);
             }
-            let take = |w: &Tensor| if detached { w.detach() } else { w.clone() };
+        }
+        let take = |w: &Tensor| if detached { w.detach() } else { w.clone() };
+        for expert in which.iter().filter_map(|&j| self.experts.get(j)) {
             w13.push(take(&expert.gate.weight));
             w13.push(take(&expert.up.weight));
             w2.push(take(&expert.down.weight));
         }
-        let e = self.experts.len();
+        let e = which.len();
         Ok(Some((
             Tensor::cat(&w13, 0)?.reshape((e, 2 * ffn, hidden))?,
             Tensor::stack(&w2, 0)?,
