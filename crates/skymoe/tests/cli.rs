@@ -155,6 +155,13 @@ fn token_out_of_vocab_is_an_error() {
 fn missing_model_is_an_error() {
     let out = skymoe(&["inspect", "--model", "/nonexistent/dir"]);
     assert_clean_failure(&out, "/nonexistent/dir");
+    // The cause is said once, not once per layer of the error.
+    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert_eq!(
+        stderr.matches("no such file").count(),
+        1,
+        "cause repeated: {stderr}"
+    );
 }
 
 #[test]
