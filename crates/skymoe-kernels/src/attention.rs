@@ -9,11 +9,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::slice;
+use crate::cpu::{cpu_tensor, slice, slices};
 use crate::sgemm::{sgemm, sgemm_add, View};
+use crate::softmax::softmax_row;
 use crate::{fused_ok, reference};
 
 /// Query rows per block: a block's products stop at the last key its last row sees.
@@ -124,7 +125,7 @@ impl CausalAttention {
                         s,
                     );
                     for (i, row) in pb.chunks_mut(s).enumerate() {
-                        softmax_prefix(&mut row[..kend], self.visible(r0 + i, s));
+                        softmax_row(&mut row[..kend], self.visible(r0 + i, s));
                     }
                     sgemm(
                         plain(pb, n, kend, s),
@@ -229,29 +230,6 @@ impl CausalAttention {
     }
 }
 
-/// Softmax of `row` over its first `visible` entries; the rest become 0.
-fn softmax_prefix(row: &mut [f32], visible: usize) {
-    let (head, tail) = row.split_at_mut(visible.min(row.len()));
-    let max = head.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for x in head.iter_mut() {
-        *x = crate::vexp::exp(*x - max);
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    head.iter_mut().for_each(|x| *x *= inv);
-    tail.iter_mut().for_each(|x| *x = 0.0);
-}
-
-fn cpu_tensor(data: Vec<f32>, shape: &[usize]) -> Tensor {
-    Tensor::from_storage(
-        Storage::Cpu(CpuStorage::F32(data)),
-        shape,
-        candle_core::op::BackpropOp::none(),
-        false,
-    )
-}
-
 impl CustomOp3 for CausalAttention {
     fn name(&self) -> &'static str {
         "skymoe-causal-attention"
@@ -288,32 +266,13 @@ impl CustomOp3 for CausalAttention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = check_dims(q.dims(), k.dims(), v.dims(), self.offset)?;
         let saved = self.saved_probs.lock().ok().and_then(|p| p.clone());
-        let (qc, kc, vc, gc) = (
-            q.contiguous()?,
-            k.contiguous()?,
-            v.contiguous()?,
-            grad.contiguous()?,
-        );
-        let (sq, lq) = qc.storage_and_layout();
-        let (sk, lk) = kc.storage_and_layout();
-        let (sv, lv) = vc.storage_and_layout();
-        let (sg, lg) = gc.storage_and_layout();
-        let (Storage::Cpu(sq), Storage::Cpu(sk), Storage::Cpu(sv), Storage::Cpu(sg)) =
-            (&*sq, &*sk, &*sv, &*sg)
-        else {
-            candle_core::bail!("causal_attention: backward expects CPU tensors");
-        };
-        let (qv, kv, vv, g) = (
-            slice(sq, lq)?,
-            slice(sk, lk)?,
-            slice(sv, lv)?,
-            slice(sg, lg)?,
-        );
-        let probs = match saved {
-            Some(p) => p,
-            None => Arc::new(self.forward(qv, kv, vv, d).1),
-        };
-        let (dq, dk, dv) = self.backward(qv, kv, vv, &probs, g, d);
+        let (dq, dk, dv) = slices([q, k, v, grad], |[qv, kv, vv, g]| {
+            let probs = match saved {
+                Some(p) => p,
+                None => Arc::new(self.forward(qv, kv, vv, d).1),
+            };
+            Ok(self.backward(qv, kv, vv, &probs, g, d))
+        })?;
         Ok((
             Some(cpu_tensor(dq, q.dims())),
             Some(cpu_tensor(dk, k.dims())),

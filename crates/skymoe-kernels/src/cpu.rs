@@ -1,6 +1,6 @@
 //! Helpers to read and write contiguous f32 CPU storage.
 
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
 /// The f32 elements a contiguous layout covers.
 pub fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -22,3 +22,33 @@ pub fn slice_u32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
 
 /// Rows of at least this many elements in total are worth splitting across threads.
 pub const PARALLEL_MIN_ELEMS: usize = 1 << 14;
+
+/// A CPU f32 tensor owning `data`, outside the autograd graph.
+pub fn cpu_tensor(data: Vec<f32>, shape: &[usize]) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cpu(CpuStorage::F32(data)),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )
+}
+
+/// Call `f` with the f32 elements of four CPU tensors (made contiguous first), as a custom
+/// op's backward pass needs them.
+pub fn slices<R>(ts: [&Tensor; 4], f: impl FnOnce([&[f32]; 4]) -> Result<R>) -> Result<R> {
+    let owned = [
+        ts[0].contiguous()?,
+        ts[1].contiguous()?,
+        ts[2].contiguous()?,
+        ts[3].contiguous()?,
+    ];
+    let guards = owned.each_ref().map(|t| t.storage_and_layout());
+    let mut out: [&[f32]; 4] = [&[]; 4];
+    for (o, (storage, layout)) in out.iter_mut().zip(&guards) {
+        let Storage::Cpu(cpu) = &**storage else {
+            candle_core::bail!("fused kernel expects CPU tensors");
+        };
+        *o = slice(cpu, layout)?;
+    }
+    f(out)
+}

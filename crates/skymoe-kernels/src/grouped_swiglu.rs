@@ -11,10 +11,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::slice;
+use crate::cpu::{cpu_tensor, slice, slices};
 use crate::sgemm::{sgemm, View};
 use crate::vexp::{swiglu_backward_rows, swiglu_rows};
 use crate::{fused_ok, silu_mul};
@@ -252,15 +252,6 @@ impl GroupedSwiGlu {
     }
 }
 
-fn cpu_tensor(data: Vec<f32>, shape: &[usize]) -> Tensor {
-    Tensor::from_storage(
-        Storage::Cpu(CpuStorage::F32(data)),
-        shape,
-        candle_core::op::BackpropOp::none(),
-        false,
-    )
-}
-
 impl CustomOp3 for GroupedSwiGlu {
     fn name(&self) -> &'static str {
         "skymoe-grouped-swiglu"
@@ -294,32 +285,13 @@ impl CustomOp3 for GroupedSwiGlu {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = check_dims(x.dims(), w13.dims(), w2.dims(), &self.offsets)?;
         let saved = self.saved_gu.lock().ok().and_then(|s| s.clone());
-        let (x_c, w13_c, w2_c, dy_c) = (
-            x.contiguous()?,
-            w13.contiguous()?,
-            w2.contiguous()?,
-            grad.contiguous()?,
-        );
-        let (sx, lx) = x_c.storage_and_layout();
-        let (s13, l13) = w13_c.storage_and_layout();
-        let (s2, l2) = w2_c.storage_and_layout();
-        let (sdy, ldy) = dy_c.storage_and_layout();
-        let (Storage::Cpu(sx), Storage::Cpu(s13), Storage::Cpu(s2), Storage::Cpu(sdy)) =
-            (&*sx, &*s13, &*s2, &*sdy)
-        else {
-            candle_core::bail!("grouped_swiglu: backward expects CPU tensors");
-        };
-        let (xv, w13v, w2v, dy) = (
-            slice(sx, lx)?,
-            slice(s13, l13)?,
-            slice(s2, l2)?,
-            slice(sdy, ldy)?,
-        );
-        let gu = match saved {
-            Some(gu) => gu,
-            None => Arc::new(self.forward(xv, w13v, w2v, d).0),
-        };
-        let (dx, dw13, dw2) = self.backward(xv, w13v, w2v, &gu, dy, d);
+        let (dx, dw13, dw2) = slices([x, w13, w2, grad], |[xv, w13v, w2v, dy]| {
+            let gu = match saved {
+                Some(gu) => gu,
+                None => Arc::new(self.forward(xv, w13v, w2v, d).0),
+            };
+            Ok(self.backward(xv, w13v, w2v, &gu, dy, d))
+        })?;
         let (dw13, dw2) = (cpu_tensor(dw13, w13.dims()), cpu_tensor(dw2, w2.dims()));
         let dx = Some(cpu_tensor(dx, x.dims()));
         match &self.sink {

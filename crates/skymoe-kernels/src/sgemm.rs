@@ -31,6 +31,20 @@ impl View<'_> {
 /// If the shapes disagree or a view or the output reaches past its slice (a programming
 /// error of the caller, not a data error).
 pub fn sgemm(a: View<'_>, b: View<'_>, alpha: f32, out: &mut [f32], out_stride: usize) {
+    product(a, b, alpha, out, out_stride, false);
+}
+
+/// `out[i * out_stride + j] += alpha · Σ_k a(i, k) · b(k, j)`: as [`sgemm`], but adding to the
+/// output's contents.
+///
+/// # Panics
+/// As [`sgemm`].
+pub fn sgemm_add(a: View<'_>, b: View<'_>, alpha: f32, out: &mut [f32], out_stride: usize) {
+    product(a, b, alpha, out, out_stride, true);
+}
+
+/// The product of [`sgemm`] (`add`: false) or [`sgemm_add`] (true).
+fn product(a: View<'_>, b: View<'_>, alpha: f32, out: &mut [f32], out_stride: usize, add: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "inner dimensions");
     assert!(
@@ -43,14 +57,16 @@ pub fn sgemm(a: View<'_>, b: View<'_>, alpha: f32, out: &mut [f32], out_stride: 
         return;
     }
     if k == 0 {
-        for i in 0..m {
-            out[i * out_stride..i * out_stride + n].fill(0.0);
+        if !add {
+            for i in 0..m {
+                out[i * out_stride..i * out_stride + n].fill(0.0);
+            }
         }
         return;
     }
     // SAFETY: every element the product reads or writes lies inside its slice (asserted
-    // above), the output does not alias the inputs (a `&mut` borrow), and `read_dst` is false
-    // so the output's old contents are never read.
+    // above), the output does not alias the inputs (a `&mut` borrow); without `add` the
+    // output's old contents are never read, with it they are read inside the same slice.
     unsafe {
         gemm::gemm(
             m,
@@ -59,57 +75,14 @@ pub fn sgemm(a: View<'_>, b: View<'_>, alpha: f32, out: &mut [f32], out_stride: 
             out.as_mut_ptr(),
             1,
             out_stride as isize,
-            false,
+            add,
             a.data.as_ptr(),
             a.col_stride as isize,
             a.row_stride as isize,
             b.data.as_ptr(),
             b.col_stride as isize,
             b.row_stride as isize,
-            0.0f32,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
-/// `out[i * out_stride + j] += alpha · Σ_k a(i, k) · b(k, j)`: as [`sgemm`], but adding to the
-/// output's contents.
-///
-/// # Panics
-/// As [`sgemm`].
-pub fn sgemm_add(a: View<'_>, b: View<'_>, alpha: f32, out: &mut [f32], out_stride: usize) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(b.rows, k, "inner dimensions");
-    assert!(
-        View::fits(m, k, a.row_stride, a.col_stride, a.data.len())
-            && View::fits(k, n, b.row_stride, b.col_stride, b.data.len())
-            && View::fits(m, n, out_stride, 1, out.len()),
-        "matrix view out of bounds"
-    );
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    // SAFETY: as in `sgemm`; with `read_dst` the output is read as well, inside its slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            out_stride as isize,
-            true,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            1.0f32,
+            if add { 1.0f32 } else { 0.0f32 },
             alpha,
             false,
             false,

@@ -8,12 +8,12 @@ use crate::cpu::{slice, PARALLEL_MIN_ELEMS};
 use crate::{fused_ok, reference};
 
 /// Softmax of one row in place, over its first `visible` entries (the rest become 0).
-fn softmax_row(row: &mut [f32], visible: usize) {
+pub(crate) fn softmax_row(row: &mut [f32], visible: usize) {
     let (head, tail) = row.split_at_mut(visible.min(row.len()));
     let max = head.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
     for v in head.iter_mut() {
-        *v = (*v - max).exp();
+        *v = crate::vexp::exp(*v - max);
         sum += *v;
     }
     let inv = 1.0 / sum;
