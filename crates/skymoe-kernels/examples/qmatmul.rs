@@ -1,5 +1,5 @@
 //! Throughput of the quantised products: `cargo run --release -p skymoe-kernels --example
-//! qmatmul -- [rows cols m iters]` prints weights/s and GB/s of weight storage for every
+//! qmatmul -- [rows cols m iters MiB]` prints weights/s and GB/s of weight storage for every
 //! format, one thread and all threads.
 
 use std::time::Instant;
@@ -9,14 +9,16 @@ use skymoe_kernels::quant::{QMatrix, WeightFormat};
 fn main() {
     let args: Vec<usize> = std::env::args()
         .skip(1)
-        .map(|a| a.parse().expect("numbers: rows cols m iters"))
+        .map(|a| a.parse().expect("numbers: rows cols m iters MiB"))
         .collect();
     let rows = args.first().copied().unwrap_or(3072);
     let cols = args.get(1).copied().unwrap_or(576);
     let m = args.get(2).copied().unwrap_or(1);
     let iters = args.get(3).copied().unwrap_or(200);
-    // Many matrices so that they do not fit in cache, as in a decode step.
-    let copies = (256 << 20) / (rows * cols);
+    // Many matrices (256 MiB of f32 weights unless told) so that they do not fit in cache, as
+    // in a decode step; a small total measures the kernel on cached weights.
+    let total_mib = args.get(4).copied().unwrap_or(256);
+    let copies = (total_mib << 20) / (rows * cols);
     let w: Vec<f32> = (0..rows * cols)
         .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
         .collect();

@@ -274,6 +274,10 @@ pub(crate) fn matmul(isa: Isa, mat: &QMatrix, x: &[f32], m: usize, out: &mut [f3
         // activation rows over them, so the rows are read from memory once and from cache
         // for the other groups.
         par_ranges(rows, 16, m * cols, |r0, r1| {
+            #[cfg(target_arch = "x86_64")]
+            if isa != Isa::Scalar {
+                super::x86::prefetch_rows(mat, r0, r1);
+            }
             for g0 in (0..m).step_by(FUSED_MAX_ROWS) {
                 let g = (m - g0).min(FUSED_MAX_ROWS);
                 let xg = &x[g0 * cols..(g0 + g) * cols];

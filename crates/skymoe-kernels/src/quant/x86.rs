@@ -88,6 +88,67 @@ unsafe fn dec256_fp8(p: *const u8) -> __m256 {
     ))
 }
 
+/// How far ahead of the weights being read the kernels request cache lines. One core's
+/// hardware prefetchers keep too few lines in flight to stream a decode step's weights at the
+/// memory's bandwidth; asking for lines this far ahead measured 1.4-1.7x the products'
+/// throughput from memory (`examples/qmatmul`) on a 2-core Xeon.
+const PREFETCH_BYTES: usize = 4096;
+
+/// Request the cache lines `PREFETCH_BYTES` ahead of the `bytes` starting at `p` (at least one
+/// line). A prefetch is a hint that never faults, so addresses past the end of the weights are
+/// harmless; the pointer arithmetic wraps rather than assuming them in bounds.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn prefetch_ahead(p: *const u8, bytes: usize) {
+    let ahead = p.wrapping_add(PREFETCH_BYTES);
+    let mut off = 0;
+    loop {
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off) as *const i8);
+        off += 64;
+        if off >= bytes {
+            break;
+        }
+    }
+}
+
+/// Request the first `PREFETCH_BYTES` of the `bytes` at `p`.
+fn prefetch_first(p: *const u8, bytes: usize) {
+    let mut off = 0;
+    while off < bytes.min(PREFETCH_BYTES) {
+        // SAFETY: prefetching reads nothing architecturally visible and cannot fault; SSE is
+        // part of every x86-64 CPU.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
+        off += 64;
+    }
+}
+
+/// Request the first cache lines of rows `r0..r1` of `mat` (a task about to read them; the
+/// kernels then keep requesting ahead of themselves).
+pub(super) fn prefetch_rows(mat: &QMatrix, r0: usize, r1: usize) {
+    let rows = r1.min(mat.rows).saturating_sub(r0);
+    let cols = mat.cols;
+    let (p, bytes) = match &mat.data {
+        QData::F32(w) => (
+            w.as_ptr().wrapping_add(r0 * cols) as *const u8,
+            rows * cols * 4,
+        ),
+        QData::F16(w) => (
+            w.as_ptr().wrapping_add(r0 * cols) as *const u8,
+            rows * cols * 2,
+        ),
+        QData::Int8 { q, .. } => (q.as_ptr().wrapping_add(r0 * cols) as *const u8, rows * cols),
+        QData::Fp8 { q, .. } => (q.as_ptr().wrapping_add(r0 * cols), rows * cols),
+        QData::Q4 { packed, .. } => {
+            let row_bytes = super::q4_groups(cols) * 16;
+            (
+                packed.as_ptr().wrapping_add(r0 * row_bytes),
+                rows * row_bytes,
+            )
+        }
+    };
+    prefetch_first(p, bytes);
+}
+
 /// A dot-product kernel over whole vectors of one element type: `M` activation rows,
 /// `U` independent accumulators per row. Returns the sums and the columns covered.
 macro_rules! dots_kernel {
@@ -105,6 +166,7 @@ macro_rules! dots_kernel {
             // at `M` rows of `cols` activations; every access below is below `cols`.
             unsafe {
                 while c + U * $lanes <= cols {
+                    prefetch_ahead(w.add(c) as *const u8, U * $lanes * size_of::<$elem>());
                     for u in 0..U {
                         let wv = $dec(w.add(c + u * $lanes));
                         for (i, a) in acc.iter_mut().enumerate() {
@@ -254,6 +316,7 @@ unsafe fn dots512_q4<const M: usize>(
     // value per group, `x` `M` rows of `cols`; every access is below those bounds.
     unsafe {
         for g in 0..groups {
+            prefetch_ahead(packed.add(g * 16), 16);
             let d = *scales.add(g);
             let dv = _mm512_set1_ps(d);
             let nd8 = _mm512_set1_ps(-8.0 * d);
@@ -314,6 +377,7 @@ unsafe fn dots256_q4<const M: usize>(
     // SAFETY (whole body): as in `dots512_q4`.
     unsafe {
         for g in 0..groups {
+            prefetch_ahead(packed.add(g * 16), 16);
             let w = dec256_q4(packed.add(g * 16), *scales.add(g));
             for (i, a) in acc.iter_mut().enumerate() {
                 let xp = x.add(i * cols + g * Q4_GROUP);
@@ -400,6 +464,7 @@ macro_rules! dequant_kernel {
             // SAFETY: the caller guarantees `cols` readable weights and writable outputs.
             unsafe {
                 while c + $lanes <= cols {
+                    prefetch_ahead(w.add(c) as *const u8, $lanes * size_of::<$elem>());
                     $store(out.add(c), $mul($dec(w.add(c)), s));
                     c += $lanes;
                 }
@@ -476,6 +541,7 @@ unsafe fn deq256_q4(packed: *const u8, scales: *const f32, out: *mut f32, cols: 
     // SAFETY: the caller guarantees whole groups in bounds and `cols` writable outputs.
     unsafe {
         for g in 0..groups {
+            prefetch_ahead(packed.add(g * 16), 16);
             let w = dec256_q4(packed.add(g * 16), *scales.add(g));
             for (j, v) in w.iter().enumerate() {
                 _mm256_storeu_ps(out.add(g * Q4_GROUP + j * 8), *v);
