@@ -24,6 +24,48 @@ pub struct BenchConfig {
     pub concurrency: Vec<usize>,
     /// Repetitions of each measurement (the median is reported).
     pub repeats: usize,
+    /// Most prompt tokens in one forward pass (the engine's `max_step_tokens`): the prompts
+    /// of a batch are prefilled in steps of at most this many tokens, a prompt split over
+    /// steps where it does not fit, as the server does.
+    pub step_tokens: usize,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            prompt_tokens: 128,
+            gen_tokens: 64,
+            concurrency: vec![8, 32],
+            repeats: 3,
+            step_tokens: crate::engine::EngineConfig::default().max_step_tokens,
+        }
+    }
+}
+
+/// The prefill steps for `requests` prompts of `prompt` tokens, at most `step` tokens a step:
+/// each step a list of (request, first token, end token) pieces, in order.
+fn prefill_steps(requests: usize, prompt: usize, step: usize) -> Vec<Vec<(usize, usize, usize)>> {
+    let step = step.max(1);
+    let mut steps = Vec::new();
+    let mut current = Vec::new();
+    let mut room = step;
+    for k in 0..requests {
+        let mut at = 0;
+        while at < prompt {
+            let take = (prompt - at).min(room);
+            current.push((k, at, at + take));
+            at += take;
+            room -= take;
+            if room == 0 {
+                steps.push(std::mem::take(&mut current));
+                room = step;
+            }
+        }
+    }
+    if !current.is_empty() {
+        steps.push(current);
+    }
+    steps
 }
 
 /// One measurement at a number of concurrent requests.
@@ -31,7 +73,7 @@ pub struct BenchConfig {
 pub struct BatchRun {
     /// Concurrent requests.
     pub requests: usize,
-    /// Prompt tokens processed per second (all prompts in one batch).
+    /// Prompt tokens processed per second (all prompts, in steps of `step_tokens`).
     pub prefill_tokens_per_s: f64,
     /// Generated tokens per second over the decode phase.
     pub decode_tokens_per_s: f64,
@@ -63,19 +105,30 @@ fn run_batch(model: &ServeModel, requests: usize, cfg: &BenchConfig) -> Result<B
         })
         .collect();
     let t0 = Instant::now();
-    let chunks: Vec<SeqChunk<'_>> = seqs
-        .iter()
-        .zip(&tables)
-        .map(|(s, b)| SeqChunk {
-            tokens: s,
-            start: 0,
-            blocks: b,
-            logits: LogitsFor::Last,
-        })
-        .collect();
-    let logits = model.forward(&chunks, &mut kv)?;
-    for (s, l) in seqs.iter_mut().zip(&logits) {
-        s.push(skymoe_model::sampling::argmax(l));
+    for step in prefill_steps(requests, cfg.prompt_tokens, cfg.step_tokens) {
+        let chunks: Vec<SeqChunk<'_>> = step
+            .iter()
+            .map(|&(k, from, to)| SeqChunk {
+                tokens: &seqs[k][from..to],
+                start: from,
+                blocks: &tables[k],
+                logits: if to == cfg.prompt_tokens {
+                    LogitsFor::Last
+                } else {
+                    LogitsFor::None
+                },
+            })
+            .collect();
+        let logits = model.forward(&chunks, &mut kv)?;
+        let firsts: Vec<(usize, u32)> = step
+            .iter()
+            .zip(&logits)
+            .filter(|((_, _, to), _)| *to == cfg.prompt_tokens)
+            .map(|(&(k, _, _), l)| (k, skymoe_model::sampling::argmax(l)))
+            .collect();
+        for (k, t) in firsts {
+            seqs[k].push(t);
+        }
     }
     let t1 = Instant::now();
     for _ in 1..cfg.gen_tokens {
@@ -144,4 +197,28 @@ pub fn run(model: &ServeModel, cfg: &BenchConfig) -> Result<Vec<BatchRun>> {
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefill_steps;
+
+    #[test]
+    fn prefill_steps_cover_every_prompt_token_once_within_the_step_size() {
+        for (requests, prompt, step) in [(1, 128, 512), (32, 128, 512), (3, 300, 512), (5, 7, 3)] {
+            let steps = prefill_steps(requests, prompt, step);
+            let mut next = vec![0usize; requests];
+            for s in &steps {
+                let tokens: usize = s.iter().map(|(_, a, b)| b - a).sum();
+                assert!(tokens > 0 && tokens <= step, "{s:?}");
+                for &(k, a, b) in s {
+                    assert_eq!(a, next[k], "pieces of request {k} in order");
+                    next[k] = b;
+                }
+            }
+            assert!(next.iter().all(|&n| n == prompt));
+            let total = requests * prompt;
+            assert_eq!(steps.len(), total.div_ceil(step));
+        }
+    }
 }

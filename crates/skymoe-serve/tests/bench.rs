@@ -18,6 +18,8 @@ fn bench_measures_each_level_and_refuses_bad_settings() {
         gen_tokens: 3,
         concurrency: vec![2, 3],
         repeats: 1,
+        // Prompts split over steps: 3 prompts of 5 tokens in steps of 4.
+        step_tokens: 4,
     };
     let runs = run(&model, &cfg).unwrap();
     assert_eq!(

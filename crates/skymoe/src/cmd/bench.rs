@@ -28,6 +28,9 @@ pub struct Args {
     /// Repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Most prompt tokens in one forward pass (as `skymoe serve` schedules them).
+    #[arg(long, default_value_t = skymoe_serve::bench::BenchConfig::default().step_tokens)]
+    step_tokens: usize,
 }
 
 /// Peak resident memory of this process in MiB (Linux), if known.
@@ -55,6 +58,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         gen_tokens: a.gen_tokens,
         concurrency: a.concurrency,
         repeats: a.repeats,
+        step_tokens: a.step_tokens,
     };
     let runs = run_bench(&model, &cfg)?;
     let report = serde_json::json!({
@@ -65,6 +69,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "weight_mib": model.weight_bytes() as f64 / (1 << 20) as f64,
         "prompt_tokens": cfg.prompt_tokens,
         "gen_tokens": cfg.gen_tokens,
+        "step_tokens": cfg.step_tokens,
         "runs": runs,
         "peak_rss_mib": peak_rss_mib(),
     });
