@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use crate::error::{Result, ServeError};
+use crate::kv_cache::KvDtype;
 use crate::model::{LogitsFor, SeqChunk, ServeModel};
 
 /// Token `j` of synthetic prompt `k` for a vocabulary of `vocab` (the formula the benchmark
@@ -28,6 +29,8 @@ pub struct BenchConfig {
     /// of a batch are prefilled in steps of at most this many tokens, a prompt split over
     /// steps where it does not fit, as the server does.
     pub step_tokens: usize,
+    /// Element type of the KV cache (`None`: as the server chooses for the weights).
+    pub kv_dtype: Option<KvDtype>,
 }
 
 impl Default for BenchConfig {
@@ -38,6 +41,7 @@ impl Default for BenchConfig {
             concurrency: vec![8, 32],
             repeats: 3,
             step_tokens: crate::engine::EngineConfig::default().max_step_tokens,
+            kv_dtype: None,
         }
     }
 }
@@ -93,7 +97,7 @@ fn run_batch(model: &ServeModel, requests: usize, cfg: &BenchConfig) -> Result<B
     }
     let block = 16;
     let per_seq = len.div_ceil(block);
-    let mut kv = model.new_kv_cache(block, per_seq * requests);
+    let mut kv = model.new_kv_cache(block, per_seq * requests, cfg.kv_dtype);
     let tables: Vec<Vec<u32>> = (0..requests)
         .map(|_| kv.allocate(per_seq).unwrap_or_default())
         .collect();

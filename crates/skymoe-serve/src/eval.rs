@@ -16,7 +16,7 @@ pub fn windows_nll(model: &ServeModel, windows: &[&[u32]], batch: usize) -> Resu
                 "a window needs at least two tokens".into(),
             ));
         }
-        let mut kv = model.new_kv_cache(16, group.len() * longest.div_ceil(16));
+        let mut kv = model.new_kv_cache(16, group.len() * longest.div_ceil(16), None);
         let mut tables = Vec::with_capacity(group.len());
         for w in group {
             let blocks = kv

@@ -1,37 +1,178 @@
 //! The paged KV cache: keys and values of every layer in fixed-size blocks of positions; a
 //! sequence owns a list of blocks (its block table), so sequences of any length share one
 //! pool without fragmentation, and a finished or preempted sequence returns its blocks.
+//! Entries are stored in f32 or f16 ([`KvDtype`]); readers get f32.
+
+use std::fmt;
+use std::str::FromStr;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+/// The element type of the cached keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    /// 4 bytes an element, exactly the computed values.
+    F32,
+    /// 2 bytes an element (half the memory and the reads), rounded to nearest.
+    F16,
+}
+
+impl KvDtype {
+    /// The choice for `--kv-cache-dtype auto`: f32 for f32 weights (where outputs are compared
+    /// with a full-precision reference), else f16, as vLLM keeps the cache in the activations'
+    /// 16-bit type and llama.cpp in f16.
+    pub fn auto(weights: skymoe_kernels::quant::WeightFormat) -> KvDtype {
+        match weights {
+            skymoe_kernels::quant::WeightFormat::F32 => KvDtype::F32,
+            _ => KvDtype::F16,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+}
+
+impl fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for KvDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(KvDtype::F32),
+            "f16" | "float16" | "half" => Ok(KvDtype::F16),
+            _ => Err(format!(
+                "unknown KV cache dtype {s:?} (expected f32 or f16)"
+            )),
+        }
+    }
+}
+
+/// One layer's keys or values for the whole pool.
+enum Plane {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl Plane {
+    fn new(dtype: KvDtype, len: usize) -> Plane {
+        // Zeroed allocations: the operating system commits the pages as they are written.
+        match dtype {
+            KvDtype::F32 => Plane::F32(vec![0.0; len]),
+            KvDtype::F16 => Plane::F16(vec![f16::ZERO; len]),
+        }
+    }
+
+    fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            Plane::F32(p) => p[at..at + src.len()].copy_from_slice(src),
+            Plane::F16(p) => p[at..at + src.len()].convert_from_f32_slice(src),
+        }
+    }
+
+    fn read(&self, at: usize, dst: &mut [f32]) {
+        match self {
+            Plane::F32(p) => dst.copy_from_slice(&p[at..at + dst.len()]),
+            Plane::F16(p) => p[at..at + dst.len()].convert_to_f32_slice(dst),
+        }
+    }
+}
+
+/// One position's keys or values of one kv head, as stored.
+pub(crate) enum KvRow<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl KvRow<'_> {
+    /// `Σ x[i]·row[i]`.
+    pub(crate) fn dot(&self, x: &[f32]) -> f32 {
+        match self {
+            KvRow::F32(r) => crate::model::ops::dot(x, r),
+            KvRow::F16(r) => skymoe_kernels::quant::dot_f16(x, r),
+        }
+    }
+
+    /// `y[i] += a·row[i]`.
+    pub(crate) fn axpy_into(&self, a: f32, y: &mut [f32]) {
+        match self {
+            KvRow::F32(r) => crate::model::ops::axpy(a, r, y),
+            KvRow::F16(r) => skymoe_kernels::quant::axpy_f16(a, r, y),
+        }
+    }
+}
+
+impl Plane {
+    fn row(&self, at: usize, width: usize) -> KvRow<'_> {
+        match self {
+            Plane::F32(p) => KvRow::F32(&p[at..at + width]),
+            Plane::F16(p) => KvRow::F16(&p[at..at + width]),
+        }
+    }
+}
 
 /// Key/value storage for all layers, in blocks of `block_size` positions.
 pub struct KvCache {
     block_size: usize,
     num_blocks: usize,
     kv_dim: usize,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    dtype: KvDtype,
+    keys: Vec<Plane>,
+    values: Vec<Plane>,
     free: Vec<u32>,
 }
 
 impl KvCache {
     /// A pool of `num_blocks` blocks of `block_size` positions for `layers` layers whose keys
-    /// and values are `kv_dim` wide (kv heads × head width). Memory is committed lazily by the
-    /// operating system as blocks are first written.
-    pub fn new(layers: usize, kv_dim: usize, block_size: usize, num_blocks: usize) -> Self {
+    /// and values are `kv_dim` wide (kv heads × head width), stored as `dtype`. Memory is
+    /// committed lazily by the operating system as blocks are first written.
+    pub fn new(
+        layers: usize,
+        kv_dim: usize,
+        block_size: usize,
+        num_blocks: usize,
+        dtype: KvDtype,
+    ) -> Self {
+        let block_size = block_size.max(1);
         let per_layer = num_blocks * block_size * kv_dim;
         KvCache {
-            block_size: block_size.max(1),
+            block_size,
             num_blocks,
             kv_dim,
-            keys: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
-            values: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
+            dtype,
+            keys: (0..layers).map(|_| Plane::new(dtype, per_layer)).collect(),
+            values: (0..layers).map(|_| Plane::new(dtype, per_layer)).collect(),
             // Hand out low block numbers first.
             free: (0..num_blocks as u32).rev().collect(),
         }
     }
 
     /// Bytes one position takes over all layers (keys and values).
-    pub fn bytes_per_position(layers: usize, kv_dim: usize) -> usize {
-        layers * kv_dim * 2 * std::mem::size_of::<f32>()
+    pub fn bytes_per_position(layers: usize, kv_dim: usize, dtype: KvDtype) -> usize {
+        layers * kv_dim * 2 * dtype.size()
+    }
+
+    /// The element type of the entries.
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
     }
 
     /// Positions per block.
@@ -68,8 +209,8 @@ impl KvCache {
         self.free.extend(blocks.iter().rev());
     }
 
-    /// Index (in floats) of position `pos` of a sequence with block table `blocks`.
-    pub(crate) fn offset(&self, blocks: &[u32], pos: usize) -> usize {
+    /// Index (in elements) of position `pos` of a sequence with block table `blocks`.
+    fn offset(&self, blocks: &[u32], pos: usize) -> usize {
         let block = blocks[pos / self.block_size] as usize;
         (block * self.block_size + pos % self.block_size) * self.kv_dim
     }
@@ -77,13 +218,51 @@ impl KvCache {
     /// Store the key and value of position `pos` in `layer`.
     pub(crate) fn write(&mut self, layer: usize, blocks: &[u32], pos: usize, k: &[f32], v: &[f32]) {
         let o = self.offset(blocks, pos);
-        self.keys[layer][o..o + self.kv_dim].copy_from_slice(k);
-        self.values[layer][o..o + self.kv_dim].copy_from_slice(v);
+        self.keys[layer].write(o, &k[..self.kv_dim]);
+        self.values[layer].write(o, &v[..self.kv_dim]);
     }
 
-    /// Keys and values of `layer`.
-    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.keys[layer], &self.values[layer])
+    /// The key (`value: false`) or value of position `pos` of a sequence (block table
+    /// `blocks`) in `layer`: the `width` elements starting at `from` (one kv head).
+    pub(crate) fn row(
+        &self,
+        layer: usize,
+        value: bool,
+        blocks: &[u32],
+        pos: usize,
+        from: usize,
+        width: usize,
+    ) -> KvRow<'_> {
+        let plane = if value {
+            &self.values[layer]
+        } else {
+            &self.keys[layer]
+        };
+        plane.row(self.offset(blocks, pos) + from, width)
+    }
+
+    /// The keys and values of positions `0..len` of a sequence (block table `blocks`) for
+    /// the `width` elements starting at `from` within a position (one kv head), in f32, each
+    /// `[len, width]` row-major, replacing the contents of `keys` and `values`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gather(
+        &self,
+        layer: usize,
+        blocks: &[u32],
+        len: usize,
+        from: usize,
+        width: usize,
+        keys: &mut Vec<f32>,
+        values: &mut Vec<f32>,
+    ) {
+        keys.resize(len * width, 0.0);
+        values.resize(len * width, 0.0);
+        for pos in 0..len {
+            let o = self.offset(blocks, pos) + from;
+            let row = pos * width..(pos + 1) * width;
+            self.keys[layer].read(o, &mut keys[row.clone()]);
+            self.values[layer].read(o, &mut values[row]);
+        }
     }
 }
 
@@ -93,17 +272,45 @@ mod tests {
 
     #[test]
     fn blocks_are_allocated_and_returned() {
-        let mut kv = KvCache::new(2, 4, 16, 3);
+        let mut kv = KvCache::new(2, 4, 16, 3, KvDtype::F32);
         assert_eq!(kv.blocks_for(33), 3);
         let a = kv.allocate(2).unwrap();
         assert_eq!(a.len(), 2);
         assert!(kv.allocate(2).is_none(), "only one block left");
         assert_eq!(kv.free_blocks(), 1);
-        kv.write(1, &a, 17, &[1.0; 4], &[2.0; 4]);
-        let o = kv.offset(&a, 17);
-        assert_eq!(&kv.layer(1).0[o..o + 4], &[1.0; 4]);
-        assert_eq!(&kv.layer(1).1[o..o + 4], &[2.0; 4]);
+        kv.write(1, &a, 17, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]);
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        kv.gather(1, &a, 18, 1, 2, &mut k, &mut v);
+        assert_eq!(k.len(), 36);
+        assert_eq!(&k[34..], &[2.0, 3.0]);
+        assert_eq!(&v[34..], &[6.0, 7.0]);
         kv.release(&a);
         assert_eq!(kv.free_blocks(), 3);
+    }
+
+    #[test]
+    fn f16_entries_are_the_values_rounded_to_f16_at_half_the_size() {
+        let mut kv = KvCache::new(1, 3, 2, 4, KvDtype::F16);
+        assert_eq!(KvCache::bytes_per_position(1, 3, KvDtype::F16), 12);
+        assert_eq!(KvCache::bytes_per_position(1, 3, KvDtype::F32), 24);
+        // Blocks out of order: positions 0-1 in block 3, 2-3 in block 0.
+        let blocks = [3u32, 0];
+        let key = |p: usize| [0.1 * p as f32, -1.0e-3, 3.0e4 + p as f32];
+        for p in 0..4 {
+            let k = key(p);
+            let v = k.map(|x| -x);
+            kv.write(0, &blocks, p, &k, &v);
+        }
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        kv.gather(0, &blocks, 4, 0, 3, &mut k, &mut v);
+        for p in 0..4 {
+            for (j, &x) in key(p).iter().enumerate() {
+                let rounded = f16::from_f32(x).to_f32();
+                assert_eq!(k[p * 3 + j], rounded);
+                assert_eq!(v[p * 3 + j], -rounded);
+            }
+        }
+        assert_eq!("F16".parse::<KvDtype>(), Ok(KvDtype::F16));
+        assert!("bf8".parse::<KvDtype>().is_err());
     }
 }

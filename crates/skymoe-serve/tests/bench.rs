@@ -20,6 +20,7 @@ fn bench_measures_each_level_and_refuses_bad_settings() {
         repeats: 1,
         // Prompts split over steps: 3 prompts of 5 tokens in steps of 4.
         step_tokens: 4,
+        kv_dtype: None,
     };
     let runs = run(&model, &cfg).unwrap();
     assert_eq!(

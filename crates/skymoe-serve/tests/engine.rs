@@ -25,7 +25,7 @@ fn engine(config: EngineConfig) -> EngineHandle {
 fn greedy_direct(prompt: &[u32], n: usize) -> Vec<u32> {
     let ckpt = Checkpoint::open(&fixture(), &Device::Cpu).unwrap();
     let model = ServeModel::load(&ckpt, Some(WeightFormat::F32)).unwrap();
-    let mut kv = model.new_kv_cache(16, 8);
+    let mut kv = model.new_kv_cache(16, 8, None);
     let blocks = kv.allocate(8).unwrap();
     let mut tokens = prompt.to_vec();
     let mut start = 0;

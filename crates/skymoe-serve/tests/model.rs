@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use candle_core::Device;
 use skymoe_kernels::quant::WeightFormat;
 use skymoe_model::Checkpoint;
+use skymoe_serve::kv_cache::KvDtype;
 use skymoe_serve::model::{LogitsFor, SeqChunk, ServeModel};
 
 const FAMILIES: [&str; 6] = [
@@ -43,7 +44,11 @@ fn max_rel(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn run_alone(model: &ServeModel, tokens: &[u32]) -> Vec<f32> {
-    let mut kv = model.new_kv_cache(4, 16);
+    run_alone_with(model, tokens, None)
+}
+
+fn run_alone_with(model: &ServeModel, tokens: &[u32], kv_dtype: Option<KvDtype>) -> Vec<f32> {
+    let mut kv = model.new_kv_cache(4, 16, kv_dtype);
     let blocks = kv.allocate(kv.blocks_for(tokens.len())).unwrap();
     let chunk = SeqChunk {
         tokens,
@@ -67,6 +72,33 @@ fn f32_logits_match_transformers_for_every_family() {
 }
 
 #[test]
+fn an_f16_kv_cache_stays_close_to_transformers_and_is_the_default_for_quantised_weights() {
+    for fam in FAMILIES {
+        let ckpt = Checkpoint::open(&fixture(fam), &Device::Cpu).unwrap();
+        let model = ServeModel::load(&ckpt, Some(WeightFormat::F32)).unwrap();
+        assert_eq!(
+            model.kv_dtype(None),
+            KvDtype::F32,
+            "f32 weights keep an f32 cache"
+        );
+        let (tokens, want) = reference(fam);
+        let got = run_alone_with(&model, &tokens, Some(KvDtype::F16));
+        // Measured 3e-4 to 5.5e-4 (f32 cache: below 1e-4).
+        let e = max_rel(&got, &want);
+        assert!(
+            e < 2e-3,
+            "{fam}: max relative logit error {e} with an f16 cache"
+        );
+        let exact = run_alone_with(&model, &tokens, Some(KvDtype::F32));
+        assert_ne!(got, exact, "{fam}: the f16 cache rounds");
+        for format in [WeightFormat::F16, WeightFormat::Int8, WeightFormat::Fp8] {
+            let q = ServeModel::load(&ckpt, Some(format)).unwrap();
+            assert_eq!(q.kv_dtype(None), KvDtype::F16, "{fam} {format}");
+        }
+    }
+}
+
+#[test]
 fn batched_chunked_decoding_equals_each_sequence_alone() {
     for fam in ["mixtral", "qwen2_moe", "skywork_moe_variant"] {
         let ckpt = Checkpoint::open(&fixture(fam), &Device::Cpu).unwrap();
@@ -77,7 +109,7 @@ fn batched_chunked_decoding_equals_each_sequence_alone() {
         let want_a = run_alone(&model, &a);
         let want_b = run_alone(&model, &b);
         // Block size 4 over a shared pool, blocks interleaved between the two sequences.
-        let mut kv = model.new_kv_cache(4, 8);
+        let mut kv = model.new_kv_cache(4, 8, None);
         let mut ba = Vec::new();
         let mut bb = Vec::new();
         for _ in 0..3 {
@@ -154,7 +186,7 @@ fn batched_chunked_decoding_equals_each_sequence_alone() {
 fn bad_chunks_are_errors() {
     let ckpt = Checkpoint::open(&fixture("mixtral"), &Device::Cpu).unwrap();
     let model = ServeModel::load(&ckpt, Some(WeightFormat::Int8)).unwrap();
-    let mut kv = model.new_kv_cache(4, 2);
+    let mut kv = model.new_kv_cache(4, 2, None);
     let blocks = kv.allocate(1).unwrap();
     let run = |tokens: &[u32], blocks: &[u32], kv: &mut skymoe_serve::kv_cache::KvCache| {
         model

@@ -16,7 +16,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn logits(model: &ServeModel, tokens: &[u32]) -> Vec<f32> {
-    let mut kv = model.new_kv_cache(16, 4);
+    let mut kv = model.new_kv_cache(16, 4, None);
     let blocks = kv.allocate(4).unwrap();
     model
         .forward(

@@ -64,7 +64,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn logits(model: &ServeModel, a: &[u32], b: &[u32]) -> Vec<Vec<f32>> {
-    let mut kv = model.new_kv_cache(4, 8);
+    let mut kv = model.new_kv_cache(4, 8, None);
     let (ba, bb) = (kv.allocate(4).unwrap(), kv.allocate(4).unwrap());
     let mut out = model
         .forward(
@@ -240,7 +240,7 @@ fn engine_leads_follower_ranks_to_the_same_generations() {
                 if rank == 0 {
                     return (Some(model), 0);
                 }
-                let mut kv = model.new_kv_cache(4, 16);
+                let mut kv = model.new_kv_cache(4, 16, None);
                 let passes = model.follow(&mut kv).unwrap();
                 (None, passes)
             })

@@ -247,3 +247,44 @@ fn grads_needs_two_tokens() {
     ]);
     assert_clean_failure(&out, "at least two tokens");
 }
+
+#[test]
+fn bench_reports_its_settings_and_refuses_an_unknown_kv_cache_dtype() {
+    let model = fixtures().join("mixtral");
+    let model = model.to_str().unwrap();
+    let args = |dtype: &'static str| {
+        vec![
+            "bench",
+            "--model",
+            model,
+            "--weights",
+            "int8",
+            "--prompt-tokens",
+            "5",
+            "--gen-tokens",
+            "2",
+            "--concurrency",
+            "2",
+            "--repeats",
+            "1",
+            "--step-tokens",
+            "4",
+            "--kv-cache-dtype",
+            dtype,
+        ]
+    };
+    let out = skymoe(&args("f16"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["kv_dtype"], "f16");
+    assert_eq!(report["step_tokens"], 4);
+    assert_eq!(report["runs"].as_array().unwrap().len(), 2);
+    let auto = skymoe(&args("auto"));
+    let report: serde_json::Value = serde_json::from_slice(&auto.stdout).unwrap();
+    assert_eq!(report["kv_dtype"], "f16", "int8 weights get an f16 cache");
+    assert_clean_failure(&skymoe(&args("bf8")), "invalid --kv-cache-dtype");
+}

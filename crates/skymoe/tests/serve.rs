@@ -36,6 +36,7 @@ fn serve_answers_and_stops_cleanly_on_sigterm() {
         "--api-key",
         "--max-concurrency",
         "--weights",
+        "--kv-cache-dtype",
     ] {
         assert!(help.contains(flag), "{flag} missing from\n{help}");
     }

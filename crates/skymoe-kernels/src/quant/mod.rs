@@ -15,6 +15,7 @@
 //! The instruction set is chosen at run time: AVX-512 (with F16C/FMA) where present, else
 //! AVX2 + FMA + F16C, else portable scalar code. `SKYMOE_ISA=scalar|avx2|avx512` forces one.
 
+mod f16_vec;
 pub mod fp8;
 mod kernels;
 #[cfg(target_arch = "x86_64")]
@@ -25,6 +26,7 @@ use std::str::FromStr;
 
 use rayon::prelude::*;
 
+pub use f16_vec::{axpy_f16, dot_f16};
 pub use kernels::Isa;
 
 /// Columns per q4 scale group.

@@ -601,3 +601,41 @@ pub(super) unsafe fn dequantize_row(isa: Isa, mat: &QMatrix, r: usize, out: &mut
         }
     }
 }
+
+/// `Σ x[c]·w[c]` over the leading whole vectors of f16 `w` (bits) and f32 `x`, both `n`
+/// long; returns the sum and the elements covered.
+///
+/// # Safety
+/// `isa` is supported by this CPU and `w`, `x` point at `n` readable elements each.
+pub(super) unsafe fn dot_f16(isa: Isa, w: *const u16, x: *const f32, n: usize) -> (f32, usize) {
+    // SAFETY: guaranteed by the caller.
+    let (s, done) = unsafe {
+        if isa == Isa::Avx512 {
+            dots512_f16::<1, 2>(w, x, n)
+        } else {
+            dots256_f16::<1, 4>(w, x, n)
+        }
+    };
+    (s[0], done)
+}
+
+/// `y[c] += a·w[c]` over the leading whole vectors of 8 of f16 `w` (bits); returns the
+/// elements covered.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C, `w` points at `n` readable and `y` at `n` writable
+/// elements.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn axpy_f16(a: f32, w: *const u16, y: *mut f32, n: usize) -> usize {
+    let av = _mm256_set1_ps(a);
+    let mut c = 0;
+    // SAFETY: every access is below `n` (guaranteed readable/writable by the caller).
+    unsafe {
+        while c + 8 <= n {
+            let wv = dec256_f16(w.add(c));
+            _mm256_storeu_ps(y.add(c), _mm256_fmadd_ps(av, wv, _mm256_loadu_ps(y.add(c))));
+            c += 8;
+        }
+    }
+    c
+}

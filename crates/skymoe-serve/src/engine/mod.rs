@@ -32,7 +32,7 @@ use detokenize::Detokenizer;
 
 use crate::chat_template::ChatTemplate;
 use crate::error::{Result, ServeError};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvDtype};
 use crate::model::{LogitsFor, SeqChunk, ServeModel};
 use crate::stop::StopMatcher;
 
@@ -52,6 +52,8 @@ pub struct EngineConfig {
     pub kv_memory_bytes: usize,
     /// Positions per KV block.
     pub block_size: usize,
+    /// Element type of the KV cache (`None`: [`KvDtype::auto`] for the model's weights).
+    pub kv_dtype: Option<KvDtype>,
     /// Most prompt tokens processed in one step.
     pub max_step_tokens: usize,
     /// The model name reported to clients.
@@ -66,6 +68,7 @@ impl Default for EngineConfig {
             kv_blocks: None,
             kv_memory_bytes: 1 << 30,
             block_size: 16,
+            kv_dtype: None,
             max_step_tokens: 512,
             model_id: "skymoe".into(),
         }
@@ -79,7 +82,8 @@ impl EngineConfig {
         self.kv_blocks.unwrap_or_else(|| {
             let c = &model.config;
             let kv_dim = c.num_key_value_heads * c.head_dim;
-            let per_pos = KvCache::bytes_per_position(model.num_layers(), kv_dim).max(1);
+            let dtype = model.kv_dtype(self.kv_dtype);
+            let per_pos = KvCache::bytes_per_position(model.num_layers(), kv_dim, dtype).max(1);
             (self.kv_memory_bytes / per_pos / self.block_size.max(1)).max(1)
         })
     }
@@ -191,7 +195,11 @@ impl EngineHandle {
     ) -> Self {
         let block_size = config.block_size.max(1);
         let blocks = config.kv_blocks_for(&model);
-        let kv = model.new_kv_cache(block_size, blocks);
+        let kv = model.new_kv_cache(block_size, blocks, config.kv_dtype);
+        tracing::info!(
+            "KV cache: {blocks} blocks of {block_size} positions, {}",
+            kv.dtype()
+        );
         let shared = Arc::new(Shared {
             queue: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),

@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use skymoe_kernels::sgemm::{sgemm, View};
 
-use super::ops::{axpy, dot, softmax};
+use super::ops::softmax;
 use crate::kv_cache::KvCache;
 
 /// Rotary position embedding tables (Hugging Face "rotate_half" layout).
@@ -188,14 +188,25 @@ impl LayerInputs<'_> {
         let hd = self.shape.head_dim;
         (hd, self.shape.heads * hd, self.shape.kv_of(task.head))
     }
+
+    /// The keys and values `task` reads (its kv head, positions up to its last row's), each
+    /// `[positions, head_dim]` in f32.
+    fn head_cache(&self, ch: &ChunkPlacement<'_>, task: Task) -> (Vec<f32>, Vec<f32>) {
+        let (hd, _, g) = self.dims(task);
+        let len = ch.start + task.t0 + task.rows;
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        self.kv
+            .gather(self.layer, ch.blocks, len, g * hd, hd, &mut k, &mut v);
+        (k, v)
+    }
 }
 
-/// One task's output `[rows, head_dim]`, one query row at a time.
+/// One task's output `[rows, head_dim]`, one query row at a time, reading the cache in
+/// place (a decoding row reads each cached position once).
 fn attend_by_rows(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task) -> Vec<f32> {
     let (hd, qdim, g) = inp.dims(task);
     let (q, kv, h) = (inp.q, inp.kv, task.head);
     let scale = 1.0 / (hd as f32).sqrt();
-    let (keys, values) = kv.layer(inp.layer);
     let mut out = vec![0f32; task.rows * hd];
     let mut scores = Vec::with_capacity(ch.start + task.t0 + task.rows);
     for r in 0..task.rows {
@@ -203,15 +214,15 @@ fn attend_by_rows(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task) -> 
         let qv = &q[(ch.row + t) * qdim + h * hd..(ch.row + t) * qdim + (h + 1) * hd];
         let last = ch.start + t;
         scores.clear();
-        for pos in 0..=last {
-            let o = kv.offset(ch.blocks, pos) + g * hd;
-            scores.push(dot(qv, &keys[o..o + hd]) * scale);
-        }
+        scores.extend(
+            (0..=last)
+                .map(|pos| kv.row(inp.layer, false, ch.blocks, pos, g * hd, hd).dot(qv) * scale),
+        );
         softmax(&mut scores);
         let ov = &mut out[r * hd..(r + 1) * hd];
         for (pos, &p) in scores.iter().enumerate() {
-            let o = kv.offset(ch.blocks, pos) + g * hd;
-            axpy(p, &values[o..o + hd], ov);
+            kv.row(inp.layer, true, ch.blocks, pos, g * hd, hd)
+                .axpy_into(p, ov);
         }
     }
     out
@@ -221,17 +232,10 @@ fn attend_by_rows(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task) -> 
 /// to the block's last position gathered from the paged cache, scores `Q·Kᵀ/√d` masked
 /// causally and soft-maxed per row, then `P·V`.
 fn attend_by_products(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task) -> Vec<f32> {
-    let (hd, qdim, g) = inp.dims(task);
-    let (q, kv, h, rows) = (inp.q, inp.kv, task.head, task.rows);
-    let (keys, values) = kv.layer(inp.layer);
+    let (hd, qdim, _) = inp.dims(task);
+    let (q, h, rows) = (inp.q, task.head, task.rows);
     let len = ch.start + task.t0 + rows;
-    let mut k = Vec::with_capacity(len * hd);
-    let mut v = Vec::with_capacity(len * hd);
-    for pos in 0..len {
-        let o = kv.offset(ch.blocks, pos) + g * hd;
-        k.extend_from_slice(&keys[o..o + hd]);
-        v.extend_from_slice(&values[o..o + hd]);
-    }
+    let (k, v) = inp.head_cache(ch, task);
     let first = (ch.row + task.t0) * qdim + h * hd;
     let queries = View {
         data: &q[first..],
@@ -277,6 +281,7 @@ fn attend_by_products(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv_cache::KvDtype;
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
@@ -298,45 +303,48 @@ mod tests {
         };
         let kv_dim = 32;
         let (start, len) = (9, 70);
-        let mut kv = KvCache::new(1, kv_dim, 4, 40);
-        let _spare = kv.allocate(3).unwrap();
-        let blocks = kv.allocate(kv.blocks_for(start + len)).unwrap();
-        let (k, v) = (
-            values((start + len) * kv_dim, 1),
-            values((start + len) * kv_dim, 2),
-        );
-        for pos in 0..start + len {
-            let r = pos * kv_dim..(pos + 1) * kv_dim;
-            kv.write(0, &blocks, pos, &k[r.clone()], &v[r]);
-        }
-        let q = values(len * 64, 3);
-        let ch = ChunkPlacement {
-            row: 0,
-            len,
-            start,
-            blocks: &blocks,
-        };
-        for head in 0..4 {
-            for (t0, rows) in [(0, 64), (64, 6), (3, 20)] {
-                let task = Task {
-                    chunk: 0,
-                    head,
-                    t0,
-                    rows,
-                };
-                let inp = LayerInputs {
-                    q: &q,
-                    kv: &kv,
-                    layer: 0,
-                    shape,
-                };
-                let a = attend_by_products(inp, &ch, task);
-                let b = attend_by_rows(inp, &ch, task);
-                let err = a
-                    .iter()
-                    .zip(&b)
-                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                assert!(err < 1e-5, "head {head} rows {t0}+{rows}: {err}");
+        // Both cache element types (the f16 one read back as the same f32 values by both).
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let mut kv = KvCache::new(1, kv_dim, 4, 40, dtype);
+            let _spare = kv.allocate(3).unwrap();
+            let blocks = kv.allocate(kv.blocks_for(start + len)).unwrap();
+            let (k, v) = (
+                values((start + len) * kv_dim, 1),
+                values((start + len) * kv_dim, 2),
+            );
+            for pos in 0..start + len {
+                let r = pos * kv_dim..(pos + 1) * kv_dim;
+                kv.write(0, &blocks, pos, &k[r.clone()], &v[r]);
+            }
+            let q = values(len * 64, 3);
+            let ch = ChunkPlacement {
+                row: 0,
+                len,
+                start,
+                blocks: &blocks,
+            };
+            for head in 0..4 {
+                for (t0, rows) in [(0, 64), (64, 6), (3, 20)] {
+                    let task = Task {
+                        chunk: 0,
+                        head,
+                        t0,
+                        rows,
+                    };
+                    let inp = LayerInputs {
+                        q: &q,
+                        kv: &kv,
+                        layer: 0,
+                        shape,
+                    };
+                    let a = attend_by_products(inp, &ch, task);
+                    let b = attend_by_rows(inp, &ch, task);
+                    let err = a
+                        .iter()
+                        .zip(&b)
+                        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                    assert!(err < 1e-5, "{dtype}: head {head} rows {t0}+{rows}: {err}");
+                }
             }
         }
     }

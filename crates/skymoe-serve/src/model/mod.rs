@@ -22,7 +22,7 @@ pub use moe::{Ffn, Mlp, MoeFfn, RouterGate};
 pub use tp::{split_by_weights, TensorParallel, TpComm};
 
 use crate::error::{Result, ServeError};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvDtype};
 use attention::{attend, ChunkPlacement};
 use ops::{add_in_place, rms_norm};
 
@@ -108,9 +108,26 @@ impl ServeModel {
         self.rope.max_positions()
     }
 
-    /// A KV cache for this model of `num_blocks` blocks of `block_size` positions.
-    pub fn new_kv_cache(&self, block_size: usize, num_blocks: usize) -> KvCache {
-        KvCache::new(self.layers.len(), self.kv_dim(), block_size, num_blocks)
+    /// A KV cache for this model of `num_blocks` blocks of `block_size` positions, its
+    /// entries stored as `dtype` (`None`: [`KvDtype::auto`] for the model's weights).
+    pub fn new_kv_cache(
+        &self,
+        block_size: usize,
+        num_blocks: usize,
+        dtype: Option<KvDtype>,
+    ) -> KvCache {
+        KvCache::new(
+            self.layers.len(),
+            self.kv_dim(),
+            block_size,
+            num_blocks,
+            self.kv_dtype(dtype),
+        )
+    }
+
+    /// `dtype`, or the automatic choice for this model's weights.
+    pub fn kv_dtype(&self, dtype: Option<KvDtype>) -> KvDtype {
+        dtype.unwrap_or_else(|| KvDtype::auto(self.format))
     }
 
     /// Bytes of weight storage.

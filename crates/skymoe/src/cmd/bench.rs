@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use skymoe_serve::bench::{run as run_bench, BenchConfig};
+use skymoe_serve::kv_cache::KvDtype;
 use skymoe_serve::model::ServeModel;
 
 /// Arguments of `skymoe bench`.
@@ -31,6 +32,19 @@ pub struct Args {
     /// Most prompt tokens in one forward pass (as `skymoe serve` schedules them).
     #[arg(long, default_value_t = skymoe_serve::bench::BenchConfig::default().step_tokens)]
     step_tokens: usize,
+    /// Element type of the KV cache: auto (as `skymoe serve` chooses), f32 or f16.
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: String,
+}
+
+/// `--kv-cache-dtype`: `auto` (the engine's choice for the weights) or a [`KvDtype`].
+pub fn parse_kv_dtype(s: &str) -> anyhow::Result<Option<KvDtype>> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(None);
+    }
+    s.parse::<KvDtype>()
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("invalid --kv-cache-dtype: {e}"))
 }
 
 /// Peak resident memory of this process in MiB (Linux), if known.
@@ -59,6 +73,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         concurrency: a.concurrency,
         repeats: a.repeats,
         step_tokens: a.step_tokens,
+        kv_dtype: parse_kv_dtype(&a.kv_cache_dtype)?,
     };
     let runs = run_bench(&model, &cfg)?;
     let report = serde_json::json!({
@@ -70,6 +85,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "prompt_tokens": cfg.prompt_tokens,
         "gen_tokens": cfg.gen_tokens,
         "step_tokens": cfg.step_tokens,
+        "kv_dtype": model.kv_dtype(cfg.kv_dtype).name(),
         "runs": runs,
         "peak_rss_mib": peak_rss_mib(),
     });

@@ -39,7 +39,7 @@ fn served_logits(
     let ckpt = skymoe_model::Checkpoint::open(model, &candle_core::Device::Cpu)
         .with_context(|| format!("cannot open model {}", model.display()))?;
     let model = ServeModel::load_sharded(&ckpt, format, tp)?;
-    let mut kv = model.new_kv_cache(16, tokens.len().div_ceil(16));
+    let mut kv = model.new_kv_cache(16, tokens.len().div_ceil(16), None);
     let blocks = kv.allocate(kv.blocks_for(tokens.len())).unwrap_or_default();
     let chunk = SeqChunk {
         tokens,

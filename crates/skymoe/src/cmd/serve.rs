@@ -39,6 +39,9 @@ pub struct Args {
     /// KV-cache size in blocks (default: the engine's choice).
     #[arg(long)]
     kv_blocks: Option<usize>,
+    /// Element type of the KV cache: auto (f32 with f32 weights, else f16), f32 or f16.
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: String,
     /// Largest request body accepted, in MiB.
     #[arg(long, default_value_t = 4)]
     max_body_mib: usize,
@@ -79,6 +82,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.kv_blocks.is_some() {
         config.kv_blocks = a.kv_blocks;
     }
+    config.kv_dtype = crate::cmd::bench::parse_kv_dtype(&a.kv_cache_dtype)?;
     config.model_id = a
         .served_model_name
         .clone()
@@ -139,7 +143,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .with_context(|| format!("cannot open model {}", model.display()))?;
         let served = ServeModel::load_sharded(&ckpt, format, Some(tp))?;
         drop(ckpt);
-        let mut kv = served.new_kv_cache(config.block_size, config.kv_blocks_for(&served));
+        let mut kv = served.new_kv_cache(
+            config.block_size,
+            config.kv_blocks_for(&served),
+            config.kv_dtype,
+        );
         served.follow(&mut kv)?;
         Ok(())
     })
