@@ -33,19 +33,6 @@ pub struct BenchConfig {
     pub kv_dtype: Option<KvDtype>,
 }
 
-impl Default for BenchConfig {
-    fn default() -> Self {
-        BenchConfig {
-            prompt_tokens: 128,
-            gen_tokens: 64,
-            concurrency: vec![8, 32],
-            repeats: 3,
-            step_tokens: crate::engine::EngineConfig::default().max_step_tokens,
-            kv_dtype: None,
-        }
-    }
-}
-
 /// The prefill steps for `requests` prompts of `prompt` tokens, at most `step` tokens a step:
 /// each step a list of (request, first token, end token) pieces, in order.
 fn prefill_steps(requests: usize, prompt: usize, step: usize) -> Vec<Vec<(usize, usize, usize)>> {

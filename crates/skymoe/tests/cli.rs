@@ -249,7 +249,7 @@ fn grads_needs_two_tokens() {
 }
 
 #[test]
-fn bench_reports_its_settings_and_refuses_an_unknown_kv_cache_dtype() {
+fn bench_reports_its_settings_and_refuses_bad_ones() {
     let model = fixtures().join("mixtral");
     let model = model.to_str().unwrap();
     let args = |dtype: &'static str| {
@@ -287,4 +287,7 @@ fn bench_reports_its_settings_and_refuses_an_unknown_kv_cache_dtype() {
     let report: serde_json::Value = serde_json::from_slice(&auto.stdout).unwrap();
     assert_eq!(report["kv_dtype"], "f16", "int8 weights get an f16 cache");
     assert_clean_failure(&skymoe(&args("bf8")), "invalid --kv-cache-dtype");
+    let mut no_steps = args("f16");
+    no_steps[14] = "0";
+    assert_clean_failure(&skymoe(&no_steps), "--step-tokens must be at least 1");
 }

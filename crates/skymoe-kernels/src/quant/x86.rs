@@ -90,8 +90,8 @@ unsafe fn dec256_fp8(p: *const u8) -> __m256 {
 
 /// How far ahead of the weights being read the kernels request cache lines. One core's
 /// hardware prefetchers keep too few lines in flight to stream a decode step's weights at the
-/// memory's bandwidth; asking for lines this far ahead measured 1.4-1.7x the products'
-/// throughput from memory (`examples/qmatmul`) on a 2-core Xeon.
+/// memory's bandwidth; asking for lines this far ahead measured 1.1-2.1x the products'
+/// throughput from memory (`examples/qmatmul`, f16 least, int8 most) on a 2-core Xeon.
 const PREFETCH_BYTES: usize = 4096;
 
 /// Request the cache lines `PREFETCH_BYTES` ahead of the `bytes` starting at `p` (at least one

@@ -30,7 +30,7 @@ pub struct Args {
     #[arg(long, default_value_t = 3)]
     repeats: usize,
     /// Most prompt tokens in one forward pass (as `skymoe serve` schedules them).
-    #[arg(long, default_value_t = skymoe_serve::bench::BenchConfig::default().step_tokens)]
+    #[arg(long, default_value_t = skymoe_serve::engine::EngineConfig::default().max_step_tokens)]
     step_tokens: usize,
     /// Element type of the KV cache: auto (as `skymoe serve` chooses), f32 or f16.
     #[arg(long, default_value = "auto")]
@@ -57,6 +57,8 @@ fn peak_rss_mib() -> Option<f64> {
 
 /// Run the verb.
 pub fn run(a: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(a.step_tokens >= 1, "--step-tokens must be at least 1");
+    let kv_dtype = parse_kv_dtype(&a.kv_cache_dtype)?;
     let format = a
         .weights
         .as_deref()
@@ -73,7 +75,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         concurrency: a.concurrency,
         repeats: a.repeats,
         step_tokens: a.step_tokens,
-        kv_dtype: parse_kv_dtype(&a.kv_cache_dtype)?,
+        kv_dtype,
     };
     let runs = run_bench(&model, &cfg)?;
     let report = serde_json::json!({
