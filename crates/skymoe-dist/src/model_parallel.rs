@@ -232,12 +232,7 @@ impl Stage {
         } else {
             None
         };
-        let rotary = RotaryEmbedding::new(
-            c.head_dim,
-            c.rope_theta,
-            c.max_position_embeddings.max(1),
-            device,
-        )?;
+        let rotary = RotaryEmbedding::from_config(c, device)?;
         Ok(Stage {
             layers,
             range,

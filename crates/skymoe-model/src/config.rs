@@ -6,6 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
+pub use crate::layers::rope::RopeScaling;
 
 /// The model families skymoe implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +112,8 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     /// Longest sequence the model was trained for.
     pub max_position_embeddings: usize,
+    /// Scaling of the rotary embedding (`rope_scaling` / `rope_parameters`).
+    pub rope_scaling: RopeScaling,
     /// LM head shares the embedding matrix.
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry biases.
@@ -184,6 +187,16 @@ impl ModelConfig {
                     model_type.unwrap_or("<none>")
                 ),
             })?;
+        // Skywork's class names cover both the dense Skywork-13B (a Llama block, no
+        // `num_experts`) and Skywork-MoE; only the MoE key tells them apart.
+        let architecture = if architecture == Architecture::SkyworkMoe
+            && v.get("num_experts").is_none_or(Value::is_null)
+        {
+            Architecture::Llama
+        } else {
+            architecture
+        };
+        check_unhonoured_keys(v, origin, architecture)?;
         let need = |key: &str| -> Result<usize> {
             get_usize(v, key)
                 .filter(|&x| x > 0)
@@ -221,27 +234,10 @@ impl ModelConfig {
                 format!("head_dim ({head_dim}) must be even for rotary embeddings"),
             ));
         }
-        let rope_theta = get_f64(v, "rope_theta")
-            .or_else(|| {
-                v.get("rope_parameters")
-                    .and_then(|r| get_f64(r, "rope_theta"))
-            })
-            .unwrap_or(10000.0);
-        if let Some(kind) = v
-            .get("rope_parameters")
-            .or_else(|| v.get("rope_scaling"))
-            .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
-            .and_then(Value::as_str)
-        {
-            if kind != "default" {
-                return Err(ModelError::config(
-                    origin,
-                    format!("rope scaling type `{kind}` is not supported (only the default rotary embedding is)"),
-                ));
-            }
-        }
+        let rope_theta = crate::layers::rope::rope_theta_from_hf_json(v);
         let rms_norm_eps = get_f64(v, "rms_norm_eps").unwrap_or(1e-6);
         let max_position_embeddings = get_usize(v, "max_position_embeddings").unwrap_or(4096);
+        let rope_scaling = RopeScaling::from_hf_json(v, origin, max_position_embeddings)?;
         let tie_word_embeddings = get_bool(v, "tie_word_embeddings").unwrap_or(false);
         let attention_bias = get_bool(v, "attention_bias").unwrap_or(false);
         let (qkv_bias, o_bias) = match architecture {
@@ -330,6 +326,7 @@ impl ModelConfig {
             rms_norm_eps,
             rope_theta,
             max_position_embeddings,
+            rope_scaling,
             tie_word_embeddings,
             qkv_bias,
             o_bias,
@@ -350,6 +347,80 @@ impl ModelConfig {
     }
 }
 
+/// Refuse configuration keys whose values change the computation in a way skymoe does not
+/// implement, instead of silently running a different model.
+fn check_unhonoured_keys(v: &Value, origin: &Path, architecture: Architecture) -> Result<()> {
+    let refuse = |reason: String| Err(ModelError::config(origin, reason));
+    if let Some(act) = v
+        .get("hidden_act")
+        .or_else(|| v.get("hidden_activation"))
+        .and_then(Value::as_str)
+    {
+        if act != "silu" && act != "swish" {
+            return refuse(format!(
+                "`hidden_act` is `{act}`; skymoe implements SwiGLU feed-forward blocks (`silu`) only"
+            ));
+        }
+    }
+    if let Some(p) = v.get("rotary_percent").filter(|p| !p.is_null()) {
+        if p.as_f64() != Some(1.0) {
+            return refuse(format!(
+                "`rotary_percent` is {p}; skymoe rotates the whole head (rotary_percent 1.0) only"
+            ));
+        }
+    }
+    let window = v.get("sliding_window").filter(|w| !w.is_null());
+    if let Some(w) = window {
+        let enabled = v
+            .get("use_sliding_window")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        let size = w.as_u64();
+        let max_pos = get_usize(v, "max_position_embeddings").unwrap_or(4096) as u64;
+        // A window of 0, a disabled one, or one no shorter than the context changes nothing.
+        let effective = enabled && size.is_none_or(|n| n > 0 && n < max_pos);
+        if effective {
+            return refuse(format!(
+                "`sliding_window` is {w}; skymoe implements full causal attention only \
+                 (sliding-window attention is not supported)"
+            ));
+        }
+    }
+    if get_bool(v, "mlp_bias") == Some(true) {
+        return refuse("`mlp_bias` is true; skymoe's feed-forward blocks carry no biases".into());
+    }
+    if let Some(q) = v.get("quantization_config").filter(|q| !q.is_null()) {
+        let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("");
+        if method != "fp8" && method != "skymoe" {
+            return refuse(format!(
+                "`quantization_config.quant_method` is `{method}`; skymoe reads fp8 checkpoints \
+                 (vLLM's layout) and its own int8/q4 formats"
+            ));
+        }
+        if method == "fp8" {
+            let scheme = q
+                .get("activation_scheme")
+                .and_then(Value::as_str)
+                .unwrap_or("dynamic");
+            if scheme != "dynamic" && scheme != "static" {
+                return refuse(format!(
+                    "`quantization_config.activation_scheme` is `{scheme}` (expected dynamic or static)"
+                ));
+            }
+        }
+    }
+    if architecture == Architecture::SkyworkMoe
+        && get_bool(v, "moe_use_skywork_gating") == Some(true)
+    {
+        return refuse(
+            "`moe_use_skywork_gating` is true; skymoe implements the released Skywork-MoE \
+             gating (softmax, top-2, renormalised), where this key is false"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// Parse the Skywork-MoE specific keys.
 fn skywork_moe(
     v: &Value,
@@ -358,7 +429,19 @@ fn skywork_moe(
     num_layers: usize,
 ) -> Result<MoeConfig> {
     let num_experts = match v.get("num_experts") {
-        Some(Value::Array(a)) => a.first().and_then(Value::as_u64).map(|x| x as usize),
+        Some(Value::Array(a)) => {
+            let counts: Vec<Option<u64>> = a.iter().map(Value::as_u64).collect();
+            if counts.windows(2).any(|w| w[0] != w[1]) {
+                return Err(ModelError::config(
+                    origin,
+                    format!(
+                        "`num_experts` is {}; skymoe needs the same number of experts in every MoE layer",
+                        Value::Array(a.clone())
+                    ),
+                ));
+            }
+            counts.first().copied().flatten().map(|x| x as usize)
+        }
         Some(Value::Number(n)) => n.as_u64().map(|x| x as usize),
         _ => None,
     }
@@ -430,8 +513,18 @@ mod tests {
     #[test]
     fn unsupported_rope_scaling_is_an_error() {
         let mut v = base("LlamaForCausalLM");
+        v["rope_scaling"] = serde_json::json!({"rope_type": "longrope", "factor": 4.0});
+        assert!(parse(v).unwrap_err().to_string().contains("longrope"));
+        let mut v = base("LlamaForCausalLM");
         v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
-        assert!(parse(v).unwrap_err().to_string().contains("yarn"));
+        let c = parse(v).unwrap();
+        assert_eq!(c.rope_scaling.name(), "yarn");
+        let mut v = base("LlamaForCausalLM");
+        v["rope_parameters"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0});
+        assert!(parse(v)
+            .unwrap_err()
+            .to_string()
+            .contains("low_freq_factor"));
     }
 
     #[test]
@@ -482,6 +575,97 @@ mod tests {
         assert!(!m.router.two_layer_gate);
     }
 
+    /// Skywork-MoE-Base's published `config.json`, every key as released.
+    fn skywork_moe_base() -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["SkyworkForCausalLM"], "model_type": "skywork_moe",
+            "vocab_size": 65532, "hidden_size": 4608, "intermediate_size": 12288,
+            "num_hidden_layers": 52, "num_attention_heads": 36, "num_key_value_heads": 36,
+            "num_experts": [16], "moe_use_skywork_gating": false, "moe_2layer_gate": false,
+            "moe_use_logits_norm": true, "moe_gate_norm_std": 1.0,
+            "moe_feature_no_mul_topk": true, "moe_expert_interval": 1, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000, "rotary_percent": 1.0, "sliding_window": null,
+            "max_position_embeddings": 8192, "torch_dtype": "bfloat16", "hidden_act": "silu",
+            "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": false,
+        })
+    }
+
+    #[test]
+    fn skywork_moe_base_as_published() {
+        let c = parse(skywork_moe_base()).unwrap();
+        assert_eq!(c.architecture, Architecture::SkyworkMoe);
+        assert_eq!((c.vocab_size, c.hidden_size, c.head_dim), (65532, 4608, 128));
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!((m.num_experts, m.top_k), (16, 2));
+        assert!(m.moe_layers.iter().all(|&x| x));
+        assert_eq!(m.router.logits_norm_std, Some(1.0));
+        assert!(!m.router.multiply_input_by_top_k && !m.router.two_layer_gate);
+        // The FP8 repository's config adds a quantisation block.
+        let mut v = skywork_moe_base();
+        v["quantization_config"] =
+            serde_json::json!({"activation_scheme": "dynamic", "quant_method": "fp8"});
+        assert_eq!(parse(v).unwrap(), c);
+    }
+
+    #[test]
+    fn dense_skywork_is_a_llama_block() {
+        let mut v = skywork_moe_base();
+        let o = v.as_object_mut().unwrap();
+        for k in ["num_experts", "moe_use_skywork_gating", "moe_2layer_gate"] {
+            o.remove(k);
+        }
+        o.insert("model_type".into(), "skywork".into());
+        o.insert("vocab_size".into(), 65519.into());
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.architecture, Architecture::Llama);
+        assert!(c.moe.is_none());
+        assert_eq!(c.vocab_size, 65519);
+        v["num_experts"] = serde_json::Value::Null;
+        assert_eq!(parse(v).unwrap().architecture, Architecture::Llama);
+    }
+
+    #[test]
+    fn keys_skymoe_cannot_honour_are_errors() {
+        let cases: [(&str, serde_json::Value, &str); 8] = [
+            ("rotary_percent", 0.5.into(), "rotary_percent"),
+            ("sliding_window", 4096.into(), "sliding_window"),
+            ("moe_use_skywork_gating", true.into(), "moe_use_skywork_gating"),
+            ("hidden_act", "gelu".into(), "gelu"),
+            ("mlp_bias", true.into(), "mlp_bias"),
+            ("num_experts", serde_json::json!([16, 32]), "same number of experts"),
+            (
+                "quantization_config",
+                serde_json::json!({"quant_method": "gptq", "bits": 4}),
+                "gptq",
+            ),
+            (
+                "quantization_config",
+                serde_json::json!({"quant_method": "fp8", "activation_scheme": "weird"}),
+                "weird",
+            ),
+        ];
+        for (key, value, needle) in cases {
+            let mut v = skywork_moe_base();
+            v[key] = value;
+            let err = parse(v).unwrap_err().to_string();
+            assert!(err.contains(needle), "{key}: {err}");
+        }
+        // Values that change nothing are accepted.
+        for (key, value) in [
+            ("rotary_percent", serde_json::json!(1.0)),
+            ("sliding_window", serde_json::json!(8192)),
+            ("sliding_window", serde_json::json!(0)),
+        ] {
+            let mut v = skywork_moe_base();
+            v[key] = value;
+            parse(v).unwrap_or_else(|e| panic!("{key}: {e}"));
+        }
+        let mut v = skywork_moe_base();
+        v["sliding_window"] = 4096.into();
+        v["use_sliding_window"] = false.into();
+        parse(v).unwrap();
+    }
+
     #[test]
     fn unknown_architecture_names_supported_ones() {
         let err = parse(base("BertModel")).unwrap_err().to_string();
@@ -526,6 +710,13 @@ impl ModelConfig {
             many => {
                 o.insert("eos_token_id".into(), many.into());
             }
+        }
+        if self.rope_scaling != RopeScaling::Default {
+            // The older key, which transformers 4 and 5 both read.
+            o.insert(
+                "rope_scaling".into(),
+                self.rope_scaling.to_hf_json(self.rope_theta),
+            );
         }
         if self.architecture == Architecture::Llama {
             o.insert("attention_bias".into(), self.qkv_bias.into());
@@ -603,6 +794,13 @@ mod round_trip_tests {
             "qwen2_moe_norm",
             "skywork_moe",
             "skywork_moe_variant",
+            "rope/linear",
+            "rope/dynamic",
+            "rope/ntk",
+            "rope/llama3",
+            "rope/yarn",
+            "rope/yarn_mscale",
+            "rope/yarn_attention_factor",
         ] {
             let c = ModelConfig::from_file(&root.join(fam).join("config.json")).unwrap();
             let back = ModelConfig::from_json(&c.to_hf_json(), Path::new("x")).unwrap();

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod error;
 pub mod fsutil;
+pub mod hub;
 pub mod layers;
 pub mod model;
 pub mod names;

@@ -309,12 +309,7 @@ impl CausalLm {
                 placeholder()?,
             )
         };
-        let rotary = RotaryEmbedding::new(
-            c.head_dim,
-            c.rope_theta,
-            c.max_position_embeddings.max(1),
-            device,
-        )?;
+        let rotary = RotaryEmbedding::from_config(c, device)?;
         Ok(CausalLm {
             config,
             embed,

@@ -406,6 +406,7 @@ impl RunConfig {
             rms_norm_eps: 1e-5,
             rope_theta: m.rope_theta,
             max_position_embeddings: m.max_position_embeddings,
+            rope_scaling: skymoe_model::config::RopeScaling::Default,
             tie_word_embeddings: m.tie_word_embeddings,
             qkv_bias: arch == Architecture::Qwen2Moe,
             o_bias: false,

@@ -529,7 +529,10 @@ impl Trainer {
         let vocab = tokenizer.get_vocab_size(true);
         let (model_config, params) = match (&resume_from, &cfg.model.init) {
             (Some((_, dir)), _) | (None, Some(dir)) => {
-                let ck = Checkpoint::open(dir, &device)?;
+                // `model.init` may name a hub id in the local Hugging Face cache.
+                let dir = skymoe_model::hub::resolve_model_path(dir)
+                    .map_err(|e| TrainError::Config(e.to_string()))?;
+                let ck = Checkpoint::open(&dir, &device)?;
                 (
                     ck.config.clone(),
                     TrainableParams::from_checkpoint(&ck, &device)?,

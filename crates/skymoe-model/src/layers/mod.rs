@@ -8,6 +8,7 @@ pub mod linear;
 pub mod moe;
 pub mod norm;
 pub mod ops;
+pub mod rope;
 pub mod rotary;
 pub mod router;
 

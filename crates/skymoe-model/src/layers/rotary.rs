@@ -1,48 +1,82 @@
-//! Rotary position embedding in Hugging Face's "rotate_half" layout.
+//! Rotary position embedding in Hugging Face's "rotate_half" layout, as differentiable tensor
+//! ops. The frequencies (default or scaled) come from [`RopeSpec`].
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
-/// Precomputed cos/sin tables.
+use super::rope::{RopeSpec, RopeTable};
+use crate::config::ModelConfig;
+
+/// Precomputed cos/sin tables `[positions, head_dim]`, and the rotary spec they came from
+/// (dynamic NTK computes other tables for passes that end beyond `max_position_embeddings`).
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
     cos: Tensor,
     sin: Tensor,
+    spec: RopeSpec,
+}
+
+/// A table's `[rows, head_dim]` cos and sin tensors (each half-row repeated, as
+/// `cat(freqs, freqs)` in transformers).
+fn tensors(t: &RopeTable, device: &Device) -> Result<(Tensor, Tensor)> {
+    let rows = t.rows();
+    let widen = |half_rows: &[f32]| -> Vec<f32> {
+        let mut out = Vec::with_capacity(half_rows.len() * 2);
+        for row in half_rows.chunks_exact(t.half.max(1)) {
+            out.extend_from_slice(row);
+            out.extend_from_slice(row);
+        }
+        out
+    };
+    Ok((
+        Tensor::from_vec(widen(&t.cos), (rows, 2 * t.half), device)?,
+        Tensor::from_vec(widen(&t.sin), (rows, 2 * t.half), device)?,
+    ))
 }
 
 impl RotaryEmbedding {
-    /// Tables for positions `0..max_positions` of heads of width `head_dim`.
+    /// Default (unscaled) tables for positions `0..max_positions` of heads `head_dim` wide.
     pub fn new(head_dim: usize, theta: f64, max_positions: usize, device: &Device) -> Result<Self> {
-        let half = head_dim / 2;
-        // As in transformers: inv_freq = 1 / theta^(2i/d) in f32, angle = pos * inv_freq in f32.
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-            .collect();
-        let mut cos = Vec::with_capacity(max_positions * head_dim);
-        let mut sin = Vec::with_capacity(max_positions * head_dim);
-        for p in 0..max_positions {
-            for rep in 0..2 {
-                let _ = rep;
-                for f in &inv_freq {
-                    let a = p as f32 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
-            }
-        }
-        Ok(RotaryEmbedding {
-            cos: Tensor::from_vec(cos, (max_positions, head_dim), device)?.to_dtype(DType::F32)?,
-            sin: Tensor::from_vec(sin, (max_positions, head_dim), device)?.to_dtype(DType::F32)?,
-        })
+        Self::from_spec(
+            RopeSpec {
+                head_dim,
+                theta,
+                max_position_embeddings: max_positions.max(1),
+                scaling: super::rope::RopeScaling::Default,
+            },
+            device,
+        )
     }
 
-    /// Number of positions the tables cover.
+    /// The rotary embedding of a model configuration, scaling included.
+    pub fn from_config(config: &ModelConfig, device: &Device) -> Result<Self> {
+        Self::from_spec(RopeSpec::from_config(config), device)
+    }
+
+    /// Tables for `spec`, covering positions `0..spec.max_positions()`.
+    pub fn from_spec(spec: RopeSpec, device: &Device) -> Result<Self> {
+        let (cos, sin) = tensors(&spec.table(), device)?;
+        Ok(RotaryEmbedding { cos, sin, spec })
+    }
+
+    /// Number of positions the tables cover (the longest sequence accepted).
     pub fn max_positions(&self) -> usize {
         self.cos.dims()[0]
     }
 
+    /// The spec the tables were computed from.
+    pub fn spec(&self) -> &RopeSpec {
+        &self.spec
+    }
+
     /// Rotate `x` of shape `[batch, heads, seq, head_dim]` whose first position is `offset`.
+    /// With dynamic NTK, a pass ending beyond `max_position_embeddings` is rotated with the
+    /// base for its end `offset + seq` (see the module docs of [`super::rope`]).
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let seq = x.dim(2)?;
+        if let Some(t) = self.spec.span_table(offset, seq) {
+            let (cos, sin) = tensors(&t, x.device())?;
+            return skymoe_kernels::rope(x, &cos, &sin);
+        }
         let cos = self.cos.narrow(0, offset, seq)?;
         let sin = self.sin.narrow(0, offset, seq)?;
         skymoe_kernels::rope(x, &cos, &sin)

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 
-use crate::config::{Architecture, ModelConfig, MoeConfig, RouterConfig};
+use crate::config::{Architecture, ModelConfig, MoeConfig, RopeScaling, RouterConfig};
 use crate::error::{ModelError, Result};
 
 /// The key/value metadata of a GGUF file.
@@ -225,6 +225,7 @@ fn config_from_metadata(
             "attention.head_count must be a multiple of head_count_kv",
         ));
     }
+    let max_position_embeddings = m.uint("llama.context_length").unwrap_or(4096) as usize;
     Ok(ModelConfig {
         architecture: if moe.is_some() {
             Architecture::Mixtral
@@ -242,7 +243,8 @@ fn config_from_metadata(
             .float("llama.attention.layer_norm_rms_epsilon")
             .unwrap_or(1e-5),
         rope_theta: m.float("llama.rope.freq_base").unwrap_or(10000.0),
-        max_position_embeddings: m.uint("llama.context_length").unwrap_or(4096) as usize,
+        max_position_embeddings,
+        rope_scaling: rope_scaling_from_metadata(m, raw, &origin, max_position_embeddings)?,
         tie_word_embeddings: !raw.contains_key("output.weight"),
         qkv_bias: raw.contains_key("blk.0.attn_q.bias"),
         o_bias: raw.contains_key("blk.0.attn_output.bias"),
@@ -253,6 +255,89 @@ fn config_from_metadata(
             .map(|x| vec![x as u32])
             .unwrap_or_default(),
     })
+}
+
+/// The rotary scaling llama.cpp's converter writes: `llama.rope.scaling.type` (`none`,
+/// `linear`, `yarn`) with `llama.rope.scaling.factor` and, for YaRN,
+/// `llama.rope.scaling.original_context_length` (defaulting to `llama.context_length`, as
+/// transformers defaults it to `max_position_embeddings`), the optional
+/// `llama.rope.scaling.attn_factor` (a multiplier on YaRN's attention factor) and
+/// `llama.rope.scaling.yarn_beta_fast`/`yarn_beta_slow`; also the older
+/// `llama.rope.scale_linear`. Llama 3.1 files carry their scaling as per-frequency divisors in
+/// a `rope_freqs.weight` tensor instead; those are refused unless all ones (no scaling).
+fn rope_scaling_from_metadata(
+    m: &GgufMetadata,
+    raw: &HashMap<String, Tensor>,
+    origin: &Path,
+    context_length: usize,
+) -> Result<RopeScaling> {
+    if let Some(t) = raw.get("rope_freqs.weight") {
+        let ones = t
+            .flatten_all()
+            .and_then(|f| f.to_vec1::<f32>())
+            .map(|v| v.iter().all(|&x| x == 1.0))
+            .unwrap_or(false);
+        if !ones {
+            return Err(ModelError::config(
+                origin,
+                "the GGUF file scales its rotary embedding with a `rope_freqs.weight` tensor                  (llama.cpp's form of Llama 3.1 `llama3` scaling), which skymoe does not read;                  load the Hugging Face checkpoint (config.json with `rope_scaling`) instead",
+            ));
+        }
+    }
+    let factor = |key: &str| -> Result<f64> {
+        m.float(key)
+            .filter(|f| f.is_finite() && *f > 0.0)
+            .ok_or_else(|| {
+                ModelError::config(
+                    origin,
+                    format!("GGUF metadata lacks a positive `{key}` for its rope scaling"),
+                )
+            })
+    };
+    let kind = m.string("llama.rope.scaling.type");
+    match kind {
+        None | Some("none") => match m.float("llama.rope.scale_linear") {
+            Some(f) if f != 1.0 => Ok(RopeScaling::Linear {
+                factor: factor("llama.rope.scale_linear")?,
+            }),
+            _ => Ok(RopeScaling::Default),
+        },
+        Some("linear") => Ok(RopeScaling::Linear {
+            factor: factor("llama.rope.scaling.factor")?,
+        }),
+        Some("yarn") => {
+            let factor = factor("llama.rope.scaling.factor")?;
+            let original = m
+                .uint("llama.rope.scaling.original_context_length")
+                .filter(|&n| n > 0)
+                .map_or(context_length, |n| n as usize);
+            // llama.cpp multiplies its attention factor `0.1·ln(factor) + 1` by attn_factor.
+            let attention_factor = m
+                .float("llama.rope.scaling.attn_factor")
+                .filter(|&a| a != 1.0)
+                .map(|a| {
+                    a * if factor > 1.0 {
+                        0.1 * factor.ln() + 1.0
+                    } else {
+                        1.0
+                    }
+                });
+            Ok(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: original,
+                beta_fast: m.float("llama.rope.scaling.yarn_beta_fast").unwrap_or(32.0),
+                beta_slow: m.float("llama.rope.scaling.yarn_beta_slow").unwrap_or(1.0),
+                mscale: None,
+                mscale_all_dim: None,
+                attention_factor,
+                truncate: true,
+            })
+        }
+        Some(other) => Err(ModelError::config(
+            origin,
+            format!("GGUF `llama.rope.scaling.type` is `{other}`; supported: none, linear, yarn"),
+        )),
+    }
 }
 
 /// Undo llama.cpp's rotary permutation of q/k rows (`[heads, 2, d/2] -> [heads, d/2, 2]`).

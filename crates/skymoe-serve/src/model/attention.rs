@@ -4,60 +4,44 @@ use rayon::prelude::*;
 
 use skymoe_kernels::sgemm::{sgemm, View};
 
+use skymoe_model::layers::rope::{RopeSpec, RopeTable};
+use skymoe_model::ModelConfig;
+
 use super::ops::softmax;
 use crate::kv_cache::KvCache;
 
-/// Rotary position embedding tables (Hugging Face "rotate_half" layout).
+/// Rotary position embedding tables (Hugging Face "rotate_half" layout), computed by
+/// [`RopeSpec`] as for every other executor, scaled variants included.
 #[derive(Debug, Clone)]
 pub struct Rope {
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    half: usize,
-    max_positions: usize,
+    spec: RopeSpec,
+    table: RopeTable,
 }
 
 impl Rope {
-    /// Tables for `max_positions` positions of heads `head_dim` wide, computed in f32 as
-    /// transformers does (`inv_freq = 1/θ^(2i/d)`, angle `= pos · inv_freq`).
-    pub fn new(head_dim: usize, theta: f64, max_positions: usize) -> Self {
-        let half = head_dim / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-            .collect();
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
-        for p in 0..max_positions {
-            for f in &inv {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        Rope {
-            cos,
-            sin,
-            half,
-            max_positions,
-        }
+    /// The tables of a model configuration: positions `0..max_positions()`.
+    pub fn new(config: &ModelConfig) -> Self {
+        let spec = RopeSpec::from_config(config);
+        let table = spec.table();
+        Rope { spec, table }
     }
 
     /// Positions covered.
     pub fn max_positions(&self) -> usize {
-        self.max_positions
+        self.table.rows()
     }
 
-    /// Rotate one head vector in place for position `pos`.
-    pub fn apply(&self, x: &mut [f32], pos: usize) {
-        let h = self.half;
-        let (c, s) = (
-            &self.cos[pos * h..(pos + 1) * h],
-            &self.sin[pos * h..(pos + 1) * h],
-        );
-        for i in 0..h {
-            let (a, b) = (x[i], x[i + h]);
-            x[i] = a * c[i] - b * s[i];
-            x[i + h] = b * c[i] + a * s[i];
-        }
+    /// The table of a chunk at positions `start..start + len` when it differs from the
+    /// shared one (dynamic NTK beyond `max_position_embeddings`: the base for the length
+    /// `start + len`); `None` otherwise.
+    pub fn chunk_table(&self, start: usize, len: usize) -> Option<RopeTable> {
+        self.spec.span_table(start, len)
+    }
+
+    /// Rotate one head vector in place for position `pos`, with the chunk's own table if it
+    /// has one.
+    pub fn apply(&self, chunk: Option<&RopeTable>, x: &mut [f32], pos: usize) {
+        chunk.unwrap_or(&self.table).apply(x, pos);
     }
 }
 

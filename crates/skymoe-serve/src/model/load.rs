@@ -267,7 +267,7 @@ impl ServeModel {
         }
         Ok(ServeModel {
             final_norm: r.vec(names::FINAL_NORM, &[h])?,
-            rope: Rope::new(hd, c.rope_theta, c.max_position_embeddings),
+            rope: Rope::new(&c),
             config: c,
             format,
             embed,

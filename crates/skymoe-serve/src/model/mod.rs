@@ -327,22 +327,28 @@ impl ServeModel {
             self.embed
                 .dequantize_row(t as usize, &mut x[i * hsz..(i + 1) * hsz]);
         }
+        // Dynamic NTK rotates each chunk with the base for its own end position.
+        let chunk_rope: Vec<_> = placements
+            .iter()
+            .map(|p| self.rope.chunk_table(p.start, p.len))
+            .collect();
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = rms_norm(&x, &layer.input_norm, eps);
             let mut qkv = layer.qkv.forward(&hn, n);
             let width = qdim + 2 * kvd;
             let mut q = vec![0f32; n * qdim];
-            for p in &placements {
+            for (p, table) in placements.iter().zip(&chunk_rope) {
+                let table = table.as_ref();
                 for t in 0..p.len {
                     let pos = p.start + t;
                     let r = &mut qkv[(p.row + t) * width..(p.row + t + 1) * width];
                     let (qs, kvs) = r.split_at_mut(qdim);
                     for head in qs.chunks_exact_mut(hd) {
-                        self.rope.apply(head, pos);
+                        self.rope.apply(table, head, pos);
                     }
                     let (ks, vs) = kvs.split_at_mut(kvd);
                     for head in ks.chunks_exact_mut(hd) {
-                        self.rope.apply(head, pos);
+                        self.rope.apply(table, head, pos);
                     }
                     kv.write(li, p.blocks, pos, ks, vs);
                     q[(p.row + t) * qdim..(p.row + t + 1) * qdim].copy_from_slice(qs);

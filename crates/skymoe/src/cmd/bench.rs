@@ -11,8 +11,9 @@ use skymoe_serve::model::ServeModel;
 /// Arguments of `skymoe bench`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory or a .gguf file.
-    #[arg(long)]
+    /// A Hugging Face model directory, a .gguf file, or a hub id (org/name[@revision]) found
+    /// in the local Hugging Face cache.
+    #[arg(long, value_parser = super::model_arg)]
     model: PathBuf,
     /// Weight format of the projections (f32, f16, int8, fp8, q4; default: as stored).
     #[arg(long)]

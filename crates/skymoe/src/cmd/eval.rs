@@ -10,8 +10,9 @@ use skymoe_train::trainer::evaluate_all_windows;
 /// Arguments of `skymoe eval`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory or a .gguf file.
-    #[arg(long)]
+    /// A Hugging Face model directory, a .gguf file, or a hub id (org/name[@revision]) found
+    /// in the local Hugging Face cache.
+    #[arg(long, value_parser = super::model_arg)]
     model: PathBuf,
     /// Text files, directories or JSONL files (repeatable).
     #[arg(long, required = true)]

@@ -12,8 +12,9 @@ use skymoe_model::Tokenizer;
 /// Arguments of `skymoe generate`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory or a .gguf file.
-    #[arg(long)]
+    /// A Hugging Face model directory, a .gguf file, or a hub id (org/name[@revision]) found
+    /// in the local Hugging Face cache.
+    #[arg(long, value_parser = super::model_arg)]
     model: PathBuf,
     /// The prompt text.
     #[arg(long)]

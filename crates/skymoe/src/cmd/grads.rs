@@ -12,8 +12,9 @@ use skymoe_train::{loss_and_grads, TrainableParams};
 /// Arguments of `skymoe grads`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory or a .gguf file.
-    #[arg(long)]
+    /// A Hugging Face model directory, a .gguf file, or a hub id (org/name[@revision]) found
+    /// in the local Hugging Face cache.
+    #[arg(long, value_parser = super::model_arg)]
     model: PathBuf,
     /// Comma-separated token ids (at least two).
     #[arg(long)]

@@ -10,8 +10,9 @@ use skymoe_serve::model::{LogitsFor, SeqChunk, ServeModel, TensorParallel};
 /// Arguments of `skymoe logits`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory or a .gguf file.
-    #[arg(long)]
+    /// A Hugging Face model directory, a .gguf file, or a hub id (org/name[@revision]) found
+    /// in the local Hugging Face cache.
+    #[arg(long, value_parser = super::model_arg)]
     model: PathBuf,
     /// Comma-separated token ids, e.g. 1,2,3.
     #[arg(long)]

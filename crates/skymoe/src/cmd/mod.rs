@@ -36,6 +36,12 @@ pub fn device() -> anyhow::Result<Device> {
     Ok(Device::Cpu)
 }
 
+/// Parse a model argument: an existing path, or a hub id `org/name[@revision]` resolved
+/// offline from the local Hugging Face cache (see [`skymoe_model::hub`]).
+pub fn model_arg(s: &str) -> Result<std::path::PathBuf, String> {
+    skymoe_model::hub::resolve_model_path(Path::new(s)).map_err(|e| e.to_string())
+}
+
 /// Open a checkpoint and build its model.
 pub fn load_model(path: &Path, device: &Device) -> anyhow::Result<(Checkpoint, CausalLm)> {
     let ckpt = Checkpoint::open(path, device)

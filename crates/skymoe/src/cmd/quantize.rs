@@ -10,8 +10,9 @@ use skymoe_serve::quantize::{quantize_checkpoint, Fp8Scale};
 /// Arguments of `skymoe quantize`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory or a .gguf file.
-    #[arg(long)]
+    /// A Hugging Face model directory, a .gguf file, or a hub id (org/name[@revision]) found
+    /// in the local Hugging Face cache.
+    #[arg(long, value_parser = super::model_arg)]
     model: PathBuf,
     /// Target format: fp8 (E4M3), int8, q4 or f16.
     #[arg(long)]

@@ -12,8 +12,9 @@ use skymoe_serve::openai::{self, ServerConfig};
 /// Arguments of `skymoe serve`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory or a .gguf file.
-    #[arg(long)]
+    /// A Hugging Face model directory, a .gguf file, or a hub id (org/name[@revision]) found
+    /// in the local Hugging Face cache.
+    #[arg(long, value_parser = super::model_arg)]
     model: PathBuf,
     /// Address to listen on (loopback by default; anything else exposes the server).
     #[arg(long, default_value = "127.0.0.1")]

@@ -26,8 +26,9 @@ pub struct Args {
     /// Override data.inputs (repeatable).
     #[arg(long)]
     data: Vec<PathBuf>,
-    /// Override model.init (a checkpoint to start from).
-    #[arg(long)]
+    /// Override model.init (a checkpoint to start from: a directory, a .gguf file or a hub
+    /// id in the local Hugging Face cache).
+    #[arg(long, value_parser = super::model_arg)]
     init: Option<PathBuf>,
     /// Override optim.lr.
     #[arg(long)]

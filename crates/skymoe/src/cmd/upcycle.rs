@@ -10,8 +10,9 @@ use skymoe_train::upcycle::{upcycle, GateInit, UpcycleOptions};
 /// Arguments of `skymoe upcycle`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The dense model: a Hugging Face Llama directory or a Llama .gguf file.
-    #[arg(long)]
+    /// The dense model: a Hugging Face Llama-family directory, a Llama .gguf file, or a hub
+    /// id (org/name[@revision]) found in the local Hugging Face cache.
+    #[arg(long, value_parser = super::model_arg)]
     from: PathBuf,
     /// Experts per MoE layer.
     #[arg(long)]
