@@ -47,10 +47,33 @@ pub enum ModelError {
         shard: PathBuf,
     },
     /// The model directory or file has no weights skymoe can read.
-    #[error("no weights found at {path}: expected model.safetensors, model.safetensors.index.json or a .gguf file")]
+    #[error(
+        "no weights found at {path}: expected model.safetensors, model.safetensors.index.json, \
+         pytorch_model.bin, pytorch_model.bin.index.json or a .gguf file"
+    )]
     NoWeights {
         /// The path given.
         path: PathBuf,
+    },
+    /// A pickled checkpoint names a global outside what PyTorch tensor rebuilding uses; it is
+    /// refused rather than run.
+    #[error(
+        "refusing to load {path}: its pickle names the global `{global}`, which a PyTorch \
+         state dict does not use (loading never runs code from a checkpoint)"
+    )]
+    UnsafePickle {
+        /// The file.
+        path: PathBuf,
+        /// The global, as `module.name`.
+        global: String,
+    },
+    /// A weights file in a format or layout skymoe does not read.
+    #[error("unsupported weights file {path}: {reason}")]
+    UnsupportedWeights {
+        /// The file.
+        path: PathBuf,
+        /// What it is and what is expected instead.
+        reason: String,
     },
     /// A tensor the model needs is not in the checkpoint.
     #[error("tensor {name} is missing from the checkpoint")]

@@ -305,14 +305,7 @@ pub fn quantize_checkpoint(
 }
 
 fn tensor_shape(w: &WeightSource, name: &str) -> Result<Vec<usize>> {
-    Ok(match w {
-        WeightSource::Safetensors(s) => s.shape(name)?,
-        WeightSource::InMemory(m) => m.get(name).map(|t| t.dims().to_vec()).ok_or_else(|| {
-            skymoe_model::ModelError::MissingTensor {
-                name: name.to_string(),
-            }
-        })?,
-    })
+    Ok(w.shape(name)?)
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

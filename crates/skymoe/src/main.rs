@@ -43,6 +43,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Write a copy of a model with quantised projections (fp8, int8, q4, f16).
     Quantize(cmd::quantize::Args),
+    /// Write the safetensors form of a PyTorch (pytorch_model*.bin) model directory.
+    Convert(cmd::convert::Args),
     /// Serve a model over an OpenAI-compatible HTTP API.
     Serve(cmd::serve::Args),
 }
@@ -72,6 +74,7 @@ fn main() {
         Command::Plan(a) => cmd::plan::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
         Command::Bench(a) => cmd::bench::run(a),
     };
     if let Err(e) = result {

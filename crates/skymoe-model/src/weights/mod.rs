@@ -1,9 +1,12 @@
-//! Reading checkpoints: Hugging Face safetensors directories and llama.cpp GGUF files.
+//! Reading checkpoints: Hugging Face safetensors or PyTorch (`pytorch_model.bin`) directories
+//! and llama.cpp GGUF files.
 //!
 //! Every source yields tensors under their Hugging Face checkpoint names, in the Hugging Face
 //! layout, as f32 on the requested device.
 
+pub mod convert;
 mod gguf;
+pub mod pytorch;
 pub mod quantized;
 mod safetensors_dir;
 
@@ -13,6 +16,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 pub use gguf::{GgufCheckpoint, GgufMetadata};
+pub use pytorch::PytorchCheckpoint;
 pub use safetensors_dir::SafetensorsCheckpoint;
 
 use crate::config::ModelConfig;
@@ -22,6 +26,8 @@ use crate::error::{ModelError, Result};
 pub enum WeightSource {
     /// A Hugging Face directory with one or more safetensors files (memory-mapped).
     Safetensors(SafetensorsCheckpoint),
+    /// A Hugging Face directory with `pytorch_model.bin` or its shards (read lazily, no code run).
+    Pytorch(PytorchCheckpoint),
     /// Tensors already converted to Hugging Face names and layout (from GGUF or built in memory).
     InMemory(HashMap<String, Tensor>),
 }
@@ -31,6 +37,7 @@ impl WeightSource {
     pub fn contains(&self, name: &str) -> bool {
         match self {
             WeightSource::Safetensors(s) => s.contains(name),
+            WeightSource::Pytorch(p) => p.contains(name),
             WeightSource::InMemory(m) => m.contains_key(name),
         }
     }
@@ -39,6 +46,7 @@ impl WeightSource {
     pub fn names(&self) -> Vec<String> {
         let mut names = match self {
             WeightSource::Safetensors(s) => s.names(),
+            WeightSource::Pytorch(p) => p.names(),
             WeightSource::InMemory(m) => m.keys().cloned().collect(),
         };
         names.sort();
@@ -55,7 +63,20 @@ impl WeightSource {
     ) -> Result<Option<skymoe_kernels::quant::QMatrix>> {
         match self {
             WeightSource::Safetensors(s) => quantized::read_qmatrix(s, name, rows, cols),
-            WeightSource::InMemory(_) => Ok(None),
+            WeightSource::Pytorch(_) | WeightSource::InMemory(_) => Ok(None),
+        }
+    }
+
+    /// The stored shape of a tensor, without reading it.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        match self {
+            WeightSource::Safetensors(s) => s.shape(name),
+            WeightSource::Pytorch(p) => p.shape(name),
+            WeightSource::InMemory(m) => m.get(name).map(|t| t.dims().to_vec()).ok_or_else(|| {
+                ModelError::MissingTensor {
+                    name: name.to_string(),
+                }
+            }),
         }
     }
 
@@ -69,6 +90,7 @@ impl WeightSource {
         }
         let t = match self {
             WeightSource::Safetensors(s) => s.load(name, device)?,
+            WeightSource::Pytorch(p) => p.load(name, device)?,
             WeightSource::InMemory(m) => m
                 .get(name)
                 .ok_or_else(|| ModelError::MissingTensor {
@@ -100,7 +122,8 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Open a Hugging Face model directory (config.json + safetensors) or a `.gguf` file.
+    /// Open a Hugging Face model directory (config.json + safetensors or PyTorch `.bin`
+    /// weights; safetensors win when both are present) or a `.gguf` file.
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
         if path.is_dir() {
             let config_path = path.join("config.json");
@@ -111,7 +134,13 @@ impl Checkpoint {
                 ));
             }
             let config = ModelConfig::from_file(&config_path)?;
-            let weights = WeightSource::Safetensors(SafetensorsCheckpoint::open_dir(path)?);
+            let has_safetensors = path.join("model.safetensors.index.json").exists()
+                || path.join("model.safetensors").exists();
+            let weights = if !has_safetensors && PytorchCheckpoint::present(path) {
+                WeightSource::Pytorch(PytorchCheckpoint::open_dir(path)?)
+            } else {
+                WeightSource::Safetensors(SafetensorsCheckpoint::open_dir(path)?)
+            };
             Ok(Checkpoint {
                 config,
                 weights,

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod calibrate;
+pub mod convert;
 pub mod demo;
 pub mod eval;
 pub mod experiment;
