@@ -263,18 +263,12 @@ pub fn quantize_checkpoint(
             .map_err(|e| ServeError::InvalidInput(e.to_string()))?;
         write_synced(&dir.join("config.json"), &cfg)?;
         if ckpt.path.is_dir() {
-            for extra in [
-                "tokenizer.json",
-                "tokenizer_config.json",
-                "generation_config.json",
-                "special_tokens_map.json",
-                "chat_template.jinja",
-            ] {
-                let from = ckpt.path.join(extra);
-                if from.is_file() {
-                    let bytes = std::fs::read(&from).map_err(io(&from))?;
-                    write_synced(&dir.join(extra), &bytes)?;
-                }
+            // tokenizer.json and/or tokenizer.model with their configs.
+            skymoe_model::tokenizer::copy_tokenizer_files(&ckpt.path, dir)?;
+            let from = ckpt.path.join("generation_config.json");
+            if from.is_file() {
+                let bytes = std::fs::read(&from).map_err(io(&from))?;
+                write_synced(&dir.join("generation_config.json"), &bytes)?;
             }
             for entry in std::fs::read_dir(&ckpt.path)
                 .map_err(io(&ckpt.path))?

@@ -79,7 +79,9 @@ const SKYWORK_REMOTE_CODE: [(&str, &str); 3] = [
     ),
 ];
 
-/// Write the model (Hugging Face layout) into `dir`, which must exist.
+/// Write the model (Hugging Face layout) into `dir`, which must exist. `tokenizer` is a
+/// tokenizer.json file (written as tokenizer.json), or a tokenizer.model file or model
+/// directory whose tokenizer files are copied.
 pub fn write_model_files(
     dir: &Path,
     config: &ModelConfig,
@@ -104,8 +106,19 @@ pub fn write_model_files(
         .collect();
     save_tensors(&map, &dir.join("model.safetensors"))?;
     if let Some(t) = tokenizer {
-        let bytes = std::fs::read(t).map_err(|e| TrainError::io(t, e))?;
-        write_synced(&dir.join("tokenizer.json"), &bytes)?;
+        if t.is_dir() || t.extension().is_some_and(|e| e == "model") {
+            // A SentencePiece tokenizer (or a model directory): copy the directory's tokenizer
+            // files, so that transformers can load the checkpoint.
+            let src = if t.is_dir() {
+                t
+            } else {
+                t.parent().unwrap_or(Path::new("."))
+            };
+            skymoe_model::tokenizer::copy_tokenizer_files(src, dir)?;
+        } else {
+            let bytes = std::fs::read(t).map_err(|e| TrainError::io(t, e))?;
+            write_synced(&dir.join("tokenizer.json"), &bytes)?;
+        }
     }
     Ok(())
 }

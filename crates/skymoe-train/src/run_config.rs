@@ -126,7 +126,8 @@ impl Default for AuxSection {
 pub struct DataSection {
     /// Text files, directories and JSONL files.
     pub inputs: Vec<PathBuf>,
-    /// An existing tokenizer.json; without one a byte-level BPE of `vocab_size` is trained.
+    /// An existing tokenizer: a tokenizer.json or tokenizer.model file, or a model directory
+    /// holding one; without one a byte-level BPE of `vocab_size` is trained.
     pub tokenizer: Option<PathBuf>,
     /// Vocabulary of a trained tokenizer.
     pub vocab_size: usize,

@@ -478,10 +478,18 @@ impl Trainer {
             None
         };
 
-        // Tokenizer: given, already trained for this run, or trained now.
-        let tokenizer_path = match &cfg.data.tokenizer {
-            Some(p) => p.clone(),
-            None => {
+        // Tokenizer: given, that of the `model.init` directory, already trained for this run,
+        // or trained now.
+        let init_tokenizer = cfg
+            .model
+            .init
+            .as_ref()
+            .and_then(|d| skymoe_model::hub::resolve_model_path(d).ok())
+            .filter(|d| skymoe_model::tokenizer::has_tokenizer(d));
+        let tokenizer_path = match (&cfg.data.tokenizer, init_tokenizer) {
+            (Some(p), _) => p.clone(),
+            (None, Some(dir)) => dir,
+            (None, None) => {
                 let p = run_dir.join("tokenizer.json");
                 if writer && !(resume_from.is_some() && p.exists()) {
                     obs.on_message(&format!(
@@ -498,12 +506,14 @@ impl Trainer {
                 p
             }
         };
-        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| {
+        // tokenizer.json, tokenizer.model or a model directory holding either.
+        let loaded = skymoe_model::Tokenizer::from_path(&tokenizer_path).map_err(|e| {
             TrainError::Config(format!(
                 "cannot load tokenizer {}: {e}",
                 tokenizer_path.display()
             ))
         })?;
+        let tokenizer = loaded.inner();
         let eos = tokenizer
             .token_to_id("<|endoftext|>")
             .or_else(|| tokenizer.token_to_id("</s>"))

@@ -216,15 +216,12 @@ pub fn upcycle(from: &Path, out: &Path, o: &UpcycleOptions) -> Result<UpcycleSum
     let result = write_dir_atomically(out, |dir| {
         write_model_files(dir, &config, &tensors, tokenizer_src.as_deref())?;
         if ckpt.gguf_metadata.is_none() {
-            for extra in [
-                "tokenizer_config.json",
-                "special_tokens_map.json",
-                "generation_config.json",
-            ] {
-                let src = from.join(extra);
-                if src.exists() {
-                    std::fs::copy(&src, dir.join(extra)).map_err(|e| TrainError::io(&src, e))?;
-                }
+            // tokenizer.json and/or tokenizer.model with their configs.
+            skymoe_model::tokenizer::copy_tokenizer_files(from, dir)?;
+            let src = from.join("generation_config.json");
+            if src.exists() {
+                std::fs::copy(&src, dir.join("generation_config.json"))
+                    .map_err(|e| TrainError::io(&src, e))?;
             }
         }
         Ok(())
@@ -236,7 +233,8 @@ pub fn upcycle(from: &Path, out: &Path, o: &UpcycleOptions) -> Result<UpcycleSum
     Ok(UpcycleSummary {
         config,
         out: out.to_path_buf(),
-        tokenizer: tokenizer_src.is_some(),
+        tokenizer: tokenizer_src.is_some()
+            || (ckpt.gguf_metadata.is_none() && skymoe_model::tokenizer::has_tokenizer(from)),
     })
 }
 

@@ -1,4 +1,5 @@
-//! `skymoe tokenizer`: train a byte-level BPE tokenizer on a corpus.
+//! `skymoe tokenizer`: train a byte-level BPE tokenizer on a corpus, and encode or decode text
+//! with the tokenizer of a model (a model directory or a GGUF file).
 
 use std::path::PathBuf;
 
@@ -16,6 +17,37 @@ pub struct Args {
 enum Command {
     /// Train a byte-level BPE tokenizer (GPT-2 style) and write tokenizer.json.
     Train(TrainArgs),
+    /// Encode text and print the ids as a JSON array, with the special tokens the model's
+    /// tokenizer config asks for (BOS if add_bos_token, EOS if add_eos_token).
+    Encode(EncodeArgs),
+    /// Decode comma-separated ids and print the text (special tokens skipped).
+    Decode(DecodeArgs),
+}
+
+/// Arguments of `skymoe tokenizer encode`.
+#[derive(clap::Args)]
+struct EncodeArgs {
+    /// A model directory (tokenizer.json or tokenizer.model, plus tokenizer_config.json) or a
+    /// .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// The text to encode.
+    #[arg(long)]
+    text: String,
+    /// Encode without any special tokens.
+    #[arg(long)]
+    no_special: bool,
+}
+
+/// Arguments of `skymoe tokenizer decode`.
+#[derive(clap::Args)]
+struct DecodeArgs {
+    /// A model directory or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Token ids, comma-separated (e.g. 1,2,3); empty for none.
+    #[arg(long, allow_hyphen_values = true)]
+    ids: String,
 }
 
 /// Arguments of `skymoe tokenizer train`.
@@ -42,7 +74,51 @@ struct TrainArgs {
 pub fn run(a: Args) -> anyhow::Result<()> {
     match a.command {
         Command::Train(t) => train(t),
+        Command::Encode(e) => encode(e),
+        Command::Decode(d) => decode(d),
     }
+}
+
+fn load(model: &std::path::Path) -> anyhow::Result<skymoe_model::Tokenizer> {
+    skymoe_model::Tokenizer::from_path(model)
+        .with_context(|| format!("cannot load the tokenizer of {}", model.display()))
+}
+
+fn encode(a: EncodeArgs) -> anyhow::Result<()> {
+    let tok = load(&a.model)?;
+    let ids = if a.no_special {
+        tok.encode_plain(&a.text)
+    } else {
+        tok.encode_with_special_tokens(&a.text)
+    }
+    .context("encoding failed")?;
+    println!("{}", serde_json::to_string(&ids)?);
+    Ok(())
+}
+
+fn parse_ids(s: &str, vocab: usize) -> anyhow::Result<Vec<u32>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            let id: u32 = t
+                .parse()
+                .map_err(|_| anyhow::anyhow!("invalid token id `{t}` in --ids"))?;
+            anyhow::ensure!(
+                (id as usize) < vocab,
+                "token id {id} is outside the vocabulary of {vocab} tokens"
+            );
+            Ok(id)
+        })
+        .collect()
+}
+
+fn decode(a: DecodeArgs) -> anyhow::Result<()> {
+    let tok = load(&a.model)?;
+    let ids = parse_ids(&a.ids, tok.vocab_size())?;
+    let text = tok.decode(&ids).context("decoding failed")?;
+    println!("{text}");
+    Ok(())
 }
 
 fn train(a: TrainArgs) -> anyhow::Result<()> {
