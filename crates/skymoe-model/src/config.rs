@@ -594,7 +594,10 @@ mod tests {
     fn skywork_moe_base_as_published() {
         let c = parse(skywork_moe_base()).unwrap();
         assert_eq!(c.architecture, Architecture::SkyworkMoe);
-        assert_eq!((c.vocab_size, c.hidden_size, c.head_dim), (65532, 4608, 128));
+        assert_eq!(
+            (c.vocab_size, c.hidden_size, c.head_dim),
+            (65532, 4608, 128)
+        );
         let m = c.moe.as_ref().unwrap();
         assert_eq!((m.num_experts, m.top_k), (16, 2));
         assert!(m.moe_layers.iter().all(|&x| x));
@@ -629,10 +632,18 @@ mod tests {
         let cases: [(&str, serde_json::Value, &str); 8] = [
             ("rotary_percent", 0.5.into(), "rotary_percent"),
             ("sliding_window", 4096.into(), "sliding_window"),
-            ("moe_use_skywork_gating", true.into(), "moe_use_skywork_gating"),
+            (
+                "moe_use_skywork_gating",
+                true.into(),
+                "moe_use_skywork_gating",
+            ),
             ("hidden_act", "gelu".into(), "gelu"),
             ("mlp_bias", true.into(), "mlp_bias"),
-            ("num_experts", serde_json::json!([16, 32]), "same number of experts"),
+            (
+                "num_experts",
+                serde_json::json!([16, 32]),
+                "same number of experts",
+            ),
             (
                 "quantization_config",
                 serde_json::json!({"quant_method": "gptq", "bits": 4}),

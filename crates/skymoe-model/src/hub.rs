@@ -59,8 +59,7 @@ pub fn parse_hub_id(s: &str) -> Option<(&str, &str)> {
         !p.is_empty()
             && p != "."
             && p != ".."
-            && p
-                .chars()
+            && p.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     (part_ok(org) && part_ok(name)).then_some((repo, rev))
@@ -123,7 +122,9 @@ mod tests {
 
     fn cache_with(repo: &str, refs: &[(&str, &str)], snapshots: &[&str]) -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
-        let r = d.path().join(format!("models--{}", repo.replace('/', "--")));
+        let r = d
+            .path()
+            .join(format!("models--{}", repo.replace('/', "--")));
         std::fs::create_dir_all(r.join("refs")).unwrap();
         for (name, commit) in refs {
             std::fs::write(r.join("refs").join(name), commit).unwrap();
@@ -142,7 +143,9 @@ mod tests {
             Some(("Skywork/Skywork-13B-base", "main"))
         );
         assert_eq!(parse_hub_id("a/b@v1.0"), Some(("a/b", "v1.0")));
-        for bad in ["plain", "a/b/c", "/abs", "./x", "../x", "a/", "/b", "a b/c", "a/b@", "a/b@x/y"] {
+        for bad in [
+            "plain", "a/b/c", "/abs", "./x", "../x", "a/", "/b", "a b/c", "a/b@", "a/b@x/y",
+        ] {
             assert_eq!(parse_hub_id(bad), None, "{bad}");
         }
     }

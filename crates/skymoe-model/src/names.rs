@@ -55,7 +55,8 @@ pub struct MoeNames {
 }
 
 impl ModelConfig {
-    fn mixtral_style(&self) -> bool {
+    /// Whether the MoE tensors follow Mixtral's `block_sparse_moe` naming (Mixtral, Skywork).
+    pub fn mixtral_style(&self) -> bool {
         matches!(
             self.architecture,
             Architecture::Mixtral | Architecture::SkyworkMoe

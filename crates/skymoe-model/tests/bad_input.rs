@@ -250,3 +250,31 @@ fn gguf_of_unsupported_architecture_is_reported() {
     );
     assert!(err.to_string().contains("gpt2"), "{err}");
 }
+
+#[test]
+fn two_layer_gate_setting_must_match_the_router_tensors() {
+    // The Skywork config class defaults to a two-layer gate: a config without the key over a
+    // one-layer gate's weights is named as such, not reported as a bare missing tensor.
+    let (_t, dir) = scratch("skywork_moe");
+    edit_config(&dir, |v| {
+        v.as_object_mut().unwrap().remove("moe_2layer_gate");
+    });
+    let err = open_and_load(&dir)
+        .map(|_| ())
+        .expect_err("must fail")
+        .to_string();
+    assert!(
+        err.contains("moe_2layer_gate") && err.contains("one-layer"),
+        "{err}"
+    );
+    let (_t, dir) = scratch("skywork_moe_variant");
+    edit_config(&dir, |v| v["moe_2layer_gate"] = false.into());
+    let err = open_and_load(&dir)
+        .map(|_| ())
+        .expect_err("must fail")
+        .to_string();
+    assert!(
+        err.contains("moe_2layer_gate") && err.contains("two-layer"),
+        "{err}"
+    );
+}

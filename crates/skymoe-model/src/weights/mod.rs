@@ -67,16 +67,37 @@ impl WeightSource {
         }
     }
 
+    /// A tensor's dtype as its file names it (`F32`, `BF16`, `F8_E4M3`, ...), or `None` for
+    /// tensors converted when read (GGUF, built in memory).
+    pub fn stored_dtype(&self, name: &str) -> Option<String> {
+        match self {
+            WeightSource::Safetensors(s) => s.dtype(name).ok().map(|d| format!("{d:?}")),
+            WeightSource::Pytorch(p) => p.dtype(name).ok().map(|d| format!("{d:?}")),
+            WeightSource::InMemory(_) => None,
+        }
+    }
+
+    /// The kind of source: `safetensors`, `pytorch` or `converted` (GGUF or in memory).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WeightSource::Safetensors(_) => "safetensors",
+            WeightSource::Pytorch(_) => "pytorch",
+            WeightSource::InMemory(_) => "converted",
+        }
+    }
+
     /// The stored shape of a tensor, without reading it.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
         match self {
             WeightSource::Safetensors(s) => s.shape(name),
             WeightSource::Pytorch(p) => p.shape(name),
-            WeightSource::InMemory(m) => m.get(name).map(|t| t.dims().to_vec()).ok_or_else(|| {
-                ModelError::MissingTensor {
-                    name: name.to_string(),
-                }
-            }),
+            WeightSource::InMemory(m) => {
+                m.get(name)
+                    .map(|t| t.dims().to_vec())
+                    .ok_or_else(|| ModelError::MissingTensor {
+                        name: name.to_string(),
+                    })
+            }
         }
     }
 
@@ -141,6 +162,7 @@ impl Checkpoint {
             } else {
                 WeightSource::Safetensors(SafetensorsCheckpoint::open_dir(path)?)
             };
+            check_gate_layout(&config, &weights, &config_path)?;
             Ok(Checkpoint {
                 config,
                 weights,
@@ -168,4 +190,38 @@ impl Checkpoint {
             ))
         }
     }
+}
+
+/// A Skywork config's `moe_2layer_gate` must match the router tensors the checkpoint holds: a
+/// two-layer gate (`gate.wg.0`/`gate.wg.2`) or a one-layer one (`gate.weight`). The config
+/// class defaults to the two-layer gate, so a config that omits the key while the weights hold
+/// a one-layer gate would otherwise fail with a bare missing tensor.
+fn check_gate_layout(config: &ModelConfig, weights: &WeightSource, origin: &Path) -> Result<()> {
+    let Some(moe) = &config.moe else {
+        return Ok(());
+    };
+    let Some(layer) = (0..config.num_hidden_layers).find(|&l| config.is_moe_layer(l)) else {
+        return Ok(());
+    };
+    let expected = config.moe_names(layer).gate;
+    if weights.contains(&expected) || !config.mixtral_style() {
+        return Ok(());
+    }
+    let prefix = crate::names::layer(layer, "block_sparse_moe.gate");
+    let (other, found) = if moe.router.two_layer_gate {
+        (format!("{prefix}.weight"), "a one-layer gate")
+    } else {
+        (format!("{prefix}.wg.0.weight"), "a two-layer gate")
+    };
+    if weights.contains(&other) {
+        return Err(ModelError::config(
+            origin,
+            format!(
+                "`moe_2layer_gate` is {} (absent means true for Skywork configs) but the checkpoint \
+                 holds {found} (`{other}`); set `moe_2layer_gate` to {}",
+                moe.router.two_layer_gate, !moe.router.two_layer_gate
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -9,6 +9,7 @@ use candle_core::Device;
 use safetensors::Dtype;
 use skymoe_kernels::quant::{QMatrix, WeightFormat};
 use skymoe_model::names::{self, SwiGluNames};
+use skymoe_model::weights::pytorch::TorchDtype;
 use skymoe_model::weights::WeightSource;
 use skymoe_model::Checkpoint;
 
@@ -22,12 +23,21 @@ use super::{ServeLayer, ServeModel};
 use crate::error::Result;
 
 /// The format a checkpoint's projections are stored in (f32 for GGUF files, which are
-/// dequantised when read).
+/// dequantised when read; f16 for bf16/f16 safetensors and PyTorch files).
 pub fn stored_format(ckpt: &Checkpoint) -> WeightFormat {
-    let WeightSource::Safetensors(st) = &ckpt.weights else {
-        return WeightFormat::F32;
+    let probe = names::layer(0, "self_attn.q_proj.weight");
+    let st = match &ckpt.weights {
+        WeightSource::Safetensors(st) => st,
+        // bf16/f16 PyTorch checkpoints are served in 16 bits, as their safetensors form is.
+        WeightSource::Pytorch(p) => {
+            return match p.dtype(&probe) {
+                Ok(TorchDtype::F16) | Ok(TorchDtype::BF16) => WeightFormat::F16,
+                _ => WeightFormat::F32,
+            }
+        }
+        WeightSource::InMemory(_) => return WeightFormat::F32,
     };
-    match st.dtype(&names::layer(0, "self_attn.q_proj.weight")) {
+    match st.dtype(&probe) {
         Ok(Dtype::F8_E4M3) => WeightFormat::Fp8,
         Ok(Dtype::I8) => WeightFormat::Int8,
         Ok(Dtype::U8) => WeightFormat::Q4,

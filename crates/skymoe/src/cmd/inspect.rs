@@ -64,6 +64,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ("q8_0", 34.0 / 32.0),
         ("q4_0", 18.0 / 32.0),
     ];
+    // How the weights are stored: tensors per dtype, and the scales of quantised layouts.
+    let names = ckpt.weights.names();
+    let mut dtypes_stored: std::collections::BTreeMap<String, usize> = Default::default();
+    for n in &names {
+        if let Some(d) = ckpt.weights.stored_dtype(n) {
+            *dtypes_stored.entry(d).or_default() += 1;
+        }
+    }
+    let count = |suffix: &str| names.iter().filter(|n| n.ends_with(suffix)).count();
+    let (weight_scales, act_scales) = (
+        count(".weight_scale"),
+        count(".act_scale") + count(".input_scale"),
+    );
+    let source = match &ckpt.gguf_metadata {
+        Some(_) => "gguf (dequantised when read)",
+        None => ckpt.weights.kind(),
+    };
     if a.json {
         let v = serde_json::json!({
             "architecture": c.architecture.hf_class(),
@@ -81,6 +98,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "expert_intermediate_size": c.moe.as_ref().map(|m| m.expert_intermediate_size),
             "shared_expert_intermediate_size": c.moe.as_ref().and_then(|m| m.shared_expert_intermediate_size),
             "gate_logits_norm_std": c.moe.as_ref().and_then(|m| m.router.logits_norm_std),
+            "rope_scaling": c.rope_scaling.name(),
+            "weights": {
+                "source": source,
+                "dtypes": dtypes_stored,
+                "weight_scales": weight_scales,
+                "activation_scales_unused": act_scales,
+            },
             "params_total": total,
             "params_active_per_token": active,
             "bytes": dtypes.iter().map(|(n, b)| (n.to_string(), serde_json::json!(total as f64 * b))).collect::<serde_json::Map<_, _>>(),
@@ -89,10 +113,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("model          {}", a.model.display());
+    // A config naming another class for the same computation (Skywork-13B's `skywork` is a
+    // Llama block) is said so.
+    let declared = std::fs::read_to_string(ckpt.path.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("model_type")?.as_str().map(str::to_string))
+        .filter(|t| t != c.architecture.model_type());
     println!(
-        "architecture   {} ({})",
+        "architecture   {} ({}){}",
         c.architecture.hf_class(),
-        c.architecture.model_type()
+        c.architecture.model_type(),
+        declared
+            .map(|t| format!(", read from model_type `{t}`"))
+            .unwrap_or_default()
     );
     println!(
         "layers         {} ({} MoE)",
@@ -107,7 +141,34 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if c.qkv_bias { ", q/k/v bias" } else { "" }
     );
     println!("vocab          {}", c.vocab_size);
-    println!("rope theta     {}", c.rope_theta);
+    println!(
+        "rope           theta {}, scaling {}",
+        c.rope_theta,
+        c.rope_scaling.name()
+    );
+    let stored: Vec<String> = dtypes_stored
+        .iter()
+        .map(|(d, n)| format!("{n} {d}"))
+        .collect();
+    println!(
+        "weights        {source}{}{}",
+        if stored.is_empty() {
+            String::new()
+        } else {
+            format!(": {} tensors", stored.join(", "))
+        },
+        if weight_scales > 0 {
+            format!(" ({weight_scales} with weight_scale)")
+        } else {
+            String::new()
+        }
+    );
+    if act_scales > 0 {
+        println!(
+            "               {act_scales} activation scales (act_scale/input_scale) read and unused: \
+             activations stay in f32 (as under activation_scheme dynamic)"
+        );
+    }
     println!("tied embedding {}", c.tie_word_embeddings);
     match &c.moe {
         Some(m) => {
