@@ -525,7 +525,7 @@ impl Trainer {
             std::fs::create_dir_all(run_dir.join("data"))
                 .map_err(|e| TrainError::io(run_dir.join("data"), e))?;
             obs.on_message("tokenizing the corpus");
-            TokenFile::build(&cfg.data.inputs, &tokenizer, eos, &token_path)?;
+            TokenFile::build(&cfg.data.inputs, tokenizer, eos, &token_path)?;
         }
         let tokens = TokenFile::open(&token_path)?;
         let data = PackedDataset::new(

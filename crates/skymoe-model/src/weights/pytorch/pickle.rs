@@ -630,7 +630,7 @@ impl<'a> Machine<'a> {
                 if a.len() < 4 || a.len() > max {
                     return Err(self.err(format!("{} arguments to rebuild a tensor", a.len())));
                 }
-                Ok(Obj::Tensor(self.tensor(&a, None)?))
+                Ok(Obj::Tensor(self.tensor(a, None)?))
             }
             Global::RebuildTensorV3 => {
                 if a.len() < 7 || a.len() > 8 {
@@ -640,7 +640,7 @@ impl<'a> Machine<'a> {
                     Some(Obj::Global(Global::Dtype(d))) => *d,
                     _ => return Err(self.err("_rebuild_tensor_v3 without a dtype")),
                 };
-                Ok(Obj::Tensor(self.tensor(&a, Some(dtype))?))
+                Ok(Obj::Tensor(self.tensor(a, Some(dtype))?))
             }
             Global::RebuildParameter | Global::RebuildParameterWithState => {
                 match a.first().map(|&t| self.obj(t)) {
