@@ -2,9 +2,13 @@
 //! sampling with a seeded generator, after optional repetition, presence and frequency
 //! penalties.
 //!
-//! The processing order follows Hugging Face `generate`: repetition penalty, presence and
-//! frequency penalties, temperature, top-k, top-p, min-p, then the draw. Greedy decoding
-//! (temperature 0) applies the penalties and then takes the arg-max.
+//! The processing order follows Hugging Face `generate`: logit bias, repetition penalty,
+//! presence and frequency penalties, temperature, top-k, top-p, min-p, then the draw. Greedy
+//! decoding (temperature 0) applies the bias and penalties and then takes the arg-max.
+//!
+//! [`Sampler::logprobs`] reports log-probabilities as the OpenAI API does: the log-softmax, in
+//! f32, of the raw logits plus the logit bias (before penalties and temperature), with the
+//! most likely tokens found by partial selection rather than a full sort.
 
 use std::cmp::Ordering;
 
@@ -37,6 +41,10 @@ pub struct SamplingParams {
     /// OpenAI frequency penalty (0 = off): subtracted from the logit of every generated token
     /// once per time it has been generated.
     pub frequency_penalty: f32,
+    /// OpenAI logit bias: `(token id, bias)` pairs added to the logits before anything else
+    /// (a bias of −100 in effect bans a token, +100 forces it). Ids outside the vocabulary
+    /// are ignored; a token listed twice gets both biases.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -49,6 +57,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -83,6 +92,15 @@ impl SamplingParams {
                 return Err(format!("{name} must be in [-2, 2], got {v}"));
             }
         }
+        if let Some(&(id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return Err(format!(
+                "logit_bias must be in [-100, 100], got {b} for token {id}"
+            ));
+        }
         Ok(())
     }
 
@@ -91,12 +109,26 @@ impl SamplingParams {
         self.temperature.is_nan() || self.temperature <= 0.0
     }
 
-    /// Whether any penalty is switched on (so that the logits must be copied and edited).
+    /// Whether any penalty or bias is switched on (so that the logits must be copied and
+    /// edited).
     fn has_penalties(&self) -> bool {
         self.repetition_penalty != 1.0
             || self.presence_penalty != 0.0
             || self.frequency_penalty != 0.0
+            || !self.logit_bias.is_empty()
     }
+}
+
+/// Log-probabilities around one position: the chosen token's and the most likely tokens'.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token chosen (or, for a prompt, the token that follows).
+    pub token: u32,
+    /// Its log-probability (−∞ for a token whose logit is −∞).
+    pub logprob: f32,
+    /// The most likely tokens with their log-probabilities, most likely first (ties by
+    /// increasing id); as many as asked for, or fewer when the vocabulary is smaller.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Below this many candidates top-p sorts them all; above it, it sorts the most likely ones
@@ -115,6 +147,8 @@ pub struct Sampler {
     cand: Vec<(u32, f32)>,
     /// Scratch for token ids (deduplicated history, generated-token counts).
     ids: Vec<u32>,
+    /// Scratch for biased logits (log-probabilities with a logit bias).
+    biased: Vec<f32>,
 }
 
 impl Sampler {
@@ -125,6 +159,67 @@ impl Sampler {
             rng: StdRng::seed_from_u64(seed),
             cand: Vec::new(),
             ids: Vec::new(),
+            biased: Vec::new(),
+        }
+    }
+
+    /// The log-probability of `token` and of the `top` most likely tokens under `logits`
+    /// plus this sampler's logit bias: `l_i - log Σ_j exp(l_j)`, in f32 (the sum is
+    /// accumulated in f64), before penalties and temperature. The `top` tokens are found by
+    /// partial selection (linear in the vocabulary) and only they are sorted. Non-finite
+    /// logits count as −∞.
+    pub fn logprobs(&mut self, logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+        let values: &[f32] = if self.params.logit_bias.is_empty() {
+            logits
+        } else {
+            self.biased.clear();
+            self.biased.extend_from_slice(logits);
+            for &(id, b) in &self.params.logit_bias {
+                if let Some(l) = self.biased.get_mut(id as usize) {
+                    *l += b;
+                }
+            }
+            &self.biased
+        };
+        let finite = |l: f32| if l.is_finite() { l } else { f32::NEG_INFINITY };
+        let max = values
+            .iter()
+            .map(|&l| finite(l))
+            .fold(f32::NEG_INFINITY, f32::max);
+        let lse = if max == f32::NEG_INFINITY {
+            0.0
+        } else {
+            let sum: f64 = values
+                .iter()
+                .map(|&l| f64::from((finite(l) - max).exp()))
+                .sum();
+            max + (sum.ln() as f32)
+        };
+        let lp = |l: f32| finite(l) - lse;
+        let logprob = values
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| lp(l));
+        let mut best = Vec::new();
+        if top > 0 {
+            let cand = &mut self.cand;
+            cand.clear();
+            cand.extend(
+                values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| (i as u32, finite(l))),
+            );
+            if top < cand.len() {
+                cand.select_nth_unstable_by(top - 1, by_score_desc);
+                cand.truncate(top);
+            }
+            cand.sort_unstable_by(by_score_desc);
+            best.extend(cand.iter().map(|&(i, l)| (i, l - lse)));
+        }
+        TokenLogprob {
+            token,
+            logprob,
+            top: best,
         }
     }
 
@@ -181,6 +276,11 @@ impl Sampler {
         let cand = &mut self.cand;
         cand.clear();
         cand.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        for &(id, b) in &p.logit_bias {
+            if let Some(c) = cand.get_mut(id as usize) {
+                c.1 += b;
+            }
+        }
 
         // Repetition penalty over the distinct ids of prompt and generated text.
         if p.repetition_penalty != 1.0 {
@@ -428,6 +528,72 @@ mod tests {
     }
 
     #[test]
+    fn logprobs_are_log_softmax_with_bias_and_partial_top() {
+        let logits = [1.0f32, 3.0, 2.0, f32::NEG_INFINITY, 3.0];
+        let mut s = Sampler::new(SamplingParams::default(), 0);
+        let lse = logits
+            .iter()
+            .filter(|l| l.is_finite())
+            .map(|l| f64::from(*l).exp())
+            .sum::<f64>()
+            .ln() as f32;
+        let r = s.logprobs(&logits, 2, 3);
+        assert_eq!(r.token, 2);
+        assert!((r.logprob - (2.0 - lse)).abs() < 1e-6);
+        // Ties by increasing id.
+        let ids: Vec<u32> = r.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 4, 2]);
+        assert!((r.top[0].1 - (3.0 - lse)).abs() < 1e-6);
+        assert_eq!(s.logprobs(&logits, 3, 0).logprob, f32::NEG_INFINITY);
+        assert!(s.logprobs(&logits, 3, 0).top.is_empty());
+        assert_eq!(s.logprobs(&logits, 0, 99).top.len(), logits.len());
+        // The bias enters the distribution; penalties and temperature do not.
+        let mut b = Sampler::new(
+            SamplingParams {
+                temperature: 0.5,
+                repetition_penalty: 1.5,
+                logit_bias: vec![(0, 10.0)],
+                ..Default::default()
+            },
+            0,
+        );
+        let r = b.logprobs(&logits, 0, 1);
+        assert_eq!(r.top[0].0, 0);
+        let biased = [11.0f32, 3.0, 2.0, 3.0];
+        let lse = biased.iter().map(|l| f64::from(*l).exp()).sum::<f64>().ln() as f32;
+        assert!((r.logprob - (11.0 - lse)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces_tokens() {
+        let logits = [1.0f32, 3.0, 2.0];
+        let mut ban = Sampler::new(
+            SamplingParams {
+                logit_bias: vec![(1, -100.0)],
+                ..Default::default()
+            },
+            0,
+        );
+        assert_eq!(ban.sample(&logits), 2);
+        let mut force = Sampler::new(
+            SamplingParams {
+                temperature: 1.0,
+                logit_bias: vec![(0, 100.0), (77, 5.0)],
+                ..Default::default()
+            },
+            7,
+        );
+        for _ in 0..50 {
+            assert_eq!(force.sample(&logits), 0);
+        }
+        let bad = SamplingParams {
+            logit_bias: vec![(0, 100.5)],
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("logit_bias"));
+    }
+
+    #[test]
     fn greedy_takes_argmax() {
         let mut s = Sampler::new(SamplingParams::default(), 0);
         assert_eq!(s.sample(&[0.1, 3.0, 2.0]), 1);
@@ -488,6 +654,7 @@ mod tests {
             repetition_penalty: 1.3,
             presence_penalty: 0.5,
             frequency_penalty: 0.25,
+            logit_bias: Vec::new(),
         };
         let mut rng = Lcg(11);
         let logits: Vec<Vec<f32>> = (0..30)
@@ -823,6 +990,7 @@ mod tests {
             repetition_penalty: 1.1,
             presence_penalty: -2.0,
             frequency_penalty: 2.0,
+            logit_bias: Vec::new(),
         };
         assert_eq!(ok.validate(), Ok(()));
         let bad = |f: &dyn Fn(&mut SamplingParams), field: &str, range: &str| {

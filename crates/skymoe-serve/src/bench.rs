@@ -190,6 +190,240 @@ pub fn run(model: &ServeModel, cfg: &BenchConfig) -> Result<Vec<BatchRun>> {
     Ok(out)
 }
 
+/// A workload for measuring automatic prefix caching through the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PrefixScenario {
+    /// lm-eval style: `items` contexts, each followed by `branches` different continuations,
+    /// all requests submitted at once.
+    LmEval,
+    /// Multi-turn chat: `items` conversations of `branches` turns; each turn's prompt is the
+    /// previous prompt, its reply and a new user message.
+    Chat,
+}
+
+impl std::str::FromStr for PrefixScenario {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "lm-eval" => Ok(PrefixScenario::LmEval),
+            "chat" => Ok(PrefixScenario::Chat),
+            _ => Err(format!("unknown scenario {s:?} (expected lm-eval or chat)")),
+        }
+    }
+}
+
+/// What to measure with [`run_prefix`].
+#[derive(Debug, Clone)]
+pub struct PrefixBenchConfig {
+    /// The workload.
+    pub scenario: PrefixScenario,
+    /// Contexts (lm-eval) or conversations (chat).
+    pub items: usize,
+    /// Tokens of each context (lm-eval) or of each conversation's first prompt (chat).
+    pub context_tokens: usize,
+    /// Continuations per context (lm-eval) or turns per conversation (chat).
+    pub branches: usize,
+    /// Tokens of each continuation (lm-eval) or of each later user message (chat).
+    pub branch_tokens: usize,
+    /// Tokens generated per request.
+    pub gen_tokens: usize,
+    /// Runs with caching on and with caching off (alternating; medians are reported).
+    pub repeats: usize,
+    /// The engine's `max_step_tokens`.
+    pub step_tokens: usize,
+    /// The engine's `max_batch`.
+    pub max_batch: usize,
+    /// Element type of the KV cache (`None`: as the server chooses for the weights).
+    pub kv_dtype: Option<KvDtype>,
+}
+
+/// The result of a workload with caching on or off.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PrefixRun {
+    /// Whether prefix caching was on.
+    pub prefix_caching: bool,
+    /// Requests submitted.
+    pub requests: usize,
+    /// Prompt tokens submitted.
+    pub prompt_tokens: u64,
+    /// Prompt tokens the model computed.
+    pub computed_prompt_tokens: u64,
+    /// Prompt tokens taken from the prefix cache.
+    pub cached_prompt_tokens: u64,
+    /// Median wall time of the workload, first submission to last completion, in seconds.
+    pub wall_s: f64,
+    /// Every run's wall time.
+    pub wall_s_runs: Vec<f64>,
+}
+
+fn submit_err(e: crate::engine::SubmitError) -> ServeError {
+    ServeError::InvalidInput(format!("the engine refused a request: {e}"))
+}
+
+/// Wait for a request's generated ids.
+fn generated(mut s: crate::engine::RequestStream) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            crate::engine::GenerationEvent::Delta { token_ids, .. } => ids.extend(token_ids),
+            crate::engine::GenerationEvent::Finished { .. } => break,
+            crate::engine::GenerationEvent::Failed { message } => {
+                return Err(ServeError::InvalidInput(format!(
+                    "a request failed: {message}"
+                )))
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Run the workload once on a fresh engine; (prompt tokens submitted, requests, wall time,
+/// the idle engine's counters).
+fn run_prefix_once(
+    engine: &crate::engine::EngineHandle,
+    cfg: &PrefixBenchConfig,
+    vocab: usize,
+) -> Result<(u64, usize, f64, crate::engine::EngineStats)> {
+    use crate::engine::GenerationRequest;
+    let request = |prompt: Vec<u32>| GenerationRequest {
+        ignore_eos: true,
+        seed: Some(0),
+        ..GenerationRequest::greedy(prompt, cfg.gen_tokens)
+    };
+    let (mut prompt_tokens, mut requests) = (0u64, 0usize);
+    let t0 = Instant::now();
+    match cfg.scenario {
+        PrefixScenario::LmEval => {
+            let mut streams = Vec::new();
+            for k in 0..cfg.items {
+                for c in 0..cfg.branches {
+                    let tail = 1_000 + k * cfg.branches + c;
+                    let prompt: Vec<u32> = (0..cfg.context_tokens)
+                        .map(|j| prompt_token(j, k, vocab))
+                        .chain((0..cfg.branch_tokens).map(|j| prompt_token(j, tail, vocab)))
+                        .collect();
+                    prompt_tokens += prompt.len() as u64;
+                    requests += 1;
+                    streams.push(engine.submit(request(prompt)).map_err(submit_err)?);
+                }
+            }
+            for s in streams {
+                generated(s)?;
+            }
+        }
+        PrefixScenario::Chat => {
+            let mut prompts: Vec<Vec<u32>> = (0..cfg.items)
+                .map(|k| {
+                    (0..cfg.context_tokens)
+                        .map(|j| prompt_token(j, k, vocab))
+                        .collect()
+                })
+                .collect();
+            for turn in 0..cfg.branches {
+                let mut streams = Vec::new();
+                for p in &prompts {
+                    prompt_tokens += p.len() as u64;
+                    requests += 1;
+                    streams.push(engine.submit(request(p.clone())).map_err(submit_err)?);
+                }
+                for (k, (s, p)) in streams.into_iter().zip(prompts.iter_mut()).enumerate() {
+                    p.extend(generated(s)?);
+                    let user = 10_000 + k * cfg.branches + turn;
+                    p.extend((0..cfg.branch_tokens).map(|j| prompt_token(j, user, vocab)));
+                }
+            }
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    // The counters are published by the scheduler's next loop after the last request.
+    let t1 = Instant::now();
+    loop {
+        let st = engine.stats();
+        if st.requests_finished as usize >= requests && st.running == 0 && st.kv_blocks_used == 0 {
+            return Ok((prompt_tokens, requests, wall, st));
+        }
+        if t1.elapsed().as_secs() > 30 {
+            return Err(ServeError::InvalidInput(
+                "the engine did not come back to idle".into(),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Run a prefix-caching workload on engines over `model` with caching off and on (each run
+/// on a fresh engine, so the cache starts empty; runs alternate); `tokenizer` makes the
+/// model's tokenizer for each engine. Returns the run with caching off, then on.
+pub fn run_prefix(
+    model: &ServeModel,
+    tokenizer: &dyn Fn() -> Result<skymoe_model::Tokenizer>,
+    cfg: &PrefixBenchConfig,
+) -> Result<[PrefixRun; 2]> {
+    let vocab = model.config.vocab_size;
+    let longest = match cfg.scenario {
+        PrefixScenario::LmEval => cfg.context_tokens + cfg.branch_tokens,
+        PrefixScenario::Chat => {
+            cfg.context_tokens
+                + cfg.branches.saturating_sub(1) * (cfg.gen_tokens + cfg.branch_tokens)
+        }
+    } + cfg.gen_tokens;
+    if longest > model.context_length() {
+        return Err(ServeError::InvalidInput(format!(
+            "the longest request ({longest} tokens with its output) exceeds the model's context of {}",
+            model.context_length()
+        )));
+    }
+    if cfg.items == 0 || cfg.branches == 0 || cfg.gen_tokens == 0 || cfg.context_tokens == 0 {
+        return Err(ServeError::InvalidInput(
+            "the scenario needs items, branches, context and generated tokens".into(),
+        ));
+    }
+    let start = |caching: bool| -> Result<crate::engine::EngineHandle> {
+        let config = crate::engine::EngineConfig {
+            max_batch: cfg.max_batch.max(1),
+            max_queue: usize::MAX,
+            max_step_tokens: cfg.step_tokens.max(1),
+            kv_dtype: cfg.kv_dtype,
+            enable_prefix_caching: caching,
+            ..crate::engine::EngineConfig::default()
+        };
+        Ok(crate::engine::EngineHandle::start(
+            model.clone(),
+            tokenizer()?,
+            crate::chat_template::ChatTemplate::chatml(),
+            config,
+        ))
+    };
+    // Warm up (page in the weights, start the thread pool).
+    run_prefix_once(&start(false)?, cfg, vocab)?;
+    let mut runs: [PrefixRun; 2] = [false, true].map(|caching| PrefixRun {
+        prefix_caching: caching,
+        requests: 0,
+        prompt_tokens: 0,
+        computed_prompt_tokens: 0,
+        cached_prompt_tokens: 0,
+        wall_s: 0.0,
+        wall_s_runs: Vec::new(),
+    });
+    for _ in 0..cfg.repeats.max(1) {
+        for run in runs.iter_mut() {
+            let engine = start(run.prefix_caching)?;
+            let (prompt_tokens, requests, wall, st) = run_prefix_once(&engine, cfg, vocab)?;
+            run.requests = requests;
+            run.prompt_tokens = prompt_tokens;
+            run.computed_prompt_tokens = st.prompt_tokens_total;
+            run.cached_prompt_tokens = st.prefix_cache.hit_tokens;
+            run.wall_s_runs.push(wall);
+        }
+    }
+    for run in runs.iter_mut() {
+        run.wall_s = median(run.wall_s_runs.clone());
+    }
+    Ok(runs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::prefill_steps;

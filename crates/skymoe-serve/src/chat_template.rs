@@ -8,7 +8,9 @@
 //! `separators` and `sort_keys` keyword arguments), and the globals `raise_exception(msg)` and
 //! `strftime_now(fmt)`. The template sees `messages`, `add_generation_prompt`, `bos_token` and
 //! `eos_token` (undefined when the model has none, as in `transformers`), and `tools` and
-//! `documents` set to none.
+//! `documents` (none unless given: [`ChatTemplate::render_json`] passes OpenAI-style
+//! messages — with `tool_calls`, `tool_call_id`, `name` — and a request's `tools` through as
+//! they are).
 //!
 //! Not supported: the `{% generation %}` tag of `transformers`' assistant-mask extension.
 //! `strftime_now` uses UTC (the `transformers` version uses the local time zone, which is UTC
@@ -240,14 +242,53 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
+        self.render_values(
+            Value::from_serialize(messages),
+            Value::from(()),
+            add_generation_prompt,
+        )
+    }
+
+    /// Render messages given as JSON objects (any fields: `role`, `content`, `tool_calls`,
+    /// `tool_call_id`, `name`, ...) with the function `tools` (`None`: the template sees
+    /// none), as `apply_chat_template(messages, tools=tools)` does. Objects keep their key
+    /// order, so `tojson` writes tools as the client sent them.
+    pub fn render_json(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
+        let tools = match tools {
+            Some(t) => Value::from_serialize(t),
+            None => Value::from(()),
+        };
+        self.render_values(
+            Value::from_serialize(messages),
+            tools,
+            add_generation_prompt,
+        )
+    }
+
+    /// Whether the template reads `tools` (templates that do not ignore a request's tools).
+    pub fn uses_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
+    fn render_values(
+        &self,
+        messages: Value,
+        tools: Value,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| ChatTemplateError::Render(describe(&e)))?;
         let mut ctx: Vec<(&str, Value)> = vec![
-            ("messages", Value::from_serialize(messages)),
+            ("messages", messages),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
-            ("tools", Value::from(())),
+            ("tools", tools),
             ("documents", Value::from(())),
         ];
         if let Some(b) = &self.bos_token {
@@ -1176,6 +1217,61 @@ ASSISTANT:
             ChatTemplate::from_model_dir(d.path()),
             Err(ChatTemplateError::Config { .. })
         ));
+    }
+
+    /// Real templates with tools, tool calls and tool results, against `transformers`'
+    /// rendering (`fixtures/chat_templates/*.cases.json`).
+    #[test]
+    fn tool_templates_match_transformers() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/chat_templates");
+        let read = |name: &str| match std::fs::read_to_string(dir.join(name)) {
+            Ok(s) => s,
+            Err(e) => panic!("{name}: {e}"),
+        };
+        let doc: serde_json::Value =
+            match serde_json::from_str(&read("qwen2.5-instruct.cases.json")) {
+                Ok(v) => v,
+                Err(e) => panic!("{e}"),
+            };
+        let t = tpl(&read("qwen2.5-instruct.jinja"));
+        assert!(t.uses_tools());
+        let openai = doc["openai_messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let prepared = crate::tool_calls::messages_for_template(&openai);
+        for case in doc["cases"].as_array().cloned().unwrap_or_default() {
+            let tools = case["tools"].as_array().cloned();
+            let msgs = if tools.is_some() {
+                prepared.clone()
+            } else {
+                vec![prepared[0].clone(), prepared[3].clone()]
+            };
+            let got = match t.render_json(
+                &msgs,
+                tools.as_deref(),
+                case["add_generation_prompt"].as_bool().unwrap_or(false),
+            ) {
+                Ok(s) => s,
+                Err(e) => panic!("{e}"),
+            };
+            assert_eq!(
+                got,
+                case["expected"].as_str().unwrap_or_default(),
+                "{}",
+                case["name"]
+            );
+        }
+        // The plain renderer and the JSON one agree on plain messages.
+        let plain_json: Vec<serde_json::Value> = plain()
+            .iter()
+            .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+            .collect();
+        assert_eq!(
+            t.render_json(&plain_json, None, true).ok(),
+            t.render(&plain(), true).ok()
+        );
+        assert!(!ChatTemplate::chatml().uses_tools());
     }
 
     #[test]

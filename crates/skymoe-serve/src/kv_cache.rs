@@ -1,7 +1,13 @@
 //! The paged KV cache: keys and values of every layer in fixed-size blocks of positions; a
 //! sequence owns a list of blocks (its block table), so sequences of any length share one
 //! pool without fragmentation, and a finished or preempted sequence returns its blocks.
-//! Entries are stored in f32 or f16 ([`KvDtype`]); readers get f32.
+//! Entries are stored in f32 or f16 ([`KvDtype`]); readers get f32. The engine hands blocks
+//! out through a [`BlockPool`], which shares full prompt blocks between sequences with the
+//! same prefix ([`prefix`]).
+
+pub mod prefix;
+
+pub use prefix::{BlockPool, BlockRef, PrefixCacheStats};
 
 use std::fmt;
 use std::str::FromStr;

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod chat_template;
+pub mod constrained;
 pub mod engine;
 pub mod error;
 pub mod eval;
@@ -11,3 +12,4 @@ pub mod model;
 pub mod openai;
 pub mod quantize;
 pub mod stop;
+pub mod tool_calls;

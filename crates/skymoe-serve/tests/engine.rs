@@ -59,7 +59,9 @@ fn collect(mut s: skymoe_serve::engine::RequestStream) -> Collected {
     };
     while let Some(ev) = s.blocking_next() {
         match ev {
-            GenerationEvent::Delta { text, token_ids } => {
+            GenerationEvent::Delta {
+                text, token_ids, ..
+            } => {
                 c.text.push_str(&text);
                 c.ids.extend(token_ids);
             }

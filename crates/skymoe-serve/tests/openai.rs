@@ -557,8 +557,8 @@ async fn errors_have_openai_shape_and_status() {
             Some("prompt"),
         ),
         (
-            "two prompts",
-            json!({"model": m, "prompt": ["a", "b"]}),
+            "empty prompt list",
+            json!({"model": m, "prompt": []}),
             Some("prompt"),
         ),
         (
@@ -632,14 +632,14 @@ async fn errors_have_openai_shape_and_status() {
             None,
         ),
         (
-            "n = 2",
-            json!({"model": m, "prompt": "x", "n": 2}),
+            "n = 0",
+            json!({"model": m, "prompt": "x", "n": 0}),
             Some("n"),
         ),
         (
-            "echo",
-            json!({"model": m, "prompt": "x", "echo": true}),
-            Some("echo"),
+            "suffix",
+            json!({"model": m, "prompt": "x", "suffix": "y"}),
+            Some("suffix"),
         ),
         (
             "best_of",
@@ -648,7 +648,7 @@ async fn errors_have_openai_shape_and_status() {
         ),
         (
             "logprobs",
-            json!({"model": m, "prompt": "x", "logprobs": 5}),
+            json!({"model": m, "prompt": "x", "logprobs": 21}),
             Some("logprobs"),
         ),
         (
@@ -681,8 +681,8 @@ async fn errors_have_openai_shape_and_status() {
             json!({"model": m, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
         ),
         (
-            "n = 3",
-            json!({"model": m, "n": 3, "messages": [{"role": "user", "content": "hi"}]}),
+            "n = 0",
+            json!({"model": m, "n": 0, "messages": [{"role": "user", "content": "hi"}]}),
         ),
         (
             "unknown model",

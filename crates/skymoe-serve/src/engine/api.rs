@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use skymoe_model::sampling::SamplingParams;
+pub use skymoe_model::sampling::TokenLogprob;
 use tokio::sync::mpsc;
 
 /// One generation request, already tokenised.
@@ -23,6 +24,13 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
     /// Seed of the sampler (`None`: a fresh random seed).
     pub seed: Option<u64>,
+    /// Report the log-probability of every generated token and of this many most likely
+    /// alternatives (`None`: none).
+    pub logprobs: Option<usize>,
+    /// Report the log-probability of every prompt token after the first and of this many
+    /// most likely alternatives (`None`: none). Only these requests have the logits of every
+    /// prompt position computed.
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl GenerationRequest {
@@ -35,6 +43,8 @@ impl GenerationRequest {
             stop: Vec::new(),
             ignore_eos: false,
             seed: None,
+            logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -70,7 +80,8 @@ pub struct Usage {
 }
 
 /// What a request streams back, in order: any number of deltas, then one `Finished` or
-/// one `Failed`.
+/// one `Failed`. With [`GenerationRequest::prompt_logprobs`], the first delta carries the
+/// prompt's log-probabilities (and no text).
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerationEvent {
     /// Newly generated text (possibly empty when a token completes no character yet; text
@@ -80,6 +91,11 @@ pub enum GenerationEvent {
         text: String,
         /// The tokens generated since the previous delta.
         token_ids: Vec<u32>,
+        /// With [`GenerationRequest::logprobs`]: one entry per token of `token_ids`.
+        logprobs: Vec<TokenLogprob>,
+        /// With [`GenerationRequest::prompt_logprobs`], in the first delta only: one entry per
+        /// prompt token, `None` for the first (nothing precedes it).
+        prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
     },
     /// The request ended normally.
     Finished {
@@ -135,7 +151,7 @@ pub struct EngineStats {
     pub running: usize,
     /// Requests waiting for a place in the batch.
     pub waiting: usize,
-    /// Prompt tokens processed since start.
+    /// Prompt tokens computed since start (those taken from the prefix cache are not).
     pub prompt_tokens_total: u64,
     /// Tokens generated since start.
     pub generated_tokens_total: u64,
@@ -147,6 +163,10 @@ pub struct EngineStats {
     pub kv_blocks_total: usize,
     /// Times a running request was preempted because the KV cache was full.
     pub preemptions_total: u64,
+    /// Prefix-cache lookups: prompt tokens and blocks queried and found.
+    pub prefix_cache: crate::kv_cache::PrefixCacheStats,
+    /// KV-cache blocks holding cached prefix contents (held by requests or free).
+    pub prefix_cache_blocks: usize,
 }
 
 /// The receiving end of one request. Dropping it cancels the generation.

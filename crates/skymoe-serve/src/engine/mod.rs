@@ -8,6 +8,12 @@
 //! forward pass over all of them — prompt chunks of newly admitted requests (a step holds at
 //! most `max_step_tokens` prompt tokens, so long prompts are split over steps) beside one
 //! token of every decoding sequence — and (6) samples, streams text and finishes requests.
+//!
+//! With prefix caching (on by default, [`EngineConfig::enable_prefix_caching`]) an admitted
+//! request starts from the cached full blocks of its longest cached prefix and computes only
+//! the rest; every full block a sequence computes is registered for later requests, and a
+//! request whose next block another running sequence is computing waits for it rather than
+//! computing it again ([`crate::kv_cache::prefix`]).
 
 mod api;
 mod detokenize;
@@ -26,13 +32,13 @@ use tokio::sync::mpsc;
 
 pub use api::{
     EngineStats, FinishReason, GenerationEvent, GenerationRequest, RequestStream, SubmitError,
-    Usage,
+    TokenLogprob, Usage,
 };
 use detokenize::Detokenizer;
 
 use crate::chat_template::ChatTemplate;
 use crate::error::{Result, ServeError};
-use crate::kv_cache::{KvCache, KvDtype};
+use crate::kv_cache::{BlockPool, BlockRef, KvCache, KvDtype};
 use crate::model::{LogitsFor, SeqChunk, ServeModel};
 use crate::stop::StopMatcher;
 
@@ -58,6 +64,9 @@ pub struct EngineConfig {
     pub max_step_tokens: usize,
     /// The model name reported to clients.
     pub model_id: String,
+    /// Share the KV blocks of identical prompt prefixes between requests (automatic prefix
+    /// caching).
+    pub enable_prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -71,6 +80,7 @@ impl Default for EngineConfig {
             kv_dtype: None,
             max_step_tokens: 512,
             model_id: "skymoe".into(),
+            enable_prefix_caching: true,
         }
     }
 }
@@ -223,9 +233,11 @@ impl EngineHandle {
             config: Arc::new(config.clone()),
             _alive: Arc::new(AliveGuard(shared.clone())),
         };
+        let pool = BlockPool::new(blocks, block_size, config.enable_prefix_caching);
         let scheduler = Scheduler {
             model,
             kv,
+            pool,
             shared,
             tokenizer,
             eos,
@@ -317,6 +329,22 @@ impl EngineHandle {
         self.context
     }
 
+    /// Rows of the model's logits (token ids must be below it).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    /// Positions the KV cache holds in all (the most tokens all running sequences together
+    /// can hold at once).
+    pub fn kv_capacity(&self) -> usize {
+        self.kv_positions
+    }
+
+    /// Most requests running or waiting at once.
+    pub fn max_queue(&self) -> usize {
+        self.config.max_queue
+    }
+
     /// The model's tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
@@ -353,10 +381,27 @@ struct Seq {
     /// Positions whose keys and values are in the cache.
     cached: usize,
     blocks: Vec<u32>,
+    /// Chained prefix-cache keys of the full blocks of `tokens`.
+    keys: Vec<u64>,
+    /// Leading blocks already registered in (or taken from) the prefix cache.
+    registered: usize,
+    /// The registered block the next one chains to (`None` before the first block, or when
+    /// the chain was broken and later blocks are not registered).
+    chain: Option<BlockRef>,
+    /// Blocks (indices into `keys`) this sequence will compute, marked pending in the pool.
+    pending: std::ops::Range<usize>,
     sampler: Sampler,
     detok: Detokenizer,
     stop: StopMatcher,
     pending_ids: Vec<u32>,
+    /// Log-probabilities of the tokens in `pending_ids` (when the request asks for them).
+    pending_logprobs: Vec<TokenLogprob>,
+    /// Alternatives to report per generated token (`None`: no log-probabilities).
+    logprobs: Option<usize>,
+    /// Alternatives to report per prompt token (`None`: no prompt log-probabilities).
+    prompt_logprobs: Option<usize>,
+    /// Prompt log-probabilities gathered so far, one per prompt position; `None` once sent.
+    prompt_lps: Option<Vec<Option<TokenLogprob>>>,
     tx: mpsc::UnboundedSender<GenerationEvent>,
     cancelled: Arc<AtomicBool>,
     max_tokens: usize,
@@ -374,11 +419,68 @@ impl Seq {
             completion_tokens: self.generated(),
         }
     }
+
+    /// Whether the logits of every prompt position are still needed (prompt log-probabilities
+    /// asked for and not yet sent). Such a sequence computes its whole prompt: a prefix
+    /// cache must not let it skip positions.
+    fn wants_prompt_logits(&self) -> bool {
+        self.prompt_lps.is_some()
+    }
+
+    /// Which logits a chunk of this sequence starting at `self.cached` needs.
+    fn logits_for(&self, sample: bool) -> LogitsFor {
+        if self.wants_prompt_logits() && self.cached < self.prompt_len {
+            LogitsFor::All
+        } else if sample {
+            LogitsFor::Last
+        } else {
+            LogitsFor::None
+        }
+    }
+
+    /// Take the logits of a chunk of `n` positions starting at `self.cached`: record the
+    /// prompt log-probabilities they give (sending them all once the prompt is complete) and
+    /// return the last position's logits (what the sampler needs).
+    fn take_chunk_logits(&mut self, n: usize, logits: Vec<f32>) -> Vec<f32> {
+        let start = self.cached;
+        let (Some(top), Some(lps)) = (self.prompt_logprobs, self.prompt_lps.as_mut()) else {
+            return logits;
+        };
+        if start >= self.prompt_len || n == 0 || !logits.len().is_multiple_of(n) {
+            return logits;
+        }
+        let vocab = logits.len() / n;
+        if vocab == 0 {
+            return logits;
+        }
+        lps.resize(self.prompt_len, None);
+        // Row k predicts the token at position start + k + 1.
+        for (k, row) in logits.chunks_exact(vocab).enumerate() {
+            let pos = start + k + 1;
+            if pos >= self.prompt_len {
+                break;
+            }
+            lps[pos] = Some(self.sampler.logprobs(row, self.tokens[pos], top));
+        }
+        if start + n >= self.prompt_len {
+            let prompt_logprobs = self.prompt_lps.take();
+            let _ = self.tx.send(GenerationEvent::Delta {
+                text: String::new(),
+                token_ids: Vec::new(),
+                logprobs: Vec::new(),
+                prompt_logprobs,
+            });
+        }
+        let last = logits.len() - vocab;
+        logits[last..].to_vec()
+    }
 }
 
 struct Scheduler {
     model: ServeModel,
     kv: KvCache,
+    /// Who holds which of `kv`'s blocks, and the prefix cache over them.
+    pool: BlockPool,
     shared: Arc<Shared>,
     tokenizer: Arc<Tokenizer>,
     eos: Vec<u32>,
@@ -459,10 +561,18 @@ impl Scheduler {
                 tokens: p.req.prompt,
                 cached: 0,
                 blocks: Vec::new(),
+                keys: Vec::new(),
+                registered: 0,
+                chain: None,
+                pending: 0..0,
                 sampler: Sampler::new(p.req.sampling, seed),
                 detok: Detokenizer::default(),
                 stop: StopMatcher::new(p.req.stop),
                 pending_ids: Vec::new(),
+                pending_logprobs: Vec::new(),
+                logprobs: p.req.logprobs,
+                prompt_logprobs: p.req.prompt_logprobs,
+                prompt_lps: p.req.prompt_logprobs.map(|_| Vec::new()),
                 tx: p.tx,
                 cancelled: p.cancelled,
                 max_tokens: p.req.max_tokens,
@@ -474,8 +584,8 @@ impl Scheduler {
 
     /// Finish a sequence: free its blocks, count it, send the final event (after the counts,
     /// so a caller that reacts to it finds its place already free).
-    fn retire(&mut self, s: Seq, reason: Option<FinishReason>) {
-        self.kv.release(&s.blocks);
+    fn retire(&mut self, mut s: Seq, reason: Option<FinishReason>) {
+        self.release_blocks(&mut s);
         if let Ok(mut st) = self.shared.stats.lock() {
             st.requests_finished += 1;
             if reason == Some(FinishReason::Cancelled) {
@@ -508,22 +618,86 @@ impl Scheduler {
         }
     }
 
-    /// Admit waiting sequences while the batch has room and their prompts fit in the cache.
+    /// Admit waiting sequences, in order, while the batch has room and their prompts fit in
+    /// the cache. A sequence starts from the cached blocks of its longest cached prefix; one
+    /// whose next block a running sequence is computing is passed over until it is cached.
     fn admit(&mut self) {
-        while self.running.len() < self.config.max_batch.max(1) {
-            let Some(front) = self.waiting.front() else {
+        let mut i = 0;
+        while self.running.len() < self.config.max_batch.max(1) && i < self.waiting.len() {
+            let Some(s) = self.waiting.get_mut(i) else {
                 break;
             };
-            // Blocks for everything to recompute plus the next token.
-            let need = self.kv.blocks_for(front.tokens.len() + 1);
-            let Some(blocks) = self.kv.allocate(need) else {
-                break;
+            self.pool.extend_keys(&s.tokens, &mut s.keys);
+            // Prompt log-probabilities need the logits of every prompt position: no hits.
+            let hits = if s.wants_prompt_logits() {
+                Vec::new()
+            } else {
+                self.pool.lookup(&s.tokens, &s.keys)
             };
-            if let Some(mut s) = self.waiting.pop_front() {
-                s.blocks = blocks;
-                s.cached = 0;
-                self.running.push(s);
+            let shareable = self.pool.shareable_blocks(s.tokens.len());
+            if hits.len() < shareable
+                && s.keys
+                    .get(hits.len())
+                    .is_some_and(|&k| self.pool.is_pending(k))
+            {
+                i += 1;
+                continue;
             }
+            // Blocks for everything to compute plus the next token.
+            let need = self.pool.blocks_for(s.tokens.len() + 1);
+            let Some(blocks) = self.pool.acquire(&hits, need.saturating_sub(hits.len())) else {
+                break;
+            };
+            let Some(mut s) = self.waiting.remove(i) else {
+                self.pool.release(&blocks);
+                break;
+            };
+            self.pool.record_query(s.tokens.len(), hits.len());
+            s.blocks = blocks;
+            s.cached = hits.len() * self.pool.block_size();
+            s.registered = hits.len();
+            s.chain = hits.last().copied();
+            s.pending = hits.len()..s.keys.len();
+            self.pool.mark_pending(&s.keys[s.pending.clone()]);
+            self.running.push(s);
+        }
+    }
+
+    /// Give back a sequence's blocks and pending marks: it holds nothing and starts over.
+    fn release_blocks(&mut self, s: &mut Seq) {
+        self.pool.release(&s.blocks);
+        let pending = std::mem::replace(&mut s.pending, 0..0);
+        self.pool
+            .unmark_pending(s.keys.get(pending).unwrap_or_default());
+        s.blocks.clear();
+        s.cached = 0;
+        s.registered = 0;
+        s.chain = None;
+    }
+
+    /// Register the full blocks `s` has computed since the last call in the prefix cache (the
+    /// chain stops at a block that cannot be registered).
+    fn register_blocks(pool: &mut BlockPool, s: &mut Seq) {
+        if !pool.prefix_caching() {
+            return;
+        }
+        let bs = pool.block_size();
+        pool.extend_keys(&s.tokens, &mut s.keys);
+        while s.registered < s.cached / bs {
+            let i = s.registered;
+            s.registered += 1;
+            if s.pending.contains(&i) {
+                pool.unmark_pending(&s.keys[i..i + 1]);
+                s.pending.start = i + 1;
+            }
+            if i > 0 && s.chain.is_none() {
+                continue;
+            }
+            let (Some(&block), Some(&key)) = (s.blocks.get(i), s.keys.get(i)) else {
+                s.chain = None;
+                continue;
+            };
+            s.chain = pool.register(s.chain, block, key, &s.tokens[i * bs..(i + 1) * bs]);
         }
     }
 
@@ -538,16 +712,14 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            if let Some(b) = self.kv.allocate(need - s.blocks.len()) {
+            if let Some(b) = self.pool.allocate(need - s.blocks.len()) {
                 self.running[i].blocks.extend(b);
                 i += 1;
                 continue;
             }
             // Preempt the most recently admitted sequence (possibly this one).
             if let Some(mut victim) = self.running.pop() {
-                self.kv.release(&victim.blocks);
-                victim.blocks.clear();
-                victim.cached = 0;
+                self.release_blocks(&mut victim);
                 self.waiting.push_front(victim);
                 if let Ok(mut st) = self.shared.stats.lock() {
                     st.preemptions_total += 1;
@@ -579,6 +751,23 @@ impl Scheduler {
         if plan.is_empty() {
             return Ok(0);
         }
+        // Shared (cached) blocks are never written: every position a chunk writes lies in a
+        // block its sequence holds alone.
+        let bs = self.pool.block_size();
+        for &(i, n, _) in &plan {
+            let s = &self.running[i];
+            let (first, last) = (s.cached / bs, (s.cached + n - 1) / bs);
+            if let Some(b) = (first..=last)
+                .map(|j| s.blocks.get(j).copied())
+                .find(|b| !b.is_some_and(|b| self.pool.is_writable(b)))
+            {
+                return Err(ServeError::InvalidInput(format!(
+                    "a step would write KV block {b:?} at position {}, which the sequence does \
+                     not hold alone",
+                    s.cached
+                )));
+            }
+        }
         let chunks: Vec<SeqChunk<'_>> = plan
             .iter()
             .map(|&(i, n, sample)| {
@@ -587,11 +776,7 @@ impl Scheduler {
                     tokens: &s.tokens[s.cached..s.cached + n],
                     start: s.cached,
                     blocks: &s.blocks,
-                    logits: if sample {
-                        LogitsFor::Last
-                    } else {
-                        LogitsFor::None
-                    },
+                    logits: s.logits_for(sample),
                 }
             })
             .collect();
@@ -606,8 +791,15 @@ impl Scheduler {
         let mut finished = Vec::new();
         for (&(i, n, sample), logits) in plan.iter().zip(logits) {
             let s = &mut self.running[i];
+            let logits = s.take_chunk_logits(n, logits);
             s.cached += n;
+            Self::register_blocks(&mut self.pool, s);
             if !sample {
+                continue;
+            }
+            if s.max_tokens == 0 {
+                // Prompt log-probabilities only (an echo with `max_tokens` 0).
+                finished.push((i, FinishReason::Length));
                 continue;
             }
             generated += 1;
@@ -648,6 +840,10 @@ impl Scheduler {
             Self::flush(s);
             return Outcome::Done(FinishReason::Stop);
         }
+        if let Some(top) = s.logprobs {
+            let lp = s.sampler.logprobs(logits, next, top);
+            s.pending_logprobs.push(lp);
+        }
         s.tokens.push(next);
         s.pending_ids.push(next);
         let delta = s.detok.push(tok, next);
@@ -656,6 +852,8 @@ impl Scheduler {
             let _ = s.tx.send(GenerationEvent::Delta {
                 text: out.text,
                 token_ids: std::mem::take(&mut s.pending_ids),
+                logprobs: std::mem::take(&mut s.pending_logprobs),
+                prompt_logprobs: None,
             });
         }
         if out.stopped {
@@ -675,6 +873,8 @@ impl Scheduler {
             let _ = s.tx.send(GenerationEvent::Delta {
                 text: rest,
                 token_ids: std::mem::take(&mut s.pending_ids),
+                logprobs: std::mem::take(&mut s.pending_logprobs),
+                prompt_logprobs: None,
             });
         }
     }
@@ -698,7 +898,9 @@ impl Scheduler {
         if let Ok(mut st) = self.shared.stats.lock() {
             st.running = self.running.len();
             st.waiting = self.waiting.len();
-            st.kv_blocks_used = self.kv.total_blocks() - self.kv.free_blocks();
+            st.kv_blocks_used = self.pool.used_blocks();
+            st.prefix_cache = self.pool.stats();
+            st.prefix_cache_blocks = self.pool.cached_blocks();
             st.generation_tokens_per_s = if span > 0.0 {
                 tokens as f64 / span
             } else {

@@ -23,8 +23,11 @@ use super::metrics::{self, HttpCounters};
 use super::types::*;
 use crate::chat_template::ChatMessage;
 use crate::engine::{
-    EngineHandle, FinishReason, GenerationEvent, GenerationRequest, RequestStream, Usage,
+    EngineHandle, FinishReason, GenerationEvent, GenerationRequest, RequestStream, TokenLogprob,
+    Usage,
 };
+use futures_util::StreamExt;
+use skymoe_model::Tokenizer;
 
 /// What every handler shares.
 pub(crate) struct AppState {
@@ -214,7 +217,10 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<serde_json::Value, 
 fn field_hint(param: &str) -> Option<&'static str> {
     let top = param.split(['.', '[']).next().unwrap_or(param);
     match top {
-        "prompt" => Some("must be a string or an array of token ids"),
+        "prompt" => Some(
+            "must be a string, an array of strings, an array of token ids or an array of \
+             token-id arrays",
+        ),
         "stop" => Some("must be a string or an array of strings"),
         "seed" => Some("must be an integer"),
         "messages" if param.ends_with(".content") => {
@@ -258,20 +264,68 @@ fn check_model(st: &AppState, common: &CommonParams) -> Result<(), ApiError> {
     }
 }
 
-fn check_common(common: &CommonParams) -> Result<(), ApiError> {
-    if let Some(n) = common.n {
-        if n != 1 {
-            return Err(ApiError::unsupported(
-                "n",
-                format!("only n = 1 is supported, got {n}"),
+/// Most alternatives a request may ask for per token (`logprobs`, `top_logprobs`), as vLLM's
+/// default `max_logprobs`.
+const MAX_LOGPROBS: i64 = 20;
+
+/// `model` when a request may leave it out (`/tokenize`, `/detokenize`).
+fn check_optional_model(st: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        None => Ok(()),
+        Some(m) => check_model(
+            st,
+            &CommonParams {
+                model: Some(m.to_string()),
+                ..CommonParams::default()
+            },
+        ),
+    }
+}
+
+/// Choices per prompt (`n`, default 1).
+fn choices_per_prompt(common: &CommonParams) -> Result<usize, ApiError> {
+    match common.n {
+        None => Ok(1),
+        Some(n) if n >= 1 => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+        Some(n) => Err(ApiError::invalid_param(
+            "n",
+            format!("`n` must be ≥ 1, got {n}"),
+        )),
+    }
+}
+
+/// `logit_bias`, checked against the vocabulary.
+fn logit_bias(common: &CommonParams, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(map) = &common.logit_bias else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (key, &bias) in map {
+        let id: u32 = key.trim().parse().map_err(|_| {
+            ApiError::invalid_param(
+                "logit_bias",
+                format!("`logit_bias` keys must be token ids, got {key:?}"),
+            )
+        })?;
+        if id as usize >= vocab {
+            return Err(ApiError::invalid_param(
+                "logit_bias",
+                format!("`logit_bias` token id {id} is out of range for a vocabulary of {vocab}"),
             ));
         }
+        if !(-100.0..=100.0).contains(&bias) {
+            return Err(ApiError::invalid_param(
+                "logit_bias",
+                format!("`logit_bias` values must be in [-100, 100], got {bias} for token {id}"),
+            ));
+        }
+        out.push((id, bias as f32));
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Sampling settings from the request, checked.
-fn sampling(common: &CommonParams) -> Result<SamplingParams, ApiError> {
+fn sampling(common: &CommonParams, vocab: usize) -> Result<SamplingParams, ApiError> {
     fn num(
         v: Option<f64>,
         default: f64,
@@ -334,6 +388,7 @@ fn sampling(common: &CommonParams) -> Result<SamplingParams, ApiError> {
             ))
         }
     };
+    let logit_bias = logit_bias(common, vocab)?;
     // Any fields SamplingParams gains later keep their defaults.
     #[allow(clippy::needless_update)]
     let params = SamplingParams {
@@ -344,21 +399,24 @@ fn sampling(common: &CommonParams) -> Result<SamplingParams, ApiError> {
         repetition_penalty,
         presence_penalty,
         frequency_penalty,
+        logit_bias,
         ..SamplingParams::default()
     };
     params.validate().map_err(ApiError::bad_request)?;
     Ok(params)
 }
 
-/// Build the engine request from a tokenised prompt and the shared fields.
+/// Build the engine request from a tokenised prompt and the shared fields. `max_tokens` 0
+/// is accepted only when `allow_zero` (an echo that only scores the prompt).
 fn generation_request(
     st: &AppState,
     common: &CommonParams,
     prompt: Vec<u32>,
     prompt_param: &str,
     default_max_tokens: Option<usize>,
+    allow_zero: bool,
 ) -> Result<GenerationRequest, ApiError> {
-    let sampling = sampling(common)?;
+    let sampling = sampling(common, st.engine.vocab_size())?;
     if prompt.is_empty() {
         return Err(ApiError::invalid_param(
             prompt_param,
@@ -383,11 +441,12 @@ fn generation_request(
         (Some(m), _) => (Some(m), "max_completion_tokens"),
         (None, m) => (m, "max_tokens"),
     };
+    let least = if allow_zero { 0 } else { 1 };
     let max_tokens = match requested {
-        Some(m) if m < 1 => {
+        Some(m) if m < least => {
             return Err(ApiError::invalid_param(
                 param,
-                format!("`{param}` must be ≥ 1, got {m}"),
+                format!("`{param}` must be ≥ {least}, got {m}"),
             ))
         }
         Some(m) => {
@@ -421,7 +480,51 @@ fn generation_request(
         stop,
         ignore_eos: common.ignore_eos.unwrap_or(false),
         seed: common.seed.map(SeedInput::as_u64),
+        logprobs: None,
+        prompt_logprobs: None,
     })
+}
+
+/// The `n` copies of `req` (choice `j` samples with seed + `j`), after checking that they
+/// fit the engine together: at most `--max-queue` sequences in all (`total` counts every
+/// prompt's), and the `n` sequences of one prompt in the KV cache at once.
+fn fan_out(
+    st: &AppState,
+    req: GenerationRequest,
+    n: usize,
+    total: usize,
+) -> Result<Vec<GenerationRequest>, ApiError> {
+    let queue = st.engine.max_queue();
+    if total > queue {
+        return Err(ApiError::invalid_param(
+            "n",
+            format!(
+                "the request asks for {total} sequences (prompts × `n`) but the server runs at \
+                 most {queue} at a time"
+            ),
+        ));
+    }
+    let per_seq = req.prompt.len() + req.max_tokens.max(1);
+    let capacity = st.engine.kv_capacity();
+    if per_seq.saturating_mul(n) > capacity {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::invalid_param(
+                "n",
+                format!(
+                    "`n` = {n} sequences of {per_seq} positions (prompt + `max_tokens`) need \
+                     {} positions, more than the KV cache's {capacity}",
+                    per_seq.saturating_mul(n)
+                ),
+            )
+        });
+    }
+    Ok((0..n)
+        .map(|j| GenerationRequest {
+            seed: req.seed.map(|s| s.wrapping_add(j as u64)),
+            ..req.clone()
+        })
+        .collect())
 }
 
 /// Run a tokenizer (or template) job off the async threads.
@@ -434,6 +537,73 @@ async fn blocking<T: Send + 'static>(
 }
 
 // ---------------------------------------------------------------------------------------
+// Log-probabilities in the API's shapes
+
+/// A token's text as the log-probability lists show it (special tokens included).
+fn token_text(tok: &Tokenizer, id: u32) -> String {
+    tok.inner().decode(&[id], false).unwrap_or_default()
+}
+
+/// JSON has no −∞: very unlikely tokens are reported at −9999 (as vLLM does).
+fn finite_logprob(lp: f32) -> f32 {
+    if lp.is_nan() {
+        -9999.0
+    } else {
+        lp.max(-9999.0)
+    }
+}
+
+/// Append one token to a completion's `logprobs` (`lp` is `None` for the first prompt
+/// token); `offset` is where the token's text starts, in characters, and moves past it.
+fn push_completion_logprob(
+    out: &mut CompletionLogprobs,
+    tok: &Tokenizer,
+    offset: &mut usize,
+    id: u32,
+    lp: Option<&TokenLogprob>,
+) {
+    let text = token_text(tok, id);
+    out.text_offset.push(*offset);
+    *offset += text.chars().count();
+    out.tokens.push(text);
+    out.token_logprobs
+        .push(lp.map(|l| finite_logprob(l.logprob)));
+    out.top_logprobs.push(lp.map(|l| {
+        let mut top: Vec<(String, f32)> = l
+            .top
+            .iter()
+            .map(|&(t, v)| (token_text(tok, t), finite_logprob(v)))
+            .collect();
+        if !l.top.iter().any(|&(t, _)| t == l.token) {
+            top.push((token_text(tok, l.token), finite_logprob(l.logprob)));
+        }
+        TopLogprobs(top)
+    }));
+}
+
+/// One generated token in the chat shape.
+fn chat_logprob(tok: &Tokenizer, lp: &TokenLogprob) -> ChatTokenLogprob {
+    let token = token_text(tok, lp.token);
+    ChatTokenLogprob {
+        bytes: token.as_bytes().to_vec(),
+        token,
+        logprob: finite_logprob(lp.logprob),
+        top_logprobs: lp
+            .top
+            .iter()
+            .map(|&(t, v)| {
+                let token = token_text(tok, t);
+                ChatTopLogprob {
+                    bytes: token.as_bytes().to_vec(),
+                    token,
+                    logprob: finite_logprob(v),
+                }
+            })
+            .collect(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Generation endpoints
 
 /// Which kind of response a generation produces.
@@ -443,115 +613,306 @@ struct Shape {
     id: String,
     created: u64,
     model: String,
+    /// Choices per prompt.
+    n: usize,
+    /// Whether the response carries log-probabilities.
+    logprobs: bool,
 }
 
 impl Shape {
-    fn new(st: &AppState, chat: bool) -> Self {
+    fn new(st: &AppState, chat: bool, n: usize, logprobs: bool) -> Self {
         Shape {
             chat,
             id: new_id(if chat { "chatcmpl" } else { "cmpl" }),
             created: unix_now(),
             model: st.engine.model_id().to_string(),
+            n,
+            logprobs,
+        }
+    }
+}
+
+/// What one choice of a completion echoes before its text.
+struct Echo {
+    /// The prompt as text.
+    text: String,
+    /// The prompt's token ids (for its log-probabilities).
+    ids: Vec<u32>,
+}
+
+/// A piece of one choice's answer: its text and the log-probabilities of its tokens.
+#[derive(Default)]
+struct Piece {
+    text: String,
+    completion: Option<CompletionLogprobs>,
+    chat: Option<ChatLogprobs>,
+}
+
+impl Piece {
+    fn is_empty(&self) -> bool {
+        self.text.is_empty()
+            && self.completion.as_ref().is_none_or(|c| c.tokens.is_empty())
+            && self.chat.as_ref().is_none_or(|c| c.content.is_empty())
+    }
+}
+
+/// One choice while its events arrive.
+struct ChoiceState {
+    /// Still to echo (completions with `echo`).
+    echo: Option<Echo>,
+    /// Characters of the choice's text so far (for `text_offset`).
+    offset: usize,
+    /// The whole answer so far (non-streaming).
+    acc: Piece,
+    finished: Option<(FinishReason, Usage)>,
+}
+
+impl ChoiceState {
+    fn new(echo: Option<Echo>, shape: &Shape) -> Self {
+        ChoiceState {
+            echo,
+            offset: 0,
+            acc: Piece {
+                text: String::new(),
+                completion: (shape.logprobs && !shape.chat).then(CompletionLogprobs::default),
+                chat: (shape.logprobs && shape.chat).then(ChatLogprobs::default),
+            },
+            finished: None,
         }
     }
 
-    fn full(&self, text: String, reason: FinishReason, usage: Usage) -> Response {
-        if self.chat {
-            Json(ChatCompletionResponse {
-                id: self.id.clone(),
-                object: "chat.completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![ChatChoice {
-                    index: 0,
-                    message: ChatMessageOut {
-                        role: "assistant",
-                        content: text,
-                    },
-                    logprobs: None,
-                    finish_reason: reason.as_openai(),
-                }],
-                usage: usage.into(),
-            })
-            .into_response()
-        } else {
-            Json(CompletionResponse {
-                id: self.id.clone(),
-                object: "text_completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![CompletionChoice {
-                    index: 0,
+    /// The echoed prompt, with its log-probabilities when they are given (the first is null).
+    fn echo_piece(
+        &mut self,
+        tok: &Tokenizer,
+        shape: &Shape,
+        prompt_lps: Option<&[Option<TokenLogprob>]>,
+    ) -> Option<Piece> {
+        let echo = self.echo.take()?;
+        let completion = shape.logprobs.then(|| {
+            let mut out = CompletionLogprobs::default();
+            let mut offset = self.offset;
+            for (k, &id) in echo.ids.iter().enumerate() {
+                let lp = prompt_lps.and_then(|l| l.get(k)).and_then(Option::as_ref);
+                push_completion_logprob(&mut out, tok, &mut offset, id, lp);
+            }
+            out
+        });
+        self.offset += echo.text.chars().count();
+        Some(Piece {
+            text: echo.text,
+            completion,
+            chat: None,
+        })
+    }
+
+    /// The piece a delta adds.
+    fn delta_piece(
+        &mut self,
+        tok: &Tokenizer,
+        shape: &Shape,
+        text: String,
+        token_ids: &[u32],
+        logprobs: &[TokenLogprob],
+    ) -> Piece {
+        let mut piece = Piece::default();
+        if shape.logprobs {
+            if shape.chat {
+                piece.chat = Some(ChatLogprobs {
+                    content: logprobs.iter().map(|l| chat_logprob(tok, l)).collect(),
+                });
+            } else {
+                let mut out = CompletionLogprobs::default();
+                let mut offset = self.offset;
+                for (&id, lp) in token_ids.iter().zip(logprobs) {
+                    push_completion_logprob(&mut out, tok, &mut offset, id, Some(lp));
+                }
+                piece.completion = Some(out);
+            }
+        }
+        self.offset += text.chars().count();
+        piece.text = text;
+        piece
+    }
+
+    /// Add a piece to the whole answer.
+    fn accumulate(&mut self, p: Piece) {
+        self.acc.text.push_str(&p.text);
+        if let (Some(acc), Some(c)) = (self.acc.completion.as_mut(), p.completion) {
+            acc.tokens.extend(c.tokens);
+            acc.token_logprobs.extend(c.token_logprobs);
+            acc.top_logprobs.extend(c.top_logprobs);
+            acc.text_offset.extend(c.text_offset);
+        }
+        if let (Some(acc), Some(c)) = (self.acc.chat.as_mut(), p.chat) {
+            acc.content.extend(c.content);
+        }
+    }
+}
+
+/// What the event loop reports to its consumer.
+enum Step {
+    /// A piece of choice `index`'s answer.
+    Piece(usize, Piece),
+    /// Choice `index` finished.
+    Finished(usize, FinishReason),
+    /// Everything finished: the summed token counts.
+    Done(Usage),
+    /// The generation failed.
+    Failed(ApiError),
+}
+
+/// The events of every choice, merged; dropping it drops the engine streams, which cancels
+/// the generations.
+type Merged = futures_util::stream::SelectAll<
+    std::pin::Pin<Box<dyn Stream<Item = (usize, Option<GenerationEvent>)> + Send>>,
+>;
+
+fn merge(streams: Vec<RequestStream>) -> Merged {
+    futures_util::stream::select_all(streams.into_iter().enumerate().map(|(i, s)| {
+        // Each stream ends with a `None` marker so that an early end is noticed.
+        let events = futures_util::stream::unfold(Some(s), |s| async move {
+            let mut s = s?;
+            match s.next().await {
+                Some(ev) => Some((Some(ev), Some(s))),
+                None => Some((None, None)),
+            }
+        })
+        .map(move |ev| (i, ev));
+        Box::pin(events)
+            as std::pin::Pin<Box<dyn Stream<Item = (usize, Option<GenerationEvent>)> + Send>>
+    }))
+}
+
+/// Drives the merged events of all choices and turns them into [`Step`]s.
+struct Driver {
+    merged: Merged,
+    states: Vec<ChoiceState>,
+    shape: Shape,
+    engine: EngineHandle,
+    queue: std::collections::VecDeque<Step>,
+    done: bool,
+}
+
+impl Driver {
+    fn new(
+        streams: Vec<RequestStream>,
+        echoes: Vec<Option<Echo>>,
+        shape: Shape,
+        engine: EngineHandle,
+    ) -> Self {
+        let states = echoes
+            .into_iter()
+            .map(|e| ChoiceState::new(e, &shape))
+            .collect();
+        Driver {
+            merged: merge(streams),
+            states,
+            shape,
+            engine,
+            queue: Default::default(),
+            done: false,
+        }
+    }
+
+    /// The next step; `None` after `Done` or `Failed`.
+    async fn next(&mut self) -> Option<Step> {
+        use futures_util::StreamExt as _;
+        loop {
+            if let Some(s) = self.queue.pop_front() {
+                return Some(s);
+            }
+            if self.done {
+                return None;
+            }
+            let Some((i, ev)) = self.merged.next().await else {
+                self.done = true;
+                let all = self.states.iter().all(|c| c.finished.is_some());
+                return Some(if all {
+                    Step::Done(self.usage())
+                } else {
+                    Step::Failed(ApiError::internal(
+                        "the engine stopped before the request finished",
+                    ))
+                });
+            };
+            let tok = self.engine.tokenizer();
+            let Some(state) = self.states.get_mut(i) else {
+                continue;
+            };
+            match ev {
+                Some(GenerationEvent::Delta {
                     text,
-                    logprobs: None,
-                    finish_reason: Some(reason.as_openai()),
-                }],
-                usage: Some(usage.into()),
-            })
-            .into_response()
+                    token_ids,
+                    logprobs,
+                    prompt_logprobs,
+                }) => {
+                    if state.echo.is_some() {
+                        if let Some(p) =
+                            state.echo_piece(tok, &self.shape, prompt_logprobs.as_deref())
+                        {
+                            self.queue.push_back(Step::Piece(i, p));
+                        }
+                    }
+                    let p = state.delta_piece(tok, &self.shape, text, &token_ids, &logprobs);
+                    if !p.is_empty() {
+                        self.queue.push_back(Step::Piece(i, p));
+                    }
+                }
+                Some(GenerationEvent::Finished { reason, usage }) => {
+                    if let Some(p) = state.echo_piece(tok, &self.shape, None) {
+                        self.queue.push_back(Step::Piece(i, p));
+                    }
+                    state.finished = Some((reason, usage));
+                    self.queue.push_back(Step::Finished(i, reason));
+                }
+                Some(GenerationEvent::Failed { message }) => {
+                    self.done = true;
+                    tracing::warn!(id = %self.shape.id, %message, "generation failed");
+                    self.queue.clear();
+                    return Some(Step::Failed(ApiError::internal(format!(
+                        "generation failed: {message}"
+                    ))));
+                }
+                None => {
+                    if state.finished.is_none() {
+                        self.done = true;
+                        tracing::warn!(id = %self.shape.id, "the engine ended a request without finishing it");
+                        self.queue.clear();
+                        return Some(Step::Failed(ApiError::internal(
+                            "the engine stopped before the request finished",
+                        )));
+                    }
+                }
+            }
         }
     }
 
-    /// One stream chunk: a text delta, the first (role) chunk, the finish chunk, or the
-    /// usage chunk (no choices).
-    fn chunk(
-        &self,
-        role: bool,
-        text: Option<String>,
-        reason: Option<FinishReason>,
-        usage: Option<Usage>,
-    ) -> Event {
-        let json = if self.chat {
-            let choices = if usage.is_some() {
-                Vec::new()
-            } else {
-                vec![ChatChunkChoice {
-                    index: 0,
-                    delta: ChatDelta {
-                        role: role.then_some("assistant"),
-                        content: text,
-                    },
-                    logprobs: None,
-                    finish_reason: reason.map(FinishReason::as_openai),
-                }]
-            };
-            serde_json::to_string(&ChatCompletionChunk {
-                id: self.id.clone(),
-                object: "chat.completion.chunk",
-                created: self.created,
-                model: self.model.clone(),
-                choices,
-                usage: usage.map(Into::into),
-            })
-        } else {
-            let choices = if usage.is_some() {
-                Vec::new()
-            } else {
-                vec![CompletionChoice {
-                    index: 0,
-                    text: text.unwrap_or_default(),
-                    logprobs: None,
-                    finish_reason: reason.map(FinishReason::as_openai),
-                }]
-            };
-            serde_json::to_string(&CompletionResponse {
-                id: self.id.clone(),
-                object: "text_completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices,
-                usage: usage.map(Into::into),
-            })
-        };
-        match json {
-            Ok(j) => Event::default().data(j),
-            Err(e) => error_event(&ApiError::internal(format!("cannot encode a chunk: {e}"))),
+    /// Token counts of all choices: each prompt once, every choice's completion.
+    fn usage(&self) -> Usage {
+        let n = self.shape.n.max(1);
+        let mut u = Usage::default();
+        for (i, c) in self.states.iter().enumerate() {
+            if let Some((_, usage)) = c.finished {
+                if i % n == 0 {
+                    u.prompt_tokens += usage.prompt_tokens;
+                }
+                u.completion_tokens += usage.completion_tokens;
+            }
         }
+        u
     }
 }
 
 fn error_event(e: &ApiError) -> Event {
     Event::default().data(e.to_json())
+}
+
+fn json_event<T: serde::Serialize>(v: &T) -> Event {
+    match serde_json::to_string(v) {
+        Ok(j) => Event::default().data(j),
+        Err(e) => error_event(&ApiError::internal(format!("cannot encode a chunk: {e}"))),
+    }
 }
 
 /// Logs when a generation's client goes away before it finished.
@@ -568,92 +929,201 @@ impl Drop for DisconnectGuard {
     }
 }
 
-fn log_finished(shape: &Shape, reason: FinishReason, usage: Usage, t0: Instant, stream: bool) {
+fn log_finished(shape: &Shape, choices: usize, usage: Usage, t0: Instant, stream: bool) {
     tracing::info!(
         id = %shape.id,
         stream,
+        choices,
         prompt_tokens = usage.prompt_tokens,
         completion_tokens = usage.completion_tokens,
-        finish_reason = reason.as_openai(),
         elapsed_ms = t0.elapsed().as_millis() as u64,
         "request finished"
     );
 }
 
 /// The whole answer as one JSON response. If the client disconnects, this future is dropped
-/// with the stream in it, which cancels the generation.
-async fn respond_full(mut stream: RequestStream, shape: Shape, t0: Instant) -> Response {
+/// with the streams in it, which cancels the generations.
+async fn respond_full(mut d: Driver, t0: Instant) -> Response {
     let mut guard = DisconnectGuard {
-        id: shape.id.clone(),
+        id: d.shape.id.clone(),
         done: false,
     };
-    let mut text = String::new();
-    loop {
-        match stream.next().await {
-            Some(GenerationEvent::Delta { text: t, .. }) => text.push_str(&t),
-            Some(GenerationEvent::Finished { reason, usage }) => {
-                guard.done = true;
-                log_finished(&shape, reason, usage, t0, false);
-                return shape.full(text, reason, usage);
+    let usage = loop {
+        match d.next().await {
+            Some(Step::Piece(i, p)) => {
+                if let Some(c) = d.states.get_mut(i) {
+                    c.accumulate(p);
+                }
             }
-            Some(GenerationEvent::Failed { message }) => {
+            Some(Step::Finished(..)) => {}
+            Some(Step::Done(u)) => break u,
+            Some(Step::Failed(e)) => {
                 guard.done = true;
-                tracing::warn!(id = %shape.id, %message, "generation failed");
-                return ApiError::internal(format!("generation failed: {message}")).into_response();
+                return e.into_response();
             }
             None => {
                 guard.done = true;
-                tracing::warn!(id = %shape.id, "the engine ended a request without finishing it");
                 return ApiError::internal("the engine stopped before the request finished")
                     .into_response();
             }
         }
+    };
+    guard.done = true;
+    let shape = &d.shape;
+    log_finished(shape, d.states.len(), usage, t0, false);
+    let finish = |c: &ChoiceState| {
+        c.finished
+            .map_or("length", |(r, _)| FinishReason::as_openai(r))
+    };
+    if shape.chat {
+        let choices = d
+            .states
+            .iter_mut()
+            .enumerate()
+            .map(|(index, c)| ChatChoice {
+                index,
+                finish_reason: finish(c),
+                message: ChatMessageOut {
+                    role: "assistant",
+                    content: std::mem::take(&mut c.acc.text),
+                },
+                logprobs: c.acc.chat.take(),
+            })
+            .collect();
+        Json(ChatCompletionResponse {
+            id: shape.id.clone(),
+            object: "chat.completion",
+            created: shape.created,
+            model: shape.model.clone(),
+            choices,
+            usage: usage.into(),
+        })
+        .into_response()
+    } else {
+        let choices = d
+            .states
+            .iter_mut()
+            .enumerate()
+            .map(|(index, c)| CompletionChoice {
+                index,
+                finish_reason: Some(finish(c)),
+                text: std::mem::take(&mut c.acc.text),
+                logprobs: c.acc.completion.take(),
+            })
+            .collect();
+        Json(CompletionResponse {
+            id: shape.id.clone(),
+            object: "text_completion",
+            created: shape.created,
+            model: shape.model.clone(),
+            choices,
+            usage: Some(usage.into()),
+        })
+        .into_response()
+    }
+}
+
+/// One stream chunk of choice `index`: a piece of text (with its log-probabilities), the
+/// role (chat's first chunk), or the finish reason.
+fn chunk(
+    shape: &Shape,
+    index: usize,
+    role: bool,
+    piece: Option<Piece>,
+    reason: Option<FinishReason>,
+) -> Event {
+    let piece = piece.unwrap_or_default();
+    if shape.chat {
+        json_event(&ChatCompletionChunk {
+            id: shape.id.clone(),
+            object: "chat.completion.chunk",
+            created: shape.created,
+            model: shape.model.clone(),
+            choices: vec![ChatChunkChoice {
+                index,
+                delta: ChatDelta {
+                    role: role.then_some("assistant"),
+                    content: (role || reason.is_none()).then_some(piece.text),
+                },
+                logprobs: piece.chat,
+                finish_reason: reason.map(FinishReason::as_openai),
+            }],
+            usage: None,
+        })
+    } else {
+        json_event(&CompletionResponse {
+            id: shape.id.clone(),
+            object: "text_completion",
+            created: shape.created,
+            model: shape.model.clone(),
+            choices: vec![CompletionChoice {
+                index,
+                text: piece.text,
+                logprobs: piece.completion,
+                finish_reason: reason.map(FinishReason::as_openai),
+            }],
+            usage: None,
+        })
+    }
+}
+
+/// The last chunk with `include_usage`: no choices, the token counts.
+fn usage_chunk(shape: &Shape, usage: Usage) -> Event {
+    if shape.chat {
+        json_event(&ChatCompletionChunk {
+            id: shape.id.clone(),
+            object: "chat.completion.chunk",
+            created: shape.created,
+            model: shape.model.clone(),
+            choices: Vec::new(),
+            usage: Some(usage.into()),
+        })
+    } else {
+        json_event(&CompletionResponse {
+            id: shape.id.clone(),
+            object: "text_completion",
+            created: shape.created,
+            model: shape.model.clone(),
+            choices: Vec::new(),
+            usage: Some(usage.into()),
+        })
     }
 }
 
 /// The answer as server-sent events, ending with `data: [DONE]` (with `:` comment lines
-/// every 10 s while nothing else is sent). The stream owns the
-/// engine's request stream: when the client disconnects the body is dropped, and with it
-/// the request, which cancels the generation.
+/// every 10 s while nothing else is sent). Each chunk carries one choice, named by its
+/// `index`. The stream owns the engine's request streams: when the client disconnects the
+/// body is dropped, and with it the requests, which cancels the generations.
 fn respond_stream(
-    mut stream: RequestStream,
-    shape: Shape,
+    mut d: Driver,
     include_usage: bool,
     t0: Instant,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let events = async_stream::stream! {
-        let mut guard = DisconnectGuard { id: shape.id.clone(), done: false };
-        if shape.chat {
-            yield Ok(shape.chunk(true, Some(String::new()), None, None));
+        let mut guard = DisconnectGuard { id: d.shape.id.clone(), done: false };
+        if d.shape.chat {
+            for i in 0..d.states.len() {
+                yield Ok(chunk(&d.shape, i, true, None, None));
+            }
         }
         loop {
-            match stream.next().await {
-                Some(GenerationEvent::Delta { text, .. }) => {
-                    if !text.is_empty() {
-                        yield Ok(shape.chunk(false, Some(text), None, None));
-                    }
+            match d.next().await {
+                Some(Step::Piece(i, p)) => yield Ok(chunk(&d.shape, i, false, Some(p), None)),
+                Some(Step::Finished(i, reason)) => {
+                    yield Ok(chunk(&d.shape, i, false, None, Some(reason)));
                 }
-                Some(GenerationEvent::Finished { reason, usage }) => {
-                    let text = (!shape.chat).then(String::new);
-                    yield Ok(shape.chunk(false, text, Some(reason), None));
+                Some(Step::Done(usage)) => {
                     if include_usage {
-                        yield Ok(shape.chunk(false, None, None, Some(usage)));
+                        yield Ok(usage_chunk(&d.shape, usage));
                     }
-                    log_finished(&shape, reason, usage, t0, true);
+                    log_finished(&d.shape, d.states.len(), usage, t0, true);
                     break;
                 }
-                Some(GenerationEvent::Failed { message }) => {
-                    tracing::warn!(id = %shape.id, %message, "generation failed");
-                    yield Ok(error_event(&ApiError::internal(format!("generation failed: {message}"))));
+                Some(Step::Failed(e)) => {
+                    yield Ok(error_event(&e));
                     break;
                 }
-                None => {
-                    tracing::warn!(id = %shape.id, "the engine ended a request without finishing it");
-                    yield Ok(error_event(&ApiError::internal(
-                        "the engine stopped before the request finished",
-                    )));
-                    break;
-                }
+                None => break,
             }
         }
         guard.done = true;
@@ -661,6 +1131,24 @@ fn respond_stream(
     };
     // Comment lines while a request waits keep proxies open and reveal a client that left.
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+}
+
+/// `logprobs` of a completion request: an integer in [0, 20], or null / false for none.
+fn completion_logprobs(v: &Option<serde_json::Value>) -> Result<Option<usize>, ApiError> {
+    let bad = |what: String| {
+        ApiError::invalid_param(
+            "logprobs",
+            format!("`logprobs` must be an integer in [0, {MAX_LOGPROBS}], got {what}"),
+        )
+    };
+    match v {
+        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => Ok(None),
+        Some(serde_json::Value::Number(n)) => match n.as_i64() {
+            Some(k) if (0..=MAX_LOGPROBS).contains(&k) => Ok(Some(k as usize)),
+            _ => Err(bad(n.to_string())),
+        },
+        Some(other) => Err(bad(other.to_string())),
+    }
 }
 
 /// `POST /v1/completions`.
@@ -680,51 +1168,66 @@ async fn completions_inner(
     let common: CommonParams = fields(&value)?;
     let req: CompletionRequest = fields(&value)?;
     check_model(&st, &common)?;
-    check_common(&common)?;
-    if req.echo == Some(true) {
-        return Err(ApiError::unsupported("echo", "`echo` is not supported"));
-    }
+    let n = choices_per_prompt(&common)?;
     if let Some(b) = req.best_of {
-        if b != 1 {
+        if b != 1 && b != n as i64 {
             return Err(ApiError::unsupported(
                 "best_of",
-                format!("only best_of = 1 is supported, got {b}"),
+                format!("`best_of` must equal `n` ({n}) or be 1, got {b}"),
             ));
         }
     }
-    let wants_logprobs = match &req.logprobs {
-        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
-        Some(serde_json::Value::Number(n)) => n.as_i64() != Some(0),
-        Some(_) => true,
-    };
-    if wants_logprobs {
-        return Err(ApiError::unsupported(
-            "logprobs",
-            "`logprobs` is not supported",
-        ));
-    }
+    let logprobs = completion_logprobs(&req.logprobs)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::unsupported("suffix", "`suffix` is not supported"));
     }
-    let prompt = req
+    let echo = req.echo.unwrap_or(false);
+    let prompts = req
         .prompt
         .ok_or_else(|| ApiError::invalid_param("prompt", "the field `prompt` is required"))?
-        .single()?;
-    let ids = match prompt {
-        Prompt::Tokens(t) => t,
-        Prompt::Text(text) => {
-            let engine = st.engine.clone();
-            blocking(move || {
-                engine.tokenizer().encode_prompt(&text).map_err(|e| {
-                    ApiError::invalid_param("prompt", format!("cannot tokenize the prompt: {e}"))
-                })
+        .into_prompts()?;
+    let engine = st.engine.clone();
+    let tokenised: Vec<(Vec<u32>, Option<String>)> = blocking(move || {
+        let tok = engine.tokenizer();
+        let vocab = engine.vocab_size();
+        prompts
+            .into_iter()
+            .map(|p| match p {
+                Prompt::Text(text) => {
+                    let ids = tok.encode_prompt(&text).map_err(|e| {
+                        ApiError::invalid_param(
+                            "prompt",
+                            format!("cannot tokenize the prompt: {e}"),
+                        )
+                    })?;
+                    Ok((ids, echo.then_some(text)))
+                }
+                Prompt::Tokens(ids) => {
+                    let text = (echo && ids.iter().all(|&t| (t as usize) < vocab))
+                        .then(|| tok.decode(&ids).unwrap_or_default());
+                    Ok((ids, text))
+                }
             })
-            .await?
+            .collect()
+    })
+    .await?;
+    let total = tokenised.len().saturating_mul(n);
+    let mut gens = Vec::with_capacity(total);
+    let mut echoes = Vec::with_capacity(total);
+    for (ids, text) in tokenised {
+        let mut gen = generation_request(&st, &common, ids, "prompt", Some(16), echo)?;
+        gen.logprobs = logprobs;
+        gen.prompt_logprobs = if echo { logprobs } else { None };
+        for _ in 0..n {
+            echoes.push(text.as_ref().map(|t| Echo {
+                text: t.clone(),
+                ids: gen.prompt.clone(),
+            }));
         }
-    };
-    let gen = generation_request(&st, &common, ids, "prompt", Some(16))?;
-    let shape = Shape::new(&st, false);
-    respond(&st, &common, gen, shape, t0).await
+        gens.extend(fan_out(&st, gen, n, total)?);
+    }
+    let shape = Shape::new(&st, false, n, logprobs.is_some());
+    respond(&st, &common, gens, echoes, shape, t0).await
 }
 
 /// `POST /v1/chat/completions`.
@@ -781,6 +1284,56 @@ fn chat_messages(msgs: Vec<MessageInput>) -> Result<Vec<ChatMessage>, ApiError> 
         .collect()
 }
 
+/// `logprobs` / `top_logprobs` of a chat request: `Some(alternatives)` when asked for.
+fn chat_logprobs(req: &ChatCompletionRequest) -> Result<Option<usize>, ApiError> {
+    let top = match req.top_logprobs {
+        None => None,
+        Some(k) if (0..=MAX_LOGPROBS).contains(&k) => Some(k as usize),
+        Some(k) => {
+            return Err(ApiError::invalid_param(
+                "top_logprobs",
+                format!("`top_logprobs` must be in [0, {MAX_LOGPROBS}], got {k}"),
+            ))
+        }
+    };
+    match (req.logprobs.unwrap_or(false), top) {
+        (true, top) => Ok(Some(top.unwrap_or(0))),
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err(ApiError::invalid_param(
+            "top_logprobs",
+            "`top_logprobs` needs `logprobs` set to true",
+        )),
+    }
+}
+
+/// Render `messages` with the chat template and tokenise them.
+async fn chat_prompt(
+    st: &AppState,
+    messages: Vec<ChatMessage>,
+    add_generation_prompt: bool,
+    add_special_tokens: bool,
+) -> Result<Vec<u32>, ApiError> {
+    let engine = st.engine.clone();
+    blocking(move || {
+        let text = engine
+            .chat_template()
+            .render(&messages, add_generation_prompt)
+            .map_err(|e| {
+                ApiError::invalid_param("messages", format!("cannot apply the chat template: {e}"))
+            })?;
+        let tok = engine.tokenizer();
+        let ids = if add_special_tokens {
+            tok.encode_prompt(&text)
+        } else {
+            tok.encode_plain(&text)
+        };
+        ids.map_err(|e| {
+            ApiError::invalid_param("messages", format!("cannot tokenize the messages: {e}"))
+        })
+    })
+    .await
+}
+
 async fn chat_inner(
     st: Arc<AppState>,
     body: Result<Bytes, BytesRejection>,
@@ -790,13 +1343,8 @@ async fn chat_inner(
     let common: CommonParams = fields(&value)?;
     let req: ChatCompletionRequest = fields(&value)?;
     check_model(&st, &common)?;
-    check_common(&common)?;
-    if req.logprobs == Some(true) || req.top_logprobs.is_some_and(|n| n > 0) {
-        return Err(ApiError::unsupported(
-            "logprobs",
-            "`logprobs` is not supported",
-        ));
-    }
+    let n = choices_per_prompt(&common)?;
+    let logprobs = chat_logprobs(&req)?;
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::unsupported("tools", "`tools` are not supported"));
     }
@@ -804,47 +1352,168 @@ async fn chat_inner(
         chat_messages(req.messages.ok_or_else(|| {
             ApiError::invalid_param("messages", "the field `messages` is required")
         })?)?;
-    let engine = st.engine.clone();
-    let ids = blocking(move || {
-        let text = engine
-            .chat_template()
-            .render(&messages, true)
-            .map_err(|e| {
-                ApiError::invalid_param("messages", format!("cannot apply the chat template: {e}"))
-            })?;
-        engine.tokenizer().encode_plain(&text).map_err(|e| {
-            ApiError::invalid_param("messages", format!("cannot tokenize the messages: {e}"))
-        })
-    })
-    .await?;
-    let gen = generation_request(&st, &common, ids, "messages", None)?;
-    let shape = Shape::new(&st, true);
-    respond(&st, &common, gen, shape, t0).await
+    let ids = chat_prompt(&st, messages, true, false).await?;
+    let mut gen = generation_request(&st, &common, ids, "messages", None, false)?;
+    gen.logprobs = logprobs;
+    let gens = fan_out(&st, gen, n, n)?;
+    let echoes = (0..n).map(|_| None).collect();
+    let shape = Shape::new(&st, true, n, logprobs.is_some());
+    respond(&st, &common, gens, echoes, shape, t0).await
 }
 
-/// Submit and answer, streaming or not.
+/// Submit every choice (all at once, so they batch) and answer, streaming or not. If one
+/// is refused, those already submitted are cancelled.
 async fn respond(
     st: &AppState,
     common: &CommonParams,
-    req: GenerationRequest,
+    reqs: Vec<GenerationRequest>,
+    echoes: Vec<Option<Echo>>,
     shape: Shape,
     t0: Instant,
 ) -> Result<Response, ApiError> {
-    let prompt_tokens = req.prompt.len();
-    let max_tokens = req.max_tokens;
-    let stream = st.engine.submit(req).map_err(|e| {
-        tracing::info!(id = %shape.id, error = %e, "request refused");
-        ApiError::from(e)
-    })?;
-    tracing::debug!(id = %shape.id, prompt_tokens, max_tokens, "request accepted");
+    let prompt_tokens: usize = reqs.iter().map(|r| r.prompt.len()).sum();
+    let choices = reqs.len();
+    let mut streams = Vec::with_capacity(choices);
+    for req in reqs {
+        let stream = st.engine.submit(req).map_err(|e| {
+            tracing::info!(id = %shape.id, error = %e, "request refused");
+            ApiError::from(e)
+        })?;
+        streams.push(stream);
+    }
+    tracing::debug!(id = %shape.id, prompt_tokens, choices, "request accepted");
+    let driver = Driver::new(streams, echoes, shape, st.engine.clone());
     if common.stream.unwrap_or(false) {
         let include_usage = common
             .stream_options
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        Ok(respond_stream(stream, shape, include_usage, t0).into_response())
+        Ok(respond_stream(driver, include_usage, t0).into_response())
     } else {
-        Ok(respond_full(stream, shape, t0).await)
+        Ok(respond_full(driver, t0).await)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tokenizer endpoints
+
+/// `POST /tokenize` (vLLM's endpoint).
+pub(crate) async fn tokenize(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    match tokenize_inner(st, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn tokenize_inner(
+    st: Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let value = parse_body(body)?;
+    let req: TokenizeRequest = fields(&value)?;
+    check_optional_model(&st, req.model.as_deref())?;
+    let ids = match (req.prompt, req.messages) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid_param(
+                "messages",
+                "send either `prompt` or `messages`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::invalid_param(
+                "prompt",
+                "the field `prompt` (or `messages`) is required",
+            ))
+        }
+        (Some(text), None) => {
+            let special = req.add_special_tokens.unwrap_or(true);
+            let engine = st.engine.clone();
+            blocking(move || {
+                let tok = engine.tokenizer();
+                let ids = if special {
+                    tok.encode_prompt(&text)
+                } else {
+                    tok.encode_plain(&text)
+                };
+                ids.map_err(|e| {
+                    ApiError::invalid_param("prompt", format!("cannot tokenize the prompt: {e}"))
+                })
+            })
+            .await?
+        }
+        (None, Some(msgs)) => {
+            let messages = chat_messages(msgs)?;
+            chat_prompt(
+                &st,
+                messages,
+                req.add_generation_prompt.unwrap_or(true),
+                req.add_special_tokens.unwrap_or(false),
+            )
+            .await?
+        }
+    };
+    let token_strs = req.return_token_strs.unwrap_or(false).then(|| {
+        let inner = st.engine.tokenizer().inner();
+        ids.iter()
+            .map(|&id| inner.id_to_token(id).unwrap_or_default())
+            .collect()
+    });
+    Ok(Json(TokenizeResponse {
+        count: ids.len(),
+        max_model_len: st.engine.context_length(),
+        tokens: ids,
+        token_strs,
+    })
+    .into_response())
+}
+
+/// `POST /detokenize` (vLLM's endpoint).
+pub(crate) async fn detokenize(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    match detokenize_inner(st, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn detokenize_inner(
+    st: Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let value = parse_body(body)?;
+    let req: DetokenizeRequest = fields(&value)?;
+    check_optional_model(&st, req.model.as_deref())?;
+    let ids = req
+        .tokens
+        .ok_or_else(|| ApiError::invalid_param("tokens", "the field `tokens` is required"))?;
+    let vocab = st.engine.vocab_size();
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid_param(
+            "tokens",
+            format!("`tokens` holds token id {bad}, out of range for a vocabulary of {vocab}"),
+        ));
+    }
+    let engine = st.engine.clone();
+    let prompt = blocking(move || {
+        engine
+            .tokenizer()
+            .inner()
+            .decode(&ids, false)
+            .map_err(|e| ApiError::invalid_param("tokens", format!("cannot decode: {e}")))
+    })
+    .await?;
+    Ok(Json(DetokenizeResponse { prompt }).into_response())
+}
+
+/// `POST /v1/embeddings`: the served models generate text; they do not embed it.
+pub(crate) async fn embeddings(State(st): St) -> ApiError {
+    ApiError {
+        code: Some("model_not_supported"),
+        param: Some("model".to_string()),
+        ..ApiError::not_found(format!(
+            "the model `{}` is a text-generation model and does not produce embeddings; this \
+             server does not serve /v1/embeddings",
+            st.engine.model_id()
+        ))
     }
 }

@@ -128,7 +128,7 @@ pub fn render(model: &str, stats: &EngineStats, http: &BTreeMap<(String, u16), u
             stats.preemptions_total.to_string(),
         ),
     ];
-    for (name, kind, help, value) in rows.iter() {
+    for (name, kind, help, value) in rows.iter().chain(&prefix_cache_rows(stats)) {
         family(&mut out, name, kind, help);
         sample(&mut out, name, &m, value);
     }
@@ -149,6 +149,63 @@ pub fn render(model: &str, stats: &EngineStats, http: &BTreeMap<(String, u16), u
     out
 }
 
+/// The prefix cache's families: prompt tokens and full blocks looked up and found, the hit
+/// ratio (of tokens), blocks holding cached contents and evictions.
+fn prefix_cache_rows(
+    stats: &EngineStats,
+) -> [(&'static str, &'static str, &'static str, String); 7] {
+    let p = &stats.prefix_cache;
+    let ratio = if p.queried_tokens > 0 {
+        p.hit_tokens as f64 / p.queried_tokens as f64
+    } else {
+        0.0
+    };
+    [
+        (
+            "skymoe_prefix_cache_queries_tokens_total",
+            "counter",
+            "Prompt tokens looked up in the prefix cache.",
+            p.queried_tokens.to_string(),
+        ),
+        (
+            "skymoe_prefix_cache_hits_tokens_total",
+            "counter",
+            "Prompt tokens whose keys and values were found in the prefix cache.",
+            p.hit_tokens.to_string(),
+        ),
+        (
+            "skymoe_prefix_cache_queries_blocks_total",
+            "counter",
+            "Full prompt blocks that could have been taken from the prefix cache.",
+            p.queried_blocks.to_string(),
+        ),
+        (
+            "skymoe_prefix_cache_hits_blocks_total",
+            "counter",
+            "Full prompt blocks taken from the prefix cache.",
+            p.hit_blocks.to_string(),
+        ),
+        (
+            "skymoe_prefix_cache_hit_ratio",
+            "gauge",
+            "Prompt tokens found in the prefix cache over prompt tokens looked up, since start.",
+            format!("{}", finite(ratio)),
+        ),
+        (
+            "skymoe_prefix_cache_blocks",
+            "gauge",
+            "KV-cache blocks holding cached prefix contents (in use or free).",
+            stats.prefix_cache_blocks.to_string(),
+        ),
+        (
+            "skymoe_prefix_cache_evictions_total",
+            "counter",
+            "Cached blocks whose contents were dropped to make room.",
+            p.evictions.to_string(),
+        ),
+    ]
+}
+
 fn finite(x: f64) -> f64 {
     if x.is_finite() {
         x
@@ -167,6 +224,11 @@ mod tests {
             requests_total: 3,
             kv_blocks_used: 1,
             kv_blocks_total: 4,
+            prefix_cache: crate::kv_cache::PrefixCacheStats {
+                queried_tokens: 64,
+                hit_tokens: 32,
+                ..Default::default()
+            },
             ..Default::default()
         };
         let http = HttpCounters::default();
@@ -176,6 +238,8 @@ mod tests {
         assert!(text.contains("# TYPE skymoe_requests_total counter"));
         assert!(text.contains("skymoe_requests_total{model_name=\"m\\\"x\"} 3"));
         assert!(text.contains("skymoe_kv_cache_usage_ratio{model_name=\"m\\\"x\"} 0.25"));
+        assert!(text.contains("# TYPE skymoe_prefix_cache_hits_tokens_total counter"));
+        assert!(text.contains("skymoe_prefix_cache_hit_ratio{model_name=\"m\\\"x\"} 0.5"));
         assert!(
             text.contains("skymoe_http_responses_total{route=\"/v1/completions\",code=\"200\"} 2")
         );

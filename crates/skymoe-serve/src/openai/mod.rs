@@ -4,13 +4,16 @@
 //!
 //! | route | |
 //! | --- | --- |
-//! | `POST /v1/completions` | text completion of one prompt (string or token ids), JSON or SSE |
-//! | `POST /v1/chat/completions` | chat completion through the model's chat template, JSON or SSE |
+//! | `POST /v1/completions` | text completion of one or several prompts (strings or token ids), `n` choices each, `echo`, `logprobs`, `logit_bias`; JSON or SSE |
+//! | `POST /v1/chat/completions` | chat completion through the model's chat template, `n` choices, `logprobs` / `top_logprobs`; JSON or SSE |
 //! | `GET /v1/models`, `GET /v1/models/{id}` | the served model |
+//! | `POST /v1/embeddings` | 404: generation models do not embed |
+//! | `POST /tokenize`, `POST /detokenize` | vLLM's tokenizer endpoints (never need the API key, as in vLLM) |
 //! | `GET /health` | `{"status": "ok"}` (never needs the API key) |
 //! | `GET /metrics` | Prometheus text format (never needs the API key) |
 //!
-//! Streaming answers are server-sent events `data: {chunk}\n\n` ending with `data: [DONE]`.
+//! Streaming answers are server-sent events `data: {chunk}\n\n` ending with `data: [DONE]`;
+//! each chunk carries one choice, named by its `index`.
 //! Errors are `{"error": {"message", "type", "param", "code"}}` with the HTTP status: 400 for
 //! invalid requests, 401 for a missing or wrong API key, 404, 405, 413 for bodies over
 //! [`ServerConfig::max_body_bytes`], 429 when the engine is saturated, 503 while shutting
@@ -90,10 +93,13 @@ pub fn router(engine: EngineHandle, config: &ServerConfig) -> Router {
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{id}", get(handlers::get_model))
+        .route("/v1/embeddings", post(handlers::embeddings))
         .route_layer(from_fn_with_state(state.clone(), handlers::require_api_key));
     Router::new()
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
+        .route("/tokenize", post(handlers::tokenize))
+        .route("/detokenize", post(handlers::detokenize))
         .merge(v1)
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)

@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 
-/// `prompt`: a string, an array of token ids, or a one-element array of either.
+/// `prompt`: a string, an array of token ids, an array of strings or an array of token-id
+/// arrays (one completion per prompt).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum PromptInput {
@@ -13,9 +14,9 @@ pub enum PromptInput {
     Text(String),
     /// Token ids.
     Tokens(Vec<u32>),
-    /// Several texts (only one is accepted).
+    /// Several texts.
     Texts(Vec<String>),
-    /// Several token-id arrays (only one is accepted).
+    /// Several token-id arrays.
     TokenLists(Vec<Vec<u32>>),
 }
 
@@ -29,22 +30,22 @@ pub enum Prompt {
 }
 
 impl PromptInput {
-    /// The single prompt, or a 400 when there are none or several.
-    pub fn single(self) -> Result<Prompt, ApiError> {
-        let many = |n: usize| {
-            ApiError::unsupported(
-                "prompt",
-                format!("exactly one prompt per request is supported, got {n}"),
-            )
+    /// The prompts, in order; a 400 when there are none (`[]`).
+    pub fn into_prompts(self) -> Result<Vec<Prompt>, ApiError> {
+        let prompts = match self {
+            PromptInput::Text(s) => vec![Prompt::Text(s)],
+            PromptInput::Tokens(t) if t.is_empty() => Vec::new(),
+            PromptInput::Tokens(t) => vec![Prompt::Tokens(t)],
+            PromptInput::Texts(v) => v.into_iter().map(Prompt::Text).collect(),
+            PromptInput::TokenLists(v) => v.into_iter().map(Prompt::Tokens).collect(),
         };
-        match self {
-            PromptInput::Text(s) => Ok(Prompt::Text(s)),
-            PromptInput::Tokens(t) => Ok(Prompt::Tokens(t)),
-            PromptInput::Texts(mut v) if v.len() == 1 => Ok(Prompt::Text(v.remove(0))),
-            PromptInput::Texts(v) => Err(many(v.len())),
-            PromptInput::TokenLists(mut v) if v.len() == 1 => Ok(Prompt::Tokens(v.remove(0))),
-            PromptInput::TokenLists(v) => Err(many(v.len())),
+        if prompts.is_empty() {
+            return Err(ApiError::invalid_param(
+                "prompt",
+                "`prompt` is an empty list; send at least one prompt",
+            ));
         }
+        Ok(prompts)
     }
 }
 
@@ -142,12 +143,15 @@ pub struct CommonParams {
     /// Streaming options.
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    /// Number of choices (only 1).
+    /// Number of choices per prompt.
     #[serde(default)]
     pub n: Option<i64>,
     /// Keep generating past end-of-sequence tokens.
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    /// Token id (as a string) → bias in [−100, 100] added to its logit.
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 /// The fields of `POST /v1/completions` beyond [`CommonParams`] (both are read from the
@@ -157,13 +161,13 @@ pub struct CompletionRequest {
     /// The prompt.
     #[serde(default)]
     pub prompt: Option<PromptInput>,
-    /// Return the prompt with the completion (unsupported).
+    /// Return the prompt before the completion.
     #[serde(default)]
     pub echo: Option<bool>,
-    /// Server-side best-of sampling (only 1).
+    /// Server-side best-of sampling (only equal to `n`).
     #[serde(default)]
     pub best_of: Option<i64>,
-    /// Log probabilities (unsupported).
+    /// Log-probabilities of each token and of this many alternatives (0–20).
     #[serde(default)]
     pub logprobs: Option<serde_json::Value>,
     /// Text after the insertion point (unsupported).
@@ -209,10 +213,10 @@ pub struct ChatCompletionRequest {
     /// The conversation.
     #[serde(default)]
     pub messages: Option<Vec<MessageInput>>,
-    /// Log probabilities (unsupported).
+    /// Return the log-probability of each generated token.
     #[serde(default)]
     pub logprobs: Option<bool>,
-    /// Top log probabilities (unsupported).
+    /// With `logprobs`: how many alternatives to return per token (0–20).
     #[serde(default)]
     pub top_logprobs: Option<i64>,
     /// Tool definitions (unsupported).
@@ -241,15 +245,49 @@ impl From<crate::engine::Usage> for UsageOut {
     }
 }
 
+/// `top_logprobs` entries of a completion: token text → log-probability, most likely first
+/// (a token text seen twice keeps its first, larger value).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TopLogprobs(pub Vec<(String, f32)>);
+
+impl Serialize for TopLogprobs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut seen = std::collections::HashSet::new();
+        let mut m = s.serialize_map(None)?;
+        for (k, v) in &self.0 {
+            if seen.insert(k.as_str()) {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        m.end()
+    }
+}
+
+/// The `logprobs` object of a completion choice (the legacy OpenAI shape): parallel lists,
+/// one entry per token.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CompletionLogprobs {
+    /// Each token's text.
+    pub tokens: Vec<String>,
+    /// Each token's log-probability (null for the first prompt token).
+    pub token_logprobs: Vec<Option<f32>>,
+    /// The most likely tokens at each position, with the token itself (null for the first
+    /// prompt token).
+    pub top_logprobs: Vec<Option<TopLogprobs>>,
+    /// Where each token's text starts in the choice's text, in characters.
+    pub text_offset: Vec<usize>,
+}
+
 /// One choice of a text completion (or of a completion stream chunk).
 #[derive(Debug, Clone, Serialize)]
 pub struct CompletionChoice {
-    /// Always 0.
+    /// Prompt-major: prompt index × `n` + choice number.
     pub index: usize,
     /// The generated text (or this chunk's part of it).
     pub text: String,
-    /// Always null.
-    pub logprobs: Option<()>,
+    /// Log-probabilities when asked for, else null.
+    pub logprobs: Option<CompletionLogprobs>,
     /// `stop` or `length`; null in all but the last stream chunk.
     pub finish_reason: Option<&'static str>,
 }
@@ -265,7 +303,7 @@ pub struct CompletionResponse {
     pub created: u64,
     /// The model id.
     pub model: String,
-    /// The choices (one, or none in the usage chunk).
+    /// The choices (none in the usage chunk).
     pub choices: Vec<CompletionChoice>,
     /// Token counts (non-streaming, or the last chunk with `include_usage`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -281,15 +319,46 @@ pub struct ChatMessageOut {
     pub content: String,
 }
 
+/// One alternative token in a chat completion's log-probabilities.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatTopLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The UTF-8 bytes of `token`.
+    pub bytes: Vec<u8>,
+}
+
+/// One generated token in a chat completion's log-probabilities.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatTokenLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The UTF-8 bytes of `token`.
+    pub bytes: Vec<u8>,
+    /// The `top_logprobs` most likely tokens at this position, most likely first.
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+/// The `logprobs` object of a chat choice or chunk.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChatLogprobs {
+    /// One entry per generated token (of this chunk, when streaming).
+    pub content: Vec<ChatTokenLogprob>,
+}
+
 /// One choice of a chat completion.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatChoice {
-    /// Always 0.
+    /// The choice's number (0 to `n` − 1).
     pub index: usize,
     /// The answer.
     pub message: ChatMessageOut,
-    /// Always null.
-    pub logprobs: Option<()>,
+    /// Log-probabilities when asked for, else null.
+    pub logprobs: Option<ChatLogprobs>,
     /// `stop` or `length`.
     pub finish_reason: &'static str,
 }
@@ -305,7 +374,7 @@ pub struct ChatCompletionResponse {
     pub created: u64,
     /// The model id.
     pub model: String,
-    /// The one choice.
+    /// The choices.
     pub choices: Vec<ChatChoice>,
     /// Token counts.
     pub usage: UsageOut,
@@ -325,12 +394,12 @@ pub struct ChatDelta {
 /// One choice of a chat stream chunk.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatChunkChoice {
-    /// Always 0.
+    /// The choice's number (0 to `n` − 1).
     pub index: usize,
     /// The change.
     pub delta: ChatDelta,
-    /// Always null.
-    pub logprobs: Option<()>,
+    /// Log-probabilities of this chunk's tokens when asked for, else null.
+    pub logprobs: Option<ChatLogprobs>,
     /// `stop` or `length` in the last chunk, else null.
     pub finish_reason: Option<&'static str>,
 }
@@ -346,7 +415,7 @@ pub struct ChatCompletionChunk {
     pub created: u64,
     /// The model id.
     pub model: String,
-    /// The choices (one, or none in the usage chunk).
+    /// The choices (none in the usage chunk).
     pub choices: Vec<ChatChunkChoice>,
     /// Token counts (the last chunk with `include_usage`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -375,4 +444,59 @@ pub struct ModelList {
     pub object: &'static str,
     /// The served models (one).
     pub data: Vec<ModelCard>,
+}
+
+/// `POST /tokenize` (vLLM's shape): a `prompt`, or `messages` rendered by the chat template.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TokenizeRequest {
+    /// The model; when given, must be the served model's id.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Text to tokenise.
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// A conversation to render with the chat template and tokenise.
+    #[serde(default)]
+    pub messages: Option<Vec<MessageInput>>,
+    /// With `messages`: end with the assistant's turn opening (default true).
+    #[serde(default)]
+    pub add_generation_prompt: Option<bool>,
+    /// Add the tokenizer's special tokens (BOS); default true for `prompt`, false for
+    /// `messages` (the template writes them).
+    #[serde(default)]
+    pub add_special_tokens: Option<bool>,
+    /// Also return each token's vocabulary string.
+    #[serde(default)]
+    pub return_token_strs: Option<bool>,
+}
+
+/// The answer of `/tokenize`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenizeResponse {
+    /// Number of tokens.
+    pub count: usize,
+    /// The model's context length.
+    pub max_model_len: usize,
+    /// The token ids.
+    pub tokens: Vec<u32>,
+    /// Each token's vocabulary string (with `return_token_strs`), else null.
+    pub token_strs: Option<Vec<String>>,
+}
+
+/// `POST /detokenize` (vLLM's shape).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct DetokenizeRequest {
+    /// The model; when given, must be the served model's id.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The token ids to decode.
+    #[serde(default)]
+    pub tokens: Option<Vec<u32>>,
+}
+
+/// The answer of `/detokenize`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DetokenizeResponse {
+    /// The decoded text.
+    pub prompt: String,
 }

@@ -1,10 +1,12 @@
 //! `skymoe bench`: serving throughput of a model (prefill, batch-1 decode, total tokens/s at
-//! several concurrent requests) and peak memory, as JSON.
+//! several concurrent requests) and peak memory, as JSON; with `--scenario lm-eval|chat`, the
+//! prompt tokens computed and the wall time of a workload through the engine with prefix
+//! caching off and on.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use skymoe_serve::bench::{run as run_bench, BenchConfig};
+use skymoe_serve::bench::{run as run_bench, run_prefix, BenchConfig, PrefixBenchConfig};
 use skymoe_serve::kv_cache::KvDtype;
 use skymoe_serve::model::ServeModel;
 
@@ -36,6 +38,26 @@ pub struct Args {
     /// Element type of the KV cache: auto (as `skymoe serve` chooses), f32 or f16.
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: String,
+    /// Measure prefix caching on a workload through the engine instead of raw throughput:
+    /// `lm-eval` (contexts each followed by several continuations, all submitted at once) or
+    /// `chat` (conversations whose every turn extends the previous prompt and reply).
+    #[arg(long)]
+    scenario: Option<skymoe_serve::bench::PrefixScenario>,
+    /// Scenario: contexts (lm-eval) or conversations (chat).
+    #[arg(long, default_value_t = 8)]
+    items: usize,
+    /// Scenario: tokens of each context (lm-eval) or first prompt (chat).
+    #[arg(long, default_value_t = 400)]
+    context_tokens: usize,
+    /// Scenario: continuations per context (lm-eval) or turns per conversation (chat).
+    #[arg(long, default_value_t = 4)]
+    branches: usize,
+    /// Scenario: tokens of each continuation (lm-eval) or later user message (chat).
+    #[arg(long, default_value_t = 16)]
+    branch_tokens: usize,
+    /// Scenario: most requests running at once (the engine's batch).
+    #[arg(long, default_value_t = skymoe_serve::engine::EngineConfig::default().max_batch)]
+    max_concurrency: usize,
 }
 
 /// `--kv-cache-dtype`: `auto` (the engine's choice for the weights) or a [`KvDtype`].
@@ -69,6 +91,47 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open model {}", a.model.display()))?;
     let model = ServeModel::load(&ckpt, format)
         .with_context(|| format!("cannot load model {}", a.model.display()))?;
+    if let Some(scenario) = a.scenario {
+        let cfg = PrefixBenchConfig {
+            scenario,
+            items: a.items,
+            context_tokens: a.context_tokens,
+            branches: a.branches,
+            branch_tokens: a.branch_tokens,
+            gen_tokens: a.gen_tokens,
+            repeats: a.repeats,
+            step_tokens: a.step_tokens,
+            max_batch: a.max_concurrency,
+            kv_dtype,
+        };
+        let tokenizer = || -> skymoe_serve::error::Result<skymoe_model::Tokenizer> {
+            Ok(skymoe_model::Tokenizer::for_model(
+                &ckpt.path,
+                ckpt.gguf_metadata.as_ref(),
+            )?)
+        };
+        let [off, on] = run_prefix(&model, &tokenizer, &cfg)?;
+        let report = serde_json::json!({
+            "engine": "skymoe",
+            "scenario": scenario,
+            "weights": model.format.name(),
+            "kernels": skymoe_kernels::quant::Isa::detect().name(),
+            "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+            "items": cfg.items,
+            "context_tokens": cfg.context_tokens,
+            "branches": cfg.branches,
+            "branch_tokens": cfg.branch_tokens,
+            "gen_tokens": cfg.gen_tokens,
+            "step_tokens": cfg.step_tokens,
+            "kv_dtype": model.kv_dtype(cfg.kv_dtype).name(),
+            "caching_off": off,
+            "caching_on": on,
+            "prefill_saved": 1.0 - on.computed_prompt_tokens as f64 / off.computed_prompt_tokens.max(1) as f64,
+            "speedup": off.wall_s / on.wall_s.max(1e-9),
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     drop(ckpt);
     let cfg = BenchConfig {
         prompt_tokens: a.prompt_tokens,

@@ -43,6 +43,10 @@ pub struct Args {
     /// Element type of the KV cache: auto (f32 with f32 weights, else f16), f32 or f16.
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: String,
+    /// Do not share the KV blocks of identical prompt prefixes between requests (automatic
+    /// prefix caching is on by default).
+    #[arg(long)]
+    no_prefix_caching: bool,
     /// Largest request body accepted, in MiB.
     #[arg(long, default_value_t = 4)]
     max_body_mib: usize,
@@ -84,6 +88,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         config.kv_blocks = a.kv_blocks;
     }
     config.kv_dtype = crate::cmd::bench::parse_kv_dtype(&a.kv_cache_dtype)?;
+    config.enable_prefix_caching = !a.no_prefix_caching;
     config.model_id = a
         .served_model_name
         .clone()
