@@ -9,6 +9,10 @@
 //! or `tokenizer.json` with a real vocabulary. Compare the mask time with a decode step of the
 //! model (`skymoe bench`): constrained decoding stays within 10% while the mask takes less
 //! than a tenth of a step.
+//!
+//! Given a model directory, it then serves the model with the engine and measures decode
+//! tokens/s end to end with and without a constraint (a JSON string of fixed length, so both
+//! generate the same number of tokens), for 1 and 8 concurrent requests.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -19,6 +23,7 @@ use serde_json::json;
 use skymoe_model::sampling::{Sampler, SamplingParams};
 use skymoe_model::Tokenizer;
 use skymoe_serve::constrained::{ConstraintVocab, Grammar, Step};
+use skymoe_serve::engine::{EngineConfig, EngineHandle, GenerationEvent, GenerationRequest};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -100,6 +105,71 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             per(masked),
             per(masked) - per(plain)
         );
+    }
+    if path.join("config.json").is_file() {
+        engine_tokens_per_s(&path)?;
+    }
+    Ok(())
+}
+
+/// Repetitions of each engine measurement.
+const ROUNDS: usize = 20;
+
+/// Decode tokens/s of the served model with and without a constraint (`ROUNDS` waves of
+/// `batch` concurrent requests).
+fn engine_tokens_per_s(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let engine = EngineHandle::load(path, None, EngineConfig::default())?;
+    let len = 160.min(engine.context_length().saturating_sub(16) / 2);
+    // `"` + `len` characters + `"`: the same length with or without the grammar.
+    let schema = json!({"type": "string", "minLength": len, "maxLength": len});
+    let constraint = engine
+        .constraint_vocab()?
+        .compile(&Grammar::json_schema(schema, true))?;
+    let prompt = engine.tokenizer().encode_plain("The weather today")?;
+    for batch in [1usize, 8] {
+        for constrained in [false, true] {
+            let t0 = Instant::now();
+            let mut tokens = 0;
+            for round in 0..ROUNDS {
+                let streams = (0..batch)
+                    .map(|i| {
+                        let req = GenerationRequest {
+                            sampling: skymoe_model::sampling::SamplingParams {
+                                temperature: 1.0,
+                                ..Default::default()
+                            },
+                            seed: Some((round * batch + i) as u64),
+                            ignore_eos: true,
+                            constraint: constrained.then(|| constraint.clone()),
+                            ..GenerationRequest::greedy(prompt.clone(), len)
+                        };
+                        engine.submit(req)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                for mut s in streams {
+                    while let Some(ev) = s.blocking_next() {
+                        match ev {
+                            GenerationEvent::Finished { usage, .. } => {
+                                tokens += usage.completion_tokens
+                            }
+                            GenerationEvent::Failed { message } => return Err(message.into()),
+                            GenerationEvent::Delta { .. } => {}
+                        }
+                    }
+                }
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            println!(
+                "engine, {batch} request(s), {}: {tokens} tokens in {:.3} s, {:.0} tokens/s",
+                if constrained {
+                    "constrained"
+                } else {
+                    "unconstrained"
+                },
+                secs,
+                tokens as f64 / secs
+            );
+        }
     }
     Ok(())
 }

@@ -8,6 +8,8 @@ use skymoe_model::sampling::SamplingParams;
 pub use skymoe_model::sampling::TokenLogprob;
 use tokio::sync::mpsc;
 
+use crate::constrained::Constraint;
+
 /// One generation request, already tokenised.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
@@ -31,6 +33,12 @@ pub struct GenerationRequest {
     /// most likely alternatives (`None`: none). Only these requests have the logits of every
     /// prompt position computed.
     pub prompt_logprobs: Option<usize>,
+    /// A grammar the generated text must follow (constrained decoding, compiled with the
+    /// engine's [`crate::engine::EngineHandle::constraint_vocab`]). Each step samples only
+    /// tokens it allows; the request ends (`Stop`) when the text is complete and nothing may
+    /// follow, or at an end-of-sequence token even with `ignore_eos`. Log-probabilities are
+    /// those of the masked logits. Each request needs its own state: clone it per choice.
+    pub constraint: Option<Constraint>,
 }
 
 impl GenerationRequest {
@@ -45,6 +53,7 @@ impl GenerationRequest {
             seed: None,
             logprobs: None,
             prompt_logprobs: None,
+            constraint: None,
         }
     }
 }

@@ -21,7 +21,7 @@ mod detokenize;
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -37,6 +37,7 @@ pub use api::{
 use detokenize::Detokenizer;
 
 use crate::chat_template::ChatTemplate;
+use crate::constrained::{Constraint, ConstraintError, ConstraintVocab, Step};
 use crate::error::{Result, ServeError};
 use crate::kv_cache::{BlockPool, BlockRef, KvCache, KvDtype};
 use crate::model::{LogitsFor, SeqChunk, ServeModel};
@@ -127,6 +128,10 @@ pub struct EngineHandle {
     context: usize,
     vocab: usize,
     kv_positions: usize,
+    /// End-of-sequence ids (tokenizer and config).
+    eos: Arc<Vec<u32>>,
+    /// The vocabulary prepared for constrained decoding, built on first use.
+    constraint_vocab: Arc<OnceLock<std::result::Result<ConstraintVocab, ConstraintError>>>,
     _alive: Arc<AliveGuard>,
 }
 
@@ -230,6 +235,8 @@ impl EngineHandle {
             context: model.context_length(),
             vocab: model.config.vocab_size,
             kv_positions: blocks * block_size,
+            eos: Arc::new(eos.clone()),
+            constraint_vocab: Arc::new(OnceLock::new()),
             config: Arc::new(config.clone()),
             _alive: Arc::new(AliveGuard(shared.clone())),
         };
@@ -355,6 +362,32 @@ impl EngineHandle {
         &self.template
     }
 
+    /// The ids that end a generation (the tokenizer's and the model config's).
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    /// The model's vocabulary prepared for constrained decoding (the byte prefix tree of
+    /// every token over the model's logits), built on the first call and shared by every
+    /// later one. The first call walks the whole vocabulary: call it off async threads.
+    pub fn constraint_vocab(&self) -> std::result::Result<&ConstraintVocab, ConstraintError> {
+        self.constraint_vocab
+            .get_or_init(|| {
+                let t0 = Instant::now();
+                let v = ConstraintVocab::from_tokenizer(&self.tokenizer, self.vocab, &self.eos);
+                if v.is_ok() {
+                    tracing::info!(
+                        "constrained decoding: vocabulary of {} tokens prepared in {:.1} ms",
+                        self.vocab,
+                        t0.elapsed().as_secs_f64() * 1e3
+                    );
+                }
+                v
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
     /// Stop accepting requests; running and queued ones continue.
     pub fn begin_shutdown(&self) {
         self.shared.accepting.store(false, Ordering::SeqCst);
@@ -406,6 +439,8 @@ struct Seq {
     cancelled: Arc<AtomicBool>,
     max_tokens: usize,
     ignore_eos: bool,
+    /// The grammar the generated text follows (constrained decoding).
+    constraint: Option<Constraint>,
 }
 
 impl Seq {
@@ -494,6 +529,8 @@ struct Scheduler {
 enum Outcome {
     Continue,
     Done(FinishReason),
+    /// The request cannot go on (its constraint failed).
+    Failed(String),
 }
 
 impl Scheduler {
@@ -577,6 +614,7 @@ impl Scheduler {
                 cancelled: p.cancelled,
                 max_tokens: p.req.max_tokens,
                 ignore_eos: p.req.ignore_eos,
+                constraint: p.req.constraint,
             });
         }
         true
@@ -789,6 +827,7 @@ impl Scheduler {
         drop(chunks);
         let mut generated = 0;
         let mut finished = Vec::new();
+        let mut failed = Vec::new();
         for (&(i, n, sample), logits) in plan.iter().zip(logits) {
             let s = &mut self.running[i];
             let logits = s.take_chunk_logits(n, logits);
@@ -799,32 +838,47 @@ impl Scheduler {
             }
             if s.max_tokens == 0 {
                 // Prompt log-probabilities only (an echo with `max_tokens` 0).
-                finished.push((i, FinishReason::Length));
+                finished.push((i, Some(FinishReason::Length)));
                 continue;
             }
             generated += 1;
-            if let Outcome::Done(reason) = Self::advance(
+            match Self::advance(
                 s,
                 &logits,
                 &self.tokenizer,
                 &self.eos,
                 self.model.context_length(),
             ) {
-                finished.push((i, reason));
+                Outcome::Continue => {}
+                Outcome::Done(reason) => finished.push((i, Some(reason))),
+                Outcome::Failed(message) => {
+                    tracing::warn!("constrained decoding failed: {message}");
+                    let _ = s.tx.send(GenerationEvent::Failed { message });
+                    failed.push(i);
+                }
             }
         }
         if let Ok(mut st) = self.shared.stats.lock() {
             st.prompt_tokens_total += prompt_tokens as u64;
             st.generated_tokens_total += generated as u64;
         }
+        // `finished` and `failed` hold distinct indices: sorted, they are removed from the back.
+        finished.extend(failed.into_iter().map(|i| (i, None)));
+        finished.sort_unstable_by_key(|&(i, _)| i);
         for (i, reason) in finished.into_iter().rev() {
             let s = self.running.remove(i);
-            self.retire(s, Some(reason));
+            self.retire(s, reason);
         }
         Ok(generated)
     }
 
     /// Sample the next token of `s` and stream its text; says whether `s` is done.
+    ///
+    /// With a constraint, the logits of the tokens it does not allow are set to −∞ before
+    /// sampling (the log-probabilities reported are those of the masked logits, as vLLM
+    /// reports them), a sampled token it does not allow (possible only with non-finite
+    /// logits) is replaced by the first one it does, and the request stops when the text is
+    /// complete or at an end-of-sequence token, `ignore_eos` or not.
     fn advance(
         s: &mut Seq,
         logits: &[f32],
@@ -832,11 +886,42 @@ impl Scheduler {
         eos: &[u32],
         context: usize,
     ) -> Outcome {
-        let next = {
+        let mut masked = Vec::new();
+        let logits = match s.constraint.as_mut() {
+            None => logits,
+            Some(c) => {
+                masked.extend_from_slice(logits);
+                match c.apply(&mut masked) {
+                    Ok(Step::Sample) => &masked[..],
+                    Ok(Step::Finished) => {
+                        Self::flush(s);
+                        return Outcome::Done(FinishReason::Stop);
+                    }
+                    Err(e) => return Outcome::Failed(e.to_string()),
+                }
+            }
+        };
+        let mut next = {
             let (prompt, generated) = s.tokens.split_at(s.prompt_len);
             s.sampler.sample_with_history(logits, prompt, generated)
         };
-        if !s.ignore_eos && eos.contains(&next) {
+        if let Some(c) = s.constraint.as_mut() {
+            let step = (|| {
+                if !c.allows(next)? {
+                    next = c
+                        .first_allowed()?
+                        .ok_or_else(|| ConstraintError::Engine("no token is allowed".into()))?;
+                }
+                c.commit(next)
+            })();
+            if let Err(e) = step {
+                return Outcome::Failed(e.to_string());
+            }
+            if c.is_eos(next) || eos.contains(&next) {
+                Self::flush(s);
+                return Outcome::Done(FinishReason::Stop);
+            }
+        } else if !s.ignore_eos && eos.contains(&next) {
             Self::flush(s);
             return Outcome::Done(FinishReason::Stop);
         }
@@ -856,7 +941,10 @@ impl Scheduler {
                 prompt_logprobs: None,
             });
         }
-        if out.stopped {
+        if out.stopped || s.constraint.as_ref().is_some_and(Constraint::is_finished) {
+            if !out.stopped {
+                Self::flush(s);
+            }
             return Outcome::Done(FinishReason::Stop);
         }
         if s.generated() >= s.max_tokens || s.tokens.len() >= context {

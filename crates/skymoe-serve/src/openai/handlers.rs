@@ -21,10 +21,15 @@ use skymoe_model::sampling::SamplingParams;
 use super::error::ApiError;
 use super::metrics::{self, HttpCounters};
 use super::types::*;
-use crate::chat_template::ChatMessage;
+use crate::constrained::{ConstraintError, Grammar};
 use crate::engine::{
     EngineHandle, FinishReason, GenerationEvent, GenerationRequest, RequestStream, TokenLogprob,
     Usage,
+};
+use crate::tool_calls::{
+    messages_for_template, parse_required_output, parse_tool_calls, parse_tool_choice, parse_tools,
+    tools_system_prompt, ToolCall, ToolCallFormat, ToolCallParser, ToolChoice, ToolError,
+    ToolStreamEvent,
 };
 use futures_util::StreamExt;
 use skymoe_model::Tokenizer;
@@ -482,6 +487,7 @@ fn generation_request(
         seed: common.seed.map(SeedInput::as_u64),
         logprobs: None,
         prompt_logprobs: None,
+        constraint: None,
     })
 }
 
@@ -617,6 +623,10 @@ struct Shape {
     n: usize,
     /// Whether the response carries log-probabilities.
     logprobs: bool,
+    /// How a chat answer's text becomes its message (tool calls).
+    tools: ToolMode,
+    /// Whether the answer is streamed.
+    stream: bool,
 }
 
 impl Shape {
@@ -628,7 +638,177 @@ impl Shape {
             model: st.engine.model_id().to_string(),
             n,
             logprobs,
+            tools: ToolMode::Text,
+            stream: false,
         }
+    }
+}
+
+/// How the text of a chat answer becomes its message.
+#[derive(Clone, Debug, PartialEq)]
+enum ToolMode {
+    /// Plain text (no tools, or `tool_choice: "none"`).
+    Text,
+    /// Text in which tool calls written in the family's format are found
+    /// (`tool_choice: "auto"`).
+    Auto(ToolCallFormat),
+    /// A JSON array of `{"name", "parameters"}`, enforced (`tool_choice: "required"`).
+    Required(ToolCallFormat),
+    /// The named function's arguments, enforced.
+    Named {
+        /// The format whose call ids are used.
+        format: ToolCallFormat,
+        /// The function.
+        name: String,
+    },
+}
+
+/// One choice's tool calls while its text streams.
+enum ToolStream {
+    /// Calls found by a parser (`auto` and `required`).
+    Parser(ToolCallParser),
+    /// The whole text is the arguments of one call to `name`.
+    Named {
+        name: String,
+        id: String,
+        started: bool,
+    },
+}
+
+impl ToolStream {
+    fn new(mode: &ToolMode) -> Option<Self> {
+        match mode {
+            ToolMode::Text => None,
+            ToolMode::Auto(f) => Some(ToolStream::Parser(ToolCallParser::new(*f))),
+            ToolMode::Required(f) => Some(ToolStream::Parser(ToolCallParser::required(*f))),
+            ToolMode::Named { format, name } => Some(ToolStream::Named {
+                name: name.clone(),
+                id: format.new_call_id(),
+                started: false,
+            }),
+        }
+    }
+
+    /// The content and tool-call pieces `text` adds (`last`: the text is over).
+    fn push(&mut self, text: &str, last: bool) -> (String, Vec<ToolCallDelta>) {
+        match self {
+            ToolStream::Parser(p) => {
+                let mut events = p.push(text);
+                if last {
+                    events.extend(p.finish());
+                }
+                stream_deltas(events)
+            }
+            ToolStream::Named { name, id, started } => {
+                let mut out = Vec::new();
+                if !*started {
+                    *started = true;
+                    out.push(ToolCallDelta {
+                        index: 0,
+                        id: Some(id.clone()),
+                        kind: Some("function"),
+                        function: FunctionDelta {
+                            name: Some(name.clone()),
+                            arguments: Some(String::new()),
+                        },
+                    });
+                }
+                if !text.is_empty() {
+                    out.push(argument_delta(0, text.to_string()));
+                }
+                (String::new(), out)
+            }
+        }
+    }
+}
+
+fn argument_delta(index: usize, fragment: String) -> ToolCallDelta {
+    ToolCallDelta {
+        index,
+        id: None,
+        kind: None,
+        function: FunctionDelta {
+            name: None,
+            arguments: Some(fragment),
+        },
+    }
+}
+
+/// Parser events as OpenAI's stream pieces: content text, and per call a first piece with
+/// its id and name, then fragments of its arguments (consecutive ones merged).
+fn stream_deltas(events: Vec<ToolStreamEvent>) -> (String, Vec<ToolCallDelta>) {
+    let mut content = String::new();
+    let mut out: Vec<ToolCallDelta> = Vec::new();
+    for e in events {
+        match e {
+            ToolStreamEvent::Content(t) => content.push_str(&t),
+            ToolStreamEvent::ToolCallStart { index, id, name } => out.push(ToolCallDelta {
+                index,
+                id: Some(id),
+                kind: Some("function"),
+                function: FunctionDelta {
+                    name: Some(name),
+                    arguments: Some(String::new()),
+                },
+            }),
+            ToolStreamEvent::ToolCallArguments { index, fragment } => match out.last_mut() {
+                Some(d) if d.index == index && d.id.is_none() => {
+                    if let Some(a) = d.function.arguments.as_mut() {
+                        a.push_str(&fragment);
+                    }
+                }
+                _ => out.push(argument_delta(index, fragment)),
+            },
+        }
+    }
+    (content, out)
+}
+
+/// A whole chat answer as its message: (content, tool calls, finish reason). A message with
+/// calls that ended normally finishes with `tool_calls`; output that does not hold the calls
+/// its mode asks for (cut short by `max_tokens`) stays text.
+fn finish_message(
+    mode: &ToolMode,
+    text: String,
+    reason: &'static str,
+) -> (Option<String>, Vec<ToolCallOut>, &'static str) {
+    let out = |calls: Vec<ToolCall>| -> Vec<ToolCallOut> {
+        calls
+            .into_iter()
+            .map(|c| ToolCallOut {
+                id: c.id,
+                kind: "function",
+                function: FunctionCallOut {
+                    name: c.name,
+                    arguments: c.arguments,
+                },
+            })
+            .collect()
+    };
+    let called = |r: &'static str| if r == "stop" { "tool_calls" } else { r };
+    match mode {
+        ToolMode::Text => (Some(text), Vec::new(), reason),
+        ToolMode::Auto(format) => {
+            let parsed = parse_tool_calls(*format, &text);
+            if parsed.tool_calls.is_empty() {
+                (Some(text), Vec::new(), reason)
+            } else {
+                (parsed.content, out(parsed.tool_calls), called(reason))
+            }
+        }
+        ToolMode::Required(format) => match parse_required_output(&text, *format) {
+            Some(calls) if !calls.is_empty() => (None, out(calls), called(reason)),
+            _ => (Some(text), Vec::new(), reason),
+        },
+        ToolMode::Named { format, name } => (
+            None,
+            out(vec![ToolCall {
+                id: format.new_call_id(),
+                name: name.clone(),
+                arguments: text,
+            }]),
+            called(reason),
+        ),
     }
 }
 
@@ -646,11 +826,14 @@ struct Piece {
     text: String,
     completion: Option<CompletionLogprobs>,
     chat: Option<ChatLogprobs>,
+    /// Pieces of tool calls (streamed chat answers with tools).
+    tool_calls: Vec<ToolCallDelta>,
 }
 
 impl Piece {
     fn is_empty(&self) -> bool {
         self.text.is_empty()
+            && self.tool_calls.is_empty()
             && self.completion.as_ref().is_none_or(|c| c.tokens.is_empty())
             && self.chat.as_ref().is_none_or(|c| c.content.is_empty())
     }
@@ -665,6 +848,10 @@ struct ChoiceState {
     /// The whole answer so far (non-streaming).
     acc: Piece,
     finished: Option<(FinishReason, Usage)>,
+    /// Tool calls of a streamed chat answer with tools.
+    tools: Option<ToolStream>,
+    /// Whether a tool call was streamed.
+    called: bool,
 }
 
 impl ChoiceState {
@@ -676,8 +863,15 @@ impl ChoiceState {
                 text: String::new(),
                 completion: (shape.logprobs && !shape.chat).then(CompletionLogprobs::default),
                 chat: (shape.logprobs && shape.chat).then(ChatLogprobs::default),
+                tool_calls: Vec::new(),
             },
             finished: None,
+            tools: if shape.chat && shape.stream {
+                ToolStream::new(&shape.tools)
+            } else {
+                None
+            },
+            called: false,
         }
     }
 
@@ -703,6 +897,7 @@ impl ChoiceState {
             text: echo.text,
             completion,
             chat: None,
+            tool_calls: Vec::new(),
         })
     }
 
@@ -731,8 +926,28 @@ impl ChoiceState {
             }
         }
         self.offset += text.chars().count();
-        piece.text = text;
+        match self.tools.as_mut() {
+            Some(t) => {
+                let (content, calls) = t.push(&text, false);
+                self.called |= !calls.is_empty();
+                piece.text = content;
+                piece.tool_calls = calls;
+            }
+            None => piece.text = text,
+        }
         piece
+    }
+
+    /// What the streamed tool calls held back when the answer ends.
+    fn tool_tail(&mut self) -> Option<Piece> {
+        let (text, tool_calls) = self.tools.as_mut()?.push("", true);
+        self.called |= !tool_calls.is_empty();
+        let p = Piece {
+            text,
+            tool_calls,
+            ..Piece::default()
+        };
+        (!p.is_empty()).then_some(p)
     }
 
     /// Add a piece to the whole answer.
@@ -754,8 +969,8 @@ impl ChoiceState {
 enum Step {
     /// A piece of choice `index`'s answer.
     Piece(usize, Piece),
-    /// Choice `index` finished.
-    Finished(usize, FinishReason),
+    /// Choice `index` finished, for this reason (`stop`, `length`, `tool_calls`).
+    Finished(usize, &'static str),
     /// Everything finished: the summed token counts.
     Done(Usage),
     /// The generation failed.
@@ -863,8 +1078,15 @@ impl Driver {
                     if let Some(p) = state.echo_piece(tok, &self.shape, None) {
                         self.queue.push_back(Step::Piece(i, p));
                     }
+                    if let Some(p) = state.tool_tail() {
+                        self.queue.push_back(Step::Piece(i, p));
+                    }
                     state.finished = Some((reason, usage));
-                    self.queue.push_back(Step::Finished(i, reason));
+                    let why = match reason.as_openai() {
+                        "stop" if state.called => "tool_calls",
+                        r => r,
+                    };
+                    self.queue.push_back(Step::Finished(i, why));
                 }
                 Some(GenerationEvent::Failed { message }) => {
                     self.done = true;
@@ -980,14 +1202,19 @@ async fn respond_full(mut d: Driver, t0: Instant) -> Response {
             .states
             .iter_mut()
             .enumerate()
-            .map(|(index, c)| ChatChoice {
-                index,
-                finish_reason: finish(c),
-                message: ChatMessageOut {
-                    role: "assistant",
-                    content: std::mem::take(&mut c.acc.text),
-                },
-                logprobs: c.acc.chat.take(),
+            .map(|(index, c)| {
+                let (content, tool_calls, finish_reason) =
+                    finish_message(&shape.tools, std::mem::take(&mut c.acc.text), finish(c));
+                ChatChoice {
+                    index,
+                    finish_reason,
+                    message: ChatMessageOut {
+                        role: "assistant",
+                        content,
+                        tool_calls,
+                    },
+                    logprobs: c.acc.chat.take(),
+                }
             })
             .collect();
         Json(ChatCompletionResponse {
@@ -1030,10 +1257,12 @@ fn chunk(
     index: usize,
     role: bool,
     piece: Option<Piece>,
-    reason: Option<FinishReason>,
+    reason: Option<&'static str>,
 ) -> Event {
     let piece = piece.unwrap_or_default();
     if shape.chat {
+        let content =
+            role || (reason.is_none() && (!piece.text.is_empty() || piece.tool_calls.is_empty()));
         json_event(&ChatCompletionChunk {
             id: shape.id.clone(),
             object: "chat.completion.chunk",
@@ -1043,10 +1272,11 @@ fn chunk(
                 index,
                 delta: ChatDelta {
                     role: role.then_some("assistant"),
-                    content: (role || reason.is_none()).then_some(piece.text),
+                    content: content.then_some(piece.text),
+                    tool_calls: piece.tool_calls,
                 },
                 logprobs: piece.chat,
-                finish_reason: reason.map(FinishReason::as_openai),
+                finish_reason: reason,
             }],
             usage: None,
         })
@@ -1060,7 +1290,7 @@ fn chunk(
                 index,
                 text: piece.text,
                 logprobs: piece.completion,
-                finish_reason: reason.map(FinishReason::as_openai),
+                finish_reason: reason,
             }],
             usage: None,
         })
@@ -1241,7 +1471,9 @@ pub(crate) async fn chat_completions(
     }
 }
 
-fn chat_messages(msgs: Vec<MessageInput>) -> Result<Vec<ChatMessage>, ApiError> {
+/// The messages as JSON objects for the chat template: `role`, `content` (text parts
+/// joined; null becomes ""), and `tool_calls`, `tool_call_id`, `name` when given.
+fn chat_messages(msgs: Vec<MessageInput>) -> Result<Vec<serde_json::Value>, ApiError> {
     if msgs.is_empty() {
         return Err(ApiError::invalid_param(
             "messages",
@@ -1276,12 +1508,71 @@ fn chat_messages(msgs: Vec<MessageInput>) -> Result<Vec<ChatMessage>, ApiError> 
                     texts.join("\n")
                 }
             };
-            Ok(ChatMessage {
-                role: m.role,
-                content,
-            })
+            let mut o = serde_json::Map::new();
+            o.insert("role".into(), m.role.into());
+            o.insert("content".into(), content.into());
+            if let Some(calls) = m.tool_calls {
+                if !calls.is_empty() {
+                    o.insert("tool_calls".into(), calls.into());
+                }
+            }
+            if let Some(id) = m.tool_call_id {
+                o.insert("tool_call_id".into(), id.into());
+            }
+            if let Some(name) = m.name {
+                o.insert("name".into(), name.into());
+            }
+            Ok(serde_json::Value::Object(o))
         })
         .collect()
+}
+
+/// Show `tools` to a model whose chat template ignores them: the built-in tool prompt
+/// ([`tools_system_prompt`], Hermes format) joins the system message (or becomes one), and
+/// assistant tool calls in the history are written in the same format.
+fn add_tools_to_messages(messages: &mut Vec<serde_json::Value>, tools: &[serde_json::Value]) {
+    use serde_json::Value;
+    let prompt = tools_system_prompt(tools);
+    match messages.first_mut().and_then(Value::as_object_mut) {
+        Some(o) if o.get("role").and_then(Value::as_str) == Some("system") => {
+            let old = o.get("content").and_then(Value::as_str).unwrap_or_default();
+            let text = if old.is_empty() {
+                prompt
+            } else {
+                format!("{old}\n\n{prompt}")
+            };
+            o.insert("content".into(), text.into());
+        }
+        _ => messages.insert(0, serde_json::json!({"role": "system", "content": prompt})),
+    }
+    for m in messages.iter_mut() {
+        let Some(o) = m.as_object_mut() else { continue };
+        let Some(Value::Array(calls)) = o.remove("tool_calls") else {
+            continue;
+        };
+        let mut text = o
+            .get("content")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        for c in &calls {
+            let f = c.get("function").unwrap_or(c);
+            let name = f.get("name").cloned().unwrap_or(Value::Null);
+            let args = match f.get("arguments") {
+                Some(Value::String(a)) => {
+                    serde_json::from_str(a).unwrap_or(Value::String(a.clone()))
+                }
+                Some(v) => v.clone(),
+                None => serde_json::json!({}),
+            };
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            let call = serde_json::json!({"name": name, "arguments": args});
+            text.push_str(&format!("<tool_call>\n{call}\n</tool_call>"));
+        }
+        o.insert("content".into(), text.into());
+    }
 }
 
 /// `logprobs` / `top_logprobs` of a chat request: `Some(alternatives)` when asked for.
@@ -1306,18 +1597,29 @@ fn chat_logprobs(req: &ChatCompletionRequest) -> Result<Option<usize>, ApiError>
     }
 }
 
-/// Render `messages` with the chat template and tokenise them.
+/// Render `messages` (with the function `tools`, if any) with the chat template and
+/// tokenise them. A template that ignores tools gets them through the built-in tool prompt.
 async fn chat_prompt(
     st: &AppState,
-    messages: Vec<ChatMessage>,
+    mut messages: Vec<serde_json::Value>,
+    tools: Vec<serde_json::Value>,
     add_generation_prompt: bool,
     add_special_tokens: bool,
 ) -> Result<Vec<u32>, ApiError> {
     let engine = st.engine.clone();
     blocking(move || {
-        let text = engine
-            .chat_template()
-            .render(&messages, add_generation_prompt)
+        let template = engine.chat_template();
+        let native = !tools.is_empty() && template.uses_tools();
+        if !tools.is_empty() && !native {
+            add_tools_to_messages(&mut messages, &tools);
+        }
+        let messages = messages_for_template(&messages);
+        let text = template
+            .render_json(
+                &messages,
+                native.then_some(&tools[..]),
+                add_generation_prompt,
+            )
             .map_err(|e| {
                 ApiError::invalid_param("messages", format!("cannot apply the chat template: {e}"))
             })?;
@@ -1334,6 +1636,81 @@ async fn chat_prompt(
     .await
 }
 
+/// A tool error as the API's 400.
+fn tool_error(e: ToolError) -> ApiError {
+    ApiError::invalid_param(e.param, e.message)
+}
+
+/// `response_format`: the grammar it asks for (`None` for text).
+fn response_format(v: Option<&serde_json::Value>) -> Result<Option<Grammar>, ApiError> {
+    use serde_json::Value;
+    let o = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(o)) => o,
+        Some(_) => {
+            return Err(ApiError::invalid_param(
+                "response_format",
+                "`response_format` must be an object such as {\"type\": \"json_object\"}",
+            ))
+        }
+    };
+    match o.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Grammar::JsonObject)),
+        Some("json_schema") => {
+            let Some(js) = o.get("json_schema").and_then(Value::as_object) else {
+                return Err(ApiError::invalid_param(
+                    "response_format.json_schema",
+                    "`response_format.json_schema` is required with type \"json_schema\" and \
+                     must be an object",
+                ));
+            };
+            let strict = match js.get("strict") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(ApiError::invalid_param(
+                        "response_format.json_schema.strict",
+                        "`response_format.json_schema.strict` must be a boolean",
+                    ))
+                }
+            };
+            // No schema: any JSON value.
+            let schema = js.get("schema").cloned().unwrap_or(Value::Bool(true));
+            Ok(Some(Grammar::json_schema(schema, strict)))
+        }
+        _ => Err(ApiError::invalid_param(
+            "response_format.type",
+            "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\"",
+        )),
+    }
+}
+
+/// Compile `grammar` over the engine's vocabulary off the async threads; a grammar that
+/// does not compile is a 400 naming `param`.
+async fn compile_constraint(
+    st: &AppState,
+    grammar: Grammar,
+    param: String,
+) -> Result<crate::constrained::Constraint, ApiError> {
+    let engine = st.engine.clone();
+    blocking(move || {
+        let vocab = engine.constraint_vocab().map_err(|e| {
+            ApiError::unsupported(
+                &param,
+                format!("this model cannot use constrained decoding: {e}"),
+            )
+        })?;
+        vocab.compile(&grammar).map_err(|e| match e {
+            ConstraintError::InvalidSchema(_) | ConstraintError::InvalidGrammar(_) => {
+                ApiError::invalid_param(param.clone(), format!("`{param}`: {e}"))
+            }
+            other => ApiError::internal(format!("constrained decoding: {other}")),
+        })
+    })
+    .await
+}
+
 async fn chat_inner(
     st: Arc<AppState>,
     body: Result<Bytes, BytesRejection>,
@@ -1345,19 +1722,57 @@ async fn chat_inner(
     check_model(&st, &common)?;
     let n = choices_per_prompt(&common)?;
     let logprobs = chat_logprobs(&req)?;
-    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::unsupported("tools", "`tools` are not supported"));
-    }
+    let tools_json = req.tools.clone().unwrap_or_default();
+    let tools = parse_tools(&tools_json).map_err(tool_error)?;
+    let choice = parse_tool_choice(req.tool_choice.as_ref(), &tools).map_err(tool_error)?;
+    let format = ToolCallFormat::detect(st.engine.chat_template().source());
+    let tool_grammar = choice.grammar(&tools).map_err(tool_error)?;
+    let format_grammar = response_format(req.response_format.as_ref())?;
+    let (mode, grammar) = match (&choice, tool_grammar, format_grammar) {
+        (ToolChoice::Required | ToolChoice::Function(_), Some(_), Some(_)) => {
+            return Err(ApiError::invalid_param(
+                "response_format",
+                "`response_format` cannot be combined with a `tool_choice` that forces a tool \
+                 call (\"required\" or a named function)",
+            ))
+        }
+        (ToolChoice::Required, Some(g), None) => {
+            (ToolMode::Required(format), Some((g, "tools".to_string())))
+        }
+        (ToolChoice::Function(name), Some(g), None) => {
+            let i = tools.iter().position(|t| &t.name == name).unwrap_or(0);
+            let param = format!("tools[{i}].function.parameters");
+            let mode = ToolMode::Named {
+                format,
+                name: name.clone(),
+            };
+            (mode, Some((g, param)))
+        }
+        (ToolChoice::Auto, _, g) if !tools.is_empty() => (
+            ToolMode::Auto(format),
+            g.map(|g| (g, "response_format.json_schema.schema".to_string())),
+        ),
+        (_, _, g) => (
+            ToolMode::Text,
+            g.map(|g| (g, "response_format.json_schema.schema".to_string())),
+        ),
+    };
     let messages =
         chat_messages(req.messages.ok_or_else(|| {
             ApiError::invalid_param("messages", "the field `messages` is required")
         })?)?;
-    let ids = chat_prompt(&st, messages, true, false).await?;
+    let constraint = match grammar {
+        Some((g, param)) => Some(compile_constraint(&st, g, param).await?),
+        None => None,
+    };
+    let ids = chat_prompt(&st, messages, tools_json, true, false).await?;
     let mut gen = generation_request(&st, &common, ids, "messages", None, false)?;
     gen.logprobs = logprobs;
+    gen.constraint = constraint;
     let gens = fan_out(&st, gen, n, n)?;
     let echoes = (0..n).map(|_| None).collect();
-    let shape = Shape::new(&st, true, n, logprobs.is_some());
+    let mut shape = Shape::new(&st, true, n, logprobs.is_some());
+    shape.tools = mode;
     respond(&st, &common, gens, echoes, shape, t0).await
 }
 
@@ -1368,9 +1783,10 @@ async fn respond(
     common: &CommonParams,
     reqs: Vec<GenerationRequest>,
     echoes: Vec<Option<Echo>>,
-    shape: Shape,
+    mut shape: Shape,
     t0: Instant,
 ) -> Result<Response, ApiError> {
+    shape.stream = common.stream.unwrap_or(false);
     let prompt_tokens: usize = reqs.iter().map(|r| r.prompt.len()).sum();
     let choices = reqs.len();
     let mut streams = Vec::with_capacity(choices);
@@ -1413,6 +1829,12 @@ async fn tokenize_inner(
     let value = parse_body(body)?;
     let req: TokenizeRequest = fields(&value)?;
     check_optional_model(&st, req.model.as_deref())?;
+    if req.tools.is_some() && req.messages.is_none() {
+        return Err(ApiError::invalid_param(
+            "tools",
+            "`tools` can only be given with `messages`",
+        ));
+    }
     let ids = match (req.prompt, req.messages) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid_param(
@@ -1444,9 +1866,12 @@ async fn tokenize_inner(
         }
         (None, Some(msgs)) => {
             let messages = chat_messages(msgs)?;
+            let tools = req.tools.unwrap_or_default();
+            parse_tools(&tools).map_err(tool_error)?;
             chat_prompt(
                 &st,
                 messages,
+                tools,
                 req.add_generation_prompt.unwrap_or(true),
                 req.add_special_tokens.unwrap_or(false),
             )

@@ -204,6 +204,16 @@ pub struct MessageInput {
     /// Its content (may be null for an assistant message).
     #[serde(default)]
     pub content: Option<ContentInput>,
+    /// The tool calls of an assistant message: `[{"id", "type": "function", "function":
+    /// {"name", "arguments"}}]`, passed to the chat template.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// The call a `tool` message answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// The speaker's name (or, in a `tool` message, the function's).
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// The fields of `POST /v1/chat/completions` beyond [`CommonParams`] (both are read from
@@ -219,9 +229,21 @@ pub struct ChatCompletionRequest {
     /// With `logprobs`: how many alternatives to return per token (0–20).
     #[serde(default)]
     pub top_logprobs: Option<i64>,
-    /// Tool definitions (unsupported).
+    /// Functions the model may call: `[{"type": "function", "function": {"name",
+    /// "description", "parameters", "strict"}}]`.
     #[serde(default)]
     pub tools: Option<Vec<serde_json::Value>>,
+    /// `"none"`, `"auto"`, `"required"` or `{"type": "function", "function": {"name"}}`.
+    #[serde(default)]
+    pub tool_choice: Option<serde_json::Value>,
+    /// Whether the model may call several tools in one turn (accepted; calls are never
+    /// limited).
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// `{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema",
+    /// "json_schema": {"name", "schema", "strict"}}`.
+    #[serde(default)]
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// Token counts in a response.
@@ -315,8 +337,61 @@ pub struct CompletionResponse {
 pub struct ChatMessageOut {
     /// `assistant`.
     pub role: &'static str,
-    /// The generated text.
-    pub content: String,
+    /// The generated text (null when the message is only tool calls).
+    pub content: Option<String>,
+    /// The tool calls found in (or forced on) the output; absent when there are none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
+}
+
+/// A function call in a response: `{"id", "type": "function", "function": {"name",
+/// "arguments"}}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallOut {
+    /// The call's id.
+    pub id: String,
+    /// `function`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The function and its arguments.
+    pub function: FunctionCallOut,
+}
+
+/// The function of a [`ToolCallOut`].
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionCallOut {
+    /// The function's name.
+    pub name: String,
+    /// Its arguments, as JSON text.
+    pub arguments: String,
+}
+
+/// A piece of a tool call in a chat stream chunk, as OpenAI streams them: the first names
+/// the call (`id`, `type`, `function.name`), later ones carry fragments of
+/// `function.arguments`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ToolCallDelta {
+    /// The call's position in the message.
+    pub index: usize,
+    /// The call's id (first piece only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `function` (first piece only).
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    /// The function's name and a fragment of its arguments.
+    pub function: FunctionDelta,
+}
+
+/// The `function` of a [`ToolCallDelta`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FunctionDelta {
+    /// The function's name (first piece only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The next fragment of the arguments' JSON text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
 }
 
 /// One alternative token in a chat completion's log-probabilities.
@@ -359,7 +434,7 @@ pub struct ChatChoice {
     pub message: ChatMessageOut,
     /// Log-probabilities when asked for, else null.
     pub logprobs: Option<ChatLogprobs>,
-    /// `stop` or `length`.
+    /// `stop`, `length` or `tool_calls`.
     pub finish_reason: &'static str,
 }
 
@@ -389,6 +464,9 @@ pub struct ChatDelta {
     /// New text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Pieces of tool calls.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallDelta>,
 }
 
 /// One choice of a chat stream chunk.
@@ -400,7 +478,7 @@ pub struct ChatChunkChoice {
     pub delta: ChatDelta,
     /// Log-probabilities of this chunk's tokens when asked for, else null.
     pub logprobs: Option<ChatLogprobs>,
-    /// `stop` or `length` in the last chunk, else null.
+    /// `stop`, `length` or `tool_calls` in the last chunk, else null.
     pub finish_reason: Option<&'static str>,
 }
 
@@ -458,6 +536,9 @@ pub struct TokenizeRequest {
     /// A conversation to render with the chat template and tokenise.
     #[serde(default)]
     pub messages: Option<Vec<MessageInput>>,
+    /// With `messages`: the function tools shown to the model, as in a chat request.
+    #[serde(default)]
+    pub tools: Option<Vec<serde_json::Value>>,
     /// With `messages`: end with the assistant's turn opening (default true).
     #[serde(default)]
     pub add_generation_prompt: Option<bool>,
