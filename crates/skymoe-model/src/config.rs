@@ -6,55 +6,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
+pub use crate::families::Architecture;
 pub use crate::layers::rope::RopeScaling;
-
-/// The model families skymoe implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Architecture {
-    /// Dense Llama (`LlamaForCausalLM`), also the architecture of llama.cpp's `llama` GGUF files.
-    Llama,
-    /// Mixtral (`MixtralForCausalLM`): every layer an MoE of SwiGLU experts.
-    Mixtral,
-    /// Qwen2-MoE (`Qwen2MoeForCausalLM`): q/k/v biases, a sigmoid-gated shared expert.
-    Qwen2Moe,
-    /// Skywork-MoE (`SkyworkForCausalLM`): gating logit normalisation, expert interval.
-    SkyworkMoe,
-}
-
-impl Architecture {
-    /// The Hugging Face class name of the architecture.
-    pub fn hf_class(self) -> &'static str {
-        match self {
-            Architecture::Llama => "LlamaForCausalLM",
-            Architecture::Mixtral => "MixtralForCausalLM",
-            Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
-            Architecture::SkyworkMoe => "SkyworkForCausalLM",
-        }
-    }
-
-    /// The `model_type` value written in `config.json`.
-    pub fn model_type(self) -> &'static str {
-        match self {
-            Architecture::Llama => "llama",
-            Architecture::Mixtral => "mixtral",
-            Architecture::Qwen2Moe => "qwen2_moe",
-            Architecture::SkyworkMoe => "skywork_moe",
-        }
-    }
-
-    /// Recognise an architecture from a `architectures[0]` class name or a `model_type`.
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "LlamaForCausalLM" | "llama" => Some(Architecture::Llama),
-            "MixtralForCausalLM" | "mixtral" => Some(Architecture::Mixtral),
-            "Qwen2MoeForCausalLM" | "qwen2_moe" => Some(Architecture::Qwen2Moe),
-            "SkyworkForCausalLM" | "SkyworkMoeForCausalLM" | "skywork_moe" | "skywork" => {
-                Some(Architecture::SkyworkMoe)
-            }
-            _ => None,
-        }
-    }
-}
 
 /// How the router turns gate logits into expert weights.
 #[derive(Debug, Clone, PartialEq)]
@@ -128,16 +81,26 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
-fn get_usize(v: &Value, key: &str) -> Option<usize> {
+/// An unsigned integer entry of a `config.json`.
+pub(crate) fn get_usize(v: &Value, key: &str) -> Option<usize> {
     v.get(key).and_then(Value::as_u64).map(|x| x as usize)
 }
 
-fn get_f64(v: &Value, key: &str) -> Option<f64> {
+/// A number entry of a `config.json`.
+pub(crate) fn get_f64(v: &Value, key: &str) -> Option<f64> {
     v.get(key).and_then(Value::as_f64)
 }
 
-fn get_bool(v: &Value, key: &str) -> Option<bool> {
+/// A boolean entry of a `config.json`.
+pub(crate) fn get_bool(v: &Value, key: &str) -> Option<bool> {
     v.get(key).and_then(Value::as_bool)
+}
+
+/// A positive integer entry of a `config.json` that must be present.
+pub(crate) fn need_usize(v: &Value, origin: &Path, key: &str) -> Result<usize> {
+    get_usize(v, key)
+        .filter(|&x| x > 0)
+        .ok_or_else(|| ModelError::config(origin, format!("missing or invalid `{key}`")))
 }
 
 fn token_ids(v: Option<&Value>) -> Vec<u32> {
@@ -151,6 +114,9 @@ fn token_ids(v: Option<&Value>) -> Vec<u32> {
         _ => Vec::new(),
     }
 }
+
+/// Most transformer blocks a config (or GGUF file) may declare.
+pub const MAX_HIDDEN_LAYERS: usize = 1 << 16;
 
 impl ModelConfig {
     /// Read and parse a Hugging Face `config.json`.
@@ -166,45 +132,28 @@ impl ModelConfig {
         Self::from_json(&v, origin)
     }
 
-    /// Build a config from parsed `config.json` contents.
+    /// Build a config from parsed `config.json` contents. At most [`MAX_HIDDEN_LAYERS`]
+    /// layers are accepted.
     pub fn from_json(v: &Value, origin: &Path) -> Result<Self> {
         if !v.is_object() {
             return Err(ModelError::config(origin, "expected a JSON object"));
         }
-        let class = v
-            .get("architectures")
-            .and_then(Value::as_array)
-            .and_then(|a| a.first())
-            .and_then(Value::as_str);
-        let model_type = v.get("model_type").and_then(Value::as_str);
-        let architecture = class
-            .and_then(Architecture::from_name)
-            .or_else(|| model_type.and_then(Architecture::from_name))
-            .ok_or_else(|| ModelError::UnsupportedArchitecture {
-                found: format!(
-                    "architectures={:?}, model_type={:?}",
-                    class.unwrap_or("<none>"),
-                    model_type.unwrap_or("<none>")
-                ),
-            })?;
-        // Skywork's class names cover both the dense Skywork-13B (a Llama block, no
-        // `num_experts`) and Skywork-MoE; only the MoE key tells them apart.
-        let architecture = if architecture == Architecture::SkyworkMoe
-            && v.get("num_experts").is_none_or(Value::is_null)
-        {
-            Architecture::Llama
-        } else {
-            architecture
-        };
-        check_unhonoured_keys(v, origin, architecture)?;
-        let need = |key: &str| -> Result<usize> {
-            get_usize(v, key)
-                .filter(|&x| x > 0)
-                .ok_or_else(|| ModelError::config(origin, format!("missing or invalid `{key}`")))
-        };
+        let architecture = crate::families::for_hf_config(v)?;
+        let family = architecture.family();
+        check_unhonoured_keys(v, origin)?;
+        family.check_hf_keys(v, origin)?;
+        let need = |key: &str| need_usize(v, origin, key);
         let vocab_size = need("vocab_size")?;
         let hidden_size = need("hidden_size")?;
         let num_hidden_layers = need("num_hidden_layers")?;
+        // Per-layer tables are sized by it before any weight is checked; the largest
+        // published models have a few hundred layers.
+        if num_hidden_layers > MAX_HIDDEN_LAYERS {
+            return Err(ModelError::config(
+                origin,
+                format!("num_hidden_layers ({num_hidden_layers}) is above {MAX_HIDDEN_LAYERS}"),
+            ));
+        }
         let num_attention_heads = need("num_attention_heads")?;
         let num_key_value_heads =
             get_usize(v, "num_key_value_heads").unwrap_or(num_attention_heads);
@@ -240,81 +189,8 @@ impl ModelConfig {
         let rope_scaling = RopeScaling::from_hf_json(v, origin, max_position_embeddings)?;
         let tie_word_embeddings = get_bool(v, "tie_word_embeddings").unwrap_or(false);
         let attention_bias = get_bool(v, "attention_bias").unwrap_or(false);
-        let (qkv_bias, o_bias) = match architecture {
-            Architecture::Qwen2Moe => (true, false),
-            _ => (attention_bias, attention_bias),
-        };
         let intermediate_size = need("intermediate_size")?;
-        let moe = match architecture {
-            Architecture::Llama => None,
-            Architecture::Mixtral => {
-                let num_experts = get_usize(v, "num_local_experts").unwrap_or(8);
-                let top_k = get_usize(v, "num_experts_per_tok").unwrap_or(2);
-                Some(MoeConfig {
-                    num_experts,
-                    top_k,
-                    expert_intermediate_size: intermediate_size,
-                    shared_expert_intermediate_size: None,
-                    moe_layers: vec![true; num_hidden_layers],
-                    router: RouterConfig {
-                        logits_norm_std: None,
-                        normalize_top_k: true,
-                        two_layer_gate: false,
-                        multiply_input_by_top_k: false,
-                    },
-                })
-            }
-            Architecture::Qwen2Moe => {
-                let num_experts = need("num_experts")?;
-                let top_k = get_usize(v, "num_experts_per_tok").unwrap_or(4);
-                let step = get_usize(v, "decoder_sparse_step").unwrap_or(1).max(1);
-                let mlp_only: Vec<usize> = v
-                    .get("mlp_only_layers")
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(Value::as_u64)
-                            .map(|x| x as usize)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let moe_layers = (0..num_hidden_layers)
-                    .map(|l| !mlp_only.contains(&l) && (l + 1) % step == 0)
-                    .collect();
-                let shared = get_usize(v, "shared_expert_intermediate_size").filter(|&x| x > 0);
-                Some(MoeConfig {
-                    num_experts,
-                    top_k,
-                    expert_intermediate_size: need("moe_intermediate_size")?,
-                    shared_expert_intermediate_size: shared,
-                    moe_layers,
-                    router: RouterConfig {
-                        logits_norm_std: None,
-                        normalize_top_k: get_bool(v, "norm_topk_prob").unwrap_or(false),
-                        two_layer_gate: false,
-                        multiply_input_by_top_k: false,
-                    },
-                })
-            }
-            Architecture::SkyworkMoe => Some(skywork_moe(
-                v,
-                origin,
-                intermediate_size,
-                num_hidden_layers,
-            )?),
-        };
-        if let Some(m) = &moe {
-            if m.num_experts == 0 || m.top_k == 0 || m.top_k > m.num_experts {
-                return Err(ModelError::config(
-                    origin,
-                    format!(
-                        "top-k ({}) must be between 1 and the number of experts ({})",
-                        m.top_k, m.num_experts
-                    ),
-                ));
-            }
-        }
-        Ok(ModelConfig {
+        let mut config = ModelConfig {
             architecture,
             vocab_size,
             hidden_size,
@@ -328,15 +204,28 @@ impl ModelConfig {
             max_position_embeddings,
             rope_scaling,
             tie_word_embeddings,
-            qkv_bias,
-            o_bias,
-            moe,
+            qkv_bias: attention_bias,
+            o_bias: attention_bias,
+            moe: None,
             bos_token_id: v
                 .get("bos_token_id")
                 .and_then(Value::as_u64)
                 .map(|x| x as u32),
             eos_token_ids: token_ids(v.get("eos_token_id")),
-        })
+        };
+        family.read_hf_config(v, origin, &mut config)?;
+        if let Some(m) = &config.moe {
+            if m.num_experts == 0 || m.top_k == 0 || m.top_k > m.num_experts {
+                return Err(ModelError::config(
+                    origin,
+                    format!(
+                        "top-k ({}) must be between 1 and the number of experts ({})",
+                        m.top_k, m.num_experts
+                    ),
+                ));
+            }
+        }
+        Ok(config)
     }
 
     /// Whether layer `layer` has an MoE feed-forward block.
@@ -348,8 +237,9 @@ impl ModelConfig {
 }
 
 /// Refuse configuration keys whose values change the computation in a way skymoe does not
-/// implement, instead of silently running a different model.
-fn check_unhonoured_keys(v: &Value, origin: &Path, architecture: Architecture) -> Result<()> {
+/// implement, instead of silently running a different model (the keys every family shares;
+/// a family refuses its own in [`crate::families::Family::check_hf_keys`]).
+fn check_unhonoured_keys(v: &Value, origin: &Path) -> Result<()> {
     let refuse = |reason: String| Err(ModelError::config(origin, reason));
     if let Some(act) = v
         .get("hidden_act")
@@ -409,74 +299,7 @@ fn check_unhonoured_keys(v: &Value, origin: &Path, architecture: Architecture) -
             }
         }
     }
-    if architecture == Architecture::SkyworkMoe
-        && get_bool(v, "moe_use_skywork_gating") == Some(true)
-    {
-        return refuse(
-            "`moe_use_skywork_gating` is true; skymoe implements the released Skywork-MoE \
-             gating (softmax, top-2, renormalised), where this key is false"
-                .into(),
-        );
-    }
     Ok(())
-}
-
-/// Parse the Skywork-MoE specific keys.
-fn skywork_moe(
-    v: &Value,
-    origin: &Path,
-    intermediate_size: usize,
-    num_layers: usize,
-) -> Result<MoeConfig> {
-    let num_experts = match v.get("num_experts") {
-        Some(Value::Array(a)) => {
-            let counts: Vec<Option<u64>> = a.iter().map(Value::as_u64).collect();
-            if counts.windows(2).any(|w| w[0] != w[1]) {
-                return Err(ModelError::config(
-                    origin,
-                    format!(
-                        "`num_experts` is {}; skymoe needs the same number of experts in every MoE layer",
-                        Value::Array(a.clone())
-                    ),
-                ));
-            }
-            counts.first().copied().flatten().map(|x| x as usize)
-        }
-        Some(Value::Number(n)) => n.as_u64().map(|x| x as usize),
-        _ => None,
-    }
-    .filter(|&x| x > 0)
-    .ok_or_else(|| {
-        ModelError::config(
-            origin,
-            "missing or invalid `num_experts` (expected e.g. [16])",
-        )
-    })?;
-    let top_k = get_usize(v, "moe_topk")
-        .or_else(|| get_usize(v, "num_experts_per_tok"))
-        .unwrap_or(2);
-    let interval = get_usize(v, "moe_expert_interval").unwrap_or(1).max(1);
-    let moe_layers = (0..num_layers)
-        .map(|l| l % interval == interval - 1)
-        .collect();
-    let use_logits_norm = get_bool(v, "moe_use_logits_norm").unwrap_or(false);
-    let norm_std = get_f64(v, "moe_gate_norm_std").unwrap_or(1.0);
-    let mixtral_gating = get_bool(v, "moe_use_mixtral_gating").unwrap_or(false);
-    let no_mul_topk = get_bool(v, "moe_feature_no_mul_topk").unwrap_or(false);
-    Ok(MoeConfig {
-        num_experts,
-        top_k,
-        expert_intermediate_size: intermediate_size,
-        shared_expert_intermediate_size: None,
-        moe_layers,
-        router: RouterConfig {
-            logits_norm_std: use_logits_norm.then_some(norm_std),
-            normalize_top_k: true,
-            // The Skywork config class defaults to a two-layer gate; released checkpoints set false.
-            two_layer_gate: get_bool(v, "moe_2layer_gate").unwrap_or(true),
-            multiply_input_by_top_k: !mixtral_gating && !no_mul_topk,
-        },
-    })
 }
 
 #[cfg(test)]
@@ -729,62 +552,7 @@ impl ModelConfig {
                 self.rope_scaling.to_hf_json(self.rope_theta),
             );
         }
-        if self.architecture == Architecture::Llama {
-            o.insert("attention_bias".into(), self.qkv_bias.into());
-            o.insert("mlp_bias".into(), false.into());
-        }
-        let Some(m) = &self.moe else { return v };
-        match self.architecture {
-            Architecture::Mixtral => {
-                o.insert("num_local_experts".into(), m.num_experts.into());
-                o.insert("num_experts_per_tok".into(), m.top_k.into());
-                o.insert("router_aux_loss_coef".into(), 0.0.into());
-            }
-            Architecture::Qwen2Moe => {
-                o.insert("num_experts".into(), m.num_experts.into());
-                o.insert("num_experts_per_tok".into(), m.top_k.into());
-                o.insert(
-                    "moe_intermediate_size".into(),
-                    m.expert_intermediate_size.into(),
-                );
-                o.insert(
-                    "shared_expert_intermediate_size".into(),
-                    m.shared_expert_intermediate_size.unwrap_or(0).into(),
-                );
-                o.insert("norm_topk_prob".into(), m.router.normalize_top_k.into());
-                o.insert("decoder_sparse_step".into(), 1.into());
-                let dense: Vec<usize> = (0..self.num_hidden_layers)
-                    .filter(|&l| !m.moe_layers[l])
-                    .collect();
-                o.insert("mlp_only_layers".into(), dense.into());
-                o.insert("qkv_bias".into(), true.into());
-            }
-            Architecture::SkyworkMoe => {
-                let interval = (1..=self.num_hidden_layers)
-                    .find(|&i| {
-                        (0..self.num_hidden_layers)
-                            .all(|l| m.moe_layers[l] == (i == 1 || (l + 1) % i == 0))
-                    })
-                    .unwrap_or(1);
-                o.insert("num_experts".into(), vec![m.num_experts].into());
-                o.insert("moe_expert_interval".into(), interval.into());
-                o.insert("moe_use_mixtral_gating".into(), false.into());
-                o.insert("moe_2layer_gate".into(), m.router.two_layer_gate.into());
-                o.insert(
-                    "moe_use_logits_norm".into(),
-                    m.router.logits_norm_std.is_some().into(),
-                );
-                o.insert(
-                    "moe_gate_norm_std".into(),
-                    m.router.logits_norm_std.unwrap_or(1.0).into(),
-                );
-                o.insert(
-                    "moe_feature_no_mul_topk".into(),
-                    (!m.router.multiply_input_by_top_k).into(),
-                );
-            }
-            Architecture::Llama => {}
-        }
+        self.architecture.family().write_hf_config(self, o);
         v
     }
 }

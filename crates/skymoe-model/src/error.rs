@@ -23,8 +23,8 @@ pub enum ModelError {
     },
     /// The architecture named by the config is not one skymoe implements.
     #[error(
-        "unsupported architecture {found}; supported: LlamaForCausalLM (llama), MixtralForCausalLM (mixtral), \
-         Qwen2MoeForCausalLM (qwen2_moe), SkyworkForCausalLM (skywork_moe / skywork); GGUF: general.architecture = llama"
+        "unsupported architecture {found}; supported: {}",
+        crate::families::supported_names()
     )]
     UnsupportedArchitecture {
         /// What the config says.

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod error;
+pub mod families;
 pub mod fsutil;
 pub mod hub;
 pub mod layers;

@@ -1,6 +1,7 @@
-//! Checkpoint tensor names of each architecture (Hugging Face conventions).
+//! Checkpoint tensor names (Hugging Face conventions): the shared naming forms of the parts,
+//! which each family picks in [`crate::families`].
 
-use crate::config::{Architecture, ModelConfig};
+use crate::config::ModelConfig;
 
 /// The three matrices of a SwiGLU FFN under their checkpoint names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,57 +56,64 @@ pub struct MoeNames {
 }
 
 impl ModelConfig {
-    /// Whether the MoE tensors follow Mixtral's `block_sparse_moe` naming (Mixtral, Skywork).
-    pub fn mixtral_style(&self) -> bool {
-        matches!(
-            self.architecture,
-            Architecture::Mixtral | Architecture::SkyworkMoe
-        )
-    }
-
     /// Names of a dense FFN in layer `l`.
     pub fn dense_ffn_names(&self, l: usize) -> SwiGluNames {
-        swiglu(&layer(l, "mlp"), false)
+        self.architecture.family().dense_ffn_names(l)
     }
 
     /// Names of the MoE tensors in layer `l` (meaningful only for an MoE layer).
     pub fn moe_names(&self, l: usize) -> MoeNames {
-        let n = self.moe.as_ref().map_or(0, |m| m.num_experts);
-        let two_layer = self.moe.as_ref().is_some_and(|m| m.router.two_layer_gate);
-        if self.mixtral_style() {
-            let p = layer(l, "block_sparse_moe");
-            MoeNames {
-                gate: if two_layer {
-                    format!("{p}.gate.wg.0.weight")
-                } else {
-                    format!("{p}.gate.weight")
-                },
-                gate2: two_layer.then(|| format!("{p}.gate.wg.2.weight")),
-                experts: (0..n)
-                    .map(|e| swiglu(&format!("{p}.experts.{e}"), true))
-                    .collect(),
-                shared: None,
-            }
+        self.architecture.family().moe_names(self, l)
+    }
+}
+
+/// The Llama form of a dense FFN: `model.layers.{l}.mlp.{gate,up,down}_proj`.
+pub fn mlp_names(l: usize) -> SwiGluNames {
+    swiglu(&layer(l, "mlp"), false)
+}
+
+/// Mixtral's form of an MoE layer, under `model.layers.{l}.block_sparse_moe`: the router
+/// `gate` (`gate.wg.0`/`gate.wg.2` for a two-layer gate), experts `experts.{e}.w1/w3/w2`.
+pub fn block_sparse_moe_names(c: &ModelConfig, l: usize) -> MoeNames {
+    let n = c.moe.as_ref().map_or(0, |m| m.num_experts);
+    let two_layer = c.moe.as_ref().is_some_and(|m| m.router.two_layer_gate);
+    let p = layer(l, "block_sparse_moe");
+    MoeNames {
+        gate: if two_layer {
+            format!("{p}.gate.wg.0.weight")
         } else {
-            let p = layer(l, "mlp");
-            let shared = self
-                .moe
-                .as_ref()
-                .and_then(|m| m.shared_expert_intermediate_size)
-                .map(|_| {
-                    (
-                        swiglu(&format!("{p}.shared_expert"), false),
-                        format!("{p}.shared_expert_gate.weight"),
-                    )
-                });
-            MoeNames {
-                gate: format!("{p}.gate.weight"),
-                gate2: None,
-                experts: (0..n)
-                    .map(|e| swiglu(&format!("{p}.experts.{e}"), false))
-                    .collect(),
-                shared,
-            }
-        }
+            format!("{p}.gate.weight")
+        },
+        gate2: two_layer.then(|| format!("{p}.gate.wg.2.weight")),
+        experts: (0..n)
+            .map(|e| swiglu(&format!("{p}.experts.{e}"), true))
+            .collect(),
+        shared: None,
+    }
+}
+
+/// The `mlp` form of an MoE layer (Qwen2-MoE and later transformers models), under
+/// `model.layers.{l}.mlp`: the router `gate`, experts `experts.{e}.{gate,up,down}_proj`, and
+/// when the config has one, `shared_expert` with its scalar `shared_expert_gate`.
+pub fn mlp_moe_names(c: &ModelConfig, l: usize) -> MoeNames {
+    let n = c.moe.as_ref().map_or(0, |m| m.num_experts);
+    let p = layer(l, "mlp");
+    let shared = c
+        .moe
+        .as_ref()
+        .and_then(|m| m.shared_expert_intermediate_size)
+        .map(|_| {
+            (
+                swiglu(&format!("{p}.shared_expert"), false),
+                format!("{p}.shared_expert_gate.weight"),
+            )
+        });
+    MoeNames {
+        gate: format!("{p}.gate.weight"),
+        gate2: None,
+        experts: (0..n)
+            .map(|e| swiglu(&format!("{p}.experts.{e}"), false))
+            .collect(),
+        shared,
     }
 }

@@ -61,24 +61,6 @@ fn save_tensors(map: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     sync_file(path)
 }
 
-/// transformers remote code for the Skywork-MoE layout (Skywork's own modeling code lives on
-/// the Hugging Face hub): written beside every Skywork-MoE checkpoint so that
-/// `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads it.
-const SKYWORK_REMOTE_CODE: [(&str, &str); 3] = [
-    (
-        "configuration_skywork_moe.py",
-        include_str!("../../../tools/reference/skywork_remote/configuration_skywork_moe.py"),
-    ),
-    (
-        "modeling_skywork_moe.py",
-        include_str!("../../../tools/reference/skywork_remote/modeling_skywork_moe.py"),
-    ),
-    (
-        "skywork_moe_ref.py",
-        include_str!("../../../tools/reference/skywork_moe_ref.py"),
-    ),
-];
-
 /// Write the model (Hugging Face layout) into `dir`, which must exist. `tokenizer` is a
 /// tokenizer.json file (written as tokenizer.json), or a tokenizer.model file or model
 /// directory whose tokenizer files are copied.
@@ -89,12 +71,14 @@ pub fn write_model_files(
     tokenizer: Option<&Path>,
 ) -> Result<()> {
     let mut json = config.to_hf_json();
-    if config.architecture == skymoe_model::Architecture::SkyworkMoe {
-        json["auto_map"] = serde_json::json!({
-            "AutoConfig": "configuration_skywork_moe.SkyworkMoeConfig",
-            "AutoModelForCausalLM": "modeling_skywork_moe.SkyworkForCausalLM",
-        });
-        for (name, text) in SKYWORK_REMOTE_CODE {
+    if let Some(remote) = config.architecture.family().remote_code() {
+        let auto_map: serde_json::Map<String, serde_json::Value> = remote
+            .auto_map
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).into()))
+            .collect();
+        json["auto_map"] = auto_map.into();
+        for (name, text) in remote.files {
             write_synced(&dir.join(name), text.as_bytes())?;
         }
     }

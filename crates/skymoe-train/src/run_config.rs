@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use skymoe_model::{Architecture, ModelConfig, MoeConfig, RouterConfig};
+use skymoe_model::families::NewExperts;
+use skymoe_model::{Architecture, ModelConfig};
 
 use crate::aux_loss::{AdaptiveConfig, AuxCoefficients, BalanceLoss};
 use crate::error::{Result, TrainError};
@@ -348,9 +349,11 @@ impl RunConfig {
     ) -> Result<ModelConfig> {
         let m = &self.model;
         let arch = Architecture::from_name(&m.arch).ok_or_else(|| {
+            let known: Vec<&str> = Architecture::all().map(Architecture::model_type).collect();
             TrainError::Config(format!(
-                "unknown model.arch `{}` (llama, mixtral, qwen2_moe, skywork_moe)",
-                m.arch
+                "unknown model.arch `{}` ({})",
+                m.arch,
+                known.join(", ")
             ))
         })?;
         if m.heads == 0
@@ -369,33 +372,7 @@ impl RunConfig {
                 self.data.seq_len, m.max_position_embeddings
             )));
         }
-        let moe = match arch {
-            Architecture::Llama => None,
-            _ => {
-                if m.top_k == 0 || m.top_k > m.experts {
-                    return Err(TrainError::Config(format!(
-                        "model.top_k ({}) must be in 1..=experts ({})",
-                        m.top_k, m.experts
-                    )));
-                }
-                Some(MoeConfig {
-                    num_experts: m.experts,
-                    top_k: m.top_k,
-                    expert_intermediate_size: m.intermediate_size,
-                    shared_expert_intermediate_size: None,
-                    moe_layers: vec![true; m.layers],
-                    router: RouterConfig {
-                        logits_norm_std: (arch == Architecture::SkyworkMoe
-                            && m.gate_norm_std > 0.0)
-                            .then_some(m.gate_norm_std),
-                        normalize_top_k: arch != Architecture::Qwen2Moe,
-                        two_layer_gate: false,
-                        multiply_input_by_top_k: false,
-                    },
-                })
-            }
-        };
-        Ok(ModelConfig {
+        let dense = ModelConfig {
             architecture: arch,
             vocab_size,
             hidden_size: m.hidden_size,
@@ -409,12 +386,26 @@ impl RunConfig {
             max_position_embeddings: m.max_position_embeddings,
             rope_scaling: skymoe_model::config::RopeScaling::Default,
             tie_word_embeddings: m.tie_word_embeddings,
-            qkv_bias: arch == Architecture::Qwen2Moe,
+            qkv_bias: false,
             o_bias: false,
-            moe,
+            moe: None,
             bos_token_id: bos,
             eos_token_ids: eos.into_iter().collect(),
-        })
+        };
+        let experts = NewExperts {
+            num_experts: m.experts,
+            top_k: m.top_k,
+            expert_intermediate_size: m.intermediate_size,
+            logits_norm_std: (m.gate_norm_std > 0.0).then_some(m.gate_norm_std),
+        };
+        let config = arch.family().new_model(dense, &experts);
+        if config.moe.is_some() && (m.top_k == 0 || m.top_k > m.experts) {
+            return Err(TrainError::Config(format!(
+                "model.top_k ({}) must be in 1..=experts ({})",
+                m.top_k, m.experts
+            )));
+        }
+        Ok(config)
     }
 }
 

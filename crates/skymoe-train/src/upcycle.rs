@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
+use skymoe_model::families::NewExperts;
 use skymoe_model::layers::TensorLoader;
 use skymoe_model::model::CheckpointLoader;
-use skymoe_model::{Architecture, Checkpoint, ModelConfig, MoeConfig, RouterConfig, Tokenizer};
+use skymoe_model::{Architecture, Checkpoint, ModelConfig, Tokenizer};
 
 use crate::checkpoint::{write_dir_atomically, write_model_files};
 use crate::error::{Result, TrainError};
@@ -90,7 +91,7 @@ pub fn upcycled_config(dense: &ModelConfig, o: &UpcycleOptions) -> Result<ModelC
             o.experts, o.top_k
         )));
     }
-    if !matches!(o.arch, Architecture::SkyworkMoe | Architecture::Mixtral) {
+    if !o.arch.family().upcycle_target() {
         return Err(TrainError::Config(format!(
             "upcycling writes the skywork or mixtral layout, not {}",
             o.arch.model_type()
@@ -108,25 +109,13 @@ pub fn upcycled_config(dense: &ModelConfig, o: &UpcycleOptions) -> Result<ModelC
             o.expert_noise
         )));
     }
-    let mut c = dense.clone();
-    c.architecture = o.arch;
-    c.moe = Some(MoeConfig {
+    let experts = NewExperts {
         num_experts: o.experts,
         top_k: o.top_k,
         expert_intermediate_size: dense.intermediate_size,
-        shared_expert_intermediate_size: None,
-        moe_layers: vec![true; dense.num_hidden_layers],
-        router: RouterConfig {
-            logits_norm_std: if o.arch == Architecture::SkyworkMoe {
-                o.gate_norm_std
-            } else {
-                None
-            },
-            normalize_top_k: true,
-            two_layer_gate: false,
-            multiply_input_by_top_k: false,
-        },
-    });
+        logits_norm_std: o.gate_norm_std,
+    };
+    let c = o.arch.family().new_model(dense.clone(), &experts);
     Ok(c)
 }
 

@@ -1,10 +1,8 @@
 //! Tokenizers embedded in GGUF files (`tokenizer.ggml.*`): byte-level BPE (`gpt2`) and
 //! SentencePiece-style vocabularies (`llama`), the latter reproducing llama.cpp's tokenizer.
 
-use std::fs::File;
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::Content;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -40,16 +38,7 @@ pub struct GgufTokenizer {
 
 /// Read only the metadata of a GGUF file (no tensor data is loaded).
 pub fn read_metadata(path: &Path) -> Result<GgufMetadata> {
-    let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let content = Content::read(&mut file).map_err(|e| {
-        ModelError::corrupt(
-            path,
-            e.to_string().lines().next().unwrap_or_default().to_string(),
-        )
-    })?;
-    Ok(GgufMetadata {
-        entries: content.metadata,
-    })
+    GgufMetadata::read(path)
 }
 
 /// Build the tokenizer embedded in GGUF metadata.

@@ -7,13 +7,17 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
-use crate::config::{Architecture, ModelConfig, MoeConfig, RopeScaling, RouterConfig};
+use crate::config::{ModelConfig, RopeScaling, MAX_HIDDEN_LAYERS};
 use crate::error::{ModelError, Result};
+use crate::families::{self, Architecture, GgufForm, GgufKeys};
+use crate::names;
 
 /// The key/value metadata of a GGUF file.
 pub struct GgufMetadata {
@@ -32,17 +36,7 @@ impl GgufMetadata {
 
     /// An integer entry of any integer type.
     pub fn uint(&self, key: &str) -> Option<u64> {
-        match self.entries.get(key)? {
-            Value::U8(x) => Some(*x as u64),
-            Value::U16(x) => Some(*x as u64),
-            Value::U32(x) => Some(*x as u64),
-            Value::U64(x) => Some(*x),
-            Value::I8(x) => u64::try_from(*x).ok(),
-            Value::I16(x) => u64::try_from(*x).ok(),
-            Value::I32(x) => u64::try_from(*x).ok(),
-            Value::I64(x) => u64::try_from(*x).ok(),
-            _ => None,
-        }
+        Self::uint_value(self.entries.get(key)?)
     }
 
     /// A float entry (f32 or f64).
@@ -108,18 +102,349 @@ pub struct GgufCheckpoint {
     pub metadata: GgufMetadata,
 }
 
-fn read_err(path: &Path, e: candle_core::Error) -> ModelError {
-    ModelError::corrupt(
+/// Most dimensions of a tensor.
+const MAX_TENSOR_DIMS: u32 = 4;
+/// Deepest nesting of arrays in a metadata value.
+const MAX_VALUE_DEPTH: usize = 8;
+/// Most array elements in all the metadata together (vocabularies and merges hold a few
+/// hundred thousand each); each costs a [`Value`] in memory whatever its size on disk.
+const MAX_ARRAY_ELEMENTS: u64 = 1 << 23;
+/// The alignment of the tensor data when `general.alignment` does not say.
+const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// A bounded reader of the GGUF header: every length and count is checked against the bytes
+/// left in the file before anything of that size is allocated.
+struct HeaderReader<'a> {
+    r: BufReader<&'a mut File>,
+    path: &'a Path,
+    pos: u64,
+    len: u64,
+    /// GGUF v1 writes lengths as u32, later versions as u64.
+    v1: bool,
+    /// Array elements read so far.
+    elements: u64,
+}
+
+impl HeaderReader<'_> {
+    fn bad(&self, reason: impl Into<String>) -> ModelError {
+        ModelError::corrupt(self.path, reason.into())
+    }
+
+    fn remaining(&self) -> u64 {
+        self.len.saturating_sub(self.pos)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        if (N as u64) > self.remaining() {
+            return Err(self.bad(format!(
+                "the header runs past the end of the file (at byte {})",
+                self.pos
+            )));
+        }
+        let mut b = [0u8; N];
+        self.r
+            .read_exact(&mut b)
+            .map_err(|e| ModelError::io(self.path, e))?;
+        self.pos += N as u64;
+        Ok(b)
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// A length or count (u32 in v1, u64 after).
+    fn length(&mut self) -> Result<u64> {
+        if self.v1 {
+            Ok(self.u32()? as u64)
+        } else {
+            self.u64()
+        }
+    }
+
+    fn string(&mut self) -> Result<String> {
+        let n = self.length()?;
+        if n > self.remaining() {
+            return Err(self.bad(format!(
+                "a string of {n} bytes at byte {} runs past the end of the file",
+                self.pos
+            )));
+        }
+        let mut v = vec![0u8; n as usize];
+        self.r
+            .read_exact(&mut v)
+            .map_err(|e| ModelError::io(self.path, e))?;
+        self.pos += n;
+        // Writers are meant to leave strings unterminated; some add a NUL.
+        while v.last() == Some(&0) {
+            v.pop();
+        }
+        Ok(String::from_utf8_lossy(&v).into_owned())
+    }
+
+    /// The fewest bytes a value of this type takes in the file.
+    fn min_size(&self, ty: u32) -> u64 {
+        let len = if self.v1 { 4 } else { 8 };
+        match ty {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            8 => len,
+            _ => 4 + len,
+        }
+    }
+
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Value> {
+        Ok(match ty {
+            0 => Value::U8(self.array::<1>()?[0]),
+            1 => Value::I8(self.array::<1>()?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.array()?)),
+            3 => Value::I16(i16::from_le_bytes(self.array()?)),
+            4 => Value::U32(self.u32()?),
+            5 => Value::I32(i32::from_le_bytes(self.array()?)),
+            6 => Value::F32(f32::from_le_bytes(self.array()?)),
+            7 => match self.array::<1>()?[0] {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => return Err(self.bad(format!("a boolean holds {b}"))),
+            },
+            8 => Value::String(self.string()?),
+            9 => {
+                if depth >= MAX_VALUE_DEPTH {
+                    return Err(self.bad(format!(
+                        "metadata arrays nest deeper than {MAX_VALUE_DEPTH}"
+                    )));
+                }
+                let elem = self.u32()?;
+                if elem > 12 {
+                    return Err(self.bad(format!("unknown metadata value type {elem}")));
+                }
+                let n = self.length()?;
+                let need = n.saturating_mul(self.min_size(elem));
+                if need > self.remaining() {
+                    return Err(self.bad(format!(
+                        "an array of {n} elements needs at least {need} bytes, only {} remain",
+                        self.remaining()
+                    )));
+                }
+                self.elements = self.elements.saturating_add(n);
+                if self.elements > MAX_ARRAY_ELEMENTS {
+                    return Err(self.bad(format!(
+                        "the metadata holds more than {MAX_ARRAY_ELEMENTS} array elements"
+                    )));
+                }
+                let mut out = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    out.push(self.value(elem, depth + 1)?);
+                }
+                Value::Array(out)
+            }
+            10 => Value::U64(self.u64()?),
+            11 => Value::I64(i64::from_le_bytes(self.array()?)),
+            12 => Value::F64(f64::from_le_bytes(self.array()?)),
+            other => return Err(self.bad(format!("unknown metadata value type {other}"))),
+        })
+    }
+}
+
+/// The ggml tensor types candle reads, by their GGUF number.
+fn ggml_dtype(n: u32) -> Option<GgmlDType> {
+    Some(match n {
+        0 => GgmlDType::F32,
+        1 => GgmlDType::F16,
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        9 => GgmlDType::Q8_1,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        15 => GgmlDType::Q8K,
+        30 => GgmlDType::BF16,
+        _ => return None,
+    })
+}
+
+/// Read the header of a GGUF file (metadata and tensor directory), checking every length,
+/// count, shape and data range against the size of the file, so that a damaged or hostile
+/// header is an error before anything of the size it claims is allocated.
+fn read_content(file: &mut File, path: &Path, with_tensors: bool) -> Result<Content> {
+    let len = file
+        .seek(SeekFrom::End(0))
+        .and_then(|len| file.seek(SeekFrom::Start(0)).map(|_| len))
+        .map_err(|e| ModelError::io(path, e))?;
+    let mut h = HeaderReader {
+        r: BufReader::new(file),
         path,
-        e.to_string().lines().next().unwrap_or_default().to_string(),
-    )
+        pos: 0,
+        len,
+        v1: false,
+        elements: 0,
+    };
+    let magic = h.u32()?;
+    if magic != 0x4655_4747 && magic != 0x4747_5546 {
+        return Err(h.bad(format!("not a GGUF file (magic 0x{magic:08x})")));
+    }
+    let version = h.u32()?;
+    let magic = match version {
+        1 => VersionedMagic::GgufV1,
+        2 => VersionedMagic::GgufV2,
+        3 => VersionedMagic::GgufV3,
+        v => return Err(h.bad(format!("unsupported GGUF version {v}"))),
+    };
+    h.v1 = version == 1;
+    let tensor_count = h.length()?;
+    let kv_count = h.length()?;
+    // A metadata entry takes at least a key length, a type and one byte; a tensor entry a
+    // name length, a dimension count, a type and an offset.
+    let prefix = if h.v1 { 4 } else { 8 };
+    let need = kv_count
+        .saturating_mul(prefix + 5)
+        .saturating_add(tensor_count.saturating_mul(prefix + 16));
+    if need > h.remaining() {
+        return Err(h.bad(format!(
+            "the header declares {tensor_count} tensors and {kv_count} metadata entries, \
+             which need at least {need} bytes; only {} remain",
+            h.remaining()
+        )));
+    }
+    let mut metadata = HashMap::new();
+    for _ in 0..kv_count {
+        let key = h.string()?;
+        let ty = h.u32()?;
+        let value = h.value(ty, 0)?;
+        metadata.insert(key, value);
+    }
+    let mut tensor_infos = HashMap::new();
+    if !with_tensors {
+        return Ok(Content {
+            magic,
+            metadata,
+            tensor_infos,
+            tensor_data_offset: 0,
+        });
+    }
+    for _ in 0..tensor_count {
+        let name = h.string()?;
+        let n_dims = h.u32()?;
+        if n_dims > MAX_TENSOR_DIMS {
+            return Err(h.bad(format!(
+                "tensor {name} has {n_dims} dimensions; at most {MAX_TENSOR_DIMS} are allowed"
+            )));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            let d = if h.v1 { h.u32()? as u64 } else { h.u64()? };
+            dims.push(
+                usize::try_from(d)
+                    .map_err(|_| h.bad(format!("tensor {name} has a dimension of {d} elements")))?,
+            );
+        }
+        // GGUF lists dimensions innermost first.
+        dims.reverse();
+        let ty = h.u32()?;
+        let dtype = ggml_dtype(ty)
+            .ok_or_else(|| h.bad(format!("tensor {name} has unknown ggml type {ty}")))?;
+        let offset = h.u64()?;
+        tensor_infos.insert(
+            name,
+            TensorInfo {
+                ggml_dtype: dtype,
+                shape: candle_core::Shape::from(dims),
+                offset,
+            },
+        );
+    }
+    let alignment = match metadata.get("general.alignment") {
+        None => DEFAULT_ALIGNMENT,
+        Some(v) => match GgufMetadata::uint_value(v) {
+            Some(a) if a > 0 => a,
+            _ => return Err(h.bad("general.alignment is not a positive integer")),
+        },
+    };
+    let tensor_data_offset = h
+        .pos
+        .div_ceil(alignment)
+        .checked_mul(alignment)
+        .ok_or_else(|| h.bad(format!("general.alignment {alignment} is too large")))?;
+    for (name, t) in &tensor_infos {
+        let dims = t.shape.dims();
+        let elements = dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| h.bad(format!("tensor {name}: the shape {dims:?} overflows")))?;
+        // candle views an empty tensor's (dangling, unaligned) buffer as blocks, which is
+        // undefined behaviour; no model has an empty weight.
+        if elements == 0 {
+            return Err(h.bad(format!("tensor {name} has no elements (shape {dims:?})")));
+        }
+        let block = t.ggml_dtype.block_size();
+        if elements % block != 0 {
+            return Err(h.bad(format!(
+                "tensor {name}: {elements} elements is not a whole number of blocks of {block}"
+            )));
+        }
+        let bytes = (elements / block)
+            .checked_mul(t.ggml_dtype.type_size())
+            .map(|b| b as u64);
+        let fits = bytes
+            .and_then(|b| tensor_data_offset.checked_add(t.offset)?.checked_add(b))
+            .is_some_and(|end| end <= len);
+        if !fits {
+            return Err(h.bad(format!(
+                "tensor {name} ({dims:?}, {:?}) at data offset {} runs past the end of the \
+                 file ({len} bytes)",
+                t.ggml_dtype, t.offset
+            )));
+        }
+    }
+    Ok(Content {
+        magic,
+        metadata,
+        tensor_infos,
+        tensor_data_offset,
+    })
+}
+
+impl GgufMetadata {
+    /// Read only the metadata of a GGUF file (no tensor directory, no tensor data).
+    pub fn read(path: &Path) -> Result<Self> {
+        let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let content = read_content(&mut file, path, false)?;
+        Ok(GgufMetadata {
+            entries: content.metadata,
+        })
+    }
+
+    fn uint_value(v: &Value) -> Option<u64> {
+        match v {
+            Value::U8(x) => Some(*x as u64),
+            Value::U16(x) => Some(*x as u64),
+            Value::U32(x) => Some(*x as u64),
+            Value::U64(x) => Some(*x),
+            Value::I8(x) => u64::try_from(*x).ok(),
+            Value::I16(x) => u64::try_from(*x).ok(),
+            Value::I32(x) => u64::try_from(*x).ok(),
+            Value::I64(x) => u64::try_from(*x).ok(),
+            _ => None,
+        }
+    }
 }
 
 impl GgufCheckpoint {
     /// Read a GGUF file, dequantise its tensors and convert them.
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
-        let content = Content::read(&mut file).map_err(|e| read_err(path, e))?;
+        let content = read_content(&mut file, path, true)?;
         let metadata = GgufMetadata {
             entries: content.metadata.clone(),
         };
@@ -127,11 +452,14 @@ impl GgufCheckpoint {
             .string("general.architecture")
             .ok_or_else(|| ModelError::corrupt(path, "no general.architecture in the metadata"))?
             .to_string();
-        if arch != "llama" {
-            return Err(ModelError::UnsupportedArchitecture {
+        let with_experts = metadata
+            .uint(&format!("{arch}.expert_count"))
+            .is_some_and(|n| n > 0);
+        let (family, form) = families::for_gguf(&arch, with_experts)
+            .and_then(|a| Some((a, a.family().gguf()?)))
+            .ok_or_else(|| ModelError::UnsupportedArchitecture {
                 found: format!("GGUF general.architecture={arch:?}"),
-            });
-        }
+            })?;
         let mut raw: HashMap<String, Tensor> = HashMap::new();
         for name in content.tensor_infos.keys() {
             let q = content.tensor(&mut file, name, device).map_err(|e| {
@@ -148,8 +476,8 @@ impl GgufCheckpoint {
                 .map_err(|e| ModelError::corrupt(path, format!("tensor {name}: {e}")))?;
             raw.insert(name.clone(), t);
         }
-        let config = config_from_metadata(&metadata, &raw, path)?;
-        let tensors = to_hf_layout(&config, raw)?;
+        let config = config_from_metadata(family, form, &metadata, &raw, path)?;
+        let tensors = to_hf_layout(&config, form, raw)?;
         Ok(GgufCheckpoint {
             config,
             tensors,
@@ -158,80 +486,61 @@ impl GgufCheckpoint {
     }
 }
 
+/// The shared part of the config (`{arch}.` keys every family has), then the family's own.
 fn config_from_metadata(
+    family: Architecture,
+    form: GgufForm,
     m: &GgufMetadata,
     raw: &HashMap<String, Tensor>,
     path: &Path,
 ) -> Result<ModelConfig> {
     let origin: PathBuf = path.to_path_buf();
+    let keys = GgufKeys {
+        metadata: m,
+        architecture: form.architecture,
+        origin: path,
+    };
     let need = |key: &str| -> Result<usize> {
-        m.uint(&format!("llama.{key}"))
+        keys.uint(key)
             .filter(|&x| x > 0)
             .map(|x| x as usize)
-            .ok_or_else(|| ModelError::config(&origin, format!("GGUF metadata lacks llama.{key}")))
+            .ok_or_else(|| {
+                ModelError::config(&origin, format!("GGUF metadata lacks {}", keys.key(key)))
+            })
     };
     let hidden_size = need("embedding_length")?;
     let num_hidden_layers = need("block_count")?;
+    if num_hidden_layers > MAX_HIDDEN_LAYERS {
+        return Err(ModelError::config(
+            &origin,
+            format!(
+                "{} ({num_hidden_layers}) is above {MAX_HIDDEN_LAYERS}",
+                keys.key("block_count")
+            ),
+        ));
+    }
     let num_attention_heads = need("attention.head_count")?;
     let num_key_value_heads = need("attention.head_count_kv").unwrap_or(num_attention_heads);
     let feed_forward = need("feed_forward_length")?;
-    let head_dim = m
-        .uint("llama.attention.key_length")
+    let head_dim = keys
+        .uint("attention.key_length")
         .map(|x| x as usize)
         .unwrap_or(hidden_size / num_attention_heads.max(1));
-    let vocab_size = match m.uint("llama.vocab_size") {
+    let vocab_size = match keys.uint("vocab_size") {
         Some(v) => v as usize,
         None => match m.strings("tokenizer.ggml.tokens") {
             Some(t) => t.len(),
             None => raw
                 .get("token_embd.weight")
-                .map(|t| t.dims()[0])
+                .and_then(|t| t.dims().first().copied())
                 .ok_or_else(|| ModelError::MissingTensor {
                     name: "token_embd.weight".into(),
                 })?,
         },
     };
-    let experts = m.uint("llama.expert_count").unwrap_or(0) as usize;
-    let moe = if experts > 0 {
-        let top_k = m.uint("llama.expert_used_count").unwrap_or(2) as usize;
-        if top_k == 0 || top_k > experts {
-            return Err(ModelError::config(
-                &origin,
-                format!("llama.expert_used_count ({top_k}) must be in 1..={experts}"),
-            ));
-        }
-        Some(MoeConfig {
-            num_experts: experts,
-            top_k,
-            expert_intermediate_size: m
-                .uint("llama.expert_feed_forward_length")
-                .map(|x| x as usize)
-                .unwrap_or(feed_forward),
-            shared_expert_intermediate_size: None,
-            moe_layers: vec![true; num_hidden_layers],
-            router: RouterConfig {
-                logits_norm_std: None,
-                normalize_top_k: true,
-                two_layer_gate: false,
-                multiply_input_by_top_k: false,
-            },
-        })
-    } else {
-        None
-    };
-    if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
-        return Err(ModelError::config(
-            &origin,
-            "attention.head_count must be a multiple of head_count_kv",
-        ));
-    }
-    let max_position_embeddings = m.uint("llama.context_length").unwrap_or(4096) as usize;
-    Ok(ModelConfig {
-        architecture: if moe.is_some() {
-            Architecture::Mixtral
-        } else {
-            Architecture::Llama
-        },
+    let max_position_embeddings = keys.uint("context_length").unwrap_or(4096) as usize;
+    let mut config = ModelConfig {
+        architecture: family,
         vocab_size,
         hidden_size,
         intermediate_size: feed_forward,
@@ -239,22 +548,31 @@ fn config_from_metadata(
         num_attention_heads,
         num_key_value_heads,
         head_dim,
-        rms_norm_eps: m
-            .float("llama.attention.layer_norm_rms_epsilon")
+        rms_norm_eps: keys
+            .float("attention.layer_norm_rms_epsilon")
             .unwrap_or(1e-5),
-        rope_theta: m.float("llama.rope.freq_base").unwrap_or(10000.0),
+        rope_theta: keys.float("rope.freq_base").unwrap_or(10000.0),
         max_position_embeddings,
-        rope_scaling: rope_scaling_from_metadata(m, raw, &origin, max_position_embeddings)?,
+        rope_scaling: RopeScaling::Default,
         tie_word_embeddings: !raw.contains_key("output.weight"),
         qkv_bias: raw.contains_key("blk.0.attn_q.bias"),
         o_bias: raw.contains_key("blk.0.attn_output.bias"),
-        moe,
+        moe: None,
         bos_token_id: m.uint("tokenizer.ggml.bos_token_id").map(|x| x as u32),
         eos_token_ids: m
             .uint("tokenizer.ggml.eos_token_id")
             .map(|x| vec![x as u32])
             .unwrap_or_default(),
-    })
+    };
+    family.family().read_gguf_config(&keys, &mut config)?;
+    if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+        return Err(ModelError::config(
+            &origin,
+            "attention.head_count must be a multiple of head_count_kv",
+        ));
+    }
+    config.rope_scaling = rope_scaling_from_metadata(m, raw, &origin, max_position_embeddings)?;
+    Ok(config)
 }
 
 /// The rotary scaling llama.cpp's converter writes: `llama.rope.scaling.type` (`none`,
@@ -343,7 +661,7 @@ fn rope_scaling_from_metadata(
 /// Undo llama.cpp's rotary permutation of q/k rows (`[heads, 2, d/2] -> [heads, d/2, 2]`).
 fn unpermute_rotary(t: &Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = t.dims2()?;
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || heads > rows || rows % (2 * heads) != 0 {
         return Err(ModelError::InvalidInput(format!(
             "cannot un-permute a [{rows}, {cols}] q/k weight for {heads} heads"
         )));
@@ -355,16 +673,27 @@ fn unpermute_rotary(t: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((rows, cols))?)
 }
 
+/// Hugging Face names and layout of llama.cpp's tensors: llama.cpp's names of the shared parts
+/// are mapped to the names the model's family gives them; q/k rows are un-permuted when the
+/// family's converter permuted them, and stacked experts are split.
 fn to_hf_layout(
     cfg: &ModelConfig,
+    form: GgufForm,
     raw: HashMap<String, Tensor>,
 ) -> Result<HashMap<String, Tensor>> {
+    let qk = |t: &Tensor, heads: usize| -> Result<Tensor> {
+        if form.permuted_qk {
+            unpermute_rotary(t, heads)
+        } else {
+            Ok(t.clone())
+        }
+    };
     let mut out = HashMap::new();
     for (name, t) in raw {
         let hf = match name.as_str() {
-            "token_embd.weight" => "model.embed_tokens.weight".to_string(),
-            "output_norm.weight" => "model.norm.weight".to_string(),
-            "output.weight" => "lm_head.weight".to_string(),
+            "token_embd.weight" => names::EMBED.to_string(),
+            "output_norm.weight" => names::FINAL_NORM.to_string(),
+            "output.weight" => names::LM_HEAD.to_string(),
             _ => {
                 let Some(rest) = name.strip_prefix("blk.") else {
                     tracing::debug!("ignoring GGUF tensor {name}");
@@ -373,21 +702,25 @@ fn to_hf_layout(
                 let Some((layer, tail)) = rest.split_once('.') else {
                     continue;
                 };
-                let p = format!("model.layers.{layer}");
+                let Ok(l) = layer.parse::<usize>() else {
+                    tracing::debug!("ignoring GGUF tensor {name}");
+                    continue;
+                };
+                let p = |s: &str| names::layer(l, s);
                 match tail {
-                    "attn_norm.weight" => format!("{p}.input_layernorm.weight"),
-                    "ffn_norm.weight" => format!("{p}.post_attention_layernorm.weight"),
+                    "attn_norm.weight" => p("input_layernorm.weight"),
+                    "ffn_norm.weight" => p("post_attention_layernorm.weight"),
                     "attn_q.weight" => {
                         out.insert(
-                            format!("{p}.self_attn.q_proj.weight"),
-                            unpermute_rotary(&t, cfg.num_attention_heads)?,
+                            p("self_attn.q_proj.weight"),
+                            qk(&t, cfg.num_attention_heads)?,
                         );
                         continue;
                     }
                     "attn_k.weight" => {
                         out.insert(
-                            format!("{p}.self_attn.k_proj.weight"),
-                            unpermute_rotary(&t, cfg.num_key_value_heads)?,
+                            p("self_attn.k_proj.weight"),
+                            qk(&t, cfg.num_key_value_heads)?,
                         );
                         continue;
                     }
@@ -397,35 +730,40 @@ fn to_hf_layout(
                         } else {
                             cfg.num_key_value_heads
                         };
-                        let b = unpermute_rotary(&t.unsqueeze(1)?, heads)?.squeeze(1)?;
+                        let b = qk(&t.unsqueeze(1)?, heads)?.squeeze(1)?;
                         let proj = if tail.starts_with("attn_q") {
                             "q_proj"
                         } else {
                             "k_proj"
                         };
-                        out.insert(format!("{p}.self_attn.{proj}.bias"), b);
+                        out.insert(p(&format!("self_attn.{proj}.bias")), b);
                         continue;
                     }
-                    "attn_v.weight" => format!("{p}.self_attn.v_proj.weight"),
-                    "attn_v.bias" => format!("{p}.self_attn.v_proj.bias"),
-                    "attn_output.weight" => format!("{p}.self_attn.o_proj.weight"),
-                    "attn_output.bias" => format!("{p}.self_attn.o_proj.bias"),
-                    "ffn_gate.weight" => format!("{p}.mlp.gate_proj.weight"),
-                    "ffn_up.weight" => format!("{p}.mlp.up_proj.weight"),
-                    "ffn_down.weight" => format!("{p}.mlp.down_proj.weight"),
-                    "ffn_gate_inp.weight" => format!("{p}.block_sparse_moe.gate.weight"),
+                    "attn_v.weight" => p("self_attn.v_proj.weight"),
+                    "attn_v.bias" => p("self_attn.v_proj.bias"),
+                    "attn_output.weight" => p("self_attn.o_proj.weight"),
+                    "attn_output.bias" => p("self_attn.o_proj.bias"),
+                    "ffn_gate.weight" => cfg.dense_ffn_names(l).gate,
+                    "ffn_up.weight" => cfg.dense_ffn_names(l).up,
+                    "ffn_down.weight" => cfg.dense_ffn_names(l).down,
+                    "ffn_gate_inp.weight" => cfg.moe_names(l).gate,
                     "ffn_gate_exps.weight" | "ffn_up_exps.weight" | "ffn_down_exps.weight" => {
-                        let w = match tail {
-                            "ffn_gate_exps.weight" => "w1",
-                            "ffn_up_exps.weight" => "w3",
-                            _ => "w2",
-                        };
                         let n = t.dim(0)?;
-                        for e in 0..n {
-                            out.insert(
-                                format!("{p}.block_sparse_moe.experts.{e}.{w}.weight"),
-                                t.get(e)?.contiguous()?,
-                            );
+                        let experts = cfg.moe.as_ref().map_or(0, |m| m.num_experts);
+                        if n != experts {
+                            return Err(ModelError::InvalidInput(format!(
+                                "GGUF tensor {name} stacks {n} experts but \
+                                 {}.expert_count is {experts}",
+                                form.architecture
+                            )));
+                        }
+                        for (e, en) in cfg.moe_names(l).experts.into_iter().enumerate() {
+                            let hf = match tail {
+                                "ffn_gate_exps.weight" => en.gate,
+                                "ffn_up_exps.weight" => en.up,
+                                _ => en.down,
+                            };
+                            out.insert(hf, t.get(e)?.contiguous()?);
                         }
                         continue;
                     }
@@ -439,4 +777,169 @@ fn to_hf_layout(
         out.insert(hf, t);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Malformed headers found by fuzzing (and their neighbours): each must be an error, never
+    //! a panic, a hang or an allocation of the size the header claims.
+    use super::*;
+
+    enum V<'a> {
+        U32(u32),
+        U64(u64),
+        Str(&'a str),
+    }
+
+    /// A GGUF v3 file: metadata entries, then tensors `(name, dims innermost first, ggml
+    /// type, offset)`, then `data` at the default alignment.
+    fn gguf(kv: &[(&str, V<'_>)], tensors: &[(&str, &[u64], u32, u64)], data: &[u8]) -> Vec<u8> {
+        fn string(out: &mut Vec<u8>, s: &str) {
+            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        let mut out = b"GGUF".to_vec();
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(kv.len() as u64).to_le_bytes());
+        for (k, v) in kv {
+            string(&mut out, k);
+            match v {
+                V::U32(x) => {
+                    out.extend_from_slice(&4u32.to_le_bytes());
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+                V::U64(x) => {
+                    out.extend_from_slice(&10u32.to_le_bytes());
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+                V::Str(s) => {
+                    out.extend_from_slice(&8u32.to_le_bytes());
+                    string(&mut out, s);
+                }
+            }
+        }
+        for (name, dims, ty, offset) in tensors {
+            string(&mut out, name);
+            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in *dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&ty.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+        }
+        while !out.len().is_multiple_of(32) {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        out
+    }
+
+    fn llama<'a>(extra: Vec<(&'a str, V<'a>)>) -> Vec<(&'a str, V<'a>)> {
+        let mut kv = vec![
+            ("general.architecture", V::Str("llama")),
+            ("llama.embedding_length", V::U32(8)),
+            ("llama.block_count", V::U32(1)),
+            ("llama.attention.head_count", V::U32(2)),
+            ("llama.feed_forward_length", V::U32(16)),
+        ];
+        kv.extend(extra);
+        kv
+    }
+
+    fn open(bytes: &[u8]) -> Result<GgufCheckpoint> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.gguf");
+        std::fs::write(&path, bytes).unwrap();
+        GgufCheckpoint::open(&path, &Device::Cpu)
+    }
+
+    fn open_err(bytes: &[u8]) -> String {
+        match open(bytes) {
+            Ok(_) => panic!("a malformed file was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_well_formed_file_opens() {
+        let kv = llama(vec![("llama.vocab_size", V::U32(4))]);
+        let data: Vec<u8> = (0..8u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let ck = open(&gguf(&kv, &[("output_norm.weight", &[8], 0, 0)], &data)).unwrap();
+        assert_eq!(ck.config.num_hidden_layers, 1);
+        assert_eq!(ck.tensors["model.norm.weight"].dims(), &[8]);
+    }
+
+    #[test]
+    fn zero_alignment_is_an_error() {
+        // candle divides by the alignment.
+        let kv = llama(vec![("general.alignment", V::U32(0))]);
+        assert!(open_err(&gguf(&kv, &[], &[])).contains("general.alignment"));
+    }
+
+    #[test]
+    fn an_empty_tensor_is_an_error() {
+        // candle views an empty buffer's dangling pointer as f32s (undefined behaviour).
+        let kv = llama(vec![]);
+        let e = open_err(&gguf(&kv, &[("output_norm.weight", &[0], 0, 0)], &[]));
+        assert!(e.contains("no elements"), "{e}");
+    }
+
+    #[test]
+    fn shapes_that_overflow_or_outgrow_the_file_are_errors() {
+        let kv = llama(vec![]);
+        let huge = 1u64 << 40;
+        let e = open_err(&gguf(&kv, &[("t", &[huge, huge, huge], 0, 0)], &[]));
+        assert!(e.contains("overflows"), "{e}");
+        let e = open_err(&gguf(&kv, &[("t", &[huge], 0, 0)], &[0; 64]));
+        assert!(e.contains("past the end"), "{e}");
+        let e = open_err(&gguf(&kv, &[("t", &[4], 0, u64::MAX - 8)], &[0; 64]));
+        assert!(e.contains("past the end"), "{e}");
+    }
+
+    #[test]
+    fn lengths_past_the_end_are_errors_before_allocation() {
+        let mut bytes = gguf(&llama(vec![]), &[], &[]);
+        // The first key's length: a string of 2^62 bytes.
+        bytes[24..32].copy_from_slice(&(1u64 << 62).to_le_bytes());
+        assert!(open_err(&bytes).contains("past the end"));
+        let mut bytes = gguf(&[], &[], &[]);
+        bytes[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(open_err(&bytes).contains("declares"));
+    }
+
+    #[test]
+    fn a_huge_block_count_is_an_error() {
+        // `vec![true; block_count]` for the MoE layer table.
+        let kv = llama(vec![
+            ("llama.block_count", V::U64(1 << 40)),
+            ("llama.expert_count", V::U32(2)),
+            ("llama.vocab_size", V::U32(4)),
+        ]);
+        assert!(open_err(&gguf(&kv, &[], &[])).contains("block_count"));
+    }
+
+    #[test]
+    fn stacked_experts_must_match_the_expert_count() {
+        // Splitting a [2^20, 1, 1] stack made a million tensors.
+        let kv = llama(vec![
+            ("llama.expert_count", V::U32(2)),
+            ("llama.vocab_size", V::U32(4)),
+        ]);
+        let n = 1u64 << 20;
+        let data = vec![0u8; 4 << 20];
+        let e = open_err(&gguf(
+            &kv,
+            &[("blk.0.ffn_up_exps.weight", &[1, 1, n], 0, 0)],
+            &data,
+        ));
+        assert!(e.contains("expert_count"), "{e}");
+    }
+
+    #[test]
+    fn a_scalar_embedding_is_an_error() {
+        let kv = llama(vec![]);
+        let e = open_err(&gguf(&kv, &[("token_embd.weight", &[], 0, 0)], &[0; 4]));
+        assert!(e.contains("token_embd"), "{e}");
+    }
 }

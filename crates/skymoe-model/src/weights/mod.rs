@@ -192,10 +192,11 @@ impl Checkpoint {
     }
 }
 
-/// A Skywork config's `moe_2layer_gate` must match the router tensors the checkpoint holds: a
-/// two-layer gate (`gate.wg.0`/`gate.wg.2`) or a one-layer one (`gate.weight`). The config
-/// class defaults to the two-layer gate, so a config that omits the key while the weights hold
-/// a one-layer gate would otherwise fail with a bare missing tensor.
+/// A config's two-layer-gate setting (Skywork's `moe_2layer_gate`) must match the router
+/// tensors the checkpoint holds: a two-layer gate (`gate.wg.0`/`gate.wg.2`) or a one-layer one
+/// (`gate.weight`). The Skywork config class defaults to the two-layer gate, so a config that
+/// omits the key while the weights hold a one-layer gate would otherwise fail with a bare
+/// missing tensor. Families whose names do not tell the two gates apart pass.
 fn check_gate_layout(config: &ModelConfig, weights: &WeightSource, origin: &Path) -> Result<()> {
     let Some(moe) = &config.moe else {
         return Ok(());
@@ -204,14 +205,21 @@ fn check_gate_layout(config: &ModelConfig, weights: &WeightSource, origin: &Path
         return Ok(());
     };
     let expected = config.moe_names(layer).gate;
-    if weights.contains(&expected) || !config.mixtral_style() {
+    if weights.contains(&expected) {
         return Ok(());
     }
-    let prefix = crate::names::layer(layer, "block_sparse_moe.gate");
-    let (other, found) = if moe.router.two_layer_gate {
-        (format!("{prefix}.weight"), "a one-layer gate")
+    let mut flipped = config.clone();
+    if let Some(m) = &mut flipped.moe {
+        m.router.two_layer_gate = !m.router.two_layer_gate;
+    }
+    let other = flipped.moe_names(layer).gate;
+    if other == expected {
+        return Ok(());
+    }
+    let found = if moe.router.two_layer_gate {
+        "a one-layer gate"
     } else {
-        (format!("{prefix}.wg.0.weight"), "a two-layer gate")
+        "a two-layer gate"
     };
     if weights.contains(&other) {
         return Err(ModelError::config(

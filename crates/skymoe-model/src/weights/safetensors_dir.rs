@@ -21,14 +21,25 @@ pub struct SafetensorsCheckpoint {
     ranges: HashMap<String, (u64, usize)>,
 }
 
-/// Absolute byte ranges of the tensors of one safetensors file, from its header.
+/// Absolute byte ranges of the tensors of one safetensors file, from its header. Every size
+/// is checked against the length of the file before it is used.
 fn tensor_ranges(path: &Path) -> Result<Vec<(String, u64, usize)>> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let file_len = f.metadata().map_err(|e| ModelError::io(path, e))?.len();
     let mut len = [0u8; 8];
     f.read_exact(&mut len)
         .map_err(|e| ModelError::io(path, e))?;
     let n = u64::from_le_bytes(len);
+    let data_start = n
+        .checked_add(8)
+        .filter(|&start| start <= file_len)
+        .ok_or_else(|| {
+            ModelError::corrupt(
+                path,
+                format!("the header claims {n} bytes but the file holds {file_len}"),
+            )
+        })?;
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header)
         .map_err(|e| ModelError::io(path, e))?;
@@ -49,11 +60,19 @@ fn tensor_ranges(path: &Path) -> Result<Vec<(String, u64, usize)>> {
             .ok_or_else(|| {
                 ModelError::corrupt(path, format!("tensor {name} has no data_offsets"))
             })?;
-        out.push((
-            name.clone(),
-            8 + n + offsets.0,
-            offsets.1.saturating_sub(offsets.0) as usize,
-        ));
+        let (begin, end) = offsets;
+        let start = data_start.checked_add(begin);
+        if begin > end || start.is_none_or(|s| s > file_len || end - begin > file_len - s) {
+            return Err(ModelError::corrupt(
+                path,
+                format!(
+                    "tensor {name}: data_offsets [{begin}, {end}] lie outside the file's \
+                     {} data bytes",
+                    file_len - data_start
+                ),
+            ));
+        }
+        out.push((name.clone(), data_start + begin, (end - begin) as usize));
     }
     Ok(out)
 }

@@ -42,10 +42,9 @@ pub struct Args {
 
 /// Run the verb.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let arch = match a.arch.as_str() {
-        "skywork" | "skywork_moe" => Architecture::SkyworkMoe,
-        "mixtral" => Architecture::Mixtral,
-        other => anyhow::bail!("unknown --arch `{other}` (skywork | mixtral)"),
+    let Some(arch) = Architecture::from_name(&a.arch).filter(|a| a.family().upcycle_target())
+    else {
+        anyhow::bail!("unknown --arch `{}` (skywork | mixtral)", a.arch);
     };
     let opts = UpcycleOptions {
         experts: a.experts,
