@@ -7,6 +7,8 @@ PyTorch float64 and writes everything a Rust test needs to replay them:
 
   fixtures/reference/skywork_moe/train_adaptive.safetensors
   fixtures/reference/mixtral/train_switch_accum.safetensors
+  fixtures/reference/mixtral/train_bias_sequence.safetensors
+  fixtures/reference/skywork_moe/train_global_bias.safetensors
 
 One step = per micro-batch: batched forward with training-time routing (top-k on the softmax
 probabilities, renormalised combine weights, capacity dropping by probability priority),
@@ -17,7 +19,7 @@ adaptive update of the per-layer alpha. The exact rules are in tools/reference/R
 ("Training-step fixtures").
 
 Usage: python3 tools/reference/make_train_fixtures.py [--out fixtures/reference] [--case NAME ...]
-It only writes the two train_*.safetensors files (it never rewrites other fixtures). Two runs give
+It only writes the train_*.safetensors files (it never rewrites other fixtures). Two runs give
 byte-identical files.
 """
 
@@ -100,7 +102,55 @@ CASES: dict[str, dict[str, Any]] = {
             "grad_clip": 0.0,
         },
     },
+    # Aux-loss-free selection bias (DeepSeek-V3) with the sequence-wise balance loss, capacity
+    # dropping, z-loss and two micro-batches.
+    "mixtral_bias_sequence": {
+        "family": "mixtral",
+        "file": "train_bias_sequence.safetensors",
+        "batch_seed": 9300,
+        "require_drops": True,
+        "require_clipping": False,
+        "require_bias_effect": True,
+        "hp": {
+            "steps": 3, "micro_batches": 2, "batch_size": 2, "seq_len": 10,
+            "capacity_factor": 1.0,
+            "balance": "sequence", "adaptive": False,
+            "alpha_init": 0.01, "xi": 0.2, "alpha_max": 0.01, "beta": 0.99,
+            "coef": 0.01,
+            "z_loss_coef": 0.001,
+            "bias_update_rate": 0.02,
+            "lr": 5e-3, "min_lr": 0.0, "warmup_steps": 0, "total_steps": 3, "decay": "linear",
+            "weight_decay": 0.05, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+            "grad_clip": 0.0,
+        },
+    },
+    # Megatron-Core's global-batch balance loss over three micro-batches with the adaptive
+    # coefficient, capacity dropping, clipping and the selection bias.
+    "skywork_global_bias": {
+        "family": "skywork_moe",
+        "file": "train_global_bias.safetensors",
+        "batch_seed": 9400,
+        "require_drops": True,
+        "require_clipping": True,
+        "require_bias_effect": True,
+        "hp": {
+            "steps": 3, "micro_batches": 3, "batch_size": 2, "seq_len": 8,
+            "capacity_factor": 1.0,
+            "balance": "global", "adaptive": True,
+            "alpha_init": 0.005, "xi": 0.2, "alpha_max": 0.01, "beta": 0.9,
+            "coef": 0.005,
+            "z_loss_coef": 0.0,
+            "bias_update_rate": 0.02,
+            "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1, "total_steps": 3, "decay": "cosine",
+            "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,
+            "grad_clip": 0.5,
+        },
+    },
 }
+
+# Keys only the newer cases set (written into config_json only when present, so that the older
+# cases' files stay byte-identical).
+EXTRA_HP_KEYS = ["bias_update_rate"]
 
 HP_KEYS = ["capacity_factor", "balance", "adaptive", "alpha_init", "xi", "alpha_max", "beta", "coef",
            "z_loss_coef", "lr", "min_lr", "warmup_steps", "total_steps", "decay", "weight_decay", "beta1",
@@ -169,8 +219,10 @@ def load_model(family: str, dtype: torch.dtype = DTYPE) -> sky.SkyworkForCausalL
 # ----------------------------------------------------------------------------- training forward
 
 
-def moe_forward(block: sky.SparseMoeBlock, x: torch.Tensor, cf: float, k: int = TOP_K):
-    """x: [N, H], the N = B*T tokens of the micro-batch, token-major. Returns (y [N, H], info)."""
+def moe_forward(block: sky.SparseMoeBlock, x: torch.Tensor, cf: float, k: int = TOP_K, bias=None):
+    """x: [N, H], the N = B*T tokens of the micro-batch, token-major. Returns (y [N, H], info).
+    bias: the layer's selection bias [E] (DeepSeek-V3's e_score_correction_bias) or None: the
+    top-k is taken on probs + bias, the combine weights are the unbiased probs renormalised."""
     cfg = block.cfg
     N, E = x.shape[0], cfg.num_experts
     z = block.gate(x)  # raw logits [N, E]
@@ -182,10 +234,17 @@ def moe_forward(block: sky.SparseMoeBlock, x: torch.Tensor, cf: float, k: int = 
     order = torch.sort(pd, dim=-1, descending=True, stable=True)  # ties -> lower expert index
     sel = order.indices[:, :k]  # [N, k]
     sel_margin = float((order.values[:, k - 1] - order.values[:, k]).min()) if k < E else float("inf")
+    score_sel = sel  # top-k of the unbiased probabilities: what the balance losses count
+    if bias is not None:
+        border = torch.sort(pd + bias.to(pd.dtype), dim=-1, descending=True, stable=True)
+        sel = border.indices[:, :k]
+        if k < E:
+            sel_margin = min(sel_margin, float((border.values[:, k - 1] - border.values[:, k]).min()))
     psel = probs.gather(1, sel)  # un-renormalised selected probs [N, k]
     w = psel / psel.sum(-1, keepdim=True)  # renormalised combine weights
 
     counts = torch.bincount(sel.reshape(-1), minlength=E)  # before dropping
+    score_counts = torch.bincount(score_sel.reshape(-1), minlength=E)
     kept = torch.ones(N * k, dtype=torch.bool)
     cap_margin = float("inf")
     cap = None
@@ -212,12 +271,13 @@ def moe_forward(block: sky.SparseMoeBlock, x: torch.Tensor, cf: float, k: int = 
         y = y.index_add(0, tok, block.experts[e](x_in[tok]) * w[tok, slot, None])
     info = {
         "logits": z, "probs": probs, "sel": sel, "kept": kept, "counts": counts, "dropped": dropped,
+        "score_sel": score_sel, "score_counts": score_counts,
         "drop_rate": dropped / (N * k), "cap": cap, "sel_margin": sel_margin, "cap_margin": cap_margin,
     }
     return y, info
 
 
-def forward_batch(model: sky.SkyworkForCausalLM, inputs: torch.Tensor, cf: float):
+def forward_batch(model: sky.SkyworkForCausalLM, inputs: torch.Tensor, cf: float, biases=None):
     """inputs: int64 [B, T]; every sequence at positions 0..T-1 with its own causal attention;
     MoE routing over the B*T tokens flattened batch-major. Returns (logits [B, T, V], infos)."""
     cfg = model.cfg
@@ -230,7 +290,9 @@ def forward_batch(model: sky.SkyworkForCausalLM, inputs: torch.Tensor, cf: float
         h = h + a
         n = layer.post_attention_layernorm(h)
         if layer.is_moe:
-            y, info = moe_forward(layer.block_sparse_moe, n.reshape(B * T, -1), cf)
+            bias = biases[len(infos)] if biases is not None else None
+            y, info = moe_forward(layer.block_sparse_moe, n.reshape(B * T, -1), cf, bias=bias)
+            info["sequences"] = B
             infos.append(info)
             h = h + y.view(B, T, -1)
         else:
@@ -238,15 +300,34 @@ def forward_batch(model: sky.SkyworkForCausalLM, inputs: torch.Tensor, cf: float
     return model.lm_head(model.model.norm(h)), infos
 
 
-def balance_loss(kind: str, info: dict) -> torch.Tensor:
+def balance_loss(kind: str, info: dict, gstate: dict | None = None, layer: int = 0, k: int = TOP_K) -> torch.Tensor:
     probs = info["probs"]
     N, E = probs.shape
     p_mean = probs.mean(0)
     if kind == "skywork":
         return ((1.0 / E - p_mean) ** 2).sum()
     if kind == "switch":
-        f = info["counts"].to(probs.dtype) / N  # constants; sum_e f_e = k
+        f = info["score_counts"].to(probs.dtype) / N  # constants; sum_e f_e = k
         return E * (f * p_mean).sum()
+    if kind == "sequence":
+        # DeepSeek-V3 / Megatron-Core seq_aux_loss: per sequence sum_e f_e P_e with
+        # f_e = E/(k T) * (tokens of the sequence choosing e), P_e = mean_t s'_te (softmax scores
+        # already sum to 1 per token), averaged over the sequences.
+        S = info["sequences"]
+        T = N // S
+        onehot = torch.zeros(N, E, dtype=probs.dtype).scatter(1, info["score_sel"], 1.0)
+        f = onehot.view(S, T, E).sum(1) * (E / (k * T))
+        P = probs.view(S, T, E).mean(1)
+        return (f * P).sum(1).mean()
+    if kind == "global":
+        # Megatron-Core global_aux_loss: running mean of the tokens per expert over the step's
+        # micro-batches so far, then E/(k T^2) * sum_e c_e * sum_t p_te.
+        c = info["score_counts"].to(probs.dtype)
+        st = gstate.setdefault(layer, {"sum": torch.zeros(E, dtype=probs.dtype), "n": 0})
+        st["sum"] = st["sum"] + c
+        st["n"] += 1
+        mean = st["sum"] / st["n"]
+        return (probs.sum(0) * mean).sum() * (E / (k * N * N))
     raise KeyError(kind)
 
 
@@ -254,13 +335,15 @@ def z_loss(info: dict) -> torch.Tensor:
     return (torch.logsumexp(info["logits"], dim=-1) ** 2).mean()
 
 
-def microbatch_loss(model, seqs: torch.Tensor, hp: dict, alpha: list[float]):
-    """seqs: int64 [B, T+1]. Returns (total, parts) with total differentiable."""
+def microbatch_loss(model, seqs: torch.Tensor, hp: dict, alpha: list[float], biases=None, gstate=None):
+    """seqs: int64 [B, T+1]. Returns (total, parts) with total differentiable. biases: per MoE
+    layer selection bias or None; gstate: the step's running load counts (global loss)."""
     inputs, targets = seqs[:, :-1], seqs[:, 1:]
-    logits, infos = forward_batch(model, inputs, hp["capacity_factor"])
+    logits, infos = forward_batch(model, inputs, hp["capacity_factor"], biases)
     V = logits.shape[-1]
     ce = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
-    aux = sum(alpha[l] * balance_loss(hp["balance"], info) for l, info in enumerate(infos))
+    gstate = {} if gstate is None else gstate
+    aux = sum(alpha[l] * balance_loss(hp["balance"], info, gstate, l) for l, info in enumerate(infos))
     zterm = hp["z_loss_coef"] * sum(z_loss(info) for info in infos)
     total = ce + aux + zterm
     return total, {"ce": ce, "aux": aux, "z": zterm, "infos": infos, "logits": logits}
@@ -449,15 +532,19 @@ def train(model, batches: torch.Tensor, hp: dict):
     n_moe = len(model.moe_blocks())
     alpha = [hp["alpha_init"] if hp["adaptive"] else hp["coef"]] * n_moe
     M = hp["micro_batches"]
+    rate = hp.get("bias_update_rate", 0.0)
+    E = model.cfg.num_experts
+    biases = [torch.zeros(E, dtype=DTYPE) for _ in range(n_moe)] if rate > 0 else None
     steps = []
     for s in range(hp["steps"]):
         opt.zero_grad(set_to_none=True)
+        gstate: dict = {}  # the global loss's running counts start afresh each optimiser step
         rec = {"alpha": list(alpha), "loss": 0.0, "ce": 0.0, "aux": 0.0, "z": 0.0,
                "drop_rate": [0.0] * n_moe, "expert_counts": None, "sel_margin": float("inf"),
                "cap_margin": float("inf"), "dropped": [0] * n_moe, "decisions": []}
         counts = None
         for mb in range(M):
-            total, parts = microbatch_loss(model, batches[s, mb], hp, alpha)
+            total, parts = microbatch_loss(model, batches[s, mb], hp, alpha, biases, gstate)
             (total / M).backward()
             rec["loss"] += float(total.detach()) / M
             rec["ce"] += float(parts["ce"].detach()) / M
@@ -466,6 +553,8 @@ def train(model, batches: torch.Tensor, hp: dict):
             c = torch.stack([i["counts"] for i in parts["infos"]])
             counts = c if counts is None else counts + c
             rec["decisions"].append([(i["sel"], i["kept"]) for i in parts["infos"]])
+            rec.setdefault("bias_moved", False)
+            rec["bias_moved"] |= any(not torch.equal(i["sel"], i["score_sel"]) for i in parts["infos"])
             for l, info in enumerate(parts["infos"]):
                 rec["drop_rate"][l] += info["drop_rate"] / M
                 rec["dropped"][l] += info["dropped"]
@@ -512,6 +601,12 @@ def train(model, batches: torch.Tensor, hp: dict):
             alpha = [hp["beta"] * a + (1 - hp["beta"]) * min(hp["xi"] * d, hp["alpha_max"])
                      for a, d in zip(alpha, rec["drop_rate"])]
         rec["alpha_next"] = list(alpha)
+        if biases is not None:
+            # DeepSeek-V3 / Megatron-Core: b_e += rate * sign(mean load - load_e), from the tokens
+            # routed to each expert in the step (all micro-batches, before capacity dropping).
+            loads = counts.to(DTYPE)
+            biases = [b + rate * torch.sign(ld.mean() - ld) for b, ld in zip(biases, loads)]
+            rec["bias"] = torch.stack(biases)
         steps.append(rec)
     return steps
 
@@ -541,6 +636,8 @@ def run_case(name: str, out_root: str) -> dict[str, Any]:
             problems.append("no drops")
         if case["require_clipping"] and not any(st["clipped"] for st in steps):
             problems.append("clipping never engaged")
+        if case.get("require_bias_effect") and not any(st.get("bias_moved") for st in steps):
+            problems.append("the selection bias never changed a selection")
         if not problems:
             f32_cmp = compare_with_f32_run(case["family"], batches, hp, model, steps)
             if not f32_cmp["same_decisions"]:
@@ -558,7 +655,7 @@ def run_case(name: str, out_root: str) -> dict[str, Any]:
     alpha0 = steps[0]["alpha"]
     if case["family"] == "skywork_moe":
         checks["dropless_forward_vs_skywork_module_max_abs_diff"] = check_against_skywork_module(base, batches[0, 0])
-    else:
+    elif hp["capacity_factor"] <= 0:  # transformers' Mixtral is dropless
         checks["hf"] = hf_mixtral_checks(base, batches[0, 0], hp)
     checks["finite_difference_rel_err"] = finite_difference_check(base, batches[0, 0], hp, alpha0, seed=12345)
     for st in steps:
@@ -573,7 +670,7 @@ def run_case(name: str, out_root: str) -> dict[str, Any]:
     # ---- write
     f32 = torch.float32
     tensors: dict[str, torch.Tensor] = {"batches": batches.contiguous()}
-    cfg_json = json.dumps({k: hp[k] for k in HP_KEYS}, sort_keys=True)
+    cfg_json = json.dumps({k: hp[k] for k in HP_KEYS + [k for k in EXTRA_HP_KEYS if k in hp]}, sort_keys=True)
     tensors["config_json"] = torch.tensor(list(cfg_json.encode("utf-8")), dtype=torch.uint8)
     for s, st in enumerate(steps):
         p = f"step{s}."
@@ -582,8 +679,15 @@ def run_case(name: str, out_root: str) -> dict[str, Any]:
         tensors[p + "alpha"] = torch.tensor(st["alpha"], dtype=DTYPE).to(f32)
         tensors[p + "drop_rate"] = torch.tensor(st["drop_rate"], dtype=DTYPE).to(f32)
         tensors[p + "expert_counts"] = st["expert_counts"].to(f32).contiguous()
+        if "bias" in st:
+            tensors[p + "bias"] = st["bias"].to(f32).contiguous()  # after the step's update
     for n, t in final.items():
         tensors["final." + n] = t.to(f32).contiguous()
+    if "bias" in steps[-1]:
+        moe_layers = [i for i, layer in enumerate(model.model.layers) if layer.is_moe]
+        for l, i in enumerate(moe_layers):
+            name = f"model.layers.{i}.block_sparse_moe.gate.e_score_correction_bias"
+            tensors["final." + name] = steps[-1]["bias"][l].to(f32).contiguous()
     if "hf" in checks:
         tensors["hf_load_balancing_loss"] = torch.tensor(checks["hf"]["hf_load_balancing_loss"], dtype=DTYPE).to(f32)
         tensors["our_switch_loss_mean"] = torch.tensor(checks["hf"]["our_switch_loss_mean"], dtype=DTYPE).to(f32)
@@ -608,6 +712,8 @@ def run_case(name: str, out_root: str) -> dict[str, Any]:
             f"lr {st['lr']:.6g} grad_norm {st['grad_norm']:.9f} clip_scale {st['clip_scale']:.9f} "
             f"(clipped: {st['clipped']})")
         log(f"          alpha {[f'{a:.9g}' for a in st['alpha']]} -> {[f'{a:.9g}' for a in st['alpha_next']]}")
+        if "bias" in st:
+            log(f"          bias after the step {st['bias'].tolist()} (changed a selection: {st['bias_moved']})")
         log(f"          drop_rate {[f'{d:.6f}' for d in st['drop_rate']]} dropped {st['dropped']} "
             f"expert_counts {st['expert_counts'].tolist()}")
         log(f"          min top-k margin {st['sel_margin']:.3e}, min capacity margin {st['cap_margin']:.3e}, "

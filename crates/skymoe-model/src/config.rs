@@ -23,6 +23,32 @@ pub struct RouterConfig {
     pub multiply_input_by_top_k: bool,
 }
 
+/// RMSNorm applied to the query and key projections before RoPE (its weights are
+/// `self_attn.q_norm.weight` and `self_attn.k_norm.weight`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QkNorm {
+    /// No q/k norm (Llama).
+    #[default]
+    None,
+    /// Over each head after the head split, one weight of `head_dim` shared by all heads
+    /// (Qwen3-MoE).
+    PerHead,
+    /// Over the whole q and k projections before the head split, weights of
+    /// `heads·head_dim` and `kv_heads·head_dim` (OLMoE).
+    PerProjection,
+}
+
+impl QkNorm {
+    /// A short description for reports (`None` when there is no norm).
+    pub fn describe(self) -> Option<&'static str> {
+        match self {
+            QkNorm::None => None,
+            QkNorm::PerHead => Some("per-head q/k RMSNorm"),
+            QkNorm::PerProjection => Some("per-projection q/k RMSNorm"),
+        }
+    }
+}
+
 /// The Mixture-of-Experts part of a configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeConfig {
@@ -73,6 +99,11 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// The output projection carries a bias.
     pub o_bias: bool,
+    /// RMSNorm of the query and key projections.
+    pub qk_norm: QkNorm,
+    /// Clamp q, k and v to `±clip` after the projections and the q/k norm (OLMoE's
+    /// `clip_qkv`, in transformers' order).
+    pub clip_qkv: Option<f64>,
     /// MoE settings; `None` for a dense model.
     pub moe: Option<MoeConfig>,
     /// Beginning-of-sequence token, if the config names one.
@@ -206,6 +237,8 @@ impl ModelConfig {
             tie_word_embeddings,
             qkv_bias: attention_bias,
             o_bias: attention_bias,
+            qk_norm: QkNorm::None,
+            clip_qkv: None,
             moe: None,
             bos_token_id: v
                 .get("bos_token_id")
@@ -226,6 +259,19 @@ impl ModelConfig {
             }
         }
         Ok(config)
+    }
+
+    /// Lengths of the q and k norm weights (`None` without a q/k norm): `head_dim` each for a
+    /// per-head norm, `heads·head_dim` and `kv_heads·head_dim` for a per-projection one.
+    pub fn qk_norm_sizes(&self) -> Option<(usize, usize)> {
+        match self.qk_norm {
+            QkNorm::None => None,
+            QkNorm::PerHead => Some((self.head_dim, self.head_dim)),
+            QkNorm::PerProjection => Some((
+                self.num_attention_heads * self.head_dim,
+                self.num_key_value_heads * self.head_dim,
+            )),
+        }
     }
 
     /// Whether layer `layer` has an MoE feed-forward block.
@@ -580,6 +626,8 @@ mod round_trip_tests {
             "rope/yarn",
             "rope/yarn_mscale",
             "rope/yarn_attention_factor",
+            "qwen3_moe",
+            "olmoe",
         ] {
             let c = ModelConfig::from_file(&root.join(fam).join("config.json")).unwrap();
             let back = ModelConfig::from_json(&c.to_hf_json(), Path::new("x")).unwrap();

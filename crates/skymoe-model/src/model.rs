@@ -115,6 +115,34 @@ fn swiglu(l: &dyn TensorLoader, n: &SwiGluNames, hidden: usize, ffn: usize) -> R
     })
 }
 
+/// Layer `i`'s q and k norms, if the config has them, for a tensor-parallel group of `n`
+/// ranks (a per-head norm is shared by all heads; one over the whole projection cannot be
+/// split).
+fn qk_norms(
+    c: &ModelConfig,
+    l: &dyn TensorLoader,
+    i: usize,
+    n: usize,
+) -> Result<Option<(RmsNorm, RmsNorm)>> {
+    let Some((qs, ks)) = c.qk_norm_sizes() else {
+        return Ok(None);
+    };
+    if n > 1 && c.qk_norm == crate::config::QkNorm::PerProjection {
+        return Err(ModelError::InvalidInput(
+            "tensor parallelism is not supported for models whose q/k norm spans the whole \
+             projection (OLMoE): each rank holds only some heads"
+                .into(),
+        ));
+    }
+    let norm = |name: String, size: usize| -> Result<RmsNorm> {
+        Ok(RmsNorm::new(l.tensor(&name, &[size])?, c.rms_norm_eps))
+    };
+    Ok(Some((
+        norm(names::q_norm(i), qs)?,
+        norm(names::k_norm(i), ks)?,
+    )))
+}
+
 /// Build decoder layer `i` of `c` from `l`, cut over `sharding`'s group when given (the loader
 /// then hands out this rank's parts).
 pub fn build_layer(
@@ -161,6 +189,9 @@ pub fn build_layer_split(
         num_kv_heads: c.num_key_value_heads / n,
         head_dim: c.head_dim,
         tp: tp.clone(),
+        qk_norm: c.qk_norm,
+        qk_norms: qk_norms(c, l, i, n)?,
+        clip_qkv: c.clip_qkv,
     };
     let ffn = match (&c.moe, c.is_moe_layer(i)) {
         (Some(m), true) => {
@@ -200,11 +231,22 @@ pub fn build_layer_split(
                 }),
                 _ => None,
             };
+            // DeepSeek-V3's aux-loss-free balancing bias, when the checkpoint has one.
+            let bias_name = crate::layers::router::selection_bias_name(&names.gate);
+            let selection_bias = if l.contains(&bias_name) {
+                Some(
+                    l.tensor(&bias_name, &[e])?
+                        .to_dtype(candle_core::DType::F32)?,
+                )
+            } else {
+                None
+            };
             FeedForward::Moe(MoeBlock {
                 router: Router {
                     gate,
                     config: m.router.clone(),
                     top_k: m.top_k,
+                    selection_bias,
                 },
                 experts,
                 expert_ids,

@@ -35,6 +35,16 @@ pub fn layer(layer: usize, rest: &str) -> String {
     format!("model.layers.{layer}.{rest}")
 }
 
+/// Layer `l`'s query norm weight (`self_attn.q_norm.weight`), when the config has a q/k norm.
+pub fn q_norm(l: usize) -> String {
+    layer(l, "self_attn.q_norm.weight")
+}
+
+/// Layer `l`'s key norm weight (`self_attn.k_norm.weight`), when the config has a q/k norm.
+pub fn k_norm(l: usize) -> String {
+    layer(l, "self_attn.k_norm.weight")
+}
+
 /// Token embedding.
 pub const EMBED: &str = "model.embed_tokens.weight";
 /// Final norm.

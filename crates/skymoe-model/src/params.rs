@@ -88,6 +88,18 @@ impl ModelConfig {
                     });
                 }
             }
+            if let Some((qs, ks)) = self.qk_norm_sizes() {
+                out.push(ParamSpec {
+                    name: names::q_norm(l),
+                    shape: vec![qs],
+                    role: a,
+                });
+                out.push(ParamSpec {
+                    name: names::k_norm(l),
+                    shape: vec![ks],
+                    role: a,
+                });
+            }
             out.push(ParamSpec {
                 name: p("self_attn.o_proj.weight"),
                 shape: vec![h, q],

@@ -77,6 +77,66 @@ fn skywork_moe_variant_matches_reference() {
     check_dir("skywork_moe_variant");
 }
 
+#[test]
+fn qwen3_moe_per_head_qk_norm_with_dense_layer_matches_transformers() {
+    check_dir("qwen3_moe");
+}
+
+#[test]
+fn olmoe_projection_qk_norm_and_clip_qkv_match_transformers() {
+    check_dir("olmoe");
+}
+
+#[test]
+fn gguf_qwen3moe_f16_matches_transformers() {
+    check_gguf("qwen3moe-f16.gguf");
+}
+
+#[test]
+fn gguf_olmoe_f32_matches_transformers() {
+    check_gguf("olmoe-f32.gguf");
+}
+
+/// The GGUF files of the new families read back as the safetensors checkpoints: the same
+/// config (q/k norm, clip, dense layers among MoE layers) and, for the f32 file, the same
+/// tensors bit for bit.
+#[test]
+fn gguf_qwen3moe_and_olmoe_equal_their_safetensors_models() {
+    for (dir, file, exact) in [
+        ("olmoe", "gguf/olmoe-f32.gguf", true),
+        ("qwen3_moe", "gguf/qwen3moe-f16.gguf", false),
+    ] {
+        let st = Checkpoint::open(&fixtures().join(dir), &Device::Cpu).unwrap();
+        let gg = Checkpoint::open(&fixtures().join(file), &Device::Cpu).unwrap();
+        let (a, b) = (&st.config, &gg.config);
+        assert_eq!(a.architecture, b.architecture, "{file}");
+        assert_eq!(a.qk_norm, b.qk_norm, "{file}");
+        // GGUF stores the clamp as an f32.
+        let close = match (a.clip_qkv, b.clip_qkv) {
+            (Some(x), Some(y)) => (x - y).abs() < 1e-6,
+            (x, y) => x == y,
+        };
+        assert!(close, "{file}: clip {:?} vs {:?}", a.clip_qkv, b.clip_qkv);
+        assert_eq!(a.head_dim, b.head_dim, "{file}");
+        assert_eq!(a.moe, b.moe, "{file}");
+        assert_eq!(a.qkv_bias, b.qkv_bias, "{file}");
+        assert_eq!(a.param_specs(), b.param_specs(), "{file}");
+        if exact {
+            for spec in a.param_specs() {
+                let x = st
+                    .weights
+                    .get(&spec.name, &spec.shape, &Device::Cpu)
+                    .unwrap();
+                let y = gg
+                    .weights
+                    .get(&spec.name, &spec.shape, &Device::Cpu)
+                    .unwrap();
+                assert_eq!(max_abs_diff(&x, &y), 0.0, "{file}: {}", spec.name);
+            }
+        }
+    }
+}
+
 fn check_gguf(file: &str) {
     let path = fixtures().join("gguf").join(file);
     let ckpt = Checkpoint::open(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{file}: {e}"));

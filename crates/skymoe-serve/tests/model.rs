@@ -9,13 +9,15 @@ use skymoe_model::Checkpoint;
 use skymoe_serve::kv_cache::KvDtype;
 use skymoe_serve::model::{LogitsFor, SeqChunk, ServeModel};
 
-const FAMILIES: [&str; 6] = [
+const FAMILIES: [&str; 8] = [
     "llama",
     "mixtral",
     "qwen2_moe",
     "qwen2_moe_norm",
     "skywork_moe",
     "skywork_moe_variant",
+    "qwen3_moe",
+    "olmoe",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -68,6 +70,31 @@ fn f32_logits_match_transformers_for_every_family() {
         let got = run_alone(&model, &tokens);
         let e = max_rel(&got, &want);
         assert!(e < 1e-4, "{fam}: max relative logit error {e}");
+    }
+}
+
+/// The GGUF files of the q/k-norm families serve the logits transformers gives for their
+/// weights as stored.
+#[test]
+fn gguf_qwen3moe_and_olmoe_serve_transformers_logits() {
+    for stem in ["qwen3moe-f16", "olmoe-f32"] {
+        let dir = fixture("gguf");
+        let ckpt = Checkpoint::open(&dir.join(format!("{stem}.gguf")), &Device::Cpu).unwrap();
+        let model = ServeModel::load(&ckpt, Some(WeightFormat::F32)).unwrap();
+        let t = candle_core::safetensors::load(
+            dir.join(format!("{stem}.reference.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let tokens: Vec<u32> = t["tokens"]
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|v| v as u32)
+            .collect();
+        let want = t["logits"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let e = max_rel(&run_alone(&model, &tokens), &want);
+        assert!(e < 1e-4, "{stem}: max relative logit error {e}");
     }
 }
 

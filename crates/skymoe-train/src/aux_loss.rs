@@ -6,6 +6,15 @@
 //!   chose expert `e` among their top-k (so `Σ_e f_e = k`; counted before capacity dropping, not
 //!   differentiable) and `P_e` the mean gate probability of `e` — transformers'
 //!   `load_balancing_loss_func` for Mixtral computes the same value.
+//! - Sequence-wise balance loss (DeepSeek-V3's complementary loss, Megatron-Core `seq_aux_loss`):
+//!   per sequence of `T` tokens `Σ_e f_e · P_e` with `f_e = E/(k·T) · (tokens of the sequence
+//!   whose top-k holds e)` and `P_e` the sequence's mean gate probability of `e`, averaged over
+//!   the sequences.
+//! - Global-batch balance loss (Megatron-Core `global_aux_loss`): `E/(k·T²) · Σ_e c̄_e · Σ_i g_ie`
+//!   over the `T` tokens of a micro-batch, with `c̄_e` the running mean, over the step's
+//!   micro-batches so far (this one included), of the tokens per expert.
+//! - Counts of the last three are taken on the top-k of the unbiased gate probabilities, before
+//!   capacity dropping.
 //! - Router z-loss (ST-MoE): `mean_i (log Σ_j exp z_ij)²` over the raw gate logits.
 //! - Adaptive coefficient (eqs. 7–9): after each step, `α̂ = min(ξ · d, α_max)` from the layer's
 //!   token drop rate `d`, and `α ← β · α + (1 − β) · α̂`.
@@ -21,6 +30,10 @@ pub enum BalanceLoss {
     Skywork,
     /// Switch Transformer / GShard `E · Σ f·P`.
     Switch,
+    /// DeepSeek-V3's sequence-wise balance loss.
+    Sequence,
+    /// Megatron-Core's global-batch balance loss (counts over the step's micro-batches).
+    Global,
     /// No balancing loss.
     None,
 }
@@ -44,6 +57,76 @@ pub fn switch_aux(probs: &Tensor, expert_counts: &[usize]) -> Result<Tensor> {
     let f = Tensor::from_vec(f, e, probs.device())?;
     let p = probs.mean(0)?;
     (p * f)?.sum_all()? * e as f64
+}
+
+/// DeepSeek-V3's sequence-wise balance loss of one layer from its gate probabilities
+/// `[sequences · seq_len, experts]` (sequence-major) and the top-k chosen experts of each token
+/// (`top_k` per token, token-major): the mean over sequences of
+/// `Σ_e (E/(k·T)) · count_e · mean_t p_te`. The probabilities of a softmax router sum to one per
+/// token, so they are DeepSeek-V3's normalised scores `s'` as they stand.
+pub fn sequence_aux(
+    probs: &Tensor,
+    experts: &[u32],
+    top_k: usize,
+    sequences: usize,
+) -> Result<Tensor> {
+    let (tokens, e) = probs.dims2()?;
+    if sequences == 0 || top_k == 0 || !tokens.is_multiple_of(sequences) {
+        candle_core::bail!("{tokens} tokens do not split into {sequences} sequences");
+    }
+    if experts.len() != tokens * top_k {
+        candle_core::bail!(
+            "{} selections for {tokens} tokens of top-{top_k}",
+            experts.len()
+        );
+    }
+    let t = tokens / sequences;
+    let scale = e as f32 / (top_k * t) as f32;
+    let mut f = vec![0f32; sequences * e];
+    for (a, &x) in experts.iter().enumerate() {
+        let s = a / top_k / t;
+        if let Some(slot) = f.get_mut(s * e + x as usize) {
+            *slot += scale;
+        }
+    }
+    let f = Tensor::from_vec(f, (sequences, e), probs.device())?;
+    let p = probs.reshape((sequences, t, e))?.mean(1)?; // [sequences, experts]
+    (p * f)?.sum_all()? / sequences as f64
+}
+
+/// Megatron-Core's global-batch balance loss of one micro-batch's layer from its gate
+/// probabilities `[tokens, experts]` and the mean tokens per expert `mean_counts` over the
+/// step's micro-batches so far: `E/(k·T²) · Σ_e c̄_e · Σ_i p_ie`.
+pub fn global_aux(probs: &Tensor, mean_counts: &[f64], top_k: usize) -> Result<Tensor> {
+    let e = mean_counts.len();
+    let tokens = probs.dim(0)?.max(1);
+    let f: Vec<f32> = mean_counts
+        .iter()
+        .map(|&c| (c / tokens as f64) as f32)
+        .collect();
+    let f = Tensor::from_vec(f, e, probs.device())?;
+    let p = probs.mean(0)?;
+    (p * f)?.sum_all()? * (e as f64 / top_k.max(1) as f64)
+}
+
+/// The aux-loss-free bias update of one layer (DeepSeek-V3, Megatron-Core
+/// `get_updated_expert_bias`): `b_e ← b_e + rate · sign(mean load − load_e)` from the tokens
+/// routed to each expert in the step (`sign(0) = 0`).
+pub fn update_selection_bias(bias: &mut [f32], load: &[usize], rate: f64) {
+    let n = load.len().max(1);
+    let mean = load.iter().sum::<usize>() as f32 / n as f32;
+    let rate = rate as f32;
+    for (b, &l) in bias.iter_mut().zip(load) {
+        let offset = mean - l as f32;
+        let sign = if offset > 0.0 {
+            1.0
+        } else if offset < 0.0 {
+            -1.0
+        } else {
+            0.0
+        };
+        *b += sign * rate;
+    }
 }
 
 /// Router z-loss of one layer from its raw gate logits `[tokens, experts]`.
@@ -162,6 +245,48 @@ mod tests {
             / 2.0;
         assert!((z_loss(&zt)?.to_scalar::<f32>()? - want).abs() < 1e-4);
         Ok(())
+    }
+
+    #[test]
+    fn sequence_and_global_losses_match_plain_formulas() -> Result<()> {
+        // Two sequences of two tokens, three experts, top-1.
+        let p = [
+            [0.7f32, 0.2, 0.1],
+            [0.1, 0.6, 0.3],
+            [0.3, 0.3, 0.4],
+            [0.5, 0.25, 0.25],
+        ];
+        let t = Tensor::new(&p, &Device::Cpu)?;
+        let experts = [0u32, 1, 2, 0];
+        let got = sequence_aux(&t, &experts, 1, 2)?.to_scalar::<f32>()?;
+        let mut want = 0.0f32;
+        for s in 0..2 {
+            for (e, (a, b)) in p[2 * s].iter().zip(&p[2 * s + 1]).enumerate() {
+                let count = (0..2).filter(|&i| experts[2 * s + i] as usize == e).count() as f32;
+                let f = 3.0 / 2.0 * count;
+                want += f * (a + b) / 2.0 / 2.0;
+            }
+        }
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        assert!(sequence_aux(&t, &experts, 1, 3).is_err());
+        // Global: E/(k·T²) · Σ_e c_e · Σ_i p_ie.
+        let counts = [1.5f64, 1.0, 1.5];
+        let got = global_aux(&t, &counts, 2)?.to_scalar::<f32>()?;
+        let want: f32 = (0..3)
+            .map(|e| counts[e] as f32 * p.iter().map(|r| r[e]).sum::<f32>())
+            .sum::<f32>()
+            * 3.0
+            / (2.0 * 16.0);
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        Ok(())
+    }
+
+    #[test]
+    fn bias_moves_towards_the_mean_load() {
+        let mut b = [0.0f32, 0.5, -0.25, 0.0];
+        update_selection_bias(&mut b, &[4, 1, 2, 1], 0.125);
+        // mean 2: overloaded down, underloaded up, at the mean unchanged.
+        assert_eq!(b, [-0.125, 0.625, -0.25, 0.125]);
     }
 
     #[test]

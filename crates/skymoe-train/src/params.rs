@@ -23,7 +23,31 @@ impl TrainableParams {
             let t = loader.tensor(&spec.name, &spec.shape)?;
             vars.insert(spec.name, Var::from_tensor(&t)?);
         }
+        // Selection biases (aux-loss-free balancing), when the checkpoint has them: state the
+        // trainer updates outside the optimiser.
+        for name in selection_bias_names(&ckpt.config) {
+            if loader.contains(&name) {
+                let e = ckpt.config.moe.as_ref().map_or(0, |m| m.num_experts);
+                let t = loader
+                    .tensor(&name, &[e])?
+                    .to_dtype(candle_core::DType::F32)?;
+                vars.insert(name, Var::from_tensor(&t)?);
+            }
+        }
         Ok(TrainableParams { vars })
+    }
+
+    /// Add a zero selection bias (`…gate.e_score_correction_bias`, f32 `[experts]`) to every
+    /// MoE layer that has none.
+    pub fn add_selection_biases(&mut self, config: &ModelConfig, device: &Device) -> Result<()> {
+        let e = config.moe.as_ref().map_or(0, |m| m.num_experts);
+        for name in selection_bias_names(config) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.vars.entry(name) {
+                let t = Tensor::zeros(e, candle_core::DType::F32, device)?;
+                slot.insert(Var::from_tensor(&t)?);
+            }
+        }
+        Ok(())
     }
 
     /// Build the model over these variables: its parameters are the variables themselves, so
@@ -54,6 +78,14 @@ impl TensorLoader for TrainableParams {
     fn contains(&self, name: &str) -> bool {
         self.vars.contains_key(name)
     }
+}
+
+/// The checkpoint names of the selection biases of the MoE layers of `config`.
+pub fn selection_bias_names(config: &ModelConfig) -> Vec<String> {
+    (0..config.num_hidden_layers)
+        .filter(|&l| config.is_moe_layer(l))
+        .map(|l| skymoe_model::layers::router::selection_bias_name(&config.moe_names(l).gate))
+        .collect()
 }
 
 /// Gaussian samples from a seeded generator (Box–Muller), so initialisation is reproducible.

@@ -103,6 +103,10 @@ pub struct AuxSection {
     pub alpha_init: f64,
     /// Router z-loss coefficient (0 disables).
     pub z_loss_coef: f64,
+    /// Aux-loss-free balancing (DeepSeek-V3): each MoE layer's selection bias moves by this
+    /// much after every optimiser step, `b_e ← b_e + rate · sign(mean load − load_e)`
+    /// (0 disables).
+    pub bias_update_rate: f64,
 }
 
 impl Default for AuxSection {
@@ -117,6 +121,7 @@ impl Default for AuxSection {
             beta: a.beta,
             alpha_init: a.alpha_init,
             z_loss_coef: 0.0,
+            bias_update_rate: 0.0,
         }
     }
 }
@@ -291,6 +296,12 @@ impl RunConfig {
         if self.optim.lr.is_nan() || self.optim.lr <= 0.0 || self.optim.min_lr < 0.0 {
             return bad("optim.lr must be > 0 and optim.min_lr ≥ 0".into());
         }
+        if !(self.aux.bias_update_rate >= 0.0 && self.aux.bias_update_rate.is_finite()) {
+            return bad(format!(
+                "aux.bias_update_rate must be a finite value ≥ 0, got {}",
+                self.aux.bias_update_rate
+            ));
+        }
         if self.data.inputs.is_empty() {
             return bad("data.inputs lists no files or directories".into());
         }
@@ -388,6 +399,8 @@ impl RunConfig {
             tie_word_embeddings: m.tie_word_embeddings,
             qkv_bias: false,
             o_bias: false,
+            qk_norm: skymoe_model::QkNorm::None,
+            clip_qkv: None,
             moe: None,
             bos_token_id: bos,
             eos_token_ids: eos.into_iter().collect(),

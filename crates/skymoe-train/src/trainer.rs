@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use skymoe_model::layers::moe::DeferredExpertGrads;
 use skymoe_model::{CausalLm, Checkpoint, ModelConfig};
 
-use crate::aux_loss::{skywork_aux, switch_aux, z_loss, BalanceLoss};
+use crate::aux_loss::{
+    global_aux, sequence_aux, skywork_aux, switch_aux, update_selection_bias, z_loss, BalanceLoss,
+};
 use crate::checkpoint::{list_checkpoints, load_trainer_state, save_checkpoint, TrainerState};
 use crate::data::{PackedDataset, TokenFile};
 use crate::error::{Result, TrainError};
@@ -569,6 +571,10 @@ impl Trainer {
         let moe_layers = (0..model_config.num_hidden_layers)
             .filter(|&l| model_config.is_moe_layer(l))
             .count();
+        let mut params = params;
+        if cfg.aux.bias_update_rate > 0.0 {
+            params.add_selection_biases(&model_config, &device)?;
+        }
         let mut optimizer = AdamW::new(cfg.adamw(), &params.vars);
         let state = match &resume_from {
             Some((_, dir)) => {
@@ -615,9 +621,12 @@ impl Trainer {
     pub fn in_memory(
         cfg: RunConfig,
         model_config: ModelConfig,
-        params: TrainableParams,
+        mut params: TrainableParams,
     ) -> Result<Self> {
         let device = Device::Cpu;
+        if cfg.aux.bias_update_rate > 0.0 {
+            params.add_selection_biases(&model_config, &device)?;
+        }
         let moe_layers = (0..model_config.num_hidden_layers)
             .filter(|&l| model_config.is_moe_layer(l))
             .count();
@@ -780,11 +789,72 @@ impl Trainer {
         self.step_on_batches(&micro, start, last_checkpoint)
     }
 
+    /// Refuse the balancing options this run layout does not support yet: the sequence-wise
+    /// loss with recomputation; the global-batch loss and the selection bias with
+    /// recomputation or over several processes (their load counts are not summed over them).
+    fn check_balance_support(&self) -> Result<()> {
+        let a = &self.cfg.aux;
+        let recompute = self.model.recompute.is_some();
+        let split = self.replicas.is_some() || self.shards.is_some();
+        let refuse = |what: &str, why: &str| {
+            Err(TrainError::Config(format!(
+                "{what} is not supported {why} yet"
+            )))
+        };
+        if recompute && matches!(a.balance, BalanceLoss::Sequence | BalanceLoss::Global) {
+            return refuse(
+                "aux.balance = \"sequence\" or \"global\"",
+                "with recomputation",
+            );
+        }
+        if (recompute || split) && a.balance == BalanceLoss::Global {
+            return refuse(
+                "aux.balance = \"global\"",
+                "over several processes or with recomputation",
+            );
+        }
+        if (recompute || split) && a.bias_update_rate > 0.0 {
+            return refuse(
+                "aux.bias_update_rate",
+                "over several processes or with recomputation",
+            );
+        }
+        Ok(())
+    }
+
+    /// After an optimiser step: move each MoE layer's selection bias towards balance from
+    /// the tokens routed to each expert in the step (`routed`, one list per MoE layer).
+    fn update_selection_biases(&mut self, routed: &[Vec<usize>]) -> Result<()> {
+        let rate = self.cfg.aux.bias_update_rate;
+        let mut l = 0;
+        for layer in 0..self.model_config.num_hidden_layers {
+            if !self.model_config.is_moe_layer(layer) {
+                continue;
+            }
+            let gate = self.model_config.moe_names(layer).gate;
+            let name = skymoe_model::layers::router::selection_bias_name(&gate);
+            let (Some(var), Some(load)) = (self.params.vars.get(&name), routed.get(l)) else {
+                return Err(TrainError::Config(format!("no selection bias {name}")));
+            };
+            let mut bias = var.as_tensor().to_vec1::<f32>()?;
+            update_selection_bias(&mut bias, load, rate);
+            let n = bias.len();
+            var.set(&Tensor::from_vec(bias, n, &self.device)?)?;
+            l += 1;
+        }
+        Ok(())
+    }
+
     /// How many micro-batches of a step of `accum` run at once: `train.concurrent_micro_batches`
     /// (0: as many as the thread pool has threads), at most `accum`, and 1 when something
     /// orders the passes (a pipeline stage, a model cut over processes, recomputation).
     fn concurrent_micro_batches(&self, accum: usize) -> usize {
-        if self.model.pipeline.is_some() || self.shards.is_some() || self.model.recompute.is_some()
+        // The global-batch balance loss of a micro-batch reads the load counts of the ones
+        // before it.
+        if self.model.pipeline.is_some()
+            || self.shards.is_some()
+            || self.model.recompute.is_some()
+            || self.cfg.aux.balance == BalanceLoss::Global
         {
             return 1;
         }
@@ -820,6 +890,9 @@ impl Trainer {
             next += usize::from(self.model_config.is_moe_layer(layer));
         }
         let split = self.replicas.is_some() || self.shards.is_some();
+        self.check_balance_support()?;
+        let global = (cfg.aux.balance == BalanceLoss::Global)
+            .then(|| std::sync::Mutex::new(GlobalCounts::new(n_moe, experts)));
         let mut tokens = 0u64;
         let mut nonfinite = 0.0f64;
         // The order of the forward and backward passes: each micro-batch's backward right
@@ -850,8 +923,9 @@ impl Trainer {
                     };
                     let aux = match balance {
                         BalanceLoss::Skywork => Some(skywork_aux(&r.probs)?),
-                        BalanceLoss::Switch => Some(switch_aux(&r.probs, &r.expert_counts)?),
-                        BalanceLoss::None => None,
+                        BalanceLoss::Switch => Some(switch_aux(&r.probs, &r.score_counts())?),
+                        // Refused with recomputation (see `check_balance_support`).
+                        BalanceLoss::Sequence | BalanceLoss::Global | BalanceLoss::None => None,
                     };
                     if let Some(aux) = aux {
                         if a != 0.0 {
@@ -877,6 +951,7 @@ impl Trainer {
             moe_index: &moe_index,
             capacity,
             accum,
+            global: global.as_ref(),
         };
         // Micro-batches run concurrently, each on a thread of its own, when nothing orders
         // them (no pipeline, no model cut over processes, no recomputation); their gradients
@@ -972,6 +1047,7 @@ impl Trainer {
             mut drop,
             mut gate_ratio,
             mut load,
+            routed,
         } = sums;
         if let Some(shards) = &self.shards {
             shards.sum_tied_embedding(&mut grads_acc)?;
@@ -1104,6 +1180,9 @@ impl Trainer {
                 .step(&self.params.vars, &grads_acc, lr, scale)?,
         }
         self.state.aux.update(&drop);
+        if cfg.aux.bias_update_rate > 0.0 {
+            self.update_selection_biases(&routed)?;
+        }
         self.state.step += 1;
         self.state.tokens += tokens;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
@@ -1392,6 +1471,36 @@ struct MicroContext<'a> {
     capacity: Option<f64>,
     /// Micro-batches in the step.
     accum: usize,
+    /// The step's running load counts of the global-batch balance loss.
+    global: Option<&'a std::sync::Mutex<GlobalCounts>>,
+}
+
+/// Tokens per expert of each MoE layer summed over the micro-batches of a step so far, and how
+/// many micro-batches that was (Megatron-Core's `global_tokens_per_expert` and `ga_steps`).
+struct GlobalCounts {
+    sums: Vec<Vec<f64>>,
+    seen: Vec<usize>,
+}
+
+impl GlobalCounts {
+    fn new(moe_layers: usize, experts: usize) -> Self {
+        GlobalCounts {
+            sums: vec![vec![0.0; experts]; moe_layers],
+            seen: vec![0; moe_layers],
+        }
+    }
+
+    /// Add a micro-batch's counts of MoE layer `l`; returns the running mean.
+    fn add(&mut self, l: usize, counts: &[usize]) -> Vec<f64> {
+        let (Some(sum), Some(seen)) = (self.sums.get_mut(l), self.seen.get_mut(l)) else {
+            return counts.iter().map(|&c| c as f64).collect();
+        };
+        for (s, &c) in sum.iter_mut().zip(counts) {
+            *s += c as f64;
+        }
+        *seen += 1;
+        sum.iter().map(|s| s / *seen as f64).collect()
+    }
 }
 
 /// One micro-batch's forward pass: its objective and its share of the step's metrics.
@@ -1407,6 +1516,8 @@ struct MicroForward {
     drop: Vec<(usize, f64)>,
     gate_ratio: Vec<(usize, f64)>,
     load: Vec<(usize, Vec<f64>)>,
+    /// Tokens routed to each expert per MoE layer (before capacity dropping).
+    routed: Vec<(usize, Vec<usize>)>,
     /// Expert weight gradients the backward pass leaves outside the graph.
     deferred: Vec<DeferredExpertGrads>,
 }
@@ -1420,6 +1531,8 @@ struct StepSums {
     drop: Vec<f64>,
     gate_ratio: Vec<f64>,
     load: Vec<Vec<f64>>,
+    /// Tokens routed to each expert per MoE layer, summed over the micro-batches.
+    routed: Vec<Vec<usize>>,
 }
 
 impl StepSums {
@@ -1432,6 +1545,7 @@ impl StepSums {
             drop: vec![0.0; moe_layers],
             gate_ratio: vec![0.0; moe_layers],
             load: vec![vec![0.0; experts]; moe_layers],
+            routed: vec![vec![0; experts]; moe_layers],
         }
     }
 }
@@ -1453,6 +1567,13 @@ fn merge_forward(f: &MicroForward, sums: &mut StepSums) -> bool {
         if let Some(slot) = sums.load.get_mut(*l) {
             for (s, x) in slot.iter_mut().zip(el) {
                 *s += x;
+            }
+        }
+    }
+    for (l, counts) in &f.routed {
+        if let Some(slot) = sums.routed.get_mut(*l) {
+            for (s, c) in slot.iter_mut().zip(counts) {
+                *s += c;
             }
         }
     }
@@ -1491,6 +1612,7 @@ fn forward_micro(ctx: &MicroContext<'_>, batch: &[Vec<u32>]) -> Result<MicroForw
     };
     let (mut aux_val, mut z_val) = (0.0, 0.0);
     let (mut drop, mut gate_ratio, mut load) = (Vec::new(), Vec::new(), Vec::new());
+    let mut routed = Vec::new();
     for (layer, r) in out.routings.iter().enumerate() {
         let (Some(r), Some(l)) = (r, ctx.moe_index.get(layer).copied().flatten()) else {
             continue;
@@ -1498,9 +1620,26 @@ fn forward_micro(ctx: &MicroContext<'_>, batch: &[Vec<u32>]) -> Result<MicroForw
         let a = ctx.alpha.get(l).copied().unwrap_or(0.0);
         let aux = match cfg.aux.balance {
             BalanceLoss::Skywork => Some(skywork_aux(&r.probs)?),
-            BalanceLoss::Switch => Some(switch_aux(&r.probs, &r.expert_counts)?),
+            BalanceLoss::Switch => Some(switch_aux(&r.probs, &r.score_counts())?),
+            BalanceLoss::Sequence => Some(sequence_aux(&r.probs, &r.score_experts, r.top_k, bs)?),
+            BalanceLoss::Global => {
+                // The running mean of the tokens per expert over the step's micro-batches so
+                // far (micro-batches of such a step run in order).
+                let counts = r.score_counts();
+                let mean = match ctx.global {
+                    Some(g) => {
+                        let mut g = g
+                            .lock()
+                            .map_err(|_| TrainError::Config("poisoned load counts".into()))?;
+                        g.add(l, &counts)
+                    }
+                    None => counts.iter().map(|&c| c as f64).collect(),
+                };
+                Some(global_aux(&r.probs, &mean, r.top_k)?)
+            }
             BalanceLoss::None => None,
         };
+        routed.push((l, r.expert_counts.clone()));
         if let Some(aux) = aux {
             if a != 0.0 {
                 let term = (aux * a)?;
@@ -1538,6 +1677,7 @@ fn forward_micro(ctx: &MicroContext<'_>, batch: &[Vec<u32>]) -> Result<MicroForw
         drop,
         gate_ratio,
         load,
+        routed,
         deferred,
     })
 }

@@ -98,6 +98,16 @@ fn qwen2_moe_norm_gradients_match_pytorch() {
 }
 
 #[test]
+fn qwen3_moe_gradients_match_pytorch() {
+    check("qwen3_moe");
+}
+
+#[test]
+fn olmoe_gradients_match_pytorch() {
+    check("olmoe");
+}
+
+#[test]
 fn skywork_moe_gradients_match_pytorch() {
     check("skywork_moe");
 }

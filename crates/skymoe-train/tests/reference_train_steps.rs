@@ -1,6 +1,8 @@
 //! Several optimiser steps of the trainer against a PyTorch re-implementation of the same
 //! recipe (tools/reference/make_train_fixtures.py): capacity dropping, Skywork / Switch
-//! balancing losses, z-loss, adaptive α, clipping, schedules, AdamW, gradient accumulation.
+//! balancing losses, DeepSeek-V3's sequence-wise and Megatron-Core's global-batch losses, the
+//! aux-loss-free selection bias, z-loss, adaptive α, clipping, schedules, AdamW, gradient
+//! accumulation.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -60,8 +62,11 @@ fn check(family: &str, case: &str, concurrent: usize) -> (Vec<f64>, Vec<Vec<f32>
     cfg.aux.balance = match c["balance"].as_str().unwrap() {
         "skywork" => BalanceLoss::Skywork,
         "switch" => BalanceLoss::Switch,
+        "sequence" => BalanceLoss::Sequence,
+        "global" => BalanceLoss::Global,
         other => panic!("balance {other}"),
     };
+    cfg.aux.bias_update_rate = c["bias_update_rate"].as_f64().unwrap_or(0.0);
     cfg.aux.adaptive = c["adaptive"].as_bool().unwrap();
     cfg.aux.coef = c["coef"].as_f64().unwrap_or(0.0);
     if cfg.aux.adaptive {
@@ -124,6 +129,22 @@ fn check(family: &str, case: &str, concurrent: usize) -> (Vec<f64>, Vec<Vec<f32>
             &k("grad_norm"),
         );
         close(m.lr, scalar(&refmap, &k("lr")), 1e-6, &k("lr"));
+        if cfg_has_bias(&refmap) {
+            // The selection biases after the step's update, MoE layer by layer.
+            let want = vec1(&refmap, &k("bias"));
+            let got: Vec<f64> = trainer
+                .params
+                .vars
+                .iter()
+                .filter(|(n, _)| n.ends_with(".e_score_correction_bias"))
+                .flat_map(|(_, v)| v.as_tensor().to_vec1::<f32>().unwrap())
+                .map(f64::from)
+                .collect();
+            assert_eq!(got.len(), want.len(), "{}", k("bias"));
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-6, "{}: {got:?} vs {want:?}", k("bias"));
+            }
+        }
         for (l, (a, b)) in m.alpha.iter().zip(vec1(&refmap, &k("alpha"))).enumerate() {
             close(*a, b, 1e-6, &format!("{} layer {l}", k("alpha")));
         }
@@ -182,6 +203,21 @@ fn check(family: &str, case: &str, concurrent: usize) -> (Vec<f64>, Vec<Vec<f32>
         })
         .collect();
     (losses, weights)
+}
+
+/// Whether the fixture's run updates a selection bias.
+fn cfg_has_bias(map: &std::collections::HashMap<String, Tensor>) -> bool {
+    map.contains_key("step0.bias")
+}
+
+#[test]
+fn mixtral_selection_bias_and_sequence_loss_steps_match_pytorch() {
+    check("mixtral", "bias_sequence", 0);
+}
+
+#[test]
+fn skywork_global_loss_and_selection_bias_steps_match_pytorch() {
+    check("skywork_moe", "global_bias", 0);
 }
 
 #[test]

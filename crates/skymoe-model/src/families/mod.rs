@@ -21,7 +21,9 @@ use crate::weights::GgufMetadata;
 
 pub mod llama;
 pub mod mixtral;
+pub mod olmoe;
 pub mod qwen2_moe;
+pub mod qwen3_moe;
 pub mod skywork_moe;
 
 /// Declares [`Architecture`] (the identifiers of the families) and the registry of their
@@ -59,6 +61,11 @@ families! {
     Qwen2Moe => qwen2_moe::Qwen2Moe,
     /// Skywork-MoE (`SkyworkForCausalLM`): gating logit normalisation, expert interval.
     SkyworkMoe => skywork_moe::SkyworkMoe,
+    /// Qwen3-MoE (`Qwen3MoeForCausalLM`): per-head q/k norm, many small experts, dense layers
+    /// among MoE layers.
+    Qwen3Moe => qwen3_moe::Qwen3Moe,
+    /// OLMoE (`OlmoeForCausalLM`): q/k norm over the whole projections, `clip_qkv`.
+    Olmoe => olmoe::Olmoe,
 }
 
 /// How a family is stored in llama.cpp's GGUF files.
@@ -339,8 +346,9 @@ mod tests {
         assert_eq!(
             supported_names(),
             "LlamaForCausalLM (llama), MixtralForCausalLM (mixtral), Qwen2MoeForCausalLM \
-             (qwen2_moe), SkyworkForCausalLM (skywork_moe / skywork); GGUF: \
-             general.architecture = llama"
+             (qwen2_moe), SkyworkForCausalLM (skywork_moe / skywork), Qwen3MoeForCausalLM \
+             (qwen3_moe), OlmoeForCausalLM (olmoe); GGUF: general.architecture = llama, \
+             qwen3moe, olmoe"
         );
     }
 
@@ -349,5 +357,7 @@ mod tests {
         assert_eq!(for_gguf("llama", false), Some(Architecture::Llama));
         assert_eq!(for_gguf("llama", true), Some(Architecture::Mixtral));
         assert_eq!(for_gguf("gpt2", false), None);
+        assert_eq!(for_gguf("qwen3moe", true), Some(Architecture::Qwen3Moe));
+        assert_eq!(for_gguf("olmoe", true), Some(Architecture::Olmoe));
     }
 }

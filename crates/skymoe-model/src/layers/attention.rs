@@ -1,9 +1,13 @@
-//! Causal multi-head attention with grouped-query heads, RoPE and an optional KV cache.
+//! Causal multi-head attention with grouped-query heads, RoPE and an optional KV cache;
+//! optionally an RMSNorm of q and k (per head or over the whole projection) and a clamp of
+//! q, k and v.
 
 use candle_core::{Result, Tensor};
 
 use super::linear::Linear;
+use super::norm::RmsNorm;
 use super::rotary::RotaryEmbedding;
+use crate::config::QkNorm;
 use crate::parallel::TensorParallel;
 
 /// Keys and values of the positions seen so far, for one layer: `[batch, kv_heads, seq, head_dim]`.
@@ -34,6 +38,22 @@ pub struct Attention {
     pub tp: Option<TensorParallel>,
     /// Head width.
     pub head_dim: usize,
+    /// How q and k are normalised before RoPE ([`QkNorm::None`]: not at all).
+    pub qk_norm: QkNorm,
+    /// The q and k norms (with [`QkNorm::PerHead`], weights of `head_dim`; with
+    /// [`QkNorm::PerProjection`], of the whole projections).
+    pub qk_norms: Option<(RmsNorm, RmsNorm)>,
+    /// Clamp q, k and v to `±clip` after the projections and the q/k norm.
+    pub clip_qkv: Option<f64>,
+}
+
+/// `x` with a norm applied over its last dimension; under tensor parallelism the norm's
+/// weight is shared by the heads of every rank, so its gradient is summed over the group.
+fn norm_last(x: &Tensor, norm: &RmsNorm, tp: Option<&TensorParallel>) -> Result<Tensor> {
+    match tp {
+        Some(tp) => RmsNorm::new(tp.copy_in(&norm.weight)?, norm.eps).forward(x),
+        None => norm.forward(x),
+    }
 }
 
 impl Attention {
@@ -52,24 +72,38 @@ impl Attention {
             Some(tp) => tp.copy_in(x)?,
             None => x.clone(),
         };
-        let q = self
-            .q_proj
-            .forward(x)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = self
-            .k_proj
-            .forward(x)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let (mut q, mut k, mut v) = (
+            self.q_proj.forward(x)?,
+            self.k_proj.forward(x)?,
+            self.v_proj.forward(x)?,
+        );
+        let tp = self.tp.as_ref();
+        match (&self.qk_norms, self.qk_norm) {
+            (Some((qn, kn)), QkNorm::PerProjection) => {
+                // The norm spans all heads: a rank holding some of them cannot compute it
+                // alone (the builder refuses this layout).
+                if tp.is_some() {
+                    return Err(candle_core::Error::Msg(
+                        "a q/k norm over the whole projection cannot be split over a tensor-parallel group".into(),
+                    ));
+                }
+                q = qn.forward(&q)?;
+                k = kn.forward(&k)?;
+            }
+            (Some((qn, kn)), QkNorm::PerHead) => {
+                q = norm_last(&q.reshape((b, t, nh, hd))?, qn, tp)?.reshape((b, t, nh * hd))?;
+                k = norm_last(&k.reshape((b, t, nkv, hd))?, kn, tp)?.reshape((b, t, nkv * hd))?;
+            }
+            _ => {}
+        }
+        if let Some(c) = self.clip_qkv {
+            q = q.clamp(-c, c)?;
+            k = k.clamp(-c, c)?;
+            v = v.clamp(-c, c)?;
+        }
+        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let q = rotary.apply(&q, offset)?;
         let mut k = rotary.apply(&k, offset)?;
         let mut v = v;

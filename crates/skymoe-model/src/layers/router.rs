@@ -1,5 +1,9 @@
 //! The MoE router: gate logits → (optional gating logit normalisation) → softmax → top-k →
 //! (optional) renormalisation.
+//!
+//! A router may carry a selection bias (DeepSeek-V3's `e_score_correction_bias`, aux-loss-free
+//! load balancing): the top-k is chosen on `probs + bias`, while the combine weights stay the
+//! unbiased probabilities of the chosen experts (renormalised as the router's rule says).
 
 use candle_core::{DType, Result, Tensor, D};
 
@@ -35,8 +39,13 @@ pub struct Routing {
     pub logits: Tensor,
     /// Gate probabilities after normalisation and softmax `[tokens, experts]`.
     pub probs: Tensor,
-    /// Selected experts, `top_k` per token, token-major, in descending probability.
+    /// Selected experts, `top_k` per token, token-major, in descending selection score (the
+    /// gate probability, plus the selection bias when the router has one).
     pub experts: Vec<u32>,
+    /// The top-k of the unbiased gate probabilities, token-major (equal to `experts` without a
+    /// selection bias). The load-balancing losses count these, as DeepSeek-V3 and
+    /// Megatron-Core do.
+    pub score_experts: Vec<u32>,
     /// Combine weights of the selected experts `[tokens, top_k]` (differentiable).
     pub weights: Tensor,
     /// Experts per token.
@@ -77,6 +86,18 @@ impl Routing {
             .map(|p| p[0] as f64 / (p[1] as f64).max(1e-30))
             .sum::<f64>()
             / n
+    }
+
+    /// Assignments per expert among the top-k of the unbiased gate probabilities
+    /// ([`Routing::score_experts`]).
+    pub fn score_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0usize; self.expert_counts.len()];
+        for &e in &self.score_experts {
+            if let Some(c) = counts.get_mut(e as usize) {
+                *c += 1;
+            }
+        }
+        counts
     }
 
     /// Fraction of routed assignments that went to each expert.
@@ -140,6 +161,19 @@ pub struct Router {
     pub config: RouterConfig,
     /// Experts per token.
     pub top_k: usize,
+    /// Selection bias `[experts]` (f32) added to the gate probabilities for choosing the top-k
+    /// only (DeepSeek-V3's `e_score_correction_bias`); `None`: select on the probabilities.
+    pub selection_bias: Option<Tensor>,
+}
+
+/// The checkpoint name of the selection bias of the router whose (first) gate weight is
+/// `gate_weight`: the gate module's prefix plus `.e_score_correction_bias`, as DeepSeek-V3
+/// names it (`model.layers.N.block_sparse_moe.gate.e_score_correction_bias`,
+/// `model.layers.N.mlp.gate.e_score_correction_bias`).
+pub fn selection_bias_name(gate_weight: &str) -> String {
+    let module = gate_weight.strip_suffix(".weight").unwrap_or(gate_weight);
+    let module = module.strip_suffix(".wg.0").unwrap_or(module);
+    format!("{module}.e_score_correction_bias")
 }
 
 impl Router {
@@ -162,9 +196,26 @@ impl Router {
         };
         let probs = softmax_last_dim(&z)?;
         let rows = probs.detach().to_vec2::<f32>()?;
-        let experts = top_k_indices(&rows, self.top_k);
         let n = probs.dim(0)?;
         let num_experts = probs.dim(1)?;
+        let score_experts = top_k_indices(&rows, self.top_k);
+        let experts = match &self.selection_bias {
+            Some(bias) => {
+                let bias = bias.detach().to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                if bias.len() != num_experts {
+                    candle_core::bail!(
+                        "selection bias of {} values for {num_experts} experts",
+                        bias.len()
+                    );
+                }
+                let biased: Vec<Vec<f32>> = rows
+                    .iter()
+                    .map(|r| r.iter().zip(&bias).map(|(p, b)| p + b).collect())
+                    .collect();
+                top_k_indices(&biased, self.top_k)
+            }
+            None => score_experts.clone(),
+        };
         let selected_probs: Vec<f32> = experts
             .iter()
             .enumerate()
@@ -185,6 +236,7 @@ impl Router {
             probs,
             kept: vec![true; experts.len()],
             experts,
+            score_experts,
             weights,
             top_k: self.top_k,
             selected_probs,
@@ -233,6 +285,7 @@ mod tests {
             logits: Tensor::zeros((n / k, e), DType::F32, &dev).unwrap(),
             probs: Tensor::zeros((n / k, e), DType::F32, &dev).unwrap(),
             kept: vec![true; n],
+            score_experts: experts.clone(),
             experts,
             weights: Tensor::zeros((n / k, k), DType::F32, &dev).unwrap(),
             top_k: k,
@@ -276,6 +329,50 @@ mod tests {
         assert!(routing(vec![0, 1], vec![0.7, 0.9], 1, 2)
             .gate_ratio()
             .is_nan());
+    }
+
+    #[test]
+    fn selection_bias_changes_choice_not_weights() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        // Identity gate: the logits are the inputs.
+        let w = Tensor::new(
+            &[[1.0f32, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+            &dev,
+        )?;
+        let mut router = Router {
+            gate: Gate::Linear(Linear::new(w, None)),
+            config: RouterConfig {
+                logits_norm_std: None,
+                normalize_top_k: true,
+                two_layer_gate: false,
+                multiply_input_by_top_k: false,
+            },
+            top_k: 1,
+            selection_bias: None,
+        };
+        let x = Tensor::new(&[[2.0f32, 1.0, 0.0]], &dev)?;
+        let plain = router.route(&x)?;
+        assert_eq!(plain.experts, vec![0]);
+        router.selection_bias = Some(Tensor::new(&[0.0f32, 0.5, 0.0], &dev)?);
+        let biased = router.route(&x)?;
+        assert_eq!(
+            (biased.experts.clone(), biased.score_experts.clone()),
+            (vec![1], vec![0])
+        );
+        assert_eq!(biased.score_counts(), vec![1, 0, 0]);
+        assert_eq!(biased.expert_counts, vec![0, 1, 0]);
+        // Top-1 renormalised: the weight is 1 whatever was chosen; the probability is unbiased.
+        let p = plain.probs.to_vec2::<f32>()?[0][1];
+        assert_eq!(biased.selected_probs, vec![p]);
+        assert_eq!(
+            selection_bias_name("model.layers.3.block_sparse_moe.gate.wg.0.weight"),
+            "model.layers.3.block_sparse_moe.gate.e_score_correction_bias"
+        );
+        assert_eq!(
+            selection_bias_name("model.layers.0.mlp.gate.weight"),
+            "model.layers.0.mlp.gate.e_score_correction_bias"
+        );
+        Ok(())
     }
 
     #[test]

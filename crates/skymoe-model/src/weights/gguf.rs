@@ -557,6 +557,8 @@ fn config_from_metadata(
         tie_word_embeddings: !raw.contains_key("output.weight"),
         qkv_bias: raw.contains_key("blk.0.attn_q.bias"),
         o_bias: raw.contains_key("blk.0.attn_output.bias"),
+        qk_norm: crate::config::QkNorm::None,
+        clip_qkv: None,
         moe: None,
         bos_token_id: m.uint("tokenizer.ggml.bos_token_id").map(|x| x as u32),
         eos_token_ids: m
@@ -565,6 +567,12 @@ fn config_from_metadata(
             .unwrap_or_default(),
     };
     family.family().read_gguf_config(&keys, &mut config)?;
+    // Layers without a router are dense (llama.cpp's form of `mlp_only_layers`).
+    if let Some(m) = config.moe.as_mut() {
+        for (l, moe) in m.moe_layers.iter_mut().enumerate() {
+            *moe = raw.contains_key(&format!("blk.{l}.ffn_gate_inp.weight"));
+        }
+    }
     if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
         return Err(ModelError::config(
             &origin,
@@ -739,6 +747,8 @@ fn to_hf_layout(
                         out.insert(p(&format!("self_attn.{proj}.bias")), b);
                         continue;
                     }
+                    "attn_q_norm.weight" => names::q_norm(l),
+                    "attn_k_norm.weight" => names::k_norm(l),
                     "attn_v.weight" => p("self_attn.v_proj.weight"),
                     "attn_v.bias" => p("self_attn.v_proj.bias"),
                     "attn_output.weight" => p("self_attn.o_proj.weight"),

@@ -165,6 +165,14 @@ impl ServeModel {
     ) -> Result<ServeModel> {
         let format = format.unwrap_or_else(|| stored_format(ckpt));
         let c = ckpt.config.clone();
+        // A q/k norm over the whole projection needs every head's values; a rank holds some.
+        if tp.is_some() && c.qk_norm == skymoe_model::QkNorm::PerProjection {
+            return Err(crate::error::ServeError::InvalidInput(format!(
+                "tensor-parallel serving is not supported for {} models: their q/k norm spans \
+                 the whole projection, and each rank holds only some of its heads",
+                c.architecture.hf_class()
+            )));
+        }
         let r = Reader {
             weights: &ckpt.weights,
             format,
@@ -244,12 +252,20 @@ impl ServeModel {
                         }
                         _ => None,
                     };
+                    // DeepSeek-V3's aux-loss-free balancing bias, when the checkpoint has one.
+                    let bias_name = skymoe_model::layers::router::selection_bias_name(&n.gate);
+                    let selection_bias = if r.weights.contains(&bias_name) {
+                        Some(r.vec(&bias_name, &[e])?)
+                    } else {
+                        None
+                    };
                     Ffn::Moe(Box::new(MoeFfn {
                         gate,
                         router: m.router.clone(),
                         top_k: m.top_k,
                         experts,
                         shared,
+                        selection_bias,
                     }))
                 }
                 _ => Ffn::Dense(r.mlp(&c.dense_ffn_names(i), h, c.intermediate_size)?),
@@ -266,6 +282,13 @@ impl ServeModel {
                         h,
                     )?,
                     bias: qkv_bias,
+                },
+                qk_norm: match c.qk_norm_sizes() {
+                    Some((qs, ks)) => Some((
+                        r.vec(&names::q_norm(i), &[qs])?,
+                        r.vec(&names::k_norm(i), &[ks])?,
+                    )),
+                    None => None,
                 },
                 o: QLinear {
                     weight: r.block(&on, (h, q), 0..h, q_rows.clone())?,

@@ -33,12 +33,41 @@ pub struct ServeLayer {
     pub input_norm: Vec<f32>,
     /// q, k and v stacked: `[(heads + 2·kv_heads)·head_dim, hidden]`.
     pub qkv: QLinear,
+    /// q and k norm weights, when the config has a q/k norm (`head_dim` each per head;
+    /// the whole projections' otherwise).
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     /// Output projection.
     pub o: QLinear,
     /// Norm before the feed-forward block.
     pub post_norm: Vec<f32>,
     /// The feed-forward block.
     pub ffn: Ffn,
+}
+
+/// Normalise q and k of one token's `[q | k | v]` row (per head or over each projection, as
+/// the config says) and clamp q, k and v to `±clip_qkv`, before RoPE.
+fn qk_norm_and_clip(
+    row: &mut [f32],
+    qdim: usize,
+    kvd: usize,
+    layer: &ServeLayer,
+    c: &skymoe_model::ModelConfig,
+    eps: f32,
+) {
+    if let Some((qw, kw)) = &layer.qk_norm {
+        let (qs, kvs) = row.split_at_mut(qdim);
+        let ks = &mut kvs[..kvd];
+        // A per-head weight is `head_dim` long; a per-projection one spans the projection.
+        let (qn, kn) = (rms_norm(qs, qw, eps), rms_norm(ks, kw, eps));
+        qs.copy_from_slice(&qn);
+        ks.copy_from_slice(&kn);
+    }
+    if let Some(clip) = c.clip_qkv {
+        let clip = clip as f32;
+        for x in row[..qdim + 2 * kvd].iter_mut() {
+            *x = x.clamp(-clip, clip);
+        }
+    }
 }
 
 /// Which logits a chunk wants back.
@@ -342,6 +371,7 @@ impl ServeModel {
                 for t in 0..p.len {
                     let pos = p.start + t;
                     let r = &mut qkv[(p.row + t) * width..(p.row + t + 1) * width];
+                    qk_norm_and_clip(r, qdim, kvd, layer, c, eps);
                     let (qs, kvs) = r.split_at_mut(qdim);
                     for head in qs.chunks_exact_mut(hd) {
                         self.rope.apply(table, head, pos);

@@ -52,6 +52,9 @@ pub struct MoeFfn {
     pub experts: Vec<Mlp>,
     /// The shared expert and its scalar gate `[h]`.
     pub shared: Option<(Mlp, Vec<f32>)>,
+    /// Selection bias `[E]` added to the gate probabilities for choosing the top-k only
+    /// (DeepSeek-V3's `e_score_correction_bias`), as the training router applies it.
+    pub selection_bias: Option<Vec<f32>>,
 }
 
 impl MoeFfn {
@@ -93,9 +96,15 @@ impl MoeFfn {
             softmax(row);
             order.clear();
             order.extend(0..e as u32);
+            let row: &[f32] = row;
+            let bias = self.selection_bias.as_deref();
+            // The selection score: the probability, plus the bias when there is one.
+            let score = |i: u32| {
+                row[i as usize] + bias.and_then(|b| b.get(i as usize)).copied().unwrap_or(0.0)
+            };
             order.sort_by(|&a, &b| {
-                row[b as usize]
-                    .partial_cmp(&row[a as usize])
+                score(b)
+                    .partial_cmp(&score(a))
                     .unwrap_or(std::cmp::Ordering::Equal)
                     .then(a.cmp(&b))
             });

@@ -134,11 +134,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     println!("hidden         {}", c.hidden_size);
     println!(
-        "attention      {} heads x {} (kv heads {}{})",
+        "attention      {} heads x {} (kv heads {}{}{}{})",
         c.num_attention_heads,
         c.head_dim,
         c.num_key_value_heads,
-        if c.qkv_bias { ", q/k/v bias" } else { "" }
+        if c.qkv_bias { ", q/k/v bias" } else { "" },
+        c.qk_norm
+            .describe()
+            .map(|d| format!(", {d}"))
+            .unwrap_or_default(),
+        c.clip_qkv
+            .map(|x| format!(", q/k/v clipped to ±{x}"))
+            .unwrap_or_default()
     );
     println!("vocab          {}", c.vocab_size);
     println!(
