@@ -59,23 +59,7 @@ impl Family for Mixtral {
     }
 
     fn read_gguf_config(&self, keys: &GgufKeys<'_>, c: &mut ModelConfig) -> Result<()> {
-        let num_experts = keys.uint("expert_count").unwrap_or(0) as usize;
-        let top_k = keys.uint("expert_used_count").unwrap_or(2) as usize;
-        if top_k == 0 || top_k > num_experts {
-            return Err(keys.error(format!(
-                "{} ({top_k}) must be in 1..={num_experts}",
-                keys.key("expert_used_count")
-            )));
-        }
-        let experts = NewExperts {
-            num_experts,
-            top_k,
-            expert_intermediate_size: keys
-                .uint("expert_feed_forward_length")
-                .map(|x| x as usize)
-                .unwrap_or(c.intermediate_size),
-            logits_norm_std: None,
-        };
+        let experts = keys.routed_experts(2, c.intermediate_size)?;
         c.moe = Some(every_layer_moe(&experts, c.num_hidden_layers, ROUTER));
         Ok(())
     }

@@ -135,6 +135,28 @@ impl GgufKeys<'_> {
     pub fn error(&self, reason: impl Into<String>) -> ModelError {
         ModelError::config(self.origin, reason)
     }
+
+    /// The routed experts as llama.cpp writes them: `expert_count`, `expert_used_count`
+    /// (`default_top_k` when absent, checked to be in 1..=experts) and
+    /// `expert_feed_forward_length` (else the dense `feed_forward_length`, `dense_width`).
+    pub fn routed_experts(&self, default_top_k: u64, dense_width: usize) -> Result<NewExperts> {
+        let num_experts = self.uint("expert_count").unwrap_or(0) as usize;
+        let top_k = self.uint("expert_used_count").unwrap_or(default_top_k) as usize;
+        if top_k == 0 || top_k > num_experts {
+            return Err(self.error(format!(
+                "{} ({top_k}) must be in 1..={num_experts}",
+                self.key("expert_used_count")
+            )));
+        }
+        Ok(NewExperts {
+            num_experts,
+            top_k,
+            expert_intermediate_size: self
+                .uint("expert_feed_forward_length")
+                .map_or(dense_width, |x| x as usize),
+            logits_norm_std: None,
+        })
+    }
 }
 
 /// One model family: its names, its `config.json` and GGUF mappings onto [`ModelConfig`],

@@ -39,21 +39,7 @@ impl Family for Qwen2Moe {
         c.o_bias = false;
         let num_experts = need_usize(v, origin, "num_experts")?;
         let top_k = get_usize(v, "num_experts_per_tok").unwrap_or(4);
-        let step = get_usize(v, "decoder_sparse_step").unwrap_or(1).max(1);
-        // A set: a list checked once per layer is quadratic in a hostile config.
-        let mlp_only: std::collections::HashSet<usize> = v
-            .get("mlp_only_layers")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_u64)
-                    .map(|x| x as usize)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let moe_layers = (0..c.num_hidden_layers)
-            .map(|l| !mlp_only.contains(&l) && (l + 1) % step == 0)
-            .collect();
+        let moe_layers = sparse_layers(v, c.num_hidden_layers);
         let shared = get_usize(v, "shared_expert_intermediate_size").filter(|&x| x > 0);
         c.moe = Some(MoeConfig {
             num_experts,
@@ -79,11 +65,7 @@ impl Family for Qwen2Moe {
             m.shared_expert_intermediate_size.unwrap_or(0).into(),
         );
         o.insert("norm_topk_prob".into(), m.router.normalize_top_k.into());
-        o.insert("decoder_sparse_step".into(), 1.into());
-        let dense: Vec<usize> = (0..c.num_hidden_layers)
-            .filter(|&l| !m.moe_layers[l])
-            .collect();
-        o.insert("mlp_only_layers".into(), dense.into());
+        write_sparse_layers(m, c.num_hidden_layers, o);
         o.insert("qkv_bias".into(), true.into());
     }
 
@@ -98,4 +80,33 @@ impl Family for Qwen2Moe {
         ));
         dense
     }
+}
+
+/// Which layers are MoE under the Qwen MoE rule (Qwen2-MoE, Qwen3-MoE): layer `l` is sparse
+/// when it is not in `mlp_only_layers` and `(l + 1) % decoder_sparse_step == 0`.
+pub(super) fn sparse_layers(v: &Value, layers: usize) -> Vec<bool> {
+    let step = get_usize(v, "decoder_sparse_step").unwrap_or(1).max(1);
+    // A set: a list checked once per layer is quadratic in a hostile config.
+    let mlp_only: std::collections::HashSet<usize> = v
+        .get("mlp_only_layers")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_u64)
+                .map(|x| x as usize)
+                .collect()
+        })
+        .unwrap_or_default();
+    (0..layers)
+        .map(|l| !mlp_only.contains(&l) && (l + 1) % step == 0)
+        .collect()
+}
+
+/// Write the MoE layers of `m` back under the Qwen rule: step 1, the dense layers listed.
+pub(super) fn write_sparse_layers(m: &MoeConfig, layers: usize, o: &mut Map<String, Value>) {
+    o.insert("decoder_sparse_step".into(), 1.into());
+    let dense: Vec<usize> = (0..layers)
+        .filter(|&l| !m.moe_layers.get(l).copied().unwrap_or(false))
+        .collect();
+    o.insert("mlp_only_layers".into(), dense.into());
 }

@@ -6,11 +6,11 @@
 //! `norm_topk_prob`, no shared expert. Tensors under `mlp.`. Also llama.cpp's `qwen3moe` GGUF
 //! files (q/k not permuted: NEOX rotary).
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use super::qwen2_moe::{sparse_layers, write_sparse_layers};
 use super::{every_layer_moe, Architecture, Family, GgufForm, GgufKeys, NewExperts};
 use crate::config::{
     get_bool, get_usize, need_usize, ModelConfig, MoeConfig, QkNorm, RouterConfig,
@@ -29,25 +29,6 @@ fn router(normalize_top_k: bool) -> RouterConfig {
         two_layer_gate: false,
         multiply_input_by_top_k: false,
     }
-}
-
-/// Which layers are MoE: every `decoder_sparse_step`-th one not in `mlp_only_layers`.
-fn moe_layers(v: &Value, layers: usize) -> Vec<bool> {
-    let step = get_usize(v, "decoder_sparse_step").unwrap_or(1).max(1);
-    // A set: a list checked once per layer is quadratic in a hostile config.
-    let mlp_only: HashSet<usize> = v
-        .get("mlp_only_layers")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_u64)
-                .map(|x| x as usize)
-                .collect()
-        })
-        .unwrap_or_default();
-    (0..layers)
-        .map(|l| !mlp_only.contains(&l) && (l + 1) % step == 0)
-        .collect()
 }
 
 impl Family for Qwen3Moe {
@@ -70,7 +51,7 @@ impl Family for Qwen3Moe {
             top_k: get_usize(v, "num_experts_per_tok").unwrap_or(8),
             expert_intermediate_size: need_usize(v, origin, "moe_intermediate_size")?,
             shared_expert_intermediate_size: None,
-            moe_layers: moe_layers(v, c.num_hidden_layers),
+            moe_layers: sparse_layers(v, c.num_hidden_layers),
             router: router(get_bool(v, "norm_topk_prob").unwrap_or(false)),
         });
         Ok(())
@@ -86,11 +67,7 @@ impl Family for Qwen3Moe {
             m.expert_intermediate_size.into(),
         );
         o.insert("norm_topk_prob".into(), m.router.normalize_top_k.into());
-        o.insert("decoder_sparse_step".into(), 1.into());
-        let dense: Vec<usize> = (0..c.num_hidden_layers)
-            .filter(|&l| !m.moe_layers.get(l).copied().unwrap_or(false))
-            .collect();
-        o.insert("mlp_only_layers".into(), dense.into());
+        write_sparse_layers(m, c.num_hidden_layers, o);
         o.insert("router_aux_loss_coef".into(), 0.0.into());
     }
 
@@ -103,23 +80,7 @@ impl Family for Qwen3Moe {
     }
 
     fn read_gguf_config(&self, keys: &GgufKeys<'_>, c: &mut ModelConfig) -> Result<()> {
-        let num_experts = keys.uint("expert_count").unwrap_or(0) as usize;
-        let top_k = keys.uint("expert_used_count").unwrap_or(8) as usize;
-        if top_k == 0 || top_k > num_experts {
-            return Err(keys.error(format!(
-                "{} ({top_k}) must be in 1..={num_experts}",
-                keys.key("expert_used_count")
-            )));
-        }
-        let experts = NewExperts {
-            num_experts,
-            top_k,
-            expert_intermediate_size: keys
-                .uint("expert_feed_forward_length")
-                .map(|x| x as usize)
-                .unwrap_or(c.intermediate_size),
-            logits_norm_std: None,
-        };
+        let experts = keys.routed_experts(8, c.intermediate_size)?;
         // llama.cpp renormalises the top-k of qwen3moe unless the file says otherwise.
         let normalize = keys
             .metadata
