@@ -262,7 +262,9 @@ fn cancelled_requests_release_shared_blocks() {
     drop(s1);
     assert_eq!(collect(s2).0, greedy_direct(&m, &shared(24, 1, 2), 40));
     let st = idle(&e);
-    assert_eq!(st.requests_cancelled, 1);
+    // On a fast machine the first request may have generated all its tokens before the
+    // engine sees the hang-up; either way its blocks must be released (checked below).
+    assert!(st.requests_cancelled <= 1, "{st:?}");
     // The same prefix again, and then a request that needs every block of the cache: the
     // cached blocks are all reusable.
     assert_eq!(
