@@ -9,6 +9,7 @@
 //! dtypes) falls back to the reference composition, which candle differentiates itself.
 
 mod cpu;
+pub mod ggml;
 pub mod quant;
 pub mod reference;
 pub mod sgemm;

@@ -1,0 +1,605 @@
+//! llama.cpp (ggml) quantised tensors served as stored: a [`GgmlMatrix`] holds the raw ggml
+//! blocks of a `[rows, cols]` weight (PyTorch's `[out, in]` layout; GGUF's `ne = [cols, rows]`),
+//! typically borrowed from a memory-mapped GGUF file without a copy, and computes
+//! `y = x · Wᵀ` with the dequantisation fused into the dot products.
+//!
+//! Types (ggml's block layouts and dequantisation, bit-exact with `gguf.quants.dequantize`):
+//!
+//! | type | id | weights/block | bytes/block | weight |
+//! |------|----|---------------|-------------|--------|
+//! | Q4_0 | 2  | 32  | 18  | `d·(q − 8)`, q 4-bit |
+//! | Q4_1 | 3  | 32  | 20  | `d·q + m` |
+//! | Q5_0 | 6  | 32  | 22  | `d·(q − 16)`, q 5-bit |
+//! | Q5_1 | 7  | 32  | 24  | `d·q + m` |
+//! | Q8_0 | 8  | 32  | 34  | `d·q`, q int8 |
+//! | Q4_K | 12 | 256 | 144 | `(d·sc_j)·q − dmin·m_j`, 8 sub-blocks of 32, 6-bit sc/m |
+//! | Q5_K | 13 | 256 | 176 | as Q4_K with 5-bit q |
+//! | Q6_K | 14 | 256 | 210 | `(d·sc_j)·(q − 32)`, 16 sub-blocks of 16, int8 sc |
+//!
+//! Products: up to [`FUSED_MAX_ROWS`] activation rows share one pass over a weight row (the
+//! blocks are decoded once, 32 weights at a time, into f32 registers and multiplied with every
+//! activation row by FMA); up to 16 rows run in such groups over 16-row tasks whose weights stay
+//! in cache; more rows dequantise a tile of weight rows per thread and multiply it with a GEMM.
+//! The activations stay f32 (no int8 re-quantisation as in llama.cpp's `vec_dot` kernels), so
+//! the result equals the dequantise-then-multiply product up to f32 summation order.
+//!
+//! The instruction set is [`Isa::detect`]'s (`SKYMOE_ISA=scalar|avx2|avx512` forces one).
+
+mod blocks;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::cell::RefCell;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::quant::par_ranges;
+pub use crate::quant::Isa;
+
+/// Most activation rows one fused pass over a weight row handles (AVX-512; AVX2 and scalar
+/// code take half as many, for want of registers).
+pub const FUSED_MAX_ROWS: usize = 8;
+
+/// Most activation rows handled by the fused kernels; more go through dequantised tiles and a
+/// GEMM.
+pub const FUSED_MAX_CHUNKED_ROWS: usize = 16;
+
+/// A ggml quantisation type served by [`GgmlMatrix`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    /// 4-bit, scale per 32.
+    Q4_0,
+    /// 4-bit, scale and minimum per 32.
+    Q4_1,
+    /// 5-bit, scale per 32.
+    Q5_0,
+    /// 5-bit, scale and minimum per 32.
+    Q5_1,
+    /// 8-bit, scale per 32.
+    Q8_0,
+    /// 4-bit k-quant: super-blocks of 256, 6-bit scales and minima per 32.
+    Q4K,
+    /// 5-bit k-quant: super-blocks of 256, 6-bit scales and minima per 32.
+    Q5K,
+    /// 6-bit k-quant: super-blocks of 256, int8 scales per 16.
+    Q6K,
+}
+
+impl GgmlType {
+    /// Every type.
+    pub const ALL: [GgmlType; 8] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+
+    /// The type with ggml's id (`ggml_type`), if served here.
+    pub fn from_id(id: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.id() == id)
+    }
+
+    /// ggml's id (`GGML_TYPE_*`).
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q4K => 12,
+            GgmlType::Q5K => 13,
+            GgmlType::Q6K => 14,
+        }
+    }
+
+    /// ggml's name ("Q4_K" etc.).
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::Q4_0 => "Q4_0",
+            GgmlType::Q4_1 => "Q4_1",
+            GgmlType::Q5_0 => "Q5_0",
+            GgmlType::Q5_1 => "Q5_1",
+            GgmlType::Q8_0 => "Q8_0",
+            GgmlType::Q4K => "Q4_K",
+            GgmlType::Q5K => "Q5_K",
+            GgmlType::Q6K => "Q6_K",
+        }
+    }
+
+    /// Weights per block (32, or 256 for the k-quants).
+    pub const fn block_elems(self) -> usize {
+        match self {
+            GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => 256,
+            _ => 32,
+        }
+    }
+
+    /// Bytes per block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            GgmlType::Q4_0 => 18,
+            GgmlType::Q4_1 => 20,
+            GgmlType::Q5_0 => 22,
+            GgmlType::Q5_1 => 24,
+            GgmlType::Q8_0 => 34,
+            GgmlType::Q4K => 144,
+            GgmlType::Q5K => 176,
+            GgmlType::Q6K => 210,
+        }
+    }
+
+    /// Bytes of a row of `cols` weights; `None` when `cols` is not a multiple of
+    /// [`GgmlType::block_elems`] (or the size overflows).
+    pub fn row_bytes(self, cols: usize) -> Option<usize> {
+        if !cols.is_multiple_of(self.block_elems()) {
+            return None;
+        }
+        (cols / self.block_elems()).checked_mul(self.block_bytes())
+    }
+}
+
+impl fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Errors building a [`GgmlMatrix`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GgmlError {
+    /// A ggml type id that is not served here.
+    #[error("ggml type id {0} is not supported (expected one of Q4_0=2, Q4_1=3, Q5_0=6, Q5_1=7, Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14)")]
+    UnsupportedType(u32),
+    /// A row length that is not a whole number of blocks.
+    #[error("{ty} {rows}x{cols}: {cols} columns is not a multiple of the {ty} block size {block}")]
+    Cols {
+        /// The type.
+        ty: GgmlType,
+        /// Rows.
+        rows: usize,
+        /// Columns.
+        cols: usize,
+        /// Weights per block.
+        block: usize,
+    },
+    /// A shape whose byte size does not fit in `usize`.
+    #[error("{ty} {rows}x{cols}: the byte size overflows (offset {offset})")]
+    Overflow {
+        /// The type.
+        ty: GgmlType,
+        /// Rows.
+        rows: usize,
+        /// Columns.
+        cols: usize,
+        /// Offset of the tensor in the buffer.
+        offset: usize,
+    },
+    /// A buffer too short for the tensor at its offset (or of the wrong length for
+    /// [`GgmlMatrix::from_vec`]).
+    #[error("{ty} {rows}x{cols}: expected {expected} bytes at offset {offset}, found a buffer of {found} bytes")]
+    Length {
+        /// The type.
+        ty: GgmlType,
+        /// Rows.
+        rows: usize,
+        /// Columns.
+        cols: usize,
+        /// Offset of the tensor in the buffer.
+        offset: usize,
+        /// Bytes the tensor needs.
+        expected: usize,
+        /// Bytes in the buffer.
+        found: usize,
+    },
+}
+
+/// Raw bytes behind a [`GgmlMatrix`]: a memory map, a `Vec<u8>`, …
+pub type GgmlBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// A `[rows, cols]` weight matrix in a ggml quantised type, its blocks stored as in the file:
+/// row `r` is the `row_bytes` bytes at `offset + r·row_bytes` of `bytes`.
+#[derive(Clone)]
+pub struct GgmlMatrix {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    bytes: GgmlBytes,
+    offset: usize,
+    row_bytes: usize,
+}
+
+impl fmt::Debug for GgmlMatrix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GgmlMatrix")
+            .field("ty", &self.ty)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("offset", &self.offset)
+            .finish_non_exhaustive()
+    }
+}
+
+thread_local! {
+    static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A raw output pointer shared by tasks writing disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements of the buffer behind the pointer (disjoint weight-row
+// ranges are disjoint output columns), and the buffer outlives them.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer to element `i` (not dereferenced here).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// The instruction set actually used for a requested one: unsupported ones fall back to scalar
+/// code, AVX-512 without the VL extension (which the kernels use on 128-bit vectors) to AVX2.
+fn effective(isa: Isa) -> Isa {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.supported() && !is_x86_feature_detected!("avx512vl") => Isa::Avx2,
+        _ if isa.supported() => isa,
+        _ => Isa::Scalar,
+    }
+}
+
+/// How many activation rows one fused pass handles with `isa`.
+fn group_rows(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => FUSED_MAX_ROWS,
+        _ => FUSED_MAX_ROWS / 2,
+    }
+}
+
+/// Dot products of the `dots.len()` (1 to [`FUSED_MAX_ROWS`]) activation rows of `x` (rows of
+/// `cols`) with one weight row (`row`: its blocks), with a supported `isa`.
+fn row_dots(isa: Isa, ty: GgmlType, row: &[u8], x: &[f32], cols: usize, dots: &mut [f32]) {
+    debug_assert_eq!(Some(row.len()), ty.row_bytes(cols));
+    debug_assert!(x.len() >= dots.len() * cols);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => {
+            macro_rules! rows {
+                ($($m:literal)*) => {
+                    match dots.len() {
+                        $($m => {
+                            // SAFETY: `isa` is supported (callers pass `effective` ones), `row`
+                            // holds the whole blocks of `cols` weights and `x` `M` rows of
+                            // `cols` (checked above and by the callers).
+                            let d = unsafe { x86::dots::<$m>(isa, ty, row, x, cols) };
+                            dots.copy_from_slice(&d);
+                        })*
+                        _ => unreachable!("at most FUSED_MAX_ROWS activation rows"),
+                    }
+                };
+            }
+            rows!(1 2 3 4 5 6 7 8);
+        }
+        _ => blocks::dots_scalar(ty, row, x, cols, dots),
+    }
+}
+
+/// Dequantise one weight row (its blocks) into `out[..cols]` with a supported `isa`.
+fn dequantize_blocks(isa: Isa, ty: GgmlType, row: &[u8], out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => {
+            // SAFETY: `isa` is supported; `row` holds whole blocks and `out` their weights.
+            unsafe { x86::dequantize(isa, ty, row, out) }
+        }
+        _ => blocks::dequantize_scalar(ty, row, out),
+    }
+}
+
+/// The fused dot product of one weight row (the blocks `row`, `x.len()` weights) with the f32
+/// vector `x`, with the detected instruction set.
+///
+/// # Panics
+/// When `row` is not the [`GgmlType::row_bytes`] of `x.len()` weights.
+pub fn dot_row(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+    dot_row_with(Isa::detect(), ty, row, x)
+}
+
+/// [`dot_row`] with a given instruction set (an unsupported one runs scalar code).
+///
+/// # Panics
+/// When `row` is not the [`GgmlType::row_bytes`] of `x.len()` weights.
+pub fn dot_row_with(isa: Isa, ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+    assert_eq!(
+        ty.row_bytes(x.len()),
+        Some(row.len()),
+        "{ty}: {} bytes of blocks for {} weights",
+        row.len(),
+        x.len()
+    );
+    let mut d = [0f32];
+    row_dots(effective(isa), ty, row, x, x.len(), &mut d);
+    d[0]
+}
+
+impl GgmlMatrix {
+    /// A `[rows, cols]` matrix of type `ty` whose blocks start at `offset` in `bytes`.
+    ///
+    /// Errors when `cols` is not a multiple of the block size, the byte size overflows, or
+    /// `bytes` ends before the tensor does.
+    pub fn new(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: GgmlBytes,
+        offset: usize,
+    ) -> Result<Self, GgmlError> {
+        let row_bytes = if !cols.is_multiple_of(ty.block_elems()) {
+            return Err(GgmlError::Cols {
+                ty,
+                rows,
+                cols,
+                block: ty.block_elems(),
+            });
+        } else {
+            ty.row_bytes(cols)
+        };
+        let overflow = GgmlError::Overflow {
+            ty,
+            rows,
+            cols,
+            offset,
+        };
+        let row_bytes = row_bytes.ok_or(overflow.clone())?;
+        let len = rows.checked_mul(row_bytes).ok_or(overflow.clone())?;
+        let end = offset.checked_add(len).ok_or(overflow)?;
+        let found = (*bytes).as_ref().len();
+        if end > found {
+            return Err(GgmlError::Length {
+                ty,
+                rows,
+                cols,
+                offset,
+                expected: len,
+                found,
+            });
+        }
+        Ok(GgmlMatrix {
+            ty,
+            rows,
+            cols,
+            bytes,
+            offset,
+            row_bytes,
+        })
+    }
+
+    /// [`GgmlMatrix::new`] with a ggml type id.
+    pub fn from_type_id(
+        id: u32,
+        rows: usize,
+        cols: usize,
+        bytes: GgmlBytes,
+        offset: usize,
+    ) -> Result<Self, GgmlError> {
+        let ty = GgmlType::from_id(id).ok_or(GgmlError::UnsupportedType(id))?;
+        Self::new(ty, rows, cols, bytes, offset)
+    }
+
+    /// A matrix owning exactly its blocks.
+    pub fn from_vec(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: Vec<u8>,
+    ) -> Result<Self, GgmlError> {
+        let found = bytes.len();
+        let m = Self::new(ty, rows, cols, Arc::new(bytes), 0)?;
+        if m.storage_bytes() != found {
+            return Err(GgmlError::Length {
+                ty,
+                rows,
+                cols,
+                offset: 0,
+                expected: m.storage_bytes(),
+                found,
+            });
+        }
+        Ok(m)
+    }
+
+    /// The quantisation type.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// Rows (output features).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns (input features).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes of the tensor's blocks.
+    pub fn storage_bytes(&self) -> usize {
+        self.rows * self.row_bytes
+    }
+
+    /// The tensor's blocks (all rows).
+    pub fn blocks(&self) -> &[u8] {
+        &(*self.bytes).as_ref()[self.offset..self.offset + self.storage_bytes()]
+    }
+
+    /// The blocks of row `r`.
+    ///
+    /// # Panics
+    /// When `r >= rows`.
+    pub fn row_bytes_of(&self, r: usize) -> &[u8] {
+        assert!(r < self.rows, "row {r} of {}", self.rows);
+        &self.blocks()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// Dequantise row `r` into `out[..cols]` (bit-exact with ggml / `gguf.quants`).
+    ///
+    /// # Panics
+    /// When `r >= rows` or `out` is shorter than `cols`.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        self.dequantize_row_with(Isa::detect(), r, out);
+    }
+
+    /// [`GgmlMatrix::dequantize_row`] with a given instruction set.
+    pub fn dequantize_row_with(&self, isa: Isa, r: usize, out: &mut [f32]) {
+        assert!(out.len() >= self.cols, "output shorter than a row");
+        dequantize_blocks(
+            effective(isa),
+            self.ty,
+            self.row_bytes_of(r),
+            &mut out[..self.cols],
+        );
+    }
+
+    /// The whole matrix as row-major f32.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        if self.cols > 0 {
+            for (r, row) in out.chunks_mut(self.cols).enumerate() {
+                self.dequantize_row(r, row);
+            }
+        }
+        out
+    }
+
+    /// `out[m, rows] = x[m, cols] · Wᵀ`, multithreaded, dequantisation fused.
+    ///
+    /// # Panics
+    /// When `x.len() != m·cols` or `out.len() != m·rows`.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        self.matmul_with(Isa::detect(), x, m, out);
+    }
+
+    /// [`GgmlMatrix::matmul`] with a given instruction set (an unsupported one runs scalar
+    /// code).
+    pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(Some(x.len()), m.checked_mul(self.cols), "activation length");
+        assert_eq!(Some(out.len()), m.checked_mul(self.rows), "output length");
+        let isa = effective(isa);
+        let (rows, cols, ty, rb) = (self.rows, self.cols, self.ty, self.row_bytes);
+        if m == 0 || rows == 0 {
+            return;
+        }
+        if cols == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let blocks = self.blocks();
+        let ptr = OutPtr(out.as_mut_ptr());
+        if m <= FUSED_MAX_CHUNKED_ROWS {
+            // Tasks of 16 weight rows; every group of activation rows runs over them, so the
+            // rows come from memory once and from cache for the other groups.
+            let group = group_rows(isa);
+            par_ranges(rows, 16, m * cols, |r0, r1| {
+                #[cfg(target_arch = "x86_64")]
+                x86::prefetch_first(&blocks[r0 * rb..r1 * rb]);
+                let mut dots = [0f32; FUSED_MAX_ROWS];
+                for g0 in (0..m).step_by(group) {
+                    let g = (m - g0).min(group);
+                    let xg = &x[g0 * cols..(g0 + g) * cols];
+                    for r in r0..r1 {
+                        row_dots(
+                            isa,
+                            ty,
+                            &blocks[r * rb..(r + 1) * rb],
+                            xg,
+                            cols,
+                            &mut dots[..g],
+                        );
+                        for (i, &d) in dots[..g].iter().enumerate() {
+                            // SAFETY: element (g0 + i, r) is in bounds (r < rows, g0 + i < m)
+                            // and only this task writes column r.
+                            unsafe { *ptr.at((g0 + i) * rows + r) = d };
+                        }
+                    }
+                }
+            });
+            return;
+        }
+        // Many activation rows: dequantise a tile of weight rows into a per-thread buffer (at
+        // most ~256 KiB) and multiply it with a GEMM.
+        let tile = (65536 / cols).clamp(8, 128);
+        par_ranges(rows, tile, m * cols, |r0, r1| {
+            TILE.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                let n = r1 - r0;
+                if buf.len() < n * cols {
+                    buf.resize(n * cols, 0.0);
+                }
+                for (j, r) in (r0..r1).enumerate() {
+                    dequantize_blocks(
+                        isa,
+                        ty,
+                        &blocks[r * rb..(r + 1) * rb],
+                        &mut buf[j * cols..(j + 1) * cols],
+                    );
+                }
+                // SAFETY: `x` is [m, cols] row-major, the tile [n, cols] row-major read as its
+                // transpose [cols, n]; the destination is columns r0..r1 of `out` [m, rows]
+                // (row stride `rows`), written by this task only. All extents are in bounds.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        cols,
+                        ptr.at(r0),
+                        1,
+                        rows as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        cols as isize,
+                        buf.as_ptr(),
+                        cols as isize,
+                        1,
+                        0.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            })
+        });
+    }
+
+    /// The plain reference: dequantise the whole matrix, then multiply with f64 accumulation.
+    pub fn matmul_reference(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.cols, "activation length");
+        let w = self.dequantize();
+        let mut out = vec![0f32; m * self.rows];
+        for i in 0..m {
+            let xi = &x[i * self.cols..(i + 1) * self.cols];
+            for r in 0..self.rows {
+                let wr = &w[r * self.cols..(r + 1) * self.cols];
+                out[i * self.rows + r] = xi
+                    .iter()
+                    .zip(wr)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;
