@@ -21,6 +21,107 @@ pub struct RouterConfig {
     pub two_layer_gate: bool,
     /// Skywork-MoE `moe_feature_no_mul_topk = false`: the expert input is multiplied by top-k.
     pub multiply_input_by_top_k: bool,
+    /// How gate logits become expert scores (softmax over the experts, or an independent
+    /// sigmoid per expert as in DeepSeek-V3).
+    pub scoring: ScoreFunction,
+    /// Group-limited selection (DeepSeek-V2 `group_limited_greedy`, DeepSeek-V3 `noaux_tc`):
+    /// a token first picks its best groups of experts, then its top-k inside them.
+    pub group_limit: Option<GroupLimit>,
+    /// Factor on the combine weights after any renormalisation (DeepSeek's
+    /// `routed_scaling_factor`; 1 for every other family).
+    pub routed_scaling_factor: f64,
+    /// The router always carries a selection bias (DeepSeek-V3's `e_score_correction_bias`),
+    /// which a checkpoint must hold; otherwise one is optional (aux-loss-free balancing).
+    pub requires_selection_bias: bool,
+}
+
+impl RouterConfig {
+    /// A softmax router taking the top-k as they are: no logit normalisation, no
+    /// renormalisation, one linear gate, no groups, no scaling. Families start from it.
+    pub const PLAIN: RouterConfig = RouterConfig {
+        logits_norm_std: None,
+        normalize_top_k: false,
+        two_layer_gate: false,
+        multiply_input_by_top_k: false,
+        scoring: ScoreFunction::Softmax,
+        group_limit: None,
+        routed_scaling_factor: 1.0,
+        requires_selection_bias: false,
+    };
+}
+
+/// How a router turns gate logits into expert scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScoreFunction {
+    /// `softmax(z)` over the experts (every family but DeepSeek-V3).
+    #[default]
+    Softmax,
+    /// `sigmoid(z)` per expert (DeepSeek-V3 `scoring_func: sigmoid`).
+    Sigmoid,
+}
+
+/// How a group of experts is scored for group-limited selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupScore {
+    /// The group's highest expert score (DeepSeek-V2 `group_limited_greedy`).
+    Max,
+    /// The sum of the group's two highest selection scores, bias included (DeepSeek-V3
+    /// `noaux_tc`).
+    TopTwoSum,
+}
+
+/// Group-limited expert selection: the experts are split into `groups` equal groups of
+/// consecutive indices; each token keeps its `top_groups` best groups and picks its top-k
+/// among their experts only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLimit {
+    /// Number of groups (`n_group`); divides the expert count.
+    pub groups: usize,
+    /// Groups each token may choose from (`topk_group`), at most `groups`.
+    pub top_groups: usize,
+    /// How a group is scored.
+    pub score: GroupScore,
+}
+
+/// Multi-head latent attention (DeepSeek-V2/V3): keys and values are decompressed from a
+/// per-token latent of `kv_lora_rank` (normalised), plus one rotary key of
+/// `qk_rope_head_dim` shared by all heads; queries optionally go through a low-rank
+/// bottleneck of `q_lora_rank`. A head's query and key are `qk_nope_head_dim` plain
+/// dimensions followed by `qk_rope_head_dim` rotated ones; its value is `v_head_dim` wide.
+/// A cache holds the latent and the rotary key only: `kv_lora_rank + qk_rope_head_dim`
+/// values per token and layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MlaConfig {
+    /// Rank of the query bottleneck (`q_a_proj` → `q_a_layernorm` → `q_b_proj`); `None`: one
+    /// `q_proj` (DeepSeek-V2-Lite).
+    pub q_lora_rank: Option<usize>,
+    /// Width of the compressed key/value latent.
+    pub kv_lora_rank: usize,
+    /// Per-head query/key dimensions without rotary embedding.
+    pub qk_nope_head_dim: usize,
+    /// Per-head query/key dimensions with rotary embedding (the key part shared by all heads).
+    pub qk_rope_head_dim: usize,
+    /// Per-head value width.
+    pub v_head_dim: usize,
+    /// The rotary dimensions are laid out as interleaved pairs `(x0, x1), (x2, x3), …`
+    /// (DeepSeek's checkpoints; transformers' `rope_interleave`), not as two halves.
+    pub rope_interleave: bool,
+}
+
+/// The epsilon of MLA's latent norms (`q_a_layernorm`, `kv_a_layernorm`), which transformers
+/// and DeepSeek's code build with the RMSNorm default rather than `rms_norm_eps`.
+pub const MLA_NORM_EPS: f64 = 1e-6;
+
+impl MlaConfig {
+    /// Per-head query and key width (`qk_nope_head_dim + qk_rope_head_dim`).
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Values a cache keeps per token and layer: the latent and the rotary key.
+    pub fn cache_width(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
 }
 
 /// RMSNorm applied to the query and key projections before RoPE (its weights are
@@ -58,8 +159,11 @@ pub struct MoeConfig {
     pub top_k: usize,
     /// Hidden width of one routed expert's SwiGLU.
     pub expert_intermediate_size: usize,
-    /// Width of the sigmoid-gated shared expert (Qwen2-MoE), if any.
+    /// Width of the shared expert every token passes through, if any.
     pub shared_expert_intermediate_size: Option<usize>,
+    /// Whether the shared expert's output is scaled by `sigmoid(shared_expert_gate · x)`
+    /// (Qwen2-MoE) or added as it is (DeepSeek).
+    pub shared_expert_gated: bool,
     /// For each layer, whether its FFN is an MoE (otherwise a dense SwiGLU of `intermediate_size`).
     pub moe_layers: Vec<bool>,
     /// Routing rule.
@@ -104,8 +208,15 @@ pub struct ModelConfig {
     /// Clamp q, k and v to `±clip` after the projections and the q/k norm (OLMoE's
     /// `clip_qkv`, in transformers' order).
     pub clip_qkv: Option<f64>,
+    /// Multi-head latent attention in place of grouped-query attention (DeepSeek-V2/V3);
+    /// `head_dim` is then its rotary width.
+    pub mla: Option<MlaConfig>,
     /// MoE settings; `None` for a dense model.
     pub moe: Option<MoeConfig>,
+    /// Multi-token-prediction modules stored after the decoder layers (DeepSeek-V3's
+    /// `num_nextn_predict_layers`); their weights are not used for next-token prediction and
+    /// are skipped.
+    pub mtp_layers: usize,
     /// Beginning-of-sequence token, if the config names one.
     pub bos_token_id: Option<u32>,
     /// End-of-sequence tokens.
@@ -239,7 +350,9 @@ impl ModelConfig {
             o_bias: attention_bias,
             qk_norm: QkNorm::None,
             clip_qkv: None,
+            mla: None,
             moe: None,
+            mtp_layers: 0,
             bos_token_id: v
                 .get("bos_token_id")
                 .and_then(Value::as_u64)
@@ -257,8 +370,88 @@ impl ModelConfig {
                     ),
                 ));
             }
+            if let Some(g) = &m.router.group_limit {
+                if g.groups == 0 || !m.num_experts.is_multiple_of(g.groups) {
+                    return Err(ModelError::config(
+                        origin,
+                        format!(
+                            "n_group ({}) must divide the number of experts ({})",
+                            g.groups, m.num_experts
+                        ),
+                    ));
+                }
+                if g.top_groups == 0 || g.top_groups > g.groups {
+                    return Err(ModelError::config(
+                        origin,
+                        format!(
+                            "topk_group ({}) must be between 1 and n_group ({})",
+                            g.top_groups, g.groups
+                        ),
+                    ));
+                }
+                if g.top_groups * (m.num_experts / g.groups) < m.top_k {
+                    return Err(ModelError::config(
+                        origin,
+                        format!(
+                            "topk_group ({}) groups of {} experts cannot hold the top-{} experts",
+                            g.top_groups,
+                            m.num_experts / g.groups,
+                            m.top_k
+                        ),
+                    ));
+                }
+            }
         }
         Ok(config)
+    }
+
+    /// The softmax scale of attention scores: `1/√head_dim`, or for MLA `1/√(nope + rope)`
+    /// times the square of YaRN's `mscale(factor, mscale_all_dim)` when the rotary scaling
+    /// sets one (as DeepSeek's code and transformers compute it).
+    pub fn attention_scale(&self) -> f64 {
+        match &self.mla {
+            None => 1.0 / (self.head_dim as f64).sqrt(),
+            Some(m) => {
+                let base = 1.0 / (m.qk_head_dim() as f64).sqrt();
+                match self.rope_scaling {
+                    RopeScaling::Yarn {
+                        factor,
+                        mscale_all_dim: Some(all),
+                        ..
+                    } if all != 0.0 && factor > 1.0 => {
+                        let mscale = 0.1 * all * factor.ln() + 1.0;
+                        base * mscale * mscale
+                    }
+                    _ => base,
+                }
+            }
+        }
+    }
+
+    /// Whether the MoE routers always carry a selection bias that checkpoints hold
+    /// (DeepSeek-V3's `e_score_correction_bias`).
+    pub fn requires_selection_bias(&self) -> bool {
+        self.moe
+            .as_ref()
+            .is_some_and(|m| m.router.requires_selection_bias)
+    }
+
+    /// Width of the attention output that `o_proj` reads: `heads · v_head_dim` with MLA, else
+    /// `heads · head_dim`.
+    pub fn attention_output_width(&self) -> usize {
+        match &self.mla {
+            Some(m) => self.num_attention_heads * m.v_head_dim,
+            None => self.num_attention_heads * self.head_dim,
+        }
+    }
+
+    /// Values a KV cache keeps per token and layer (all heads): keys and values of the kv
+    /// heads, or MLA's latent and rotary key.
+    pub fn kv_cache_width(&self) -> usize {
+        match &self.mla {
+            Some(m) => m.cache_width(),
+            None => 2 * self.num_key_value_heads * self.head_dim,
+        }
     }
 
     /// Lengths of the q and k norm weights (`None` without a q/k norm): `head_dim` each for a
@@ -628,6 +821,8 @@ mod round_trip_tests {
             "rope/yarn_attention_factor",
             "qwen3_moe",
             "olmoe",
+            "deepseek_v2",
+            "deepseek_v3",
         ] {
             let c = ModelConfig::from_file(&root.join(fam).join("config.json")).unwrap();
             let back = ModelConfig::from_json(&c.to_hf_json(), Path::new("x")).unwrap();

@@ -16,7 +16,7 @@ pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::{Architecture, ModelConfig, MoeConfig, QkNorm, RouterConfig};
+pub use config::{Architecture, ModelConfig, MoeConfig, QkNorm, RouterConfig, ScoreFunction};
 pub use error::{ModelError, Result};
 pub use model::{CausalLm, KvCache};
 pub use tokenizer::Tokenizer;

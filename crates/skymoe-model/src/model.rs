@@ -4,10 +4,11 @@ use candle_core::{Device, Tensor, Var};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::layers::attention::{Attention, LayerKv};
+use crate::layers::attention::{Attention, AttentionBlock, LayerKv};
 use crate::layers::block::{DecoderLayer, FeedForward};
 use crate::layers::ffn::SwiGlu;
 use crate::layers::linear::Linear;
+use crate::layers::mla::{MlaAttention, MlaQuery};
 use crate::layers::moe::{MoeBlock, SharedExpert};
 use crate::layers::norm::RmsNorm;
 use crate::layers::rotary::RotaryEmbedding;
@@ -143,6 +144,82 @@ fn qk_norms(
     )))
 }
 
+/// Layer `i`'s grouped-query attention, cut over `sharding`'s group when given.
+fn gqa_attention(
+    c: &ModelConfig,
+    l: &dyn TensorLoader,
+    i: usize,
+    sharding: Option<&Sharding>,
+) -> Result<Attention> {
+    let h = c.hidden_size;
+    let n = sharding.map_or(1, |s| s.tp.size());
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim / n,
+        c.num_key_value_heads * c.head_dim / n,
+    );
+    let p = |s: &str| names::layer(i, s);
+    let proj = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
+        let w = l.tensor(&p(&format!("self_attn.{name}.weight")), &[rows, cols])?;
+        let b = if bias {
+            Some(l.tensor(&p(&format!("self_attn.{name}.bias")), &[rows])?)
+        } else {
+            None
+        };
+        Ok(Linear::new(w, b))
+    };
+    Ok(Attention {
+        q_proj: proj("q_proj", q, h, c.qkv_bias)?,
+        k_proj: proj("k_proj", kv, h, c.qkv_bias)?,
+        v_proj: proj("v_proj", kv, h, c.qkv_bias)?,
+        o_proj: proj("o_proj", h, q, c.o_bias)?,
+        num_heads: c.num_attention_heads / n,
+        num_kv_heads: c.num_key_value_heads / n,
+        head_dim: c.head_dim,
+        tp: sharding.map(|s| s.tp.clone()),
+        qk_norm: c.qk_norm,
+        qk_norms: qk_norms(c, l, i, n)?,
+        clip_qkv: c.clip_qkv,
+    })
+}
+
+/// Layer `i`'s multi-head latent attention.
+fn mla_attention(
+    c: &ModelConfig,
+    dims: &crate::config::MlaConfig,
+    l: &dyn TensorLoader,
+    i: usize,
+) -> Result<MlaAttention> {
+    let mut t = std::collections::HashMap::new();
+    for (name, shape) in c.mla_tensors(i) {
+        let w = l.tensor(&name, &shape)?;
+        t.insert(name, w);
+    }
+    let n = names::mla(i);
+    let mut take = |name: &str| -> Result<Tensor> {
+        t.remove(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.into() })
+    };
+    let eps = crate::config::MLA_NORM_EPS;
+    let query = match dims.q_lora_rank {
+        Some(_) => MlaQuery::LowRank {
+            down: Linear::new(take(&n.q_a_proj)?, None),
+            norm: RmsNorm::new(take(&n.q_a_norm)?, eps),
+            up: Linear::new(take(&n.q_b_proj)?, None),
+        },
+        None => MlaQuery::Direct(Linear::new(take(&n.q_proj)?, None)),
+    };
+    Ok(MlaAttention {
+        query,
+        kv_down: Linear::new(take(&n.kv_a_proj)?, None),
+        kv_norm: RmsNorm::new(take(&n.kv_a_norm)?, eps),
+        kv_up: Linear::new(take(&n.kv_b_proj)?, None),
+        o_proj: Linear::new(take(&n.o_proj)?, None),
+        num_heads: c.num_attention_heads,
+        dims: *dims,
+        scale: c.attention_scale(),
+    })
+}
+
 /// Build decoder layer `i` of `c` from `l`, cut over `sharding`'s group when given (the loader
 /// then hands out this rank's parts).
 pub fn build_layer(
@@ -166,32 +243,20 @@ pub fn build_layer_split(
     let h = c.hidden_size;
     let (n, rank) = sharding.map_or((1, 0), |s| (s.tp.size(), s.tp.rank()));
     let tp = sharding.map(|s| s.tp.clone());
-    let (q, kv) = (
-        c.num_attention_heads * c.head_dim / n,
-        c.num_key_value_heads * c.head_dim / n,
-    );
     let p = |s: &str| names::layer(i, s);
-    let proj = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
-        let w = l.tensor(&p(&format!("self_attn.{name}.weight")), &[rows, cols])?;
-        let b = if bias {
-            Some(l.tensor(&p(&format!("self_attn.{name}.bias")), &[rows])?)
-        } else {
-            None
-        };
-        Ok(Linear::new(w, b))
-    };
-    let attention = Attention {
-        q_proj: proj("q_proj", q, h, c.qkv_bias)?,
-        k_proj: proj("k_proj", kv, h, c.qkv_bias)?,
-        v_proj: proj("v_proj", kv, h, c.qkv_bias)?,
-        o_proj: proj("o_proj", h, q, c.o_bias)?,
-        num_heads: c.num_attention_heads / n,
-        num_kv_heads: c.num_key_value_heads / n,
-        head_dim: c.head_dim,
-        tp: tp.clone(),
-        qk_norm: c.qk_norm,
-        qk_norms: qk_norms(c, l, i, n)?,
-        clip_qkv: c.clip_qkv,
+    let attention = match &c.mla {
+        Some(dims) => {
+            if n > 1 {
+                return Err(ModelError::InvalidInput(
+                    "tensor parallelism is not supported for multi-head latent attention \
+                     (DeepSeek-V2/V3): run it on one process, or data-, expert- or \
+                     pipeline-parallel"
+                        .into(),
+                ));
+            }
+            AttentionBlock::Mla(mla_attention(c, dims, l, i)?)
+        }
+        None => AttentionBlock::Gqa(gqa_attention(c, l, i, sharding)?),
     };
     let ffn = match (&c.moe, c.is_moe_layer(i)) {
         (Some(m), true) => {
@@ -225,14 +290,23 @@ pub fn build_layer_split(
                 .map(|&x| swiglu(l, &names.experts[x], h, width))
                 .collect::<Result<Vec<_>>>()?;
             let shared = match (&names.shared, m.shared_expert_intermediate_size) {
-                (Some((sn, sg)), Some(sf)) => Some(SharedExpert {
-                    ffn: swiglu(l, sn, h, sf / n)?,
-                    gate: Linear::new(l.tensor(sg, &[1, h])?, None),
+                (Some(shared), Some(sf)) => Some(SharedExpert {
+                    ffn: swiglu(l, &shared.ffn, h, sf / n)?,
+                    gate: match &shared.gate {
+                        Some(g) => Some(Linear::new(l.tensor(g, &[1, h])?, None)),
+                        None => None,
+                    },
                 }),
                 _ => None,
             };
             // DeepSeek-V3's aux-loss-free balancing bias, when the checkpoint has one.
             let bias_name = crate::layers::router::selection_bias_name(&names.gate);
+            if m.router.requires_selection_bias && !l.contains(&bias_name) {
+                return Err(ModelError::InvalidInput(format!(
+                    "{} routers select with a bias, and the checkpoint has no {bias_name}",
+                    c.architecture.hf_class()
+                )));
+            }
             let selection_bias = if l.contains(&bias_name) {
                 Some(
                     l.tensor(&bias_name, &[e])?
@@ -241,7 +315,7 @@ pub fn build_layer_split(
             } else {
                 None
             };
-            FeedForward::Moe(MoeBlock {
+            FeedForward::Moe(Box::new(MoeBlock {
                 router: Router {
                     gate,
                     config: m.router.clone(),
@@ -255,7 +329,7 @@ pub fn build_layer_split(
                 tp: tp.clone(),
                 ep: ep.cloned(),
                 defer_expert_weight_grads: false,
-            })
+            }))
         }
         _ => FeedForward::Dense(swiglu(
             l,

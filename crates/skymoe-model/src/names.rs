@@ -61,8 +61,18 @@ pub struct MoeNames {
     pub gate2: Option<String>,
     /// Expert `e`'s FFN names, for each expert.
     pub experts: Vec<SwiGluNames>,
-    /// Shared expert FFN and its scalar gate (Qwen2-MoE).
-    pub shared: Option<(SwiGluNames, String)>,
+    /// The shared expert, if the layer has one.
+    pub shared: Option<SharedExpertNames>,
+}
+
+/// Names of a shared expert.
+#[derive(Debug, Clone)]
+pub struct SharedExpertNames {
+    /// Its FFN.
+    pub ffn: SwiGluNames,
+    /// Its scalar sigmoid gate `[1, hidden]` (Qwen2-MoE's `shared_expert_gate`); `None` for an
+    /// ungated shared expert (DeepSeek's `shared_experts`).
+    pub gate: Option<String>,
 }
 
 impl ModelConfig {
@@ -104,7 +114,8 @@ pub fn block_sparse_moe_names(c: &ModelConfig, l: usize) -> MoeNames {
 
 /// The `mlp` form of an MoE layer (Qwen2-MoE and later transformers models), under
 /// `model.layers.{l}.mlp`: the router `gate`, experts `experts.{e}.{gate,up,down}_proj`, and
-/// when the config has one, `shared_expert` with its scalar `shared_expert_gate`.
+/// when the config has one, `shared_expert` with its scalar `shared_expert_gate` (Qwen2-MoE;
+/// a family with another shared-expert form replaces it).
 pub fn mlp_moe_names(c: &ModelConfig, l: usize) -> MoeNames {
     let n = c.moe.as_ref().map_or(0, |m| m.num_experts);
     let p = layer(l, "mlp");
@@ -112,11 +123,9 @@ pub fn mlp_moe_names(c: &ModelConfig, l: usize) -> MoeNames {
         .moe
         .as_ref()
         .and_then(|m| m.shared_expert_intermediate_size)
-        .map(|_| {
-            (
-                swiglu(&format!("{p}.shared_expert"), false),
-                format!("{p}.shared_expert_gate.weight"),
-            )
+        .map(|_| SharedExpertNames {
+            ffn: swiglu(&format!("{p}.shared_expert"), false),
+            gate: Some(format!("{p}.shared_expert_gate.weight")),
         });
     MoeNames {
         gate: format!("{p}.gate.weight"),
@@ -125,5 +134,74 @@ pub fn mlp_moe_names(c: &ModelConfig, l: usize) -> MoeNames {
             .map(|e| swiglu(&format!("{p}.experts.{e}"), false))
             .collect(),
         shared,
+    }
+}
+
+/// A SwiGLU FFN under `prefix` with Llama's matrix names (`{prefix}.gate_proj.weight`, ...).
+pub fn llama_swiglu(prefix: &str) -> SwiGluNames {
+    swiglu(prefix, false)
+}
+
+/// Layer `l`'s multi-head latent attention tensors, as DeepSeek's checkpoints name them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MlaNames {
+    /// `q_proj` (without a query bottleneck).
+    pub q_proj: String,
+    /// `q_a_proj` (with a query bottleneck).
+    pub q_a_proj: String,
+    /// `q_a_layernorm`.
+    pub q_a_norm: String,
+    /// `q_b_proj`.
+    pub q_b_proj: String,
+    /// `kv_a_proj_with_mqa`.
+    pub kv_a_proj: String,
+    /// `kv_a_layernorm`.
+    pub kv_a_norm: String,
+    /// `kv_b_proj`.
+    pub kv_b_proj: String,
+    /// `o_proj`.
+    pub o_proj: String,
+}
+
+/// The names of layer `l`'s latent attention tensors.
+pub fn mla(l: usize) -> MlaNames {
+    let w = |m: &str| layer(l, &format!("self_attn.{m}.weight"));
+    MlaNames {
+        q_proj: w("q_proj"),
+        q_a_proj: w("q_a_proj"),
+        q_a_norm: w("q_a_layernorm"),
+        q_b_proj: w("q_b_proj"),
+        kv_a_proj: w("kv_a_proj_with_mqa"),
+        kv_a_norm: w("kv_a_layernorm"),
+        kv_b_proj: w("kv_b_proj"),
+        o_proj: w("o_proj"),
+    }
+}
+
+impl ModelConfig {
+    /// Layer `l`'s latent attention tensors with their shapes, in checkpoint order (empty
+    /// without MLA).
+    pub fn mla_tensors(&self, l: usize) -> Vec<(String, Vec<usize>)> {
+        let Some(m) = &self.mla else {
+            return Vec::new();
+        };
+        let (h, nh) = (self.hidden_size, self.num_attention_heads);
+        let n = mla(l);
+        let mut out = match m.q_lora_rank {
+            Some(q) => vec![
+                (n.q_a_proj, vec![q, h]),
+                (n.q_a_norm, vec![q]),
+                (n.q_b_proj, vec![nh * m.qk_head_dim(), q]),
+            ],
+            None => vec![(n.q_proj, vec![nh * m.qk_head_dim(), h])],
+        };
+        out.push((n.kv_a_proj, vec![m.kv_lora_rank + m.qk_rope_head_dim, h]));
+        out.push((n.kv_a_norm, vec![m.kv_lora_rank]));
+        out.push((
+            n.kv_b_proj,
+            vec![nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank],
+        ));
+        out.push((n.o_proj, vec![h, nh * m.v_head_dim]));
+        out
     }
 }

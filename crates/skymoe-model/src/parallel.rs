@@ -246,8 +246,8 @@ pub fn parts(
                         split_swiglu(&mut parts, en, m.expert_intermediate_size, rank, size);
                     }
                 }
-                if let (Some((sn, _)), Some(sf)) = (&n.shared, m.shared_expert_intermediate_size) {
-                    split_swiglu(&mut parts, sn, sf, rank, size);
+                if let (Some(shared), Some(sf)) = (&n.shared, m.shared_expert_intermediate_size) {
+                    split_swiglu(&mut parts, &shared.ffn, sf, rank, size);
                 }
             }
             _ => split_swiglu(

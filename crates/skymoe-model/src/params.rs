@@ -74,6 +74,24 @@ impl ModelConfig {
                 shape: vec![h],
                 role: a,
             });
+            if self.mla.is_some() {
+                out.extend(
+                    self.mla_tensors(l)
+                        .into_iter()
+                        .map(|(name, shape)| ParamSpec {
+                            name,
+                            shape,
+                            role: a,
+                        }),
+                );
+                out.push(ParamSpec {
+                    name: p("post_attention_layernorm.weight"),
+                    shape: vec![h],
+                    role: a,
+                });
+                self.push_ffn_specs(l, &mut out);
+                continue;
+            }
             for (proj, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
                 out.push(ParamSpec {
                     name: p(&format!("self_attn.{proj}.weight")),
@@ -117,57 +135,7 @@ impl ModelConfig {
                 shape: vec![h],
                 role: a,
             });
-            match (&self.moe, self.is_moe_layer(l)) {
-                (Some(m), true) => {
-                    let names = self.moe_names(l);
-                    let e = m.num_experts;
-                    match &names.gate2 {
-                        Some(g2) => {
-                            out.push(ParamSpec {
-                                name: names.gate.clone(),
-                                shape: vec![8 * e, h],
-                                role: a,
-                            });
-                            out.push(ParamSpec {
-                                name: g2.clone(),
-                                shape: vec![e, 8 * e],
-                                role: a,
-                            });
-                        }
-                        None => out.push(ParamSpec {
-                            name: names.gate.clone(),
-                            shape: vec![e, h],
-                            role: a,
-                        }),
-                    }
-                    for ex in &names.experts {
-                        push_swiglu(
-                            &mut out,
-                            ex,
-                            h,
-                            m.expert_intermediate_size,
-                            ParamRole::RoutedExpert,
-                        );
-                    }
-                    if let (Some((sn, sg)), Some(sf)) =
-                        (&names.shared, m.shared_expert_intermediate_size)
-                    {
-                        push_swiglu(&mut out, sn, h, sf, a);
-                        out.push(ParamSpec {
-                            name: sg.clone(),
-                            shape: vec![1, h],
-                            role: a,
-                        });
-                    }
-                }
-                _ => push_swiglu(
-                    &mut out,
-                    &self.dense_ffn_names(l),
-                    h,
-                    self.intermediate_size,
-                    a,
-                ),
-            }
+            self.push_ffn_specs(l, &mut out);
         }
         out.push(ParamSpec {
             name: names::FINAL_NORM.into(),
@@ -182,6 +150,58 @@ impl ModelConfig {
             });
         }
         out
+    }
+
+    /// The feed-forward parameters of layer `l` (dense, or router, experts and shared expert).
+    fn push_ffn_specs(&self, l: usize, out: &mut Vec<ParamSpec>) {
+        let h = self.hidden_size;
+        let a = ParamRole::Always;
+        match (&self.moe, self.is_moe_layer(l)) {
+            (Some(m), true) => {
+                let names = self.moe_names(l);
+                let e = m.num_experts;
+                match &names.gate2 {
+                    Some(g2) => {
+                        out.push(ParamSpec {
+                            name: names.gate.clone(),
+                            shape: vec![8 * e, h],
+                            role: a,
+                        });
+                        out.push(ParamSpec {
+                            name: g2.clone(),
+                            shape: vec![e, 8 * e],
+                            role: a,
+                        });
+                    }
+                    None => out.push(ParamSpec {
+                        name: names.gate.clone(),
+                        shape: vec![e, h],
+                        role: a,
+                    }),
+                }
+                for ex in &names.experts {
+                    push_swiglu(
+                        out,
+                        ex,
+                        h,
+                        m.expert_intermediate_size,
+                        ParamRole::RoutedExpert,
+                    );
+                }
+                if let (Some(shared), Some(sf)) = (&names.shared, m.shared_expert_intermediate_size)
+                {
+                    push_swiglu(out, &shared.ffn, h, sf, a);
+                    if let Some(gate) = &shared.gate {
+                        out.push(ParamSpec {
+                            name: gate.clone(),
+                            shape: vec![1, h],
+                            role: a,
+                        });
+                    }
+                }
+            }
+            _ => push_swiglu(out, &self.dense_ffn_names(l), h, self.intermediate_size, a),
+        }
     }
 
     /// Total number of parameters.

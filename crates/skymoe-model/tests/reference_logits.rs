@@ -88,8 +88,28 @@ fn olmoe_projection_qk_norm_and_clip_qkv_match_transformers() {
 }
 
 #[test]
+fn deepseek_v2_latent_attention_grouped_softmax_router_matches_transformers() {
+    check_dir("deepseek_v2");
+}
+
+#[test]
+fn deepseek_v3_latent_attention_biased_sigmoid_router_yarn_matches_transformers() {
+    check_dir("deepseek_v3");
+}
+
+#[test]
 fn gguf_qwen3moe_f16_matches_transformers() {
     check_gguf("qwen3moe-f16.gguf");
+}
+
+#[test]
+fn gguf_deepseek2_v2_with_kv_b_matches_transformers() {
+    check_gguf("deepseek2-v2-f32.gguf");
+}
+
+#[test]
+fn gguf_deepseek2_v3_with_split_kv_b_and_selection_bias_matches_transformers() {
+    check_gguf("deepseek2-v3-f16.gguf");
 }
 
 #[test]
@@ -105,6 +125,8 @@ fn gguf_qwen3moe_and_olmoe_equal_their_safetensors_models() {
     for (dir, file, exact) in [
         ("olmoe", "gguf/olmoe-f32.gguf", true),
         ("qwen3_moe", "gguf/qwen3moe-f16.gguf", false),
+        ("deepseek_v2", "gguf/deepseek2-v2-f32.gguf", true),
+        ("deepseek_v3", "gguf/deepseek2-v3-f16.gguf", false),
     ] {
         let st = Checkpoint::open(&fixtures().join(dir), &Device::Cpu).unwrap();
         let gg = Checkpoint::open(&fixtures().join(file), &Device::Cpu).unwrap();
@@ -118,6 +140,8 @@ fn gguf_qwen3moe_and_olmoe_equal_their_safetensors_models() {
         };
         assert!(close, "{file}: clip {:?} vs {:?}", a.clip_qkv, b.clip_qkv);
         assert_eq!(a.head_dim, b.head_dim, "{file}");
+        assert_eq!(a.mla, b.mla, "{file}");
+        assert_eq!(a.rope_scaling.name(), b.rope_scaling.name(), "{file}");
         assert_eq!(a.moe, b.moe, "{file}");
         assert_eq!(a.qkv_bias, b.qkv_bias, "{file}");
         assert_eq!(a.param_specs(), b.param_specs(), "{file}");

@@ -140,6 +140,9 @@ pub struct KvCache {
     block_size: usize,
     num_blocks: usize,
     kv_dim: usize,
+    /// Values are the first elements of the keys (multi-head latent attention caches one
+    /// latent per position, which is both); `values` is then empty.
+    values_in_keys: bool,
     dtype: KvDtype,
     keys: Vec<Plane>,
     values: Vec<Plane>,
@@ -163,6 +166,7 @@ impl KvCache {
             block_size,
             num_blocks,
             kv_dim,
+            values_in_keys: false,
             dtype,
             keys: (0..layers).map(|_| Plane::new(dtype, per_layer)).collect(),
             values: (0..layers).map(|_| Plane::new(dtype, per_layer)).collect(),
@@ -171,9 +175,27 @@ impl KvCache {
         }
     }
 
-    /// Bytes one position takes over all layers (keys and values).
-    pub fn bytes_per_position(layers: usize, kv_dim: usize, dtype: KvDtype) -> usize {
-        layers * kv_dim * 2 * dtype.size()
+    /// A pool for multi-head latent attention: one row of `width` values per position and
+    /// layer (the latent, then the rotary key), read both as keys and, its leading part, as
+    /// values.
+    pub fn new_latent(
+        layers: usize,
+        width: usize,
+        block_size: usize,
+        num_blocks: usize,
+        dtype: KvDtype,
+    ) -> Self {
+        let mut kv = KvCache::new(0, width, block_size, num_blocks, dtype);
+        let per_layer = num_blocks * kv.block_size * width;
+        kv.keys = (0..layers).map(|_| Plane::new(dtype, per_layer)).collect();
+        kv.values_in_keys = true;
+        kv
+    }
+
+    /// Bytes one position takes over all layers, for `values_per_position` cached values per
+    /// layer (keys and values together; see `ModelConfig::kv_cache_width`).
+    pub fn bytes_per_position(layers: usize, values_per_position: usize, dtype: KvDtype) -> usize {
+        layers * values_per_position * dtype.size()
     }
 
     /// The element type of the entries.
@@ -222,10 +244,22 @@ impl KvCache {
     }
 
     /// Store the key and value of position `pos` in `layer`.
+    /// (A latent cache keeps only `k`.)
     pub(crate) fn write(&mut self, layer: usize, blocks: &[u32], pos: usize, k: &[f32], v: &[f32]) {
         let o = self.offset(blocks, pos);
         self.keys[layer].write(o, &k[..self.kv_dim]);
-        self.values[layer].write(o, &v[..self.kv_dim]);
+        if !self.values_in_keys {
+            self.values[layer].write(o, &v[..self.kv_dim]);
+        }
+    }
+
+    /// The plane values are read from.
+    fn value_plane(&self, layer: usize) -> &Plane {
+        if self.values_in_keys {
+            &self.keys[layer]
+        } else {
+            &self.values[layer]
+        }
     }
 
     /// The key (`value: false`) or value of position `pos` of a sequence (block table
@@ -240,7 +274,7 @@ impl KvCache {
         width: usize,
     ) -> KvRow<'_> {
         let plane = if value {
-            &self.values[layer]
+            self.value_plane(layer)
         } else {
             &self.keys[layer]
         };
@@ -248,8 +282,9 @@ impl KvCache {
     }
 
     /// The keys and values of positions `0..len` of a sequence (block table `blocks`) for
-    /// the `width` elements starting at `from` within a position (one kv head), in f32, each
-    /// `[len, width]` row-major, replacing the contents of `keys` and `values`.
+    /// the elements starting at `from` within a position (one kv head), `width` of keys and
+    /// `value_width` of values, in f32, `[len, width]` and `[len, value_width]` row-major,
+    /// replacing the contents of `keys` and `values`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gather(
         &self,
@@ -257,17 +292,17 @@ impl KvCache {
         blocks: &[u32],
         len: usize,
         from: usize,
-        width: usize,
+        (width, value_width): (usize, usize),
         keys: &mut Vec<f32>,
         values: &mut Vec<f32>,
     ) {
         keys.resize(len * width, 0.0);
-        values.resize(len * width, 0.0);
+        values.resize(len * value_width, 0.0);
+        let value_plane = self.value_plane(layer);
         for pos in 0..len {
             let o = self.offset(blocks, pos) + from;
-            let row = pos * width..(pos + 1) * width;
-            self.keys[layer].read(o, &mut keys[row.clone()]);
-            self.values[layer].read(o, &mut values[row]);
+            self.keys[layer].read(o, &mut keys[pos * width..(pos + 1) * width]);
+            value_plane.read(o, &mut values[pos * value_width..(pos + 1) * value_width]);
         }
     }
 }
@@ -286,7 +321,7 @@ mod tests {
         assert_eq!(kv.free_blocks(), 1);
         kv.write(1, &a, 17, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]);
         let (mut k, mut v) = (Vec::new(), Vec::new());
-        kv.gather(1, &a, 18, 1, 2, &mut k, &mut v);
+        kv.gather(1, &a, 18, 1, (2, 2), &mut k, &mut v);
         assert_eq!(k.len(), 36);
         assert_eq!(&k[34..], &[2.0, 3.0]);
         assert_eq!(&v[34..], &[6.0, 7.0]);
@@ -295,10 +330,26 @@ mod tests {
     }
 
     #[test]
+    fn a_latent_cache_reads_values_from_its_keys() {
+        let mut kv = KvCache::new_latent(2, 5, 4, 3, KvDtype::F32);
+        let blocks = kv.allocate(2).unwrap();
+        kv.write(1, &blocks, 6, &[1.0, 2.0, 3.0, 4.0, 5.0], &[]);
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        kv.gather(1, &blocks, 7, 0, (5, 3), &mut k, &mut v);
+        assert_eq!(
+            (&k[30..], &v[18..]),
+            (&[1.0, 2.0, 3.0, 4.0, 5.0][..], &[1.0, 2.0, 3.0][..])
+        );
+        let row = kv.row(1, true, &blocks, 6, 0, 3);
+        assert_eq!(row.dot(&[1.0, 1.0, 1.0]), 6.0);
+        assert!(kv.values.is_empty(), "no value planes");
+    }
+
+    #[test]
     fn f16_entries_are_the_values_rounded_to_f16_at_half_the_size() {
         let mut kv = KvCache::new(1, 3, 2, 4, KvDtype::F16);
-        assert_eq!(KvCache::bytes_per_position(1, 3, KvDtype::F16), 12);
-        assert_eq!(KvCache::bytes_per_position(1, 3, KvDtype::F32), 24);
+        assert_eq!(KvCache::bytes_per_position(1, 6, KvDtype::F16), 12);
+        assert_eq!(KvCache::bytes_per_position(1, 6, KvDtype::F32), 24);
         // Blocks out of order: positions 0-1 in block 3, 2-3 in block 0.
         let blocks = [3u32, 0];
         let key = |p: usize| [0.1 * p as f32, -1.0e-3, 3.0e4 + p as f32];
@@ -308,7 +359,7 @@ mod tests {
             kv.write(0, &blocks, p, &k, &v);
         }
         let (mut k, mut v) = (Vec::new(), Vec::new());
-        kv.gather(0, &blocks, 4, 0, 3, &mut k, &mut v);
+        kv.gather(0, &blocks, 4, 0, (3, 3), &mut k, &mut v);
         for p in 0..4 {
             for (j, &x) in key(p).iter().enumerate() {
                 let rounded = f16::from_f32(x).to_f32();

@@ -60,18 +60,26 @@ pub fn projection_names(c: &ModelConfig) -> BTreeMap<String, (usize, usize)> {
     };
     for i in 0..c.num_hidden_layers {
         let p = |s: &str| names::layer(i, &format!("self_attn.{s}.weight"));
-        out.insert(p("q_proj"), (q, h));
-        out.insert(p("k_proj"), (kv, h));
-        out.insert(p("v_proj"), (kv, h));
-        out.insert(p("o_proj"), (h, q));
+        if c.mla.is_some() {
+            for (name, shape) in c.mla_tensors(i) {
+                if let [rows, cols] = shape[..] {
+                    out.insert(name, (rows, cols));
+                }
+            }
+        } else {
+            out.insert(p("q_proj"), (q, h));
+            out.insert(p("k_proj"), (kv, h));
+            out.insert(p("v_proj"), (kv, h));
+            out.insert(p("o_proj"), (h, q));
+        }
         match (&c.moe, c.is_moe_layer(i)) {
             (Some(m), true) => {
                 let n = c.moe_names(i);
                 for e in &n.experts {
                     swiglu(e, m.expert_intermediate_size, &mut out);
                 }
-                if let (Some((sn, _)), Some(sf)) = (&n.shared, m.shared_expert_intermediate_size) {
-                    swiglu(sn, sf, &mut out);
+                if let (Some(sn), Some(sf)) = (&n.shared, m.shared_expert_intermediate_size) {
+                    swiglu(&sn.ffn, sf, &mut out);
                 }
             }
             _ => swiglu(&c.dense_ffn_names(i), c.intermediate_size, &mut out),

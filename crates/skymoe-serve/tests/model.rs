@@ -9,7 +9,7 @@ use skymoe_model::Checkpoint;
 use skymoe_serve::kv_cache::KvDtype;
 use skymoe_serve::model::{LogitsFor, SeqChunk, ServeModel};
 
-const FAMILIES: [&str; 8] = [
+const FAMILIES: [&str; 10] = [
     "llama",
     "mixtral",
     "qwen2_moe",
@@ -18,6 +18,8 @@ const FAMILIES: [&str; 8] = [
     "skywork_moe_variant",
     "qwen3_moe",
     "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
 ];
 
 fn fixture(name: &str) -> PathBuf {

@@ -40,7 +40,14 @@ fn max_rel(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn quantised_checkpoints_load_exactly_and_dequantised() {
     let tokens = [3u32, 17, 42, 99, 7, 250, 11, 5];
-    for fam in ["mixtral", "qwen2_moe", "skywork_moe_variant", "llama"] {
+    for fam in [
+        "mixtral",
+        "qwen2_moe",
+        "skywork_moe_variant",
+        "llama",
+        "deepseek_v2",
+        "deepseek_v3",
+    ] {
         let src = fixture(fam);
         for (format, scale) in [
             (WeightFormat::Fp8, Fp8Scale::Channel),

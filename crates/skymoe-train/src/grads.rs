@@ -36,7 +36,10 @@ pub fn loss_and_grads(
     let loss = next_token_loss(&logits, tokens)?;
     let store = loss.backward()?;
     let mut grads = BTreeMap::new();
-    for (name, var) in &params.vars {
+    // Parameters only: a router's selection bias is state updated outside the optimiser.
+    let parameters: std::collections::HashSet<String> =
+        config.param_specs().into_iter().map(|s| s.name).collect();
+    for (name, var) in params.vars.iter().filter(|(n, _)| parameters.contains(*n)) {
         let g = match store.get(var.as_tensor()) {
             Some(g) => g.clone(),
             None => var.as_tensor().zeros_like()?,

@@ -401,7 +401,9 @@ impl RunConfig {
             o_bias: false,
             qk_norm: skymoe_model::QkNorm::None,
             clip_qkv: None,
+            mla: None,
             moe: None,
+            mtp_layers: 0,
             bos_token_id: bos,
             eos_token_ids: eos.into_iter().collect(),
         };

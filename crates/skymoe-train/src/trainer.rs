@@ -572,7 +572,7 @@ impl Trainer {
             .filter(|&l| model_config.is_moe_layer(l))
             .count();
         let mut params = params;
-        if cfg.aux.bias_update_rate > 0.0 {
+        if cfg.aux.bias_update_rate > 0.0 || model_config.requires_selection_bias() {
             params.add_selection_biases(&model_config, &device)?;
         }
         let mut optimizer = AdamW::new(cfg.adamw(), &params.vars);
@@ -624,7 +624,7 @@ impl Trainer {
         mut params: TrainableParams,
     ) -> Result<Self> {
         let device = Device::Cpu;
-        if cfg.aux.bias_update_rate > 0.0 {
+        if cfg.aux.bias_update_rate > 0.0 || model_config.requires_selection_bias() {
             params.add_selection_biases(&model_config, &device)?;
         }
         let moe_layers = (0..model_config.num_hidden_layers)

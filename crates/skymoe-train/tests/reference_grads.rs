@@ -108,6 +108,16 @@ fn olmoe_gradients_match_pytorch() {
 }
 
 #[test]
+fn deepseek_v2_gradients_match_pytorch() {
+    check("deepseek_v2");
+}
+
+#[test]
+fn deepseek_v3_gradients_match_pytorch() {
+    check("deepseek_v3");
+}
+
+#[test]
 fn skywork_moe_gradients_match_pytorch() {
     check("skywork_moe");
 }

@@ -1,6 +1,7 @@
-//! The q/k-norm families (Qwen3-MoE, OLMoE) through the command line: `inspect` reports
-//! their attention parts, and a short training run from each reference checkpoint gives
-//! finite losses and a checkpoint that loads again.
+//! The families with parts of their own (Qwen3-MoE and OLMoE's q/k norms, DeepSeek's latent
+//! attention and routers) through the command line: `inspect` reports their attention parts
+//! and cache size, and a short training run from each reference checkpoint gives finite
+//! losses and a checkpoint that loads again.
 
 mod common;
 
@@ -39,8 +40,48 @@ fn inspect_reports_the_qk_norm_and_clip() {
 }
 
 #[test]
+fn inspect_reports_latent_attention_its_cache_and_the_router() {
+    let v3 = run_ok(&[
+        "inspect",
+        "--model",
+        fixtures().join("deepseek_v3").to_str().unwrap(),
+    ]);
+    // 3 layers of latent 32 + rotary key 8.
+    assert!(
+        v3.contains("latent (MLA), 4 heads: q/k 16 plain + 8 rotary (query rank 24)")
+            && v3.contains("kv cache       120 values per token: 240 bytes in f16")
+            && v3.contains("sigmoid, best 2 of 4 groups (by top-2 sum), selection bias")
+            && v3.contains("shared expert  FFN 16, no gate"),
+        "{v3}"
+    );
+    let json = run_ok(&[
+        "inspect",
+        "--json",
+        "--model",
+        fixtures()
+            .join("gguf/deepseek2-v2-f32.gguf")
+            .to_str()
+            .unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["kv_cache_bytes_per_token"]["f16"], 240, "{json}");
+    assert_eq!(v["mla"]["kv_lora_rank"], 32, "{json}");
+    assert_eq!(v["router_scores"], "softmax", "{json}");
+    // A Llama-style model caches keys and values of its kv heads: 3 layers × 2 × 2 × 16.
+    let llama = run_ok(&[
+        "inspect",
+        "--model",
+        fixtures().join("llama").to_str().unwrap(),
+    ]);
+    assert!(
+        llama.contains("192 values per token: 384 bytes in f16"),
+        "{llama}"
+    );
+}
+
+#[test]
 fn training_from_the_reference_checkpoints_runs() {
-    for family in ["qwen3_moe", "olmoe"] {
+    for family in ["qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"] {
         let tmp = tempfile::tempdir().unwrap();
         let run = tmp.path().join("run");
         let cfg = tmp.path().join("run.toml");
@@ -85,6 +126,11 @@ out_dir = "{run}"
         assert!(losses.iter().all(|l| l.is_finite()), "{family}: {losses:?}");
         let trained = run.join("checkpoints").join("step-00000003");
         let out = run_ok(&["inspect", "--model", trained.to_str().unwrap()]);
-        assert!(out.contains("q/k RMSNorm"), "{family}: {out}");
+        let part = if family.starts_with("deepseek") {
+            "latent (MLA)"
+        } else {
+            "q/k RMSNorm"
+        };
+        assert!(out.contains(part), "{family}: {out}");
     }
 }

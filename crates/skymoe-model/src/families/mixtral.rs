@@ -21,6 +21,7 @@ const ROUTER: RouterConfig = RouterConfig {
     normalize_top_k: true,
     two_layer_gate: false,
     multiply_input_by_top_k: false,
+    ..RouterConfig::PLAIN
 };
 
 impl Family for Mixtral {

@@ -19,6 +19,8 @@ use crate::error::{ModelError, Result};
 use crate::names::{self, MoeNames, SwiGluNames};
 use crate::weights::GgufMetadata;
 
+pub mod deepseek_v2;
+pub mod deepseek_v3;
 pub mod llama;
 pub mod mixtral;
 pub mod olmoe;
@@ -66,6 +68,12 @@ families! {
     Qwen3Moe => qwen3_moe::Qwen3Moe,
     /// OLMoE (`OlmoeForCausalLM`): q/k norm over the whole projections, `clip_qkv`.
     Olmoe => olmoe::Olmoe,
+    /// DeepSeek-V2 (`DeepseekV2ForCausalLM`): latent attention, shared experts, softmax
+    /// router with optional group-limited selection.
+    DeepseekV2 => deepseek_v2::DeepseekV2,
+    /// DeepSeek-V3 (`DeepseekV3ForCausalLM`): latent attention, shared experts, sigmoid
+    /// router with bias-corrected group-limited selection.
+    DeepseekV3 => deepseek_v3::DeepseekV3,
 }
 
 /// How a family is stored in llama.cpp's GGUF files.
@@ -337,6 +345,7 @@ pub fn every_layer_moe(
         top_k: experts.top_k,
         expert_intermediate_size: experts.expert_intermediate_size,
         shared_expert_intermediate_size: None,
+        shared_expert_gated: false,
         moe_layers: vec![true; layers],
         router,
     }
@@ -369,8 +378,9 @@ mod tests {
             supported_names(),
             "LlamaForCausalLM (llama), MixtralForCausalLM (mixtral), Qwen2MoeForCausalLM \
              (qwen2_moe), SkyworkForCausalLM (skywork_moe / skywork), Qwen3MoeForCausalLM \
-             (qwen3_moe), OlmoeForCausalLM (olmoe); GGUF: general.architecture = llama, \
-             qwen3moe, olmoe"
+             (qwen3_moe), OlmoeForCausalLM (olmoe), DeepseekV2ForCausalLM (deepseek_v2), \
+             DeepseekV3ForCausalLM (deepseek_v3); GGUF: general.architecture = llama, \
+             qwen3moe, olmoe, deepseek2"
         );
     }
 
@@ -381,5 +391,6 @@ mod tests {
         assert_eq!(for_gguf("gpt2", false), None);
         assert_eq!(for_gguf("qwen3moe", true), Some(Architecture::Qwen3Moe));
         assert_eq!(for_gguf("olmoe", true), Some(Architecture::Olmoe));
+        assert_eq!(for_gguf("deepseek2", true), Some(Architecture::DeepseekV2));
     }
 }

@@ -24,6 +24,7 @@ fn router(normalize_top_k: bool) -> RouterConfig {
         normalize_top_k,
         two_layer_gate: false,
         multiply_input_by_top_k: false,
+        ..RouterConfig::PLAIN
     }
 }
 

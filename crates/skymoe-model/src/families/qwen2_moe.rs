@@ -22,6 +22,7 @@ fn router(normalize_top_k: bool) -> RouterConfig {
         normalize_top_k,
         two_layer_gate: false,
         multiply_input_by_top_k: false,
+        ..RouterConfig::PLAIN
     }
 }
 
@@ -46,6 +47,7 @@ impl Family for Qwen2Moe {
             top_k,
             expert_intermediate_size: need_usize(v, origin, "moe_intermediate_size")?,
             shared_expert_intermediate_size: shared,
+            shared_expert_gated: true,
             moe_layers,
             router: router(get_bool(v, "norm_topk_prob").unwrap_or(false)),
         });

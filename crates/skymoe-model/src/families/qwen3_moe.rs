@@ -28,6 +28,7 @@ fn router(normalize_top_k: bool) -> RouterConfig {
         normalize_top_k,
         two_layer_gate: false,
         multiply_input_by_top_k: false,
+        ..RouterConfig::PLAIN
     }
 }
 
@@ -51,6 +52,7 @@ impl Family for Qwen3Moe {
             top_k: get_usize(v, "num_experts_per_tok").unwrap_or(8),
             expert_intermediate_size: need_usize(v, origin, "moe_intermediate_size")?,
             shared_expert_intermediate_size: None,
+            shared_expert_gated: false,
             moe_layers: sparse_layers(v, c.num_hidden_layers),
             router: router(get_bool(v, "norm_topk_prob").unwrap_or(false)),
         });

@@ -127,6 +127,7 @@ impl Family for SkyworkMoe {
             normalize_top_k: true,
             two_layer_gate: false,
             multiply_input_by_top_k: false,
+            ..RouterConfig::PLAIN
         };
         dense.moe = Some(every_layer_moe(experts, dense.num_hidden_layers, router));
         dense
@@ -188,6 +189,7 @@ fn skywork_moe(
         top_k,
         expert_intermediate_size: intermediate_size,
         shared_expert_intermediate_size: None,
+        shared_expert_gated: false,
         moe_layers,
         router: RouterConfig {
             logits_norm_std: use_logits_norm.then_some(norm_std),
@@ -195,6 +197,7 @@ fn skywork_moe(
             // The Skywork config class defaults to a two-layer gate; released checkpoints set false.
             two_layer_gate: get_bool(v, "moe_2layer_gate").unwrap_or(true),
             multiply_input_by_top_k: !mixtral_gating && !no_mul_topk,
+            ..RouterConfig::PLAIN
         },
     })
 }

@@ -10,13 +10,49 @@ use super::rotary::RotaryEmbedding;
 use crate::config::QkNorm;
 use crate::parallel::TensorParallel;
 
-/// Keys and values of the positions seen so far, for one layer: `[batch, kv_heads, seq, head_dim]`.
+/// What one layer keeps of the positions seen so far.
 #[derive(Debug, Clone)]
-pub struct LayerKv {
-    /// Cached keys (after RoPE).
-    pub k: Tensor,
-    /// Cached values.
-    pub v: Tensor,
+pub enum LayerKv {
+    /// Keys and values of the kv heads, each `[batch, kv_heads, seq, head_dim]`.
+    Heads {
+        /// Cached keys (after RoPE).
+        k: Tensor,
+        /// Cached values.
+        v: Tensor,
+    },
+    /// Multi-head latent attention's normalised latents `[batch, seq, kv_lora_rank]` and
+    /// rotary keys `[batch, 1, seq, qk_rope_head_dim]` (after RoPE).
+    Latent {
+        /// Cached latents.
+        latent: Tensor,
+        /// Cached rotary keys.
+        rope_key: Tensor,
+    },
+}
+
+/// The attention block of a decoder layer: grouped-query or multi-head latent attention.
+#[derive(Debug, Clone)]
+pub enum AttentionBlock {
+    /// Grouped-query attention.
+    Gqa(Attention),
+    /// Multi-head latent attention (DeepSeek-V2/V3).
+    Mla(super::mla::MlaAttention),
+}
+
+impl AttentionBlock {
+    /// Attend over `x` `[batch, seq, hidden]` from position `offset`, appending to `cache`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &RotaryEmbedding,
+        offset: usize,
+        cache: Option<&mut Option<LayerKv>>,
+    ) -> Result<Tensor> {
+        match self {
+            AttentionBlock::Gqa(a) => a.forward(x, rotary, offset, cache),
+            AttentionBlock::Mla(a) => a.forward(x, rotary, offset, cache),
+        }
+    }
 }
 
 /// The attention block of one decoder layer.
@@ -108,11 +144,11 @@ impl Attention {
         let mut k = rotary.apply(&k, offset)?;
         let mut v = v;
         if let Some(slot) = cache {
-            if let Some(prev) = slot.as_ref() {
-                k = Tensor::cat(&[&prev.k, &k], 2)?;
-                v = Tensor::cat(&[&prev.v, &v], 2)?;
+            if let Some(LayerKv::Heads { k: pk, v: pv }) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
             }
-            *slot = Some(LayerKv {
+            *slot = Some(LayerKv::Heads {
                 k: k.clone(),
                 v: v.clone(),
             });

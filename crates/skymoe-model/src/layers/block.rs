@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::attention::{Attention, LayerKv};
+use super::attention::{AttentionBlock, LayerKv};
 use super::ffn::SwiGlu;
 use super::moe::MoeBlock;
 use super::norm::RmsNorm;
@@ -17,7 +17,7 @@ pub enum FeedForward {
     /// A dense SwiGLU.
     Dense(SwiGlu),
     /// A sparse MoE block.
-    Moe(MoeBlock),
+    Moe(Box<MoeBlock>),
 }
 
 /// A decoder layer.
@@ -26,7 +26,7 @@ pub struct DecoderLayer {
     /// Norm before attention.
     pub input_norm: RmsNorm,
     /// Self-attention.
-    pub attention: Attention,
+    pub attention: AttentionBlock,
     /// Norm before the feed-forward block.
     pub post_attention_norm: RmsNorm,
     /// Feed-forward block.

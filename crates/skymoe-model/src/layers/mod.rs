@@ -5,6 +5,7 @@ pub mod attention;
 pub mod block;
 pub mod ffn;
 pub mod linear;
+pub mod mla;
 pub mod moe;
 pub mod norm;
 pub mod ops;

@@ -1,5 +1,6 @@
 //! The MoE feed-forward block: router → dispatch (tokens grouped by expert) → experts →
-//! weighted combine, plus the optional sigmoid-gated shared expert of Qwen2-MoE.
+//! weighted combine, plus the optional shared expert (sigmoid-gated in Qwen2-MoE, ungated in
+//! DeepSeek).
 //! Dropless: every token reaches all of its top-k experts.
 
 use candle_core::{Result, Tensor};
@@ -10,13 +11,14 @@ use super::ops::sigmoid;
 use super::router::{Router, Routing};
 use crate::parallel::{ExpertParallel, TensorParallel};
 
-/// A shared expert that every token passes through, scaled by `sigmoid(gate x)`.
+/// A shared expert that every token passes through, scaled by `sigmoid(gate x)` when it has
+/// a gate (Qwen2-MoE), added as it is otherwise (DeepSeek).
 #[derive(Debug, Clone)]
 pub struct SharedExpert {
     /// The expert.
     pub ffn: SwiGlu,
-    /// The scalar gate `[1, hidden]`.
-    pub gate: Linear,
+    /// The scalar gate `[1, hidden]`, if any.
+    pub gate: Option<Linear>,
 }
 
 /// A sparse MoE feed-forward block.
@@ -104,6 +106,19 @@ pub fn group_by_expert(
 }
 
 impl MoeBlock {
+    /// `out` plus the shared expert's output for `xe`, scaled by its gate values `gate` when
+    /// it has a gate; `out` itself without a shared expert.
+    fn add_shared(&self, out: Tensor, xe: &Tensor, gate: Option<&Tensor>) -> Result<Tensor> {
+        let Some(shared) = &self.shared else {
+            return Ok(out);
+        };
+        let s = shared.ffn.forward(xe)?;
+        match gate {
+            Some(g) => out + s.broadcast_mul(g)?,
+            None => out + s,
+        }
+    }
+
     /// Apply to `x` of shape `[batch, seq, hidden]` without dropping; returns the output and
     /// the routing.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Routing)> {
@@ -129,8 +144,10 @@ impl MoeBlock {
         // One joint `copy_in` per block, so every rank runs its backward all-reduces in the
         // same order whatever experts its tokens reached.
         let shared_gate = match &self.shared {
-            Some(shared) => Some(sigmoid(&shared.gate.forward(&xs)?)?),
-            None => None,
+            Some(SharedExpert {
+                gate: Some(gate), ..
+            }) => Some(sigmoid(&gate.forward(&xs)?)?),
+            _ => None,
         };
         let (xe, weights, shared_gate, joined) = match &self.tp {
             Some(tp) => {
@@ -162,10 +179,7 @@ impl MoeBlock {
             // its share of the rows, and `reduce_out` below joins the shares.
             let share = self.tp.as_ref().map(|tp| (tp.rank(), tp.size()));
             out = self.dispatch_to_ranks(ep, &routing, &expert_input, &flat_weights, out, share)?;
-            if let (Some(shared), Some(g)) = (&self.shared, &shared_gate) {
-                let s = shared.ffn.forward(&xe)?;
-                out = (out + s.broadcast_mul(g)?)?;
-            }
+            out = self.add_shared(out, &xe, shared_gate.as_ref())?;
             if let (Some(tp), Some(joined)) = (&self.tp, &joined) {
                 let sum = joined.sum_all()?;
                 let anchor = sum.mul(&sum.zeros_like()?)?;
@@ -229,10 +243,7 @@ impl MoeBlock {
         } else {
             out = self.experts_one_by_one(&groups, &expert_input, &flat_weights, out)?;
         }
-        if let (Some(shared), Some(g)) = (&self.shared, &shared_gate) {
-            let s = shared.ffn.forward(&xe)?;
-            out = (out + s.broadcast_mul(g)?)?;
-        }
+        out = self.add_shared(out, &xe, shared_gate.as_ref())?;
         if let (Some(tp), Some(joined)) = (&self.tp, &joined) {
             // Keep the `copy_in` in the graph even when none of this rank's experts received a
             // token, so that its backward all-reduce runs on every rank.

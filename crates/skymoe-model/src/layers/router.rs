@@ -8,8 +8,8 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use super::linear::Linear;
-use super::ops::softmax_last_dim;
-use crate::config::RouterConfig;
+use super::ops::{sigmoid, softmax_last_dim};
+use crate::config::{GroupScore, RouterConfig, ScoreFunction};
 
 /// The gate network: one bias-free linear layer, or Linear → Tanh → Linear (Skywork
 /// `moe_2layer_gate`).
@@ -194,12 +194,15 @@ impl Router {
             Some(lambda) => Self::normalize_logits(&logits, lambda)?,
             None => logits.clone(),
         };
-        let probs = softmax_last_dim(&z)?;
+        let probs = match self.config.scoring {
+            ScoreFunction::Softmax => softmax_last_dim(&z)?,
+            ScoreFunction::Sigmoid => sigmoid(&z)?,
+        };
         let rows = probs.detach().to_vec2::<f32>()?;
         let n = probs.dim(0)?;
         let num_experts = probs.dim(1)?;
         let score_experts = top_k_indices(&rows, self.top_k);
-        let experts = match &self.selection_bias {
+        let bias = match &self.selection_bias {
             Some(bias) => {
                 let bias = bias.detach().to_dtype(DType::F32)?.to_vec1::<f32>()?;
                 if bias.len() != num_experts {
@@ -208,13 +211,23 @@ impl Router {
                         bias.len()
                     );
                 }
-                let biased: Vec<Vec<f32>> = rows
-                    .iter()
-                    .map(|r| r.iter().zip(&bias).map(|(p, b)| p + b).collect())
-                    .collect();
-                top_k_indices(&biased, self.top_k)
+                Some(bias)
             }
-            None => score_experts.clone(),
+            None => None,
+        };
+        let experts = if bias.is_none() && self.config.group_limit.is_none() {
+            score_experts.clone()
+        } else {
+            let mut experts = Vec::with_capacity(n * self.top_k);
+            for row in &rows {
+                experts.extend(select_experts(
+                    &self.config,
+                    row,
+                    bias.as_deref(),
+                    self.top_k,
+                ));
+            }
+            experts
         };
         let selected_probs: Vec<f32> = experts
             .iter()
@@ -231,6 +244,9 @@ impl Router {
             let sum = weights.sum_keepdim(D::Minus1)?;
             weights = weights.broadcast_div(&sum)?;
         }
+        if self.config.routed_scaling_factor != 1.0 {
+            weights = (weights * self.config.routed_scaling_factor)?;
+        }
         Ok(Routing {
             logits,
             probs,
@@ -245,6 +261,96 @@ impl Router {
             deferred_expert_grads: None,
         })
     }
+}
+
+/// The experts a token with expert scores `scores` (softmax or sigmoid of its gate logits)
+/// is sent to, in descending selection score: the top-`k` of `scores + bias` (the bias only
+/// chooses, DeepSeek-V3's `e_score_correction_bias`), among the experts of the token's best
+/// groups when the router limits groups (each group scored by its best selection score, or by
+/// the sum of its two best). Ties go to the lower index. Both executors route with it.
+pub fn select_experts(
+    config: &RouterConfig,
+    scores: &[f32],
+    bias: Option<&[f32]>,
+    k: usize,
+) -> Vec<u32> {
+    let n = scores.len();
+    let choice: Vec<f32> = match bias {
+        Some(b) => scores
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s + b.get(i).copied().unwrap_or(0.0))
+            .collect(),
+        None => scores.to_vec(),
+    };
+    let mut allowed = vec![true; n];
+    if let Some(g) = config
+        .group_limit
+        .filter(|g| g.groups > 1 && n.is_multiple_of(g.groups))
+    {
+        let size = n / g.groups;
+        let group_scores: Vec<f32> = choice
+            .chunks_exact(size)
+            .map(|group| match g.score {
+                GroupScore::Max => group.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                GroupScore::TopTwoSum => {
+                    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                    for &x in group {
+                        if x > a {
+                            b = a;
+                            a = x;
+                        } else if x > b {
+                            b = x;
+                        }
+                    }
+                    if size == 1 {
+                        a
+                    } else {
+                        a + b
+                    }
+                }
+            })
+            .collect();
+        let kept = top_k_of_row(&group_scores, g.top_groups);
+        allowed.fill(false);
+        for grp in kept {
+            let start = grp as usize * size;
+            allowed[start..start + size].fill(true);
+        }
+    }
+    let mut order: Vec<u32> = (0..n as u32).filter(|&i| allowed[i as usize]).collect();
+    order.sort_by(|&a, &b| {
+        choice[b as usize]
+            .partial_cmp(&choice[a as usize])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    order.truncate(k);
+    order
+}
+
+/// Indices of the `k` largest values of `row`, in descending order, ties to the lower index.
+fn top_k_of_row(row: &[f32], k: usize) -> Vec<u32> {
+    top_k_indices(std::slice::from_ref(&row.to_vec()), k)
+}
+
+/// The combine weights of the experts `picked` from scores `scores`, as the router's rule
+/// says: the scores of the picked experts, renormalised to sum to one when asked, times the
+/// routed scaling factor.
+pub fn combine_weights(config: &RouterConfig, scores: &[f32], picked: &[u32]) -> Vec<f32> {
+    let mut w: Vec<f32> = picked
+        .iter()
+        .map(|&i| scores.get(i as usize).copied().unwrap_or(0.0))
+        .collect();
+    if config.normalize_top_k {
+        let sum: f32 = w.iter().sum();
+        w.iter_mut().for_each(|x| *x /= sum);
+    }
+    let f = config.routed_scaling_factor as f32;
+    if f != 1.0 {
+        w.iter_mut().for_each(|x| *x *= f);
+    }
+    w
 }
 
 /// Indices of the `k` largest values of each row, in descending order; ties go to the lower
@@ -346,6 +452,7 @@ mod tests {
                 normalize_top_k: true,
                 two_layer_gate: false,
                 multiply_input_by_top_k: false,
+                ..RouterConfig::PLAIN
             },
             top_k: 1,
             selection_bias: None,

@@ -559,7 +559,9 @@ fn config_from_metadata(
         o_bias: raw.contains_key("blk.0.attn_output.bias"),
         qk_norm: crate::config::QkNorm::None,
         clip_qkv: None,
+        mla: None,
         moe: None,
+        mtp_layers: 0,
         bos_token_id: m.uint("tokenizer.ggml.bos_token_id").map(|x| x as u32),
         eos_token_ids: m
             .uint("tokenizer.ggml.eos_token_id")
@@ -579,20 +581,23 @@ fn config_from_metadata(
             "attention.head_count must be a multiple of head_count_kv",
         ));
     }
-    config.rope_scaling = rope_scaling_from_metadata(m, raw, &origin, max_position_embeddings)?;
+    config.rope_scaling =
+        rope_scaling_from_metadata(m, form.architecture, raw, &origin, max_position_embeddings)?;
     Ok(config)
 }
 
-/// The rotary scaling llama.cpp's converter writes: `llama.rope.scaling.type` (`none`,
-/// `linear`, `yarn`) with `llama.rope.scaling.factor` and, for YaRN,
-/// `llama.rope.scaling.original_context_length` (defaulting to `llama.context_length`, as
+/// The rotary scaling llama.cpp's converter writes: `{arch}.rope.scaling.type` (`none`,
+/// `linear`, `yarn`) with `{arch}.rope.scaling.factor` and, for YaRN,
+/// `{arch}.rope.scaling.original_context_length` (defaulting to `{arch}.context_length`, as
 /// transformers defaults it to `max_position_embeddings`), the optional
-/// `llama.rope.scaling.attn_factor` (a multiplier on YaRN's attention factor) and
-/// `llama.rope.scaling.yarn_beta_fast`/`yarn_beta_slow`; also the older
-/// `llama.rope.scale_linear`. Llama 3.1 files carry their scaling as per-frequency divisors in
+/// `{arch}.rope.scaling.attn_factor` (a multiplier on YaRN's attention factor) and
+/// `{arch}.rope.scaling.yarn_beta_fast`/`yarn_beta_slow`; also the older
+/// `{arch}.rope.scale_linear`, and DeepSeek's `{arch}.rope.scaling.yarn_log_multiplier`
+/// (0.1·`mscale_all_dim`, with `mscale` equal to it). Llama 3.1 files carry their scaling as per-frequency divisors in
 /// a `rope_freqs.weight` tensor instead; those are refused unless all ones (no scaling).
 fn rope_scaling_from_metadata(
     m: &GgufMetadata,
+    arch: &str,
     raw: &HashMap<String, Tensor>,
     origin: &Path,
     context_length: usize,
@@ -620,26 +625,27 @@ fn rope_scaling_from_metadata(
                 )
             })
     };
-    let kind = m.string("llama.rope.scaling.type");
+    let key = |k: &str| format!("{arch}.{k}");
+    let kind = m.string(&key("rope.scaling.type"));
     match kind {
-        None | Some("none") => match m.float("llama.rope.scale_linear") {
+        None | Some("none") => match m.float(&key("rope.scale_linear")) {
             Some(f) if f != 1.0 => Ok(RopeScaling::Linear {
-                factor: factor("llama.rope.scale_linear")?,
+                factor: factor(&key("rope.scale_linear"))?,
             }),
             _ => Ok(RopeScaling::Default),
         },
         Some("linear") => Ok(RopeScaling::Linear {
-            factor: factor("llama.rope.scaling.factor")?,
+            factor: factor(&key("rope.scaling.factor"))?,
         }),
         Some("yarn") => {
-            let factor = factor("llama.rope.scaling.factor")?;
+            let factor = factor(&key("rope.scaling.factor"))?;
             let original = m
-                .uint("llama.rope.scaling.original_context_length")
+                .uint(&key("rope.scaling.original_context_length"))
                 .filter(|&n| n > 0)
                 .map_or(context_length, |n| n as usize);
             // llama.cpp multiplies its attention factor `0.1·ln(factor) + 1` by attn_factor.
             let attention_factor = m
-                .float("llama.rope.scaling.attn_factor")
+                .float(&key("rope.scaling.attn_factor"))
                 .filter(|&a| a != 1.0)
                 .map(|a| {
                     a * if factor > 1.0 {
@@ -648,20 +654,28 @@ fn rope_scaling_from_metadata(
                         1.0
                     }
                 });
+            let log_mul = m
+                .float(&key("rope.scaling.yarn_log_multiplier"))
+                .filter(|&l| l != 0.0);
             Ok(RopeScaling::Yarn {
                 factor,
                 original_max_position_embeddings: original,
-                beta_fast: m.float("llama.rope.scaling.yarn_beta_fast").unwrap_or(32.0),
-                beta_slow: m.float("llama.rope.scaling.yarn_beta_slow").unwrap_or(1.0),
-                mscale: None,
-                mscale_all_dim: None,
-                attention_factor,
+                beta_fast: m.float(&key("rope.scaling.yarn_beta_fast")).unwrap_or(32.0),
+                beta_slow: m.float(&key("rope.scaling.yarn_beta_slow")).unwrap_or(1.0),
+                // DeepSeek's `mscale` = `mscale_all_dim`, stored as 0.1·mscale_all_dim.
+                mscale: log_mul.map(|l| l / 0.1),
+                mscale_all_dim: log_mul.map(|l| l / 0.1),
+                attention_factor: if log_mul.is_some() {
+                    None
+                } else {
+                    attention_factor
+                },
                 truncate: true,
             })
         }
         Some(other) => Err(ModelError::config(
             origin,
-            format!("GGUF `llama.rope.scaling.type` is `{other}`; supported: none, linear, yarn"),
+            format!("GGUF `{arch}.rope.scaling.type` is `{other}`; supported: none, linear, yarn"),
         )),
     }
 }
@@ -697,6 +711,9 @@ fn to_hf_layout(
         }
     };
     let mut out = HashMap::new();
+    // llama.cpp's newer DeepSeek files split each layer's `kv_b_proj` into `attn_k_b` (each
+    // head's key rows, transposed) and `attn_v_b`: (is the key part, tensor) per layer.
+    let mut split_kv_up: HashMap<usize, Vec<(bool, Tensor)>> = HashMap::new();
     for (name, t) in raw {
         let hf = match name.as_str() {
             "token_embd.weight" => names::EMBED.to_string(),
@@ -747,6 +764,33 @@ fn to_hf_layout(
                         out.insert(p(&format!("self_attn.{proj}.bias")), b);
                         continue;
                     }
+                    "attn_q_a.weight" => names::mla(l).q_a_proj,
+                    "attn_q_a_norm.weight" => names::mla(l).q_a_norm,
+                    "attn_q_b.weight" => names::mla(l).q_b_proj,
+                    "attn_kv_a_mqa.weight" => names::mla(l).kv_a_proj,
+                    "attn_kv_a_norm.weight" => names::mla(l).kv_a_norm,
+                    "attn_kv_b.weight" => names::mla(l).kv_b_proj,
+                    "attn_k_b.weight" | "attn_v_b.weight" => {
+                        split_kv_up
+                            .entry(l)
+                            .or_default()
+                            .push((tail == "attn_k_b.weight", t));
+                        continue;
+                    }
+                    "exp_probs_b.bias" => {
+                        crate::layers::router::selection_bias_name(&cfg.moe_names(l).gate)
+                    }
+                    "ffn_gate_shexp.weight" | "ffn_up_shexp.weight" | "ffn_down_shexp.weight" => {
+                        let Some(shared) = cfg.moe_names(l).shared else {
+                            tracing::debug!("ignoring GGUF tensor {name}");
+                            continue;
+                        };
+                        match tail {
+                            "ffn_gate_shexp.weight" => shared.ffn.gate,
+                            "ffn_up_shexp.weight" => shared.ffn.up,
+                            _ => shared.ffn.down,
+                        }
+                    }
                     "attn_q_norm.weight" => names::q_norm(l),
                     "attn_k_norm.weight" => names::k_norm(l),
                     "attn_v.weight" => p("self_attn.v_proj.weight"),
@@ -786,7 +830,33 @@ fn to_hf_layout(
         };
         out.insert(hf, t);
     }
+    for (l, parts) in split_kv_up {
+        let key = parts.iter().find(|(k, _)| *k).map(|(_, t)| t);
+        let value = parts.iter().find(|(k, _)| !*k).map(|(_, t)| t);
+        let (Some(key), Some(value)) = (key, value) else {
+            return Err(ModelError::InvalidInput(format!(
+                "GGUF layer {l} has only one of attn_k_b and attn_v_b (latent attention needs both)"
+            )));
+        };
+        out.insert(names::mla(l).kv_b_proj, join_kv_up(key, value)?);
+    }
     Ok(out)
+}
+
+/// `kv_b_proj` `[heads·(nope + v), rank]` from llama.cpp's `attn_k_b` `[heads, rank, nope]`
+/// (each head's key rows transposed) and `attn_v_b` `[heads, v, rank]`.
+fn join_kv_up(key: &Tensor, value: &Tensor) -> Result<Tensor> {
+    let (kh, rank, nope) = key.dims3()?;
+    let (vh, v, vr) = value.dims3()?;
+    if kh != vh || rank != vr {
+        return Err(ModelError::InvalidInput(format!(
+            "GGUF attn_k_b {:?} and attn_v_b {:?} disagree in heads or latent rank",
+            key.dims(),
+            value.dims()
+        )));
+    }
+    let joined = Tensor::cat(&[&key.transpose(1, 2)?.contiguous()?, value], 1)?;
+    Ok(joined.reshape((kh * (nope + v), rank))?)
 }
 
 #[cfg(test)]

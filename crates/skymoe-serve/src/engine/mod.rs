@@ -91,10 +91,13 @@ impl EngineConfig {
     /// whole model (the same count on every rank of a tensor-parallel group).
     pub fn kv_blocks_for(&self, model: &ServeModel) -> usize {
         self.kv_blocks.unwrap_or_else(|| {
-            let c = &model.config;
-            let kv_dim = c.num_key_value_heads * c.head_dim;
             let dtype = model.kv_dtype(self.kv_dtype);
-            let per_pos = KvCache::bytes_per_position(model.num_layers(), kv_dim, dtype).max(1);
+            let per_pos = KvCache::bytes_per_position(
+                model.num_layers(),
+                model.config.kv_cache_width(),
+                dtype,
+            )
+            .max(1);
             (self.kv_memory_bytes / per_pos / self.block_size.max(1)).max(1)
         })
     }

@@ -59,14 +59,19 @@ pub struct ChunkPlacement<'a> {
 }
 
 /// Shapes of the attention heads this process computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HeadShape {
     /// Query heads held here.
     pub heads: usize,
     /// Key/value heads held here.
     pub kv_heads: usize,
-    /// Head width.
+    /// Width of a query and key head.
     pub head_dim: usize,
+    /// Width of a value head (equal to `head_dim` but for latent attention, whose values are
+    /// the leading `value_dim` elements of its keys).
+    pub value_dim: usize,
+    /// Softmax scale of the scores.
+    pub scale: f32,
     /// Global index of the first query head held here (0 without tensor parallelism).
     pub first_head: usize,
     /// Global index of the first kv head held here.
@@ -101,7 +106,7 @@ struct Task {
 
 /// Attention of every query row of `q` (`[n, heads·head_dim]`, RoPE applied) over the cached
 /// keys and values of `layer` (the chunk's own ones already written), causally. Returns
-/// `[n, heads·head_dim]`.
+/// `[n, heads·value_dim]`.
 pub fn attend(
     q: &[f32],
     chunks: &[ChunkPlacement<'_>],
@@ -109,8 +114,7 @@ pub fn attend(
     layer: usize,
     shape: HeadShape,
 ) -> Vec<f32> {
-    let (heads, hd) = (shape.heads, shape.head_dim);
-    let qdim = heads * hd;
+    let (heads, vd) = (shape.heads, shape.value_dim);
     let n: usize = chunks.iter().map(|c| c.len).sum();
     let mut tasks = Vec::new();
     for (chunk, ch) in chunks.iter().enumerate() {
@@ -143,14 +147,15 @@ pub fn attend(
             (task, out)
         })
         .collect();
-    let mut att = vec![0f32; n * qdim];
+    let width = heads * vd;
+    let mut att = vec![0f32; n * width];
     for (task, out) in results {
         let ch = &chunks[task.chunk];
         let h = task.head;
         for r in 0..task.rows {
             let row = ch.row + task.t0 + r;
-            att[row * qdim + h * hd..row * qdim + (h + 1) * hd]
-                .copy_from_slice(&out[r * hd..(r + 1) * hd]);
+            att[row * width + h * vd..row * width + (h + 1) * vd]
+                .copy_from_slice(&out[r * vd..(r + 1) * vd]);
         }
     }
     att
@@ -173,14 +178,21 @@ impl LayerInputs<'_> {
         (hd, self.shape.heads * hd, self.shape.kv_of(task.head))
     }
 
-    /// The keys and values `task` reads (its kv head, positions up to its last row's), each
-    /// `[positions, head_dim]` in f32.
+    /// The keys and values `task` reads (its kv head, positions up to its last row's),
+    /// `[positions, head_dim]` and `[positions, value_dim]` in f32.
     fn head_cache(&self, ch: &ChunkPlacement<'_>, task: Task) -> (Vec<f32>, Vec<f32>) {
         let (hd, _, g) = self.dims(task);
         let len = ch.start + task.t0 + task.rows;
         let (mut k, mut v) = (Vec::new(), Vec::new());
-        self.kv
-            .gather(self.layer, ch.blocks, len, g * hd, hd, &mut k, &mut v);
+        self.kv.gather(
+            self.layer,
+            ch.blocks,
+            len,
+            g * hd,
+            (hd, self.shape.value_dim),
+            &mut k,
+            &mut v,
+        );
         (k, v)
     }
 }
@@ -189,9 +201,10 @@ impl LayerInputs<'_> {
 /// place (a decoding row reads each cached position once).
 fn attend_by_rows(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task) -> Vec<f32> {
     let (hd, qdim, g) = inp.dims(task);
+    let vd = inp.shape.value_dim;
     let (q, kv, h) = (inp.q, inp.kv, task.head);
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0f32; task.rows * hd];
+    let scale = inp.shape.scale;
+    let mut out = vec![0f32; task.rows * vd];
     let mut scores = Vec::with_capacity(ch.start + task.t0 + task.rows);
     for r in 0..task.rows {
         let t = task.t0 + r;
@@ -203,9 +216,9 @@ fn attend_by_rows(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task) -> 
                 .map(|pos| kv.row(inp.layer, false, ch.blocks, pos, g * hd, hd).dot(qv) * scale),
         );
         softmax(&mut scores);
-        let ov = &mut out[r * hd..(r + 1) * hd];
+        let ov = &mut out[r * vd..(r + 1) * vd];
         for (pos, &p) in scores.iter().enumerate() {
-            kv.row(inp.layer, true, ch.blocks, pos, g * hd, hd)
+            kv.row(inp.layer, true, ch.blocks, pos, g * hd, vd)
                 .axpy_into(p, ov);
         }
     }
@@ -217,6 +230,7 @@ fn attend_by_rows(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task) -> 
 /// causally and soft-maxed per row, then `P·V`.
 fn attend_by_products(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task) -> Vec<f32> {
     let (hd, qdim, _) = inp.dims(task);
+    let vd = inp.shape.value_dim;
     let (q, h, rows) = (inp.q, task.head, task.rows);
     let len = ch.start + task.t0 + rows;
     let (k, v) = inp.head_cache(ch, task);
@@ -236,7 +250,7 @@ fn attend_by_products(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task)
         col_stride: hd,
     };
     let mut scores = vec![0f32; rows * len];
-    sgemm(queries, keys_t, 1.0 / (hd as f32).sqrt(), &mut scores, len);
+    sgemm(queries, keys_t, inp.shape.scale, &mut scores, len);
     for (r, row) in scores.chunks_exact_mut(len).enumerate() {
         // Query row r sits at position start + t0 + r and sees positions 0..=that.
         let visible = ch.start + task.t0 + r + 1;
@@ -253,12 +267,12 @@ fn attend_by_products(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task)
     let vals = View {
         data: &v,
         rows: len,
-        cols: hd,
-        row_stride: hd,
+        cols: vd,
+        row_stride: vd,
         col_stride: 1,
     };
-    let mut out = vec![0f32; rows * hd];
-    sgemm(probs, vals, 1.0, &mut out, hd);
+    let mut out = vec![0f32; rows * vd];
+    sgemm(probs, vals, 1.0, &mut out, vd);
     out
 }
 
@@ -273,23 +287,13 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn products_equal_row_by_row_attention() {
-        // 4 query heads over 2 kv heads of 16, a chunk of 70 rows after 9 cached positions,
-        // blocks of 4 positions handed out out of order.
-        let shape = HeadShape {
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 16,
-            first_head: 0,
-            first_kv_head: 0,
-            group: 2,
-        };
-        let kv_dim = 32;
+    /// Attention by products equals attention row by row over a cache built by `make`.
+    fn check_products_against_rows(shape: HeadShape, make: impl Fn(KvDtype) -> KvCache) {
         let (start, len) = (9, 70);
+        let kv_dim = shape.kv_heads * shape.head_dim;
         // Both cache element types (the f16 one read back as the same f32 values by both).
         for dtype in [KvDtype::F32, KvDtype::F16] {
-            let mut kv = KvCache::new(1, kv_dim, 4, 40, dtype);
+            let mut kv = make(dtype);
             let _spare = kv.allocate(3).unwrap();
             let blocks = kv.allocate(kv.blocks_for(start + len)).unwrap();
             let (k, v) = (
@@ -300,14 +304,14 @@ mod tests {
                 let r = pos * kv_dim..(pos + 1) * kv_dim;
                 kv.write(0, &blocks, pos, &k[r.clone()], &v[r]);
             }
-            let q = values(len * 64, 3);
+            let q = values(len * shape.heads * shape.head_dim, 3);
             let ch = ChunkPlacement {
                 row: 0,
                 len,
                 start,
                 blocks: &blocks,
             };
-            for head in 0..4 {
+            for head in 0..shape.heads {
                 for (t0, rows) in [(0, 64), (64, 6), (3, 20)] {
                     let task = Task {
                         chunk: 0,
@@ -323,6 +327,10 @@ mod tests {
                     };
                     let a = attend_by_products(inp, &ch, task);
                     let b = attend_by_rows(inp, &ch, task);
+                    assert_eq!(
+                        (a.len(), b.len()),
+                        (rows * shape.value_dim, rows * shape.value_dim)
+                    );
                     let err = a
                         .iter()
                         .zip(&b)
@@ -331,5 +339,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn products_equal_row_by_row_attention() {
+        // 4 query heads over 2 kv heads of 16, a chunk of 70 rows after 9 cached positions,
+        // blocks of 4 positions handed out out of order.
+        let shape = HeadShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            value_dim: 16,
+            scale: 0.25,
+            first_head: 0,
+            first_kv_head: 0,
+            group: 2,
+        };
+        check_products_against_rows(shape, |dtype| KvCache::new(1, 32, 4, 40, dtype));
+    }
+
+    #[test]
+    fn latent_attention_products_equal_rows() {
+        // Latent attention's shape: 4 heads over one cached row of 12 (latent of 8, rotary
+        // key of 4), values the latent.
+        let shape = HeadShape {
+            heads: 4,
+            kv_heads: 1,
+            head_dim: 12,
+            value_dim: 8,
+            scale: 0.3,
+            first_head: 0,
+            first_kv_head: 0,
+            group: 4,
+        };
+        check_products_against_rows(shape, |dtype| KvCache::new_latent(1, 12, 4, 40, dtype));
     }
 }

@@ -8,24 +8,28 @@ use std::sync::Arc;
 use candle_core::Device;
 use safetensors::Dtype;
 use skymoe_kernels::quant::{QMatrix, WeightFormat};
+use skymoe_model::config::MlaConfig;
 use skymoe_model::names::{self, SwiGluNames};
 use skymoe_model::weights::pytorch::TorchDtype;
 use skymoe_model::weights::WeightSource;
-use skymoe_model::Checkpoint;
+use skymoe_model::{Checkpoint, ModelConfig};
 
 use std::ops::Range;
 
 use super::attention::{HeadShape, Rope};
 use super::linear::QLinear;
+use super::mla::{MlaLayer, MlaQueries};
 use super::moe::{Ffn, Mlp, MoeFfn, RouterGate};
 use super::tp::TensorParallel;
-use super::{ServeLayer, ServeModel};
+use super::{LayerAttention, ServeLayer, ServeModel};
 use crate::error::Result;
 
 /// The format a checkpoint's projections are stored in (f32 for GGUF files, which are
 /// dequantised when read; f16 for bf16/f16 safetensors and PyTorch files).
 pub fn stored_format(ckpt: &Checkpoint) -> WeightFormat {
-    let probe = names::layer(0, "self_attn.q_proj.weight");
+    // Every family has an output projection (latent attention has no q_proj with a query
+    // bottleneck).
+    let probe = names::layer(0, "self_attn.o_proj.weight");
     let st = match &ckpt.weights {
         WeightSource::Safetensors(st) => st,
         // bf16/f16 PyTorch checkpoints are served in 16 bits, as their safetensors form is.
@@ -139,6 +143,47 @@ impl Reader<'_> {
         }
     }
 
+    /// Layer `i`'s latent attention: `q_a_proj` stacked over `kv_a_proj_with_mqa`, the query
+    /// projection, the latent norm, and `kv_b_proj` split per head into absorbed keys and
+    /// values.
+    fn mla(&self, c: &ModelConfig, dims: &MlaConfig, i: usize) -> Result<MlaLayer> {
+        let h = c.hidden_size;
+        let n = names::mla(i);
+        let heads = c.num_attention_heads;
+        let kv_rows = dims.kv_lora_rank + dims.qk_rope_head_dim;
+        let (down, queries) = match dims.q_lora_rank {
+            Some(q) => (
+                self.stacked(
+                    &[(&n.q_a_proj, q, 0..q), (&n.kv_a_proj, kv_rows, 0..kv_rows)],
+                    h,
+                )?,
+                MlaQueries::LowRank {
+                    norm: self.vec(&n.q_a_norm, &[q])?,
+                    up: self.matrix(&n.q_b_proj, heads * dims.qk_head_dim(), q)?,
+                },
+            ),
+            None => (
+                self.matrix(&n.kv_a_proj, kv_rows, h)?,
+                MlaQueries::Direct(self.matrix(&n.q_proj, heads * dims.qk_head_dim(), h)?),
+            ),
+        };
+        let kv_up_rows = heads * (dims.qk_nope_head_dim + dims.v_head_dim);
+        // In the serving format first (as stored, or quantised as every projection is), so a
+        // quantised checkpoint and the same model quantised while loading agree exactly.
+        let kv_up = self
+            .matrix(&n.kv_b_proj, kv_up_rows, dims.kv_lora_rank)?
+            .dequantize();
+        let (key_absorb, value_up) = MlaLayer::split_kv_up(&kv_up, heads, dims, self.format)?;
+        Ok(MlaLayer {
+            down,
+            queries,
+            kv_norm: self.vec(&n.kv_a_norm, &[dims.kv_lora_rank])?,
+            key_absorb,
+            value_up,
+            dims: *dims,
+        })
+    }
+
     fn mlp(&self, n: &SwiGluNames, hidden: usize, ffn: usize) -> Result<Mlp> {
         let cols = self.ffn_range(ffn)?;
         Ok(Mlp {
@@ -166,6 +211,13 @@ impl ServeModel {
         let format = format.unwrap_or_else(|| stored_format(ckpt));
         let c = ckpt.config.clone();
         // A q/k norm over the whole projection needs every head's values; a rank holds some.
+        if tp.is_some() && c.mla.is_some() {
+            return Err(crate::error::ServeError::InvalidInput(format!(
+                "tensor-parallel serving is not supported for {} models (multi-head latent \
+                 attention); serve them on one process",
+                c.architecture.hf_class()
+            )));
+        }
         if tp.is_some() && c.qk_norm == skymoe_model::QkNorm::PerProjection {
             return Err(crate::error::ServeError::InvalidInput(format!(
                 "tensor-parallel serving is not supported for {} models: their q/k norm spans \
@@ -186,10 +238,12 @@ impl ServeModel {
             None => 0..c.num_attention_heads,
         };
         let kv_heads = heads.start / group..(heads.end - 1) / group + 1;
-        let shape = HeadShape {
+        let mut shape = HeadShape {
             heads: heads.len(),
             kv_heads: kv_heads.len(),
             head_dim: hd,
+            value_dim: hd,
+            scale: c.attention_scale() as f32,
             first_head: heads.start,
             first_kv_head: kv_heads.start,
             group,
@@ -247,11 +301,26 @@ impl ServeModel {
                         .map(|en| r.mlp(en, h, m.expert_intermediate_size))
                         .collect::<Result<Vec<_>>>()?;
                     let shared = match (&n.shared, m.shared_expert_intermediate_size) {
-                        (Some((sn, sg)), Some(sf)) => {
-                            Some((r.mlp(sn, h, sf)?, r.vec(sg, &[1, h])?))
-                        }
+                        (Some(sn), Some(sf)) => Some((
+                            r.mlp(&sn.ffn, h, sf)?,
+                            match &sn.gate {
+                                Some(g) => Some(r.vec(g, &[1, h])?),
+                                None => None,
+                            },
+                        )),
                         _ => None,
                     };
+                    if m.router.requires_selection_bias
+                        && !r
+                            .weights
+                            .contains(&skymoe_model::layers::router::selection_bias_name(&n.gate))
+                    {
+                        return Err(crate::error::ServeError::InvalidInput(format!(
+                            "{} routers select with a bias, and the checkpoint has no {}",
+                            c.architecture.hf_class(),
+                            skymoe_model::layers::router::selection_bias_name(&n.gate)
+                        )));
+                    }
                     // DeepSeek-V3's aux-loss-free balancing bias, when the checkpoint has one.
                     let bias_name = skymoe_model::layers::router::selection_bias_name(&n.gate);
                     let selection_bias = if r.weights.contains(&bias_name) {
@@ -270,30 +339,47 @@ impl ServeModel {
                 }
                 _ => Ffn::Dense(r.mlp(&c.dense_ffn_names(i), h, c.intermediate_size)?),
             };
+            let (attention, o) = match &c.mla {
+                Some(dims) => {
+                    let mla = r.mla(&c, dims, i)?;
+                    shape = mla.head_shape(c.num_attention_heads, c.attention_scale());
+                    let o = QLinear {
+                        weight: r.matrix(&on, h, c.attention_output_width())?,
+                        bias: None,
+                    };
+                    (LayerAttention::Mla(Box::new(mla)), o)
+                }
+                None => (
+                    LayerAttention::Gqa {
+                        qkv: QLinear {
+                            weight: r.stacked(
+                                &[
+                                    (&qn, q, q_rows.clone()),
+                                    (&kn, kv, kv_rows.clone()),
+                                    (&vn, kv, kv_rows.clone()),
+                                ],
+                                h,
+                            )?,
+                            bias: qkv_bias,
+                        },
+                        qk_norm: match c.qk_norm_sizes() {
+                            Some((qs, ks)) => Some((
+                                r.vec(&names::q_norm(i), &[qs])?,
+                                r.vec(&names::k_norm(i), &[ks])?,
+                            )),
+                            None => None,
+                        },
+                    },
+                    QLinear {
+                        weight: r.block(&on, (h, q), 0..h, q_rows.clone())?,
+                        bias: o_bias,
+                    },
+                ),
+            };
             layers.push(ServeLayer {
                 input_norm: r.vec(&p("input_layernorm.weight"), &[h])?,
-                qkv: QLinear {
-                    weight: r.stacked(
-                        &[
-                            (&qn, q, q_rows.clone()),
-                            (&kn, kv, kv_rows.clone()),
-                            (&vn, kv, kv_rows.clone()),
-                        ],
-                        h,
-                    )?,
-                    bias: qkv_bias,
-                },
-                qk_norm: match c.qk_norm_sizes() {
-                    Some((qs, ks)) => Some((
-                        r.vec(&names::q_norm(i), &[qs])?,
-                        r.vec(&names::k_norm(i), &[ks])?,
-                    )),
-                    None => None,
-                },
-                o: QLinear {
-                    weight: r.block(&on, (h, q), 0..h, q_rows.clone())?,
-                    bias: o_bias,
-                },
+                attention,
+                o,
                 post_norm: r.vec(&p("post_attention_layernorm.weight"), &[h])?,
                 ffn,
             });

@@ -6,6 +6,7 @@
 mod attention;
 mod linear;
 mod load;
+mod mla;
 mod moe;
 pub mod ops;
 mod tp;
@@ -18,6 +19,7 @@ use skymoe_model::ModelConfig;
 pub use attention::{HeadShape, Rope};
 pub use linear::QLinear;
 pub use load::{head_format, stored_format};
+pub use mla::{MlaLayer, MlaQueries};
 pub use moe::{Ffn, Mlp, MoeFfn, RouterGate};
 pub use tp::{split_by_weights, TensorParallel, TpComm};
 
@@ -26,16 +28,28 @@ use crate::kv_cache::{KvCache, KvDtype};
 use attention::{attend, ChunkPlacement};
 use ops::{add_in_place, rms_norm};
 
+/// A layer's attention projections before `o_proj`.
+#[derive(Debug, Clone)]
+pub enum LayerAttention {
+    /// Grouped-query attention.
+    Gqa {
+        /// q, k and v stacked: `[(heads + 2·kv_heads)·head_dim, hidden]`.
+        qkv: QLinear,
+        /// q and k norm weights, when the config has a q/k norm (`head_dim` each per head;
+        /// the whole projections' otherwise).
+        qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    },
+    /// Multi-head latent attention over a latent cache.
+    Mla(Box<MlaLayer>),
+}
+
 /// One decoder layer.
 #[derive(Debug, Clone)]
 pub struct ServeLayer {
     /// Norm before attention.
     pub input_norm: Vec<f32>,
-    /// q, k and v stacked: `[(heads + 2·kv_heads)·head_dim, hidden]`.
-    pub qkv: QLinear,
-    /// q and k norm weights, when the config has a q/k norm (`head_dim` each per head;
-    /// the whole projections' otherwise).
-    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    /// The attention projections.
+    pub attention: LayerAttention,
     /// Output projection.
     pub o: QLinear,
     /// Norm before the feed-forward block.
@@ -50,11 +64,11 @@ fn qk_norm_and_clip(
     row: &mut [f32],
     qdim: usize,
     kvd: usize,
-    layer: &ServeLayer,
+    qk_norm: Option<&(Vec<f32>, Vec<f32>)>,
     c: &skymoe_model::ModelConfig,
     eps: f32,
 ) {
-    if let Some((qw, kw)) = &layer.qk_norm {
+    if let Some((qw, kw)) = qk_norm {
         let (qs, kvs) = row.split_at_mut(qdim);
         let ks = &mut kvs[..kvd];
         // A per-head weight is `head_dim` long; a per-projection one spans the projection.
@@ -117,7 +131,8 @@ impl ServeModel {
         self.shape
     }
 
-    /// Width of one position's keys (or values) in one layer, on this process.
+    /// Width of one position's keys (or values) in one layer, on this process (with latent
+    /// attention, of its one cached row).
     pub fn kv_dim(&self) -> usize {
         self.shape.kv_heads * self.shape.head_dim
     }
@@ -145,12 +160,22 @@ impl ServeModel {
         num_blocks: usize,
         dtype: Option<KvDtype>,
     ) -> KvCache {
+        let dtype = self.kv_dtype(dtype);
+        if self.config.mla.is_some() {
+            return KvCache::new_latent(
+                self.layers.len(),
+                self.kv_dim(),
+                block_size,
+                num_blocks,
+                dtype,
+            );
+        }
         KvCache::new(
             self.layers.len(),
             self.kv_dim(),
             block_size,
             num_blocks,
-            self.kv_dtype(dtype),
+            dtype,
         )
     }
 
@@ -174,7 +199,11 @@ impl ServeModel {
                         })
                 }
             };
-            l.qkv.weight.storage_bytes() + l.o.weight.storage_bytes() + ffn
+            let attention = match &l.attention {
+                LayerAttention::Gqa { qkv, .. } => qkv.weight.storage_bytes(),
+                LayerAttention::Mla(m) => m.storage_bytes(),
+            };
+            attention + l.o.weight.storage_bytes() + ffn
         };
         let head = if Arc::ptr_eq(&self.embed, &self.lm_head) {
             0
@@ -363,28 +392,35 @@ impl ServeModel {
             .collect();
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = rms_norm(&x, &layer.input_norm, eps);
-            let mut qkv = layer.qkv.forward(&hn, n);
-            let width = qdim + 2 * kvd;
-            let mut q = vec![0f32; n * qdim];
-            for (p, table) in placements.iter().zip(&chunk_rope) {
-                let table = table.as_ref();
-                for t in 0..p.len {
-                    let pos = p.start + t;
-                    let r = &mut qkv[(p.row + t) * width..(p.row + t + 1) * width];
-                    qk_norm_and_clip(r, qdim, kvd, layer, c, eps);
-                    let (qs, kvs) = r.split_at_mut(qdim);
-                    for head in qs.chunks_exact_mut(hd) {
-                        self.rope.apply(table, head, pos);
-                    }
-                    let (ks, vs) = kvs.split_at_mut(kvd);
-                    for head in ks.chunks_exact_mut(hd) {
-                        self.rope.apply(table, head, pos);
-                    }
-                    kv.write(li, p.blocks, pos, ks, vs);
-                    q[(p.row + t) * qdim..(p.row + t + 1) * qdim].copy_from_slice(qs);
+            let att = match &layer.attention {
+                LayerAttention::Mla(mla) => {
+                    mla.forward(&hn, n, &placements, &chunk_rope, &self.rope, kv, li, shape)
                 }
-            }
-            let att = attend(&q, &placements, kv, li, shape);
+                LayerAttention::Gqa { qkv, qk_norm } => {
+                    let mut qkv = qkv.forward(&hn, n);
+                    let width = qdim + 2 * kvd;
+                    let mut q = vec![0f32; n * qdim];
+                    for (p, table) in placements.iter().zip(&chunk_rope) {
+                        let table = table.as_ref();
+                        for t in 0..p.len {
+                            let pos = p.start + t;
+                            let r = &mut qkv[(p.row + t) * width..(p.row + t + 1) * width];
+                            qk_norm_and_clip(r, qdim, kvd, qk_norm.as_ref(), c, eps);
+                            let (qs, kvs) = r.split_at_mut(qdim);
+                            for head in qs.chunks_exact_mut(hd) {
+                                self.rope.apply(table, head, pos);
+                            }
+                            let (ks, vs) = kvs.split_at_mut(kvd);
+                            for head in ks.chunks_exact_mut(hd) {
+                                self.rope.apply(table, head, pos);
+                            }
+                            kv.write(li, p.blocks, pos, ks, vs);
+                            q[(p.row + t) * qdim..(p.row + t + 1) * qdim].copy_from_slice(qs);
+                        }
+                    }
+                    attend(&q, &placements, kv, li, shape)
+                }
+            };
             let mut o = layer.o.forward(&att, n);
             if let Some(tp) = &self.tp {
                 tp.all_reduce(&mut o)?;

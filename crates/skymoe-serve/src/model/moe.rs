@@ -1,10 +1,12 @@
 //! The feed-forward blocks: a dense SwiGLU, and the MoE block with its router (kept in f32),
 //! tokens grouped by expert so that only the experts that received tokens are read, and the
-//! optional sigmoid-gated shared expert.
+//! optional shared expert (sigmoid-gated or not). Experts are chosen as the training router
+//! chooses them ([`select_experts`]).
 
 use rayon::prelude::*;
 use skymoe_kernels::quant::QMatrix;
-use skymoe_model::RouterConfig;
+use skymoe_model::layers::router::{combine_weights, select_experts};
+use skymoe_model::{RouterConfig, ScoreFunction};
 
 use super::ops::{add_in_place, axpy, dot, silu_mul_rows, softmax};
 
@@ -50,9 +52,9 @@ pub struct MoeFfn {
     pub top_k: usize,
     /// The routed experts.
     pub experts: Vec<Mlp>,
-    /// The shared expert and its scalar gate `[h]`.
-    pub shared: Option<(Mlp, Vec<f32>)>,
-    /// Selection bias `[E]` added to the gate probabilities for choosing the top-k only
+    /// The shared expert and its scalar gate `[h]` (Qwen2-MoE; DeepSeek's has none).
+    pub shared: Option<(Mlp, Option<Vec<f32>>)>,
+    /// Selection bias `[E]` added to the expert scores for choosing the top-k only
     /// (DeepSeek-V3's `e_score_correction_bias`), as the training router applies it.
     pub selection_bias: Option<Vec<f32>>,
 }
@@ -82,7 +84,6 @@ impl MoeFfn {
         let e = self.experts.len();
         let mut z = self.logits(x, m);
         let mut out = Vec::with_capacity(m * self.top_k);
-        let mut order: Vec<u32> = Vec::with_capacity(e);
         for row in z.chunks_exact_mut(e) {
             if let Some(lambda) = self.router.logits_norm_std {
                 // λ·(z − mean)/std with the unbiased std, as in training.
@@ -93,32 +94,21 @@ impl MoeFfn {
                 row.iter_mut()
                     .for_each(|v| *v = (*v - mean) / std * lambda as f32);
             }
-            softmax(row);
-            order.clear();
-            order.extend(0..e as u32);
-            let row: &[f32] = row;
-            let bias = self.selection_bias.as_deref();
-            // The selection score: the probability, plus the bias when there is one.
-            let score = |i: u32| {
-                row[i as usize] + bias.and_then(|b| b.get(i as usize)).copied().unwrap_or(0.0)
-            };
-            order.sort_by(|&a, &b| {
-                score(b)
-                    .partial_cmp(&score(a))
-                    .unwrap_or(std::cmp::Ordering::Equal)
-                    .then(a.cmp(&b))
-            });
-            let picked = &order[..self.top_k.min(e)];
-            let sum: f32 = picked.iter().map(|&i| row[i as usize]).sum();
-            for &i in picked {
-                let p = row[i as usize];
-                let w = if self.router.normalize_top_k {
-                    p / sum
-                } else {
-                    p
-                };
-                out.push((i, w));
+            match self.router.scoring {
+                ScoreFunction::Softmax => softmax(row),
+                ScoreFunction::Sigmoid => {
+                    row.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp()))
+                }
             }
+            let row: &[f32] = row;
+            let picked = select_experts(
+                &self.router,
+                row,
+                self.selection_bias.as_deref(),
+                self.top_k,
+            );
+            let weights = combine_weights(&self.router, row, &picked);
+            out.extend(picked.into_iter().zip(weights));
         }
         out
     }
@@ -165,9 +155,11 @@ impl MoeFfn {
         }
         if let Some((ffn, gate)) = &self.shared {
             let mut s = ffn.forward(x, m);
-            for (t, row) in s.chunks_exact_mut(h).enumerate() {
-                let g = 1.0 / (1.0 + (-dot(gate, &x[t * h..(t + 1) * h])).exp());
-                row.iter_mut().for_each(|v| *v *= g);
+            if let Some(gate) = gate {
+                for (t, row) in s.chunks_exact_mut(h).enumerate() {
+                    let g = 1.0 / (1.0 + (-dot(gate, &x[t * h..(t + 1) * h])).exp());
+                    row.iter_mut().for_each(|v| *v *= g);
+                }
             }
             add_in_place(&mut out, &s);
         }

@@ -81,6 +81,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Some(_) => "gguf (dequantised when read)",
         None => ckpt.weights.kind(),
     };
+    // What a KV cache keeps per token over all layers (keys and values, or MLA's latent and
+    // rotary key).
+    let kv_values = c.kv_cache_width() * c.num_hidden_layers;
     if a.json {
         let v = serde_json::json!({
             "architecture": c.architecture.hf_class(),
@@ -99,6 +102,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "shared_expert_intermediate_size": c.moe.as_ref().and_then(|m| m.shared_expert_intermediate_size),
             "gate_logits_norm_std": c.moe.as_ref().and_then(|m| m.router.logits_norm_std),
             "rope_scaling": c.rope_scaling.name(),
+            "mla": c.mla.map(|m| serde_json::json!({
+                "q_lora_rank": m.q_lora_rank,
+                "kv_lora_rank": m.kv_lora_rank,
+                "qk_nope_head_dim": m.qk_nope_head_dim,
+                "qk_rope_head_dim": m.qk_rope_head_dim,
+                "v_head_dim": m.v_head_dim,
+            })),
+            "kv_cache_values_per_token": kv_values,
+            "kv_cache_bytes_per_token": {"f32": kv_values * 4, "f16": kv_values * 2},
+            "router_scores": c.moe.as_ref().map(|m| score_name(m.router.scoring)),
+            "mtp_layers_skipped": c.mtp_layers,
             "weights": {
                 "source": source,
                 "dtypes": dtypes_stored,
@@ -133,20 +147,54 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         c.num_hidden_layers, moe_layers
     );
     println!("hidden         {}", c.hidden_size);
+    if let Some(m) = &c.mla {
+        println!(
+            "attention      latent (MLA), {} heads: q/k {} plain + {} rotary{}, kv latent {} + \
+             shared rotary key {}, v {}",
+            c.num_attention_heads,
+            m.qk_nope_head_dim,
+            m.qk_rope_head_dim,
+            m.q_lora_rank
+                .map(|r| format!(" (query rank {r})"))
+                .unwrap_or_default(),
+            m.kv_lora_rank,
+            m.qk_rope_head_dim,
+            m.v_head_dim
+        );
+    } else {
+        println!(
+            "attention      {} heads x {} (kv heads {}{}{}{})",
+            c.num_attention_heads,
+            c.head_dim,
+            c.num_key_value_heads,
+            if c.qkv_bias { ", q/k/v bias" } else { "" },
+            c.qk_norm
+                .describe()
+                .map(|d| format!(", {d}"))
+                .unwrap_or_default(),
+            c.clip_qkv
+                .map(|x| format!(", q/k/v clipped to ±{x}"))
+                .unwrap_or_default()
+        );
+    }
     println!(
-        "attention      {} heads x {} (kv heads {}{}{}{})",
-        c.num_attention_heads,
-        c.head_dim,
-        c.num_key_value_heads,
-        if c.qkv_bias { ", q/k/v bias" } else { "" },
-        c.qk_norm
-            .describe()
-            .map(|d| format!(", {d}"))
-            .unwrap_or_default(),
-        c.clip_qkv
-            .map(|x| format!(", q/k/v clipped to ±{x}"))
-            .unwrap_or_default()
+        "kv cache       {kv_values} values per token: {} bytes in f16, {} in f32{}",
+        kv_values * 2,
+        kv_values * 4,
+        if c.mla.is_some() {
+            " (latent and rotary key only)"
+        } else {
+            ""
+        }
     );
+    if c.mtp_layers > 0 {
+        println!(
+            "mtp layers     {} multi-token-prediction layer(s) after layer {}: not used for \
+             next-token prediction, their weights are skipped",
+            c.mtp_layers,
+            c.num_hidden_layers.saturating_sub(1)
+        );
+    }
     println!("vocab          {}", c.vocab_size);
     println!(
         "rope           theta {}, scaling {}",
@@ -184,11 +232,40 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 m.num_experts, m.top_k, m.expert_intermediate_size
             );
             if let Some(s) = m.shared_expert_intermediate_size {
-                println!("shared expert  FFN {s}, sigmoid gate");
+                println!(
+                    "shared expert  FFN {s}, {}",
+                    if m.shared_expert_gated {
+                        "sigmoid gate"
+                    } else {
+                        "no gate"
+                    }
+                );
             }
             let r = &m.router;
             println!(
-                "router         softmax{}{}{}{}",
+                "router         {}{}{}{}{}{}{}{}",
+                score_name(r.scoring),
+                r.group_limit
+                    .map(|g| format!(
+                        ", best {} of {} groups ({})",
+                        g.top_groups,
+                        g.groups,
+                        match g.score {
+                            skymoe_model::config::GroupScore::Max => "by best expert",
+                            skymoe_model::config::GroupScore::TopTwoSum => "by top-2 sum",
+                        }
+                    ))
+                    .unwrap_or_default(),
+                if r.requires_selection_bias {
+                    ", selection bias (e_score_correction_bias)"
+                } else {
+                    ""
+                },
+                if r.routed_scaling_factor != 1.0 {
+                    format!(", weights x{}", r.routed_scaling_factor)
+                } else {
+                    String::new()
+                },
                 r.logits_norm_std
                     .map(|l| format!(", logit norm λ={l}"))
                     .unwrap_or_default(),
@@ -220,4 +297,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         println!("size {n:<9} {}", bytes(total as f64 * b));
     }
     Ok(())
+}
+
+/// The name of a router's score function.
+fn score_name(f: skymoe_model::ScoreFunction) -> &'static str {
+    match f {
+        skymoe_model::ScoreFunction::Softmax => "softmax",
+        skymoe_model::ScoreFunction::Sigmoid => "sigmoid",
+    }
 }
