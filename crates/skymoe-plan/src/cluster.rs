@@ -49,7 +49,7 @@ pub struct Cluster {
 }
 
 /// Names of the built-in cluster presets.
-pub const CLUSTER_PRESETS: [&str; 3] = ["a800-80g", "h100-80g", "rtx4090-24g"];
+pub const CLUSTER_PRESETS: [&str; 4] = ["a800-80g", "h100-80g", "h800-80g", "rtx4090-24g"];
 
 impl Cluster {
     /// A built-in preset with `nodes` nodes.
@@ -59,6 +59,9 @@ impl Cluster {
     ///   per GPU (25 GB/s).
     /// - `h100-80g`: 8x H100-SXM5-80GB (989 TFLOP/s bf16 dense, 3.35 TB/s, NVLink 4 at 450 GB/s
     ///   per direction), one 400 Gb/s NDR card per GPU (50 GB/s).
+    /// - `h800-80g`: 8x H800-SXM5-80GB, the H100 with NVLink capped at 400 GB/s bidirectional
+    ///   (200 GB/s per direction), one 400 Gb/s NDR card per GPU (50 GB/s) — the cluster
+    ///   DeepSeek-V3 was trained on.
     /// - `rtx4090-24g`: 8x RTX 4090 24 GB (165 TFLOP/s bf16 with fp32 accumulation, 1.0 TB/s),
     ///   PCIe 4.0 x16 between cards and no NVLink (~20 GB/s), 100 Gb/s Ethernet per node
     ///   (12.5 GB/s shared by 8 cards).
@@ -91,6 +94,22 @@ impl Cluster {
                 matmul_efficiency: 0.7,
                 mem_gbps: 3350.0 * 0.8,
                 intra_gbps: 450.0 * 0.8,
+                inter_gbps: 50.0 * 0.8,
+                intra_latency_us: 10.0,
+                inter_latency_us: 20.0,
+                layer_overhead_us: 0.0,
+            },
+            "h800-80g" => Cluster {
+                name: name.into(),
+                gpus_per_node: 8,
+                nodes,
+                mem_gib: 80.0,
+                reserved_gib: 3.0,
+                tflops: 989.0,
+                fp32_tflops: 494.0,
+                matmul_efficiency: 0.7,
+                mem_gbps: 3350.0 * 0.8,
+                intra_gbps: 200.0 * 0.8,
                 inter_gbps: 50.0 * 0.8,
                 intra_latency_us: 10.0,
                 inter_latency_us: 20.0,

@@ -189,15 +189,40 @@ impl CostModel<'_> {
         Group::new(self.layout.expert_dp(), self.layout.ep * self.layout.etp)
     }
 
+    /// Forward FLOPs per token of the attention of one layer: the projections
+    /// (`2 × attention_weights`: q or q_a/q_b, k/v or kv_a/kv_b, o) and the scores and values
+    /// over `positions` attended positions (see
+    /// [`ModelShape::attention_score_flops_per_position`]).
+    pub fn attention_flops_per_token(&self, positions: f64) -> f64 {
+        2.0 * self.model.attention_weights()
+            + positions * self.model.attention_score_flops_per_position()
+    }
+
+    /// Seconds of the routed experts' matrix products on this rank: `flops` over
+    /// `experts_here` local experts of width `width` (on this rank). A grouped GEMM is no
+    /// faster than reading its weights once from memory: an expert that gets `n` token copies
+    /// does `6·h·width·n` FLOPs on `3·h·width·e` bytes of weights, so below
+    /// [`Self::expert_ridge_tokens`] copies per expert (fine-grained experts, many of them on a
+    /// rank) the weight reads set the time — its GEMM efficiency falls as `n / ridge`.
+    pub fn expert_seconds(&self, flops: f64, experts_here: f64, width: f64) -> f64 {
+        let h = self.model.hidden as f64;
+        let weight_bytes = experts_here * 3.0 * h * width * self.job.precision.bytes();
+        (flops / self.flops_per_s()).max(weight_bytes / (self.cluster.mem_gbps * 1e9))
+    }
+
+    /// Token copies per expert and micro-batch below which an expert's forward is bound by
+    /// reading its weights: `e · achievable FLOP/s / (2 · mem_gbps)` (258 on an H100 in bf16).
+    pub fn expert_ridge_tokens(&self) -> f64 {
+        self.job.precision.bytes() * self.flops_per_s() / (2.0 * self.cluster.mem_gbps * 1e9)
+    }
+
     /// Forward FLOPs per token of decoder layer `layer` as the model defines them (Megatron's
     /// convention: attention scores over the full sequence, top-k experts, no capacity padding).
     pub fn model_flops_per_token(&self, layer: usize) -> f64 {
         let m = self.model;
         let h = m.hidden as f64;
-        let q = (m.heads * m.head_dim) as f64;
-        let kv = (m.kv_heads * m.head_dim) as f64;
         let s = self.job.seq_len as f64;
-        let attention = 2.0 * (h * q + 2.0 * h * kv + q * h) + 4.0 * s * q;
+        let attention = self.attention_flops_per_token(s);
         let ffn = match &m.moe {
             Some(moe) if m.is_moe_layer(layer) => {
                 2.0 * h * moe.experts as f64
@@ -221,15 +246,15 @@ impl CostModel<'_> {
         let t = self.tokens();
         let tp = l.tp as f64;
         let h = m.hidden as f64;
-        let q = (m.heads * m.head_dim) as f64;
-        let kv = (m.kv_heads * m.head_dim) as f64;
         let s = self.job.seq_len as f64;
         let net = self.net();
 
-        // Attention: projections and causal scores, split over TP (sequence parallel outside).
-        let mut flops =
-            t * (2.0 * (h * q + 2.0 * h * kv + q * h) + 4.0 * s * q * CAUSAL_FRACTION) / tp;
-        let mut act = t / tp * ((2.0 * h + 2.0 * q + 2.0 * kv) * e + 4.0 * m.heads as f64);
+        // Attention: projections and causal scores, split over TP (sequence parallel outside;
+        // MLA models are refused tp > 1 by `Layout::check`).
+        let mut flops = t * self.attention_flops_per_token(s * CAUSAL_FRACTION) / tp;
+        let mut act = t / tp * (m.attention_activation_values() * e + 4.0 * m.heads as f64);
+        // Routed experts, timed apart (see `expert_seconds`).
+        let (mut expert_flops, mut expert_s) = (0.0, 0.0);
         // All-gather before QKV, reduce-scatter after the output projection.
         let hidden_pass = net.ring_pass(self.tp_group(), t * h * e);
         let mut tp_fwd = hidden_pass * 2.0;
@@ -246,8 +271,11 @@ impl CostModel<'_> {
                 // Router (fp32 logits and probabilities) on the rank's own tokens.
                 flops += t / tp * 2.0 * h * ex;
                 act += t / tp * (2.0 * h * e + 8.0 * ex);
-                // Routed experts: every rank computes its share of the copies.
-                flops += t * copies / tp * 6.0 * h * f;
+                // Routed experts: every rank computes its share of the copies, over its
+                // E/ep local experts of width F/etp.
+                expert_flops = t * copies / tp * 6.0 * h * f;
+                flops += expert_flops;
+                expert_s = self.expert_seconds(expert_flops, ex / l.ep as f64, f / etp);
                 let copies_here = t * copies * etp / tp;
                 act += copies_here * (2.0 * h + 4.0 * f / etp) * e;
                 if l.etp > 1 {
@@ -277,7 +305,9 @@ impl CostModel<'_> {
             }
         }
         let overhead = self.cluster.layer_overhead_us * 1e-6;
-        let compute = self.compute_seconds(flops, ELEMENTWISE_TRAFFIC * act) + overhead / 3.0;
+        let compute = self.compute_seconds(flops - expert_flops, ELEMENTWISE_TRAFFIC * act)
+            + expert_s
+            + overhead / 3.0;
         let forward = Work {
             compute,
             tp_comm: tp_fwd.seconds,

@@ -110,6 +110,9 @@ pub struct Plan {
     pub why_infeasible: Option<String>,
     /// The command-line arguments that run this layout with `skymoe train`.
     pub args: String,
+    /// What the plan leaves out or restricts for this model (MTP layers, no tensor
+    /// parallelism for latent attention, dense first layers, the inference KV cache).
+    pub notes: Vec<String>,
 }
 
 /// How the stage split and recomputation are chosen.
@@ -367,6 +370,7 @@ pub fn evaluate(
         feasible: false,
         why_infeasible: None,
         args: String::new(),
+        notes: model.notes(),
     };
     if !sequences.is_multiple_of(per_step) || micro == 0 {
         plan.why_infeasible = Some(format!(

@@ -6,7 +6,8 @@ fn join(v: &[usize]) -> String {
     v.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
 }
 
-/// A fixed-width table of plans: layout, stages, memory, time breakdown, bubble, MFU.
+/// A fixed-width table of plans: layout, stages, memory, time breakdown, bubble, MFU; then the
+/// model's notes (see [`crate::ModelShape::notes`]), one `note:` line each.
 pub fn render(plans: &[Plan]) -> String {
     let mut out = String::new();
     out += &format!(
@@ -41,6 +42,11 @@ pub fn render(plans: &[Plan]) -> String {
             100.0 * p.mfu,
             p.tokens_per_gpu_s,
         );
+    }
+    if let Some(p) = plans.first() {
+        for n in &p.notes {
+            out += &format!("note: {n}\n");
+        }
     }
     out
 }

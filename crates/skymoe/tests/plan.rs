@@ -148,6 +148,44 @@ fn table_names_the_winner_as_train_arguments() {
 }
 
 #[test]
+fn latent_attention_presets_plan_without_tensor_parallelism() {
+    let args = [
+        "plan",
+        "--model",
+        "deepseek-v3",
+        "--cluster",
+        "h800-80g",
+        "--nodes",
+        "32",
+        "--global-batch-tokens",
+        "8388608",
+        "--seq-len",
+        "4096",
+        "--zero",
+        "1",
+        "--top",
+        "3",
+    ];
+    let out = skymoe(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("best: skymoe train --parallel tp=1,ep="),
+        "{text}"
+    );
+    assert!(text.contains("note: 3 of the 61 layers"), "{text}");
+    assert!(text.contains("multi-token-prediction"), "{text}");
+    assert!(text.contains("70272 bytes per token"), "{text}");
+    let mut with_tp = args.to_vec();
+    with_tp.extend_from_slice(&["--layout", "tp=2,ep=8,pp=16"]);
+    assert_clean_failure(&skymoe(&with_tp), "multi-head latent attention");
+}
+
+#[test]
 fn bad_input_is_explained() {
     let run = |args: &[&str], needle: &str| {
         let out = skymoe(args);

@@ -12,11 +12,11 @@ use super::calibrate;
 /// Arguments of `skymoe plan`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A model: a preset (skywork-moe-146b, mixtral-8x7b, qwen2-moe-57b), a config.json, or a
+    /// A model: a preset (skywork-moe-146b, mixtral-8x7b, qwen2-moe-57b, qwen3-30b-a3b, deepseek-v3), a config.json, or a
     /// model directory.
     #[arg(long, required_unless_present = "calibrate")]
     model: Option<String>,
-    /// A cluster: a preset (a800-80g, h100-80g, rtx4090-24g) or a cluster JSON file (as
+    /// A cluster: a preset (a800-80g, h100-80g, h800-80g, rtx4090-24g) or a cluster JSON file (as
     /// `--calibrate` writes).
     #[arg(long, required_unless_present = "calibrate")]
     cluster: Option<String>,
