@@ -440,6 +440,37 @@ impl GgmlMatrix {
         &(*self.bytes).as_ref()[self.offset..self.offset + self.storage_bytes()]
     }
 
+    /// Rows `range` of this matrix, sharing its bytes (no copy); `None` when the range is not
+    /// within `0..rows`.
+    pub fn slice_rows(&self, range: std::ops::Range<usize>) -> Option<GgmlMatrix> {
+        if range.start > range.end || range.end > self.rows {
+            return None;
+        }
+        Some(GgmlMatrix {
+            rows: range.len(),
+            offset: self.offset + range.start * self.row_bytes,
+            ..self.clone()
+        })
+    }
+
+    /// A matrix owning copies of rows `order` of this one, in that order (a row permutation
+    /// or selection); `None` when an index is out of range.
+    pub fn gather_rows(&self, order: &[usize]) -> Option<GgmlMatrix> {
+        let mut bytes = Vec::with_capacity(order.len() * self.row_bytes);
+        for &r in order {
+            if r >= self.rows {
+                return None;
+            }
+            bytes.extend_from_slice(self.row_bytes_of(r));
+        }
+        Some(GgmlMatrix {
+            rows: order.len(),
+            offset: 0,
+            bytes: Arc::new(bytes),
+            ..self.clone()
+        })
+    }
+
     /// The blocks of row `r`.
     ///
     /// # Panics
@@ -490,19 +521,55 @@ impl GgmlMatrix {
     /// [`GgmlMatrix::matmul`] with a given instruction set (an unsupported one runs scalar
     /// code).
     pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) {
-        assert_eq!(Some(x.len()), m.checked_mul(self.cols), "activation length");
         assert_eq!(Some(out.len()), m.checked_mul(self.rows), "output length");
+        self.matmul_into_with(isa, x, m, out, self.rows, 0);
+    }
+
+    /// `out[i·ld + col0 + r] = (x · Wᵀ)[i, r]` for `i < m`, `r < rows`: the product written
+    /// into columns `col0..col0 + rows` of a row-major `[m, ld]` output (the rows of a stacked
+    /// projection), other columns untouched.
+    ///
+    /// # Panics
+    /// When `x.len() != m·cols`, `col0 + rows > ld`, or `out` is shorter than `m·ld`.
+    pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32], ld: usize, col0: usize) {
+        self.matmul_into_with(Isa::detect(), x, m, out, ld, col0);
+    }
+
+    /// [`GgmlMatrix::matmul_into`] with a given instruction set (an unsupported one runs
+    /// scalar code).
+    pub fn matmul_into_with(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        ld: usize,
+        col0: usize,
+    ) {
+        assert_eq!(Some(x.len()), m.checked_mul(self.cols), "activation length");
+        assert!(
+            col0.checked_add(self.rows).is_some_and(|end| end <= ld),
+            "columns {col0}..{col0}+{} outside an output row of {ld}",
+            self.rows
+        );
+        assert!(
+            m.checked_mul(ld).is_some_and(|n| n <= out.len()),
+            "output length"
+        );
         let isa = effective(isa);
         let (rows, cols, ty, rb) = (self.rows, self.cols, self.ty, self.row_bytes);
         if m == 0 || rows == 0 {
             return;
         }
         if cols == 0 {
-            out.fill(0.0);
+            for i in 0..m {
+                out[i * ld + col0..i * ld + col0 + rows].fill(0.0);
+            }
             return;
         }
         let blocks = self.blocks();
-        let ptr = OutPtr(out.as_mut_ptr());
+        // Element (i, r) of this product is at `i·ld + r` from here.
+        let ptr = OutPtr(out[col0..].as_mut_ptr());
         if m <= FUSED_MAX_CHUNKED_ROWS {
             // Tasks of 16 weight rows; every group of activation rows runs over them, so the
             // rows come from memory once and from cache for the other groups.
@@ -524,9 +591,10 @@ impl GgmlMatrix {
                             &mut dots[..g],
                         );
                         for (i, &d) in dots[..g].iter().enumerate() {
-                            // SAFETY: element (g0 + i, r) is in bounds (r < rows, g0 + i < m)
-                            // and only this task writes column r.
-                            unsafe { *ptr.at((g0 + i) * rows + r) = d };
+                            // SAFETY: element (g0 + i, r) is in bounds ((g0 + i)·ld + col0 + r
+                            // < m·ld as r < rows ≤ ld − col0, g0 + i < m) and only this task
+                            // writes column r.
+                            unsafe { *ptr.at((g0 + i) * ld + r) = d };
                         }
                     }
                 }
@@ -552,8 +620,9 @@ impl GgmlMatrix {
                     );
                 }
                 // SAFETY: `x` is [m, cols] row-major, the tile [n, cols] row-major read as its
-                // transpose [cols, n]; the destination is columns r0..r1 of `out` [m, rows]
-                // (row stride `rows`), written by this task only. All extents are in bounds.
+                // transpose [cols, n]; the destination is columns col0 + r0..col0 + r1 of
+                // `out` [m, ld] (row stride `ld`, col0 + r1 ≤ ld), written by this task only.
+                // All extents are in bounds.
                 unsafe {
                     gemm::gemm(
                         m,
@@ -561,7 +630,7 @@ impl GgmlMatrix {
                         cols,
                         ptr.at(r0),
                         1,
-                        rows as isize,
+                        ld as isize,
                         false,
                         x.as_ptr(),
                         1,

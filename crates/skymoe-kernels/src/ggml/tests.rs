@@ -316,3 +316,50 @@ fn bad_inputs_are_errors() {
         GgmlError::UnsupportedType(1)
     );
 }
+
+#[test]
+fn strided_products_slices_and_gathers() {
+    let (ty, rows, cols) = (GgmlType::Q5K, 12, 512);
+    let m = GgmlMatrix::from_vec(ty, rows, cols, random_blocks(ty, rows, cols, 9)).unwrap();
+    let dense = m.dequantize();
+    for mm in [1, 5, 17] {
+        let x = random_x(mm * cols, 4);
+        let want = m.matmul_reference(&x, mm);
+        for isa in isas() {
+            // Columns 3..3+rows of a [mm, rows + 5] output; the rest stays untouched.
+            let ld = rows + 5;
+            let mut out = vec![7f32; mm * ld];
+            m.matmul_into_with(isa, &x, mm, &mut out, ld, 3);
+            for i in 0..mm {
+                for c in 0..ld {
+                    let v = out[i * ld + c];
+                    if (3..3 + rows).contains(&c) {
+                        let w = want[i * rows + c - 3];
+                        assert!((v - w).abs() <= 1e-4 * w.abs().max(1.0), "{isa:?}");
+                    } else {
+                        assert_eq!(v, 7.0);
+                    }
+                }
+            }
+        }
+    }
+    let s = m.slice_rows(4..9).unwrap();
+    assert_eq!(s.dequantize(), dense[4 * cols..9 * cols]);
+    assert!(m.slice_rows(4..13).is_none());
+    let g = m.gather_rows(&[11, 0, 5]).unwrap();
+    let want: Vec<f32> = [11, 0, 5]
+        .iter()
+        .flat_map(|&r| dense[r * cols..(r + 1) * cols].to_vec())
+        .collect();
+    assert_eq!(g.dequantize(), want);
+    assert!(m.gather_rows(&[12]).is_none());
+}
+
+#[test]
+#[should_panic(expected = "outside an output row")]
+fn a_strided_product_past_the_row_panics() {
+    let (ty, rows, cols) = (GgmlType::Q8_0, 4, 32);
+    let m = GgmlMatrix::from_vec(ty, rows, cols, random_blocks(ty, rows, cols, 1)).unwrap();
+    let mut out = vec![0f32; 8];
+    m.matmul_into(&random_x(cols, 1), 1, &mut out, 6, 3);
+}

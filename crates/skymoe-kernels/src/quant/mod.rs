@@ -12,6 +12,13 @@
 //!   a group's 16 bytes hold column `j` in the low nibble of byte `j` and column `j + 16` in
 //!   the high nibble; a row's last group may be partial (padding nibbles are 8, i.e. zero).
 //!
+//! - ggml blocks as stored in a GGUF file (Q4_0 … Q6_K, see [`crate::ggml`]): a [`QMatrix`]
+//!   built with [`QMatrix::from_ggml`] keeps the file's blocks (typically borrowed from its
+//!   memory map) and runs ggml's fused kernels. Stacking projections of different ggml types
+//!   (a Q4_K_M file's q and v, gate and up) gives a row-segmented matrix whose segments run
+//!   their own kernels into their own output columns. [`QMatrix::format`] tells them apart with
+//!   a [`MatrixFormat`]; [`WeightFormat`] stays the set of formats skymoe quantises *to*.
+//!
 //! The instruction set is chosen at run time: AVX-512 (with F16C/FMA) where present, else
 //! AVX2 + FMA + F16C, else portable scalar code. `SKYMOE_ISA=scalar|avx2|avx512` forces one.
 
@@ -25,6 +32,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use rayon::prelude::*;
+
+use crate::ggml::{GgmlMatrix, GgmlType};
 
 pub use f16_vec::{axpy_f16, dot_f16};
 pub use kernels::Isa;
@@ -89,6 +98,65 @@ impl FromStr for WeightFormat {
     }
 }
 
+/// What a [`QMatrix`] holds: one of skymoe's [`WeightFormat`]s, or ggml blocks as stored in a
+/// GGUF file (one type, or row segments of several after stacking).
+///
+/// Compares equal to a [`WeightFormat`] only when it is that skymoe format, so
+/// `matrix.format() == requested` is false for ggml matrices (they are never "already in" a
+/// skymoe format).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MatrixFormat {
+    /// One of skymoe's formats.
+    Skymoe(WeightFormat),
+    /// ggml blocks of one type, as stored.
+    Ggml(GgmlType),
+    /// Stacked row segments of ggml blocks of several types, as stored.
+    GgmlMixed,
+}
+
+impl MatrixFormat {
+    /// The skymoe format, if it is one.
+    pub fn weight_format(self) -> Option<WeightFormat> {
+        match self {
+            MatrixFormat::Skymoe(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// Whether the matrix holds ggml blocks as stored.
+    pub fn is_ggml(self) -> bool {
+        !matches!(self, MatrixFormat::Skymoe(_))
+    }
+}
+
+impl From<WeightFormat> for MatrixFormat {
+    fn from(f: WeightFormat) -> Self {
+        MatrixFormat::Skymoe(f)
+    }
+}
+
+impl PartialEq<WeightFormat> for MatrixFormat {
+    fn eq(&self, other: &WeightFormat) -> bool {
+        *self == MatrixFormat::Skymoe(*other)
+    }
+}
+
+impl PartialEq<MatrixFormat> for WeightFormat {
+    fn eq(&self, other: &MatrixFormat) -> bool {
+        other == self
+    }
+}
+
+impl fmt::Display for MatrixFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MatrixFormat::Skymoe(w) => f.write_str(w.name()),
+            MatrixFormat::Ggml(t) => write!(f, "gguf:{t}"),
+            MatrixFormat::GgmlMixed => f.write_str("gguf:mixed"),
+        }
+    }
+}
+
 /// Errors building or using a quantised matrix.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum QuantError {
@@ -144,12 +212,17 @@ pub enum QData {
     },
 }
 
-/// A weight matrix `[rows, cols]` in one of the [`WeightFormat`]s.
+/// A weight matrix `[rows, cols]` in one of the [`WeightFormat`]s, or ggml blocks as stored
+/// (see [`QMatrix::from_ggml`]).
 #[derive(Debug, Clone)]
 pub struct QMatrix {
     rows: usize,
     cols: usize,
+    /// The skymoe-format data; an empty `QData::F32` when `ggml` is set.
     data: QData,
+    /// ggml row segments, top to bottom (each `cols` wide, rows summing to `rows`), when the
+    /// matrix is stored as ggml blocks. The skymoe kernels never see such a matrix.
+    ggml: Option<Vec<GgmlMatrix>>,
 }
 
 fn check_len(
@@ -277,7 +350,12 @@ impl QMatrix {
                 QData::Q4 { packed, scales }
             }
         };
-        Ok(QMatrix { rows, cols, data })
+        Ok(QMatrix {
+            rows,
+            cols,
+            data,
+            ggml: None,
+        })
     }
 
     /// FP8 with one scale for the whole matrix (largest magnitude to 448), the layout of
@@ -303,6 +381,7 @@ impl QMatrix {
                 q,
                 scales: vec![s; rows],
             },
+            ggml: None,
         })
     }
 
@@ -319,6 +398,7 @@ impl QMatrix {
             rows,
             cols,
             data: QData::Fp8 { q, scales },
+            ggml: None,
         })
     }
 
@@ -335,6 +415,7 @@ impl QMatrix {
             rows,
             cols,
             data: QData::Int8 { q, scales },
+            ggml: None,
         })
     }
 
@@ -359,6 +440,7 @@ impl QMatrix {
             rows,
             cols,
             data: QData::Q4 { packed, scales },
+            ggml: None,
         })
     }
 
@@ -369,21 +451,79 @@ impl QMatrix {
             rows,
             cols,
             data: QData::F16(bits),
+            ggml: None,
         })
     }
 
+    /// A matrix of ggml blocks as stored (borrowed from the [`GgmlMatrix`]'s buffer, e.g. a
+    /// GGUF file's memory map): products run ggml's fused kernels, rows dequantise exactly as
+    /// ggml does.
+    pub fn from_ggml(m: GgmlMatrix) -> QMatrix {
+        let (rows, cols) = (m.rows(), m.cols());
+        Self::from_segments(vec![m], rows, cols)
+    }
+
+    fn from_segments(segments: Vec<GgmlMatrix>, rows: usize, cols: usize) -> QMatrix {
+        debug_assert_eq!(segments.iter().map(|s| s.rows()).sum::<usize>(), rows);
+        debug_assert!(segments.iter().all(|s| s.cols() == cols));
+        QMatrix {
+            rows,
+            cols,
+            data: QData::F32(Vec::new()),
+            ggml: Some(segments),
+        }
+    }
+
+    /// The ggml row segments (top to bottom) of a matrix stored as ggml blocks, else `None`.
+    pub fn ggml_segments(&self) -> Option<&[GgmlMatrix]> {
+        self.ggml.as_deref()
+    }
+
+    /// The segment holding row `r`, and `r`'s index in it.
+    fn ggml_row(segments: &[GgmlMatrix], mut r: usize) -> (&GgmlMatrix, usize) {
+        for s in segments {
+            if r < s.rows() {
+                return (s, r);
+            }
+            r -= s.rows();
+        }
+        panic!("row out of range");
+    }
+
     /// Stack matrices of one format and width on top of each other (e.g. q, k and v into one
-    /// projection).
+    /// projection). Matrices of ggml blocks stack with each other whatever their types (the
+    /// result keeps each part's blocks as a row segment); not with skymoe formats.
     pub fn concat_rows(parts: &[QMatrix]) -> Result<QMatrix, QuantError> {
         let Some(first) = parts.first() else {
             return Ok(QMatrix {
                 rows: 0,
                 cols: 0,
                 data: QData::F32(Vec::new()),
+                ggml: None,
             });
         };
         let cols = first.cols;
         let rows: usize = parts.iter().map(|p| p.rows).sum();
+        if first.ggml.is_some() {
+            // ggml parts of any types: their segments, one after the other (no copy).
+            let mut segments = Vec::new();
+            for p in parts {
+                match &p.ggml {
+                    Some(s) if p.cols == cols => segments.extend(s.iter().cloned()),
+                    _ => {
+                        return Err(QuantError::Length {
+                            what: "stacked matrix (columns differ, or ggml blocks stacked with \
+                                   another format)",
+                            rows: p.rows,
+                            cols,
+                            expected: cols,
+                            found: p.cols,
+                        })
+                    }
+                }
+            }
+            return Ok(Self::from_segments(segments, rows, cols));
+        }
         if let Some(p) = parts
             .iter()
             .find(|p| p.cols != cols || p.format() != first.format())
@@ -445,7 +585,12 @@ impl QMatrix {
                 QData::Q4 { packed, scales }
             }
         };
-        Ok(QMatrix { rows, cols, data })
+        Ok(QMatrix {
+            rows,
+            cols,
+            data,
+            ggml: None,
+        })
     }
 
     /// Rows (output features).
@@ -458,24 +603,44 @@ impl QMatrix {
         self.cols
     }
 
-    /// The stored data.
+    /// The stored data in a skymoe format. A matrix of ggml blocks has none: for it this is an
+    /// empty `QData::F32` (see [`QMatrix::try_data`] and [`QMatrix::ggml_segments`]).
     pub fn data(&self) -> &QData {
         &self.data
     }
 
-    /// The storage format.
-    pub fn format(&self) -> WeightFormat {
-        match self.data {
+    /// The stored data in a skymoe format, `None` for a matrix of ggml blocks.
+    pub fn try_data(&self) -> Option<&QData> {
+        match self.ggml {
+            Some(_) => None,
+            None => Some(&self.data),
+        }
+    }
+
+    /// The storage format: a skymoe [`WeightFormat`] or ggml blocks as stored. Compare it with
+    /// a [`WeightFormat`] directly (`m.format() == WeightFormat::Int8`).
+    pub fn format(&self) -> MatrixFormat {
+        if let Some(segments) = &self.ggml {
+            let ty = segments.first().map(|s| s.ty());
+            return match ty {
+                Some(t) if segments.iter().all(|s| s.ty() == t) => MatrixFormat::Ggml(t),
+                _ => MatrixFormat::GgmlMixed,
+            };
+        }
+        MatrixFormat::Skymoe(match self.data {
             QData::F32(_) => WeightFormat::F32,
             QData::F16(_) => WeightFormat::F16,
             QData::Int8 { .. } => WeightFormat::Int8,
             QData::Fp8 { .. } => WeightFormat::Fp8,
             QData::Q4 { .. } => WeightFormat::Q4,
-        }
+        })
     }
 
-    /// Bytes of weight storage (values and scales).
+    /// Bytes of weight storage (values and scales; for ggml, the blocks).
     pub fn storage_bytes(&self) -> usize {
+        if let Some(segments) = &self.ggml {
+            return segments.iter().map(|s| s.storage_bytes()).sum();
+        }
         match &self.data {
             QData::F32(v) => v.len() * 4,
             QData::F16(v) => v.len() * 2,
@@ -487,12 +652,26 @@ impl QMatrix {
 
     /// Dequantise row `r` into `out` (`cols` values), with the instruction set in force.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        kernels::dequantize_row(Isa::detect(), self, r, out);
+        self.dequantize_row_with(Isa::detect(), r, out);
     }
 
     /// Dequantise row `r` with portable scalar code (the reference).
     pub fn dequantize_row_reference(&self, r: usize, out: &mut [f32]) {
-        kernels::dequantize_row(Isa::Scalar, self, r, out);
+        self.dequantize_row_with(Isa::Scalar, r, out);
+    }
+
+    fn dequantize_row_with(&self, isa: Isa, r: usize, out: &mut [f32]) {
+        match &self.ggml {
+            Some(segments) => {
+                assert!(
+                    r < self.rows && out.len() >= self.cols,
+                    "row {r} out of range"
+                );
+                let (s, rs) = Self::ggml_row(segments, r);
+                s.dequantize_row_with(isa, rs, out);
+            }
+            None => kernels::dequantize_row(isa, self, r, out),
+        }
     }
 
     /// The whole matrix as f32 (for tests, conversions and the reference product).
@@ -515,7 +694,17 @@ impl QMatrix {
         assert_eq!(x.len(), m * self.cols, "activation length");
         assert_eq!(out.len(), m * self.rows, "output length");
         let isa = if isa.supported() { isa } else { Isa::Scalar };
-        kernels::matmul(isa, self, x, m, out);
+        match &self.ggml {
+            // Each segment runs its own type's kernel into its own output columns.
+            Some(segments) => {
+                let mut col0 = 0;
+                for s in segments {
+                    s.matmul_into_with(isa, x, m, out, self.rows, col0);
+                    col0 += s.rows();
+                }
+            }
+            None => kernels::matmul(isa, self, x, m, out),
+        }
     }
 
     /// The plain reference: dequantise the whole matrix, then multiply in f64-accumulated f32.

@@ -209,3 +209,107 @@ fn every_finite_fp8_code_decodes_exactly_on_every_isa() {
         }
     }
 }
+
+/// Random ggml blocks with small finite f16 scales (at each type's scale fields).
+fn ggml_blocks(ty: crate::ggml::GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    use crate::ggml::GgmlType;
+    let n = rows * ty.row_bytes(cols).unwrap();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 33) as u32
+    };
+    let mut b: Vec<u8> = (0..n).map(|_| next() as u8).collect();
+    let fields: &[usize] = match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::Q6K => &[208],
+        _ => &[0, 2],
+    };
+    for block in b.chunks_exact_mut(ty.block_bytes()) {
+        for &off in fields {
+            let v = half::f16::from_f32((next() % 2000) as f32 * 1e-5 - 0.01).to_bits();
+            block[off..off + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    b
+}
+
+fn ggml_matrix(ty: crate::ggml::GgmlType, rows: usize, cols: usize, seed: u64) -> QMatrix {
+    let bytes = ggml_blocks(ty, rows, cols, seed);
+    QMatrix::from_ggml(crate::ggml::GgmlMatrix::from_vec(ty, rows, cols, bytes).unwrap())
+}
+
+#[test]
+fn ggml_matrices_and_mixed_stacks_match_the_reference() {
+    use crate::ggml::GgmlType;
+    let cols = 256;
+    // A Q4_K_M-like qkv: q in Q4_K, k in Q4_K, v in Q6_K; then every type stacked.
+    let stacks: Vec<Vec<(GgmlType, usize)>> = vec![
+        vec![(GgmlType::Q4K, 24)],
+        vec![(GgmlType::Q4K, 32), (GgmlType::Q4K, 8), (GgmlType::Q6K, 8)],
+        GgmlType::ALL.iter().map(|&t| (t, 5)).collect(),
+    ];
+    for (k, parts) in stacks.iter().enumerate() {
+        let mats: Vec<QMatrix> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, &(t, r))| ggml_matrix(t, r, cols, (k * 10 + i) as u64))
+            .collect();
+        let stacked = QMatrix::concat_rows(&mats).unwrap();
+        let rows: usize = parts.iter().map(|p| p.1).sum();
+        assert_eq!((stacked.rows(), stacked.cols()), (rows, cols));
+        assert_eq!(
+            stacked.storage_bytes(),
+            mats.iter().map(|m| m.storage_bytes()).sum::<usize>()
+        );
+        let want_format = if parts.iter().all(|p| p.0 == parts[0].0) {
+            MatrixFormat::Ggml(parts[0].0)
+        } else {
+            MatrixFormat::GgmlMixed
+        };
+        assert_eq!(stacked.format(), want_format);
+        assert!(stacked.format().is_ggml());
+        assert!(WeightFormat::ALL.iter().all(|&f| stacked.format() != f));
+        assert!(stacked.try_data().is_none());
+        // Rows dequantise as their own part's rows.
+        let dense: Vec<f32> = mats.iter().flat_map(|m| m.dequantize()).collect();
+        assert_eq!(stacked.dequantize(), dense);
+        let mut row = vec![0f32; cols];
+        stacked.dequantize_row(rows - 1, &mut row);
+        assert_eq!(row, dense[(rows - 1) * cols..]);
+        for m in [1, 3, 8, 9, 16, 17, 33] {
+            let x = lcg_values(m * cols, m as u64 + 11);
+            let want = stacked.matmul_reference(&x, m);
+            for isa in isas() {
+                let mut got = vec![f32::NAN; m * rows];
+                stacked.matmul_with(isa, &x, m, &mut got);
+                let e = rel_err(&got, &want);
+                assert!(e < 2e-6, "stack {k} {isa:?} m={m}: rel err {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn ggml_and_skymoe_matrices_do_not_stack() {
+    let g = ggml_matrix(crate::ggml::GgmlType::Q8_0, 4, 64, 1);
+    let f = QMatrix::quantize(&lcg_values(4 * 64, 2), 4, 64, WeightFormat::F32).unwrap();
+    assert!(QMatrix::concat_rows(&[g.clone(), f.clone()]).is_err());
+    assert!(QMatrix::concat_rows(&[f, g]).is_err());
+    let narrow = ggml_matrix(crate::ggml::GgmlType::Q8_0, 4, 32, 3);
+    let g = ggml_matrix(crate::ggml::GgmlType::Q8_0, 4, 64, 1);
+    assert!(QMatrix::concat_rows(&[g, narrow]).is_err());
+}
+
+#[test]
+fn skymoe_formats_compare_with_weight_formats() {
+    for format in WeightFormat::ALL {
+        let m = QMatrix::quantize(&lcg_values(2 * 32, 5), 2, 32, format).unwrap();
+        assert_eq!(m.format(), format);
+        assert_eq!(format, m.format());
+        assert_eq!(m.format().weight_format(), Some(format));
+        assert!(m.try_data().is_some());
+    }
+}

@@ -1,18 +1,31 @@
 //! llama.cpp GGUF files (v2/v3) of the `llama` architecture, dense or MoE (stacked experts).
 //!
-//! Tensors are dequantised at load (F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the other ggml block
-//! types candle reads) and converted to Hugging Face names and layout: the rotary-permuted q/k
-//! rows of llama.cpp's converter are put back in Hugging Face's "rotate_half" order and the
-//! stacked `ffn_*_exps` tensors are split into one tensor per expert.
+//! The file is memory-mapped and its tensors are put under Hugging Face names and layout
+//! without being read: [`GgufWeights`] knows, for each Hugging Face tensor, the bytes of the
+//! file it comes from. Two ways to read one:
+//!
+//! - dequantised to f32 on demand ([`GgufWeights::load`]: F32, F16, BF16, Q8_0, Q4_0, Q4_1 and
+//!   the other ggml block types candle reads), for training, `CausalLm` and re-quantisation;
+//! - as stored ([`GgufWeights::ggml_matrix`]): a [`GgmlMatrix`] over the mapped blocks, for the
+//!   types skymoe's ggml kernels serve (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K).
+//!
+//! The layout conversion: the rotary-permuted q/k rows of llama.cpp's converter are put back in
+//! Hugging Face's "rotate_half" order (a row permutation; for stored q/k matrices, their rows'
+//! blocks are copied in that order), the stacked `ffn_*_exps` tensors are split into one tensor
+//! per expert (each expert's rows are contiguous: a slice of the map, no copy), and the split
+//! latent-attention `attn_k_b`/`attn_v_b` are joined back into `kv_b_proj` (dequantised).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
+use memmap2::Mmap;
+use skymoe_kernels::ggml::{GgmlMatrix, GgmlType};
 
 use crate::config::{ModelConfig, RopeScaling, MAX_HIDDEN_LAYERS};
 use crate::error::{ModelError, Result};
@@ -96,10 +109,267 @@ impl GgufMetadata {
 pub struct GgufCheckpoint {
     /// The config derived from the metadata.
     pub config: ModelConfig,
-    /// Dequantised f32 tensors under Hugging Face names.
-    pub tensors: HashMap<String, Tensor>,
+    /// The tensors under Hugging Face names, read from the file's memory map on demand.
+    pub weights: GgufWeights,
     /// The metadata (tokenizer and the rest).
     pub metadata: GgufMetadata,
+}
+
+/// One tensor as stored in the file (or one expert's slice of a stacked tensor).
+#[derive(Debug, Clone)]
+struct Stored {
+    /// Its name in the file.
+    name: String,
+    /// candle's type (for dequantisation).
+    dtype: GgmlDType,
+    /// ggml's type id.
+    type_id: u32,
+    /// Dimensions, outermost first (GGUF lists them innermost first).
+    dims: Vec<usize>,
+    /// Absolute offset of its first byte in the file.
+    offset: usize,
+    /// Its bytes.
+    bytes: usize,
+}
+
+/// How a Hugging Face tensor is made from the file's.
+#[derive(Debug, Clone)]
+enum Recipe {
+    /// A stored tensor, its rows (its only dimension for a bias) un-permuted for `heads` rotary
+    /// heads when set.
+    Tensor {
+        stored: Stored,
+        unpermute: Option<usize>,
+    },
+    /// `kv_b_proj` joined from llama.cpp's `attn_k_b` and `attn_v_b` (dequantised).
+    JoinKvUp { key: Stored, value: Stored },
+}
+
+impl Recipe {
+    fn shape(&self) -> Vec<usize> {
+        match self {
+            Recipe::Tensor { stored, .. } => stored.dims.clone(),
+            Recipe::JoinKvUp { key, value } => {
+                // [heads, rank, nope] and [heads, v, rank] -> [heads·(nope + v), rank].
+                vec![key.dims[0] * (key.dims[2] + value.dims[1]), key.dims[1]]
+            }
+        }
+    }
+}
+
+/// A tensor of a GGUF file as stored, for readers of the raw blocks: the bytes
+/// `offset..offset + bytes` of [`GgufWeights::file_bytes`] hold it in ggml type `ggml_type`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GgufRawTensor {
+    /// The tensor's name in the file.
+    pub file_name: String,
+    /// ggml's type id (`GGML_TYPE_*`: 0 F32, 1 F16, 2 Q4_0, …, 12 Q4_K, 14 Q6_K, 30 BF16).
+    pub ggml_type: u32,
+    /// The Hugging Face shape, outermost first (`[rows, cols]` for a matrix).
+    pub shape: Vec<usize>,
+    /// Offset of the tensor's first byte in the file.
+    pub offset: usize,
+    /// Bytes of the tensor.
+    pub bytes: usize,
+    /// Whether the Hugging Face rows are a permutation of the stored ones (llama.cpp's rotary
+    /// order of q/k): row `r` of the Hugging Face tensor is stored row `row_order()[r]`.
+    pub permuted_heads: Option<usize>,
+}
+
+impl GgufRawTensor {
+    /// The stored row of each Hugging Face row (the identity unless `permuted_heads`).
+    pub fn row_order(&self) -> Vec<usize> {
+        let rows = self.shape.first().copied().unwrap_or(0);
+        match self.permuted_heads {
+            Some(h) => rotary_row_order(rows, h),
+            None => (0..rows).collect(),
+        }
+    }
+}
+
+/// The tensors of a GGUF file under Hugging Face names, backed by its memory map.
+pub struct GgufWeights {
+    map: Arc<Mmap>,
+    path: PathBuf,
+    tensors: HashMap<String, Recipe>,
+}
+
+impl std::fmt::Debug for GgufWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufWeights")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Hugging Face row `r` of a `[heads, d]`-row q/k tensor is stored row `order[r]`:
+/// llama.cpp's converter stores `[heads, 2, d/2]` as `[heads, d/2, 2]`.
+fn rotary_row_order(rows: usize, heads: usize) -> Vec<usize> {
+    let half = rows / heads.max(1) / 2;
+    let mut order = Vec::with_capacity(rows);
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                order.push(h * 2 * half + i * 2 + j);
+            }
+        }
+    }
+    order
+}
+
+impl GgufWeights {
+    /// Whether a tensor of this (Hugging Face) name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Hugging Face names of all tensors (unsorted).
+    pub fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+
+    /// The file the tensors are mapped from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The whole mapped file.
+    pub fn file_bytes(&self) -> &[u8] {
+        &self.map[..]
+    }
+
+    fn recipe(&self, name: &str) -> Result<&Recipe> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+            })
+    }
+
+    /// A tensor's Hugging Face shape.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        Ok(self.recipe(name)?.shape())
+    }
+
+    /// The stored form of a tensor: its ggml type, shape and place in the file; `None` for a
+    /// tensor made of several stored ones (a joined latent-attention `kv_b_proj`).
+    pub fn raw(&self, name: &str) -> Result<Option<GgufRawTensor>> {
+        Ok(match self.recipe(name)? {
+            Recipe::Tensor { stored, unpermute } => Some(GgufRawTensor {
+                file_name: stored.name.clone(),
+                ggml_type: stored.type_id,
+                shape: stored.dims.clone(),
+                offset: stored.offset,
+                bytes: stored.bytes,
+                permuted_heads: *unpermute,
+            }),
+            Recipe::JoinKvUp { .. } => None,
+        })
+    }
+
+    /// A matrix as stored, its blocks read in place from the memory map (q/k rows un-permuted
+    /// into a copy of their blocks), when it is a 2-D tensor of a ggml type skymoe's kernels
+    /// serve ([`GgmlType`]); `None` for other types (F32, F16, BF16, Q2_K, Q3_K, …) and for
+    /// joined tensors, which [`GgufWeights::load`] dequantises.
+    pub fn ggml_matrix(&self, name: &str) -> Result<Option<GgmlMatrix>> {
+        let Recipe::Tensor { stored, unpermute } = self.recipe(name)? else {
+            return Ok(None);
+        };
+        let (Some(ty), &[rows, cols]) = (GgmlType::from_id(stored.type_id), &stored.dims[..])
+        else {
+            return Ok(None);
+        };
+        let m = GgmlMatrix::new(ty, rows, cols, self.map.clone(), stored.offset)
+            .map_err(|e| ModelError::corrupt(&self.path, format!("tensor {}: {e}", stored.name)))?;
+        if m.storage_bytes() != stored.bytes {
+            return Err(ModelError::corrupt(
+                &self.path,
+                format!(
+                    "tensor {}: {} bytes for its type and shape, the directory says {}",
+                    stored.name,
+                    m.storage_bytes(),
+                    stored.bytes
+                ),
+            ));
+        }
+        Ok(Some(match unpermute {
+            None => m,
+            Some(heads) => m
+                .gather_rows(&rotary_row_order(rows, *heads))
+                .ok_or_else(|| {
+                    ModelError::corrupt(
+                        &self.path,
+                        format!("tensor {}: bad row order", stored.name),
+                    )
+                })?,
+        }))
+    }
+
+    /// Dequantise one stored tensor (whole) to f32 in its stored layout.
+    fn dequantize(&self, t: &Stored, device: &Device) -> Result<Tensor> {
+        let bad = |e: String| ModelError::corrupt(&self.path, format!("tensor {}: {e}", t.name));
+        let bytes = t
+            .offset
+            .checked_add(t.bytes)
+            .and_then(|end| self.map.get(t.offset..end))
+            .ok_or_else(|| bad("runs past the end of the file".into()))?;
+        // candle views the bytes as blocks (f16 fields, f32s) in place: give it an aligned copy
+        // of exactly the tensor's bytes.
+        let mut aligned = vec![0u64; bytes.len().div_ceil(8)];
+        // SAFETY: `aligned` holds at least `bytes.len()` bytes; u64 has no invalid bit patterns
+        // and no padding, so viewing its storage as bytes is sound.
+        let buf =
+            unsafe { std::slice::from_raw_parts_mut(aligned.as_mut_ptr() as *mut u8, bytes.len()) };
+        buf.copy_from_slice(bytes);
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            t.dtype,
+            buf,
+            t.dims.clone(),
+            device,
+        )
+        .map_err(|e| bad(e.to_string().lines().next().unwrap_or_default().to_string()))?;
+        q.dequantize(device).map_err(|e| bad(e.to_string()))
+    }
+
+    /// A tensor dequantised to f32 in Hugging Face layout.
+    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        match self.recipe(name)? {
+            Recipe::Tensor { stored, unpermute } => {
+                let t = self.dequantize(stored, device)?;
+                match (unpermute, t.rank()) {
+                    (None, _) => Ok(t),
+                    (Some(h), 1) => Ok(unpermute_rotary(&t.unsqueeze(1)?, *h)?.squeeze(1)?),
+                    (Some(h), _) => unpermute_rotary(&t, *h),
+                }
+            }
+            Recipe::JoinKvUp { key, value } => join_kv_up(
+                &self.dequantize(key, device)?,
+                &self.dequantize(value, device)?,
+            ),
+        }
+    }
+}
+
+/// The file's own tensors (names as in the file), while the config is read.
+struct RawTensors<'a> {
+    weights: &'a GgufWeights,
+    stored: HashMap<String, Stored>,
+}
+
+impl RawTensors<'_> {
+    fn contains_key(&self, name: &str) -> bool {
+        self.stored.contains_key(name)
+    }
+
+    fn dims(&self, name: &str) -> Option<&[usize]> {
+        self.stored.get(name).map(|t| t.dims.as_slice())
+    }
+
+    fn load(&self, name: &str) -> Option<Result<Tensor>> {
+        let t = self.stored.get(name)?;
+        Some(self.weights.dequantize(t, &Device::Cpu))
+    }
 }
 
 /// Most dimensions of a tensor.
@@ -252,7 +522,8 @@ impl HeaderReader<'_> {
     }
 }
 
-/// The ggml tensor types candle reads, by their GGUF number.
+/// The ggml tensor types candle dequantises, by their GGUF number (Q8_1 and Q8_K, which
+/// candle names but does not read, and the IQ types are refused when the header is read).
 fn ggml_dtype(n: u32) -> Option<GgmlDType> {
     Some(match n {
         0 => GgmlDType::F32,
@@ -262,16 +533,21 @@ fn ggml_dtype(n: u32) -> Option<GgmlDType> {
         6 => GgmlDType::Q5_0,
         7 => GgmlDType::Q5_1,
         8 => GgmlDType::Q8_0,
-        9 => GgmlDType::Q8_1,
         10 => GgmlDType::Q2K,
         11 => GgmlDType::Q3K,
         12 => GgmlDType::Q4K,
         13 => GgmlDType::Q5K,
         14 => GgmlDType::Q6K,
-        15 => GgmlDType::Q8K,
         30 => GgmlDType::BF16,
         _ => return None,
     })
+}
+
+/// ggml's id of a type [`ggml_dtype`] reads.
+fn ggml_type_id(t: GgmlDType) -> u32 {
+    (0..=30)
+        .find(|&n| ggml_dtype(n) == Some(t))
+        .expect("every type read has an id")
 }
 
 /// Read the header of a GGUF file (metadata and tensor directory), checking every length,
@@ -352,8 +628,13 @@ fn read_content(file: &mut File, path: &Path, with_tensors: bool) -> Result<Cont
         // GGUF lists dimensions innermost first.
         dims.reverse();
         let ty = h.u32()?;
-        let dtype = ggml_dtype(ty)
-            .ok_or_else(|| h.bad(format!("tensor {name} has unknown ggml type {ty}")))?;
+        let dtype = ggml_dtype(ty).ok_or_else(|| {
+            h.bad(format!(
+                "tensor {name} has ggml type {ty}, which skymoe cannot read (supported: F32=0, \
+                 F16=1, Q4_0=2, Q4_1=3, Q5_0=6, Q5_1=7, Q8_0=8, Q2_K=10, Q3_K=11, Q4_K=12, \
+                 Q5_K=13, Q6_K=14, BF16=30)"
+            ))
+        })?;
         let offset = h.u64()?;
         tensor_infos.insert(
             name,
@@ -388,9 +669,13 @@ fn read_content(file: &mut File, path: &Path, with_tensors: bool) -> Result<Cont
             return Err(h.bad(format!("tensor {name} has no elements (shape {dims:?})")));
         }
         let block = t.ggml_dtype.block_size();
-        if elements % block != 0 {
+        // ggml quantises each row (the innermost dimension) in whole blocks.
+        let row = dims.last().copied().unwrap_or(1);
+        if !row.is_multiple_of(block) {
             return Err(h.bad(format!(
-                "tensor {name}: {elements} elements is not a whole number of blocks of {block}"
+                "tensor {name} ({dims:?}, {:?}): its rows of {row} elements are not a whole \
+                 number of blocks of {block}",
+                t.ggml_dtype
             )));
         }
         let bytes = (elements / block)
@@ -441,12 +726,13 @@ impl GgufMetadata {
 }
 
 impl GgufCheckpoint {
-    /// Read a GGUF file, dequantise its tensors and convert them.
-    pub fn open(path: &Path, device: &Device) -> Result<Self> {
+    /// Read a GGUF file's header, map the file, and put its tensors under Hugging Face names
+    /// and layout (nothing is dequantised yet: see [`GgufWeights`]).
+    pub fn open(path: &Path, _device: &Device) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         let content = read_content(&mut file, path, true)?;
         let metadata = GgufMetadata {
-            entries: content.metadata.clone(),
+            entries: content.metadata,
         };
         let arch = metadata
             .string("general.architecture")
@@ -460,27 +746,53 @@ impl GgufCheckpoint {
             .ok_or_else(|| ModelError::UnsupportedArchitecture {
                 found: format!("GGUF general.architecture={arch:?}"),
             })?;
-        let mut raw: HashMap<String, Tensor> = HashMap::new();
-        for name in content.tensor_infos.keys() {
-            let q = content.tensor(&mut file, name, device).map_err(|e| {
-                ModelError::corrupt(
-                    path,
-                    format!(
-                        "tensor {name}: {}",
-                        e.to_string().lines().next().unwrap_or_default()
-                    ),
-                )
-            })?;
-            let t = q
-                .dequantize(device)
-                .map_err(|e| ModelError::corrupt(path, format!("tensor {name}: {e}")))?;
-            raw.insert(name.clone(), t);
+        // SAFETY: the file is mapped read-only; like every memory-mapped reader we rely on no
+        // other process truncating or rewriting it while mapped.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+        let mut weights = GgufWeights {
+            map: Arc::new(map),
+            path: path.to_path_buf(),
+            tensors: HashMap::new(),
+        };
+        let file_len = weights.map.len();
+        let mut stored = HashMap::new();
+        for (name, info) in content.tensor_infos {
+            let dims = info.shape.dims().to_vec();
+            let elements: usize = dims.iter().product();
+            // `read_content` checked that the tensor is whole blocks and ends in the file.
+            let bytes = elements / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            let offset = usize::try_from(content.tensor_data_offset + info.offset)
+                .ok()
+                .filter(|o| o.checked_add(bytes).is_some_and(|end| end <= file_len))
+                .ok_or_else(|| {
+                    ModelError::corrupt(
+                        path,
+                        format!("tensor {name} runs past the end of the file"),
+                    )
+                })?;
+            let type_id = ggml_type_id(info.ggml_dtype);
+            stored.insert(
+                name.clone(),
+                Stored {
+                    name,
+                    dtype: info.ggml_dtype,
+                    type_id,
+                    dims,
+                    offset,
+                    bytes,
+                },
+            );
         }
+        let raw = RawTensors {
+            weights: &weights,
+            stored,
+        };
         let config = config_from_metadata(family, form, &metadata, &raw, path)?;
-        let tensors = to_hf_layout(&config, form, raw)?;
+        let stored = raw.stored;
+        weights.tensors = to_hf_layout(&config, form, stored)?;
         Ok(GgufCheckpoint {
             config,
-            tensors,
+            weights,
             metadata,
         })
     }
@@ -491,7 +803,7 @@ fn config_from_metadata(
     family: Architecture,
     form: GgufForm,
     m: &GgufMetadata,
-    raw: &HashMap<String, Tensor>,
+    raw: &RawTensors<'_>,
     path: &Path,
 ) -> Result<ModelConfig> {
     let origin: PathBuf = path.to_path_buf();
@@ -531,8 +843,8 @@ fn config_from_metadata(
         None => match m.strings("tokenizer.ggml.tokens") {
             Some(t) => t.len(),
             None => raw
-                .get("token_embd.weight")
-                .and_then(|t| t.dims().first().copied())
+                .dims("token_embd.weight")
+                .and_then(|d| d.first().copied())
                 .ok_or_else(|| ModelError::MissingTensor {
                     name: "token_embd.weight".into(),
                 })?,
@@ -598,12 +910,12 @@ fn config_from_metadata(
 fn rope_scaling_from_metadata(
     m: &GgufMetadata,
     arch: &str,
-    raw: &HashMap<String, Tensor>,
+    raw: &RawTensors<'_>,
     origin: &Path,
     context_length: usize,
 ) -> Result<RopeScaling> {
-    if let Some(t) = raw.get("rope_freqs.weight") {
-        let ones = t
+    if let Some(t) = raw.load("rope_freqs.weight") {
+        let ones = t?
             .flatten_all()
             .and_then(|f| f.to_vec1::<f32>())
             .map(|v| v.iter().all(|&x| x == 1.0))
@@ -696,24 +1008,42 @@ fn unpermute_rotary(t: &Tensor, heads: usize) -> Result<Tensor> {
 }
 
 /// Hugging Face names and layout of llama.cpp's tensors: llama.cpp's names of the shared parts
-/// are mapped to the names the model's family gives them; q/k rows are un-permuted when the
-/// family's converter permuted them, and stacked experts are split.
+/// are mapped to the names the model's family gives them; q/k rows are to be un-permuted when
+/// the family's converter permuted them, and stacked experts are split (each expert a slice of
+/// the stack). Shapes are checked here, so reading a tensor later cannot fail on them.
 fn to_hf_layout(
     cfg: &ModelConfig,
     form: GgufForm,
-    raw: HashMap<String, Tensor>,
-) -> Result<HashMap<String, Tensor>> {
-    let qk = |t: &Tensor, heads: usize| -> Result<Tensor> {
-        if form.permuted_qk {
-            unpermute_rotary(t, heads)
-        } else {
-            Ok(t.clone())
+    raw: HashMap<String, Stored>,
+) -> Result<HashMap<String, Recipe>> {
+    let qk = |t: Stored, heads: usize| -> Result<Recipe> {
+        if !form.permuted_qk {
+            return Ok(Recipe::Tensor {
+                stored: t,
+                unpermute: None,
+            });
         }
+        let rows = t.dims.first().copied().unwrap_or(0);
+        let cols = t.dims.get(1).copied().unwrap_or(1);
+        if t.dims.len() > 2 || heads == 0 || heads > rows || rows % (2 * heads) != 0 {
+            return Err(ModelError::InvalidInput(format!(
+                "cannot un-permute a {:?} q/k tensor {} for {heads} heads ([{rows}, {cols}])",
+                t.dims, t.name
+            )));
+        }
+        Ok(Recipe::Tensor {
+            stored: t,
+            unpermute: Some(heads),
+        })
+    };
+    let plain = |t: Stored| Recipe::Tensor {
+        stored: t,
+        unpermute: None,
     };
     let mut out = HashMap::new();
     // llama.cpp's newer DeepSeek files split each layer's `kv_b_proj` into `attn_k_b` (each
     // head's key rows, transposed) and `attn_v_b`: (is the key part, tensor) per layer.
-    let mut split_kv_up: HashMap<usize, Vec<(bool, Tensor)>> = HashMap::new();
+    let mut split_kv_up: HashMap<usize, Vec<(bool, Stored)>> = HashMap::new();
     for (name, t) in raw {
         let hf = match name.as_str() {
             "token_embd.weight" => names::EMBED.to_string(),
@@ -735,33 +1065,24 @@ fn to_hf_layout(
                 match tail {
                     "attn_norm.weight" => p("input_layernorm.weight"),
                     "ffn_norm.weight" => p("post_attention_layernorm.weight"),
-                    "attn_q.weight" => {
-                        out.insert(
-                            p("self_attn.q_proj.weight"),
-                            qk(&t, cfg.num_attention_heads)?,
-                        );
-                        continue;
-                    }
-                    "attn_k.weight" => {
-                        out.insert(
-                            p("self_attn.k_proj.weight"),
-                            qk(&t, cfg.num_key_value_heads)?,
-                        );
-                        continue;
-                    }
-                    "attn_q.bias" | "attn_k.bias" => {
-                        let heads = if tail.starts_with("attn_q") {
-                            cfg.num_attention_heads
+                    "attn_q.weight" | "attn_k.weight" | "attn_q.bias" | "attn_k.bias" => {
+                        let (heads, proj) = if tail.starts_with("attn_q") {
+                            (cfg.num_attention_heads, "q_proj")
                         } else {
-                            cfg.num_key_value_heads
+                            (cfg.num_key_value_heads, "k_proj")
                         };
-                        let b = qk(&t.unsqueeze(1)?, heads)?.squeeze(1)?;
-                        let proj = if tail.starts_with("attn_q") {
-                            "q_proj"
+                        let kind = if tail.ends_with("bias") {
+                            "bias"
                         } else {
-                            "k_proj"
+                            "weight"
                         };
-                        out.insert(p(&format!("self_attn.{proj}.bias")), b);
+                        if kind == "bias" && t.dims.len() != 1 {
+                            return Err(ModelError::InvalidInput(format!(
+                                "GGUF tensor {name} is {:?}, not a vector",
+                                t.dims
+                            )));
+                        }
+                        out.insert(p(&format!("self_attn.{proj}.{kind}")), qk(t, heads)?);
                         continue;
                     }
                     "attn_q_a.weight" => names::mla(l).q_a_proj,
@@ -802,22 +1123,31 @@ fn to_hf_layout(
                     "ffn_down.weight" => cfg.dense_ffn_names(l).down,
                     "ffn_gate_inp.weight" => cfg.moe_names(l).gate,
                     "ffn_gate_exps.weight" | "ffn_up_exps.weight" | "ffn_down_exps.weight" => {
-                        let n = t.dim(0)?;
+                        let n = t.dims.first().copied().unwrap_or(0);
                         let experts = cfg.moe.as_ref().map_or(0, |m| m.num_experts);
-                        if n != experts {
+                        if n != experts || t.dims.len() != 3 {
                             return Err(ModelError::InvalidInput(format!(
-                                "GGUF tensor {name} stacks {n} experts but \
+                                "GGUF tensor {name} ({:?}) stacks {n} experts but \
                                  {}.expert_count is {experts}",
-                                form.architecture
+                                t.dims, form.architecture
                             )));
                         }
+                        // Each expert's rows are whole rows of blocks, one after the other.
+                        let each = t.bytes / n;
                         for (e, en) in cfg.moe_names(l).experts.into_iter().enumerate() {
                             let hf = match tail {
                                 "ffn_gate_exps.weight" => en.gate,
                                 "ffn_up_exps.weight" => en.up,
                                 _ => en.down,
                             };
-                            out.insert(hf, t.get(e)?.contiguous()?);
+                            let slice = Stored {
+                                name: format!("{name}[{e}]"),
+                                dims: t.dims[1..].to_vec(),
+                                offset: t.offset + e * each,
+                                bytes: each,
+                                ..t.clone()
+                            };
+                            out.insert(hf, plain(slice));
                         }
                         continue;
                     }
@@ -828,7 +1158,7 @@ fn to_hf_layout(
                 }
             }
         };
-        out.insert(hf, t);
+        out.insert(hf, plain(t));
     }
     for (l, parts) in split_kv_up {
         let key = parts.iter().find(|(k, _)| *k).map(|(_, t)| t);
@@ -838,13 +1168,25 @@ fn to_hf_layout(
                 "GGUF layer {l} has only one of attn_k_b and attn_v_b (latent attention needs both)"
             )));
         };
-        out.insert(names::mla(l).kv_b_proj, join_kv_up(key, value)?);
+        let (kd, vd) = (&key.dims, &value.dims);
+        if kd.len() != 3 || vd.len() != 3 || kd[0] != vd[0] || kd[1] != vd[2] {
+            return Err(ModelError::InvalidInput(format!(
+                "GGUF attn_k_b {kd:?} and attn_v_b {vd:?} disagree in heads or latent rank"
+            )));
+        }
+        out.insert(
+            names::mla(l).kv_b_proj,
+            Recipe::JoinKvUp {
+                key: key.clone(),
+                value: value.clone(),
+            },
+        );
     }
     Ok(out)
 }
 
 /// `kv_b_proj` `[heads·(nope + v), rank]` from llama.cpp's `attn_k_b` `[heads, rank, nope]`
-/// (each head's key rows transposed) and `attn_v_b` `[heads, v, rank]`.
+/// (each head's key rows, transposed) and `attn_v_b` `[heads, v, rank]`.
 fn join_kv_up(key: &Tensor, value: &Tensor) -> Result<Tensor> {
     let (kh, rank, nope) = key.dims3()?;
     let (vh, v, vr) = value.dims3()?;
@@ -947,7 +1289,9 @@ mod tests {
         let data: Vec<u8> = (0..8u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
         let ck = open(&gguf(&kv, &[("output_norm.weight", &[8], 0, 0)], &data)).unwrap();
         assert_eq!(ck.config.num_hidden_layers, 1);
-        assert_eq!(ck.tensors["model.norm.weight"].dims(), &[8]);
+        assert_eq!(ck.weights.shape("model.norm.weight").unwrap(), [8]);
+        let t = ck.weights.load("model.norm.weight", &Device::Cpu).unwrap();
+        assert_eq!(t.to_vec1::<f32>().unwrap()[7], 7.0);
     }
 
     #[test]
@@ -1021,5 +1365,94 @@ mod tests {
         let kv = llama(vec![]);
         let e = open_err(&gguf(&kv, &[("token_embd.weight", &[], 0, 0)], &[0; 4]));
         assert!(e.contains("token_embd"), "{e}");
+    }
+    /// `rows` Q8_0 rows of `cols` weights: scale 1/64, values varying by row and column.
+    fn q8_0(rows: usize, cols: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in 0..rows {
+            for b in 0..cols / 32 {
+                out.extend_from_slice(&half::f16::from_f32(1.0 / 64.0).to_bits().to_le_bytes());
+                out.extend((0..32).map(|j| ((r * 31 + b * 7 + j * 3) % 255) as u8));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rows_that_are_not_whole_blocks_are_errors() {
+        // 96 weights are three Q8_0 blocks, but rows of 48 are not whole blocks.
+        let kv = llama(vec![("llama.vocab_size", V::U32(4))]);
+        let e = open_err(&gguf(&kv, &[("output.weight", &[48, 2], 8, 0)], &[0; 102]));
+        assert!(e.contains("not a whole number of blocks"), "{e}");
+    }
+
+    #[test]
+    fn a_file_truncated_mid_tensor_is_an_error() {
+        let kv = llama(vec![("llama.vocab_size", V::U32(4))]);
+        let data = q8_0(4, 32);
+        let e = open_err(&gguf(
+            &kv,
+            &[("output.weight", &[32, 4], 8, 0)],
+            &data[..100],
+        ));
+        assert!(e.contains("past the end"), "{e}");
+    }
+
+    #[test]
+    fn unknown_ggml_types_are_refused() {
+        let kv = llama(vec![("llama.vocab_size", V::U32(4))]);
+        // Q8_1 (candle names it, cannot read it), IQ2_XXS, and no type at all.
+        for ty in [9u32, 16, 99] {
+            let e = open_err(&gguf(
+                &kv,
+                &[("output.weight", &[256, 1], ty, 0)],
+                &[0; 512],
+            ));
+            assert!(
+                e.contains(&format!("ggml type {ty}, which skymoe cannot read")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn stored_matrices_are_ggml_blocks_and_others_dequantise() {
+        let kv = llama(vec![("llama.vocab_size", V::U32(4))]);
+        // q: 2 heads of 4 rows (rotary-permuted by llama.cpp), 32 columns, Q8_0;
+        // output: Q2_K (served dequantised), 4 rows of 256 zeros.
+        let q = q8_0(8, 32);
+        let mut data = q.clone();
+        data.resize(288, 0);
+        data.extend_from_slice(&[0u8; 4 * 84]);
+        let ck = open(&gguf(
+            &kv,
+            &[
+                ("blk.0.attn_q.weight", &[32, 8], 8, 0),
+                ("output.weight", &[256, 4], 10, 288),
+            ],
+            &data,
+        ))
+        .unwrap();
+        let w = &ck.weights;
+        let name = "model.layers.0.self_attn.q_proj.weight";
+        let m = w.ggml_matrix(name).unwrap().unwrap();
+        assert_eq!((m.ty(), m.rows(), m.cols()), (GgmlType::Q8_0, 8, 32));
+        let raw = w.raw(name).unwrap().unwrap();
+        assert_eq!(
+            (raw.ggml_type, raw.bytes, raw.permuted_heads),
+            (8, 272, Some(2))
+        );
+        assert_eq!(raw.row_order(), [0, 2, 1, 3, 4, 6, 5, 7]);
+        assert_eq!(&w.file_bytes()[raw.offset..raw.offset + raw.bytes], &q[..]);
+        // The un-permuted stored rows are the un-permuted dequantised tensor's.
+        let dense = w.load(name, &Device::Cpu).unwrap();
+        assert_eq!(dense.dims(), [8, 32]);
+        let dense = dense.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(m.dequantize(), dense);
+        assert_ne!(dense[..32], dense[32..64]);
+        // Q2_K is read (dequantised), not served as blocks.
+        assert!(w.ggml_matrix("lm_head.weight").unwrap().is_none());
+        let head = w.load("lm_head.weight", &Device::Cpu).unwrap();
+        assert_eq!(head.dims(), [4, 256]);
     }
 }

@@ -2,7 +2,8 @@
 //! and llama.cpp GGUF files.
 //!
 //! Every source yields tensors under their Hugging Face checkpoint names, in the Hugging Face
-//! layout, as f32 on the requested device.
+//! layout, as f32 on the requested device. Matrices stored quantised (fp8/int8/q4 safetensors,
+//! ggml blocks of a GGUF file) can also be read as stored: [`WeightSource::quantized`].
 
 pub mod convert;
 mod gguf;
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-pub use gguf::{GgufCheckpoint, GgufMetadata};
+pub use gguf::{GgufCheckpoint, GgufMetadata, GgufRawTensor, GgufWeights};
 pub use pytorch::PytorchCheckpoint;
 pub use safetensors_dir::SafetensorsCheckpoint;
 
@@ -28,8 +29,11 @@ pub enum WeightSource {
     Safetensors(SafetensorsCheckpoint),
     /// A Hugging Face directory with `pytorch_model.bin` or its shards (read lazily, no code run).
     Pytorch(PytorchCheckpoint),
-    /// Tensors already converted to Hugging Face names and layout (from GGUF or built in memory).
+    /// Tensors already converted to Hugging Face names and layout (built in memory).
     InMemory(HashMap<String, Tensor>),
+    /// A llama.cpp GGUF file (memory-mapped), its tensors under Hugging Face names and layout,
+    /// dequantised when read as f32, or read as stored ggml blocks.
+    Gguf(GgufWeights),
 }
 
 impl WeightSource {
@@ -39,6 +43,7 @@ impl WeightSource {
             WeightSource::Safetensors(s) => s.contains(name),
             WeightSource::Pytorch(p) => p.contains(name),
             WeightSource::InMemory(m) => m.contains_key(name),
+            WeightSource::Gguf(g) => g.contains(name),
         }
     }
 
@@ -48,13 +53,17 @@ impl WeightSource {
             WeightSource::Safetensors(s) => s.names(),
             WeightSource::Pytorch(p) => p.names(),
             WeightSource::InMemory(m) => m.keys().cloned().collect(),
+            WeightSource::Gguf(g) => g.names(),
         };
         names.sort();
         names
     }
 
-    /// A matrix stored quantised (fp8, int8, q4 with its `weight_scale`) as it is, or `None`
-    /// when the tensor is stored as a float.
+    /// A matrix stored quantised as it is: fp8, int8 or q4 with its `weight_scale` (safetensors),
+    /// or the ggml blocks of a GGUF tensor whose type skymoe's ggml kernels serve (Q4_0, Q4_1,
+    /// Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; read in place from the file's memory map). `None`
+    /// when the tensor is stored as a float or in another ggml type (read those with
+    /// [`WeightSource::get`]).
     pub fn quantized(
         &self,
         name: &str,
@@ -63,7 +72,25 @@ impl WeightSource {
     ) -> Result<Option<skymoe_kernels::quant::QMatrix>> {
         match self {
             WeightSource::Safetensors(s) => quantized::read_qmatrix(s, name, rows, cols),
+            WeightSource::Gguf(g) => match g.ggml_matrix(name)? {
+                Some(m) if (m.rows(), m.cols()) != (rows, cols) => Err(ModelError::ShapeMismatch {
+                    name: name.to_string(),
+                    expected: vec![rows, cols],
+                    found: vec![m.rows(), m.cols()],
+                }),
+                Some(m) => Ok(Some(skymoe_kernels::quant::QMatrix::from_ggml(m))),
+                None => Ok(None),
+            },
             WeightSource::Pytorch(_) | WeightSource::InMemory(_) => Ok(None),
+        }
+    }
+
+    /// The stored form of a GGUF tensor (ggml type, shape, place in the file), `None` for
+    /// other sources and for GGUF tensors joined from several stored ones.
+    pub fn gguf_raw(&self, name: &str) -> Result<Option<GgufRawTensor>> {
+        match self {
+            WeightSource::Gguf(g) => g.raw(name),
+            _ => Ok(None),
         }
     }
 
@@ -73,7 +100,7 @@ impl WeightSource {
         match self {
             WeightSource::Safetensors(s) => s.dtype(name).ok().map(|d| format!("{d:?}")),
             WeightSource::Pytorch(p) => p.dtype(name).ok().map(|d| format!("{d:?}")),
-            WeightSource::InMemory(_) => None,
+            WeightSource::InMemory(_) | WeightSource::Gguf(_) => None,
         }
     }
 
@@ -82,7 +109,7 @@ impl WeightSource {
         match self {
             WeightSource::Safetensors(_) => "safetensors",
             WeightSource::Pytorch(_) => "pytorch",
-            WeightSource::InMemory(_) => "converted",
+            WeightSource::InMemory(_) | WeightSource::Gguf(_) => "converted",
         }
     }
 
@@ -98,6 +125,7 @@ impl WeightSource {
                         name: name.to_string(),
                     })
             }
+            WeightSource::Gguf(g) => g.shape(name),
         }
     }
 
@@ -118,6 +146,7 @@ impl WeightSource {
                     name: name.to_string(),
                 })?
                 .to_device(device)?,
+            WeightSource::Gguf(g) => g.load(name, device)?,
         };
         if t.dims() != expected {
             return Err(ModelError::ShapeMismatch {
@@ -174,7 +203,7 @@ impl Checkpoint {
                 let g = GgufCheckpoint::open(path, device)?;
                 Ok(Checkpoint {
                     config: g.config,
-                    weights: WeightSource::InMemory(g.tensors),
+                    weights: WeightSource::Gguf(g.weights),
                     path: path.to_path_buf(),
                     gguf_metadata: Some(g.metadata),
                 })

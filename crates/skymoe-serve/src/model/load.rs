@@ -2,7 +2,15 @@
 //! stored when the checkpoint is already in the target format, so fp8/int8/q4 checkpoints
 //! load bit-exactly) and converted to the target format; the router gate, norms and biases
 //! stay in f32.
+//!
+//! GGUF files loaded "as stored" (`format` `None`) keep every projection, the embedding and the
+//! LM head whose ggml type skymoe's kernels serve (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
+//! Q6_K) as the file's own blocks, read in place from its memory map; stacked projections
+//! (q/k/v, gate/up) of different ggml types become row-segmented matrices. Matrices of other
+//! types (F32, F16, BF16, Q2_K, Q3_K) are dequantised and converted to [`stored_format`]'s
+//! format, as is everything a requested `format` asks for.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_core::Device;
@@ -24,8 +32,10 @@ use super::tp::TensorParallel;
 use super::{LayerAttention, ServeLayer, ServeModel};
 use crate::error::Result;
 
-/// The format a checkpoint's projections are stored in (f32 for GGUF files, which are
-/// dequantised when read; f16 for bf16/f16 safetensors and PyTorch files).
+/// The format a checkpoint's projections are stored in: f16 for bf16/f16 safetensors and
+/// PyTorch files. For a GGUF file, whose quantised projections are served as stored ggml
+/// blocks, the format of the matrices that are not (those in F32, F16/BF16 or a ggml type the
+/// kernels do not serve): f32 for an F32 file, else f16.
 pub fn stored_format(ckpt: &Checkpoint) -> WeightFormat {
     // Every family has an output projection (latent attention has no q_proj with a query
     // bottleneck).
@@ -40,6 +50,12 @@ pub fn stored_format(ckpt: &Checkpoint) -> WeightFormat {
             }
         }
         WeightSource::InMemory(_) => return WeightFormat::F32,
+        WeightSource::Gguf(_) => {
+            return match ckpt.weights.gguf_raw(&probe) {
+                Ok(Some(raw)) if raw.ggml_type != 0 => WeightFormat::F16,
+                _ => WeightFormat::F32,
+            }
+        }
     };
     match st.dtype(&probe) {
         Ok(Dtype::F8_E4M3) => WeightFormat::Fp8,
@@ -64,6 +80,8 @@ pub fn head_format(format: WeightFormat) -> WeightFormat {
 struct Reader<'a> {
     weights: &'a WeightSource,
     format: WeightFormat,
+    /// Serve ggml blocks as stored (a GGUF file loaded without a requested format).
+    stored: bool,
     tp: Option<&'a TensorParallel>,
 }
 
@@ -73,6 +91,7 @@ impl Reader<'_> {
         Ok(t.flatten_all()?.to_vec1::<f32>()?)
     }
 
+    /// A matrix in exactly `format` (as stored when it already is).
     fn matrix_as(
         &self,
         name: &str,
@@ -94,12 +113,31 @@ impl Reader<'_> {
         )?)
     }
 
+    /// A served matrix: its ggml blocks as stored when serving so, else in `format`.
+    fn serving(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        format: WeightFormat,
+    ) -> Result<QMatrix> {
+        if self.stored {
+            if let Some(q) = self.weights.quantized(name, rows, cols)? {
+                if q.format().is_ggml() {
+                    return Ok(q);
+                }
+            }
+        }
+        self.matrix_as(name, rows, cols, format)
+    }
+
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QMatrix> {
-        self.matrix_as(name, rows, cols, self.format)
+        self.serving(name, rows, cols, self.format)
     }
 
     /// The block `rows × cols` of a `[all_rows, all_cols]` matrix, in the target format (the
-    /// whole matrix read as stored when the block is all of it).
+    /// whole matrix read as stored when the block is all of it; stored ggml rows are sliced in
+    /// place when the block is whole rows).
     fn block(
         &self,
         name: &str,
@@ -110,7 +148,15 @@ impl Reader<'_> {
         if rows == (0..all_rows) && cols == (0..all_cols) {
             return self.matrix(name, all_rows, all_cols);
         }
-        let full = match self.weights.quantized(name, all_rows, all_cols)? {
+        let stored = self.weights.quantized(name, all_rows, all_cols)?;
+        if let (true, true, Some(q)) = (self.stored, cols == (0..all_cols), &stored) {
+            if let Some([seg]) = q.ggml_segments() {
+                if let Some(part) = seg.slice_rows(rows.clone()) {
+                    return Ok(QMatrix::from_ggml(part));
+                }
+            }
+        }
+        let full = match stored {
             Some(q) => q.dequantize(),
             None => self.vec(name, &[all_rows, all_cols])?,
         };
@@ -126,12 +172,20 @@ impl Reader<'_> {
         )?)
     }
 
-    /// Rows `rows` of several matrices of width `cols`, stacked.
+    /// Rows `rows` of several matrices of width `cols`, stacked. Stored ggml parts stack
+    /// whatever their types; when only some parts are ggml (a file mixing quantised and float
+    /// projections), those are converted to the target format too.
     fn stacked(&self, parts: &[(&str, usize, Range<usize>)], cols: usize) -> Result<QMatrix> {
-        let mats = parts
+        let mut mats = parts
             .iter()
             .map(|(name, rows, range)| self.block(name, (*rows, cols), range.clone(), 0..cols))
             .collect::<Result<Vec<_>>>()?;
+        let ggml = mats.iter().filter(|m| m.format().is_ggml()).count();
+        if ggml > 0 && ggml < mats.len() {
+            for m in mats.iter_mut().filter(|m| m.format().is_ggml()) {
+                *m = QMatrix::quantize(&m.dequantize(), m.rows(), m.cols(), self.format)?;
+            }
+        }
         Ok(QMatrix::concat_rows(&mats)?)
     }
 
@@ -208,6 +262,7 @@ impl ServeModel {
         format: Option<WeightFormat>,
         tp: Option<TensorParallel>,
     ) -> Result<ServeModel> {
+        let stored = format.is_none() && matches!(ckpt.weights, WeightSource::Gguf(_));
         let format = format.unwrap_or_else(|| stored_format(ckpt));
         let c = ckpt.config.clone();
         // A q/k norm over the whole projection needs every head's values; a rank holds some.
@@ -228,6 +283,7 @@ impl ServeModel {
         let r = Reader {
             weights: &ckpt.weights,
             format,
+            stored,
             tp: tp.as_ref(),
         };
         let (h, hd) = (c.hidden_size, c.head_dim);
@@ -255,11 +311,11 @@ impl ServeModel {
         // A row-parallel projection's bias is added once: by rank 0.
         let first_rank = tp.as_ref().is_none_or(|t| t.comm.rank() == 0);
         let hf = head_format(format);
-        let embed = Arc::new(r.matrix_as(names::EMBED, c.vocab_size, h, hf)?);
+        let embed = Arc::new(r.serving(names::EMBED, c.vocab_size, h, hf)?);
         let lm_head = if c.tie_word_embeddings {
             embed.clone()
         } else {
-            Arc::new(r.matrix_as(names::LM_HEAD, c.vocab_size, h, hf)?)
+            Arc::new(r.serving(names::LM_HEAD, c.vocab_size, h, hf)?)
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
@@ -395,5 +451,64 @@ impl ServeModel {
             shape,
             tp,
         })
+    }
+}
+
+impl ServeModel {
+    /// The weight matrices whose bytes [`ServeModel::weight_bytes`] counts (the embedding, the
+    /// LM head unless tied, and every layer's projections; not the f32 router gates), each with
+    /// a label such as `layers.3.qkv` or `layers.1.experts.5.gate_up`.
+    pub fn weight_matrices(&self) -> Vec<(String, &QMatrix)> {
+        let mut out: Vec<(String, &QMatrix)> = vec![("embed".into(), &*self.embed)];
+        if !Arc::ptr_eq(&self.embed, &self.lm_head) {
+            out.push(("lm_head".into(), &*self.lm_head));
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = |s: &str| format!("layers.{i}.{s}");
+            match &l.attention {
+                LayerAttention::Gqa { qkv, .. } => out.push((p("qkv"), &qkv.weight)),
+                LayerAttention::Mla(m) => {
+                    out.push((p("mla.down"), &m.down));
+                    match &m.queries {
+                        MlaQueries::LowRank { up, .. } => out.push((p("mla.q_up"), up)),
+                        MlaQueries::Direct(q) => out.push((p("mla.q"), q)),
+                    }
+                    for (h, k) in m.key_absorb.iter().enumerate() {
+                        out.push((p(&format!("mla.key_absorb.{h}")), k));
+                    }
+                    for (h, v) in m.value_up.iter().enumerate() {
+                        out.push((p(&format!("mla.value_up.{h}")), v));
+                    }
+                }
+            }
+            out.push((p("o"), &l.o.weight));
+            fn mlp<'a>(out: &mut Vec<(String, &'a QMatrix)>, prefix: String, m: &'a Mlp) {
+                out.push((format!("{prefix}.gate_up"), &m.gate_up));
+                out.push((format!("{prefix}.down"), &m.down));
+            }
+            match &l.ffn {
+                Ffn::Dense(m) => mlp(&mut out, p("mlp"), m),
+                Ffn::Moe(moe) => {
+                    for (e, m) in moe.experts.iter().enumerate() {
+                        mlp(&mut out, p(&format!("experts.{e}")), m);
+                    }
+                    if let Some((m, _)) = &moe.shared {
+                        mlp(&mut out, p("shared_expert"), m);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// How the weight matrices are stored: bytes per format (`q4_k` style names for ggml
+    /// blocks served as stored, `gguf:mixed` for stacks of several ggml types, `f16` etc.),
+    /// e.g. `{"gguf:Q4_K": …, "gguf:mixed": …, "gguf:Q6_K": …}` for a Q4_K_M file.
+    pub fn weight_formats(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for (_, m) in self.weight_matrices() {
+            *out.entry(m.format().to_string()).or_insert(0) += m.storage_bytes();
+        }
+        out
     }
 }

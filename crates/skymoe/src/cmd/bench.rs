@@ -115,6 +115,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "engine": "skymoe",
             "scenario": scenario,
             "weights": model.format.name(),
+            "weight_formats": model.weight_formats(),
             "kernels": skymoe_kernels::quant::Isa::detect().name(),
             "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
             "items": cfg.items,
@@ -145,6 +146,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let report = serde_json::json!({
         "engine": "skymoe",
         "weights": model.format.name(),
+            "weight_formats": model.weight_formats(),
         "kernels": skymoe_kernels::quant::Isa::detect().name(),
         "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "weight_mib": model.weight_bytes() as f64 / (1 << 20) as f64,
