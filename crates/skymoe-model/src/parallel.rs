@@ -419,12 +419,18 @@ impl CustomOp1 for SendActivations {
     }
 }
 
-/// Checkpoint names of the tensors a pipeline stage holds.
+/// Checkpoint names of the tensors a pipeline stage holds: its parameters, and the selection
+/// biases (`e_score_correction_bias`, router state) of its MoE layers.
 pub fn stage_tensor_names(
     config: &ModelConfig,
     stage: &PipelineStage,
 ) -> std::collections::HashSet<String> {
-    let mut keep = std::collections::HashSet::new();
+    let mut keep: std::collections::HashSet<String> = stage
+        .layers
+        .clone()
+        .filter(|&l| config.is_moe_layer(l))
+        .map(|l| crate::layers::router::selection_bias_name(&config.moe_names(l).gate))
+        .collect();
     for spec in config.param_specs() {
         let name = spec.name;
         let in_layer = stage

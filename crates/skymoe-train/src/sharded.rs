@@ -375,6 +375,11 @@ impl ModelShards {
 
     /// Sum the gradient of a tied embedding over the first and last stage, which both hold it.
     pub fn sum_tied_embedding(&self, grads: &mut BTreeMap<String, Tensor>) -> Result<()> {
+        // Untied, the first stage's embedding and the last stage's LM head are two tensors
+        // (every stage must agree on this, or the first would wait in the sum alone).
+        if !self.tied {
+            return Ok(());
+        }
         let Some(group) = self.pipeline.as_ref().and_then(|p| p.embedding.as_ref()) else {
             return Ok(());
         };

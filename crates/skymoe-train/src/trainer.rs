@@ -438,6 +438,21 @@ impl Trainer {
             let v = shards.gather(&spec.name, &spec.shape, v.as_deref())?;
             moments.insert(spec.name.clone(), (m, v));
         }
+        // The routers' selection biases (state, not parameters) as every rank holds them.
+        if self.cfg.aux.bias_update_rate > 0.0 || self.model_config.requires_selection_bias() {
+            let e = self.model_config.moe.as_ref().map_or(0, |m| m.num_experts);
+            for name in crate::params::selection_bias_names(&self.model_config) {
+                let local = match self.params.vars.get(&name) {
+                    Some(v) => Some(v.as_tensor().to_vec1::<f32>()?),
+                    None => None,
+                };
+                let whole = shards.gather(&name, &[e], local.as_deref())?;
+                vars.insert(
+                    name,
+                    Var::from_tensor(&Tensor::from_vec(whole, e, &self.device)?)?,
+                );
+            }
+        }
         let params = TrainableParams { vars };
         let mut optimizer = AdamW::new(self.cfg.adamw(), &params.vars);
         optimizer.step = self.optimizer.step;
@@ -789,34 +804,29 @@ impl Trainer {
         self.step_on_batches(&micro, start, last_checkpoint)
     }
 
-    /// Refuse the balancing options this run layout does not support yet: the sequence-wise
-    /// loss with recomputation; the global-batch loss and the selection bias with
-    /// recomputation or over several processes (their load counts are not summed over them).
+    /// Refuse the balancing options this run layout does not support yet: the global-batch
+    /// loss with recomputation or over data-parallel replicas.
     fn check_balance_support(&self) -> Result<()> {
         let a = &self.cfg.aux;
         let recompute = self.model.recompute.is_some();
-        let split = self.replicas.is_some() || self.shards.is_some();
         let refuse = |what: &str, why: &str| {
             Err(TrainError::Config(format!(
                 "{what} is not supported {why} yet"
             )))
         };
-        if recompute && matches!(a.balance, BalanceLoss::Sequence | BalanceLoss::Global) {
-            return refuse(
-                "aux.balance = \"sequence\" or \"global\"",
-                "with recomputation",
-            );
+        if recompute && a.balance == BalanceLoss::Global {
+            return refuse("aux.balance = \"global\"", "with recomputation");
         }
-        if (recompute || split) && a.balance == BalanceLoss::Global {
+        // Data-parallel replicas each route their own micro-batches at once: a running count
+        // over the global batch would need every replica's counts of each micro-batch, which
+        // makes the loss depend on how the batch is cut into replicas.
+        if self.replicas.as_ref().is_some_and(|r| r.replicas() > 1)
+            && a.balance == BalanceLoss::Global
+        {
             return refuse(
                 "aux.balance = \"global\"",
-                "over several processes or with recomputation",
-            );
-        }
-        if (recompute || split) && a.bias_update_rate > 0.0 {
-            return refuse(
-                "aux.bias_update_rate",
-                "over several processes or with recomputation",
+                "with data-parallel replicas (dp > 1; tensor, expert-data and pipeline \
+                 parallelism are supported)",
             );
         }
         Ok(())
@@ -834,6 +844,11 @@ impl Trainer {
             let gate = self.model_config.moe_names(layer).gate;
             let name = skymoe_model::layers::router::selection_bias_name(&gate);
             let (Some(var), Some(load)) = (self.params.vars.get(&name), routed.get(l)) else {
+                // A pipeline stage holds (and routes) its own layers only.
+                if self.model.pipeline.is_some() {
+                    l += 1;
+                    continue;
+                }
                 return Err(TrainError::Config(format!("no selection bias {name}")));
             };
             let mut bias = var.as_tensor().to_vec1::<f32>()?;
@@ -907,6 +922,8 @@ impl Trainer {
             let balance = cfg.aux.balance;
             let z_coef = cfg.aux.z_loss_coef;
             let scale = 1.0 / accum as f64;
+            // Sequences per micro-batch (the sequence-wise loss averages over them).
+            let sequences = micro.first().map_or(1, Vec::len);
             let objective: std::sync::Arc<skymoe_model::recompute::AuxObjective> =
                 std::sync::Arc::new(move |layer, r| {
                     let Some(l) = moe_index.get(layer).copied().flatten() else {
@@ -924,8 +941,14 @@ impl Trainer {
                     let aux = match balance {
                         BalanceLoss::Skywork => Some(skywork_aux(&r.probs)?),
                         BalanceLoss::Switch => Some(switch_aux(&r.probs, &r.score_counts())?),
+                        BalanceLoss::Sequence => Some(sequence_aux(
+                            &r.probs,
+                            &r.score_experts,
+                            r.top_k,
+                            sequences,
+                        )?),
                         // Refused with recomputation (see `check_balance_support`).
-                        BalanceLoss::Sequence | BalanceLoss::Global | BalanceLoss::None => None,
+                        BalanceLoss::Global | BalanceLoss::None => None,
                     };
                     if let Some(aux) = aux {
                         if a != 0.0 {
@@ -1047,7 +1070,7 @@ impl Trainer {
             mut drop,
             mut gate_ratio,
             mut load,
-            routed,
+            mut routed,
         } = sums;
         if let Some(shards) = &self.shards {
             shards.sum_tied_embedding(&mut grads_acc)?;
@@ -1080,6 +1103,13 @@ impl Trainer {
             for l in &load {
                 stats.extend(l);
             }
+            // The selection bias moves with the tokens every replica routed.
+            let bias_counts = cfg.aux.bias_update_rate > 0.0;
+            if bias_counts {
+                for r in &routed {
+                    stats.extend(r.iter().map(|&c| c as f64));
+                }
+            }
             sync_bytes += 8 * stats.len() as u64;
             sync.sum_f64(&mut stats)?;
             let mean = |x: f64| x / replicas;
@@ -1104,6 +1134,14 @@ impl Trainer {
                 for x in l.iter_mut() {
                     *x = mean(stats[at]);
                     at += 1;
+                }
+            }
+            if bias_counts {
+                for r in routed.iter_mut() {
+                    for c in r.iter_mut() {
+                        *c = stats[at].round() as usize;
+                        at += 1;
+                    }
                 }
             }
             if nonfinite > 0.0 {

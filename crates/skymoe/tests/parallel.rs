@@ -730,3 +730,159 @@ fn model_parallel_gradients_equal_one_process() {
         }
     }
 }
+
+/// A run file training the reference checkpoint of `family` with `balance` (and a selection
+/// bias updated at `bias_rate`), `grad_accum` micro-batches a step.
+fn family_config(
+    dir: &Path,
+    family: &str,
+    balance: &str,
+    bias_rate: f64,
+    grad_accum: usize,
+) -> PathBuf {
+    let p = dir.join(format!(
+        "{family}-{balance}-{bias_rate}-accum{grad_accum}.toml"
+    ));
+    std::fs::write(
+        &p,
+        format!(
+            r#"
+[model]
+init = "{init}"
+
+[router]
+capacity_factor = 1.25
+
+[aux]
+balance = "{balance}"
+adaptive = {adaptive}
+alpha_init = 0.01
+bias_update_rate = {bias_rate}
+
+[data]
+inputs = ["{corpus}"]
+seq_len = 16
+
+[optim]
+warmup_steps = 1
+lr = 0.003
+eps = 1e-6
+
+[train]
+steps = 3
+batch_size = 2
+grad_accum = {grad_accum}
+eval_every = 0
+checkpoint_every = 0
+"#,
+            init = common::fixtures().join(family).display(),
+            adaptive = balance == "skywork",
+            corpus = corpus().display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// The new families (latent attention, shared experts and dense first layers of DeepSeek-V3;
+/// Qwen3-MoE's per-head q/k norm and many small experts) train the same over expert-parallel
+/// and pipeline-parallel processes as in one, with their balancing options: DeepSeek-V3's
+/// sequence-wise loss and aux-loss-free selection bias (its load counts summed over the
+/// processes), Megatron's global-batch loss.
+#[test]
+fn new_families_train_the_same_under_expert_and_pipeline_parallelism() {
+    type Case<'a> = (&'a str, &'a str, f64, &'a [(usize, &'a str, &'a [&'a str])]);
+    let cases: [Case; 3] = [
+        (
+            "deepseek_v3",
+            "sequence",
+            0.01,
+            &[
+                (2, "ep=2,dp=2", &[]),
+                (2, "pp=2", &["--pp-layers", "1,2"]),
+                (4, "ep=2,dp=2,pp=2", &["--pp-layers", "2,1"]),
+            ],
+        ),
+        (
+            "qwen3_moe",
+            "skywork",
+            0.0,
+            &[
+                (2, "ep=2,dp=2", &[]),
+                (2, "pp=2", &["--pp-layers", "2,1"]),
+                (2, "tp=2", &[]),
+                (2, "edp=2", &[]),
+            ],
+        ),
+        (
+            "qwen3_moe",
+            "global",
+            0.0,
+            &[(2, "edp=2", &[]), (2, "pp=2", &["--pp-layers", "1,2"])],
+        ),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for (family, balance, rate, layouts) in cases {
+        let single = tmp.path().join(format!("{family}-{balance}-single"));
+        let cfg2 = family_config(tmp.path(), family, balance, rate, 2);
+        let cfg1 = family_config(tmp.path(), family, balance, rate, 1);
+        train_alone(&[
+            "--config",
+            cfg2.to_str().unwrap(),
+            "--out",
+            single.to_str().unwrap(),
+        ]);
+        for &(np, layout, extra) in layouts {
+            let what = format!("{family} {balance} {layout}");
+            let run = tmp.path().join(format!(
+                "{family}-{balance}-{}",
+                layout.replace([',', '='], "-")
+            ));
+            // Data-parallel replicas each take one of the single process's micro-batches.
+            let cfg = if layout.split(',').any(|p| p == "dp=2") {
+                &cfg1
+            } else {
+                &cfg2
+            };
+            let mut args = vec![
+                "train",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--quiet",
+                "--out",
+                run.to_str().unwrap(),
+                "--parallel",
+                layout,
+            ];
+            args.extend_from_slice(extra);
+            let out = mpirun(np, &args, "families").output().unwrap();
+            assert!(out.status.success(), "{what}: {}", text(&out));
+            assert_same_training(&single, &run, &what);
+        }
+    }
+    // The global-batch loss over data-parallel replicas is refused with its reason.
+    let cfg = family_config(tmp.path(), "qwen3_moe", "global", 0.0, 1);
+    let run = tmp.path().join("global-dp");
+    let out = mpirun(
+        2,
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--quiet",
+            "--out",
+            run.to_str().unwrap(),
+            "--parallel",
+            "ep=2,dp=2",
+        ],
+        "families",
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("not supported with data-parallel replicas"),
+        "{}",
+        text(&out)
+    );
+}

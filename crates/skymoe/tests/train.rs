@@ -600,11 +600,19 @@ fn training_is_deterministic_across_runs() {
     assert_eq!(run("a"), run("b"));
 }
 
-/// Recomputing layers in backward gives the same training as keeping their activations.
+/// Recomputing layers in backward gives the same training as keeping their activations,
+/// with Skywork's adaptive loss and with DeepSeek-V3's sequence-wise loss and selection bias.
 #[test]
 fn recomputed_layers_train_exactly_like_kept_ones() {
+    check_recomputation("");
+    check_recomputation(
+        "[aux]\nbalance = \"sequence\"\nadaptive = false\nalpha_init = 0.01\nbias_update_rate = 0.01\n",
+    );
+}
+
+fn check_recomputation(extra: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = write_config(tmp.path(), "");
+    let cfg = write_config(tmp.path(), extra);
     let mut runs = Vec::new();
     for (name, extra) in [
         ("kept", None),
@@ -666,6 +674,12 @@ fn recomputed_layers_train_exactly_like_kept_ones() {
             assert!(diff <= 1e-6, "{name}: {diff}");
         }
     }
+}
+
+#[test]
+fn recompute_counts_must_match_the_stages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "");
     let out = skymoe(&[
         "train",
         "--config",
