@@ -259,15 +259,58 @@ impl ChatTemplate {
         tools: Option<&[serde_json::Value]>,
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
+        self.render_json_with(
+            messages,
+            tools,
+            add_generation_prompt,
+            &serde_json::Map::new(),
+        )
+    }
+
+    /// [`ChatTemplate::render_json`] with further template variables `kwargs` (vLLM's
+    /// `chat_template_kwargs`, `apply_chat_template(..., **kwargs)`: e.g. `enable_thinking`).
+    /// Names the renderer sets itself (`messages`, `tools`, `documents`,
+    /// `add_generation_prompt`) are not overridden.
+    pub fn render_json_with(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, ChatTemplateError> {
         let tools = match tools {
             Some(t) => Value::from_serialize(t),
             None => Value::from(()),
         };
-        self.render_values(
+        self.render_values_with(
             Value::from_serialize(messages),
             tools,
             add_generation_prompt,
+            kwargs,
         )
+    }
+
+    /// Render OpenAI chat messages: content parts joined, tool-call arguments as the objects
+    /// they encode, as vLLM passes them
+    /// ([`messages_for_template`](crate::tool_calls::messages_for_template)); a template
+    /// that writes the arguments as text (and fails on an object, as DeepSeek's do) gets the
+    /// client's JSON strings, as transformers gives them.
+    pub fn render_openai(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, ChatTemplateError> {
+        let prepared = crate::tool_calls::messages_for_template(messages);
+        match self.render_json_with(&prepared, tools, add_generation_prompt, kwargs) {
+            Ok(text) => Ok(text),
+            Err(first) => {
+                let strings = crate::tool_calls::messages_with_string_arguments(messages);
+                self.render_json_with(&strings, tools, add_generation_prompt, kwargs)
+                    .map_err(|_| first)
+            }
+        }
     }
 
     /// Whether the template reads `tools` (templates that do not ignore a request's tools).
@@ -280,6 +323,21 @@ impl ChatTemplate {
         messages: Value,
         tools: Value,
         add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
+        self.render_values_with(
+            messages,
+            tools,
+            add_generation_prompt,
+            &serde_json::Map::new(),
+        )
+    }
+
+    fn render_values_with(
+        &self,
+        messages: Value,
+        tools: Value,
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String, ChatTemplateError> {
         let template = self
             .env
@@ -296,6 +354,13 @@ impl ChatTemplate {
         }
         if let Some(e) = &self.eos_token {
             ctx.push(("eos_token", Value::from(e.as_str())));
+        }
+        const RESERVED: [&str; 4] = ["messages", "tools", "documents", "add_generation_prompt"];
+        for (k, v) in kwargs {
+            if !RESERVED.contains(&k.as_str()) {
+                // A later entry of the same name replaces an earlier one (bos_token, ...).
+                ctx.push((k.as_str(), Value::from_serialize(v)));
+            }
         }
         let ctx: Value = ctx.into_iter().collect();
         template.render(ctx).map_err(|e| match raised_message(&e) {
@@ -1272,6 +1337,54 @@ ASSISTANT:
             t.render(&plain(), true).ok()
         );
         assert!(!ChatTemplate::chatml().uses_tools());
+    }
+
+    /// The templates of the MoE families (Qwen3, DeepSeek-V3.1) render OpenAI conversations
+    /// as transformers does: tools, tool calls and results, reasoning kept or dropped, and
+    /// template variables (`enable_thinking`, `thinking`) given as `chat_template_kwargs`
+    /// (`fixtures/chat_templates/*.render-cases.json`,
+    /// tools/reference/make_chat_template_cases.py).
+    #[test]
+    fn family_templates_match_transformers() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/chat_templates");
+        let read = |name: &str| match std::fs::read_to_string(dir.join(name)) {
+            Ok(s) => s,
+            Err(e) => panic!("{name}: {e}"),
+        };
+        for file in ["qwen3.render-cases.json", "deepseek-v3.1.render-cases.json"] {
+            let doc: serde_json::Value = match serde_json::from_str(&read(file)) {
+                Ok(v) => v,
+                Err(e) => panic!("{file}: {e}"),
+            };
+            let token = |k: &str| doc[k].as_str().map(str::to_string);
+            let t = match ChatTemplate::new(
+                read(doc["template"].as_str().unwrap_or_default()),
+                token("bos_token"),
+                token("eos_token"),
+            ) {
+                Ok(t) => t,
+                Err(e) => panic!("{file}: {e}"),
+            };
+            let cases = doc["cases"].as_array().cloned().unwrap_or_default();
+            assert_eq!(cases.len(), 5, "{file}");
+            for case in cases {
+                let messages = case["messages"].as_array().cloned().unwrap_or_default();
+                let tools = case["tools"].as_array().cloned();
+                let kwargs = case["kwargs"].as_object().cloned().unwrap_or_default();
+                let got = t.render_openai(
+                    &messages,
+                    tools.as_deref(),
+                    case["add_generation_prompt"].as_bool().unwrap_or(false),
+                    &kwargs,
+                );
+                assert_eq!(
+                    got.ok().as_deref(),
+                    case["expected"].as_str(),
+                    "{file} {}",
+                    case["name"]
+                );
+            }
+        }
     }
 
     #[test]

@@ -415,6 +415,17 @@ pub fn tools_system_prompt(tools: &[Value]) -> String {
 /// `function.arguments` (a JSON string in OpenAI's API) turned into the object it encodes,
 /// which templates write with `tojson`. Arguments that are not valid JSON stay strings.
 pub fn messages_for_template(messages: &[Value]) -> Vec<Value> {
+    prepare_messages(messages, true)
+}
+
+/// [`messages_for_template`] keeping each tool call's `function.arguments` the JSON string
+/// the client sent, for templates that write it as text (DeepSeek's
+/// `name + '<｜tool▁sep｜>' + arguments`).
+pub fn messages_with_string_arguments(messages: &[Value]) -> Vec<Value> {
+    prepare_messages(messages, false)
+}
+
+fn prepare_messages(messages: &[Value], parse_arguments: bool) -> Vec<Value> {
     messages
         .iter()
         .map(|m| {
@@ -428,6 +439,9 @@ pub fn messages_for_template(messages: &[Value]) -> Vec<Value> {
                     .filter_map(|p| p.get("text").and_then(Value::as_str))
                     .collect();
                 o.insert("content".to_string(), Value::String(text));
+            }
+            if !parse_arguments {
+                return m;
             }
             if let Some(Value::Array(calls)) = o.get_mut("tool_calls") {
                 for call in calls {

@@ -27,7 +27,7 @@ use crate::engine::{
     Usage,
 };
 use crate::tool_calls::{
-    messages_for_template, parse_required_output, parse_tool_calls, parse_tool_choice, parse_tools,
+    parse_required_output, parse_tool_calls, parse_tool_choice, parse_tools,
     tools_system_prompt, ToolCall, ToolCallFormat, ToolCallParser, ToolChoice, ToolError,
     ToolStreamEvent,
 };
@@ -1605,6 +1605,7 @@ async fn chat_prompt(
     tools: Vec<serde_json::Value>,
     add_generation_prompt: bool,
     add_special_tokens: bool,
+    kwargs: serde_json::Map<String, serde_json::Value>,
 ) -> Result<Vec<u32>, ApiError> {
     let engine = st.engine.clone();
     blocking(move || {
@@ -1613,12 +1614,12 @@ async fn chat_prompt(
         if !tools.is_empty() && !native {
             add_tools_to_messages(&mut messages, &tools);
         }
-        let messages = messages_for_template(&messages);
         let text = template
-            .render_json(
+            .render_openai(
                 &messages,
                 native.then_some(&tools[..]),
                 add_generation_prompt,
+                &kwargs,
             )
             .map_err(|e| {
                 ApiError::invalid_param("messages", format!("cannot apply the chat template: {e}"))
@@ -1765,7 +1766,8 @@ async fn chat_inner(
         Some((g, param)) => Some(compile_constraint(&st, g, param).await?),
         None => None,
     };
-    let ids = chat_prompt(&st, messages, tools_json, true, false).await?;
+    let kwargs = req.chat_template_kwargs.unwrap_or_default();
+    let ids = chat_prompt(&st, messages, tools_json, true, false, kwargs).await?;
     let mut gen = generation_request(&st, &common, ids, "messages", None, false)?;
     gen.logprobs = logprobs;
     gen.constraint = constraint;
@@ -1874,6 +1876,7 @@ async fn tokenize_inner(
                 tools,
                 req.add_generation_prompt.unwrap_or(true),
                 req.add_special_tokens.unwrap_or(false),
+                req.chat_template_kwargs.unwrap_or_default(),
             )
             .await?
         }

@@ -244,6 +244,10 @@ pub struct ChatCompletionRequest {
     /// "json_schema": {"name", "schema", "strict"}}`.
     #[serde(default)]
     pub response_format: Option<serde_json::Value>,
+    /// Further variables for the chat template (vLLM's `chat_template_kwargs`), e.g.
+    /// `{"enable_thinking": false}` for Qwen3 or DeepSeek-V3.1.
+    #[serde(default)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Token counts in a response.
@@ -542,6 +546,9 @@ pub struct TokenizeRequest {
     /// With `messages`: end with the assistant's turn opening (default true).
     #[serde(default)]
     pub add_generation_prompt: Option<bool>,
+    /// With `messages`: further variables for the chat template, as in a chat request.
+    #[serde(default)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     /// Add the tokenizer's special tokens (BOS); default true for `prompt`, false for
     /// `messages` (the template writes them).
     #[serde(default)]
