@@ -180,6 +180,7 @@ pub fn run_demo(o: &DemoOptions, obs: &mut dyn Observer) -> Result<DemoResult> {
             gate_init: GateInit::Normal(0.02),
             expert_noise: 0.0,
             gate_norm_std: Some(1.0),
+            segments: 1,
             seed: o.seed,
         },
     )?;

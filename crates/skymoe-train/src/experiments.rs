@@ -447,6 +447,7 @@ fn upcycle_to(dense: &Path, out: &Path, seed: u64) -> Result<()> {
             gate_init: GateInit::Normal(0.02),
             expert_noise: 0.0,
             gate_norm_std: Some(1.0),
+            segments: 1,
             seed,
         },
     )?;

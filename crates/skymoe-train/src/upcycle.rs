@@ -1,6 +1,16 @@
-//! Upcycling: turn a dense Llama checkpoint into an MoE (Skywork-MoE or Mixtral layout) whose
-//! experts all start as copies of the dense FFN. With no expert noise and renormalised top-k
-//! weights the MoE computes exactly the dense model's function, whatever the gate.
+//! Upcycling: turn a dense Llama checkpoint into an MoE (Skywork-MoE, Mixtral or Qwen3-MoE
+//! layout) whose experts start from the dense FFN.
+//!
+//! With `segments = 1` every expert is a copy of the dense FFN; with no expert noise and
+//! renormalised top-k weights the MoE computes exactly the dense FFN's function, whatever the
+//! gate. With `segments = G > 1` (fine-grained experts, as Qwen3-MoE and DeepSeekMoE use) the
+//! dense FFN's hidden units are split into G column segments, expert `e` holds segment
+//! `e mod G` (replicated to fill the expert count), and each expert's down projection is
+//! scaled by G: with a zero gate and top-k = G the k selected experts (the first k, all
+//! scores tied) are the G segments with weight 1/G each, so the MoE again computes the dense
+//! FFN exactly. Other settings start close to it but not equal. Qwen3-MoE's per-head q/k
+//! RMSNorm (weights 1) has no setting that leaves attention unchanged: an upcycled Qwen3-MoE
+//! starts with the dense FFNs but not the dense attention.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -59,6 +69,9 @@ pub struct UpcycleOptions {
     pub expert_noise: f64,
     /// Gating logit normalisation λ for the Skywork layout (`None`: off).
     pub gate_norm_std: Option<f64>,
+    /// Column segments the dense FFN is split into, one per expert (fine-grained experts);
+    /// 1: every expert is the whole FFN.
+    pub segments: usize,
     /// Seed of the gate and noise draws.
     pub seed: u64,
 }
@@ -93,8 +106,34 @@ pub fn upcycled_config(dense: &ModelConfig, o: &UpcycleOptions) -> Result<ModelC
     }
     if !o.arch.family().upcycle_target() {
         return Err(TrainError::Config(format!(
-            "upcycling writes the skywork or mixtral layout, not {}",
-            o.arch.model_type()
+            "upcycling writes the skywork, mixtral or qwen3_moe layout, not {}{}",
+            o.arch.model_type(),
+            if o.arch
+                .family()
+                .new_model(
+                    dense.clone(),
+                    &NewExperts {
+                        num_experts: 1,
+                        top_k: 1,
+                        expert_intermediate_size: 1,
+                        logits_norm_std: None,
+                    }
+                )
+                .mla
+                .is_some()
+            {
+                " (its multi-head latent attention has no counterpart of Llama's attention to \
+                 start from)"
+            } else {
+                ""
+            }
+        )));
+    }
+    let g = o.segments;
+    if g == 0 || !dense.intermediate_size.is_multiple_of(g) || !o.experts.is_multiple_of(g) {
+        return Err(TrainError::Config(format!(
+            "--segments ({g}) must divide the dense FFN width ({}) and the expert count ({})",
+            dense.intermediate_size, o.experts
         )));
     }
     if dense.qkv_bias || dense.o_bias {
@@ -112,7 +151,7 @@ pub fn upcycled_config(dense: &ModelConfig, o: &UpcycleOptions) -> Result<ModelC
     let experts = NewExperts {
         num_experts: o.experts,
         top_k: o.top_k,
-        expert_intermediate_size: dense.intermediate_size,
+        expert_intermediate_size: dense.intermediate_size / g,
         logits_norm_std: o.gate_norm_std,
     };
     let c = o.arch.family().new_model(dense.clone(), &experts);
@@ -137,6 +176,21 @@ pub fn upcycle_tensors(
         }
         out.insert(spec.name.clone(), weights.tensor(&spec.name, &spec.shape)?);
     }
+    // A q/k norm the dense model lacks starts at weight 1.
+    if let Some((qs, ks)) = moe_cfg.qk_norm_sizes() {
+        for l in 0..dense.num_hidden_layers {
+            out.insert(
+                skymoe_model::names::q_norm(l),
+                Tensor::ones(qs, candle_core::DType::F32, device)?,
+            );
+            out.insert(
+                skymoe_model::names::k_norm(l),
+                Tensor::ones(ks, candle_core::DType::F32, device)?,
+            );
+        }
+    }
+    let segments = o.segments;
+    let width = dense.intermediate_size / segments;
     for l in 0..dense.num_hidden_layers {
         let d = dense.dense_ffn_names(l);
         let f = dense.intermediate_size;
@@ -164,10 +218,20 @@ pub fn upcycle_tensors(
             )?;
             Ok((t + noise)?)
         };
-        for e in &names.experts {
-            out.insert(e.gate.clone(), noisy(&gate)?);
-            out.insert(e.up.clone(), noisy(&up)?);
-            out.insert(e.down.clone(), noisy(&down)?);
+        for (i, e) in names.experts.iter().enumerate() {
+            let s = (i % segments) * width;
+            let (eg, eu, ed) = if segments == 1 {
+                (gate.clone(), up.clone(), down.clone())
+            } else {
+                (
+                    gate.narrow(0, s, width)?.contiguous()?,
+                    up.narrow(0, s, width)?.contiguous()?,
+                    (down.narrow(1, s, width)?.contiguous()? * segments as f64)?,
+                )
+            };
+            out.insert(e.gate.clone(), noisy(&eg)?);
+            out.insert(e.up.clone(), noisy(&eu)?);
+            out.insert(e.down.clone(), noisy(&ed)?);
         }
     }
     Ok((moe_cfg, out))

@@ -221,3 +221,117 @@ fn bad_requests_are_errors() {
     );
     assert!(!out.exists(), "nothing may be written on error");
 }
+
+fn upcycle_ok(args: &[&str]) {
+    let mut all = vec!["upcycle"];
+    all.extend_from_slice(args);
+    let o = skymoe(&all);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Fine-grained experts: the dense FFN split into column segments, one per expert. With a
+/// zero gate and top-k equal to the segment count the selected experts are the segments, so
+/// the Skywork and Mixtral layouts compute the dense model exactly; Qwen3-MoE's MoE blocks
+/// compute the dense FFNs exactly, while its new q/k norm changes attention.
+#[test]
+fn fine_grained_upcycling_keeps_the_dense_ffn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = fixtures().join("llama");
+    let want = logits(&dense, &TOKENS);
+    for (arch, experts, k, segments) in [("skywork", "6", "3", "3"), ("mixtral", "4", "2", "2")] {
+        let out = tmp.path().join(arch);
+        upcycle_ok(&[
+            "--from",
+            dense.to_str().unwrap(),
+            "--experts",
+            experts,
+            "--top-k",
+            k,
+            "--segments",
+            segments,
+            "--arch",
+            arch,
+            "--gate-init",
+            "zeros",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let ck = Checkpoint::open(&out, &Device::Cpu).unwrap();
+        let width = 96 / segments.parse::<usize>().unwrap();
+        assert_eq!(
+            ck.config.moe.as_ref().unwrap().expert_intermediate_size,
+            width
+        );
+        let d = max_diff(&logits(&out, &TOKENS), &want);
+        assert!(
+            d <= 1e-5,
+            "{arch}: upcycled logits differ from dense by {d}"
+        );
+    }
+    let out = tmp.path().join("qwen3");
+    upcycle_ok(&[
+        "--from",
+        dense.to_str().unwrap(),
+        "--experts",
+        "6",
+        "--top-k",
+        "3",
+        "--segments",
+        "3",
+        "--arch",
+        "qwen3_moe",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let dense_model = CausalLm::load(
+        &Checkpoint::open(&dense, &Device::Cpu).unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ck = Checkpoint::open(&out, &Device::Cpu).unwrap();
+    assert_eq!(ck.config.architecture, skymoe_model::Architecture::Qwen3Moe);
+    assert_eq!(ck.config.qk_norm, skymoe_model::QkNorm::PerHead);
+    let moe_model = CausalLm::load(&ck, &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 5, 64), &Device::Cpu).unwrap();
+    for (a, b) in dense_model.layers.iter().zip(&moe_model.layers) {
+        use skymoe_model::layers::block::FeedForward;
+        let (FeedForward::Dense(ffn), FeedForward::Moe(moe)) = (&a.ffn, &b.ffn) else {
+            panic!("expected a dense and an MoE feed-forward block");
+        };
+        let d = max_diff(&ffn.forward(&x).unwrap(), &moe.forward(&x).unwrap().0);
+        assert!(
+            d <= 1e-5,
+            "qwen3_moe: MoE block differs from the dense FFN by {d}"
+        );
+    }
+    // The q/k norm is new: attention, hence the logits, change.
+    assert!(max_diff(&logits(&out, &TOKENS), &want) > 1e-3);
+}
+
+#[test]
+fn layouts_that_cannot_start_from_a_dense_llama_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = fixtures().join("llama");
+    let out = tmp.path().join("x");
+    let args = |arch: &'static str, segments: &'static str| {
+        vec![
+            "upcycle".to_string(),
+            "--from".into(),
+            dense.to_str().unwrap().into(),
+            "--experts".into(),
+            "4".into(),
+            "--top-k".into(),
+            "2".into(),
+            "--segments".into(),
+            segments.into(),
+            "--arch".into(),
+            arch.into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ]
+    };
+    let run = |a: Vec<String>| skymoe(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_clean_failure(&run(args("deepseek_v3", "1")), "latent attention");
+    assert_clean_failure(&run(args("qwen3_moe", "5")), "--segments (5) must divide");
+    assert!(!out.exists());
+}

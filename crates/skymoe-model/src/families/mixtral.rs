@@ -71,6 +71,8 @@ impl Family for Mixtral {
 
     fn new_model(&self, mut dense: ModelConfig, experts: &NewExperts) -> ModelConfig {
         dense.architecture = Architecture::Mixtral;
+        // Mixtral's `intermediate_size` is the expert width.
+        dense.intermediate_size = experts.expert_intermediate_size;
         dense.moe = Some(every_layer_moe(experts, dense.num_hidden_layers, ROUTER));
         dense
     }

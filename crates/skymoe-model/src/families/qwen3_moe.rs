@@ -97,6 +97,10 @@ impl Family for Qwen3Moe {
         Ok(())
     }
 
+    fn upcycle_target(&self) -> bool {
+        true
+    }
+
     fn new_model(&self, mut dense: ModelConfig, experts: &NewExperts) -> ModelConfig {
         dense.architecture = Architecture::Qwen3Moe;
         dense.qk_norm = QkNorm::PerHead;

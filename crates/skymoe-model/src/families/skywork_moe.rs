@@ -99,6 +99,8 @@ impl Family for SkyworkMoe {
             })
             .unwrap_or(1);
         o.insert("num_experts".into(), vec![m.num_experts].into());
+        // Read back by skymoe (Skywork's released modeling code routes top-2 whatever it says).
+        o.insert("moe_topk".into(), m.top_k.into());
         o.insert("moe_expert_interval".into(), interval.into());
         o.insert("moe_use_mixtral_gating".into(), false.into());
         o.insert("moe_2layer_gate".into(), m.router.two_layer_gate.into());
@@ -122,6 +124,8 @@ impl Family for SkyworkMoe {
 
     fn new_model(&self, mut dense: ModelConfig, experts: &NewExperts) -> ModelConfig {
         dense.architecture = Architecture::SkyworkMoe;
+        // One `intermediate_size` holds the expert width (every layer is an MoE).
+        dense.intermediate_size = experts.expert_intermediate_size;
         let router = RouterConfig {
             logits_norm_std: experts.logits_norm_std,
             normalize_top_k: true,

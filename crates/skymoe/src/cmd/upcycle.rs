@@ -1,5 +1,5 @@
-//! `skymoe upcycle`: turn a dense Llama checkpoint into an MoE whose experts start as copies of
-//! the dense FFN.
+//! `skymoe upcycle`: turn a dense Llama checkpoint into an MoE whose experts start from the
+//! dense FFN (whole copies, or fine-grained column segments).
 
 use std::path::PathBuf;
 
@@ -20,9 +20,14 @@ pub struct Args {
     /// Experts per token.
     #[arg(long)]
     top_k: usize,
-    /// Output layout: skywork or mixtral.
+    /// Output layout: skywork, mixtral or qwen3_moe.
     #[arg(long, default_value = "skywork")]
     arch: String,
+    /// Split the dense FFN into this many column segments, one per expert (fine-grained
+    /// experts; expert e holds segment e mod SEGMENTS, its down projection scaled by
+    /// SEGMENTS). 1: every expert is the whole FFN.
+    #[arg(long, default_value_t = 1)]
+    segments: usize,
     /// Router initialisation: zeros or normal:STD.
     #[arg(long, default_value = "zeros")]
     gate_init: GateInit,
@@ -42,9 +47,11 @@ pub struct Args {
 
 /// Run the verb.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let Some(arch) = Architecture::from_name(&a.arch).filter(|a| a.family().upcycle_target())
-    else {
-        anyhow::bail!("unknown --arch `{}` (skywork | mixtral)", a.arch);
+    let Some(arch) = Architecture::from_name(&a.arch) else {
+        anyhow::bail!(
+            "unknown --arch `{}` (skywork | mixtral | qwen3_moe)",
+            a.arch
+        );
     };
     let opts = UpcycleOptions {
         experts: a.experts,
@@ -53,6 +60,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         gate_init: a.gate_init,
         expert_noise: a.expert_noise,
         gate_norm_std: (a.gate_norm_std > 0.0).then_some(a.gate_norm_std),
+        segments: a.segments,
         seed: a.seed,
     };
     let s = upcycle(&a.from, &a.out, &opts)
