@@ -27,9 +27,8 @@ use crate::engine::{
     Usage,
 };
 use crate::tool_calls::{
-    parse_required_output, parse_tool_calls, parse_tool_choice, parse_tools,
-    tools_system_prompt, ToolCall, ToolCallFormat, ToolCallParser, ToolChoice, ToolError,
-    ToolStreamEvent,
+    parse_required_output, parse_tool_calls, parse_tool_choice, parse_tools, tools_system_prompt,
+    ToolCall, ToolCallFormat, ToolCallParser, ToolChoice, ToolError, ToolStreamEvent,
 };
 use futures_util::StreamExt;
 use skymoe_model::Tokenizer;
