@@ -188,12 +188,16 @@ fn mla_attention(
     dims: &crate::config::MlaConfig,
     l: &dyn TensorLoader,
     i: usize,
+    sharding: Option<&Sharding>,
 ) -> Result<MlaAttention> {
+    let n = sharding.map_or(1, |s| s.tp.size());
     let mut t = std::collections::HashMap::new();
-    for (name, shape) in c.mla_tensors(i) {
+    // This rank's part of each tensor (the loader cuts split ones, see `parallel::parts`).
+    for (name, shape) in c.mla_tensors_split(i, n) {
         let w = l.tensor(&name, &shape)?;
         t.insert(name, w);
     }
+    let tp_size = n;
     let n = names::mla(i);
     let mut take = |name: &str| -> Result<Tensor> {
         t.remove(name)
@@ -214,9 +218,10 @@ fn mla_attention(
         kv_norm: RmsNorm::new(take(&n.kv_a_norm)?, eps),
         kv_up: Linear::new(take(&n.kv_b_proj)?, None),
         o_proj: Linear::new(take(&n.o_proj)?, None),
-        num_heads: c.num_attention_heads,
+        num_heads: c.num_attention_heads / tp_size,
         dims: *dims,
         scale: c.attention_scale(),
+        tp: sharding.map(|s| s.tp.clone()),
     })
 }
 
@@ -245,17 +250,7 @@ pub fn build_layer_split(
     let tp = sharding.map(|s| s.tp.clone());
     let p = |s: &str| names::layer(i, s);
     let attention = match &c.mla {
-        Some(dims) => {
-            if n > 1 {
-                return Err(ModelError::InvalidInput(
-                    "tensor parallelism is not supported for multi-head latent attention \
-                     (DeepSeek-V2/V3): run it on one process, or data-, expert- or \
-                     pipeline-parallel"
-                        .into(),
-                ));
-            }
-            AttentionBlock::Mla(mla_attention(c, dims, l, i)?)
-        }
+        Some(dims) => AttentionBlock::Mla(mla_attention(c, dims, l, i, sharding)?),
         None => AttentionBlock::Gqa(gqa_attention(c, l, i, sharding)?),
     };
     let ffn = match (&c.moe, c.is_moe_layer(i)) {

@@ -179,6 +179,43 @@ pub fn mla(l: usize) -> MlaNames {
 }
 
 impl ModelConfig {
+    /// [`ModelConfig::mla_tensors`] as one of `ranks` tensor-parallel ranks holds them: the
+    /// head-split ones (`q_proj`/`q_b_proj` and `kv_b_proj` rows, `o_proj` columns) cut to a
+    /// `1/ranks` share, the rest whole.
+    pub fn mla_tensors_split(&self, l: usize, ranks: usize) -> Vec<(String, Vec<usize>)> {
+        let ranks = ranks.max(1);
+        self.mla_tensors(l)
+            .into_iter()
+            .map(|(name, mut shape)| {
+                if let Some((dim, _)) = self.mla_split_dim(&name) {
+                    shape[dim] /= ranks;
+                }
+                (name, shape)
+            })
+            .collect()
+    }
+
+    /// For a latent attention tensor split over tensor-parallel ranks by heads: the dimension
+    /// cut and its full size (`None`: replicated).
+    pub fn mla_split_dim(&self, name: &str) -> Option<(usize, usize)> {
+        let m = self.mla.as_ref()?;
+        let nh = self.num_attention_heads;
+        let split = [
+            ("self_attn.q_proj.weight", 0, nh * m.qk_head_dim()),
+            ("self_attn.q_b_proj.weight", 0, nh * m.qk_head_dim()),
+            (
+                "self_attn.kv_b_proj.weight",
+                0,
+                nh * (m.qk_nope_head_dim + m.v_head_dim),
+            ),
+            ("self_attn.o_proj.weight", 1, nh * m.v_head_dim),
+        ];
+        split
+            .iter()
+            .find(|(suffix, _, _)| name.ends_with(suffix))
+            .map(|&(_, dim, full)| (dim, full))
+    }
+
     /// Layer `l`'s latent attention tensors with their shapes, in checkpoint order (empty
     /// without MLA).
     pub fn mla_tensors(&self, l: usize) -> Vec<(String, Vec<usize>)> {

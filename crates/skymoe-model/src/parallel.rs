@@ -214,7 +214,19 @@ pub fn parts(
     let q = c.num_attention_heads * c.head_dim;
     let kv = c.num_key_value_heads * c.head_dim;
     for i in 0..c.num_hidden_layers {
-        for (proj, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+        if c.mla.is_some() {
+            // Latent attention: the head-split projections by heads; the latent, its norms
+            // and the rotary key replicated.
+            for (name, _) in c.mla_tensors(i) {
+                if let Some((dim, full)) = c.mla_split_dim(&name) {
+                    parts.insert(name, slice(dim, full, rank, size));
+                }
+            }
+        }
+        for (proj, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)]
+            .into_iter()
+            .filter(|_| c.mla.is_none())
+        {
             parts.insert(
                 names::layer(i, &format!("self_attn.{proj}.weight")),
                 slice(0, rows, rank, size),
@@ -224,10 +236,12 @@ pub fn parts(
                 slice(0, rows, rank, size),
             );
         }
-        parts.insert(
-            names::layer(i, "self_attn.o_proj.weight"),
-            slice(1, q, rank, size),
-        );
+        if c.mla.is_none() {
+            parts.insert(
+                names::layer(i, "self_attn.o_proj.weight"),
+                slice(1, q, rank, size),
+            );
+        }
         match &c.moe {
             Some(m) if c.is_moe_layer(i) => {
                 let n = c.moe_names(i);

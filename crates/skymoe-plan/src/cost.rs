@@ -250,8 +250,10 @@ impl CostModel<'_> {
         let net = self.net();
 
         // Attention: projections and causal scores, split over TP (sequence parallel outside;
-        // MLA models are refused tp > 1 by `Layout::check`).
-        let mut flops = t * self.attention_flops_per_token(s * CAUSAL_FRACTION) / tp;
+        // latent attention's latent projections run whole on every rank).
+        let replicated = m.attention_replicated_weights() * (1.0 - 1.0 / tp);
+        let mut flops =
+            t * self.attention_flops_per_token(s * CAUSAL_FRACTION) / tp + t * 2.0 * replicated;
         let mut act = t / tp * (m.attention_activation_values() * e + 4.0 * m.heads as f64);
         // Routed experts, timed apart (see `expert_seconds`).
         let (mut expert_flops, mut expert_s) = (0.0, 0.0);
@@ -259,7 +261,7 @@ impl CostModel<'_> {
         let hidden_pass = net.ring_pass(self.tp_group(), t * h * e);
         let mut tp_fwd = hidden_pass * 2.0;
         let mut ep_fwd = Transfer::default();
-        let mut dense_params = m.attention_params() / tp;
+        let mut dense_params = m.attention_params() / tp + replicated;
         let mut expert_params = 0.0;
 
         match &m.moe {

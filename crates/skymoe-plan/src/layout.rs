@@ -230,13 +230,6 @@ impl Layout {
         if self.zero > 3 {
             return bad(format!("zero={}: ZeRO stages are 0 to 3", self.zero));
         }
-        if model.mla.is_some() && self.tp > 1 {
-            return bad(format!(
-                "tp={}: {}; use tp=1 with ep, pp and dp",
-                self.tp,
-                crate::model::MLA_NO_TP
-            ));
-        }
         if !model.heads.is_multiple_of(self.tp) {
             return bad(format!(
                 "tp={} does not divide the {} attention heads (non-uniform head splits are for inference only)",

@@ -86,8 +86,8 @@ pub struct ModelShape {
     pub mtp_layers: usize,
 }
 
-/// Why layouts with `tp > 1` are refused for models with multi-head latent attention.
-pub const MLA_NO_TP: &str = "multi-head latent attention is not split by tensor parallelism in skymoe's executors (its q_a/kv_a latent projections are shared by all heads)";
+/// How latent attention splits over tensor parallelism (said in the plan's notes).
+pub const MLA_TP: &str = "multi-head latent attention splits its heads over tensor parallelism; its latent projections (q_a, kv_a), their norms and the rotary key are computed on every rank";
 
 /// Names of the built-in model presets.
 pub const MODEL_PRESETS: [&str; 5] = [
@@ -292,6 +292,18 @@ impl ModelShape {
         self.attention_weights() + extra + h
     }
 
+    /// Weights of the latent attention projections every tensor-parallel rank holds whole
+    /// (`q_a_proj`, `kv_a_proj_with_mqa`; 0 without MLA).
+    pub fn attention_replicated_weights(&self) -> f64 {
+        match &self.mla {
+            Some(m) => {
+                (self.hidden * (m.q_lora_rank.unwrap_or(0) + m.kv_lora_rank + m.qk_rope_head_dim))
+                    as f64
+            }
+            None => 0.0,
+        }
+    }
+
     /// Forward matrix-product FLOPs of attention per token and per attended position: the
     /// scores `q·k` over the query/key width and the weighted sum of the values, for every
     /// head: `2·heads·(qk + v)` (`4·heads·head_dim` without MLA).
@@ -353,7 +365,7 @@ impl ModelShape {
             }
         }
         if self.mla.is_some() {
-            out.push(format!("{MLA_NO_TP}: only tp=1 layouts are considered"));
+            out.push(MLA_TP.to_string());
         }
         if self.mtp_layers > 0 {
             out.push(format!(

@@ -109,29 +109,20 @@ fn fine_grained_experts_are_bound_by_weight_reads_with_few_tokens_each() {
 }
 
 #[test]
-fn latent_attention_is_never_split_by_tensor_parallelism() {
+fn latent_attention_splits_its_heads_and_replicates_its_latent_projections() {
     let model = deepseek();
-    let e = layout("tp=2,ep=8", 16)
-        .check(&model)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("multi-head latent attention") && e.contains("tp=1"),
-        "{e}"
+    layout("tp=2,ep=8", 16).check(&model).unwrap();
+    // The latent projections q_a (1536) and kv_a (512 + 64) of width 7168 stay whole.
+    assert_eq!(
+        model.attention_replicated_weights(),
+        (7168 * (1536 + 512 + 64)) as f64
     );
-    let e = layout("edp=8", 8).check(&model).unwrap_err().to_string();
-    assert!(e.contains("latent attention"), "{e}");
     let cluster = Cluster::preset("h800-80g", 32).unwrap();
     let plans = plan_all(&model, &cluster, &Job::new(2048 * 4096, 4096), &[1]).unwrap();
-    assert!(!plans.is_empty() && plans.iter().all(|p| p.tp == 1 && p.etp == 1));
+    assert!(!plans.is_empty());
     let notes = plans[0].notes.join("\n");
-    assert!(notes.contains("only tp=1"), "{notes}");
+    assert!(notes.contains("latent projections"), "{notes}");
     assert!(notes.contains("multi-token-prediction"), "{notes}");
-    // The table prints them.
-    let table = table::render(&plans[..1]);
-    assert!(table.contains("note: 3 of the 61 layers"), "{table}");
-    // GQA models keep their TP layouts.
-    assert!(layout("tp=4,ep=8", 8).check(&qwen3()).is_ok());
 }
 
 #[test]
@@ -147,14 +138,14 @@ fn deepseek_v3_on_256_h800() {
     assert!(best.feasible, "{:?}", best.why_infeasible);
     assert!(best.mem_gib_per_gpu <= 80.0);
     // 671B parameters need them spread: experts over several ranks and many stages.
-    assert!(
-        best.tp == 1 && best.ep >= 4 && best.pp >= 16,
-        "{}",
-        best.args
-    );
+    assert!(best.ep >= 4 && best.pp >= 16, "{}", best.args);
     assert_eq!(best.pp_layers.iter().sum::<usize>(), 61);
-    // Without pipeline stages nothing fits: 671B × 18 bytes of state over 256 GPUs.
-    assert!(plans.iter().filter(|p| p.pp <= 2).all(|p| !p.feasible));
+    // Without pipeline stages or tensor parallelism nothing fits: 671B × 18 bytes of state
+    // over 256 GPUs.
+    assert!(plans
+        .iter()
+        .filter(|p| p.pp <= 2 && p.tp == 1)
+        .all(|p| !p.feasible));
 }
 
 #[test]
@@ -168,7 +159,7 @@ fn deepseek_v3_on_2048_h800_next_to_the_published_layout() {
         eprintln!("2048 H800: {}", show(p));
     }
     let best = &plans[0];
-    assert!(best.feasible && best.tp == 1 && best.ep > 1 && best.pp >= 16);
+    assert!(best.feasible && best.ep > 1 && best.pp >= 16);
     // Published (DeepSeek-V3 technical report, §3.2): PP 16, EP 64 over 8 nodes, ZeRO-1 DP,
     // no TP. It fits here too, with the dense first layers weighed apart.
     let published = evaluate(

@@ -133,8 +133,16 @@ fn sharded_logits(fam: &str, format: WeightFormat, weights: Vec<f64>) -> Vec<Vec
 #[test]
 fn uneven_tensor_parallel_equals_one_process() {
     // 4 heads on 3 ranks (2,1,1; kv heads shared between ranks 1 and 2 where there are 2),
-    // FFN columns 11/11/10; and rank weights 1:2:1 (1,2,1 heads).
-    for fam in ["mixtral", "qwen2_moe", "skywork_moe_variant", "llama"] {
+    // FFN columns 11/11/10; and rank weights 1:2:1 (1,2,1 heads). DeepSeek's latent attention
+    // splits its heads the same way, each rank caching the whole latent.
+    for fam in [
+        "mixtral",
+        "qwen2_moe",
+        "skywork_moe_variant",
+        "llama",
+        "deepseek_v2",
+        "deepseek_v3",
+    ] {
         let ckpt = Checkpoint::open(&fixture(fam), &Device::Cpu).unwrap();
         let alone = logits(
             &ServeModel::load(&ckpt, Some(WeightFormat::F32)).unwrap(),

@@ -657,7 +657,7 @@ type Launch<'a> = (usize, &'a [&'a str]);
 fn model_parallel_gradients_equal_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let fixtures = common::fixtures();
-    let cases: [(&str, &[Launch]); 4] = [
+    let cases: [(&str, &[Launch]); 6] = [
         (
             "skywork_moe",
             &[
@@ -690,6 +690,19 @@ fn model_parallel_gradients_equal_one_process() {
                 (2, &["--parallel", "tp=2"]),
                 (2, &["--parallel", "pp=2", "--pp-layers", "2,1"]),
             ],
+        ),
+        // Latent attention split by heads (the latent projections replicated).
+        (
+            "deepseek_v2",
+            &[
+                (2, &["--parallel", "tp=2"]),
+                (2, &["--parallel", "edp=2"]),
+                (4, &["--parallel", "tp=2,pp=2", "--pp-layers", "2,1"]),
+            ],
+        ),
+        (
+            "deepseek_v3",
+            &[(2, &["--parallel", "tp=2"]), (4, &["--parallel", "tp=4"])],
         ),
     ];
     for (name, layouts) in cases {
@@ -801,6 +814,8 @@ fn new_families_train_the_same_under_expert_and_pipeline_parallelism() {
                 (2, "ep=2,dp=2", &[]),
                 (2, "pp=2", &["--pp-layers", "1,2"]),
                 (4, "ep=2,dp=2,pp=2", &["--pp-layers", "2,1"]),
+                (2, "tp=2", &[]),
+                (2, "edp=2", &[]),
             ],
         ),
         (

@@ -148,7 +148,7 @@ fn table_names_the_winner_as_train_arguments() {
 }
 
 #[test]
-fn latent_attention_presets_plan_without_tensor_parallelism() {
+fn latent_attention_presets_plan() {
     let args = [
         "plan",
         "--model",
@@ -173,16 +173,18 @@ fn latent_attention_presets_plan_without_tensor_parallelism() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("best: skymoe train --parallel tp=1,ep="),
-        "{text}"
-    );
+    assert!(text.contains("best: skymoe train --parallel tp="), "{text}");
     assert!(text.contains("note: 3 of the 61 layers"), "{text}");
     assert!(text.contains("multi-token-prediction"), "{text}");
     assert!(text.contains("70272 bytes per token"), "{text}");
     let mut with_tp = args.to_vec();
     with_tp.extend_from_slice(&["--layout", "tp=2,ep=8,pp=16"]);
-    assert_clean_failure(&skymoe(&with_tp), "multi-head latent attention");
+    let out = skymoe(&with_tp);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -37,10 +37,14 @@ pub enum MlaQuery {
 }
 
 impl MlaQuery {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The queries of `x`; `split` marks the input of the head-split projection (Megatron's
+    /// *f* under tensor parallelism: the replicated part before it gets full gradients).
+    fn forward(&self, x: &Tensor, split: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         match self {
-            MlaQuery::Direct(q) => q.forward(x),
-            MlaQuery::LowRank { down, norm, up } => up.forward(&norm.forward(&down.forward(x)?)?),
+            MlaQuery::Direct(q) => q.forward(&split(x)?),
+            MlaQuery::LowRank { down, norm, up } => {
+                up.forward(&split(&norm.forward(&down.forward(x)?)?)?)
+            }
         }
     }
 }
@@ -59,12 +63,16 @@ pub struct MlaAttention {
     pub kv_up: Linear,
     /// `o_proj` `[hidden, heads·v]`.
     pub o_proj: Linear,
-    /// Query heads.
+    /// Query heads (on this rank, under tensor parallelism).
     pub num_heads: usize,
     /// The dimensions.
     pub dims: MlaConfig,
     /// Softmax scale of the scores.
     pub scale: f64,
+    /// The tensor-parallel group the heads are split over, if any: each rank holds its heads'
+    /// rows of `q_proj`/`q_b_proj` and `kv_b_proj` and columns of `o_proj`, and computes the
+    /// latent, its norm and the rotary key (replicated) itself.
+    pub tp: Option<crate::parallel::TensorParallel>,
 }
 
 /// The permutation taking interleaved pairs `(x0, x1), (x2, x3), …` to halves
@@ -108,9 +116,18 @@ impl MlaAttention {
             d.kv_lora_rank,
         );
         let dq = nope + rope;
+        // Under tensor parallelism the latent, its norm and the rotary key are computed on
+        // every rank; the gradients reaching them from this rank's heads are summed over the
+        // group where they enter the head-split computation.
+        let split = |t: &Tensor| -> Result<Tensor> {
+            match &self.tp {
+                Some(tp) => tp.copy_in(&t.contiguous()?),
+                None => Ok(t.clone()),
+            }
+        };
         let q = self
             .query
-            .forward(x)?
+            .forward(x, split)?
             .reshape((b, t, nh, dq))?
             .transpose(1, 2)?;
         let q_nope = q.narrow(3, 0, nope)?;
@@ -137,6 +154,7 @@ impl MlaAttention {
             });
         }
         let s = latent.dim(1)?;
+        let (latent, k_rot) = (split(&latent)?, split(&k_rot)?);
         let kv_heads = self
             .kv_up
             .forward(&latent)?
@@ -171,7 +189,10 @@ impl MlaAttention {
                 .narrow(3, 0, vd)?
                 .reshape((b, t, nh * vd))?
         };
-        self.o_proj.forward(&out)
+        match &self.tp {
+            Some(tp) => tp.reduce_out(&self.o_proj.forward(&out)?),
+            None => self.o_proj.forward(&out),
+        }
     }
 }
 

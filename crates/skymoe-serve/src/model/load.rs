@@ -200,10 +200,20 @@ impl Reader<'_> {
     /// Layer `i`'s latent attention: `q_a_proj` stacked over `kv_a_proj_with_mqa`, the query
     /// projection, the latent norm, and `kv_b_proj` split per head into absorbed keys and
     /// values.
-    fn mla(&self, c: &ModelConfig, dims: &MlaConfig, i: usize) -> Result<MlaLayer> {
+    /// Under tensor parallelism, the rank's `heads` only: their query rows and their absorbed
+    /// key and value matrices (the latent projections and norm are whole on every rank).
+    fn mla(
+        &self,
+        c: &ModelConfig,
+        dims: &MlaConfig,
+        i: usize,
+        heads: Range<usize>,
+    ) -> Result<MlaLayer> {
         let h = c.hidden_size;
         let n = names::mla(i);
-        let heads = c.num_attention_heads;
+        let all = c.num_attention_heads;
+        let dq = dims.qk_head_dim();
+        let q_rows = heads.start * dq..heads.end * dq;
         let kv_rows = dims.kv_lora_rank + dims.qk_rope_head_dim;
         let (down, queries) = match dims.q_lora_rank {
             Some(q) => (
@@ -213,15 +223,15 @@ impl Reader<'_> {
                 )?,
                 MlaQueries::LowRank {
                     norm: self.vec(&n.q_a_norm, &[q])?,
-                    up: self.matrix(&n.q_b_proj, heads * dims.qk_head_dim(), q)?,
+                    up: self.block(&n.q_b_proj, (all * dq, q), q_rows, 0..q)?,
                 },
             ),
             None => (
                 self.matrix(&n.kv_a_proj, kv_rows, h)?,
-                MlaQueries::Direct(self.matrix(&n.q_proj, heads * dims.qk_head_dim(), h)?),
+                MlaQueries::Direct(self.block(&n.q_proj, (all * dq, h), q_rows, 0..h)?),
             ),
         };
-        let kv_up_rows = heads * (dims.qk_nope_head_dim + dims.v_head_dim);
+        let kv_up_rows = all * (dims.qk_nope_head_dim + dims.v_head_dim);
         // In the serving format first (as stored, or quantised as every projection is), so a
         // quantised checkpoint and the same model quantised while loading agree exactly.
         let kv_up = self
@@ -266,13 +276,6 @@ impl ServeModel {
         let format = format.unwrap_or_else(|| stored_format(ckpt));
         let c = ckpt.config.clone();
         // A q/k norm over the whole projection needs every head's values; a rank holds some.
-        if tp.is_some() && c.mla.is_some() {
-            return Err(crate::error::ServeError::InvalidInput(format!(
-                "tensor-parallel serving is not supported for {} models (multi-head latent \
-                 attention); serve them on one process",
-                c.architecture.hf_class()
-            )));
-        }
         if tp.is_some() && c.qk_norm == skymoe_model::QkNorm::PerProjection {
             return Err(crate::error::ServeError::InvalidInput(format!(
                 "tensor-parallel serving is not supported for {} models: their q/k norm spans \
@@ -397,10 +400,16 @@ impl ServeModel {
             };
             let (attention, o) = match &c.mla {
                 Some(dims) => {
-                    let mla = r.mla(&c, dims, i)?;
-                    shape = mla.head_shape(c.num_attention_heads, c.attention_scale());
+                    let mla = r.mla(&c, dims, i, heads.clone())?;
+                    shape = mla.head_shape(heads.len(), c.attention_scale());
+                    let v = dims.v_head_dim;
                     let o = QLinear {
-                        weight: r.matrix(&on, h, c.attention_output_width())?,
+                        weight: r.block(
+                            &on,
+                            (h, c.attention_output_width()),
+                            0..h,
+                            heads.start * v..heads.end * v,
+                        )?,
                         bias: None,
                     };
                     (LayerAttention::Mla(Box::new(mla)), o)

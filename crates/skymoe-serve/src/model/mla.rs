@@ -69,18 +69,18 @@ fn columns(x: &[f32], rows: usize, stride: usize, from: usize, cols: usize) -> V
 }
 
 impl MlaLayer {
-    /// Build from `kv_b_proj` in f32 (`[heads·(nope + v), kv_lora_rank]`), splitting it into
-    /// the per-head absorbed key and value matrices in `format`.
+    /// Build from `kv_b_proj` in f32 (`[all heads·(nope + v), kv_lora_rank]`) the absorbed
+    /// key and value matrices of `heads`, in `format`.
     pub fn split_kv_up(
         kv_up: &[f32],
-        heads: usize,
+        heads: std::ops::Range<usize>,
         dims: &MlaConfig,
         format: WeightFormat,
     ) -> Result<(Vec<QMatrix>, Vec<QMatrix>)> {
         let (nope, vd, r) = (dims.qk_nope_head_dim, dims.v_head_dim, dims.kv_lora_rank);
-        let mut absorb = Vec::with_capacity(heads);
-        let mut values = Vec::with_capacity(heads);
-        for h in 0..heads {
+        let mut absorb = Vec::with_capacity(heads.len());
+        let mut values = Vec::with_capacity(heads.len());
+        for h in heads {
             let base = h * (nope + vd) * r;
             let key = &kv_up[base..base + nope * r];
             // Transpose [nope, r] → [r, nope].
@@ -247,7 +247,7 @@ mod tests {
         };
         // Two heads of (2 key rows + 1 value row) × 3.
         let w: Vec<f32> = (0..18).map(|x| x as f32).collect();
-        let (k, v) = MlaLayer::split_kv_up(&w, 2, &dims, WeightFormat::F32).unwrap();
+        let (k, v) = MlaLayer::split_kv_up(&w, 0..2, &dims, WeightFormat::F32).unwrap();
         assert_eq!(k[1].dequantize(), vec![9.0, 12.0, 10.0, 13.0, 11.0, 14.0]);
         assert_eq!(v[1].dequantize(), vec![15.0, 16.0, 17.0]);
         assert_eq!(
