@@ -117,8 +117,8 @@ fn swiglu(l: &dyn TensorLoader, n: &SwiGluNames, hidden: usize, ffn: usize) -> R
 }
 
 /// Layer `i`'s q and k norms, if the config has them, for a tensor-parallel group of `n`
-/// ranks (a per-head norm is shared by all heads; one over the whole projection cannot be
-/// split).
+/// ranks (a per-head norm is shared by all heads; one over the whole projection is cut to the
+/// rank's heads).
 fn qk_norms(
     c: &ModelConfig,
     l: &dyn TensorLoader,
@@ -128,13 +128,12 @@ fn qk_norms(
     let Some((qs, ks)) = c.qk_norm_sizes() else {
         return Ok(None);
     };
-    if n > 1 && c.qk_norm == crate::config::QkNorm::PerProjection {
-        return Err(ModelError::InvalidInput(
-            "tensor parallelism is not supported for models whose q/k norm spans the whole \
-             projection (OLMoE): each rank holds only some heads"
-                .into(),
-        ));
-    }
+    // A norm over the whole projection: this rank's heads' part of the weight.
+    let (qs, ks) = if c.qk_norm == crate::config::QkNorm::PerProjection {
+        (qs / n, ks / n)
+    } else {
+        (qs, ks)
+    };
     let norm = |name: String, size: usize| -> Result<RmsNorm> {
         Ok(RmsNorm::new(l.tensor(&name, &[size])?, c.rms_norm_eps))
     };

@@ -108,7 +108,38 @@ impl CustomOp1 for CopyIn {
     }
 }
 
+/// A sum over the group whose every rank uses the result in its own computation: all-reduce
+/// forward and all-reduce of the gradient backward (each rank's gradient of the sum covers
+/// only its own use of it).
+struct SumShared(Arc<dyn ShardComm>);
+
+impl CustomOp1 for SumShared {
+    fn name(&self) -> &'static str {
+        "tp-sum-shared"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        AllReduce(self.0.clone()).cpu_fwd(s, l)
+    }
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            grad.contiguous()?
+                .apply_op1_no_bwd(&AllReduce(self.0.clone()))?,
+        ))
+    }
+}
+
 impl TensorParallel {
+    /// Sum over the group forward, for a quantity every rank then uses (a norm's sum of
+    /// squares over heads split between ranks); the gradient is summed over the group too.
+    pub fn sum_shared(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1(SumShared(self.comm.clone()))
+    }
+
     /// This rank in the group.
     pub fn rank(&self) -> usize {
         self.comm.rank()
@@ -241,6 +272,11 @@ pub fn parts(
                 names::layer(i, "self_attn.o_proj.weight"),
                 slice(1, q, rank, size),
             );
+        }
+        if c.qk_norm == crate::config::QkNorm::PerProjection {
+            // A norm over the whole projection: each rank holds its heads' part of the weight.
+            parts.insert(names::q_norm(i), slice(0, q, rank, size));
+            parts.insert(names::k_norm(i), slice(0, kv, rank, size));
         }
         match &c.moe {
             Some(m) if c.is_moe_layer(i) => {

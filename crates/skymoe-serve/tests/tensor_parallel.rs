@@ -134,7 +134,8 @@ fn sharded_logits(fam: &str, format: WeightFormat, weights: Vec<f64>) -> Vec<Vec
 fn uneven_tensor_parallel_equals_one_process() {
     // 4 heads on 3 ranks (2,1,1; kv heads shared between ranks 1 and 2 where there are 2),
     // FFN columns 11/11/10; and rank weights 1:2:1 (1,2,1 heads). DeepSeek's latent attention
-    // splits its heads the same way, each rank caching the whole latent.
+    // splits its heads the same way, each rank caching the whole latent; OLMoE's q/k norm
+    // over the whole projections sums each row's squares over the ranks.
     for fam in [
         "mixtral",
         "qwen2_moe",
@@ -142,6 +143,8 @@ fn uneven_tensor_parallel_equals_one_process() {
         "llama",
         "deepseek_v2",
         "deepseek_v3",
+        "qwen3_moe",
+        "olmoe",
     ] {
         let ckpt = Checkpoint::open(&fixture(fam), &Device::Cpu).unwrap();
         let alone = logits(

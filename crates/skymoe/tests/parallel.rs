@@ -657,7 +657,7 @@ type Launch<'a> = (usize, &'a [&'a str]);
 fn model_parallel_gradients_equal_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let fixtures = common::fixtures();
-    let cases: [(&str, &[Launch]); 6] = [
+    let cases: [(&str, &[Launch]); 7] = [
         (
             "skywork_moe",
             &[
@@ -703,6 +703,11 @@ fn model_parallel_gradients_equal_one_process() {
         (
             "deepseek_v3",
             &[(2, &["--parallel", "tp=2"]), (4, &["--parallel", "tp=4"])],
+        ),
+        // A q/k norm over the whole projections, its sum of squares summed over the ranks.
+        (
+            "olmoe",
+            &[(2, &["--parallel", "tp=2"]), (2, &["--parallel", "edp=2"])],
         ),
     ];
     for (name, layouts) in cases {

@@ -92,6 +92,16 @@ fn norm_last(x: &Tensor, norm: &RmsNorm, tp: Option<&TensorParallel>) -> Result<
     }
 }
 
+/// RMSNorm over the last dimension of a projection whose columns are split evenly over a
+/// tensor-parallel group: `x · w / √(mean over all ranks' columns of x² + eps)`, with `norm`
+/// holding this rank's part of the weight.
+fn norm_across_ranks(x: &Tensor, norm: &RmsNorm, tp: &TensorParallel) -> Result<Tensor> {
+    let width = x.dim(candle_core::D::Minus1)? * tp.size();
+    let squares = tp.sum_shared(&x.sqr()?.sum_keepdim(candle_core::D::Minus1)?)?;
+    let scale = ((squares / width as f64)? + norm.eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&scale)?.broadcast_mul(&norm.weight)
+}
+
 impl Attention {
     /// Attend over `x` of shape `[batch, seq, hidden]` whose first position is `offset`
     /// (the length of `cache`, if any). Appends this call's keys and values to `cache`.
@@ -115,17 +125,18 @@ impl Attention {
         );
         let tp = self.tp.as_ref();
         match (&self.qk_norms, self.qk_norm) {
-            (Some((qn, kn)), QkNorm::PerProjection) => {
-                // The norm spans all heads: a rank holding some of them cannot compute it
-                // alone (the builder refuses this layout).
-                if tp.is_some() {
-                    return Err(candle_core::Error::Msg(
-                        "a q/k norm over the whole projection cannot be split over a tensor-parallel group".into(),
-                    ));
+            (Some((qn, kn)), QkNorm::PerProjection) => match tp {
+                None => {
+                    q = qn.forward(&q)?;
+                    k = kn.forward(&k)?;
                 }
-                q = qn.forward(&q)?;
-                k = kn.forward(&k)?;
-            }
+                // The norm spans every head: the sum of squares over this rank's heads is
+                // summed over the group, then each rank scales its own heads.
+                Some(tp) => {
+                    q = norm_across_ranks(&q, qn, tp)?;
+                    k = norm_across_ranks(&k, kn, tp)?;
+                }
+            },
             (Some((qn, kn)), QkNorm::PerHead) => {
                 q = norm_last(&q.reshape((b, t, nh, hd))?, qn, tp)?.reshape((b, t, nh * hd))?;
                 k = norm_last(&k.reshape((b, t, nkv, hd))?, kn, tp)?.reshape((b, t, nkv * hd))?;

@@ -275,14 +275,6 @@ impl ServeModel {
         let stored = format.is_none() && matches!(ckpt.weights, WeightSource::Gguf(_));
         let format = format.unwrap_or_else(|| stored_format(ckpt));
         let c = ckpt.config.clone();
-        // A q/k norm over the whole projection needs every head's values; a rank holds some.
-        if tp.is_some() && c.qk_norm == skymoe_model::QkNorm::PerProjection {
-            return Err(crate::error::ServeError::InvalidInput(format!(
-                "tensor-parallel serving is not supported for {} models: their q/k norm spans \
-                 the whole projection, and each rank holds only some of its heads",
-                c.architecture.hf_class()
-            )));
-        }
         let r = Reader {
             weights: &ckpt.weights,
             format,
@@ -428,6 +420,13 @@ impl ServeModel {
                             bias: qkv_bias,
                         },
                         qk_norm: match c.qk_norm_sizes() {
+                            // Over the whole projections: this rank's heads' part.
+                            Some((qs, ks)) if c.qk_norm == skymoe_model::QkNorm::PerProjection => {
+                                Some((
+                                    r.vec(&names::q_norm(i), &[qs])?[q_rows.clone()].to_vec(),
+                                    r.vec(&names::k_norm(i), &[ks])?[kv_rows.clone()].to_vec(),
+                                ))
+                            }
                             Some((qs, ks)) => Some((
                                 r.vec(&names::q_norm(i), &[qs])?,
                                 r.vec(&names::k_norm(i), &[ks])?,

@@ -60,6 +60,8 @@ pub struct ServeLayer {
 
 /// Normalise q and k of one token's `[q | k | v]` row (per head or over each projection, as
 /// the config says) and clamp q, k and v to `±clip_qkv`, before RoPE.
+/// With `across_ranks`, a per-projection norm split over tensor-parallel ranks: the row's
+/// mean squares of q and k over the whole projections (summed over the ranks).
 fn qk_norm_and_clip(
     row: &mut [f32],
     qdim: usize,
@@ -67,14 +69,25 @@ fn qk_norm_and_clip(
     qk_norm: Option<&(Vec<f32>, Vec<f32>)>,
     c: &skymoe_model::ModelConfig,
     eps: f32,
+    across_ranks: Option<(f32, f32)>,
 ) {
     if let Some((qw, kw)) = qk_norm {
         let (qs, kvs) = row.split_at_mut(qdim);
         let ks = &mut kvs[..kvd];
-        // A per-head weight is `head_dim` long; a per-projection one spans the projection.
-        let (qn, kn) = (rms_norm(qs, qw, eps), rms_norm(ks, kw, eps));
-        qs.copy_from_slice(&qn);
-        ks.copy_from_slice(&kn);
+        match across_ranks {
+            Some((q_ms, k_ms)) => {
+                let (rq, rk) = (1.0 / (q_ms + eps).sqrt(), 1.0 / (k_ms + eps).sqrt());
+                qs.iter_mut().zip(qw).for_each(|(x, w)| *x = w * (*x * rq));
+                ks.iter_mut().zip(kw).for_each(|(x, w)| *x = w * (*x * rk));
+            }
+            None => {
+                // A per-head weight is `head_dim` long; a per-projection one spans the
+                // projection.
+                let (qn, kn) = (rms_norm(qs, qw, eps), rms_norm(ks, kw, eps));
+                qs.copy_from_slice(&qn);
+                ks.copy_from_slice(&kn);
+            }
+        }
     }
     if let Some(clip) = c.clip_qkv {
         let clip = clip as f32;
@@ -304,6 +317,52 @@ impl ServeModel {
         }
     }
 
+    /// Under tensor parallelism with a q/k norm over the whole projections: each row's mean
+    /// squares of q and of k over all ranks' heads (`[q, k]` per row), each kv head counted
+    /// once (by the rank holding its group's first query head). `None` otherwise.
+    fn projection_norm_squares(
+        &self,
+        qkv: &[f32],
+        n: usize,
+        has_norm: bool,
+    ) -> Result<Option<Vec<f32>>> {
+        let Some(tp) = self
+            .tp
+            .as_ref()
+            .filter(|_| has_norm && self.config.qk_norm == skymoe_model::QkNorm::PerProjection)
+        else {
+            return Ok(None);
+        };
+        let s = self.shape;
+        let (hd, qdim) = (s.head_dim, s.heads * s.head_dim);
+        let width = qdim + 2 * s.kv_heads * hd;
+        let owned: Vec<bool> = (0..s.kv_heads)
+            .map(|j| {
+                let first_query = (s.first_kv_head + j) * s.group;
+                (s.first_head..s.first_head + s.heads).contains(&first_query)
+            })
+            .collect();
+        let mut sums = vec![0f32; 2 * n];
+        for (r, row) in qkv.chunks_exact(width).take(n).enumerate() {
+            sums[2 * r] = ops::dot(&row[..qdim], &row[..qdim]);
+            for (j, _) in owned.iter().enumerate().filter(|(_, o)| **o) {
+                let k = &row[qdim + j * hd..qdim + (j + 1) * hd];
+                sums[2 * r + 1] += ops::dot(k, k);
+            }
+        }
+        tp.all_reduce(&mut sums)?;
+        let c = &self.config;
+        let (q_all, k_all) = (
+            (c.num_attention_heads * hd) as f32,
+            (c.num_key_value_heads * hd) as f32,
+        );
+        for pair in sums.chunks_exact_mut(2) {
+            pair[0] /= q_all;
+            pair[1] /= k_all;
+        }
+        Ok(Some(sums))
+    }
+
     fn check(&self, chunks: &[SeqChunk<'_>], kv: &KvCache) -> Result<()> {
         for c in chunks {
             if c.tokens.is_empty() {
@@ -399,13 +458,17 @@ impl ServeModel {
                 LayerAttention::Gqa { qkv, qk_norm } => {
                     let mut qkv = qkv.forward(&hn, n);
                     let width = qdim + 2 * kvd;
+                    let across = self.projection_norm_squares(&qkv, n, qk_norm.is_some())?;
                     let mut q = vec![0f32; n * qdim];
                     for (p, table) in placements.iter().zip(&chunk_rope) {
                         let table = table.as_ref();
                         for t in 0..p.len {
                             let pos = p.start + t;
                             let r = &mut qkv[(p.row + t) * width..(p.row + t + 1) * width];
-                            qk_norm_and_clip(r, qdim, kvd, qk_norm.as_ref(), c, eps);
+                            let ms = across
+                                .as_ref()
+                                .map(|a| (a[2 * (p.row + t)], a[2 * (p.row + t) + 1]));
+                            qk_norm_and_clip(r, qdim, kvd, qk_norm.as_ref(), c, eps, ms);
                             let (qs, kvs) = r.split_at_mut(qdim);
                             for head in qs.chunks_exact_mut(hd) {
                                 self.rope.apply(table, head, pos);
