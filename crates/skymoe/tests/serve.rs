@@ -41,40 +41,7 @@ fn serve_answers_and_stops_cleanly_on_sigterm() {
         assert!(help.contains(flag), "{flag} missing from\n{help}");
     }
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_skymoe"))
-        .args(["serve", "--model"])
-        .arg(&model)
-        .args(["--port", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .rsplit("http://")
-        .next()
-        .filter(|_| line.contains("http://"))
-        .unwrap_or_else(|| {
-            let _ = child.kill();
-            panic!("no address in {line:?}")
-        })
-        .to_string();
-    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
-
-    let t0 = Instant::now();
-    loop {
-        if TcpStream::connect(&addr).is_ok() {
-            let (status, _) = common::http(&addr, "GET", "/health", None);
-            if status == 200 {
-                break;
-            }
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "no /health");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut child, addr) = spawn_server(&model, &[]);
 
     let (status, models) = common::http(&addr, "GET", "/v1/models", None);
     assert_eq!(status, 200, "{models}");
@@ -116,4 +83,82 @@ fn serve_answers_and_stops_cleanly_on_sigterm() {
     assert!(status.success(), "exit {status:?}; stderr:\n{stderr}");
     assert!(stderr.contains("drained"), "{stderr}");
     assert!(TcpStream::connect(&addr).is_err(), "still listening");
+}
+
+/// Start `skymoe serve --model MODEL --port 0 EXTRA...` and wait for /health; returns the
+/// child and its address.
+fn spawn_server(model: &Path, extra: &[&str]) -> (std::process::Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_skymoe"))
+        .args(["serve", "--model"])
+        .arg(&model)
+        .args(["--port", "0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .rsplit("http://")
+        .next()
+        .filter(|_| line.contains("http://"))
+        .unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("no address in {line:?}")
+        })
+        .to_string();
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+
+    let t0 = Instant::now();
+    loop {
+        if TcpStream::connect(&addr).is_ok() {
+            let (status, _) = common::http(&addr, "GET", "/health", None);
+            if status == 200 {
+                break;
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "no /health");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    (child, addr)
+}
+
+/// DeepSeek-V3's latent attention, sigmoid router and shared experts behind the OpenAI API:
+/// a greedy completion equals the autograd model's greedy continuation, and a chat request
+/// with `chat_template_kwargs` is served.
+#[test]
+fn serve_runs_deepseek_v3() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/reference/deepseek_v3");
+    let (mut child, addr) = spawn_server(&model, &[]);
+    let req = r#"{"model": "deepseek_v3", "prompt": [3, 17, 42], "max_tokens": 6,
+                  "temperature": 0, "ignore_eos": true}"#;
+    let (status, body) = common::http(&addr, "POST", "/v1/completions", Some(req));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    // The same continuation from the autograd model, greedily, through its KV cache.
+    let ckpt = skymoe_model::Checkpoint::open(&model, &candle_core::Device::Cpu).unwrap();
+    let lm = skymoe_model::CausalLm::load(&ckpt, &candle_core::Device::Cpu).unwrap();
+    let mut cache = lm.new_cache();
+    let mut next = vec![3u32, 17, 42];
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let logits = lm.forward_last(&next, Some(&mut cache)).unwrap();
+        let id = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        ids.push(id);
+        next = vec![id];
+    }
+    let tok = skymoe_model::Tokenizer::for_model(&model, None).unwrap();
+    let want = tok.decode(&ids).unwrap();
+    let chat = r#"{"model": "deepseek_v3", "messages": [{"role": "user", "content": "Hi"}],
+                   "max_tokens": 3,
+                   "chat_template_kwargs": {"enable_thinking": false}}"#;
+    let (chat_status, chat_body) = common::http(&addr, "POST", "/v1/chat/completions", Some(chat));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(v["choices"][0]["text"], want, "{body}");
+    assert_eq!(chat_status, 200, "{chat_body}");
 }
