@@ -90,7 +90,7 @@ fn serve_answers_and_stops_cleanly_on_sigterm() {
 fn spawn_server(model: &Path, extra: &[&str]) -> (std::process::Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_skymoe"))
         .args(["serve", "--model"])
-        .arg(&model)
+        .arg(model)
         .args(["--port", "0"])
         .args(extra)
         .stdout(Stdio::piped())
