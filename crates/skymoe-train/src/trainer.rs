@@ -2,7 +2,7 @@
 //! plus auxiliary losses → backward → clip → AdamW → adaptive α → metrics, validation and
 //! checkpoints.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -804,19 +804,13 @@ impl Trainer {
         self.step_on_batches(&micro, start, last_checkpoint)
     }
 
-    /// Refuse the balancing options this run layout does not support yet: the global-batch
-    /// loss with recomputation or over data-parallel replicas.
+    /// Refuse the balancing options this run layout does not support: the global-batch loss
+    /// over data-parallel replicas.
     fn check_balance_support(&self) -> Result<()> {
         let a = &self.cfg.aux;
-        let recompute = self.model.recompute.is_some();
         let refuse = |what: &str, why: &str| {
-            Err(TrainError::Config(format!(
-                "{what} is not supported {why} yet"
-            )))
+            Err(TrainError::Config(format!("{what} is not supported {why}")))
         };
-        if recompute && a.balance == BalanceLoss::Global {
-            return refuse("aux.balance = \"global\"", "with recomputation");
-        }
         // Data-parallel replicas each route their own micro-batches at once: a running count
         // over the global batch would need every replica's counts of each micro-batch, which
         // makes the loss depend on how the batch is cut into replicas.
@@ -907,7 +901,7 @@ impl Trainer {
         let split = self.replicas.is_some() || self.shards.is_some();
         self.check_balance_support()?;
         let global = (cfg.aux.balance == BalanceLoss::Global)
-            .then(|| std::sync::Mutex::new(GlobalCounts::new(n_moe, experts)));
+            .then(|| std::sync::Arc::new(std::sync::Mutex::new(GlobalCounts::new(n_moe, experts))));
         let mut tokens = 0u64;
         let mut nonfinite = 0.0f64;
         // The order of the forward and backward passes: each micro-batch's backward right
@@ -924,6 +918,7 @@ impl Trainer {
             let scale = 1.0 / accum as f64;
             // Sequences per micro-batch (the sequence-wise loss averages over them).
             let sequences = micro.first().map_or(1, Vec::len);
+            let global = global.clone();
             let objective: std::sync::Arc<skymoe_model::recompute::AuxObjective> =
                 std::sync::Arc::new(move |layer, r| {
                     let Some(l) = moe_index.get(layer).copied().flatten() else {
@@ -947,8 +942,19 @@ impl Trainer {
                             r.top_k,
                             sequences,
                         )?),
-                        // Refused with recomputation (see `check_balance_support`).
-                        BalanceLoss::Global | BalanceLoss::None => None,
+                        // The running mean the forward pass of this micro-batch saw.
+                        BalanceLoss::Global => {
+                            let mean = global
+                                .as_ref()
+                                .and_then(|g| g.lock().ok()?.recorded.get_mut(&layer)?.pop_front());
+                            match mean {
+                                Some(mean) => Some(global_aux(&r.probs, &mean, r.top_k)?),
+                                None => candle_core::bail!(
+                                    "no load counts recorded for recomputed layer {layer}"
+                                ),
+                            }
+                        }
+                        BalanceLoss::None => None,
                     };
                     if let Some(aux) = aux {
                         if a != 0.0 {
@@ -974,7 +980,7 @@ impl Trainer {
             moe_index: &moe_index,
             capacity,
             accum,
-            global: global.as_ref(),
+            global: global.as_deref(),
         };
         // Micro-batches run concurrently, each on a thread of its own, when nothing orders
         // them (no pipeline, no model cut over processes, no recomputation); their gradients
@@ -1518,6 +1524,9 @@ struct MicroContext<'a> {
 struct GlobalCounts {
     sums: Vec<Vec<f64>>,
     seen: Vec<usize>,
+    /// For recomputed layers (by model layer index): the running means their micro-batches'
+    /// forward passes saw, in order, for the loss their backward passes add.
+    recorded: HashMap<usize, std::collections::VecDeque<Vec<f64>>>,
 }
 
 impl GlobalCounts {
@@ -1525,6 +1534,7 @@ impl GlobalCounts {
         GlobalCounts {
             sums: vec![vec![0.0; experts]; moe_layers],
             seen: vec![0; moe_layers],
+            recorded: HashMap::new(),
         }
     }
 
@@ -1669,7 +1679,17 @@ fn forward_micro(ctx: &MicroContext<'_>, batch: &[Vec<u32>]) -> Result<MicroForw
                         let mut g = g
                             .lock()
                             .map_err(|_| TrainError::Config("poisoned load counts".into()))?;
-                        g.add(l, &counts)
+                        let mean = g.add(l, &counts);
+                        // A recomputed layer adds its loss in backward: keep the mean for it.
+                        let recomputed = ctx
+                            .model
+                            .recompute
+                            .as_ref()
+                            .is_some_and(|p| p.layers.contains(&layer));
+                        if recomputed {
+                            g.recorded.entry(layer).or_default().push_back(mean.clone());
+                        }
+                        mean
                     }
                     None => counts.iter().map(|&c| c as f64).collect(),
                 };

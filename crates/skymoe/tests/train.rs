@@ -608,6 +608,10 @@ fn recomputed_layers_train_exactly_like_kept_ones() {
     check_recomputation(
         "[aux]\nbalance = \"sequence\"\nadaptive = false\nalpha_init = 0.01\nbias_update_rate = 0.01\n",
     );
+    // Megatron's global-batch loss over several micro-batches.
+    check_recomputation(
+        "grad_accum = 2\n[aux]\nbalance = \"global\"\nadaptive = false\nalpha_init = 0.01\n",
+    );
 }
 
 fn check_recomputation(extra: &str) {
