@@ -132,7 +132,20 @@ fn spawn_server(model: &Path, extra: &[&str]) -> (std::process::Child, String) {
 /// with `chat_template_kwargs` is served.
 #[test]
 fn serve_runs_deepseek_v3() {
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/reference/deepseek_v3");
+    // The fixture with DeepSeek-V3.1's chat template beside it.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("deepseek_v3");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(fixtures.join("reference/deepseek_v3")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
+    }
+    let template =
+        std::fs::read_to_string(fixtures.join("chat_templates/deepseek-v3.1.jinja")).unwrap();
+    let config =
+        serde_json::json!({"chat_template": template, "bos_token": "<s>", "eos_token": "</s>"});
+    std::fs::write(model.join("tokenizer_config.json"), config.to_string()).unwrap();
     let (mut child, addr) = spawn_server(&model, &[]);
     let req = r#"{"model": "deepseek_v3", "prompt": [3, 17, 42], "max_tokens": 6,
                   "temperature": 0, "ignore_eos": true}"#;
@@ -156,9 +169,30 @@ fn serve_runs_deepseek_v3() {
                    "max_tokens": 3,
                    "chat_template_kwargs": {"enable_thinking": false}}"#;
     let (chat_status, chat_body) = common::http(&addr, "POST", "/v1/chat/completions", Some(chat));
+    // The template's `thinking` variable decides how the assistant turn opens.
+    let opening = |kwargs: &str| {
+        let req = format!(
+            r#"{{"model": "deepseek_v3", "messages": [{{"role": "user", "content": "Hi"}}]{kwargs}}}"#
+        );
+        let (_, v) = common::http(&addr, "POST", "/tokenize", Some(&req));
+        let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+        let req = serde_json::json!({"model": "deepseek_v3", "tokens": v["tokens"]}).to_string();
+        let (_, d) = common::http(&addr, "POST", "/detokenize", Some(&req));
+        let d: serde_json::Value = serde_json::from_str(&d).unwrap();
+        d["prompt"].as_str().unwrap_or_default().to_string()
+    };
+    let (plain, thinking) = (
+        opening(""),
+        opening(r#", "chat_template_kwargs": {"thinking": true}"#),
+    );
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(status, 200, "{body}");
     assert_eq!(v["choices"][0]["text"], want, "{body}");
     assert_eq!(chat_status, 200, "{chat_body}");
+    assert!(plain.ends_with("Hi<｜Assistant｜></think>"), "{plain:?}");
+    assert!(
+        thinking.ends_with("Hi<｜Assistant｜><think>"),
+        "{thinking:?}"
+    );
 }
