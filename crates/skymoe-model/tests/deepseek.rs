@@ -195,8 +195,8 @@ fn a_gguf_missing_a_latent_attention_tensor_is_an_error() {
 }
 
 #[test]
-fn latent_attention_is_refused_under_tensor_parallelism() {
-    // The autograd builder: one rank of two.
+fn latent_attention_splits_its_heads_over_tensor_parallel_ranks() {
+    // Rank 0 of two (collectives are not reached when only building the model).
     #[derive(Debug)]
     struct Two;
     impl skymoe_model::parallel::ShardComm for Two {
@@ -217,10 +217,28 @@ fn latent_attention_is_refused_under_tensor_parallelism() {
         },
         whole_experts: true,
     };
-    let loader = skymoe_model::model::CheckpointLoader::new(&ckpt.weights, &Device::Cpu);
-    let err =
+    let whole = skymoe_model::model::CheckpointLoader::new(&ckpt.weights, &Device::Cpu);
+    let parts = skymoe_model::parallel::parts(&ckpt.config, 0, 2, true);
+    let loader = skymoe_model::parallel::SliceLoader {
+        inner: &whole,
+        parts: &parts,
+    };
+    let model =
         CausalLm::from_loader_sharded(ckpt.config.clone(), &loader, &Device::Cpu, Some(&sharding))
-            .unwrap_err()
-            .to_string();
-    assert!(err.contains("latent attention"), "{err}");
+            .unwrap();
+    let skymoe_model::layers::attention::AttentionBlock::Mla(mla) = &model.layers[0].attention
+    else {
+        panic!("expected latent attention");
+    };
+    // 2 of 4 heads: q_proj rows 2·(16 + 8), kv_b_proj rows 2·(16 + 12), o_proj columns 2·12;
+    // the latent projection whole.
+    assert_eq!(mla.num_heads, 2);
+    let dims = |t: &Tensor| t.dims().to_vec();
+    let skymoe_model::layers::mla::MlaQuery::Direct(q) = &mla.query else {
+        panic!("DeepSeek-V2's fixture has no query bottleneck");
+    };
+    assert_eq!(dims(&q.weight), vec![48, 64]);
+    assert_eq!(dims(&mla.kv_up.weight), vec![56, 32]);
+    assert_eq!(dims(&mla.o_proj.weight), vec![64, 24]);
+    assert_eq!(dims(&mla.kv_down.weight), vec![40, 64]);
 }
