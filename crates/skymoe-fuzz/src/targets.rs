@@ -450,7 +450,24 @@ fn gguf(data: &[u8], o: &mut Outcome) {
                 }
             });
         }
-        o.step("open", &GgufCheckpoint::open(&path, &Device::Cpu));
+        let ckpt = GgufCheckpoint::open(&path, &Device::Cpu);
+        o.step("open", &ckpt);
+        // Tensors are read lazily from the map: read each one (a few), dequantised and as
+        // the served ggml matrix with one product.
+        if let Ok(ckpt) = ckpt {
+            for name in ckpt.weights.names().into_iter().take(8) {
+                o.step("tensor", &ckpt.weights.load(&name, &Device::Cpu));
+                let m = ckpt.weights.ggml_matrix(&name);
+                o.step("ggml-matrix", &m);
+                if let Ok(Some(m)) = m {
+                    if m.rows().saturating_mul(m.cols()) <= 1 << 20 {
+                        let x = vec![0.5f32; m.cols()];
+                        let mut y = vec![0f32; m.rows()];
+                        m.matmul(&x, 1, &mut y);
+                    }
+                }
+            }
+        }
     })
 }
 

@@ -260,6 +260,10 @@ fn token_ids(v: Option<&Value>) -> Vec<u32> {
 /// Most transformer blocks a config (or GGUF file) may declare.
 pub const MAX_HIDDEN_LAYERS: usize = 1 << 16;
 
+/// Most routed experts per layer a config (or GGUF file) may declare (published models have a
+/// few hundred); per-expert tables are sized by the count before any weight is checked.
+pub const MAX_EXPERTS: usize = 1 << 16;
+
 impl ModelConfig {
     /// Read and parse a Hugging Face `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -361,6 +365,15 @@ impl ModelConfig {
         };
         family.read_hf_config(v, origin, &mut config)?;
         if let Some(m) = &config.moe {
+            if m.num_experts > MAX_EXPERTS {
+                return Err(ModelError::config(
+                    origin,
+                    format!(
+                        "{} routed experts per layer is above {MAX_EXPERTS}",
+                        m.num_experts
+                    ),
+                ));
+            }
             if m.num_experts == 0 || m.top_k == 0 || m.top_k > m.num_experts {
                 return Err(ModelError::config(
                     origin,

@@ -149,6 +149,13 @@ impl GgufKeys<'_> {
     /// `expert_feed_forward_length` (else the dense `feed_forward_length`, `dense_width`).
     pub fn routed_experts(&self, default_top_k: u64, dense_width: usize) -> Result<NewExperts> {
         let num_experts = self.uint("expert_count").unwrap_or(0) as usize;
+        if num_experts > crate::config::MAX_EXPERTS {
+            return Err(self.error(format!(
+                "{} ({num_experts}) is above {}",
+                self.key("expert_count"),
+                crate::config::MAX_EXPERTS
+            )));
+        }
         let top_k = self.uint("expert_used_count").unwrap_or(default_top_k) as usize;
         if top_k == 0 || top_k > num_experts {
             return Err(self.error(format!(

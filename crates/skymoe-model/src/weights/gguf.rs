@@ -1344,6 +1344,16 @@ mod tests {
     }
 
     #[test]
+    fn a_huge_expert_count_is_an_error() {
+        // Found by fuzzing a deepseek2 file: the names of every expert were built first.
+        let kv = llama(vec![
+            ("llama.expert_count", V::U64(1 << 40)),
+            ("llama.vocab_size", V::U32(4)),
+        ]);
+        assert!(open_err(&gguf(&kv, &[], &[])).contains("expert_count"));
+    }
+
+    #[test]
     fn stacked_experts_must_match_the_expert_count() {
         // Splitting a [2^20, 1, 1] stack made a million tensors.
         let kv = llama(vec![
