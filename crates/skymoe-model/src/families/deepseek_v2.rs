@@ -111,11 +111,19 @@ pub(super) fn moe_layers(layers: usize, first_dense: usize, freq: usize) -> Vec<
 /// `first_k_dense_replace` and `moe_layer_freq` of a layer pattern (the pattern
 /// [`moe_layers`] gives back; a pattern it cannot express keeps its first dense layers).
 fn layer_rule(pattern: &[bool]) -> (usize, usize) {
-    let first = pattern.iter().position(|&x| x).unwrap_or(pattern.len());
-    let freq = (1..=pattern.len().max(1))
-        .find(|&f| moe_layers(pattern.len(), first, f) == pattern)
-        .unwrap_or(1);
-    (first, freq)
+    let mut moe = pattern
+        .iter()
+        .enumerate()
+        .filter(|(_, &x)| x)
+        .map(|(l, _)| l);
+    let first = moe.next().unwrap_or(pattern.len());
+    // The gap to the second MoE layer, checked once (linear in the layer count).
+    let freq = moe.next().map_or(1, |second| second - first);
+    if moe_layers(pattern.len(), first, freq) == pattern {
+        (first, freq)
+    } else {
+        (first, 1)
+    }
 }
 
 /// Read the keys both DeepSeek versions share into `c`; `router` holds the version's routing
