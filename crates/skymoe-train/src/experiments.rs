@@ -7,10 +7,19 @@
 //! - `upcycle-vs-scratch`: an upcycled MoE against one trained from scratch, at a budget of half
 //!   the dense model's and at twice it — validation loss curves;
 //! - `expert-similarity`: mean pairwise cosine similarity of the experts of each layer over
-//!   training, upcycled against from scratch.
+//!   training, upcycled against from scratch;
+//! - `balancing`: on the demo's upcycled model and budget, no balancing against the Switch loss,
+//!   Skywork's adaptive auxiliary loss, DeepSeek-V3's aux-loss-free selection bias and bias plus
+//!   adaptive loss, each at capacity factor 1.25 and dropless (see [`balancing`]).
 //!
-//! Each writes `OUT/NAME/results.md` (a table), `results.csv`, plots, and a run directory per
-//! variant (with its own report).
+//! Every variant runs once per seed (`ExperimentOptions::seeds`, consecutive seeds from
+//! `seed`); tables give the mean over seeds with the min–max range in brackets, and a difference
+//! between variants counts as a finding only where their ranges do not overlap.
+//!
+//! Each writes `OUT/NAME/results.md` (a table), `results.csv` (one row per variant and seed),
+//! plots (means over seeds), and a run directory per variant and seed (`VARIANT/seed-S/`).
+
+mod balancing;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -39,15 +48,18 @@ pub enum Experiment {
     UpcycleVsScratch,
     /// Expert similarity over training.
     ExpertSimilarity,
+    /// Load-balancing methods on the demo's upcycled model.
+    Balancing,
 }
 
 impl Experiment {
     /// Every experiment, in order.
-    pub const ALL: [Experiment; 4] = [
+    pub const ALL: [Experiment; 5] = [
         Experiment::GatingNorm,
         Experiment::AdaptiveAux,
         Experiment::UpcycleVsScratch,
         Experiment::ExpertSimilarity,
+        Experiment::Balancing,
     ];
 
     /// The command-line name.
@@ -57,6 +69,7 @@ impl Experiment {
             Experiment::AdaptiveAux => "adaptive-aux",
             Experiment::UpcycleVsScratch => "upcycle-vs-scratch",
             Experiment::ExpertSimilarity => "expert-similarity",
+            Experiment::Balancing => "balancing",
         }
     }
 }
@@ -67,7 +80,7 @@ impl std::str::FromStr for Experiment {
         Experiment::ALL
             .into_iter()
             .find(|e| e.name() == s)
-            .ok_or_else(|| format!("unknown experiment `{s}` (gating-norm | adaptive-aux | upcycle-vs-scratch | expert-similarity)"))
+            .ok_or_else(|| format!("unknown experiment `{s}` (gating-norm | adaptive-aux | upcycle-vs-scratch | expert-similarity | balancing)"))
     }
 }
 
@@ -80,8 +93,10 @@ pub struct ExperimentOptions {
     pub out: PathBuf,
     /// Scale of models and budgets.
     pub size: DemoSize,
-    /// Seed.
+    /// First seed.
     pub seed: u64,
+    /// Seeds per variant (`seed`, `seed + 1`, …; at least 1).
+    pub seeds: usize,
     /// Override of the training steps per run (the size's default otherwise).
     pub steps: Option<u64>,
 }
@@ -153,7 +168,8 @@ fn base(o: &ExperimentOptions, dir: &Path, tokenizer: Option<PathBuf>) -> RunCon
     c.data.seq_len = s.seq;
     c.train.batch_size = s.batch;
     c.train.steps = s.steps;
-    c.train.eval_every = (s.steps / 5).max(1);
+    // Five validations a run; a tiny run (a smoke test) validates only at the end.
+    c.train.eval_every = if s.steps >= 20 { s.steps / 5 } else { 0 };
     c.train.eval_batches = 16;
     c.train.checkpoint_every = 0;
     c.train.keep_checkpoints = 1;
@@ -233,6 +249,108 @@ fn fmt_layers(v: &[f64], digits: usize) -> String {
         .join(" / ")
 }
 
+/// The seeds of every variant: `seed`, `seed + 1`, …
+fn seed_list(o: &ExperimentOptions) -> Vec<u64> {
+    (0..o.seeds.max(1) as u64).map(|i| o.seed + i).collect()
+}
+
+/// One quantity over seeds: mean and min–max range.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Spread {
+    mean: f64,
+    min: f64,
+    max: f64,
+    /// Finite values seen.
+    n: usize,
+}
+
+impl Spread {
+    fn of(v: impl IntoIterator<Item = f64>) -> Spread {
+        let v: Vec<f64> = v.into_iter().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return Spread {
+                mean: f64::NAN,
+                min: f64::NAN,
+                max: f64::NAN,
+                n: 0,
+            };
+        }
+        Spread {
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+            min: v.iter().copied().fold(f64::INFINITY, f64::min),
+            max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            n: v.len(),
+        }
+    }
+
+    /// `mean (min–max)`, or the value alone for one seed.
+    fn fmt(&self, digits: usize) -> String {
+        if self.n > 1 {
+            format!(
+                "{:.digits$} ({:.digits$}–{:.digits$})",
+                self.mean, self.min, self.max
+            )
+        } else {
+            format!("{:.digits$}", self.mean)
+        }
+    }
+
+    /// Both over at least two seeds and the two ranges do not overlap: the difference exceeds
+    /// the seed-to-seed spread.
+    fn separated(&self, other: &Spread) -> bool {
+        self.n > 1 && other.n > 1 && (self.min > other.max || self.max < other.min)
+    }
+}
+
+/// How the tables state their spread.
+fn spread_note(seeds: &[u64]) -> String {
+    if seeds.len() > 1 {
+        format!(
+            "Every figure is the mean over {} seeds ({}–{}), with the min–max range over the seeds in brackets; per-layer values are means over the seeds. Plots show means over the seeds.",
+            seeds.len(),
+            seeds[0],
+            seeds[seeds.len() - 1]
+        )
+    } else {
+        format!("One seed ({}).", seeds[0])
+    }
+}
+
+/// Step-by-step mean of per-seed curves (steps present in every curve).
+fn mean_curve(curves: &[Vec<(f64, f64)>]) -> Vec<(f64, f64)> {
+    let mut acc: BTreeMap<i64, (f64, f64, usize)> = BTreeMap::new();
+    for c in curves {
+        for &(x, y) in c {
+            let e = acc
+                .entry((x * 1000.0).round() as i64)
+                .or_insert((x, 0.0, 0));
+            if y.is_finite() {
+                e.1 += y;
+                e.2 += 1;
+            }
+        }
+    }
+    acc.into_values()
+        .filter(|e| e.2 == curves.len() && e.2 > 0)
+        .map(|(x, s, n)| (x, s / n as f64))
+        .collect()
+}
+
+/// Per-layer mean over seeds of per-seed, per-layer values.
+fn mean_layers(v: &[Vec<f64>]) -> Vec<f64> {
+    let layers = v.iter().map(Vec::len).max().unwrap_or(0);
+    (0..layers)
+        .map(|l| mean(v.iter().filter_map(|s| s.get(l).copied())))
+        .collect()
+}
+
+/// A variant's runs: (seed, train records, validation records).
+type Runs = Vec<(u64, Vec<StepMetrics>, Vec<ValMetrics>)>;
+
+fn final_val(val: &[ValMetrics]) -> f64 {
+    val.last().map_or(f64::NAN, |v| v.val_loss)
+}
+
 fn finish(
     dir: &Path,
     title: &str,
@@ -284,6 +402,7 @@ pub fn run_experiment(
         Experiment::AdaptiveAux => adaptive_aux(o, &dir, obs),
         Experiment::UpcycleVsScratch => upcycle_vs_scratch(o, &dir, obs),
         Experiment::ExpertSimilarity => expert_similarity(o, &dir, obs),
+        Experiment::Balancing => balancing::balancing(o, &dir, obs),
     }
 }
 
@@ -298,61 +417,97 @@ fn gating_norm(
     obs: &mut dyn Observer,
 ) -> Result<ExperimentResult> {
     let variants: [(&str, f64); 3] = [("none", 0.0), ("lambda-1", 1.0), ("lambda-2", 2.0)];
+    let seeds = seed_list(o);
     let mut tok = None;
-    let mut rows = Vec::new();
+    let mut rows: Vec<(&str, Runs)> = Vec::new();
     for (name, lambda) in variants {
-        let run = dir.join(name);
-        let mut c = base(o, &run, tok.clone());
-        c.model.gate_norm_std = lambda;
-        train(c, obs, &format!("gating-norm: {name}"))?;
-        tok.get_or_insert_with(|| tokenizer_of(&run));
-        rows.push((name, records(&run)?));
+        let mut runs = Runs::new();
+        for &seed in &seeds {
+            let run = dir.join(name).join(format!("seed-{seed}"));
+            let mut c = base(o, &run, tok.clone());
+            c.train.seed = seed;
+            c.model.gate_norm_std = lambda;
+            train(c, obs, &format!("gating-norm: {name}, seed {seed}"))?;
+            tok.get_or_insert_with(|| tokenizer_of(&run));
+            let (t, v) = records(&run)?;
+            runs.push((seed, t, v));
+        }
+        rows.push((name, runs));
     }
-    let mut table = String::from("| gating | final validation loss | drop rate, last 25% (per layer) | top-1/top-2 gate ratio, last 25% (per layer) |\n| --- | --- | --- | --- |\n");
-    let mut csv = String::from("variant,val_loss,drop_rate_mean,gate_ratio_mean\n");
+    let mut table = String::from("| gating | final validation loss | drop rate, last 25% (mean over layers) | per layer | top-1/top-2 gate ratio, last 25% (mean over layers) | per layer |\n| --- | --- | --- | --- | --- | --- |\n");
+    let mut csv = String::from("variant,seed,val_loss,drop_rate_mean,gate_ratio_mean\n");
     let (mut drop_s, mut ratio_s, mut val_s) = (Vec::new(), Vec::new(), Vec::new());
-    for (name, (train, val)) in &rows {
-        let d = tail_per_layer(train, |m| &m.drop_rate);
-        let g = tail_per_layer(train, |m| &m.gate_ratio);
-        let v = val.last().map_or(f64::NAN, |v| v.val_loss);
+    for (name, runs) in &rows {
+        let d: Vec<Vec<f64>> = runs
+            .iter()
+            .map(|(_, t, _)| tail_per_layer(t, |m| &m.drop_rate))
+            .collect();
+        let g: Vec<Vec<f64>> = runs
+            .iter()
+            .map(|(_, t, _)| tail_per_layer(t, |m| &m.gate_ratio))
+            .collect();
+        let v = Spread::of(runs.iter().map(|(_, _, v)| final_val(v)));
         let _ = writeln!(
             table,
-            "| {name} | {v:.4} | {} (mean {:.3}) | {} (mean {:.2}) |",
-            fmt_layers(&d, 3),
-            mean(d.clone()),
-            fmt_layers(&g, 2),
-            mean(g.clone())
+            "| {name} | {} | {} | {} | {} | {} |",
+            v.fmt(4),
+            Spread::of(d.iter().map(|x| mean(x.clone()))).fmt(3),
+            fmt_layers(&mean_layers(&d), 3),
+            Spread::of(g.iter().map(|x| mean(x.clone()))).fmt(2),
+            fmt_layers(&mean_layers(&g), 2),
         );
-        let _ = writeln!(csv, "{name},{v},{},{}", mean(d.clone()), mean(g.clone()));
-        drop_s.push((name.to_string(), layer_mean_series(train, |m| &m.drop_rate)));
-        ratio_s.push((
+        for (i, (seed, _, val)) in runs.iter().enumerate() {
+            let _ = writeln!(
+                csv,
+                "{name},{seed},{},{},{}",
+                final_val(val),
+                mean(d[i].clone()),
+                mean(g[i].clone())
+            );
+        }
+        let curve = |f: fn(&StepMetrics) -> &Vec<f64>| {
+            mean_curve(
+                &runs
+                    .iter()
+                    .map(|(_, t, _)| layer_mean_series(t, f))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        drop_s.push((name.to_string(), curve(|m| &m.drop_rate)));
+        ratio_s.push((name.to_string(), curve(|m| &m.gate_ratio)));
+        val_s.push((
             name.to_string(),
-            layer_mean_series(train, |m| &m.gate_ratio),
+            mean_curve(
+                &runs
+                    .iter()
+                    .map(|(_, _, v)| val_series(v))
+                    .collect::<Vec<_>>(),
+            ),
         ));
-        val_s.push((name.to_string(), val_series(val)));
     }
     let mut plots = plot(
-        "Token drop rate (mean over layers), capacity factor 1.0",
+        "Token drop rate (mean over layers and seeds), capacity factor 1.0",
         "drop rate",
         &drop_s,
         dir,
         "drop_rate",
     )?;
     plots.extend(plot(
-        "Top-1 / top-2 gate probability ratio (mean over layers)",
+        "Top-1 / top-2 gate probability ratio (mean over layers and seeds)",
         "ratio",
         &ratio_s,
         dir,
         "gate_ratio",
     )?);
     plots.extend(plot(
-        "Validation loss",
+        "Validation loss (mean over seeds)",
         "loss (nats/token)",
         &val_s,
         dir,
         "val_loss",
     )?);
-    finish(dir, "Gating logit normalisation", "Skywork-MoE trained from scratch with the same data, seed, adaptive auxiliary loss and capacity factor 1.0; only λ differs (none: plain softmax gate).", table, csv, plots)
+    let notes = format!("Skywork-MoE trained from scratch with the same data, adaptive auxiliary loss and capacity factor 1.0; only λ differs (none: plain softmax gate). {}", spread_note(&seeds));
+    finish(dir, "Gating logit normalisation", &notes, table, csv, plots)
 }
 
 fn adaptive_aux(
@@ -366,74 +521,124 @@ fn adaptive_aux(
         ("fixed-0.001", Some(0.001)),
         ("fixed-0", Some(0.0)),
     ];
+    let seeds = seed_list(o);
     let mut tok = None;
-    let mut rows = Vec::new();
+    let mut rows: Vec<(&str, Runs)> = Vec::new();
     for (name, fixed) in variants {
-        let run = dir.join(name);
-        let mut c = base(o, &run, tok.clone());
-        c.aux.balance = BalanceLoss::Skywork;
-        match fixed {
-            Some(coef) => {
-                c.aux.adaptive = false;
-                c.aux.coef = coef;
+        let mut runs = Runs::new();
+        for &seed in &seeds {
+            let run = dir.join(name).join(format!("seed-{seed}"));
+            let mut c = base(o, &run, tok.clone());
+            c.train.seed = seed;
+            c.aux.balance = BalanceLoss::Skywork;
+            match fixed {
+                Some(coef) => {
+                    c.aux.adaptive = false;
+                    c.aux.coef = coef;
+                }
+                None => c.aux.adaptive = true,
             }
-            None => c.aux.adaptive = true,
+            train(c, obs, &format!("adaptive-aux: {name}, seed {seed}"))?;
+            tok.get_or_insert_with(|| tokenizer_of(&run));
+            let (t, v) = records(&run)?;
+            runs.push((seed, t, v));
         }
-        train(c, obs, &format!("adaptive-aux: {name}"))?;
-        tok.get_or_insert_with(|| tokenizer_of(&run));
-        rows.push((name, records(&run)?));
+        rows.push((name, runs));
     }
-    let mut table = String::from("| coefficient | final validation loss | drop rate, last 25% (per layer) | mean drop rate, whole run | α at the end (per layer) |\n| --- | --- | --- | --- | --- |\n");
-    let mut csv = String::from("variant,val_loss,drop_rate_tail,drop_rate_all,alpha_final\n");
+    let mut table = String::from("| coefficient | final validation loss | drop rate, last 25% (mean over layers) | per layer | mean drop rate, whole run | α at the end (per layer) |\n| --- | --- | --- | --- | --- | --- |\n");
+    let mut csv = String::from("variant,seed,val_loss,drop_rate_tail,drop_rate_all,alpha_final\n");
     let (mut drop_s, mut val_s) = (Vec::new(), Vec::new());
-    for (name, (train, val)) in &rows {
-        let d = tail_per_layer(train, |m| &m.drop_rate);
-        let all = mean(train.iter().map(|m| mean(m.drop_rate.iter().copied())));
-        let a = train.last().map(|m| m.alpha.clone()).unwrap_or_default();
-        let v = val.last().map_or(f64::NAN, |v| v.val_loss);
+    for (name, runs) in &rows {
+        let d: Vec<Vec<f64>> = runs
+            .iter()
+            .map(|(_, t, _)| tail_per_layer(t, |m| &m.drop_rate))
+            .collect();
+        let all: Vec<f64> = runs
+            .iter()
+            .map(|(_, t, _)| mean(t.iter().map(|m| mean(m.drop_rate.iter().copied()))))
+            .collect();
+        let a: Vec<Vec<f64>> = runs
+            .iter()
+            .map(|(_, t, _)| t.last().map(|m| m.alpha.clone()).unwrap_or_default())
+            .collect();
+        let v = Spread::of(runs.iter().map(|(_, _, v)| final_val(v)));
         let _ = writeln!(
             table,
-            "| {name} | {v:.4} | {} | {all:.3} | {} |",
-            fmt_layers(&d, 3),
-            fmt_layers(&a, 5)
+            "| {name} | {} | {} | {} | {} | {} |",
+            v.fmt(4),
+            Spread::of(d.iter().map(|x| mean(x.clone()))).fmt(3),
+            fmt_layers(&mean_layers(&d), 3),
+            Spread::of(all.iter().copied()).fmt(3),
+            fmt_layers(&mean_layers(&a), 5)
         );
-        let _ = writeln!(
-            csv,
-            "{name},{v},{},{all},{}",
-            mean(d.clone()),
-            mean(a.clone())
-        );
-        drop_s.push((name.to_string(), layer_mean_series(train, |m| &m.drop_rate)));
-        val_s.push((name.to_string(), val_series(val)));
+        for (i, (seed, _, val)) in runs.iter().enumerate() {
+            let _ = writeln!(
+                csv,
+                "{name},{seed},{},{},{},{}",
+                final_val(val),
+                mean(d[i].clone()),
+                all[i],
+                mean(a[i].clone())
+            );
+        }
+        drop_s.push((
+            name.to_string(),
+            mean_curve(
+                &runs
+                    .iter()
+                    .map(|(_, t, _)| layer_mean_series(t, |m| &m.drop_rate))
+                    .collect::<Vec<_>>(),
+            ),
+        ));
+        val_s.push((
+            name.to_string(),
+            mean_curve(
+                &runs
+                    .iter()
+                    .map(|(_, _, v)| val_series(v))
+                    .collect::<Vec<_>>(),
+            ),
+        ));
     }
     let mut plots = plot(
-        "Token drop rate (mean over layers), capacity factor 1.0",
+        "Token drop rate (mean over layers and seeds), capacity factor 1.0",
         "drop rate",
         &drop_s,
         dir,
         "drop_rate",
     )?;
     plots.extend(plot(
-        "Validation loss",
+        "Validation loss (mean over seeds)",
         "loss (nats/token)",
         &val_s,
         dir,
         "val_loss",
     )?);
-    finish(dir, "Adaptive auxiliary-loss coefficient", "Skywork-MoE (λ = 1) trained from scratch; the Skywork balancing loss with the adaptive per-layer coefficient (ξ = 0.2, α_max = 0.01, β = 0.99, α₀ = 0) or a fixed one. Per-layer drop rate and α over time are in each variant's report (`VARIANT/report/`).", table, csv, plots)
+    let notes = format!("Skywork-MoE (λ = 1) trained from scratch; the Skywork balancing loss with the adaptive per-layer coefficient (ξ = 0.2, α_max = 0.01, β = 0.99, α₀ = 0) or a fixed one. Per-layer drop rate and α over time are in each run's `metrics.jsonl` (`VARIANT/seed-S/`). {}", spread_note(&seeds));
+    finish(
+        dir,
+        "Adaptive auxiliary-loss coefficient",
+        &notes,
+        table,
+        csv,
+        plots,
+    )
 }
 
-/// Train the dense model both upcycling experiments start from; returns (checkpoint, tokenizer).
+/// Train the dense model the upcycling experiments start from, in `run`; returns (checkpoint,
+/// tokenizer). Without `tok` the run trains the tokenizer.
 fn dense_base(
     o: &ExperimentOptions,
-    dir: &Path,
+    run: &Path,
+    seed: u64,
+    tok: Option<PathBuf>,
     obs: &mut dyn Observer,
 ) -> Result<(PathBuf, PathBuf)> {
-    let run = dir.join("dense");
-    let mut c = base(o, &run, None);
+    let mut c = base(o, run, tok.clone());
     c.model.arch = "llama".into();
-    let s = train(c, obs, "dense model to upcycle")?;
-    Ok((s.checkpoint, tokenizer_of(&run)))
+    c.train.seed = seed;
+    let s = train(c, obs, &format!("dense model to upcycle, seed {seed}"))?;
+    Ok((s.checkpoint, tok.unwrap_or_else(|| tokenizer_of(run))))
 }
 
 fn upcycle_to(dense: &Path, out: &Path, seed: u64) -> Result<()> {
@@ -459,52 +664,89 @@ fn upcycle_vs_scratch(
     dir: &Path,
     obs: &mut dyn Observer,
 ) -> Result<ExperimentResult> {
-    let (dense, tok) = dense_base(o, dir, obs)?;
+    let seeds = seed_list(o);
     let dense_steps = scale(o).steps;
-    upcycle_to(&dense, &dir.join("moe-init"), o.seed)?;
-    let mut table = String::from("| MoE budget (steps) | vs dense budget | upcycled: final validation loss | from scratch: final validation loss | difference (upcycled − scratch) |\n| --- | --- | --- | --- | --- |\n");
-    let mut csv = String::from("budget_steps,upcycled_val,scratch_val\n");
-    let mut plots = Vec::new();
-    for (label, steps) in [("half", dense_steps / 2), ("double", dense_steps * 2)] {
-        let mut finals = Vec::new();
-        let mut series = Vec::new();
-        for kind in ["upcycled", "scratch"] {
-            let run = dir.join(format!("{kind}-{label}"));
-            let mut c = base(o, &run, Some(tok.clone()));
-            c.train.steps = steps;
-            c.train.eval_every = (steps / 8).max(1);
-            if kind == "upcycled" {
-                c.model.init = Some(dir.join("moe-init"));
-                c.optim.lr = 1e-3;
-                c.optim.min_lr = 1e-4;
+    let budgets = [("half", dense_steps / 2), ("double", dense_steps * 2)];
+    // finals[budget][kind] = per-seed final validation losses; curves likewise.
+    let mut finals = vec![vec![Vec::new(), Vec::new()]; budgets.len()];
+    let mut curves = vec![vec![Vec::new(), Vec::new()]; budgets.len()];
+    let mut tok = None;
+    for &seed in &seeds {
+        let (dense, t) = dense_base(
+            o,
+            &dir.join("dense").join(format!("seed-{seed}")),
+            seed,
+            tok.clone(),
+            obs,
+        )?;
+        let tok = tok.get_or_insert(t).clone();
+        let init = dir.join("moe-init").join(format!("seed-{seed}"));
+        upcycle_to(&dense, &init, seed)?;
+        for (b, (label, steps)) in budgets.iter().enumerate() {
+            for (k, kind) in ["upcycled", "scratch"].into_iter().enumerate() {
+                let run = dir
+                    .join(format!("{kind}-{label}"))
+                    .join(format!("seed-{seed}"));
+                let mut c = base(o, &run, Some(tok.clone()));
+                c.train.seed = seed;
+                c.train.steps = *steps;
+                c.train.eval_every = (steps / 8).max(1);
+                if kind == "upcycled" {
+                    c.model.init = Some(init.clone());
+                    c.optim.lr = 1e-3;
+                    c.optim.min_lr = 1e-4;
+                }
+                train(
+                    c,
+                    obs,
+                    &format!("upcycle-vs-scratch: {kind}, {steps} steps, seed {seed}"),
+                )?;
+                let (_, val) = records(&run)?;
+                finals[b][k].push(final_val(&val));
+                curves[b][k].push(val_series(&val));
             }
-            train(
-                c,
-                obs,
-                &format!("upcycle-vs-scratch: {kind}, {steps} steps"),
-            )?;
-            let (_, val) = records(&run)?;
-            finals.push(val.last().map_or(f64::NAN, |v| v.val_loss));
-            series.push((format!("{kind} ({steps} steps)"), val_series(&val)));
         }
+    }
+    let mut table = String::from("| MoE budget (steps) | vs dense budget | upcycled: final validation loss | from scratch: final validation loss | difference (upcycled − scratch), per seed |\n| --- | --- | --- | --- | --- |\n");
+    let mut csv = String::from("budget_steps,seed,upcycled_val,scratch_val\n");
+    let mut plots = Vec::new();
+    for (b, (label, steps)) in budgets.iter().enumerate() {
+        let diff = Spread::of(finals[b][0].iter().zip(&finals[b][1]).map(|(u, s)| u - s));
+        let diff = if diff.n > 1 {
+            format!("{:+.4} ({:+.4} – {:+.4})", diff.mean, diff.min, diff.max)
+        } else {
+            format!("{:+.4}", diff.mean)
+        };
         let _ = writeln!(
             table,
-            "| {steps} | {}x | {:.4} | {:.4} | {:+.4} |",
-            steps as f64 / dense_steps as f64,
-            finals[0],
-            finals[1],
-            finals[0] - finals[1]
+            "| {steps} | {}x | {} | {} | {diff} |",
+            *steps as f64 / dense_steps as f64,
+            Spread::of(finals[b][0].iter().copied()).fmt(4),
+            Spread::of(finals[b][1].iter().copied()).fmt(4),
         );
-        let _ = writeln!(csv, "{steps},{},{}", finals[0], finals[1]);
+        for (i, seed) in seeds.iter().enumerate() {
+            let _ = writeln!(
+                csv,
+                "{steps},{seed},{},{}",
+                finals[b][0][i], finals[b][1][i]
+            );
+        }
+        let series: Vec<(String, Vec<(f64, f64)>)> = ["upcycled", "scratch"]
+            .iter()
+            .enumerate()
+            .map(|(k, kind)| (format!("{kind} ({steps} steps)"), mean_curve(&curves[b][k])))
+            .collect();
         plots.extend(plot(
-            &format!("Validation loss, MoE budget {steps} steps ({label} the dense model's)"),
+            &format!(
+                "Validation loss (mean over seeds), MoE budget {steps} steps ({label} the dense model's)"
+            ),
             "loss (nats/token)",
             &series,
             dir,
             &format!("val_loss_{label}"),
         )?);
     }
-    let notes = format!("A dense Llama trained {dense_steps} steps is upcycled (8 experts, top-2, Skywork layout, λ = 1, peak lr 1e-3) and compared with the same MoE trained from scratch (peak lr 2e-3), both for half and for twice the dense model's budget. The upcycled model's budget excludes the dense pre-training it inherits.");
+    let notes = format!("A dense Llama trained {dense_steps} steps is upcycled (8 experts, top-2, Skywork layout, λ = 1, peak lr 1e-3) and compared with the same MoE trained from scratch (peak lr 2e-3), both for half and for twice the dense model's budget. The upcycled model's budget excludes the dense pre-training it inherits. Each seed trains its own dense model, upcycles it (gate initialisation from the seed) and trains both MoEs with it. {}", spread_note(&seeds));
     finish(
         dir,
         "Upcycling against training from scratch",
@@ -571,63 +813,100 @@ fn expert_similarity(
     dir: &Path,
     obs: &mut dyn Observer,
 ) -> Result<ExperimentResult> {
-    let (dense, tok) = dense_base(o, dir, obs)?;
+    let seeds = seed_list(o);
     let steps = scale(o).steps;
-    let init = dir.join("moe-init");
-    upcycle_to(&dense, &init, o.seed)?;
-    let mut series = Vec::new();
-    let mut table = String::from("| model | similarity at start | after 25% | after 50% | at the end | final validation loss |\n| --- | --- | --- | --- | --- | --- |\n");
+    let kinds = ["upcycled", "scratch"];
+    // sims[kind] = per-seed similarity curves; vals[kind] = per-seed final validation losses.
+    let mut sims = [Vec::new(), Vec::new()];
+    let mut vals = [Vec::new(), Vec::new()];
+    // results.csv: the mean over seeds; seeds.csv: every seed.
     let mut csv = String::from("model,step,similarity\n");
-    for kind in ["upcycled", "scratch"] {
-        let run = dir.join(kind);
-        let mut c = base(o, &run, Some(tok.clone()));
-        c.train.checkpoint_every = (steps / 8).max(1);
-        c.train.keep_checkpoints = 100;
-        let start = if kind == "upcycled" {
-            c.model.init = Some(init.clone());
-            c.optim.lr = 1e-3;
-            c.optim.min_lr = 1e-4;
-            let ck = Checkpoint::open(&init, &Device::Cpu)?;
-            let p = TrainableParams::from_checkpoint(&ck, &Device::Cpu)?;
-            expert_similarity_of(&ck.config, &p.tensors())?
-        } else {
-            // The trainer initialises a fresh model exactly like this.
-            let vocab = tokenizers::Tokenizer::from_file(&tok)
-                .map_err(|e| TrainError::Config(e.to_string()))?
-                .get_vocab_size(true);
-            let mc = c.fresh_model_config(vocab, None, None)?;
-            let p = TrainableParams::random(&mc, c.model.init_std, c.train.seed, &Device::Cpu)?;
-            expert_similarity_of(&mc, &p.tensors())?
-        };
-        train(c, obs, &format!("expert-similarity: {kind}"))?;
-        let s = similarity_series(&run, (0, start))?;
-        let at = |frac: f64| -> f64 {
-            let target = steps as f64 * frac;
-            s.iter()
-                .min_by(|a, b| (a.0 - target).abs().total_cmp(&(b.0 - target).abs()))
-                .map_or(f64::NAN, |p| p.1)
-        };
-        let (_, val) = records(&run)?;
-        let v = val.last().map_or(f64::NAN, |v| v.val_loss);
+    let mut seeds_csv = String::from("model,seed,step,similarity\n");
+    let mut tok = None;
+    for &seed in &seeds {
+        let (dense, t) = dense_base(
+            o,
+            &dir.join("dense").join(format!("seed-{seed}")),
+            seed,
+            tok.clone(),
+            obs,
+        )?;
+        let tok = tok.get_or_insert(t).clone();
+        let init = dir.join("moe-init").join(format!("seed-{seed}"));
+        upcycle_to(&dense, &init, seed)?;
+        for (k, kind) in kinds.into_iter().enumerate() {
+            let run = dir.join(kind).join(format!("seed-{seed}"));
+            let mut c = base(o, &run, Some(tok.clone()));
+            c.train.seed = seed;
+            c.train.checkpoint_every = (steps / 8).max(1);
+            c.train.keep_checkpoints = 100;
+            let start = if kind == "upcycled" {
+                c.model.init = Some(init.clone());
+                c.optim.lr = 1e-3;
+                c.optim.min_lr = 1e-4;
+                let ck = Checkpoint::open(&init, &Device::Cpu)?;
+                let p = TrainableParams::from_checkpoint(&ck, &Device::Cpu)?;
+                expert_similarity_of(&ck.config, &p.tensors())?
+            } else {
+                // The trainer initialises a fresh model exactly like this.
+                let vocab = tokenizers::Tokenizer::from_file(&tok)
+                    .map_err(|e| TrainError::Config(e.to_string()))?
+                    .get_vocab_size(true);
+                let mc = c.fresh_model_config(vocab, None, None)?;
+                let p = TrainableParams::random(&mc, c.model.init_std, c.train.seed, &Device::Cpu)?;
+                expert_similarity_of(&mc, &p.tensors())?
+            };
+            train(c, obs, &format!("expert-similarity: {kind}, seed {seed}"))?;
+            let s = similarity_series(&run, (0, start))?;
+            for (x, y) in &s {
+                let _ = writeln!(seeds_csv, "{kind},{seed},{x},{y}");
+            }
+            let (_, val) = records(&run)?;
+            vals[k].push(final_val(&val));
+            sims[k].push(s);
+        }
+    }
+    let at = |s: &[(f64, f64)], frac: f64| -> f64 {
+        let target = steps as f64 * frac;
+        s.iter()
+            .min_by(|a, b| (a.0 - target).abs().total_cmp(&(b.0 - target).abs()))
+            .map_or(f64::NAN, |p| p.1)
+    };
+    let mut table = String::from("| model | similarity at start | after 25% | after 50% | at the end | final validation loss |\n| --- | --- | --- | --- | --- | --- |\n");
+    let mut series = Vec::new();
+    for (k, kind) in kinds.into_iter().enumerate() {
+        let cell = |frac: f64| Spread::of(sims[k].iter().map(|s| at(s, frac))).fmt(4);
         let _ = writeln!(
             table,
-            "| {kind} | {:.4} | {:.4} | {:.4} | {:.4} | {v:.4} |",
-            at(0.0),
-            at(0.25),
-            at(0.5),
-            at(1.0)
+            "| {kind} | {} | {} | {} | {} | {} |",
+            cell(0.0),
+            cell(0.25),
+            cell(0.5),
+            cell(1.0),
+            Spread::of(vals[k].iter().copied()).fmt(4)
         );
-        for (x, y) in &s {
+        let m = mean_curve(&sims[k]);
+        for (x, y) in &m {
             let _ = writeln!(csv, "{kind},{x},{y}");
         }
-        series.push((kind.to_string(), s));
+        series.push((kind.to_string(), m));
     }
+    let seeds_path = dir.join("seeds.csv");
+    std::fs::write(&seeds_path, seeds_csv).map_err(|e| TrainError::io(&seeds_path, e))?;
     let plots = plot(
-        "Mean pairwise cosine similarity of experts (mean over layers)",
+        "Mean pairwise cosine similarity of experts (mean over layers and seeds)",
         "cosine similarity",
         &series,
         dir,
         "similarity",
     )?;
-    finish(dir, "Expert similarity over training", "Metric: for each MoE layer, every expert's w1, w3 and w2 are flattened into one vector; the similarity of a layer is the mean cosine similarity over all ordered pairs of distinct experts; the figure is the mean over layers. Upcycled experts start identical (1.0); experts trained from scratch start near 0.", table, csv, plots)
+    let notes = format!("Metric: for each MoE layer, every expert's w1, w3 and w2 are flattened into one vector; the similarity of a layer is the mean cosine similarity over all ordered pairs of distinct experts; the figure is the mean over layers. Upcycled experts start identical (1.0); experts trained from scratch start near 0. Each seed trains its own dense model to upcycle. `results.csv` holds the mean over seeds, `seeds.csv` every seed. {}", spread_note(&seeds));
+    finish(
+        dir,
+        "Expert similarity over training",
+        &notes,
+        table,
+        csv,
+        plots,
+    )
 }

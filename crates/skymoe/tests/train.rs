@@ -520,6 +520,8 @@ fn experiments_write_results() {
         "experiment",
         "expert-similarity",
         "--quiet",
+        "--seeds",
+        "1",
         "--steps",
         "8",
         "--data",

@@ -12,7 +12,7 @@ use super::train::ProgressObserver;
 /// Arguments of `skymoe experiment`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// gating-norm | adaptive-aux | upcycle-vs-scratch | expert-similarity | all
+    /// gating-norm | adaptive-aux | upcycle-vs-scratch | expert-similarity | balancing | all
     name: String,
     /// Output directory (each experiment writes OUT/NAME/).
     #[arg(long, default_value = "runs/experiments")]
@@ -23,9 +23,12 @@ pub struct Args {
     /// small (minutes each on 2 cores) | medium | large.
     #[arg(long, default_value = "small")]
     size: DemoSize,
-    /// Seed.
+    /// First seed.
     #[arg(long, default_value_t = 1234)]
     seed: u64,
+    /// Seeds per variant (SEED, SEED+1, …); tables report the mean and the min–max range.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    seeds: u64,
     /// Training steps per run (default: the size's budget).
     #[arg(long)]
     steps: Option<u64>,
@@ -51,6 +54,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         out: a.out.clone(),
         size: a.size,
         seed: a.seed,
+        seeds: a.seeds as usize,
         steps: a.steps,
     };
     for exp in list {
