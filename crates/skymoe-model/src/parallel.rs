@@ -108,36 +108,12 @@ impl CustomOp1 for CopyIn {
     }
 }
 
-/// A sum over the group whose every rank uses the result in its own computation: all-reduce
-/// forward and all-reduce of the gradient backward (each rank's gradient of the sum covers
-/// only its own use of it).
-struct SumShared(Arc<dyn ShardComm>);
-
-impl CustomOp1 for SumShared {
-    fn name(&self) -> &'static str {
-        "tp-sum-shared"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        AllReduce(self.0.clone()).cpu_fwd(s, l)
-    }
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(
-            grad.contiguous()?
-                .apply_op1_no_bwd(&AllReduce(self.0.clone()))?,
-        ))
-    }
-}
-
 impl TensorParallel {
     /// Sum over the group forward, for a quantity every rank then uses (a norm's sum of
     /// squares over heads split between ranks); the gradient is summed over the group too.
     pub fn sum_shared(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.contiguous()?.apply_op1(SumShared(self.comm.clone()))
+        // *g* then *f*: all-reduce forward, all-reduce of the gradient backward.
+        self.copy_in(&self.reduce_out(x)?)
     }
 
     /// This rank in the group.
