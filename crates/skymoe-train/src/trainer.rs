@@ -712,7 +712,7 @@ impl Trainer {
             let mut line =
                 serde_json::to_value(&m).map_err(|e| TrainError::Config(e.to_string()))?;
             line["kind"] = "train".into();
-            writeln!(metrics, "{line}").map_err(|e| TrainError::io(&metrics_path, e))?;
+            append_record(&mut metrics, &line).map_err(|e| TrainError::io(&metrics_path, e))?;
             obs.on_step(&m);
             let step = self.state.step;
             let eval_now = (self.cfg.train.eval_every > 0
@@ -727,7 +727,8 @@ impl Trainer {
                     let mut line =
                         serde_json::to_value(&v).map_err(|e| TrainError::Config(e.to_string()))?;
                     line["kind"] = "val".into();
-                    writeln!(metrics, "{line}").map_err(|e| TrainError::io(&metrics_path, e))?;
+                    append_record(&mut metrics, &line)
+                        .map_err(|e| TrainError::io(&metrics_path, e))?;
                     obs.on_val(&v);
                     final_val = Some(v);
                 }
@@ -1327,6 +1328,14 @@ fn window_loss<S: AsRef<[u32]>>(model: &CausalLm, batch: &[S]) -> Result<(f64, u
 }
 
 /// Drop metric lines newer than `step` (after a resume from the checkpoint of `step`).
+/// Append one record and its newline with a single write, so that a process killed between
+/// records never leaves half a line behind (`writeln!` on a file issues one write per piece).
+fn append_record(out: &mut impl Write, record: &serde_json::Value) -> std::io::Result<()> {
+    let mut text = record.to_string();
+    text.push('\n');
+    out.write_all(text.as_bytes())
+}
+
 fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     if !path.exists() {
         return Ok(());
