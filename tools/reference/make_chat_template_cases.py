@@ -9,9 +9,28 @@ reasoning kept or dropped, template variables such as `enable_thinking`) with
 `fixtures/chat_templates/<template>.render-cases.json`. The Rust test
 `chat_template::tests::family_templates_match_transformers` renders the same cases.
 
-Templates (as the model repositories publish them; copies from llama.cpp's models/templates):
-  qwen3.jinja          Qwen3 / Qwen3-MoE (Qwen/Qwen3-30B-A3B's tokenizer_config.json)
-  deepseek-v3.1.jinja  DeepSeek-V3.1 (deepseek-ai/DeepSeek-V3.1)
+Templates (each the `chat_template` of the model repository's tokenizer_config.json, verbatim):
+  qwen3.jinja             Qwen3 / Qwen3-MoE (Qwen/Qwen3-30B-A3B); copy from llama.cpp's
+                          models/templates
+  deepseek-v3.1.jinja     DeepSeek-V3.1 (deepseek-ai/DeepSeek-V3.1); copy from llama.cpp's
+                          models/templates
+  olmoe-instruct.jinja    OLMoE (allenai/OLMoE-1B-7B-0924-Instruct; bos and eos both
+                          <|endoftext|>). The same string is the tokenizer.chat_template that
+                          allenai/OLMoE-1B-7B-0924-Instruct-GGUF embeds; taken from two independent
+                          public copies (one checked against the model's tokenizer_config.json at a
+                          pinned revision, one from that GGUF) that agree character for character.
+                          Tulu-style, no tools: system, user and assistant turns only.
+  deepseek-v2-chat.jinja  DeepSeek-V2 (deepseek-ai/DeepSeek-V2-Lite-Chat; bos
+                          <｜begin▁of▁sentence｜>, eos <｜end▁of▁sentence｜>); copy from the
+                          "DeepSeek-V2" case of llama.cpp's tests/test-chat-template.cpp, identical
+                          to the chat_template in mlx-community/DeepSeek-V2-Lite-Chat-4bit-mlx's
+                          tokenizer_config.json (a conversion of deepseek-ai/DeepSeek-V2-Lite-Chat).
+                          "User: ... Assistant:", no tools. The line breaks inside its string
+                          literals are real newline characters, as the published JSON encodes
+                          them, not backslash escapes (they render the same either way).
+The two older templates take tool and reasoning cases; the two tool-less ones take what they
+support: system prompts, multi-turn histories, add_generation_prompt true and false, an assistant
+turn last, and content whose whitespace and non-ASCII text must pass through untouched.
 
     python3 tools/reference/make_chat_template_cases.py
 """
@@ -66,6 +85,21 @@ REASONING = [
     {"role": "user", "content": "And 9?"},
     {"role": "assistant", "content": "<think>\n9 = 3 × 3.\n</think>\n\nNo."},
 ]
+# For the templates without tools or reasoning.
+ASSISTANT_LAST = PLAIN + [{"role": "assistant", "content": "4."}]
+SINGLE = [{"role": "user", "content": "Write a haiku about the sea."}]
+UNTOUCHED = [
+    {"role": "user", "content": "Translate:\n  «bonjour» \t"},
+    {"role": "assistant", "content": " hello\n"},
+    {"role": "user", "content": "And 'merci'? (ça va)"},
+]
+TOOLLESS_CASES = [
+    ("plain", PLAIN, None, True, {}),
+    ("history", PLAIN, None, False, {}),
+    ("assistant-last", ASSISTANT_LAST, None, False, {}),
+    ("single-user", SINGLE, None, True, {}),
+    ("whitespace-unicode", UNTOUCHED, None, True, {}),
+]
 
 TEMPLATES = {
     "qwen3.jinja": {"bos_token": None, "eos_token": "<|im_end|>", "cases": [
@@ -82,6 +116,10 @@ TEMPLATES = {
         ("tool-history", TOOL_TURNS, None, True, {}),
         ("reasoning-dropped", REASONING, None, False, {}),
     ]},
+    "olmoe-instruct.jinja": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                             "cases": TOOLLESS_CASES},
+    "deepseek-v2-chat.jinja": {"bos_token": "<｜begin▁of▁sentence｜>",
+                               "eos_token": "<｜end▁of▁sentence｜>", "cases": TOOLLESS_CASES},
 }
 
 

@@ -1339,10 +1339,12 @@ ASSISTANT:
         assert!(!ChatTemplate::chatml().uses_tools());
     }
 
-    /// The templates of the MoE families (Qwen3, DeepSeek-V3.1) render OpenAI conversations
-    /// as transformers does: tools, tool calls and results, reasoning kept or dropped, and
-    /// template variables (`enable_thinking`, `thinking`) given as `chat_template_kwargs`
-    /// (`fixtures/chat_templates/*.render-cases.json`,
+    /// The templates of the MoE families (Qwen3, DeepSeek-V3.1, OLMoE, DeepSeek-V2) render
+    /// OpenAI conversations as transformers does: tools, tool calls and results, reasoning kept
+    /// or dropped, and template variables (`enable_thinking`, `thinking`) given as
+    /// `chat_template_kwargs`; for the tool-less OLMoE and DeepSeek-V2 templates, system
+    /// prompts, histories with and without the generation prompt, an assistant turn last and
+    /// content whose whitespace must survive (`fixtures/chat_templates/*.render-cases.json`,
     /// tools/reference/make_chat_template_cases.py).
     #[test]
     fn family_templates_match_transformers() {
@@ -1351,7 +1353,12 @@ ASSISTANT:
             Ok(s) => s,
             Err(e) => panic!("{name}: {e}"),
         };
-        for file in ["qwen3.render-cases.json", "deepseek-v3.1.render-cases.json"] {
+        for file in [
+            "qwen3.render-cases.json",
+            "deepseek-v3.1.render-cases.json",
+            "olmoe-instruct.render-cases.json",
+            "deepseek-v2-chat.render-cases.json",
+        ] {
             let doc: serde_json::Value = match serde_json::from_str(&read(file)) {
                 Ok(v) => v,
                 Err(e) => panic!("{file}: {e}"),
