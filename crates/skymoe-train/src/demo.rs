@@ -182,6 +182,9 @@ pub fn run_demo(o: &DemoOptions, obs: &mut dyn Observer) -> Result<DemoResult> {
             gate_norm_std: Some(1.0),
             segments: 1,
             seed: o.seed,
+            kv_lora_rank: None,
+            rope_dim: None,
+            dense_layers: 0,
         },
     )?;
     let dense_cfg = Checkpoint::open(&dense_ckpt, &Device::Cpu)?.config;

@@ -654,6 +654,9 @@ fn upcycle_to(dense: &Path, out: &Path, seed: u64) -> Result<()> {
             gate_norm_std: Some(1.0),
             segments: 1,
             seed,
+            kv_lora_rank: None,
+            rope_dim: None,
+            dense_layers: 0,
         },
     )?;
     Ok(())

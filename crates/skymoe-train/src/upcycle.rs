@@ -11,6 +11,17 @@
 //! FFN exactly. Other settings start close to it but not equal. Qwen3-MoE's per-head q/k
 //! RMSNorm (weights 1) has no setting that leaves attention unchanged: an upcycled Qwen3-MoE
 //! starts with the dense FFNs but not the dense attention.
+//!
+//! DeepSeek-V3 (`deepseek_v3`) follows the DeepSeekMoE recipe: the dense FFN becomes the
+//! shared expert (its down projection halved) and the routed experts start from its `G`
+//! column segments (down projections scaled by `G/2`); the sigmoid router's scores are
+//! renormalised over the top-k and `routed_scaling_factor` is 1, so with a zero gate and
+//! top-k = G the layer computes ½·FFN + ½·FFN. The first `dense_layers` layers keep their
+//! dense FFN (`first_k_dense_replace`). The selection bias starts at zero. Its latent
+//! attention starts from Llama's attention as [`mla`] describes: exact only for a dense
+//! model with one kv head, every head dimension rotary and a lossless latent.
+
+pub mod mla;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +33,7 @@ use skymoe_model::layers::TensorLoader;
 use skymoe_model::model::CheckpointLoader;
 use skymoe_model::{Architecture, Checkpoint, ModelConfig, Tokenizer};
 
+use self::mla::LatentShape;
 use crate::checkpoint::{write_dir_atomically, write_model_files};
 use crate::error::{Result, TrainError};
 use crate::params::normal_samples;
@@ -74,6 +86,33 @@ pub struct UpcycleOptions {
     pub segments: usize,
     /// Seed of the gate and noise draws.
     pub seed: u64,
+    /// Width of the key/value latent, for layouts with latent attention (`None`: the
+    /// [`default_latent`] one).
+    pub kv_lora_rank: Option<usize>,
+    /// Rotary dimensions per head, for layouts with latent attention (`None`: the
+    /// [`default_latent`] one).
+    pub rope_dim: Option<usize>,
+    /// Leading layers whose FFN stays dense (`first_k_dense_replace`; DeepSeek layouts only).
+    pub dense_layers: usize,
+}
+
+/// The latent attention an upcycled DeepSeek model gets unless told otherwise: a lossless
+/// latent (`kv_lora_rank` = hidden size), and every head dimension rotary for a dense model
+/// with one kv head (then Llama's attention is kept exactly). With several kv heads the
+/// shared rotary key can only average them, and fewer rotary dimensions start closer:
+/// `head_dim/16` (at least 2), the best of those measured on SmolLM2-135M (README,
+/// "Upcycling into DeepSeek-V3").
+pub fn default_latent(dense: &ModelConfig) -> LatentShape {
+    let d = dense.head_dim;
+    let rope_dim = if dense.num_key_value_heads == 1 {
+        d
+    } else {
+        (d / 16).max(2) & !1
+    };
+    LatentShape {
+        kv_lora_rank: dense.hidden_size,
+        rope_dim,
+    }
 }
 
 /// What was built.
@@ -106,27 +145,8 @@ pub fn upcycled_config(dense: &ModelConfig, o: &UpcycleOptions) -> Result<ModelC
     }
     if !o.arch.family().upcycle_target() {
         return Err(TrainError::Config(format!(
-            "upcycling writes the skywork, mixtral or qwen3_moe layout, not {}{}",
+            "upcycling writes the skywork, mixtral, qwen3_moe or deepseek_v3 layout, not {}",
             o.arch.model_type(),
-            if o.arch
-                .family()
-                .new_model(
-                    dense.clone(),
-                    &NewExperts {
-                        num_experts: 1,
-                        top_k: 1,
-                        expert_intermediate_size: 1,
-                        logits_norm_std: None,
-                    }
-                )
-                .mla
-                .is_some()
-            {
-                " (its multi-head latent attention has no counterpart of Llama's attention to \
-                 start from)"
-            } else {
-                ""
-            }
         )));
     }
     let g = o.segments;
@@ -154,7 +174,54 @@ pub fn upcycled_config(dense: &ModelConfig, o: &UpcycleOptions) -> Result<ModelC
         expert_intermediate_size: dense.intermediate_size / g,
         logits_norm_std: o.gate_norm_std,
     };
-    let c = o.arch.family().new_model(dense.clone(), &experts);
+    let mut c = o.arch.family().new_model(dense.clone(), &experts);
+    let deepseek = c.mla.is_some();
+    if o.dense_layers > 0 && !deepseek {
+        return Err(TrainError::Config(format!(
+            "--dense-layers needs a layout with dense layers among MoE layers (deepseek_v3), \
+             not {}",
+            o.arch.model_type()
+        )));
+    }
+    if o.dense_layers >= dense.num_hidden_layers {
+        return Err(TrainError::Config(format!(
+            "--dense-layers ({}) must leave at least one of the {} layers MoE",
+            o.dense_layers, dense.num_hidden_layers
+        )));
+    }
+    if deepseek {
+        let d = default_latent(dense);
+        let latent = LatentShape {
+            kv_lora_rank: o.kv_lora_rank.unwrap_or(d.kv_lora_rank),
+            rope_dim: o.rope_dim.unwrap_or(d.rope_dim),
+        };
+        latent.check(dense)?;
+        let d = dense.head_dim;
+        c.mla = Some(skymoe_model::config::MlaConfig {
+            q_lora_rank: None,
+            kv_lora_rank: latent.kv_lora_rank,
+            qk_nope_head_dim: d - latent.rope_dim,
+            qk_rope_head_dim: latent.rope_dim,
+            v_head_dim: d,
+            rope_interleave: true,
+        });
+        // The rotary tables follow the rotary dimensions.
+        c.head_dim = latent.rope_dim;
+        c.intermediate_size = dense.intermediate_size;
+        if let Some(m) = c.moe.as_mut() {
+            // The DeepSeekMoE recipe: the dense FFN is the shared expert.
+            m.shared_expert_intermediate_size = Some(dense.intermediate_size);
+            m.shared_expert_gated = false;
+            m.moe_layers = (0..dense.num_hidden_layers)
+                .map(|l| l >= o.dense_layers)
+                .collect();
+        }
+    } else if o.kv_lora_rank.is_some() || o.rope_dim.is_some() {
+        return Err(TrainError::Config(format!(
+            "--kv-lora-rank and --rope-dim shape latent attention, which {} has not",
+            o.arch.model_type()
+        )));
+    }
     Ok(c)
 }
 
@@ -169,9 +236,10 @@ pub fn upcycle_tensors(
     let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
     let h = dense.hidden_size;
     let mut out = BTreeMap::new();
-    // Everything but the FFNs is copied as is.
+    let latent = moe_cfg.mla.is_some();
+    // Everything but the FFNs (and an attention that becomes latent) is copied as is.
     for spec in dense.param_specs() {
-        if spec.name.contains(".mlp.") {
+        if spec.name.contains(".mlp.") || (latent && spec.name.contains(".self_attn.")) {
             continue;
         }
         out.insert(spec.name.clone(), weights.tensor(&spec.name, &spec.shape)?);
@@ -191,12 +259,29 @@ pub fn upcycle_tensors(
     }
     let segments = o.segments;
     let width = dense.intermediate_size / segments;
+    // The routed experts' share of the layer's output: all of it, or half beside a shared
+    // expert that holds the other half.
+    let shared = moe_cfg
+        .moe
+        .as_ref()
+        .is_some_and(|m| m.shared_expert_intermediate_size.is_some());
+    let routed_share = if shared { 0.5 } else { 1.0 };
     for l in 0..dense.num_hidden_layers {
+        if latent {
+            out.extend(mla::latent_attention(dense, &moe_cfg, l, weights, device)?);
+        }
         let d = dense.dense_ffn_names(l);
         let f = dense.intermediate_size;
         let gate = weights.tensor(&d.gate, &[f, h])?;
         let up = weights.tensor(&d.up, &[f, h])?;
         let down = weights.tensor(&d.down, &[h, f])?;
+        if !moe_cfg.is_moe_layer(l) {
+            let n = moe_cfg.dense_ffn_names(l);
+            out.insert(n.gate, gate);
+            out.insert(n.up, up);
+            out.insert(n.down, down);
+            continue;
+        }
         let names = moe_cfg.moe_names(l);
         let g = match o.gate_init {
             GateInit::Zeros => Tensor::zeros((o.experts, h), candle_core::DType::F32, device)?,
@@ -206,7 +291,18 @@ pub fn upcycle_tensors(
                 device,
             )?,
         };
+        if moe_cfg.requires_selection_bias() {
+            out.insert(
+                skymoe_model::layers::router::selection_bias_name(&names.gate),
+                Tensor::zeros(o.experts, candle_core::DType::F32, device)?,
+            );
+        }
         out.insert(names.gate.clone(), g);
+        if let Some(s) = &names.shared {
+            out.insert(s.ffn.gate.clone(), gate.clone());
+            out.insert(s.ffn.up.clone(), up.clone());
+            out.insert(s.ffn.down.clone(), (&down * (1.0 - routed_share))?);
+        }
         let mut noisy = |t: &Tensor| -> Result<Tensor> {
             if o.expert_noise == 0.0 {
                 return Ok(t.clone());
@@ -221,17 +317,31 @@ pub fn upcycle_tensors(
         for (i, e) in names.experts.iter().enumerate() {
             let s = (i % segments) * width;
             let (eg, eu, ed) = if segments == 1 {
-                (gate.clone(), up.clone(), down.clone())
+                (gate.clone(), up.clone(), (&down * routed_share)?)
             } else {
                 (
                     gate.narrow(0, s, width)?.contiguous()?,
                     up.narrow(0, s, width)?.contiguous()?,
-                    (down.narrow(1, s, width)?.contiguous()? * segments as f64)?,
+                    (down.narrow(1, s, width)?.contiguous()? * (segments as f64 * routed_share))?,
                 )
             };
             out.insert(e.gate.clone(), noisy(&eg)?);
             out.insert(e.up.clone(), noisy(&eu)?);
             out.insert(e.down.clone(), noisy(&ed)?);
+        }
+    }
+    // Every tensor of the new layout, in its shape.
+    for spec in moe_cfg.param_specs() {
+        match out.get(&spec.name) {
+            Some(t) if t.dims() == spec.shape.as_slice() => {}
+            got => {
+                return Err(TrainError::Config(format!(
+                    "upcycling produced {} for {} of shape {:?}",
+                    got.map_or("nothing".to_string(), |t| format!("{:?}", t.dims())),
+                    spec.name,
+                    spec.shape
+                )))
+            }
         }
     }
     Ok((moe_cfg, out))

@@ -331,7 +331,176 @@ fn layouts_that_cannot_start_from_a_dense_llama_are_refused() {
         ]
     };
     let run = |a: Vec<String>| skymoe(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    assert_clean_failure(&run(args("deepseek_v3", "1")), "latent attention");
+    assert_clean_failure(&run(args("deepseek_v2", "1")), "not deepseek_v2");
     assert_clean_failure(&run(args("qwen3_moe", "5")), "--segments (5) must divide");
+    let with = |arch: &'static str, extra: &[&str]| {
+        let mut a = args(arch, "1");
+        a.extend(extra.iter().map(|s| s.to_string()));
+        run(a)
+    };
+    // Latent attention's shape must fit the dense heads (head dim 16, 2 kv heads, hidden 64).
+    assert_clean_failure(&with("deepseek_v3", &["--rope-dim", "6"]), "--rope-dim (6)");
+    assert_clean_failure(&with("deepseek_v3", &["--rope-dim", "0"]), "--rope-dim (0)");
+    assert_clean_failure(
+        &with("deepseek_v3", &["--kv-lora-rank", "63"]),
+        "--kv-lora-rank (63)",
+    );
+    assert_clean_failure(
+        &with("deepseek_v3", &["--dense-layers", "3"]),
+        "--dense-layers (3)",
+    );
+    assert_clean_failure(&with("skywork", &["--rope-dim", "8"]), "--rope-dim shape");
+    assert_clean_failure(
+        &with("mixtral", &["--dense-layers", "1"]),
+        "--dense-layers needs",
+    );
     assert!(!out.exists());
+}
+
+/// The test Llama cut to one kv head (multi-query attention): its first kv head's key and
+/// value rows serve every query head.
+fn multi_query_llama(dir: &Path) -> std::path::PathBuf {
+    let src = fixtures().join("llama");
+    let out = dir.join("llama-mqa");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["num_key_value_heads"] = 1.into();
+    // The latent's RMS norm sees the unit-RMS hidden state `h/√(ms(h) + ε)`; with this
+    // model's tiny activations an ε of 1e-5 alone would move its RMS by 1%.
+    cfg["rms_norm_eps"] = 1e-10.into();
+    std::fs::write(out.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(src.join("tokenizer.json"), out.join("tokenizer.json")).unwrap();
+    let mut t =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    for (name, w) in t.iter_mut() {
+        if name.ends_with("k_proj.weight") || name.ends_with("v_proj.weight") {
+            *w = w.narrow(0, 0, 16).unwrap().contiguous().unwrap();
+        }
+    }
+    candle_core::safetensors::save(&t, out.join("model.safetensors")).unwrap();
+    out
+}
+
+/// DeepSeek-V3 from a dense Llama: the dense FFN becomes the shared expert and the routed
+/// experts its segments, so with a zero gate and top-k = segments every MoE block computes
+/// the dense FFN; latent attention keeps Llama's attention exactly for one kv head, every
+/// dimension rotary and a lossless latent. Checked through the autograd model, the serving
+/// model's KV-cached decode, and against the dense FFN block by block.
+#[test]
+fn deepseek_v3_upcycling_keeps_the_dense_function_where_the_layout_allows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = multi_query_llama(tmp.path());
+    let want = logits(&dense, &TOKENS);
+    let out = tmp.path().join("v3");
+    upcycle_ok(&[
+        "--from",
+        dense.to_str().unwrap(),
+        "--experts",
+        "6",
+        "--top-k",
+        "3",
+        "--segments",
+        "3",
+        "--dense-layers",
+        "1",
+        "--arch",
+        "deepseek_v3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let ck = Checkpoint::open(&out, &Device::Cpu).unwrap();
+    assert_eq!(
+        ck.config.architecture,
+        skymoe_model::Architecture::DeepseekV3
+    );
+    let mla = ck.config.mla.unwrap();
+    assert_eq!(
+        (mla.kv_lora_rank, mla.qk_rope_head_dim, mla.qk_nope_head_dim),
+        (64, 16, 0)
+    );
+    let moe = ck.config.moe.as_ref().unwrap();
+    assert_eq!(moe.shared_expert_intermediate_size, Some(96));
+    assert_eq!(moe.moe_layers, vec![false, true, true]);
+    let d = max_diff(&logits(&out, &TOKENS), &want);
+    assert!(
+        d <= 1e-4,
+        "upcycled DeepSeek-V3 logits differ from dense by {d}"
+    );
+    // The serving model (absorbed latent attention, a latent KV cache), one token at a time.
+    let served = served_decode(&ck);
+    let d = max_diff(&served, &want);
+    assert!(
+        d <= 1e-4,
+        "served upcycled DeepSeek-V3 differs from dense by {d}"
+    );
+
+    // With a GQA model, a compressed latent and partly rotary heads the MoE blocks still
+    // compute the dense FFNs; attention changes.
+    let gqa = fixtures().join("llama");
+    let out = tmp.path().join("v3-gqa");
+    upcycle_ok(&[
+        "--from",
+        gqa.to_str().unwrap(),
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--segments",
+        "2",
+        "--kv-lora-rank",
+        "24",
+        "--rope-dim",
+        "8",
+        "--arch",
+        "deepseek_v3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let dense_model =
+        CausalLm::load(&Checkpoint::open(&gqa, &Device::Cpu).unwrap(), &Device::Cpu).unwrap();
+    let ck = Checkpoint::open(&out, &Device::Cpu).unwrap();
+    let mla = ck.config.mla.unwrap();
+    assert_eq!(
+        (mla.kv_lora_rank, mla.qk_rope_head_dim, mla.qk_nope_head_dim),
+        (24, 8, 8)
+    );
+    let moe_model = CausalLm::load(&ck, &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 5, 64), &Device::Cpu).unwrap();
+    for (a, b) in dense_model.layers.iter().zip(&moe_model.layers) {
+        use skymoe_model::layers::block::FeedForward;
+        let (FeedForward::Dense(ffn), FeedForward::Moe(moe)) = (&a.ffn, &b.ffn) else {
+            panic!("expected a dense and an MoE feed-forward block");
+        };
+        let d = max_diff(&ffn.forward(&x).unwrap(), &moe.forward(&x).unwrap().0);
+        assert!(
+            d <= 1e-5,
+            "deepseek_v3: MoE block differs from the dense FFN by {d}"
+        );
+    }
+    let d = max_diff(&logits(&out, &TOKENS), &logits(&gqa, &TOKENS));
+    assert!(
+        d > 1e-3,
+        "partly rotary attention cannot equal Llama's ({d})"
+    );
+}
+
+/// The serving model's logits of [`TOKENS`], fed one token at a time through its KV cache.
+fn served_decode(ckpt: &Checkpoint) -> Tensor {
+    use skymoe_serve::model::{LogitsFor, SeqChunk, ServeModel};
+    let model = ServeModel::load(ckpt, Some(skymoe_kernels::quant::WeightFormat::F32)).unwrap();
+    let mut kv = model.new_kv_cache(4, 16, None);
+    let blocks = kv.allocate(kv.blocks_for(TOKENS.len())).unwrap();
+    let mut rows = Vec::new();
+    for (i, t) in TOKENS.iter().enumerate() {
+        let chunk = SeqChunk {
+            tokens: std::slice::from_ref(t),
+            start: i,
+            blocks: &blocks,
+            logits: LogitsFor::Last,
+        };
+        rows.extend(model.forward(&[chunk], &mut kv).unwrap().remove(0));
+    }
+    let vocab = rows.len() / TOKENS.len();
+    Tensor::from_vec(rows, (TOKENS.len(), vocab), &Device::Cpu).unwrap()
 }

@@ -102,6 +102,10 @@ impl Family for DeepseekV3 {
         deepseek_moe_names(c, layer)
     }
 
+    fn upcycle_target(&self) -> bool {
+        true
+    }
+
     fn new_model(&self, dense: ModelConfig, experts: &NewExperts) -> ModelConfig {
         new_deepseek(
             dense,

@@ -236,8 +236,8 @@ pub trait Family: Sync {
     /// every layer: the family's router rule and attention parts for a new model.
     fn new_model(&self, dense: ModelConfig, experts: &NewExperts) -> ModelConfig;
 
-    /// Whether a dense Llama can be upcycled into this family (its experts are copies of a
-    /// dense SwiGLU FFN and its attention is Llama's).
+    /// Whether a dense Llama can be upcycled into this family (its experts start from a dense
+    /// SwiGLU FFN and its attention from Llama's).
     fn upcycle_target(&self) -> bool {
         false
     }

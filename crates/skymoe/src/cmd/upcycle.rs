@@ -20,7 +20,9 @@ pub struct Args {
     /// Experts per token.
     #[arg(long)]
     top_k: usize,
-    /// Output layout: skywork, mixtral or qwen3_moe.
+    /// Output layout: skywork, mixtral, qwen3_moe or deepseek_v3 (DeepSeekMoE recipe: the
+    /// dense FFN becomes the shared expert, routed experts start from its segments; latent
+    /// attention starts from Llama's attention).
     #[arg(long, default_value = "skywork")]
     arch: String,
     /// Split the dense FFN into this many column segments, one per expert (fine-grained
@@ -40,6 +42,18 @@ pub struct Args {
     /// Seed of the gate and noise draws.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// deepseek_v3: width of the key/value latent (default: the hidden size, lossless;
+    /// smaller: a truncated SVD of the key and value projections).
+    #[arg(long)]
+    kv_lora_rank: Option<usize>,
+    /// deepseek_v3: rotary dimensions per head, an even divisor of the head dimension; the
+    /// others become latent attention's plain dimensions (default: all of them for a dense
+    /// model with one kv head, which keeps its attention exactly; else head_dim/16).
+    #[arg(long)]
+    rope_dim: Option<usize>,
+    /// deepseek_v3: leading layers whose FFN stays dense (`first_k_dense_replace`).
+    #[arg(long, default_value_t = 0)]
+    dense_layers: usize,
     /// Output directory (a Hugging Face checkpoint).
     #[arg(long)]
     out: PathBuf,
@@ -49,7 +63,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let Some(arch) = Architecture::from_name(&a.arch) else {
         anyhow::bail!(
-            "unknown --arch `{}` (skywork | mixtral | qwen3_moe)",
+            "unknown --arch `{}` (skywork | mixtral | qwen3_moe | deepseek_v3)",
             a.arch
         );
     };
@@ -62,6 +76,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         gate_norm_std: (a.gate_norm_std > 0.0).then_some(a.gate_norm_std),
         segments: a.segments,
         seed: a.seed,
+        kv_lora_rank: a.kv_lora_rank,
+        rope_dim: a.rope_dim,
+        dense_layers: a.dense_layers,
     };
     let s = upcycle(&a.from, &a.out, &opts)
         .with_context(|| format!("cannot upcycle {}", a.from.display()))?;
