@@ -805,28 +805,6 @@ impl Trainer {
         self.step_on_batches(&micro, start, last_checkpoint)
     }
 
-    /// Refuse the balancing options this run layout does not support: the global-batch loss
-    /// over data-parallel replicas.
-    fn check_balance_support(&self) -> Result<()> {
-        let a = &self.cfg.aux;
-        let refuse = |what: &str, why: &str| {
-            Err(TrainError::Config(format!("{what} is not supported {why}")))
-        };
-        // Data-parallel replicas each route their own micro-batches at once: a running count
-        // over the global batch would need every replica's counts of each micro-batch, which
-        // makes the loss depend on how the batch is cut into replicas.
-        if self.replicas.as_ref().is_some_and(|r| r.replicas() > 1)
-            && a.balance == BalanceLoss::Global
-        {
-            return refuse(
-                "aux.balance = \"global\"",
-                "with data-parallel replicas (dp > 1; tensor, expert-data and pipeline \
-                 parallelism are supported)",
-            );
-        }
-        Ok(())
-    }
-
     /// After an optimiser step: move each MoE layer's selection bias towards balance from
     /// the tokens routed to each expert in the step (`routed`, one list per MoE layer).
     fn update_selection_biases(&mut self, routed: &[Vec<usize>]) -> Result<()> {
@@ -900,7 +878,6 @@ impl Trainer {
             next += usize::from(self.model_config.is_moe_layer(layer));
         }
         let split = self.replicas.is_some() || self.shards.is_some();
-        self.check_balance_support()?;
         let global = (cfg.aux.balance == BalanceLoss::Global)
             .then(|| std::sync::Arc::new(std::sync::Mutex::new(GlobalCounts::new(n_moe, experts))));
         let mut tokens = 0u64;
@@ -1001,7 +978,7 @@ impl Trainer {
                 let results: Vec<Result<(MicroForward, Option<Grads>)>> = group
                     .par_iter()
                     .map(|&i| {
-                        let f = forward_micro(&ctx, &micro[i])?;
+                        let f = forward_micro(&ctx, &micro[i], self.replicas.as_deref())?;
                         let grads = if f.total_val.is_finite() {
                             Some(backward_micro(&ctx, &f.total, &f.deferred)?)
                         } else {
@@ -1033,7 +1010,7 @@ impl Trainer {
         for pass in order {
             match pass {
                 Pass::Forward(i) => {
-                    let f = forward_micro(&ctx, &micro[i])?;
+                    let f = forward_micro(&ctx, &micro[i], self.replicas.as_deref())?;
                     tokens += f.tokens;
                     let finite = merge_forward(&f, &mut sums);
                     if !finite && split {
@@ -1548,16 +1525,46 @@ impl GlobalCounts {
     }
 
     /// Add a micro-batch's counts of MoE layer `l`; returns the running mean.
-    fn add(&mut self, l: usize, counts: &[usize]) -> Vec<f64> {
+    fn add(&mut self, l: usize, counts: &[f64]) -> Vec<f64> {
         let (Some(sum), Some(seen)) = (self.sums.get_mut(l), self.seen.get_mut(l)) else {
-            return counts.iter().map(|&c| c as f64).collect();
+            return counts.to_vec();
         };
         for (s, &c) in sum.iter_mut().zip(counts) {
-            *s += c as f64;
+            *s += c;
         }
         *seen += 1;
         sum.iter().map(|s| s / *seen as f64).collect()
     }
+}
+
+/// The tokens per expert of each routed layer of a micro-batch (on the top-k of the unbiased
+/// gate probabilities; `None` for a layer without routing), averaged over the data-parallel
+/// replicas in one all-reduce: Megatron-Core sums them over its data-parallel group and
+/// divides by that group's tokens, which is this mean over this replica's tokens.
+fn replica_mean_counts(
+    routings: &[Option<skymoe_model::layers::router::Routing>],
+    replicas: Option<&dyn ReplicaSync>,
+) -> Result<Vec<Option<Vec<f64>>>> {
+    let mut per_layer: Vec<Option<Vec<f64>>> = routings
+        .iter()
+        .map(|r| {
+            r.as_ref()
+                .map(|r| r.score_counts().iter().map(|&c| c as f64).collect())
+        })
+        .collect();
+    let Some(group) = replicas.filter(|g| g.replicas() > 1) else {
+        return Ok(per_layer);
+    };
+    let mut flat: Vec<f64> = per_layer.iter().flatten().flatten().copied().collect();
+    group.sum_f64(&mut flat)?;
+    let n = group.replicas() as f64;
+    let mut sums = flat.into_iter();
+    for counts in per_layer.iter_mut().flatten() {
+        for (c, s) in counts.iter_mut().zip(&mut sums) {
+            *c = s / n;
+        }
+    }
+    Ok(per_layer)
 }
 
 /// One micro-batch's forward pass: its objective and its share of the step's metrics.
@@ -1648,7 +1655,13 @@ fn merge_forward(f: &MicroForward, sums: &mut StepSums) -> bool {
 
 /// The forward pass of one micro-batch (sequences of `seq_len + 1` tokens): cross-entropy plus
 /// each MoE layer's auxiliary terms, and the routing metrics.
-fn forward_micro(ctx: &MicroContext<'_>, batch: &[Vec<u32>]) -> Result<MicroForward> {
+/// `replicas`: the data-parallel group, whose load counts of this micro-batch the global-batch
+/// balance loss sums (micro-batches then run one at a time, in the same order everywhere).
+fn forward_micro(
+    ctx: &MicroContext<'_>,
+    batch: &[Vec<u32>],
+    replicas: Option<&dyn ReplicaSync>,
+) -> Result<MicroForward> {
     let cfg = ctx.cfg;
     let accum = ctx.accum as f64;
     let bs = batch.len();
@@ -1670,6 +1683,10 @@ fn forward_micro(ctx: &MicroContext<'_>, batch: &[Vec<u32>]) -> Result<MicroForw
     let (mut aux_val, mut z_val) = (0.0, 0.0);
     let (mut drop, mut gate_ratio, mut load) = (Vec::new(), Vec::new(), Vec::new());
     let mut routed = Vec::new();
+    let mut global_counts = match cfg.aux.balance {
+        BalanceLoss::Global => replica_mean_counts(&out.routings, replicas)?,
+        _ => Vec::new(),
+    };
     for (layer, r) in out.routings.iter().enumerate() {
         let (Some(r), Some(l)) = (r, ctx.moe_index.get(layer).copied().flatten()) else {
             continue;
@@ -1681,8 +1698,12 @@ fn forward_micro(ctx: &MicroContext<'_>, batch: &[Vec<u32>]) -> Result<MicroForw
             BalanceLoss::Sequence => Some(sequence_aux(&r.probs, &r.score_experts, r.top_k, bs)?),
             BalanceLoss::Global => {
                 // The running mean of the tokens per expert over the step's micro-batches so
-                // far (micro-batches of such a step run in order).
-                let counts = r.score_counts();
+                // far (micro-batches of such a step run in order), each micro-batch's counts
+                // averaged over the data-parallel replicas.
+                let counts = global_counts
+                    .get_mut(layer)
+                    .and_then(Option::take)
+                    .ok_or_else(|| TrainError::Config("missing load counts".into()))?;
                 let mean = match ctx.global {
                     Some(g) => {
                         let mut g = g
@@ -1700,7 +1721,7 @@ fn forward_micro(ctx: &MicroContext<'_>, batch: &[Vec<u32>]) -> Result<MicroForw
                         }
                         mean
                     }
-                    None => counts.iter().map(|&c| c as f64).collect(),
+                    None => counts,
                 };
                 Some(global_aux(&r.probs, &mean, r.top_k)?)
             }

@@ -758,8 +758,21 @@ fn family_config(
     bias_rate: f64,
     grad_accum: usize,
 ) -> PathBuf {
+    family_config_sized(dir, family, balance, bias_rate, grad_accum, 2, 1.25)
+}
+
+/// [`family_config`] with its micro-batch size and capacity factor (0: dropless).
+fn family_config_sized(
+    dir: &Path,
+    family: &str,
+    balance: &str,
+    bias_rate: f64,
+    grad_accum: usize,
+    batch_size: usize,
+    capacity_factor: f64,
+) -> PathBuf {
     let p = dir.join(format!(
-        "{family}-{balance}-{bias_rate}-accum{grad_accum}.toml"
+        "{family}-{balance}-{bias_rate}-accum{grad_accum}-batch{batch_size}-cf{capacity_factor}.toml"
     ));
     std::fs::write(
         &p,
@@ -769,7 +782,7 @@ fn family_config(
 init = "{init}"
 
 [router]
-capacity_factor = 1.25
+capacity_factor = {capacity_factor}
 
 [aux]
 balance = "{balance}"
@@ -788,7 +801,7 @@ eps = 1e-6
 
 [train]
 steps = 3
-batch_size = 2
+batch_size = {batch_size}
 grad_accum = {grad_accum}
 eval_every = 0
 checkpoint_every = 0
@@ -880,29 +893,39 @@ fn new_families_train_the_same_under_expert_and_pipeline_parallelism() {
             assert_same_training(&single, &run, &what);
         }
     }
-    // The global-batch loss over data-parallel replicas is refused with its reason.
-    let cfg = family_config(tmp.path(), "qwen3_moe", "global", 0.0, 1);
-    let run = tmp.path().join("global-dp");
-    let out = mpirun(
-        2,
-        &[
+    // The global-batch loss over data-parallel replicas, as Megatron-Core computes it: each
+    // micro-batch's load counts summed over the replicas, divided by their tokens. Two
+    // replicas of one micro-batch of 2 sequences equal one process with one micro-batch of
+    // their 4 sequences (dropless, so that capacity does not depend on the micro-batch size).
+    let single = tmp.path().join("global-dp-single");
+    let cfg4 = family_config_sized(tmp.path(), "qwen3_moe", "global", 0.0, 1, 4, 0.0);
+    let cfg2 = family_config_sized(tmp.path(), "qwen3_moe", "global", 0.0, 1, 2, 0.0);
+    train_alone(&[
+        "--config",
+        cfg4.to_str().unwrap(),
+        "--out",
+        single.to_str().unwrap(),
+    ]);
+    for (np, layout) in [(2, "dp=2"), (2, "ep=2,dp=2"), (4, "ep=2,dp=2,pp=2")] {
+        let run = tmp
+            .path()
+            .join(format!("global-{}", layout.replace([',', '='], "-")));
+        let mut args = vec![
             "train",
             "--config",
-            cfg.to_str().unwrap(),
+            cfg2.to_str().unwrap(),
             "--quiet",
             "--out",
             run.to_str().unwrap(),
             "--parallel",
-            "ep=2,dp=2",
-        ],
-        "families",
-    )
-    .output()
-    .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        text(&out).contains("not supported with data-parallel replicas"),
-        "{}",
-        text(&out)
-    );
+            layout,
+        ];
+        if layout.contains("pp=2") {
+            args.extend_from_slice(&["--pp-layers", "1,2"]);
+        }
+        let out = mpirun(np, &args, "families").output().unwrap();
+        let what = format!("qwen3_moe global {layout}");
+        assert!(out.status.success(), "{what}: {}", text(&out));
+        assert_same_training(&single, &run, &what);
+    }
 }
