@@ -978,7 +978,7 @@ impl Trainer {
                 let results: Vec<Result<(MicroForward, Option<Grads>)>> = group
                     .par_iter()
                     .map(|&i| {
-                        let f = forward_micro(&ctx, &micro[i], self.replicas.as_deref())?;
+                        let f = forward_micro(&ctx, &micro[i], None)?;
                         let grads = if f.total_val.is_finite() {
                             Some(backward_micro(&ctx, &f.total, &f.deferred)?)
                         } else {
