@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""Training throughput: skymoe against PyTorch (transformers MixtralForCausalLM, eager) on the
-same model configuration, batch, sequence length and optimiser, on this machine, one after the
-other. Prints a table and the ratio; records nothing by itself (copy the table into
-BENCHMARKS.md).
+"""Training throughput: skymoe against PyTorch (transformers MixtralForCausalLM, eager and
+`torch.compile` with the default inductor backend) on the same model configuration, batch,
+sequence length and optimiser, on this machine, one after the other. Prints a table and the
+ratios; records nothing by itself (copy the table into BENCHMARKS.md).
 
 Usage: python3 benches/train_vs_pytorch.py [--skymoe target/release/skymoe] [--steps 8]
        [--hidden 256 --layers 4 --experts 8 --top-k 2 --ffn 512 --heads 8 --kv-heads 4
-        --vocab 1024 --seq-len 256 --batch 4] [--threads N] [--micro-batches M]
+        --vocab 1024 --seq-len 256 --batch 4] [--threads N] [--micro-batches M] [--no-compile]
+
+Each PyTorch mode runs in a process of its own (so that each peak RSS is its own). The compiled
+model's first two steps compile (forward and backward graphs; the optimiser step stays eager)
+and are timed apart as the compile time, not counted in its tokens/s.
 
 skymoe runs twice: the batch as one micro-batch, and the same batch as M micro-batches of
 batch/M sequences (grad_accum = M, default 2) that run concurrently, one per thread. Both take
@@ -41,7 +45,7 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
-def run_pytorch(a):
+def run_pytorch(a, compiled=False):
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -56,6 +60,7 @@ def run_pytorch(a):
     )
     cfg._attn_implementation = "eager"
     model = MixtralForCausalLM(cfg).float().train()
+    forward = torch.compile(model) if compiled else model
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -65,7 +70,7 @@ def run_pytorch(a):
     for step in range(a.steps):
         ids = torch.randint(0, a.vocab, (a.batch, a.seq_len + 1), generator=g)
         t0 = time.perf_counter()
-        out = model(input_ids=ids[:, :-1], labels=ids[:, :-1])
+        out = forward(input_ids=ids[:, :-1], labels=ids[:, :-1])
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -74,7 +79,19 @@ def run_pytorch(a):
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return times[1:], rss
+    warm = 2 if compiled else 1
+    return times[warm:], rss, sum(times[:warm])
+
+
+def run_pytorch_child(a, mode):
+    """Run one PyTorch mode in a child process; returns (step times, peak RSS MiB, warm-up s)."""
+    args = [sys.executable, os.path.abspath(__file__), "--pytorch-only", mode]
+    for k in ("steps", "hidden", "layers", "experts", "top_k", "ffn", "heads", "kv_heads", "vocab",
+              "seq_len", "batch", "threads"):
+        args += ["--" + k.replace("_", "-"), str(getattr(a, k))]
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    return r["times"], r["rss"], r["warmup"]
 
 
 def run_skymoe(a, corpus_dir, micro_batches=1):
@@ -148,16 +165,27 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--micro-batches", type=int, default=2)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile run")
+    p.add_argument("--pytorch-only", choices=["eager", "compile"], help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.steps < 4:
+        p.error("--steps must be at least 4 (the compiled run's first two steps compile)")
+    if a.pytorch_only:
+        times, rss, warm = run_pytorch(a, compiled=a.pytorch_only == "compile")
+        print(json.dumps({"times": times, "rss": rss, "warmup": warm}))
+        return 0
     if a.micro_batches < 1 or a.batch % a.micro_batches:
         p.error("--micro-batches must divide --batch")
     tokens = a.batch * a.seq_len
     one_times, one_rss = run_skymoe(a, os.path.abspath(a.corpus))
     split_times, split_rss = run_skymoe(a, os.path.abspath(a.corpus), a.micro_batches)
-    pt_times, pt_rss = run_pytorch(a)
+    pt_times, pt_rss, _ = run_pytorch_child(a, "eager")
     one = tokens / statistics.median(one_times)
     sk = tokens / statistics.median(split_times)
     pt = tokens / statistics.median(pt_times)
+    if not a.no_compile:
+        pc_times, pc_rss, pc_compile = run_pytorch_child(a, "compile")
+        pc = tokens / statistics.median(pc_times)
     print(f"machine: {os.cpu_count()} cores, {cpu_model()}; date {time.strftime('%Y-%m-%d')}")
     print(f"model: mixtral hidden {a.hidden}, {a.layers} layers, {a.experts} experts top-{a.top_k}, ffn {a.ffn}, "
           f"heads {a.heads}/{a.kv_heads}, vocab {a.vocab}; batch {a.batch} x seq {a.seq_len}; {a.steps} steps (first untimed)")
@@ -166,8 +194,15 @@ def main():
     m = a.micro_batches
     print(f"| skymoe, 1 micro-batch of {a.batch} | {one:.0f} | {one_rss:.0f} |")
     print(f"| skymoe, {m} concurrent micro-batches of {a.batch // m} | {sk:.0f} | {split_rss:.0f} |")
-    print(f"| PyTorch {__import__('torch').__version__} eager, batch {a.batch} | {pt:.0f} | {pt_rss:.0f} |")
-    print(f"ratio skymoe / PyTorch: {sk / pt:.2f}x ({m} micro-batches), {one / pt:.2f}x (1 micro-batch)")
+    import torch
+
+    print(f"| PyTorch {torch.__version__} eager, batch {a.batch} | {pt:.0f} | {pt_rss:.0f} |")
+    if not a.no_compile:
+        print(f"| PyTorch {torch.__version__} torch.compile (inductor), batch {a.batch} | {pc:.0f} | {pc_rss:.0f} |")
+    print(f"ratio skymoe / PyTorch eager: {sk / pt:.2f}x ({m} micro-batches), {one / pt:.2f}x (1 micro-batch)")
+    if not a.no_compile:
+        print(f"ratio skymoe / torch.compile: {sk / pc:.2f}x ({m} micro-batches), {one / pc:.2f}x (1 micro-batch); "
+              f"compile (first two steps) {pc_compile:.1f} s")
 
 
 if __name__ == "__main__":
