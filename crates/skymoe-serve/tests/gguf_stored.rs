@@ -1,13 +1,14 @@
 //! GGUF files served as stored: llama.cpp's quantised blocks (Q4_K_M, Q5_K_M and their Q5_0/Q8_0
 //! fallbacks, Q8_0, Q4_0, Q4_1; fixtures made by `tools/reference/make_gguf_quant_fixtures.py`)
 //! are served from the file's memory map, and give the logits of an f32 model of the same
-//! file's dequantised weights.
+//! file's dequantised weights with f32 activations; with 8-bit activations (llama.cpp's
+//! arithmetic, what decode uses) they stay within the activations' rounding of them.
 
 use std::path::PathBuf;
 
 use candle_core::Device;
-use skymoe_kernels::ggml::GgmlType;
-use skymoe_kernels::quant::{MatrixFormat, WeightFormat};
+use skymoe_kernels::ggml::{set_activations, uses_int8, GgmlActivations, GgmlType};
+use skymoe_kernels::quant::{Isa, MatrixFormat, WeightFormat};
 use skymoe_model::weights::WeightSource;
 use skymoe_model::Checkpoint;
 use skymoe_serve::kv_cache::KvDtype;
@@ -88,20 +89,63 @@ fn stored_ggml_logits_equal_the_dequantised_f32_model() {
         assert_eq!(stored.weight_bytes(), ggml_tensor_bytes(&ckpt), "{path}");
         assert!(stored.weight_bytes() * 3 < f32m.weight_bytes(), "{path}");
         let vocab = stored.config.vocab_size;
-        // 12 positions run the fused kernels, 40 the dequantised tiles and a GEMM.
-        for n in [1, 12, 40] {
+        // f32 activations: the stored blocks give the f32 model's logits, i.e. the weights are
+        // read exactly as gguf dequantises them (12 positions run the fused kernels, 40 and
+        // 100 the dequantised tiles and a GEMM).
+        set_activations(GgmlActivations::F32);
+        let mut f32_logits = Vec::new();
+        for n in [1, 12, 40, 100] {
             let t = tokens(n, vocab);
             let want = logits(&f32m, &t);
             let got = logits(&stored, &t);
             let e = max_rel(&got, &want);
-            eprintln!("{path} ({n} tokens): max relative logit error {e:.2e}");
+            eprintln!("{path} ({n} tokens, f32 activations): max relative logit error {e:.2e}");
             assert!(
                 e < 1e-4,
                 "{path} ({n} tokens): max relative logit error {e}"
             );
+            f32_logits.push((want, got));
+        }
+        // 8-bit activations (every product quantises its activation rows as llama.cpp does):
+        // the logits move by the activations' rounding only.
+        set_activations(GgmlActivations::Int8);
+        let mut int8_logits = Vec::new();
+        for (k, n) in [1, 12, 40, 100].into_iter().enumerate() {
+            let got = logits(&stored, &tokens(n, vocab));
+            let e = max_rel(&got, &f32_logits[k].0);
+            eprintln!("{path} ({n} tokens, 8-bit activations): max relative logit error {e:.2e}");
+            assert!(
+                e < INT8_TOLERANCE,
+                "{path} ({n} tokens, 8-bit activations): max relative logit error {e}"
+            );
+            int8_logits.push(got);
+        }
+        // The automatic choice: 8-bit activations for one token (decode), f32 ones for a
+        // prefill of 100 (beyond `int8_max_rows` of every type) in a dense model; an MoE's
+        // experts see fewer rows each and may take 8-bit ones.
+        set_activations(GgmlActivations::Auto);
+        // (Portable code, e.g. under SKYMOE_ISA=scalar, keeps f32 activations.)
+        let decode = if uses_int8(Isa::detect(), GgmlType::Q8_0, 1) {
+            &int8_logits[0]
+        } else {
+            &f32_logits[0].1
+        };
+        assert_eq!(&logits(&stored, &tokens(1, vocab)), decode, "{path}");
+        let prefill = logits(&stored, &tokens(100, vocab));
+        if stored.config.moe.is_none() {
+            assert_eq!(prefill, f32_logits[3].1, "{path}");
+        } else {
+            assert!(
+                max_rel(&prefill, &f32_logits[3].0) < INT8_TOLERANCE,
+                "{path}"
+            );
         }
     }
 }
+
+/// Largest relative logit error 8-bit activations may add (SmolLM2-sized fixtures; see
+/// `skymoe_kernels::ggml` for the arithmetic).
+const INT8_TOLERANCE: f32 = 5e-2;
 
 #[test]
 fn k_quant_mixes_stack_into_row_segments() {

@@ -16,22 +16,41 @@
 //! | Q5_K | 13 | 256 | 176 | as Q4_K with 5-bit q |
 //! | Q6_K | 14 | 256 | 210 | `(d·sc_j)·(q − 32)`, 16 sub-blocks of 16, int8 sc |
 //!
-//! Products: up to [`FUSED_MAX_ROWS`] activation rows share one pass over a weight row (the
-//! blocks are decoded once, 32 weights at a time, into f32 registers and multiplied with every
-//! activation row by FMA); up to 16 rows run in such groups over 16-row tasks whose weights stay
-//! in cache; more rows dequantise a tile of weight rows per thread and multiply it with a GEMM.
-//! The activations stay f32 (no int8 re-quantisation as in llama.cpp's `vec_dot` kernels), so
-//! the result equals the dequantise-then-multiply product up to f32 summation order.
+//! Two kinds of products:
+//! - **8-bit activations** (as llama.cpp's `vec_dot` kernels): the activation rows are
+//!   quantised once per product ([`Q8Activations`]: 32-value blocks for the 32-weight types,
+//!   256-value blocks with sums of every 16 for the k-quants) and every weight block is
+//!   multiplied with them in integers (AVX-512 VNNI `vpdpbusd`/`vpdpwssd`, AVX2
+//!   `vpmaddubsw`/`vpmaddwd`, or portable code, all bit-identical), then scaled once per
+//!   block. Used where it is faster: up to [`int8_max_rows`] activation rows (decode, small
+//!   batches, short prompts).
+//!   The result equals the product of the dequantised weights with the dequantised 8-bit
+//!   activations up to f32 rounding; against f32 activations it differs by the activations'
+//!   quantisation (at most half a step, `max|x|/254` per block, per value).
+//! - **f32 activations**: up to [`FUSED_MAX_ROWS`] activation rows share one pass over a weight
+//!   row (the blocks are decoded once, 32 weights at a time, into f32 registers and multiplied
+//!   with every activation row by FMA); up to 16 rows run in such groups over 16-row tasks whose
+//!   weights stay in cache; more rows dequantise a tile of weight rows per thread and multiply
+//!   it with a GEMM. The result equals the dequantise-then-multiply product up to f32 summation
+//!   order.
 //!
-//! The instruction set is [`Isa::detect`]'s (`SKYMOE_ISA=scalar|avx2|avx512` forces one).
+//! [`activations`] chooses between them (`SKYMOE_GGML_ACTIVATIONS=auto|f32|int8` sets it at
+//! start, [`set_activations`] at run time). The instruction set is [`Isa::detect`]'s
+//! (`SKYMOE_ISA=scalar|avx2|avx512` forces one).
 
 mod blocks;
+mod q8;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_q8;
 
 use std::cell::RefCell;
 use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+
+pub use q8::Q8Activations;
 
 use crate::quant::par_ranges;
 pub use crate::quant::Isa;
@@ -303,6 +322,269 @@ fn dequantize_blocks(isa: Isa, ty: GgmlType, row: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Which activations the products of ggml blocks multiply the weights with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlActivations {
+    /// 8-bit activations where they are faster (up to [`int8_max_rows`] rows, with SIMD),
+    /// f32 elsewhere. The default.
+    Auto,
+    /// f32 activations always (the product of the dequantised weights, up to f32 rounding).
+    F32,
+    /// 8-bit activations always, whatever the number of rows or instruction set.
+    Int8,
+}
+
+/// 0: not yet read from the environment; else 1 + the mode's index.
+static ACTIVATIONS: AtomicU8 = AtomicU8::new(0);
+
+/// The activations [`GgmlMatrix::matmul`] and [`matmul_segments_with`] use: [`set_activations`]'s
+/// choice, else `SKYMOE_GGML_ACTIVATIONS` (`auto`, `f32` or `int8`), else
+/// [`GgmlActivations::Auto`].
+pub fn activations() -> GgmlActivations {
+    let v = ACTIVATIONS.load(Ordering::Relaxed);
+    let v = if v == 0 {
+        let mode = match std::env::var("SKYMOE_GGML_ACTIVATIONS").as_deref() {
+            Ok("f32") => 2,
+            Ok("int8") => 3,
+            _ => 1,
+        };
+        // Keep a value set meanwhile by `set_activations`.
+        match ACTIVATIONS.compare_exchange(0, mode, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => mode,
+            Err(set) => set,
+        }
+    } else {
+        v
+    };
+    match v {
+        2 => GgmlActivations::F32,
+        3 => GgmlActivations::Int8,
+        _ => GgmlActivations::Auto,
+    }
+}
+
+/// Set the activations of every later ggml product in this process (see [`activations`]).
+pub fn set_activations(mode: GgmlActivations) {
+    let v = match mode {
+        GgmlActivations::Auto => 1,
+        GgmlActivations::F32 => 2,
+        GgmlActivations::Int8 => 3,
+    };
+    ACTIVATIONS.store(v, Ordering::Relaxed);
+}
+
+/// Most activation rows for which [`GgmlActivations::Auto`] multiplies `ty` with 8-bit
+/// activations (with SIMD; portable code keeps f32 activations). Measured with
+/// `examples/ggml_matmul` (AVX-512 VNNI, 2 threads), the integer products are 1.6-2.5x as
+/// fast as the f32 ones for 1 to 32 rows and 1.3-1.5x for 64, then 1.2x for 128 and 1.1x for
+/// 256, where the f32 path multiplies dequantised tiles with a GEMM. Beyond 64 rows
+/// (prefill-sized products, log-likelihood scoring) the f32 activations' accuracy is kept for
+/// that last 10-20%; `SKYMOE_GGML_ACTIVATIONS=int8` trades it for speed.
+pub fn int8_max_rows(ty: GgmlType) -> usize {
+    // The same for every type, as measured.
+    let _ = ty;
+    64
+}
+
+/// Whether a product of `m` activation rows with a matrix of `ty` on `isa` (an unsupported
+/// one runs scalar code) uses 8-bit activations under the current [`activations`].
+pub fn uses_int8(isa: Isa, ty: GgmlType, m: usize) -> bool {
+    use_int8(effective(isa), ty, m)
+}
+
+/// [`uses_int8`] with an effective instruction set.
+fn use_int8(isa: Isa, ty: GgmlType, m: usize) -> bool {
+    match activations() {
+        GgmlActivations::F32 => false,
+        GgmlActivations::Int8 => true,
+        GgmlActivations::Auto => isa != Isa::Scalar && m <= int8_max_rows(ty),
+    }
+}
+
+/// The integer kernels an (effective) instruction set runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IntIsa {
+    Scalar,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx2,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Vnni,
+}
+
+fn int_isa(isa: Isa) -> IntIsa {
+    match isa {
+        Isa::Scalar => IntIsa::Scalar,
+        Isa::Avx2 => IntIsa::Avx2,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if is_x86_feature_detected!("avx512vnni") => IntIsa::Vnni,
+        Isa::Avx512 => IntIsa::Avx2,
+    }
+}
+
+/// Most activation rows one integer kernel call handles.
+fn int_group_rows(kind: IntIsa) -> usize {
+    match kind {
+        IntIsa::Avx2 => FUSED_MAX_ROWS / 2,
+        _ => FUSED_MAX_ROWS,
+    }
+}
+
+/// A raw view of the activation blocks `ty`'s kernels read.
+#[cfg(target_arch = "x86_64")]
+fn act_view(a: &Q8Activations, ty: GgmlType) -> x86_q8::Act {
+    use std::ptr::null;
+    if ty.block_elems() == 256 {
+        let b = a.b256.as_ref().expect("256-value activation blocks");
+        x86_q8::Act {
+            q: b.q.as_ptr(),
+            d: b.d.as_ptr(),
+            sum: null(),
+            dsum: null(),
+            bsums: b.bsums.as_ptr(),
+            cols: a.cols,
+            nbx: a.cols / 256,
+        }
+    } else {
+        let b = a.b32.as_ref().expect("32-value activation blocks");
+        x86_q8::Act {
+            q: b.q.as_ptr(),
+            d: b.d.as_ptr(),
+            sum: b.sum.as_ptr(),
+            dsum: b.dsum.as_ptr(),
+            bsums: null(),
+            cols: a.cols,
+            nbx: a.cols / 32,
+        }
+    }
+}
+
+/// Integer dot products of activation rows `i0 .. i0 + g` (`g` at most [`FUSED_MAX_ROWS`])
+/// of `a` with weight rows `r0 .. r1` of `mat`, written to `out` element `(i0 + i)·ld + r`
+/// (the caller's disjoint share of the output).
+#[allow(clippy::too_many_arguments)]
+fn q8_rows_dots(
+    kind: IntIsa,
+    mat: &GgmlMatrix,
+    r0: usize,
+    r1: usize,
+    a: &Q8Activations,
+    i0: usize,
+    g: usize,
+    out: OutPtr,
+    ld: usize,
+) {
+    let (ty, rb) = (mat.ty, mat.row_bytes);
+    let rows = &mat.blocks()[r0 * rb..r1 * rb];
+    debug_assert!(a.serves(ty) && a.cols == mat.cols && i0 + g <= a.rows && g <= FUSED_MAX_ROWS);
+    match kind {
+        #[cfg(target_arch = "x86_64")]
+        IntIsa::Avx2 | IntIsa::Vnni => {
+            let view = act_view(a, ty);
+            let o = out.at(i0 * ld + r0);
+            macro_rules! rows {
+                ($($m:literal)*) => {
+                    match g {
+                        $($m => {
+                            // SAFETY: the instruction set is supported (`int_isa` of an
+                            // effective one); `rows` holds r1 − r0 rows of whole blocks of
+                            // `a.cols` weights; `a` has blocks of `ty`'s size for rows up to
+                            // i0 + g (checked by the callers); the output elements
+                            // (i0 + i)·ld + r are in bounds and written by this task only
+                            // (the caller's guarantee).
+                            unsafe {
+                                x86_q8::rows_dots::<$m>(
+                                    kind == IntIsa::Vnni,
+                                    ty,
+                                    rows.as_ptr(),
+                                    r1 - r0,
+                                    view,
+                                    i0,
+                                    x86_q8::Out { ptr: o, ld },
+                                )
+                            }
+                        })*
+                        _ => unreachable!("at most FUSED_MAX_ROWS activation rows"),
+                    }
+                };
+            }
+            rows!(1 2 3 4 5 6 7 8);
+        }
+        _ => {
+            let mut dots = [0f32; FUSED_MAX_ROWS];
+            for (r, row) in (r0..r1).zip(rows.chunks_exact(rb)) {
+                q8::dots_scalar(ty, row, a, i0, &mut dots[..g]);
+                for (i, &d) in dots[..g].iter().enumerate() {
+                    // SAFETY: as above (the caller's disjoint, in-bounds share).
+                    unsafe { *out.at((i0 + i) * ld + r) = d };
+                }
+            }
+        }
+    }
+}
+
+/// `out[i·ld + col0(s) + r] = (x · Wₛᵀ)[i, r]` for the row segments `segments` of a stacked
+/// matrix (all `cols` wide; segment `s` writes columns `col0(s) .. col0(s) + rows(s)`, the
+/// segments one after the other from column 0), each with the activations [`activations`]
+/// chooses for its type; the activation rows are quantised once for all the segments that
+/// use 8-bit ones.
+///
+/// # Panics
+/// When the segments' widths differ from `x.len() / m`, their rows exceed `ld`, or `out` is
+/// shorter than `m·ld`.
+pub fn matmul_segments_with(
+    isa: Isa,
+    segments: &[GgmlMatrix],
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    matmul_segments_at(isa, segments, x, m, out, ld, 0);
+}
+
+/// [`matmul_segments_with`] from column `col0`.
+fn matmul_segments_at(
+    isa: Isa,
+    segments: &[GgmlMatrix],
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+    mut col0: usize,
+) {
+    let Some(first) = segments.first() else {
+        return;
+    };
+    let cols = first.cols;
+    assert!(
+        segments.iter().all(|s| s.cols == cols),
+        "segments of different widths"
+    );
+    assert_eq!(Some(x.len()), m.checked_mul(cols), "activation length");
+    let eff = effective(isa);
+    let int8: Vec<bool> = segments
+        .iter()
+        .map(|s| m > 0 && cols > 0 && use_int8(eff, s.ty, m))
+        .collect();
+    let need = |k: bool| {
+        segments
+            .iter()
+            .zip(&int8)
+            .any(|(s, &i)| i && (s.ty.block_elems() == 256) == k)
+    };
+    let a = int8
+        .iter()
+        .any(|&i| i)
+        .then(|| Q8Activations::new(x, m, cols, need(false), need(true)));
+    for (s, &i) in segments.iter().zip(&int8) {
+        match (&a, i) {
+            (Some(a), true) => s.matmul_q8_into_with(isa, a, out, ld, col0),
+            _ => s.matmul_f32_into_with(isa, x, m, out, ld, col0),
+        }
+        col0 += s.rows;
+    }
+}
+
 /// The fused dot product of one weight row (the blocks `row`, `x.len()` weights) with the f32
 /// vector `x`, with the detected instruction set.
 ///
@@ -536,8 +818,24 @@ impl GgmlMatrix {
     }
 
     /// [`GgmlMatrix::matmul_into`] with a given instruction set (an unsupported one runs
-    /// scalar code).
+    /// scalar code), with the activations [`activations`] chooses.
     pub fn matmul_into_with(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        ld: usize,
+        col0: usize,
+    ) {
+        matmul_segments_at(isa, std::slice::from_ref(self), x, m, out, ld, col0);
+    }
+
+    /// [`GgmlMatrix::matmul_into_with`] with f32 activations, whatever [`activations`] says.
+    ///
+    /// # Panics
+    /// As [`GgmlMatrix::matmul_into`].
+    pub fn matmul_f32_into_with(
         &self,
         isa: Isa,
         x: &[f32],
@@ -650,6 +948,93 @@ impl GgmlMatrix {
         });
     }
 
+    /// `out[m, rows] = a · Wᵀ` with the 8-bit activations `a` (`[m, cols]`, with blocks of
+    /// this type's size), multithreaded, in integers.
+    ///
+    /// # Panics
+    /// When `a` has another width or lacks this type's blocks, or `out.len() != m·rows`.
+    pub fn matmul_q8_with(&self, isa: Isa, a: &Q8Activations, out: &mut [f32]) {
+        assert_eq!(
+            Some(out.len()),
+            a.rows.checked_mul(self.rows),
+            "output length"
+        );
+        self.matmul_q8_into_with(isa, a, out, self.rows, 0);
+    }
+
+    /// [`GgmlMatrix::matmul_q8_with`] written into columns `col0 .. col0 + rows` of a
+    /// row-major `[m, ld]` output, as [`GgmlMatrix::matmul_into`].
+    ///
+    /// # Panics
+    /// When `a` has another width or lacks this type's blocks, `col0 + rows > ld`, or `out`
+    /// is shorter than `m·ld`.
+    pub fn matmul_q8_into_with(
+        &self,
+        isa: Isa,
+        a: &Q8Activations,
+        out: &mut [f32],
+        ld: usize,
+        col0: usize,
+    ) {
+        let m = a.rows;
+        assert_eq!(a.cols, self.cols, "activation width");
+        assert!(
+            a.serves(self.ty),
+            "activations without the {} blocks of {}",
+            self.ty.block_elems(),
+            self.ty
+        );
+        assert!(
+            col0.checked_add(self.rows).is_some_and(|end| end <= ld),
+            "columns {col0}..{col0}+{} outside an output row of {ld}",
+            self.rows
+        );
+        assert!(
+            m.checked_mul(ld).is_some_and(|n| n <= out.len()),
+            "output length"
+        );
+        let kind = int_isa(effective(isa));
+        let (rows, cols, rb) = (self.rows, self.cols, self.row_bytes);
+        if m == 0 || rows == 0 {
+            return;
+        }
+        if cols == 0 {
+            for i in 0..m {
+                out[i * ld + col0..i * ld + col0 + rows].fill(0.0);
+            }
+            return;
+        }
+        let blocks = self.blocks();
+        // Element (i, r) of this product is at `i·ld + r` from here.
+        let ptr = OutPtr(out[col0..].as_mut_ptr());
+        let group = int_group_rows(kind);
+        // Tasks of 16 weight rows (as the f32 kernels; larger ones measured slower at batch
+        // 1), every group of activation rows over them. Elements (i, r) of a task are in
+        // bounds (i·ld + col0 + r < m·ld as r < rows ≤ ld − col0, i < m) and only this task
+        // writes its columns r0..r1.
+        par_ranges(rows, 16, m * cols, |r0, r1| {
+            #[cfg(target_arch = "x86_64")]
+            x86::prefetch_first(&blocks[r0 * rb..r1 * rb]);
+            for g0 in (0..m).step_by(group) {
+                let g = (m - g0).min(group);
+                q8_rows_dots(kind, self, r0, r1, a, g0, g, ptr, ld);
+            }
+        });
+    }
+
+    /// The reference of [`GgmlMatrix::matmul_q8_with`]: the dequantised weights times the
+    /// dequantised 8-bit activations, accumulated in f64.
+    ///
+    /// # Panics
+    /// When `a` has another width or lacks this type's blocks.
+    pub fn matmul_q8_reference(&self, a: &Q8Activations) -> Vec<f32> {
+        assert_eq!(a.cols, self.cols, "activation width");
+        let x = a
+            .dequantize_for(self.ty)
+            .expect("activations with this type's blocks");
+        self.matmul_reference(&x, a.rows)
+    }
+
     /// The plain reference: dequantise the whole matrix, then multiply with f64 accumulation.
     pub fn matmul_reference(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation length");
@@ -672,3 +1057,5 @@ impl GgmlMatrix {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_q8;

@@ -1,13 +1,13 @@
 //! ggml matrices: dequantisation against gguf's (committed fixtures, bit-exact), every fused
-//! kernel against the dequantise-then-multiply reference on every instruction set this CPU
-//! supports, and malformed inputs.
+//! f32-activation kernel against the dequantise-then-multiply reference on every instruction
+//! set this CPU supports, and malformed inputs (the 8-bit-activation kernels: `tests_q8`).
 
 use super::*;
 
-struct Lcg(u64);
+pub(super) struct Lcg(pub(super) u64);
 
 impl Lcg {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 = self
             .0
             .wrapping_mul(6364136223846793005)
@@ -15,12 +15,12 @@ impl Lcg {
         self.0 >> 32
     }
     /// Uniform in [-1, 1).
-    fn f32(&mut self) -> f32 {
+    pub(super) fn f32(&mut self) -> f32 {
         (self.next() as u32 >> 8) as f32 / (1u32 << 23) as f32 - 1.0
     }
 }
 
-fn isas() -> Vec<Isa> {
+pub(super) fn isas() -> Vec<Isa> {
     [Isa::Scalar, Isa::Avx2, Isa::Avx512]
         .into_iter()
         .filter(|i| i.supported())
@@ -37,7 +37,7 @@ fn f16_fields(ty: GgmlType) -> &'static [usize] {
 }
 
 /// Random blocks: random quant bytes, moderate random finite f16 scales.
-fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+pub(super) fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
     let mut rng = Lcg(seed ^ 0x9E37_79B9_7F4A_7C15);
     let n = rows * ty.row_bytes(cols).unwrap();
     let mut b: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
@@ -50,7 +50,7 @@ fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
     b
 }
 
-fn random_x(n: usize, seed: u64) -> Vec<f32> {
+pub(super) fn random_x(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = Lcg(seed);
     (0..n).map(|_| rng.f32()).collect()
 }
@@ -145,7 +145,8 @@ fn f16_conversion_is_exact() {
     }
 }
 
-/// Every fused or tiled product within f32-summation tolerance of the reference.
+/// Every fused or tiled f32-activation product within f32-summation tolerance of the
+/// reference, and the product [`activations`] chooses equal to the f32 or the 8-bit one.
 fn check_products(ty: GgmlType, rows: usize, cols: usize, ms: &[usize]) {
     let mat = GgmlMatrix::from_vec(
         ty,
@@ -160,7 +161,25 @@ fn check_products(ty: GgmlType, rows: usize, cols: usize, ms: &[usize]) {
         let want = mat.matmul_reference(&x, m);
         for isa in isas() {
             let mut got = vec![f32::NAN; m * rows];
-            mat.matmul_with(isa, &x, m, &mut got);
+            mat.matmul_f32_into_with(isa, &x, m, &mut got, rows, 0);
+            if activations() == GgmlActivations::Auto {
+                let mut auto = vec![f32::NAN; m * rows];
+                mat.matmul_with(isa, &x, m, &mut auto);
+                if isa != Isa::Scalar && m <= int8_max_rows(ty) {
+                    let a = Q8Activations::for_type(ty, &x, m, cols);
+                    let mut q8 = vec![f32::NAN; m * rows];
+                    mat.matmul_q8_with(isa, &a, &mut q8);
+                    assert!(
+                        same_bits(&auto, &q8),
+                        "{ty} {isa:?} m={m}: auto is not int8"
+                    );
+                } else {
+                    assert!(
+                        same_bits(&auto, &got),
+                        "{ty} {isa:?} m={m}: auto is not f32"
+                    );
+                }
+            }
             for i in 0..m {
                 for r in 0..rows {
                     let mag: f64 = (0..cols)
@@ -175,6 +194,10 @@ fn check_products(ty: GgmlType, rows: usize, cols: usize, ms: &[usize]) {
             }
         }
     }
+}
+
+pub(super) fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
 #[test]
@@ -329,7 +352,7 @@ fn strided_products_slices_and_gathers() {
             // Columns 3..3+rows of a [mm, rows + 5] output; the rest stays untouched.
             let ld = rows + 5;
             let mut out = vec![7f32; mm * ld];
-            m.matmul_into_with(isa, &x, mm, &mut out, ld, 3);
+            m.matmul_f32_into_with(isa, &x, mm, &mut out, ld, 3);
             for i in 0..mm {
                 for c in 0..ld {
                     let v = out[i * ld + c];

@@ -22,7 +22,7 @@ const PREFETCH_BYTES: usize = 4096;
 /// never faults, so addresses past the end are harmless (the arithmetic wraps).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn prefetch_ahead(p: *const u8, bytes: usize) {
+pub(super) fn prefetch_ahead(p: *const u8, bytes: usize) {
     let ahead = p.wrapping_add(PREFETCH_BYTES);
     let mut off = 0;
     loop {

@@ -695,13 +695,10 @@ impl QMatrix {
         assert_eq!(out.len(), m * self.rows, "output length");
         let isa = if isa.supported() { isa } else { Isa::Scalar };
         match &self.ggml {
-            // Each segment runs its own type's kernel into its own output columns.
+            // Each segment runs its own type's kernel into its own output columns; those
+            // with 8-bit activations share one quantisation of `x`.
             Some(segments) => {
-                let mut col0 = 0;
-                for s in segments {
-                    s.matmul_into_with(isa, x, m, out, self.rows, col0);
-                    col0 += s.rows();
-                }
+                crate::ggml::matmul_segments_with(isa, segments, x, m, out, self.rows)
             }
             None => kernels::matmul(isa, self, x, m, out),
         }

@@ -281,10 +281,30 @@ fn ggml_matrices_and_mixed_stacks_match_the_reference() {
         assert_eq!(row, dense[(rows - 1) * cols..]);
         for m in [1, 3, 8, 9, 16, 17, 33] {
             let x = lcg_values(m * cols, m as u64 + 11);
-            let want = stacked.matmul_reference(&x, m);
             for isa in isas() {
                 let mut got = vec![f32::NAN; m * rows];
                 stacked.matmul_with(isa, &x, m, &mut got);
+                // Each part's reference: the dequantised weights times the activations its
+                // product uses (f32, or 8-bit ones dequantised).
+                let mut want = vec![0f32; m * rows];
+                let mut col0 = 0;
+                for part in &mats {
+                    let [seg] = part.ggml_segments().unwrap() else {
+                        panic!("one segment")
+                    };
+                    let ty = seg.ty();
+                    let w = if crate::ggml::uses_int8(isa, ty, m) {
+                        let a = crate::ggml::Q8Activations::for_type(ty, &x, m, cols);
+                        seg.matmul_q8_reference(&a)
+                    } else {
+                        seg.matmul_reference(&x, m)
+                    };
+                    for i in 0..m {
+                        want[i * rows + col0..i * rows + col0 + seg.rows()]
+                            .copy_from_slice(&w[i * seg.rows()..(i + 1) * seg.rows()]);
+                    }
+                    col0 += seg.rows();
+                }
                 let e = rel_err(&got, &want);
                 assert!(e < 2e-6, "stack {k} {isa:?} m={m}: rel err {e}");
             }
