@@ -283,27 +283,10 @@ fn fine_grained_upcycling_keeps_the_dense_ffn() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    let dense_model = CausalLm::load(
-        &Checkpoint::open(&dense, &Device::Cpu).unwrap(),
-        &Device::Cpu,
-    )
-    .unwrap();
     let ck = Checkpoint::open(&out, &Device::Cpu).unwrap();
     assert_eq!(ck.config.architecture, skymoe_model::Architecture::Qwen3Moe);
     assert_eq!(ck.config.qk_norm, skymoe_model::QkNorm::PerHead);
-    let moe_model = CausalLm::load(&ck, &Device::Cpu).unwrap();
-    let x = Tensor::randn(0f32, 1.0, (1, 5, 64), &Device::Cpu).unwrap();
-    for (a, b) in dense_model.layers.iter().zip(&moe_model.layers) {
-        use skymoe_model::layers::block::FeedForward;
-        let (FeedForward::Dense(ffn), FeedForward::Moe(moe)) = (&a.ffn, &b.ffn) else {
-            panic!("expected a dense and an MoE feed-forward block");
-        };
-        let d = max_diff(&ffn.forward(&x).unwrap(), &moe.forward(&x).unwrap().0);
-        assert!(
-            d <= 1e-5,
-            "qwen3_moe: MoE block differs from the dense FFN by {d}"
-        );
-    }
+    assert_moe_blocks_compute_the_dense_ffns(&dense, &ck, "qwen3_moe");
     // The q/k norm is new: attention, hence the logits, change.
     assert!(max_diff(&logits(&out, &TOKENS), &want) > 1e-3);
 }
@@ -355,6 +338,30 @@ fn layouts_that_cannot_start_from_a_dense_llama_are_refused() {
         "--dense-layers needs",
     );
     assert!(!out.exists());
+}
+
+/// Every MoE block of the upcycled checkpoint `moe` computes the dense FFN of its layer in the
+/// model at `dense` (within 1e-5, on random inputs).
+fn assert_moe_blocks_compute_the_dense_ffns(dense: &Path, moe: &Checkpoint, what: &str) {
+    use skymoe_model::layers::block::FeedForward;
+    let dense_model = CausalLm::load(
+        &Checkpoint::open(dense, &Device::Cpu).unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let moe_model = CausalLm::load(moe, &Device::Cpu).unwrap();
+    let hidden = moe.config.hidden_size;
+    let x = Tensor::randn(0f32, 1.0, (1, 5, hidden), &Device::Cpu).unwrap();
+    for (a, b) in dense_model.layers.iter().zip(&moe_model.layers) {
+        let (FeedForward::Dense(ffn), FeedForward::Moe(block)) = (&a.ffn, &b.ffn) else {
+            panic!("{what}: expected a dense and an MoE feed-forward block");
+        };
+        let d = max_diff(&ffn.forward(&x).unwrap(), &block.forward(&x).unwrap().0);
+        assert!(
+            d <= 1e-5,
+            "{what}: MoE block differs from the dense FFN by {d}"
+        );
+    }
 }
 
 /// The test Llama cut to one kv head (multi-query attention): its first kv head's key and
@@ -457,27 +464,13 @@ fn deepseek_v3_upcycling_keeps_the_dense_function_where_the_layout_allows() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    let dense_model =
-        CausalLm::load(&Checkpoint::open(&gqa, &Device::Cpu).unwrap(), &Device::Cpu).unwrap();
     let ck = Checkpoint::open(&out, &Device::Cpu).unwrap();
     let mla = ck.config.mla.unwrap();
     assert_eq!(
         (mla.kv_lora_rank, mla.qk_rope_head_dim, mla.qk_nope_head_dim),
         (24, 8, 8)
     );
-    let moe_model = CausalLm::load(&ck, &Device::Cpu).unwrap();
-    let x = Tensor::randn(0f32, 1.0, (1, 5, 64), &Device::Cpu).unwrap();
-    for (a, b) in dense_model.layers.iter().zip(&moe_model.layers) {
-        use skymoe_model::layers::block::FeedForward;
-        let (FeedForward::Dense(ffn), FeedForward::Moe(moe)) = (&a.ffn, &b.ffn) else {
-            panic!("expected a dense and an MoE feed-forward block");
-        };
-        let d = max_diff(&ffn.forward(&x).unwrap(), &moe.forward(&x).unwrap().0);
-        assert!(
-            d <= 1e-5,
-            "deepseek_v3: MoE block differs from the dense FFN by {d}"
-        );
-    }
+    assert_moe_blocks_compute_the_dense_ffns(&gqa, &ck, "deepseek_v3");
     let d = max_diff(&logits(&out, &TOKENS), &logits(&gqa, &TOKENS));
     assert!(
         d > 1e-3,

@@ -831,6 +831,34 @@ impl GgmlMatrix {
         matmul_segments_at(isa, std::slice::from_ref(self), x, m, out, ld, col0);
     }
 
+    /// Check that an `[m, ld]` output holds this product's columns `col0 .. col0 + rows`, and
+    /// settle the products with nothing to compute: `true` when there is none left (no rows,
+    /// or no columns, whose products are zero and are written so).
+    ///
+    /// # Panics
+    /// When `col0 + rows > ld` or `out` is shorter than `m·ld`.
+    fn output_is_trivial(&self, m: usize, out: &mut [f32], ld: usize, col0: usize) -> bool {
+        let rows = self.rows;
+        assert!(
+            col0.checked_add(rows).is_some_and(|end| end <= ld),
+            "columns {col0}..{col0}+{rows} outside an output row of {ld}"
+        );
+        assert!(
+            m.checked_mul(ld).is_some_and(|n| n <= out.len()),
+            "output length"
+        );
+        if m == 0 || rows == 0 {
+            return true;
+        }
+        if self.cols == 0 {
+            for i in 0..m {
+                out[i * ld + col0..i * ld + col0 + rows].fill(0.0);
+            }
+            return true;
+        }
+        false
+    }
+
     /// [`GgmlMatrix::matmul_into_with`] with f32 activations, whatever [`activations`] says.
     ///
     /// # Panics
@@ -845,26 +873,11 @@ impl GgmlMatrix {
         col0: usize,
     ) {
         assert_eq!(Some(x.len()), m.checked_mul(self.cols), "activation length");
-        assert!(
-            col0.checked_add(self.rows).is_some_and(|end| end <= ld),
-            "columns {col0}..{col0}+{} outside an output row of {ld}",
-            self.rows
-        );
-        assert!(
-            m.checked_mul(ld).is_some_and(|n| n <= out.len()),
-            "output length"
-        );
+        if self.output_is_trivial(m, out, ld, col0) {
+            return;
+        }
         let isa = effective(isa);
         let (rows, cols, ty, rb) = (self.rows, self.cols, self.ty, self.row_bytes);
-        if m == 0 || rows == 0 {
-            return;
-        }
-        if cols == 0 {
-            for i in 0..m {
-                out[i * ld + col0..i * ld + col0 + rows].fill(0.0);
-            }
-            return;
-        }
         let blocks = self.blocks();
         // Element (i, r) of this product is at `i·ld + r` from here.
         let ptr = OutPtr(out[col0..].as_mut_ptr());
@@ -984,26 +997,11 @@ impl GgmlMatrix {
             self.ty.block_elems(),
             self.ty
         );
-        assert!(
-            col0.checked_add(self.rows).is_some_and(|end| end <= ld),
-            "columns {col0}..{col0}+{} outside an output row of {ld}",
-            self.rows
-        );
-        assert!(
-            m.checked_mul(ld).is_some_and(|n| n <= out.len()),
-            "output length"
-        );
+        if self.output_is_trivial(m, out, ld, col0) {
+            return;
+        }
         let kind = int_isa(effective(isa));
         let (rows, cols, rb) = (self.rows, self.cols, self.row_bytes);
-        if m == 0 || rows == 0 {
-            return;
-        }
-        if cols == 0 {
-            for i in 0..m {
-                out[i * ld + col0..i * ld + col0 + rows].fill(0.0);
-            }
-            return;
-        }
         let blocks = self.blocks();
         // Element (i, r) of this product is at `i·ld + r` from here.
         let ptr = OutPtr(out[col0..].as_mut_ptr());
