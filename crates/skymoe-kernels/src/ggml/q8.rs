@@ -335,3 +335,23 @@ pub(super) fn dots_scalar(
         *dot = acc;
     }
 }
+
+/// The integer products of one of skymoe's int8 rows (`row`, signed bytes, `a.cols` of them,
+/// a multiple of 32) with activation rows `i0 .. i0 + dots.len()` of `a`, before the row's
+/// scale, in portable code: the arithmetic of Q8_0 (see the module documentation) with block
+/// scales of 1.
+pub(super) fn int8_dots_scalar(row: &[i8], a: &Q8Activations, i0: usize, dots: &mut [f32]) {
+    let b32 = a.b32.as_ref().expect("32-value activation blocks");
+    let cols = a.cols;
+    let nbx = cols / 32;
+    for (ii, dot) in dots.iter_mut().enumerate() {
+        let i = i0 + ii;
+        let mut acc = [0f32; 8];
+        for (b, w) in row.chunks_exact(32).enumerate() {
+            let xs = &b32.q[i * cols + b * 32..i * cols + b * 32 + 32];
+            let s: i32 = w.iter().zip(xs).map(|(&w, &x)| w as i32 * x as i32).sum();
+            acc[b % 8] += (1.0f32 * b32.d[i * nbx + b]) * s as f32;
+        }
+        *dot = sum8(&acc);
+    }
+}

@@ -17,6 +17,10 @@ use std::arch::x86_64::*;
 use super::x86::prefetch_ahead;
 use super::GgmlType;
 
+/// The kernel id (in place of a ggml type id, which is never 0 for these kernels) of skymoe's
+/// own int8 rows: 32 signed bytes per block, one scale per row applied by the caller.
+const PLAIN_INT8: u32 = 0;
+
 /// The activation rows a kernel reads (raw views of a [`super::q8::Q8Activations`]'s blocks of
 /// the kernel's size); unused pointers are null.
 #[derive(Clone, Copy)]
@@ -195,7 +199,14 @@ macro_rules! int_kernels {
                 7 => GgmlType::Q5_1,
                 _ => GgmlType::Q8_0,
             };
-            let bb = ty.block_bytes();
+            // skymoe's int8 rows: Q8_0's arithmetic with 32 plain bytes per block and a
+            // block scale of 1 (the row's scale is applied by the caller).
+            let plain = T == PLAIN_INT8;
+            let (bb, head) = if plain {
+                (32, 0)
+            } else {
+                (ty.block_bytes(), 2)
+            };
             let min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
             // Subtracted per block: offset · Σx (Q4_0: q − 8, Q5_0: q − 16; Q8_0 read as
             // unsigned: w + 128).
@@ -227,7 +238,9 @@ macro_rules! int_kernels {
                                 break;
                             }
                             let b = base.add(k * bb);
-                            hdm[k] = read_u32(b);
+                            if !plain {
+                                hdm[k] = read_u32(b);
+                            }
                             w[k] = match ty {
                                 GgmlType::Q4_0 => nib32(b.add(2)),
                                 GgmlType::Q4_1 => nib32(b.add(4)),
@@ -238,10 +251,10 @@ macro_rules! int_kernels {
                                     _mm256_or_si256(nib32(b.add(8)), $hi16(read_u32(b.add(4))))
                                 }
                                 _ if $q8_unsigned => _mm256_xor_si256(
-                                    _mm256_loadu_si256(b.add(2) as *const __m256i),
+                                    _mm256_loadu_si256(b.add(head) as *const __m256i),
                                     _mm256_set1_epi8(-128),
                                 ),
-                                _ => _mm256_loadu_si256(b.add(2) as *const __m256i),
+                                _ => _mm256_loadu_si256(b.add(head) as *const __m256i),
                             };
                         }
                         // The halves: d of the eight blocks in the low 128 bits, m in the high.
@@ -254,7 +267,11 @@ macro_rules! int_kernels {
                                 0x0d0c_0908_0504_0100,
                             ),
                         ));
-                        let dw = _mm256_cvtph_ps(_mm256_castsi256_si128(dm));
+                        let dw = if plain {
+                            _mm256_set1_ps(1.0)
+                        } else {
+                            _mm256_cvtph_ps(_mm256_castsi256_si128(dm))
+                        };
                         let mw = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(dm));
                         let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), iota);
                         for (i, acc) in acc.iter_mut().enumerate() {
@@ -644,5 +661,30 @@ pub(super) unsafe fn rows_dots<const M: usize>(
         GgmlType::Q4K => go!(12, true),
         GgmlType::Q5K => go!(13, true),
         GgmlType::Q6K => go!(14, true),
+    }
+}
+
+/// [`rows_dots`] for skymoe's int8 rows (`nrows` rows of `a.cols` signed bytes, `a.cols` a
+/// multiple of 32): the products before the rows' scales, in the arithmetic of Q8_0 with
+/// block scales of 1.
+///
+/// # Safety
+/// As for [`rows_dots`], with `rows` holding `nrows · a.cols` bytes and `a` 32-value blocks.
+pub(super) unsafe fn int8_rows_dots<const M: usize>(
+    vnni: bool,
+    rows: *const i8,
+    nrows: usize,
+    a: Act,
+    i0: usize,
+    out: Out,
+) {
+    let rows = rows as *const u8;
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        if vnni {
+            vnni::rows::<PLAIN_INT8, false, M>(rows, nrows, a.cols, a, i0, out)
+        } else {
+            avx2::rows::<PLAIN_INT8, false, M>(rows, nrows, a.cols, a, i0, out)
+        }
     }
 }

@@ -268,6 +268,15 @@ pub(crate) fn matmul(isa: Isa, mat: &QMatrix, x: &[f32], m: usize, out: &mut [f3
         out.fill(0.0);
         return;
     }
+    if let QData::Int8 { q, scales } = &mat.data {
+        if crate::ggml::int8_rows_use_q8(isa, cols, m) {
+            // Few activation rows: quantise them to 8 bits and multiply in integers (as the
+            // ggml types do; see `crate::ggml::int8_rows_matmul_q8`).
+            let a = crate::ggml::Q8Activations::new(x, m, cols, true, false);
+            crate::ggml::int8_rows_matmul_q8(isa, q, scales, &a, out);
+            return;
+        }
+    }
     let ptr = OutPtr(out.as_mut_ptr());
     if m <= FUSED_MAX_CHUNKED_ROWS {
         // Each task takes 16 weight rows and runs every group of up to FUSED_MAX_ROWS

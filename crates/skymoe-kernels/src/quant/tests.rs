@@ -2,6 +2,7 @@
 //! set this CPU supports.
 
 use super::*;
+use crate::ggml::GgmlType;
 
 fn lcg_values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed
@@ -38,8 +39,21 @@ fn fused_and_tiled_products_match_the_reference() {
             let mat = QMatrix::quantize(&w, rows, cols, format).unwrap();
             for m in [1, 2, 3, 4, 5, 8, 9, 16, 17, 40] {
                 let x = lcg_values(m * cols, m as u64 + 7);
-                let want = mat.matmul_reference(&x, m);
+                let want_f32 = mat.matmul_reference(&x, m);
+                // int8 rows with few activation rows multiply 8-bit activations: their
+                // reference is the dequantised weights times the dequantised activations.
+                let x8 = cols
+                    .is_multiple_of(32)
+                    .then(|| crate::ggml::Q8Activations::for_type(GgmlType::Q8_0, &x, m, cols));
                 for isa in isas() {
+                    let want = if format == WeightFormat::Int8
+                        && crate::ggml::int8_rows_use_q8(isa, cols, m)
+                    {
+                        let x8 = x8.as_ref().expect("rows of whole blocks");
+                        mat.matmul_reference(&x8.dequantize_for(GgmlType::Q8_0).unwrap(), m)
+                    } else {
+                        want_f32.clone()
+                    };
                     let mut got = vec![f32::NAN; m * rows];
                     mat.matmul_with(isa, &x, m, &mut got);
                     let e = rel_err(&got, &want);
@@ -211,8 +225,7 @@ fn every_finite_fp8_code_decodes_exactly_on_every_isa() {
 }
 
 /// Random ggml blocks with small finite f16 scales (at each type's scale fields).
-fn ggml_blocks(ty: crate::ggml::GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-    use crate::ggml::GgmlType;
+fn ggml_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
     let n = rows * ty.row_bytes(cols).unwrap();
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = move || {
@@ -331,5 +344,38 @@ fn skymoe_formats_compare_with_weight_formats() {
         assert_eq!(format, m.format());
         assert_eq!(m.format().weight_format(), Some(format));
         assert!(m.try_data().is_some());
+    }
+}
+
+#[test]
+fn int8_rows_with_8_bit_activations_are_the_same_bits_on_every_isa() {
+    let (rows, cols) = (37, 576);
+    let mut w = lcg_values(rows * cols, 11);
+    // An all-zero row and one of the largest magnitudes.
+    w[..cols].fill(0.0);
+    w[cols..2 * cols].iter_mut().for_each(|v| *v *= 1e4);
+    let mat = QMatrix::quantize(&w, rows, cols, WeightFormat::Int8).unwrap();
+    let QData::Int8 { q, scales } = mat.data() else {
+        unreachable!("int8 data")
+    };
+    for m in [1, 2, 3, 4, 5, 7, 8, 9, 17, 40, 64] {
+        let mut x = lcg_values(m * cols, m as u64);
+        // A zero block and an outlier in the activations.
+        x[..32].fill(0.0);
+        x[40] = 300.0;
+        let a = crate::ggml::Q8Activations::for_type(GgmlType::Q8_0, &x, m, cols);
+        let mut want = vec![f32::NAN; m * rows];
+        crate::ggml::int8_rows_matmul_q8(Isa::Scalar, q, scales, &a, &mut want);
+        let reference = mat.matmul_reference(&a.dequantize_for(GgmlType::Q8_0).unwrap(), m);
+        assert!(rel_err(&want, &reference) < 1e-6, "m={m}");
+        for isa in isas() {
+            let mut got = vec![f32::NAN; m * rows];
+            crate::ggml::int8_rows_matmul_q8(isa, q, scales, &a, &mut got);
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(g, w)| g.to_bits() == w.to_bits());
+            assert!(same, "{isa:?} m={m}: differs from the portable code");
+        }
     }
 }
