@@ -6,9 +6,11 @@ Mixtral-layout MoE (4 experts, top-2), written once as a Hugging Face directory 
 and as GGUF files (F16 and Q8_0, for llama.cpp) by this script with the `gguf` package.
 Both engines run the same measurement without HTTP: synthetic prompts (the same token ids),
 greedy decoding, all requests of a batch decoded together; prefill tokens/s at batch 1,
-decode tokens/s at batch 1, and total generated tokens/s with 8 and 32 concurrent requests
-(prefill included); the median of --repeats runs; peak resident memory of each engine's own
-process. Pairs: skymoe int8 and fp8 against Q8_0, skymoe f16 against F16, and the same GGUF
+decode tokens/s at batch 1, total generated tokens/s with 8 and 32 concurrent requests
+(prefill included) and the decode phase's tokens/s at each; the median of --repeats runs; peak
+resident memory of each engine's own process. Batch-1 decode is also given as its share of
+the memory's read bandwidth (which skymoe's bench measures with a streaming read on every
+thread): the weights a token reads (routed experts: top-k of them) times tokens/s. Pairs: skymoe int8 and fp8 against Q8_0, skymoe f16 against F16, and the same GGUF
 file for both engines (skymoe serves its blocks as stored): the Q8_0 file, the file quantised
 to Q4_K_M by llama.cpp's own quantiser, and a Qwen3-MoE-shaped model (SmolLM2 upcycled to 64
 fine-grained experts of width 192, top-8; `qwen3moe` GGUF, Q8_0).
@@ -302,6 +304,28 @@ def llama_worker(path, prompt, gen, levels, repeats, threads):
     print(json.dumps({"engine": "llama.cpp", "runs": out, "peak_rss_mib": peak}))
 
 
+def gguf_decode_bytes(path):
+    """Bytes of weights one batch-1 decode step reads from a GGUF file: every tensor but the
+    token embeddings (one row of them; all of them when they double as the LM head), the
+    expert tensors scaled by top-k / experts."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+    field = lambda k: int(r.fields[f"{arch}.{k}"].parts[-1][0]) if f"{arch}.{k}" in r.fields else None
+    experts, top_k = field("expert_count"), field("expert_used_count")
+    names = {t.name for t in r.tensors}
+    total = 0
+    for t in r.tensors:
+        n = int(t.n_bytes)
+        if t.name == "token_embd.weight":
+            n = n // int(t.shape[-1]) + (n if "output.weight" not in names else 0)
+        elif "_exps." in t.name and experts:
+            n = n * top_k // experts
+        total += n
+    return total
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/skymoe-bench")
@@ -368,14 +392,26 @@ def main():
     pairs = [("skymoe-int8", "llama.cpp-q8_0"), ("skymoe-fp8", "llama.cpp-q8_0"), ("skymoe-f16", "llama.cpp-f16"),
              ("skymoe-gguf-q8_0", "llama.cpp-q8_0"), ("skymoe-gguf-q4_k_m", "llama.cpp-q4_k_m"),
              ("skymoe-gguf-qwen3moe-q8_0", "llama.cpp-qwen3moe-q8_0")]
+    # The memory's read bandwidth, measured by skymoe's bench (a streaming read on every
+    # thread) beside each of its runs; the median is each engine's batch-1 decode ceiling.
+    bandwidth = statistics.median(r["read_bandwidth_gbs"] for k, r in results.items() if k.startswith("skymoe"))
+    print(f"read bandwidth (streaming read, {threads} threads): {bandwidth:.1f} GB/s")
     print(f"{'pair':52} {'metric':28} {'skymoe':>10} {'llama.cpp':>10} {'ratio':>7}")
     for ours, theirs in pairs:
+        their_bytes = gguf_decode_bytes(ggufs[theirs.removeprefix("llama.cpp-")])
         for r_ours, r_theirs in zip(results[ours]["runs"], results[theirs]["runs"]):
             n = r_ours["requests"]
-            metrics = ["prefill_tokens_per_s", "decode_tokens_per_s"] if n == 1 else ["total_tokens_per_s"]
+            metrics = ["prefill_tokens_per_s", "decode_tokens_per_s"] if n == 1 else ["total_tokens_per_s",
+                                                                                       "decode_tokens_per_s"]
             for m in metrics:
                 x, y = r_ours[m], r_theirs[m]
                 print(f"{ours + ' / ' + theirs:52} {m + f' @{n}':28} {x:10.1f} {y:10.1f} {x / y:7.2f}")
+            if n == 1:
+                # Weights streamed per decoded token times tokens/s, over the read bandwidth.
+                fx = r_ours["decode_tokens_per_s"] * results[ours]["decode_weight_bytes_per_token"] / 1e9 / bandwidth
+                fy = r_theirs["decode_tokens_per_s"] * their_bytes / 1e9 / bandwidth
+                print(f"{ours + ' / ' + theirs:52} {'decode share of bandwidth @1':28} {fx:10.2f} {fy:10.2f} "
+                      f"{fx / fy:7.2f}")
         print(f"{ours + ' / ' + theirs:52} {'peak RSS MiB':28} {results[ours]['peak_rss_mib']:10.0f} "
               f"{results[theirs]['peak_rss_mib']:10.0f} {results[ours]['peak_rss_mib'] / results[theirs]['peak_rss_mib']:7.2f}")
     (work / "results.json").write_text(json.dumps(results, indent=2))

@@ -59,6 +59,27 @@ fn prefill_steps(requests: usize, prompt: usize, step: usize) -> Vec<Vec<(usize,
     steps
 }
 
+/// The memory's read bandwidth in GB/s as this process's thread pool sees it: every thread
+/// sums its share of a `mib` MiB buffer (far larger than the caches), the median of `repeats`
+/// passes after one to fault the pages in. Decode at batch 1 streams its weights once per
+/// token, so this is its ceiling.
+pub fn read_bandwidth_gbs(mib: usize, repeats: usize) -> f64 {
+    use rayon::prelude::*;
+    let words = (mib.max(1) << 20) / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let pass = || {
+        let t = Instant::now();
+        let sum = buf
+            .par_chunks(1 << 15)
+            .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        (words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
+    };
+    pass();
+    median((0..repeats.max(1)).map(|_| pass()).collect())
+}
+
 /// One measurement at a number of concurrent requests.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BatchRun {

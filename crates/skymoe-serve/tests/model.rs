@@ -236,3 +236,20 @@ fn bad_chunks_are_errors() {
     assert!(run(&[], &blocks, &mut kv).contains("no tokens"));
     assert!(run(&[1], &[7], &mut kv).contains("not in the cache"));
 }
+
+/// The weights a batch-1 decode step reads (the numerator of `skymoe bench`'s share of the
+/// memory bandwidth), counted from the Mixtral fixture's configuration: per layer the
+/// attention, the router and top-k of the experts; the LM head; one embedding row.
+#[test]
+fn decode_bytes_per_token_count_the_active_weights() {
+    let ckpt = Checkpoint::open(&fixture("mixtral"), &Device::Cpu).unwrap();
+    let model = ServeModel::load(&ckpt, Some(WeightFormat::F32)).unwrap();
+    // hidden 64, 4 heads (head_dim 16) and 2 kv heads, 4 experts of width 32, top-2, 3
+    // layers, vocabulary 320 with an untied LM head.
+    let (h, kv, f, experts, top_k, layers, vocab) = (64, 32, 32, 4, 2, 3, 320);
+    let attention = h * (h + 2 * kv) + h * h;
+    let layer = attention + experts * h + top_k * 3 * h * f;
+    let want = 4 * (layers * layer + vocab * h + h);
+    assert_eq!(model.decode_bytes_per_token(), want);
+    assert!(model.decode_bytes_per_token() < model.weight_bytes());
+}

@@ -271,6 +271,8 @@ fn bench_reports_its_settings_and_refuses_bad_ones() {
             "4",
             "--kv-cache-dtype",
             dtype,
+            "--bandwidth-mib",
+            "64",
         ]
     };
     let out = skymoe(&args("f16"));
@@ -283,6 +285,13 @@ fn bench_reports_its_settings_and_refuses_bad_ones() {
     assert_eq!(report["kv_dtype"], "f16");
     assert_eq!(report["step_tokens"], 4);
     assert_eq!(report["runs"].as_array().unwrap().len(), 2);
+    // Batch-1 decode's share of the measured read bandwidth, from the weights it reads.
+    let bytes = report["decode_weight_bytes_per_token"].as_f64().unwrap();
+    let bandwidth = report["read_bandwidth_gbs"].as_f64().unwrap();
+    let decode = report["runs"][0]["decode_tokens_per_s"].as_f64().unwrap();
+    let fraction = report["decode_bandwidth_fraction"].as_f64().unwrap();
+    assert!(bytes > 0.0 && bandwidth > 0.0, "{report}");
+    assert!((fraction - decode * bytes / 1e9 / bandwidth).abs() <= 1e-9 * fraction.max(1.0));
     let auto = skymoe(&args("auto"));
     let report: serde_json::Value = serde_json::from_slice(&auto.stdout).unwrap();
     assert_eq!(report["kv_dtype"], "f16", "int8 weights get an f16 cache");

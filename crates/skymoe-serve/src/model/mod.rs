@@ -226,6 +226,36 @@ impl ServeModel {
         self.embed.storage_bytes() + head + self.layers.iter().map(mats).sum::<usize>()
     }
 
+    /// Bytes of weights one decode step of a single sequence reads: every attention and dense
+    /// projection, the router, `top_k` routed experts (of average size) and the shared expert
+    /// of each MoE block, the LM head, and one embedding row — what batch-1 decode streams
+    /// from memory per token, the numerator of its share of the memory bandwidth.
+    pub fn decode_bytes_per_token(&self) -> usize {
+        let mlp = |m: &Mlp| m.gate_up.storage_bytes() + m.down.storage_bytes();
+        let layer = |l: &ServeLayer| {
+            let ffn = match &l.ffn {
+                Ffn::Dense(m) => mlp(m),
+                Ffn::Moe(moe) => {
+                    let routed: usize = moe.experts.iter().map(mlp).sum();
+                    let active =
+                        routed * moe.top_k.min(moe.experts.len()) / moe.experts.len().max(1);
+                    let gate = match &moe.gate {
+                        RouterGate::Linear(w) => w.storage_bytes(),
+                        RouterGate::TwoLayer(a, b) => a.storage_bytes() + b.storage_bytes(),
+                    };
+                    active + gate + moe.shared.as_ref().map_or(0, |(m, _)| mlp(m))
+                }
+            };
+            let attention = match &l.attention {
+                LayerAttention::Gqa { qkv, .. } => qkv.weight.storage_bytes(),
+                LayerAttention::Mla(m) => m.storage_bytes(),
+            };
+            attention + l.o.weight.storage_bytes() + ffn
+        };
+        let embed_row = self.embed.storage_bytes() / self.embed.rows().max(1);
+        embed_row + self.lm_head.storage_bytes() + self.layers.iter().map(layer).sum::<usize>()
+    }
+
     /// [`ServeModel::forward`] on the leading rank of a tensor-parallel group: first send the
     /// inputs to the other ranks (waiting in [`ServeModel::follow`]). Without tensor
     /// parallelism, just the forward pass.

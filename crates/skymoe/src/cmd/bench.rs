@@ -38,6 +38,10 @@ pub struct Args {
     /// Element type of the KV cache: auto (as `skymoe serve` chooses), f32 or f16.
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: String,
+    /// MiB read by the streaming pass that measures the memory's read bandwidth (reported
+    /// with batch-1 decode's share of it); well above the caches. 0 skips the measurement.
+    #[arg(long, default_value_t = 1024)]
+    bandwidth_mib: usize,
     /// Measure prefix caching on a workload through the engine instead of raw throughput:
     /// `lm-eval` (contexts each followed by several continuations, all submitted at once) or
     /// `chat` (conversations whose every turn extends the previous prompt and reply).
@@ -143,10 +147,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         kv_dtype,
     };
     let runs = run_bench(&model, &cfg)?;
+    // Batch-1 decode streams its weights once per token: its share of the read bandwidth.
+    let decode_bytes = model.decode_bytes_per_token();
+    // Before the bandwidth pass, whose buffer would count in the peak.
+    let peak_rss = peak_rss_mib();
+    let bandwidth =
+        (a.bandwidth_mib > 0).then(|| skymoe_serve::bench::read_bandwidth_gbs(a.bandwidth_mib, 5));
+    let decode_gbs = runs
+        .iter()
+        .find(|r| r.requests == 1)
+        .map(|r| r.decode_tokens_per_s * decode_bytes as f64 / 1e9);
+    let fraction = decode_gbs.zip(bandwidth).map(|(g, b)| g / b);
     let report = serde_json::json!({
         "engine": "skymoe",
         "weights": model.format.name(),
-            "weight_formats": model.weight_formats(),
+        "weight_formats": model.weight_formats(),
         "kernels": skymoe_kernels::quant::Isa::detect().name(),
         "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "weight_mib": model.weight_bytes() as f64 / (1 << 20) as f64,
@@ -155,7 +170,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "step_tokens": cfg.step_tokens,
         "kv_dtype": model.kv_dtype(cfg.kv_dtype).name(),
         "runs": runs,
-        "peak_rss_mib": peak_rss_mib(),
+        "decode_weight_bytes_per_token": decode_bytes,
+        "read_bandwidth_gbs": bandwidth,
+        "decode_weight_gbs": decode_gbs,
+        "decode_bandwidth_fraction": fraction,
+        "peak_rss_mib": peak_rss,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
