@@ -287,10 +287,33 @@ pub(crate) fn matmul(isa: Isa, mat: &QMatrix, x: &[f32], m: usize, out: &mut [f3
             if isa != Isa::Scalar {
                 super::x86::prefetch_rows(mat, r0, r1);
             }
+            // One activation row (batch-1 decode): four weight rows per kernel call.
+            let mut from = r0;
+            #[cfg(target_arch = "x86_64")]
+            if m == 1 && isa != Isa::Scalar {
+                while from + 4 <= r1 {
+                    // SAFETY: `isa` is supported (`matmul`'s contract), rows from .. from + 4
+                    // exist (from + 4 <= r1 <= rows) and `x` holds `cols` activations.
+                    let Some((mut acc, done)) =
+                        (unsafe { super::x86::rows4_dots(isa, mat, from, x) })
+                    else {
+                        break;
+                    };
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let r = from + i;
+                        if done < cols {
+                            scalar_partial(mat, r, x, done, std::slice::from_mut(a));
+                        }
+                        // SAFETY: element (0, r) is in bounds and belongs to this task's rows.
+                        unsafe { ptr.write(r, *a * row_scale(mat, r)) };
+                    }
+                    from += 4;
+                }
+            }
             for g0 in (0..m).step_by(FUSED_MAX_ROWS) {
                 let g = (m - g0).min(FUSED_MAX_ROWS);
                 let xg = &x[g0 * cols..(g0 + g) * cols];
-                for r in r0..r1 {
+                for r in from..r1 {
                     let mut dots = [0f32; FUSED_MAX_ROWS];
                     fused_row_dots(isa, mat, r, xg, &mut dots[..g]);
                     for (i, &d) in dots[..g].iter().enumerate() {

@@ -301,6 +301,187 @@ dots_kernel!(
     dec256_fp8
 );
 
+/// A dot-product kernel of one activation row with four consecutive weight rows of one
+/// element type (batch-1 decode): each activation vector is loaded once for the four rows, and
+/// the call, dispatch and reduction costs are paid once per four rows. Two accumulators per
+/// row; returns the four sums and the columns covered.
+macro_rules! rows4_kernel {
+    ($name:ident, $feat:literal, $elem:ty, $lanes:expr, $zero:expr, $fma:ident, $loadx:ident,
+     $reduce:ident, $add:ident, $dec:ident) => {
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(w: *const $elem, x: *const f32, cols: usize) -> ([f32; 4], usize) {
+            let mut acc = [[$zero; 2]; 4];
+            let mut c = 0;
+            // SAFETY (whole body): the caller guarantees `w` points at four rows of `cols`
+            // weights, one after the other, and `x` at `cols` activations; every access
+            // below is below those bounds.
+            unsafe {
+                while c + 2 * $lanes <= cols {
+                    // The four rows are one contiguous block: request it as one stream, as
+                    // far ahead of its start as the block's share already read.
+                    prefetch_ahead(
+                        (w as *const u8).wrapping_add(4 * c * size_of::<$elem>()),
+                        4 * 2 * $lanes * size_of::<$elem>(),
+                    );
+                    let x0 = $loadx(x.add(c));
+                    let x1 = $loadx(x.add(c + $lanes));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let p = w.add(r * cols + c);
+                        a[0] = $fma($dec(p), x0, a[0]);
+                        a[1] = $fma($dec(p.add($lanes)), x1, a[1]);
+                    }
+                    c += 2 * $lanes;
+                }
+                while c + $lanes <= cols {
+                    let x0 = $loadx(x.add(c));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        a[0] = $fma($dec(w.add(r * cols + c)), x0, a[0]);
+                    }
+                    c += $lanes;
+                }
+            }
+            (acc.map(|a| $reduce($add(a[0], a[1]))), c)
+        }
+    };
+}
+
+rows4_kernel!(
+    rows4_512_f32,
+    "avx512f,avx512bw,avx2,fma,f16c",
+    f32,
+    16,
+    _mm512_setzero_ps(),
+    _mm512_fmadd_ps,
+    _mm512_loadu_ps,
+    hsum512,
+    _mm512_add_ps,
+    dec512_f32
+);
+rows4_kernel!(
+    rows4_512_f16,
+    "avx512f,avx512bw,avx2,fma,f16c",
+    u16,
+    16,
+    _mm512_setzero_ps(),
+    _mm512_fmadd_ps,
+    _mm512_loadu_ps,
+    hsum512,
+    _mm512_add_ps,
+    dec512_f16
+);
+rows4_kernel!(
+    rows4_512_i8,
+    "avx512f,avx512bw,avx2,fma,f16c",
+    i8,
+    16,
+    _mm512_setzero_ps(),
+    _mm512_fmadd_ps,
+    _mm512_loadu_ps,
+    hsum512,
+    _mm512_add_ps,
+    dec512_i8
+);
+rows4_kernel!(
+    rows4_512_fp8,
+    "avx512f,avx512bw,avx2,fma,f16c",
+    u8,
+    16,
+    _mm512_setzero_ps(),
+    _mm512_fmadd_ps,
+    _mm512_loadu_ps,
+    hsum512,
+    _mm512_add_ps,
+    dec512_fp8
+);
+rows4_kernel!(
+    rows4_256_f32,
+    "avx2,fma,f16c",
+    f32,
+    8,
+    _mm256_setzero_ps(),
+    _mm256_fmadd_ps,
+    _mm256_loadu_ps,
+    hsum256,
+    _mm256_add_ps,
+    dec256_f32
+);
+rows4_kernel!(
+    rows4_256_f16,
+    "avx2,fma,f16c",
+    u16,
+    8,
+    _mm256_setzero_ps(),
+    _mm256_fmadd_ps,
+    _mm256_loadu_ps,
+    hsum256,
+    _mm256_add_ps,
+    dec256_f16
+);
+rows4_kernel!(
+    rows4_256_i8,
+    "avx2,fma,f16c",
+    i8,
+    8,
+    _mm256_setzero_ps(),
+    _mm256_fmadd_ps,
+    _mm256_loadu_ps,
+    hsum256,
+    _mm256_add_ps,
+    dec256_i8
+);
+rows4_kernel!(
+    rows4_256_fp8,
+    "avx2,fma,f16c",
+    u8,
+    8,
+    _mm256_setzero_ps(),
+    _mm256_fmadd_ps,
+    _mm256_loadu_ps,
+    hsum256,
+    _mm256_add_ps,
+    dec256_fp8
+);
+
+/// Partial dot products of one activation row `x` with rows `r .. r + 4` of `mat` (not q4):
+/// the sums over the columns covered (before per-row scales) and how many columns that is;
+/// `None` for q4, which has no four-row kernel.
+///
+/// # Safety
+/// `isa` is AVX2 or AVX-512 and supported by this CPU, `r + 4 <= mat.rows()`, and
+/// `x.len() >= mat.cols()`.
+pub(super) unsafe fn rows4_dots(
+    isa: Isa,
+    mat: &QMatrix,
+    r: usize,
+    x: &[f32],
+) -> Option<([f32; 4], usize)> {
+    let cols = mat.cols;
+    debug_assert!(x.len() >= cols && r + 4 <= mat.rows);
+    let xp = x.as_ptr();
+    let wide = isa == Isa::Avx512;
+    macro_rules! run {
+        ($k512:ident, $k256:ident, $ptr:expr) => {
+            // SAFETY: guaranteed by the caller; `$ptr` is the start of row `r`, and rows
+            // r .. r + 4 follow it.
+            Some(unsafe {
+                if wide {
+                    $k512($ptr, xp, cols)
+                } else {
+                    $k256($ptr, xp, cols)
+                }
+            })
+        };
+    }
+    match &mat.data {
+        QData::F32(w) => run!(rows4_512_f32, rows4_256_f32, w.as_ptr().add(r * cols)),
+        QData::F16(w) => run!(rows4_512_f16, rows4_256_f16, w.as_ptr().add(r * cols)),
+        QData::Int8 { q, .. } => run!(rows4_512_i8, rows4_256_i8, q.as_ptr().add(r * cols)),
+        QData::Fp8 { q, .. } => run!(rows4_512_fp8, rows4_256_fp8, q.as_ptr().add(r * cols))
+            .map(|(s, done)| (s.map(|v| v * FP8_VIA_F16), done)),
+        QData::Q4 { .. } => None,
+    }
+}
+
 /// q4 dot products over whole groups (AVX-512): group scales applied.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn dots512_q4<const M: usize>(
