@@ -109,7 +109,7 @@ fn encode(m: &QMatrix, fp8_scale: Fp8Scale) -> (Owned, Option<Owned>) {
     let scale = |shape: Vec<usize>, v: &[f32]| Some(owned(Dtype::F32, shape, f32_bytes(v)));
     match m.data() {
         QData::Fp8 { q, scales } => (
-            owned(Dtype::F8_E4M3, vec![rows, cols], q.clone()),
+            owned(Dtype::F8_E4M3, vec![rows, cols], q.to_vec()),
             match fp8_scale {
                 Fp8Scale::Tensor => scale(vec![], &scales[..1]),
                 Fp8Scale::Channel => scale(vec![rows, 1], scales),
@@ -126,7 +126,7 @@ fn encode(m: &QMatrix, fp8_scale: Fp8Scale) -> (Owned, Option<Owned>) {
         QData::Q4 { packed, scales } => {
             let groups = scales.len() / rows.max(1);
             (
-                owned(Dtype::U8, vec![rows, groups * 16], packed.clone()),
+                owned(Dtype::U8, vec![rows, groups * 16], packed.to_vec()),
                 scale(vec![rows, groups], scales),
             )
         }

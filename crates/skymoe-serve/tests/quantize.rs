@@ -67,6 +67,25 @@ fn quantised_checkpoints_load_exactly_and_dequantised() {
             // Served as stored: the projections are the stored codes.
             let served = ServeModel::load(&ckpt, None).unwrap();
             assert_eq!(served.format, format);
+            // ... read in place from the file's memory map, not copied (q/k/v and gate/up
+            // stacked as parts). The embedding and LM head stay f32 in the file and are
+            // converted at load; latent attention's per-head key and value matrices are
+            // computed from `kv_b_proj` at load.
+            let derived = |name: &str| {
+                name == "embed"
+                    || name == "lm_head"
+                    || name.contains("absorb")
+                    || name.contains("value_up")
+            };
+            let stored: Vec<_> = served
+                .weight_matrices()
+                .into_iter()
+                .filter(|(name, m)| m.format() == format && !derived(name))
+                .collect();
+            assert!(!stored.is_empty(), "{fam} {format}");
+            for (name, m) in &stored {
+                assert!(m.is_shared(), "{fam} {format}: {name} was copied");
+            }
             if scale == Fp8Scale::Channel {
                 // The same as quantising the f32 model while loading it.
                 let direct =

@@ -592,97 +592,127 @@ pub fn int8_rows_use_q8(isa: Isa, cols: usize, m: usize) -> bool {
     m > 0 && cols > 0 && cols.is_multiple_of(32) && use_int8(effective(isa), GgmlType::Q8_0, m)
 }
 
-/// `out[m, rows] = a · Wᵀ` for skymoe's own int8 matrix `W = diag(scales) · q` (`q`:
-/// `[rows, a.cols()]` signed bytes, `a.cols()` a multiple of 32) and the 8-bit activations `a`
-/// (32-value blocks), multithreaded, in integers: each row's products in the arithmetic of
-/// Q8_0 with block scales of 1 (the same bits on every instruction set), then times the row's
-/// scale.
+/// `a · Wᵀ` for skymoe's own int8 matrix `W = diag(scales) · q` (`q`: `[rows, a.cols()]`
+/// signed bytes, `a.cols()` a multiple of 32) and the 8-bit activations `a` (32-value
+/// blocks), multithreaded, in integers: each row's products in the arithmetic of Q8_0 with
+/// block scales of 1 (the same bits on every instruction set), then times the row's scale.
+/// Written into columns `col0 .. col0 + rows` of the row-major `[m, ld]` output `out`.
 ///
 /// # Panics
-/// When the lengths disagree, `a.cols()` is not a multiple of 32 or `a` lacks 32-value blocks.
+/// When the lengths disagree, `col0 + rows > ld`, `a.cols()` is not a multiple of 32 or `a`
+/// lacks 32-value blocks.
+#[cfg(test)]
 pub(crate) fn int8_rows_matmul_q8(
     isa: Isa,
     q: &[i8],
     scales: &[f32],
     a: &Q8Activations,
     out: &mut [f32],
+    ld: usize,
+    col0: usize,
 ) {
     let (m, cols, rows) = (a.rows, a.cols, scales.len());
     assert!(cols.is_multiple_of(32), "{cols} columns in 32-value blocks");
     assert!(a.b32.is_some(), "activations without 32-value blocks");
     assert_eq!(Some(q.len()), rows.checked_mul(cols), "weight length");
-    assert_eq!(Some(out.len()), m.checked_mul(rows), "output length");
-    if m == 0 || rows == 0 {
+    assert!(col0 + rows <= ld, "output columns out of range");
+    assert!(
+        m.checked_mul(ld).is_some_and(|n| out.len() >= n),
+        "output length"
+    );
+    if m == 0 || rows == 0 || cols == 0 {
         return;
     }
-    if cols == 0 {
-        out.fill(0.0);
-        return;
-    }
+    let ptr = out[col0..].as_mut_ptr();
+    let base = OutPtr(ptr);
+    // Tasks of 16 weight rows, as the ggml products.
+    par_ranges(rows, 16, m * cols, |r0, r1| {
+        // SAFETY: `q` holds `rows` rows of `cols` and `a` 32-value blocks of its `m` rows
+        // (asserted); the elements i·ld + r (i < m, r0 <= r < r1) from `ptr` are in bounds
+        // (col0 + r < ld, i < m) and only this task writes them.
+        unsafe { int8_rows_q8_task(isa, q, scales, a, base.at(0), ld, r0, r1) }
+    });
+}
+
+/// Rows `r0 .. r1` of [`int8_rows_matmul_q8`]'s product (`q`: `[scales.len(), a.cols()]`),
+/// element `(i, r)` written at `ptr + i·ld + r`.
+///
+/// # Safety
+/// `r1 <= scales.len()`, `q.len() == scales.len() · a.cols()`, `a.cols()` a multiple of 32 and
+/// `a` with 32-value blocks; the elements `i·ld + r` (`i < a.rows()`, `r0 <= r < r1`) from
+/// `ptr` are in bounds and written by nobody else meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn int8_rows_q8_task(
+    isa: Isa,
+    q: &[i8],
+    scales: &[f32],
+    a: &Q8Activations,
+    ptr: *mut f32,
+    ld: usize,
+    r0: usize,
+    r1: usize,
+) {
+    let (m, cols) = (a.rows, a.cols);
     let kind = int_isa(effective(isa));
     let group = int_group_rows(kind);
-    let ptr = OutPtr(out.as_mut_ptr());
-    // Tasks of 16 weight rows, as the ggml products. Elements (i, r) of a task are in bounds
-    // (i < m, r < rows) and only this task writes its columns r0..r1.
-    par_ranges(rows, 16, m * cols, |r0, r1| {
-        let w = &q[r0 * cols..r1 * cols];
-        #[cfg(target_arch = "x86_64")]
-        x86::prefetch_first(i8_bytes(w));
-        for g0 in (0..m).step_by(group) {
-            let g = (m - g0).min(group);
-            match kind {
-                #[cfg(target_arch = "x86_64")]
-                IntIsa::Avx2 | IntIsa::Vnni => {
-                    let view = act_view(a, GgmlType::Q8_0);
-                    let o = x86_q8::Out {
-                        ptr: ptr.at(g0 * rows + r0),
-                        ld: rows,
-                    };
-                    macro_rules! rows {
-                        ($($n:literal)*) => {
-                            match g {
-                                $($n => {
-                                    // SAFETY: the instruction set is supported (`int_isa` of
-                                    // an effective one); `w` holds r1 − r0 rows of `cols`
-                                    // bytes; `a` has 32-value blocks of its `m` rows
-                                    // (asserted); the elements (g0 + i)·rows + r are in
-                                    // bounds and this task's own.
-                                    unsafe {
-                                        x86_q8::int8_rows_dots::<$n>(
-                                            kind == IntIsa::Vnni,
-                                            w.as_ptr(),
-                                            r1 - r0,
-                                            view,
-                                            g0,
-                                            o,
-                                        )
-                                    }
-                                })*
-                                _ => unreachable!("at most FUSED_MAX_ROWS activation rows"),
-                            }
-                        };
-                    }
-                    rows!(1 2 3 4 5 6 7 8);
-                }
-                _ => {
-                    let mut dots = [0f32; FUSED_MAX_ROWS];
-                    for (r, row) in (r0..r1).zip(w.chunks_exact(cols)) {
-                        q8::int8_dots_scalar(row, a, g0, &mut dots[..g]);
-                        for (i, &d) in dots[..g].iter().enumerate() {
-                            // SAFETY: as above (this task's in-bounds elements).
-                            unsafe { *ptr.at((g0 + i) * rows + r) = d };
+    let ptr = OutPtr(ptr);
+    let w = &q[r0 * cols..r1 * cols];
+    #[cfg(target_arch = "x86_64")]
+    x86::prefetch_first(i8_bytes(w));
+    for g0 in (0..m).step_by(group) {
+        let g = (m - g0).min(group);
+        match kind {
+            #[cfg(target_arch = "x86_64")]
+            IntIsa::Avx2 | IntIsa::Vnni => {
+                let view = act_view(a, GgmlType::Q8_0);
+                let o = x86_q8::Out {
+                    ptr: ptr.at(g0 * ld + r0),
+                    ld,
+                };
+                macro_rules! rows {
+                    ($($n:literal)*) => {
+                        match g {
+                            $($n => {
+                                // SAFETY: the instruction set is supported (`int_isa` of an
+                                // effective one); `w` holds r1 − r0 rows of `cols` bytes; `a`
+                                // has 32-value blocks of its `m` rows; the elements
+                                // (g0 + i)·ld + r are in bounds and this task's (the caller's
+                                // guarantee).
+                                unsafe {
+                                    x86_q8::int8_rows_dots::<$n>(
+                                        kind == IntIsa::Vnni,
+                                        w.as_ptr(),
+                                        r1 - r0,
+                                        view,
+                                        g0,
+                                        o,
+                                    )
+                                }
+                            })*
+                            _ => unreachable!("at most FUSED_MAX_ROWS activation rows"),
                         }
-                    }
+                    };
                 }
+                rows!(1 2 3 4 5 6 7 8);
             }
-            for i in g0..g0 + g {
-                for (r, &s) in (r0..r1).zip(&scales[r0..r1]) {
-                    // SAFETY: as above (this task's in-bounds elements, written just now).
-                    unsafe { *ptr.at(i * rows + r) *= s };
+            _ => {
+                let mut dots = [0f32; FUSED_MAX_ROWS];
+                for (r, row) in (r0..r1).zip(w.chunks_exact(cols)) {
+                    q8::int8_dots_scalar(row, a, g0, &mut dots[..g]);
+                    for (i, &d) in dots[..g].iter().enumerate() {
+                        // SAFETY: as above (this task's in-bounds elements).
+                        unsafe { *ptr.at((g0 + i) * ld + r) = d };
+                    }
                 }
             }
         }
-    });
+        for i in g0..g0 + g {
+            for (r, &s) in (r0..r1).zip(&scales[r0..r1]) {
+                // SAFETY: as above (this task's in-bounds elements, written just now).
+                unsafe { *ptr.at(i * ld + r) *= s };
+            }
+        }
+    }
 }
 
 /// The bytes of signed bytes (for prefetching).

@@ -5,7 +5,9 @@ use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use super::fp8::e4m3_table;
-use super::{par_ranges, QData, QMatrix, Q4_GROUP};
+use rayon::prelude::*;
+
+use super::{QData, QMatrix, Q4_GROUP};
 
 /// The instruction set the kernels use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,31 +260,67 @@ thread_local! {
     static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `out[m, rows] = x[m, cols] · Wᵀ` with a supported `isa`.
-pub(crate) fn matmul(isa: Isa, mat: &QMatrix, x: &[f32], m: usize, out: &mut [f32]) {
-    let (rows, cols) = (mat.rows, mat.cols);
-    if m == 0 || rows == 0 {
-        return;
+/// How a product runs for a number of activation rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// int8 rows with 8-bit activations and integer dot products (few rows).
+    Int8Q8,
+    /// Fused dot products, weights decoded in registers (few rows).
+    Fused,
+    /// Dequantised tiles of weight rows fed to a GEMM (many rows).
+    Tiles,
+}
+
+fn path(isa: Isa, mat: &QMatrix, m: usize) -> Path {
+    if matches!(mat.data, QData::Int8 { .. }) && crate::ggml::int8_rows_use_q8(isa, mat.cols, m) {
+        Path::Int8Q8
+    } else if m <= FUSED_MAX_CHUNKED_ROWS {
+        Path::Fused
+    } else {
+        Path::Tiles
     }
-    if cols == 0 {
-        out.fill(0.0);
-        return;
+}
+
+/// Weight rows per task: 16 for the fused paths (larger tasks measured slower at batch 1),
+/// a tile of at most ~256 KiB of dequantised rows for the GEMM path.
+fn task_rows(path: Path, cols: usize) -> usize {
+    match path {
+        Path::Int8Q8 | Path::Fused => 16,
+        Path::Tiles => (65536 / cols.max(1)).clamp(8, 128),
     }
-    if let QData::Int8 { q, scales } = &mat.data {
-        if crate::ggml::int8_rows_use_q8(isa, cols, m) {
-            // Few activation rows: quantise them to 8 bits and multiply in integers (as the
-            // ggml types do; see `crate::ggml::int8_rows_matmul_q8`).
-            let a = crate::ggml::Q8Activations::new(x, m, cols, true, false);
-            crate::ggml::int8_rows_matmul_q8(isa, q, scales, &a, out);
-            return;
+}
+
+/// Rows `r0 .. r1` of the product `x[m, cols] · Wᵀ` of `mat` on `path`, element `(i, r)`
+/// written at `ptr + i·ld + r`; `a`: the 8-bit activations of `x` for [`Path::Int8Q8`].
+///
+/// # Safety
+/// `isa` is supported; `r1 <= mat.rows`, `x` holds `m` rows of `mat.cols`, `cols > 0`; the
+/// elements `i·ld + r` (`i < m`, `r0 <= r < r1`) from `ptr` are in bounds and written by
+/// nobody else meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product_rows(
+    isa: Isa,
+    path: Path,
+    mat: &QMatrix,
+    x: &[f32],
+    m: usize,
+    a: Option<&crate::ggml::Q8Activations>,
+    ptr: OutPtr,
+    ld: usize,
+    (r0, r1): (usize, usize),
+) {
+    let cols = mat.cols;
+    match path {
+        Path::Int8Q8 => {
+            let (QData::Int8 { q, scales }, Some(a)) = (&mat.data, a) else {
+                unreachable!("the integer path is chosen for int8 rows with activations")
+            };
+            // SAFETY: the caller's guarantees, passed on.
+            unsafe { crate::ggml::int8_rows_q8_task(isa, q, scales, a, ptr.0, ld, r0, r1) };
         }
-    }
-    let ptr = OutPtr(out.as_mut_ptr());
-    if m <= FUSED_MAX_CHUNKED_ROWS {
-        // Each task takes 16 weight rows and runs every group of up to FUSED_MAX_ROWS
-        // activation rows over them, so the rows are read from memory once and from cache
-        // for the other groups.
-        par_ranges(rows, 16, m * cols, |r0, r1| {
+        Path::Fused => {
+            // Every group of up to FUSED_MAX_ROWS activation rows runs over the task's weight
+            // rows, so they are read from memory once and from cache for the other groups.
             #[cfg(target_arch = "x86_64")]
             if isa != Isa::Scalar {
                 super::x86::prefetch_rows(mat, r0, r1);
@@ -292,8 +330,8 @@ pub(crate) fn matmul(isa: Isa, mat: &QMatrix, x: &[f32], m: usize, out: &mut [f3
             #[cfg(target_arch = "x86_64")]
             if m == 1 && isa != Isa::Scalar {
                 while from + 4 <= r1 {
-                    // SAFETY: `isa` is supported (`matmul`'s contract), rows from .. from + 4
-                    // exist (from + 4 <= r1 <= rows) and `x` holds `cols` activations.
+                    // SAFETY: `isa` is supported, rows from .. from + 4 exist (from + 4 <= r1
+                    // <= rows) and `x` holds `cols` activations.
                     let Some((mut acc, done)) =
                         (unsafe { super::x86::rows4_dots(isa, mat, from, x) })
                     else {
@@ -304,7 +342,8 @@ pub(crate) fn matmul(isa: Isa, mat: &QMatrix, x: &[f32], m: usize, out: &mut [f3
                         if done < cols {
                             scalar_partial(mat, r, x, done, std::slice::from_mut(a));
                         }
-                        // SAFETY: element (0, r) is in bounds and belongs to this task's rows.
+                        // SAFETY: element (0, r) is in bounds and this task's (the caller's
+                        // guarantee).
                         unsafe { ptr.write(r, *a * row_scale(mat, r)) };
                     }
                     from += 4;
@@ -317,20 +356,15 @@ pub(crate) fn matmul(isa: Isa, mat: &QMatrix, x: &[f32], m: usize, out: &mut [f3
                     let mut dots = [0f32; FUSED_MAX_ROWS];
                     fused_row_dots(isa, mat, r, xg, &mut dots[..g]);
                     for (i, &d) in dots[..g].iter().enumerate() {
-                        // SAFETY: element (g0 + i, r) is in bounds and belongs to this task's
-                        // rows.
-                        unsafe { ptr.write((g0 + i) * rows + r, d) };
+                        // SAFETY: element (g0 + i, r) is in bounds and this task's.
+                        unsafe { ptr.write((g0 + i) * ld + r, d) };
                     }
                 }
             }
-        });
-        return;
-    }
-    // Many activation rows: dequantise a tile of weight rows into a per-thread buffer (at most
-    // ~256 KiB) and multiply it with a GEMM.
-    let tile = (65536 / cols).clamp(8, 128);
-    par_ranges(rows, tile, m * cols, |r0, r1| {
-        TILE.with(|buf| {
+        }
+        Path::Tiles => TILE.with(|buf| {
+            // Dequantise the task's weight rows into a per-thread buffer and multiply the tile
+            // with a GEMM.
             let mut buf = buf.borrow_mut();
             let n = r1 - r0;
             if buf.len() < n * cols {
@@ -340,8 +374,8 @@ pub(crate) fn matmul(isa: Isa, mat: &QMatrix, x: &[f32], m: usize, out: &mut [f3
                 dequantize_row(isa, mat, r, &mut buf[j * cols..(j + 1) * cols]);
             }
             // SAFETY: `x` is [m, cols] row-major, the tile [n, cols] row-major read as its
-            // transpose [cols, n]; the destination is columns r0..r1 of `out` [m, rows]
-            // (row stride `rows`), written by this task only. All extents are in bounds.
+            // transpose [cols, n]; the destination is elements i·ld + r0 .. i·ld + r1 from
+            // `ptr` (row stride `ld`), in bounds and this task's (the caller's guarantee).
             unsafe {
                 gemm::gemm(
                     m,
@@ -349,7 +383,7 @@ pub(crate) fn matmul(isa: Isa, mat: &QMatrix, x: &[f32], m: usize, out: &mut [f3
                     cols,
                     ptr.at(r0),
                     1,
-                    rows as isize,
+                    ld as isize,
                     false,
                     x.as_ptr(),
                     1,
@@ -365,6 +399,102 @@ pub(crate) fn matmul(isa: Isa, mat: &QMatrix, x: &[f32], m: usize, out: &mut [f3
                     gemm::Parallelism::None,
                 );
             }
-        })
-    });
+        }),
+    }
+}
+
+/// `x[m, cols] · Wᵀ` for the matrices `parts` stacked on top of each other (all `cols` wide;
+/// part `k` into columns `col0(k) .. col0(k) + rows(k)`, the parts one after the other from
+/// column `col0`) with a supported `isa`, into the row-major `[m, ld]` output `out`: the
+/// tasks of every part run in one parallel region, and the int8 parts on the integer path
+/// share one quantisation of `x`.
+///
+/// # Panics
+/// When the parts' widths differ, their rows overflow `ld`, or `out` is shorter than `m · ld`
+/// (or `x` than `m · cols`).
+pub(crate) fn matmul_parts(
+    isa: Isa,
+    parts: &[&QMatrix],
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+    col0: usize,
+) {
+    let Some(first) = parts.first() else {
+        return;
+    };
+    let cols = first.cols;
+    let rows: usize = parts.iter().map(|p| p.rows).sum();
+    assert!(
+        parts.iter().all(|p| p.cols == cols),
+        "parts of different widths"
+    );
+    assert!(col0 + rows <= ld, "output columns out of range");
+    assert!(out.len() >= m * ld && x.len() >= m * cols, "buffer lengths");
+    if m == 0 || rows == 0 {
+        return;
+    }
+    if cols == 0 {
+        for row in out.chunks_mut(ld).take(m) {
+            row[col0..col0 + rows].fill(0.0);
+        }
+        return;
+    }
+    let paths: Vec<Path> = parts.iter().map(|p| path(isa, p, m)).collect();
+    let a = paths
+        .contains(&Path::Int8Q8)
+        .then(|| crate::ggml::Q8Activations::new(x, m, cols, true, false));
+    // (part, its path, its first output column, its weight rows r0..r1)
+    let mut tasks = Vec::new();
+    let mut c0 = col0;
+    for (p, &path) in parts.iter().zip(&paths) {
+        let step = task_rows(path, cols);
+        for r0 in (0..p.rows).step_by(step) {
+            tasks.push((*p, path, c0, (r0, (r0 + step).min(p.rows))));
+        }
+        c0 += p.rows;
+    }
+    let base = OutPtr(out.as_mut_ptr());
+    let run = |&(p, path, c0, range): &(&QMatrix, Path, usize, (usize, usize))| {
+        // SAFETY: `isa` is supported (the caller's contract); each task's rows are in its
+        // part, `x` holds m rows of `cols > 0`; its elements i·ld + c0 + r (i < m, r in its
+        // range, c0 + r < col0 + rows <= ld) are in bounds (asserted) and no other task's
+        // (parts own disjoint columns, tasks disjoint rows of a part).
+        unsafe {
+            product_rows(
+                isa,
+                path,
+                p,
+                x,
+                m,
+                a.as_ref(),
+                OutPtr(base.at(c0)),
+                ld,
+                range,
+            )
+        }
+    };
+    if tasks.len() <= 1 || rows * m * cols < 1 << 15 {
+        tasks.iter().for_each(run);
+    } else {
+        tasks.par_iter().for_each(run);
+    }
+}
+
+/// `x[m, cols] · Wᵀ` with a supported `isa`, written into columns `col0 .. col0 + rows` of
+/// the row-major `[m, ld]` output `out`.
+///
+/// # Panics
+/// When `col0 + rows > ld` or `out` is shorter than `m · ld` (or `x` than `m · cols`).
+pub(crate) fn matmul(
+    isa: Isa,
+    mat: &QMatrix,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+    col0: usize,
+) {
+    matmul_parts(isa, &[mat], x, m, out, ld, col0);
 }

@@ -25,6 +25,7 @@
 mod f16_vec;
 pub mod fp8;
 mod kernels;
+mod store;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -37,6 +38,7 @@ use crate::ggml::{GgmlMatrix, GgmlType};
 
 pub use f16_vec::{axpy_f16, dot_f16};
 pub use kernels::Isa;
+pub use store::{Element, SharedBytes, Store};
 
 /// Columns per q4 scale group.
 pub const Q4_GROUP: usize = 32;
@@ -188,41 +190,46 @@ pub enum QData {
     /// Row-major f32.
     F32(Vec<f32>),
     /// Row-major f16 bits.
-    F16(Vec<u16>),
+    F16(Store<u16>),
     /// Row-major int8 and one scale per row.
     Int8 {
         /// Quantised values.
-        q: Vec<i8>,
+        q: Store<i8>,
         /// Per-row scales.
         scales: Vec<f32>,
     },
     /// Row-major E4M3 bytes and one scale per row (a per-tensor scale is repeated).
     Fp8 {
         /// E4M3 codes.
-        q: Vec<u8>,
+        q: Store<u8>,
         /// Per-row scales.
         scales: Vec<f32>,
     },
     /// Packed nibbles, `ceil(cols/32)·16` bytes per row, and `ceil(cols/32)` scales per row.
     Q4 {
         /// Packed 4-bit values.
-        packed: Vec<u8>,
+        packed: Store<u8>,
         /// Per-group scales.
         scales: Vec<f32>,
     },
 }
 
 /// A weight matrix `[rows, cols]` in one of the [`WeightFormat`]s, or ggml blocks as stored
-/// (see [`QMatrix::from_ggml`]).
+/// (see [`QMatrix::from_ggml`]). Its values are owned or read in place from shared bytes (a
+/// checkpoint's memory map, see [`Store`]).
 #[derive(Debug, Clone)]
 pub struct QMatrix {
     rows: usize,
     cols: usize,
-    /// The skymoe-format data; an empty `QData::F32` when `ggml` is set.
+    /// The skymoe-format data; an empty `QData::F32` when `ggml` or `stack` is set.
     data: QData,
     /// ggml row segments, top to bottom (each `cols` wide, rows summing to `rows`), when the
     /// matrix is stored as ggml blocks. The skymoe kernels never see such a matrix.
     ggml: Option<Vec<GgmlMatrix>>,
+    /// Row parts, top to bottom, of a stack of skymoe-format matrices of which some are read
+    /// in place (stacking them would copy them): each part is a plain matrix of the same
+    /// format and width and runs its own product into its own output columns.
+    stack: Option<Vec<QMatrix>>,
 }
 
 fn check_len(
@@ -286,7 +293,8 @@ impl QMatrix {
             WeightFormat::F16 => QData::F16(
                 w.iter()
                     .map(|&x| half::f16::from_f32(x).to_bits())
-                    .collect(),
+                    .collect::<Vec<u16>>()
+                    .into(),
             ),
             WeightFormat::Int8 => {
                 let mut q = vec![0i8; rows * cols];
@@ -300,7 +308,10 @@ impl QMatrix {
                         *d = (x / s).round().clamp(-127.0, 127.0) as i8;
                     }
                 }
-                QData::Int8 { q, scales }
+                QData::Int8 {
+                    q: q.into(),
+                    scales,
+                }
             }
             WeightFormat::Fp8 => {
                 let mut q = vec![0u8; rows * cols];
@@ -318,7 +329,10 @@ impl QMatrix {
                         *d = fp8::f32_to_e4m3(x / s);
                     }
                 }
-                QData::Fp8 { q, scales }
+                QData::Fp8 {
+                    q: q.into(),
+                    scales,
+                }
             }
             WeightFormat::Q4 => {
                 let groups = q4_groups(cols);
@@ -347,7 +361,10 @@ impl QMatrix {
                         }
                     }
                 }
-                QData::Q4 { packed, scales }
+                QData::Q4 {
+                    packed: packed.into(),
+                    scales,
+                }
             }
         };
         Ok(QMatrix {
@@ -355,6 +372,7 @@ impl QMatrix {
             cols,
             data,
             ggml: None,
+            stack: None,
         })
     }
 
@@ -373,25 +391,28 @@ impl QMatrix {
         } else {
             1.0
         };
-        let q = w.iter().map(|&x| fp8::f32_to_e4m3(x / s)).collect();
+        let q: Vec<u8> = w.iter().map(|&x| fp8::f32_to_e4m3(x / s)).collect();
         Ok(QMatrix {
             rows,
             cols,
             data: QData::Fp8 {
-                q,
+                q: q.into(),
                 scales: vec![s; rows],
             },
             ggml: None,
+            stack: None,
         })
     }
 
-    /// A matrix from E4M3 codes and scales: one scale (per tensor) or one per row.
+    /// A matrix from E4M3 codes (owned, or a [`Store`] read in place) and scales: one scale
+    /// (per tensor) or one per row.
     pub fn from_fp8(
-        q: Vec<u8>,
+        q: impl Into<Store<u8>>,
         scales: &[f32],
         rows: usize,
         cols: usize,
     ) -> Result<Self, QuantError> {
+        let q = q.into();
         check_len("fp8 weights", rows, cols, rows * cols, q.len())?;
         let scales = per_row_scales(scales, rows, cols)?;
         Ok(QMatrix {
@@ -399,16 +420,19 @@ impl QMatrix {
             cols,
             data: QData::Fp8 { q, scales },
             ggml: None,
+            stack: None,
         })
     }
 
-    /// A matrix from int8 values and one scale per row (or one per tensor).
+    /// A matrix from int8 values (owned, or a [`Store`] read in place) and one scale per row
+    /// (or one per tensor).
     pub fn from_int8(
-        q: Vec<i8>,
+        q: impl Into<Store<i8>>,
         scales: &[f32],
         rows: usize,
         cols: usize,
     ) -> Result<Self, QuantError> {
+        let q = q.into();
         check_len("int8 weights", rows, cols, rows * cols, q.len())?;
         let scales = per_row_scales(scales, rows, cols)?;
         Ok(QMatrix {
@@ -416,16 +440,18 @@ impl QMatrix {
             cols,
             data: QData::Int8 { q, scales },
             ggml: None,
+            stack: None,
         })
     }
 
-    /// A matrix from packed q4 groups and their scales.
+    /// A matrix from packed q4 groups (owned, or a [`Store`] read in place) and their scales.
     pub fn from_q4(
-        packed: Vec<u8>,
+        packed: impl Into<Store<u8>>,
         scales: Vec<f32>,
         rows: usize,
         cols: usize,
     ) -> Result<Self, QuantError> {
+        let packed = packed.into();
         let groups = q4_groups(cols);
         check_len(
             "q4 packed weights",
@@ -441,17 +467,24 @@ impl QMatrix {
             cols,
             data: QData::Q4 { packed, scales },
             ggml: None,
+            stack: None,
         })
     }
 
-    /// A matrix from f16 bits.
-    pub fn from_f16(bits: Vec<u16>, rows: usize, cols: usize) -> Result<Self, QuantError> {
+    /// A matrix from f16 bits (owned, or a [`Store`] read in place).
+    pub fn from_f16(
+        bits: impl Into<Store<u16>>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, QuantError> {
+        let bits = bits.into();
         check_len("f16 weights", rows, cols, rows * cols, bits.len())?;
         Ok(QMatrix {
             rows,
             cols,
             data: QData::F16(bits),
             ggml: None,
+            stack: None,
         })
     }
 
@@ -471,6 +504,7 @@ impl QMatrix {
             cols,
             data: QData::F32(Vec::new()),
             ggml: Some(segments),
+            stack: None,
         }
     }
 
@@ -500,6 +534,7 @@ impl QMatrix {
                 cols: 0,
                 data: QData::F32(Vec::new()),
                 ggml: None,
+                stack: None,
             });
         };
         let cols = first.cols;
@@ -536,6 +571,23 @@ impl QMatrix {
                 found: p.cols,
             });
         }
+        if parts.iter().any(|p| p.stack.is_some() || p.is_shared()) {
+            // Parts read in place stay where they are: the stack keeps them as row parts.
+            let mut stack = Vec::new();
+            for p in parts {
+                match &p.stack {
+                    Some(inner) => stack.extend(inner.iter().cloned()),
+                    None => stack.push(p.clone()),
+                }
+            }
+            return Ok(QMatrix {
+                rows,
+                cols,
+                data: QData::F32(Vec::new()),
+                ggml: None,
+                stack: Some(stack),
+            });
+        }
         // Values and scales of every part, one after the other (all parts share a format).
         fn stack<T: Copy>(
             parts: &[QMatrix],
@@ -558,31 +610,41 @@ impl QMatrix {
             ),
             QData::F16(_) => QData::F16(
                 stack(parts, |d| match d {
-                    QData::F16(v) => Some((v.as_slice(), &[][..])),
+                    QData::F16(v) => Some((&v[..], &[][..])),
                     _ => None,
                 })
-                .0,
+                .0
+                .into(),
             ),
             QData::Int8 { .. } => {
                 let (q, scales) = stack(parts, |d| match d {
-                    QData::Int8 { q, scales } => Some((q.as_slice(), scales.as_slice())),
+                    QData::Int8 { q, scales } => Some((&q[..], scales.as_slice())),
                     _ => None,
                 });
-                QData::Int8 { q, scales }
+                QData::Int8 {
+                    q: q.into(),
+                    scales,
+                }
             }
             QData::Fp8 { .. } => {
                 let (q, scales) = stack(parts, |d| match d {
-                    QData::Fp8 { q, scales } => Some((q.as_slice(), scales.as_slice())),
+                    QData::Fp8 { q, scales } => Some((&q[..], scales.as_slice())),
                     _ => None,
                 });
-                QData::Fp8 { q, scales }
+                QData::Fp8 {
+                    q: q.into(),
+                    scales,
+                }
             }
             QData::Q4 { .. } => {
                 let (packed, scales) = stack(parts, |d| match d {
-                    QData::Q4 { packed, scales } => Some((packed.as_slice(), scales.as_slice())),
+                    QData::Q4 { packed, scales } => Some((&packed[..], scales.as_slice())),
                     _ => None,
                 });
-                QData::Q4 { packed, scales }
+                QData::Q4 {
+                    packed: packed.into(),
+                    scales,
+                }
             }
         };
         Ok(QMatrix {
@@ -590,6 +652,7 @@ impl QMatrix {
             cols,
             data,
             ggml: None,
+            stack: None,
         })
     }
 
@@ -603,18 +666,54 @@ impl QMatrix {
         self.cols
     }
 
-    /// The stored data in a skymoe format. A matrix of ggml blocks has none: for it this is an
-    /// empty `QData::F32` (see [`QMatrix::try_data`] and [`QMatrix::ggml_segments`]).
+    /// The stored data in a skymoe format. A matrix of ggml blocks, or a stack of parts read
+    /// in place, has none: for it this is an empty `QData::F32` (see [`QMatrix::try_data`],
+    /// [`QMatrix::ggml_segments`] and [`QMatrix::stacked_parts`]).
     pub fn data(&self) -> &QData {
         &self.data
     }
 
-    /// The stored data in a skymoe format, `None` for a matrix of ggml blocks.
+    /// The stored data in a skymoe format, `None` for a matrix of ggml blocks or a stack.
     pub fn try_data(&self) -> Option<&QData> {
-        match self.ggml {
-            Some(_) => None,
-            None => Some(&self.data),
+        match (&self.ggml, &self.stack) {
+            (None, None) => Some(&self.data),
+            _ => None,
         }
+    }
+
+    /// The row parts (top to bottom) of a stack of skymoe-format matrices read in place (see
+    /// [`QMatrix::concat_rows`]), else `None`.
+    pub fn stacked_parts(&self) -> Option<&[QMatrix]> {
+        self.stack.as_deref()
+    }
+
+    /// Whether the values (of every part) are read in place from shared bytes, not owned: a
+    /// ggml matrix (whose blocks are always shared) or a skymoe format built from a [`Store`].
+    pub fn is_shared(&self) -> bool {
+        if self.ggml.is_some() {
+            return true;
+        }
+        if let Some(parts) = &self.stack {
+            return parts.iter().all(|p| p.is_shared());
+        }
+        match &self.data {
+            QData::F32(_) => false,
+            QData::F16(v) => v.is_shared(),
+            QData::Int8 { q, .. } => q.is_shared(),
+            QData::Fp8 { q, .. } => q.is_shared(),
+            QData::Q4 { packed, .. } => packed.is_shared(),
+        }
+    }
+
+    /// The stack part holding row `r`, and `r`'s index in it.
+    fn stack_row(parts: &[QMatrix], mut r: usize) -> (&QMatrix, usize) {
+        for p in parts {
+            if r < p.rows {
+                return (p, r);
+            }
+            r -= p.rows;
+        }
+        panic!("row out of range");
     }
 
     /// The storage format: a skymoe [`WeightFormat`] or ggml blocks as stored. Compare it with
@@ -626,6 +725,9 @@ impl QMatrix {
                 Some(t) if segments.iter().all(|s| s.ty() == t) => MatrixFormat::Ggml(t),
                 _ => MatrixFormat::GgmlMixed,
             };
+        }
+        if let Some(first) = self.stack.as_ref().and_then(|p| p.first()) {
+            return first.format();
         }
         MatrixFormat::Skymoe(match self.data {
             QData::F32(_) => WeightFormat::F32,
@@ -640,6 +742,9 @@ impl QMatrix {
     pub fn storage_bytes(&self) -> usize {
         if let Some(segments) = &self.ggml {
             return segments.iter().map(|s| s.storage_bytes()).sum();
+        }
+        if let Some(parts) = &self.stack {
+            return parts.iter().map(|p| p.storage_bytes()).sum();
         }
         match &self.data {
             QData::F32(v) => v.len() * 4,
@@ -670,7 +775,14 @@ impl QMatrix {
                 let (s, rs) = Self::ggml_row(segments, r);
                 s.dequantize_row_with(isa, rs, out);
             }
-            None => kernels::dequantize_row(isa, self, r, out),
+            None => match &self.stack {
+                Some(parts) => {
+                    assert!(r < self.rows, "row {r} out of range");
+                    let (p, rp) = Self::stack_row(parts, r);
+                    p.dequantize_row_with(isa, rp, out);
+                }
+                None => kernels::dequantize_row(isa, self, r, out),
+            },
         }
     }
 
@@ -700,7 +812,14 @@ impl QMatrix {
             Some(segments) => {
                 crate::ggml::matmul_segments_with(isa, segments, x, m, out, self.rows)
             }
-            None => kernels::matmul(isa, self, x, m, out),
+            None => match &self.stack {
+                // Each part into its own output columns.
+                Some(parts) => {
+                    let parts: Vec<&QMatrix> = parts.iter().collect();
+                    kernels::matmul_parts(isa, &parts, x, m, out, self.rows, 0);
+                }
+                None => kernels::matmul(isa, self, x, m, out, self.rows, 0),
+            },
         }
     }
 

@@ -365,17 +365,115 @@ fn int8_rows_with_8_bit_activations_are_the_same_bits_on_every_isa() {
         x[40] = 300.0;
         let a = crate::ggml::Q8Activations::for_type(GgmlType::Q8_0, &x, m, cols);
         let mut want = vec![f32::NAN; m * rows];
-        crate::ggml::int8_rows_matmul_q8(Isa::Scalar, q, scales, &a, &mut want);
+        crate::ggml::int8_rows_matmul_q8(Isa::Scalar, q, scales, &a, &mut want, rows, 0);
         let reference = mat.matmul_reference(&a.dequantize_for(GgmlType::Q8_0).unwrap(), m);
         assert!(rel_err(&want, &reference) < 1e-6, "m={m}");
         for isa in isas() {
             let mut got = vec![f32::NAN; m * rows];
-            crate::ggml::int8_rows_matmul_q8(isa, q, scales, &a, &mut got);
+            crate::ggml::int8_rows_matmul_q8(isa, q, scales, &a, &mut got, rows, 0);
             let same = got
                 .iter()
                 .zip(&want)
                 .all(|(g, w)| g.to_bits() == w.to_bits());
             assert!(same, "{isa:?} m={m}: differs from the portable code");
         }
+    }
+}
+
+/// A matrix of `format` whose values are read in place from shared bytes (as a served
+/// checkpoint's memory map), at an odd offset for the byte formats.
+fn shared_copy(mat: &QMatrix) -> QMatrix {
+    let (rows, cols) = (mat.rows(), mat.cols());
+    let lead = 3;
+    let shared = |payload: &[u8]| -> SharedBytes {
+        let mut v = vec![0xAAu8; lead];
+        v.extend_from_slice(payload);
+        std::sync::Arc::new(v)
+    };
+    match mat.data() {
+        QData::F16(bits) => {
+            // One leading value: the f16 values stay aligned in a Vec<u16>'s allocation.
+            let mut v: Vec<u16> = vec![0; 1];
+            v.extend_from_slice(bits);
+            let words: SharedBytes = std::sync::Arc::new(VecU16(v));
+            QMatrix::from_f16(Store::shared(words, 2, rows * cols).unwrap(), rows, cols).unwrap()
+        }
+        QData::Int8 { q, scales } => {
+            let raw: Vec<u8> = q.iter().map(|&b| b as u8).collect();
+            let s = Store::<i8>::shared(shared(&raw), lead, rows * cols).unwrap();
+            QMatrix::from_int8(s, scales, rows, cols).unwrap()
+        }
+        QData::Fp8 { q, scales } => {
+            let s = Store::<u8>::shared(shared(q), lead, rows * cols).unwrap();
+            QMatrix::from_fp8(s, scales, rows, cols).unwrap()
+        }
+        QData::Q4 { packed, scales } => {
+            let s = Store::<u8>::shared(shared(packed), lead, packed.len()).unwrap();
+            QMatrix::from_q4(s, scales.clone(), rows, cols).unwrap()
+        }
+        QData::F32(_) => unreachable!("f32 is always owned"),
+    }
+}
+
+#[test]
+fn matrices_read_in_place_stack_without_copying_and_multiply_like_owned_ones() {
+    for format in [
+        WeightFormat::F16,
+        WeightFormat::Int8,
+        WeightFormat::Fp8,
+        WeightFormat::Q4,
+    ] {
+        let cols = 96;
+        let parts: Vec<QMatrix> = [(40, 1u64), (9, 2), (23, 3)]
+            .iter()
+            .map(|&(rows, seed)| {
+                QMatrix::quantize(&lcg_values(rows * cols, seed), rows, cols, format).unwrap()
+            })
+            .collect();
+        let owned = QMatrix::concat_rows(&parts).unwrap();
+        assert!(!owned.is_shared() && owned.stacked_parts().is_none());
+        // The first part owned, the others read in place.
+        let mixed = [
+            parts[0].clone(),
+            shared_copy(&parts[1]),
+            shared_copy(&parts[2]),
+        ];
+        assert!(mixed[1].is_shared() && mixed[2].is_shared());
+        let stacked = QMatrix::concat_rows(&mixed).unwrap();
+        assert_eq!(
+            stacked.stacked_parts().map(|p| p.len()),
+            Some(3),
+            "{format}"
+        );
+        assert_eq!(stacked.format(), format);
+        assert_eq!(stacked.rows(), 72);
+        assert_eq!(stacked.storage_bytes(), owned.storage_bytes());
+        assert!(stacked.try_data().is_none());
+        assert_eq!(stacked.dequantize(), owned.dequantize(), "{format}");
+        // Stacking a stack flattens it.
+        let again = QMatrix::concat_rows(&[stacked.clone(), shared_copy(&parts[1])]).unwrap();
+        assert_eq!(again.stacked_parts().map(|p| p.len()), Some(4));
+        for m in [1, 3, 17, 40] {
+            let x = lcg_values(m * cols, 50 + m as u64);
+            for isa in isas() {
+                let mut want = vec![f32::NAN; m * 72];
+                owned.matmul_with(isa, &x, m, &mut want);
+                let mut got = vec![f32::NAN; m * 72];
+                stacked.matmul_with(isa, &x, m, &mut got);
+                let e = rel_err(&got, &want);
+                assert!(e < 2e-6, "{format} {isa:?} m={m}: rel err {e}");
+            }
+        }
+    }
+}
+
+/// u16 values seen as their (little-endian, on the targets that read in place) bytes.
+struct VecU16(Vec<u16>);
+
+impl AsRef<[u8]> for VecU16 {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: u16 has no padding and any u8 alignment is satisfied; the slice covers the
+        // same initialised memory for as long as `self` is borrowed.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u8, self.0.len() * 2) }
     }
 }

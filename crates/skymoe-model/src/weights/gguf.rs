@@ -746,9 +746,7 @@ impl GgufCheckpoint {
             .ok_or_else(|| ModelError::UnsupportedArchitecture {
                 found: format!("GGUF general.architecture={arch:?}"),
             })?;
-        // SAFETY: the file is mapped read-only; like every memory-mapped reader we rely on no
-        // other process truncating or rewriting it while mapped.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+        let map = super::map_weights(&file).map_err(|e| ModelError::io(path, e))?;
         let mut weights = GgufWeights {
             map: Arc::new(map),
             path: path.to_path_buf(),

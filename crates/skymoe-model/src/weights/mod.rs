@@ -85,6 +85,20 @@ impl WeightSource {
         }
     }
 
+    /// A matrix stored in f16 (safetensors), read in place from the file's memory map; `None`
+    /// for other dtypes and sources.
+    pub fn f16_matrix(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<skymoe_kernels::quant::QMatrix>> {
+        match self {
+            WeightSource::Safetensors(s) => quantized::read_f16_matrix(s, name, rows, cols),
+            _ => Ok(None),
+        }
+    }
+
     /// The stored form of a GGUF tensor (ggml type, shape, place in the file), `None` for
     /// other sources and for GGUF tensors joined from several stored ones.
     pub fn gguf_raw(&self, name: &str) -> Result<Option<GgufRawTensor>> {
@@ -261,4 +275,19 @@ fn check_gate_layout(config: &ModelConfig, weights: &WeightSource, origin: &Path
         ));
     }
     Ok(())
+}
+
+/// Map a weight file read-only, asking for huge pages: the kernels stream every weight once
+/// per decoded token, and with 4 KiB pages the TLB misses cost about 8% of batch-1 decode
+/// (measured against weights copied into memory the allocator backs with huge pages). The
+/// kernel honours the advice for pages it reads after it (a file first read through this map
+/// is cached in 2 MiB folios and mapped as such); pages already cached in small folios stay
+/// small. The advice is only a hint: where it is refused, the map works as before.
+pub(crate) fn map_weights(file: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: the file is mapped read-only; like every memory-mapped reader we rely on no
+    // other process truncating or rewriting it while mapped.
+    let map = unsafe { memmap2::Mmap::map(file) }?;
+    #[cfg(target_os = "linux")]
+    let _ = map.advise(memmap2::Advice::HugePage);
+    Ok(map)
 }

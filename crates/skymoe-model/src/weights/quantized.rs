@@ -11,7 +11,7 @@
 //! Activation scales (`input_scale`, `act_scale`) are ignored: activations stay in f32.
 
 use safetensors::Dtype;
-use skymoe_kernels::quant::{q4_groups, QMatrix};
+use skymoe_kernels::quant::{q4_groups, QMatrix, Store};
 
 use super::SafetensorsCheckpoint;
 use crate::error::{ModelError, Result};
@@ -36,7 +36,8 @@ pub fn read_qmatrix(
     if !matches!(st.dtype(name)?, Dtype::F8_E4M3 | Dtype::I8 | Dtype::U8) {
         return Ok(None);
     }
-    let (dtype, shape, bytes) = st.raw(name)?;
+    // The weight stays in the file's memory map: served as stored, it is never copied.
+    let (dtype, shape, map, offset, len) = st.mapped(name)?;
     let scale_tensor = scale_name(name);
     if !st.contains(&scale_tensor) {
         return Err(ModelError::MissingTensor { name: scale_tensor });
@@ -82,10 +83,17 @@ pub fn read_qmatrix(
                     ),
                 ));
             }
+            let stored = || {
+                bad(
+                    name,
+                    format!("{len} bytes do not hold {rows}x{cols} values"),
+                )
+            };
             if dtype == Dtype::F8_E4M3 {
-                QMatrix::from_fp8(bytes, &scales, rows, cols)
+                let q = Store::<u8>::shared(map, offset, len).ok_or_else(stored)?;
+                QMatrix::from_fp8(q, &scales, rows, cols)
             } else {
-                let q = bytes.into_iter().map(|b| b as i8).collect();
+                let q = Store::<i8>::shared(map, offset, len).ok_or_else(stored)?;
                 QMatrix::from_int8(q, &scales, rows, cols)
             }
         }
@@ -94,9 +102,44 @@ pub fn read_qmatrix(
             if shape != [rows, groups * 16] {
                 return Err(mismatch(vec![rows, groups * 16]));
             }
-            QMatrix::from_q4(bytes, scales, rows, cols)
+            let packed = Store::<u8>::shared(map, offset, len)
+                .ok_or_else(|| bad(name, format!("{len} bytes lie outside the file")))?;
+            QMatrix::from_q4(packed, scales, rows, cols)
         }
     }
     .map_err(|e| bad(name, e.to_string()))?;
     Ok(Some(m))
+}
+
+/// Read `name` as an f16 matrix of `rows × cols` left in place in the file's memory map (copied
+/// only where its bytes are not aligned for u16) when it is stored as `F16`; `None` for other
+/// dtypes.
+pub fn read_f16_matrix(
+    st: &SafetensorsCheckpoint,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Option<QMatrix>> {
+    if st.dtype(name)? != Dtype::F16 {
+        return Ok(None);
+    }
+    let (_, shape, map, offset, len) = st.mapped(name)?;
+    if shape != [rows, cols] || len != rows * cols * 2 {
+        return Err(ModelError::ShapeMismatch {
+            name: name.to_string(),
+            expected: vec![rows, cols],
+            found: shape,
+        });
+    }
+    let bits = match Store::<u16>::shared(map.clone(), offset, rows * cols) {
+        Some(s) => s,
+        None => (*map).as_ref()[offset..offset + len]
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect::<Vec<u16>>()
+            .into(),
+    };
+    Ok(Some(
+        QMatrix::from_f16(bits, rows, cols).map_err(|e| bad(name, e.to_string()))?,
+    ))
 }

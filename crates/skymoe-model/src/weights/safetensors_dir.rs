@@ -3,18 +3,23 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{Device, Tensor};
 use safetensors::Dtype;
+use skymoe_kernels::quant::SharedBytes;
 
 use crate::error::{ModelError, Result};
 
 /// A safetensors checkpoint (one file or several shards): headers are validated through a
-/// memory map, tensor bytes are read from the file (so a loaded model's memory is not
-/// counted twice, once as mapped file pages and once as its own copy).
+/// memory map; tensor bytes are read from the file when they are converted (so a loaded
+/// model's memory is not counted twice, once as mapped file pages and once as its own copy),
+/// or used in place from the map when served as stored ([`SafetensorsCheckpoint::mapped`]).
 pub struct SafetensorsCheckpoint {
     files: MmapedSafetensors,
+    /// File -> its read-only memory map, shared with the matrices that read it in place.
+    maps: HashMap<PathBuf, SharedBytes>,
     /// Tensor name -> file it lives in (for error messages).
     locations: HashMap<String, PathBuf>,
     /// Tensor name -> (absolute byte offset in its file, length).
@@ -126,6 +131,7 @@ impl SafetensorsCheckpoint {
     pub fn open_files(files: &[PathBuf]) -> Result<Self> {
         let mut locations = HashMap::new();
         let mut ranges = HashMap::new();
+        let mut maps: HashMap<PathBuf, SharedBytes> = HashMap::new();
         // Open each file on its own first so that a corrupt file is named in the error.
         for f in files {
             // SAFETY: the file is mapped read-only; like every memory-mapped reader we rely on no
@@ -139,6 +145,9 @@ impl SafetensorsCheckpoint {
             for (name, start, len) in tensor_ranges(f)? {
                 ranges.insert(name, (start, len));
             }
+            let file = std::fs::File::open(f).map_err(|e| ModelError::io(f, e))?;
+            let map = super::map_weights(&file).map_err(|e| ModelError::io(f, e))?;
+            maps.insert(f.clone(), Arc::new(map));
         }
         // SAFETY: as above.
         let files_mm = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| {
@@ -149,6 +158,7 @@ impl SafetensorsCheckpoint {
         })?;
         Ok(SafetensorsCheckpoint {
             files: files_mm,
+            maps,
             locations,
             ranges,
         })
@@ -201,6 +211,32 @@ impl SafetensorsCheckpoint {
             .and_then(|_| f.read_exact(&mut bytes))
             .map_err(|e| ModelError::io(&path, e))?;
         Ok((view.dtype(), view.shape().to_vec(), bytes))
+    }
+
+    /// A tensor as stored, its bytes left in place in the file's memory map: dtype, shape,
+    /// the map, and the byte offset and length of the tensor in it (inside the map, checked
+    /// against the file's length when the checkpoint was opened).
+    pub fn mapped(&self, name: &str) -> Result<(Dtype, Vec<usize>, SharedBytes, usize, usize)> {
+        let view = self.view(name)?;
+        let path = self.locations.get(name).cloned().unwrap_or_default();
+        let missing = || ModelError::MissingTensor {
+            name: name.to_string(),
+        };
+        let &(start, len) = self.ranges.get(name).ok_or_else(missing)?;
+        let map = self.maps.get(&path).ok_or_else(missing)?;
+        let start = usize::try_from(start)
+            .ok()
+            .filter(|s| {
+                s.checked_add(len)
+                    .is_some_and(|e| e <= (**map).as_ref().len())
+            })
+            .ok_or_else(|| {
+                ModelError::corrupt(
+                    &path,
+                    format!("tensor {name} lies beyond the end of the file"),
+                )
+            })?;
+        Ok((view.dtype(), view.shape().to_vec(), map.clone(), start, len))
     }
 
     /// The stored dtype of a tensor.

@@ -105,6 +105,12 @@ impl Reader<'_> {
             }
             return Ok(QMatrix::quantize(&q.dequantize(), rows, cols, format)?);
         }
+        if format == WeightFormat::F16 {
+            // f16 as stored, read in place.
+            if let Some(q) = self.weights.f16_matrix(name, rows, cols)? {
+                return Ok(q);
+            }
+        }
         Ok(QMatrix::quantize(
             &self.vec(name, &[rows, cols])?,
             rows,
@@ -388,7 +394,11 @@ impl ServeModel {
                         selection_bias,
                     }))
                 }
-                _ => Ffn::Dense(r.mlp(&c.dense_ffn_names(i), h, c.intermediate_size)?),
+                _ => Ffn::Dense(Box::new(r.mlp(
+                    &c.dense_ffn_names(i),
+                    h,
+                    c.intermediate_size,
+                )?)),
             };
             let (attention, o) = match &c.mla {
                 Some(dims) => {

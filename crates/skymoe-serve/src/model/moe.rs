@@ -171,7 +171,7 @@ impl MoeFfn {
 #[derive(Debug, Clone)]
 pub enum Ffn {
     /// Dense SwiGLU.
-    Dense(Mlp),
+    Dense(Box<Mlp>),
     /// Mixture of experts.
     Moe(Box<MoeFfn>),
 }
