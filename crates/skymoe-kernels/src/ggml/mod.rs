@@ -596,7 +596,9 @@ pub fn int8_rows_use_q8(isa: Isa, cols: usize, m: usize) -> bool {
 /// signed bytes, `a.cols()` a multiple of 32) and the 8-bit activations `a` (32-value
 /// blocks), multithreaded, in integers: each row's products in the arithmetic of Q8_0 with
 /// block scales of 1 (the same bits on every instruction set), then times the row's scale.
-/// Written into columns `col0 .. col0 + rows` of the row-major `[m, ld]` output `out`.
+/// Written into columns `col0 .. col0 + rows` of the row-major `[m, ld]` output `out`. The
+/// products of `QMatrix` run its tasks ([`int8_rows_q8_task`]) in their own parallel
+/// regions; this whole product serves the tests.
 ///
 /// # Panics
 /// When the lengths disagree, `col0 + rows > ld`, `a.cols()` is not a multiple of 32 or `a`

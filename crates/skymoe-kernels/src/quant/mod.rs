@@ -24,6 +24,7 @@
 
 mod f16_vec;
 pub mod fp8;
+mod fp8_bf16;
 mod kernels;
 mod store;
 #[cfg(target_arch = "x86_64")]

@@ -51,6 +51,15 @@ fn fused_and_tiled_products_match_the_reference() {
                     {
                         let x8 = x8.as_ref().expect("rows of whole blocks");
                         mat.matmul_reference(&x8.dequantize_for(GgmlType::Q8_0).unwrap(), m)
+                    } else if format == WeightFormat::Fp8
+                        && super::kernels::fp8_uses_bf16(isa, cols, m)
+                    {
+                        // FP8 with few rows on AVX-512 BF16: the activations rounded to bf16.
+                        let xb: Vec<f32> = x
+                            .iter()
+                            .map(|&v| f32::from_bits((super::fp8_bf16::to_bf16(v) as u32) << 16))
+                            .collect();
+                        mat.matmul_reference(&xb, m)
                     } else {
                         want_f32.clone()
                     };

@@ -99,7 +99,7 @@ const PREFETCH_BYTES: usize = 4096;
 /// harmless; the pointer arithmetic wraps rather than assuming them in bounds.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn prefetch_ahead(p: *const u8, bytes: usize) {
+pub(super) fn prefetch_ahead(p: *const u8, bytes: usize) {
     let ahead = p.wrapping_add(PREFETCH_BYTES);
     let mut off = 0;
     loop {

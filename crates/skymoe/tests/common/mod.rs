@@ -19,8 +19,14 @@ pub fn corpus() -> PathBuf {
 
 /// Run the `skymoe` binary.
 pub fn skymoe(args: &[&str]) -> Output {
+    skymoe_with_env(args, &[])
+}
+
+/// Run the `skymoe` binary with extra environment variables.
+pub fn skymoe_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_skymoe"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run skymoe")
 }
