@@ -196,111 +196,6 @@ macro_rules! dots_kernel {
     };
 }
 
-dots_kernel!(
-    dots512_f32,
-    "avx512f,avx512bw,avx2,fma,f16c",
-    f32,
-    16,
-    __m512,
-    _mm512_setzero_ps(),
-    _mm512_fmadd_ps,
-    _mm512_loadu_ps,
-    hsum512,
-    _mm512_add_ps,
-    dec512_f32
-);
-dots_kernel!(
-    dots512_f16,
-    "avx512f,avx512bw,avx2,fma,f16c",
-    u16,
-    16,
-    __m512,
-    _mm512_setzero_ps(),
-    _mm512_fmadd_ps,
-    _mm512_loadu_ps,
-    hsum512,
-    _mm512_add_ps,
-    dec512_f16
-);
-dots_kernel!(
-    dots512_i8,
-    "avx512f,avx512bw,avx2,fma,f16c",
-    i8,
-    16,
-    __m512,
-    _mm512_setzero_ps(),
-    _mm512_fmadd_ps,
-    _mm512_loadu_ps,
-    hsum512,
-    _mm512_add_ps,
-    dec512_i8
-);
-dots_kernel!(
-    dots512_fp8,
-    "avx512f,avx512bw,avx2,fma,f16c",
-    u8,
-    16,
-    __m512,
-    _mm512_setzero_ps(),
-    _mm512_fmadd_ps,
-    _mm512_loadu_ps,
-    hsum512,
-    _mm512_add_ps,
-    dec512_fp8
-);
-dots_kernel!(
-    dots256_f32,
-    "avx2,fma,f16c",
-    f32,
-    8,
-    __m256,
-    _mm256_setzero_ps(),
-    _mm256_fmadd_ps,
-    _mm256_loadu_ps,
-    hsum256,
-    _mm256_add_ps,
-    dec256_f32
-);
-dots_kernel!(
-    dots256_f16,
-    "avx2,fma,f16c",
-    u16,
-    8,
-    __m256,
-    _mm256_setzero_ps(),
-    _mm256_fmadd_ps,
-    _mm256_loadu_ps,
-    hsum256,
-    _mm256_add_ps,
-    dec256_f16
-);
-dots_kernel!(
-    dots256_i8,
-    "avx2,fma,f16c",
-    i8,
-    8,
-    __m256,
-    _mm256_setzero_ps(),
-    _mm256_fmadd_ps,
-    _mm256_loadu_ps,
-    hsum256,
-    _mm256_add_ps,
-    dec256_i8
-);
-dots_kernel!(
-    dots256_fp8,
-    "avx2,fma,f16c",
-    u8,
-    8,
-    __m256,
-    _mm256_setzero_ps(),
-    _mm256_fmadd_ps,
-    _mm256_loadu_ps,
-    hsum256,
-    _mm256_add_ps,
-    dec256_fp8
-);
-
 /// A dot-product kernel of one activation row with four consecutive weight rows of one
 /// element type (batch-1 decode): each activation vector is loaded once for the four rows, and
 /// the call, dispatch and reduction costs are paid once per four rows. Two accumulators per
@@ -345,101 +240,34 @@ macro_rules! rows4_kernel {
     };
 }
 
-rows4_kernel!(
-    rows4_512_f32,
-    "avx512f,avx512bw,avx2,fma,f16c",
-    f32,
-    16,
-    _mm512_setzero_ps(),
-    _mm512_fmadd_ps,
-    _mm512_loadu_ps,
-    hsum512,
-    _mm512_add_ps,
-    dec512_f32
+/// The one-row kernel (`dots…`, `M` activation rows) and the four-row kernel (`rows4…`, one
+/// activation row) of each element type, for one vector width (its features, lanes, vector
+/// type and operations given once).
+macro_rules! kernels {
+    ($feat:literal, $lanes:expr, $vec:ty, $zero:expr, $fma:ident, $loadx:ident, $reduce:ident,
+     $add:ident; $(($dots:ident, $rows4:ident, $elem:ty, $dec:ident)),* $(,)?) => {
+        $(
+            dots_kernel!($dots, $feat, $elem, $lanes, $vec, $zero, $fma, $loadx, $reduce, $add, $dec);
+            rows4_kernel!($rows4, $feat, $elem, $lanes, $zero, $fma, $loadx, $reduce, $add, $dec);
+        )*
+    };
+}
+
+kernels!(
+    "avx512f,avx512bw,avx2,fma,f16c", 16, __m512, _mm512_setzero_ps(), _mm512_fmadd_ps,
+    _mm512_loadu_ps, hsum512, _mm512_add_ps;
+    (dots512_f32, rows4_512_f32, f32, dec512_f32),
+    (dots512_f16, rows4_512_f16, u16, dec512_f16),
+    (dots512_i8, rows4_512_i8, i8, dec512_i8),
+    (dots512_fp8, rows4_512_fp8, u8, dec512_fp8),
 );
-rows4_kernel!(
-    rows4_512_f16,
-    "avx512f,avx512bw,avx2,fma,f16c",
-    u16,
-    16,
-    _mm512_setzero_ps(),
-    _mm512_fmadd_ps,
-    _mm512_loadu_ps,
-    hsum512,
-    _mm512_add_ps,
-    dec512_f16
-);
-rows4_kernel!(
-    rows4_512_i8,
-    "avx512f,avx512bw,avx2,fma,f16c",
-    i8,
-    16,
-    _mm512_setzero_ps(),
-    _mm512_fmadd_ps,
-    _mm512_loadu_ps,
-    hsum512,
-    _mm512_add_ps,
-    dec512_i8
-);
-rows4_kernel!(
-    rows4_512_fp8,
-    "avx512f,avx512bw,avx2,fma,f16c",
-    u8,
-    16,
-    _mm512_setzero_ps(),
-    _mm512_fmadd_ps,
-    _mm512_loadu_ps,
-    hsum512,
-    _mm512_add_ps,
-    dec512_fp8
-);
-rows4_kernel!(
-    rows4_256_f32,
-    "avx2,fma,f16c",
-    f32,
-    8,
-    _mm256_setzero_ps(),
-    _mm256_fmadd_ps,
-    _mm256_loadu_ps,
-    hsum256,
-    _mm256_add_ps,
-    dec256_f32
-);
-rows4_kernel!(
-    rows4_256_f16,
-    "avx2,fma,f16c",
-    u16,
-    8,
-    _mm256_setzero_ps(),
-    _mm256_fmadd_ps,
-    _mm256_loadu_ps,
-    hsum256,
-    _mm256_add_ps,
-    dec256_f16
-);
-rows4_kernel!(
-    rows4_256_i8,
-    "avx2,fma,f16c",
-    i8,
-    8,
-    _mm256_setzero_ps(),
-    _mm256_fmadd_ps,
-    _mm256_loadu_ps,
-    hsum256,
-    _mm256_add_ps,
-    dec256_i8
-);
-rows4_kernel!(
-    rows4_256_fp8,
-    "avx2,fma,f16c",
-    u8,
-    8,
-    _mm256_setzero_ps(),
-    _mm256_fmadd_ps,
-    _mm256_loadu_ps,
-    hsum256,
-    _mm256_add_ps,
-    dec256_fp8
+kernels!(
+    "avx2,fma,f16c", 8, __m256, _mm256_setzero_ps(), _mm256_fmadd_ps, _mm256_loadu_ps,
+    hsum256, _mm256_add_ps;
+    (dots256_f32, rows4_256_f32, f32, dec256_f32),
+    (dots256_f16, rows4_256_f16, u16, dec256_f16),
+    (dots256_i8, rows4_256_i8, i8, dec256_i8),
+    (dots256_fp8, rows4_256_fp8, u8, dec256_fp8),
 );
 
 /// Partial dot products of one activation row `x` with rows `r .. r + 4` of `mat` (not q4):
