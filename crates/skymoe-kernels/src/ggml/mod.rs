@@ -479,35 +479,26 @@ fn q8_rows_dots(
     match kind {
         #[cfg(target_arch = "x86_64")]
         IntIsa::Avx2 | IntIsa::Vnni => {
-            let view = act_view(a, ty);
-            let o = out.at(i0 * ld + r0);
-            macro_rules! rows {
-                ($($m:literal)*) => {
-                    match g {
-                        $($m => {
-                            // SAFETY: the instruction set is supported (`int_isa` of an
-                            // effective one); `rows` holds r1 − r0 rows of whole blocks of
-                            // `a.cols` weights; `a` has blocks of `ty`'s size for rows up to
-                            // i0 + g (checked by the callers); the output elements
-                            // (i0 + i)·ld + r are in bounds and written by this task only
-                            // (the caller's guarantee).
-                            unsafe {
-                                x86_q8::rows_dots::<$m>(
-                                    kind == IntIsa::Vnni,
-                                    ty,
-                                    rows.as_ptr(),
-                                    r1 - r0,
-                                    view,
-                                    i0,
-                                    x86_q8::Out { ptr: o, ld },
-                                )
-                            }
-                        })*
-                        _ => unreachable!("at most FUSED_MAX_ROWS activation rows"),
-                    }
-                };
+            // SAFETY: the instruction set is supported (`int_isa` of an effective one);
+            // `rows` holds r1 − r0 rows of whole blocks of `a.cols` weights; `a` has blocks of
+            // `ty`'s size for rows up to i0 + g (checked by the callers); the output elements
+            // (i0 + i)·ld + r are in bounds and written by this task only (the caller's
+            // guarantee).
+            unsafe {
+                x86_q8::rows_dots(
+                    kind == IntIsa::Vnni,
+                    x86_q8::Rows::Ggml(ty),
+                    rows.as_ptr(),
+                    r1 - r0,
+                    act_view(a, ty),
+                    i0,
+                    g,
+                    x86_q8::Out {
+                        ptr: out.at(i0 * ld + r0),
+                        ld,
+                    },
+                )
             }
-            rows!(1 2 3 4 5 6 7 8);
         }
         _ => {
             let mut dots = [0f32; FUSED_MAX_ROWS];
@@ -666,36 +657,25 @@ pub(crate) unsafe fn int8_rows_q8_task(
         match kind {
             #[cfg(target_arch = "x86_64")]
             IntIsa::Avx2 | IntIsa::Vnni => {
-                let view = act_view(a, GgmlType::Q8_0);
-                let o = x86_q8::Out {
-                    ptr: ptr.at(g0 * ld + r0),
-                    ld,
-                };
-                macro_rules! rows {
-                    ($($n:literal)*) => {
-                        match g {
-                            $($n => {
-                                // SAFETY: the instruction set is supported (`int_isa` of an
-                                // effective one); `w` holds r1 − r0 rows of `cols` bytes; `a`
-                                // has 32-value blocks of its `m` rows; the elements
-                                // (g0 + i)·ld + r are in bounds and this task's (the caller's
-                                // guarantee).
-                                unsafe {
-                                    x86_q8::int8_rows_dots::<$n>(
-                                        kind == IntIsa::Vnni,
-                                        w.as_ptr(),
-                                        r1 - r0,
-                                        view,
-                                        g0,
-                                        o,
-                                    )
-                                }
-                            })*
-                            _ => unreachable!("at most FUSED_MAX_ROWS activation rows"),
-                        }
-                    };
+                // SAFETY: the instruction set is supported (`int_isa` of an effective one);
+                // `w` holds r1 − r0 rows of `cols` bytes; `a` has 32-value blocks of its `m`
+                // rows; the elements (g0 + i)·ld + r are in bounds and this task's (the
+                // caller's guarantee).
+                unsafe {
+                    x86_q8::rows_dots(
+                        kind == IntIsa::Vnni,
+                        x86_q8::Rows::Int8,
+                        w.as_ptr() as *const u8,
+                        r1 - r0,
+                        act_view(a, GgmlType::Q8_0),
+                        g0,
+                        g,
+                        x86_q8::Out {
+                            ptr: ptr.at(g0 * ld + r0),
+                            ld,
+                        },
+                    )
                 }
-                rows!(1 2 3 4 5 6 7 8);
             }
             _ => {
                 let mut dots = [0f32; FUSED_MAX_ROWS];

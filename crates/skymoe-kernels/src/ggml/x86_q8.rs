@@ -621,70 +621,86 @@ mod vnni {
     );
 }
 
-/// Integer products of `M` activation rows (`a`, from row `i0`) with `nrows` weight rows of
-/// `ty` (`rows`: their whole blocks, `a.nbx` per row), with VNNI (`vnni`) or AVX2, written to
-/// `out` (element `i·ld + r` for activation row `i0 + i`, weight row `r`).
+/// The weight rows an integer kernel reads.
+#[derive(Clone, Copy)]
+pub(super) enum Rows {
+    /// Whole blocks of a ggml type, `a.nbx` per row.
+    Ggml(GgmlType),
+    /// skymoe's int8 rows of `a.cols` signed bytes (`a.cols` a multiple of 32): the products
+    /// before the rows' scales, in the arithmetic of Q8_0 with block scales of 1.
+    Int8,
+}
+
+/// Integer products of `g` (1 to 8) activation rows (`a`, from row `i0`) with `nrows` weight
+/// rows (`rows`, of the kind `kind`), with VNNI (`vnni`) or AVX2, written to `out` (element
+/// `i·ld + r` for activation row `i0 + i`, weight row `r`).
 ///
 /// # Safety
 /// AVX2 (and with `vnni` AVX-512 F/BW/VL/VNNI) is supported by this CPU; `rows` holds
-/// `nrows` rows of `a.nbx` whole blocks of `ty`; `a` views blocks of `ty`'s
-/// size of at least `i0 + M` rows; `out` has room for element `(M − 1)·ld + nrows − 1`,
-/// accessed by nobody else meanwhile.
-pub(super) unsafe fn rows_dots<const M: usize>(
+/// `nrows` whole rows of `kind`; `a` views blocks of its size (32 values for int8 rows) of at
+/// least `i0 + g` rows; `out` has room for element `(g − 1)·ld + nrows − 1`, accessed by
+/// nobody else meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn rows_dots(
     vnni: bool,
-    ty: GgmlType,
+    kind: Rows,
+    rows: *const u8,
+    nrows: usize,
+    a: Act,
+    i0: usize,
+    g: usize,
+    out: Out,
+) {
+    macro_rules! groups {
+        ($($m:literal)*) => {
+            match g {
+                // SAFETY: guaranteed by the caller.
+                $($m => unsafe { rows_dots_m::<$m>(vnni, kind, rows, nrows, a, i0, out) },)*
+                _ => unreachable!("at most 8 activation rows"),
+            }
+        };
+    }
+    groups!(1 2 3 4 5 6 7 8);
+}
+
+/// [`rows_dots`] of `M` activation rows.
+///
+/// # Safety
+/// As for [`rows_dots`] with `g = M`.
+unsafe fn rows_dots_m<const M: usize>(
+    vnni: bool,
+    kind: Rows,
     rows: *const u8,
     nrows: usize,
     a: Act,
     i0: usize,
     out: Out,
 ) {
-    let rb = a.nbx * ty.block_bytes();
     macro_rules! go {
-        ($id:literal, $k:literal) => {
+        ($id:expr, $k:literal, $rb:expr) => {
             // SAFETY: guaranteed by the caller.
             unsafe {
                 if vnni {
-                    vnni::rows::<$id, $k, M>(rows, nrows, rb, a, i0, out)
+                    vnni::rows::<{ $id }, $k, M>(rows, nrows, $rb, a, i0, out)
                 } else {
-                    avx2::rows::<$id, $k, M>(rows, nrows, rb, a, i0, out)
+                    avx2::rows::<{ $id }, $k, M>(rows, nrows, $rb, a, i0, out)
                 }
             }
         };
     }
+    let ty = match kind {
+        Rows::Int8 => return go!(PLAIN_INT8, false, a.cols),
+        Rows::Ggml(ty) => ty,
+    };
+    let rb = a.nbx * ty.block_bytes();
     match ty {
-        GgmlType::Q4_0 => go!(2, false),
-        GgmlType::Q4_1 => go!(3, false),
-        GgmlType::Q5_0 => go!(6, false),
-        GgmlType::Q5_1 => go!(7, false),
-        GgmlType::Q8_0 => go!(8, false),
-        GgmlType::Q4K => go!(12, true),
-        GgmlType::Q5K => go!(13, true),
-        GgmlType::Q6K => go!(14, true),
-    }
-}
-
-/// [`rows_dots`] for skymoe's int8 rows (`nrows` rows of `a.cols` signed bytes, `a.cols` a
-/// multiple of 32): the products before the rows' scales, in the arithmetic of Q8_0 with
-/// block scales of 1.
-///
-/// # Safety
-/// As for [`rows_dots`], with `rows` holding `nrows · a.cols` bytes and `a` 32-value blocks.
-pub(super) unsafe fn int8_rows_dots<const M: usize>(
-    vnni: bool,
-    rows: *const i8,
-    nrows: usize,
-    a: Act,
-    i0: usize,
-    out: Out,
-) {
-    let rows = rows as *const u8;
-    // SAFETY: guaranteed by the caller.
-    unsafe {
-        if vnni {
-            vnni::rows::<PLAIN_INT8, false, M>(rows, nrows, a.cols, a, i0, out)
-        } else {
-            avx2::rows::<PLAIN_INT8, false, M>(rows, nrows, a.cols, a, i0, out)
-        }
+        GgmlType::Q4_0 => go!(2, false, rb),
+        GgmlType::Q4_1 => go!(3, false, rb),
+        GgmlType::Q5_0 => go!(6, false, rb),
+        GgmlType::Q5_1 => go!(7, false, rb),
+        GgmlType::Q8_0 => go!(8, false, rb),
+        GgmlType::Q4K => go!(12, true, rb),
+        GgmlType::Q5K => go!(13, true, rb),
+        GgmlType::Q6K => go!(14, true, rb),
     }
 }
