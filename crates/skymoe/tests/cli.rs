@@ -299,4 +299,7 @@ fn bench_reports_its_settings_and_refuses_bad_ones() {
     let mut no_steps = args("f16");
     no_steps[14] = "0";
     assert_clean_failure(&skymoe(&no_steps), "--step-tokens must be at least 1");
+    let mut huge = args("f16");
+    huge[18] = "1000000000000";
+    assert_clean_failure(&skymoe(&huge), "--bandwidth-mib must be at most");
 }

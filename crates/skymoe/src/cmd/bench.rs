@@ -85,6 +85,10 @@ fn peak_rss_mib() -> Option<f64> {
 /// Run the verb.
 pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.step_tokens >= 1, "--step-tokens must be at least 1");
+    anyhow::ensure!(
+        a.bandwidth_mib <= 1 << 16,
+        "--bandwidth-mib must be at most 65536 (64 GiB); 1024 is plenty to exceed the caches"
+    );
     let kv_dtype = parse_kv_dtype(&a.kv_cache_dtype)?;
     let format = a
         .weights
