@@ -13,8 +13,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::{cpu_tensor, slice, slices};
+use crate::rows::{softmax_backward_row, softmax_row};
 use crate::sgemm::{sgemm, sgemm_add, View};
-use crate::softmax::softmax_row;
 use crate::{fused_ok, reference};
 
 /// Query rows per block: a block's products stop at the last key its last row sees.
@@ -192,13 +192,7 @@ impl CausalAttention {
                         let dsb = &mut ds[..n * kend];
                         sgemm(go, transposed(vh, hd, kend, hd), 1.0, dsb, kend);
                         for (i, (dsr, pr)) in dsb.chunks_mut(kend).zip(pb.chunks(s)).enumerate() {
-                            let vis = self.visible(r0 + i, s);
-                            let c: f32 =
-                                dsr[..vis].iter().zip(&pr[..vis]).map(|(g, p)| g * p).sum();
-                            for (g, p) in dsr[..vis].iter_mut().zip(&pr[..vis]) {
-                                *g = p * (*g - c);
-                            }
-                            dsr[vis..].iter_mut().for_each(|g| *g = 0.0);
+                            softmax_backward_row(dsr, pr, self.visible(r0 + i, s));
                         }
                         let dsv = plain(dsb, n, kend, kend);
                         // dQ = scale · dS · K; dK += scale · dSᵀ · Q; dV += Pᵀ · dO.

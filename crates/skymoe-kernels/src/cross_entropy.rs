@@ -5,13 +5,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use crate::cpu::{slice, slice_u32, PARALLEL_MIN_ELEMS};
+use crate::rows::{exp_shifted_scaled, log_sum_exp};
 use crate::{fused_ok, reference};
-
-fn lse(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f32 = row.iter().map(|v| (v - max).exp()).sum();
-    max + s.ln()
-}
 
 /// Per-row negative log-likelihood `[n]`.
 struct RowNll;
@@ -37,7 +32,7 @@ impl CustomOp2 for RowNll {
         if let Some(bad) = t.iter().find(|&&id| id as usize >= v) {
             candle_core::bail!("cross_entropy: target {bad} out of range for {v} classes");
         }
-        let nll = |(row, &id): (&[f32], &u32)| lse(row) - row[id as usize];
+        let nll = |(row, &id): (&[f32], &u32)| log_sum_exp(row) - row[id as usize];
         let out: Vec<f32> = if x.len() >= PARALLEL_MIN_ELEMS {
             x.par_chunks(v).zip(t.par_iter()).map(nll).collect()
         } else {
@@ -84,10 +79,7 @@ impl CustomOp3 for RowNllBackward {
         let (_, v) = l1.shape().dims2()?;
         let mut out = vec![0.0f32; x.len()];
         let run = |(((o, x), &id), &g): BackwardRow<'_>| {
-            let l = lse(x);
-            for i in 0..v {
-                o[i] = (x[i] - l).exp() * g;
-            }
+            exp_shifted_scaled(o, x, log_sum_exp(x), g);
             o[id as usize] -= g;
         };
         if x.len() >= PARALLEL_MIN_ELEMS {

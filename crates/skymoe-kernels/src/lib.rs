@@ -12,6 +12,7 @@ mod cpu;
 pub mod ggml;
 pub mod quant;
 pub mod reference;
+pub mod rows;
 pub mod sgemm;
 
 mod attention;

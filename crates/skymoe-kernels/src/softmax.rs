@@ -5,21 +5,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use crate::cpu::{slice, PARALLEL_MIN_ELEMS};
+use crate::rows::{softmax_backward_row, softmax_row};
 use crate::{fused_ok, reference};
-
-/// Softmax of one row in place, over its first `visible` entries (the rest become 0).
-pub(crate) fn softmax_row(row: &mut [f32], visible: usize) {
-    let (head, tail) = row.split_at_mut(visible.min(row.len()));
-    let max = head.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for v in head.iter_mut() {
-        *v = crate::vexp::exp(*v - max);
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    head.iter_mut().for_each(|v| *v *= inv);
-    tail.iter_mut().for_each(|v| *v = 0.0);
-}
 
 /// Softmax whose row `r` sees `visible(r)` leading entries.
 struct Softmax {
@@ -80,10 +67,8 @@ impl CustomOp2 for SoftmaxBackward {
         let width = *l1.dims().last().unwrap_or(&1);
         let mut out = vec![0.0f32; y.len()];
         let run = |((o, y), g): ((&mut [f32], &[f32]), &[f32])| {
-            let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-            for i in 0..o.len() {
-                o[i] = y[i] * (g[i] - dot);
-            }
+            o.copy_from_slice(g);
+            softmax_backward_row(o, y, width);
         };
         if out.len() >= PARALLEL_MIN_ELEMS {
             out.par_chunks_mut(width)

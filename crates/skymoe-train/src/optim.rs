@@ -256,10 +256,7 @@ pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
     }
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
-        Storage::Cpu(s) => Ok(cpu_f32(s, layout)?
-            .iter()
-            .map(|&x| (x as f64) * (x as f64))
-            .sum()),
+        Storage::Cpu(s) => Ok(skymoe_kernels::rows::sum_of_squares(cpu_f32(s, layout)?)),
         _ => Ok(t
             .sqr()?
             .sum_all()?
@@ -268,11 +265,15 @@ pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
     }
 }
 
-/// Global L2 norm of a set of gradients.
+/// Global L2 norm of a set of gradients: the tensors' sums of squares computed in parallel,
+/// added in the map's order (the same bits whatever the threads).
 pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
+    use rayon::prelude::*;
+    let tensors: Vec<&Tensor> = grads.values().collect();
+    let sums: Vec<Result<f64>> = tensors.par_iter().map(|g| sum_of_squares(g)).collect();
     let mut total = 0.0;
-    for g in grads.values() {
-        total += sum_of_squares(g)?;
+    for s in sums {
+        total += s?;
     }
     Ok(total.sqrt())
 }
