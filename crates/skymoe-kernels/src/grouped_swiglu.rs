@@ -129,34 +129,45 @@ struct GroupedSwiGlu {
     offsets: Vec<usize>,
     /// When set, the weight gradients go here instead of to the autograd graph.
     sink: Option<WeightGradSink>,
-    /// The gate and up projections of every row (`[rows, 2·ffn]`), kept by the forward pass
-    /// for the backward pass.
-    saved_gu: Mutex<Option<Arc<Vec<f32>>>>,
+    /// The gate and up projections of every row (`[rows, 2·ffn]`) and their SwiGLU
+    /// activations (`[rows, ffn]`), kept by the forward pass for the backward pass.
+    saved: Mutex<Option<Arc<Saved>>>,
+}
+
+/// What the forward pass keeps for the backward pass.
+struct Saved {
+    /// The gate and up projections of every row, `[rows, 2·ffn]`.
+    gu: Vec<f32>,
+    /// `silu(gate) · up` of every row, `[rows, ffn]`.
+    act: Vec<f32>,
 }
 
 impl GroupedSwiGlu {
-    fn forward(&self, x: &[f32], w13: &[f32], w2: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
+    /// The output `[rows, hidden]` and what the backward pass needs.
+    fn forward(&self, x: &[f32], w13: &[f32], w2: &[f32], d: Dims) -> (Saved, Vec<f32>) {
         let (h, f) = (d.hidden, d.ffn);
         let blocks = row_blocks(&self.offsets);
         let mut gu = vec![0.0f32; d.rows * 2 * f];
+        let mut act = vec![0.0f32; d.rows * f];
         let mut y = vec![0.0f32; d.rows * h];
         let gu_parts = split_rows(&mut gu, 2 * f, &blocks);
+        let act_parts = split_rows(&mut act, f, &blocks);
         let y_parts = split_rows(&mut y, h, &blocks);
         blocks
             .par_iter()
             .zip(gu_parts)
+            .zip(act_parts)
             .zip(y_parts)
-            .for_each(|((&(e, r0, r1), gu), y)| {
+            .for_each(|(((&(e, r0, r1), gu), act), y)| {
                 let n = r1 - r0;
                 let xb = plain(&x[r0 * h..r1 * h], n, h);
                 let w13e = &w13[e * 2 * f * h..(e + 1) * 2 * f * h];
                 sgemm(xb, transposed(w13e, h, 2 * f), 1.0, gu, 2 * f);
-                let mut act = vec![0.0f32; n * f];
-                swiglu_rows(gu, &mut act, f);
+                swiglu_rows(gu, act, f);
                 let w2e = &w2[e * h * f..(e + 1) * h * f];
-                sgemm(plain(&act, n, f), transposed(w2e, f, h), 1.0, y, h);
+                sgemm(plain(act, n, f), transposed(w2e, f, h), 1.0, y, h);
             });
-        (gu, y)
+        (Saved { gu, act }, y)
     }
 
     /// Gradients of the rows, of `w13` and of `w2` for the upstream gradient `dy`.
@@ -165,28 +176,25 @@ impl GroupedSwiGlu {
         x: &[f32],
         w13: &[f32],
         w2: &[f32],
-        gu: &[f32],
+        saved: &Saved,
         dy: &[f32],
         d: Dims,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (h, f) = (d.hidden, d.ffn);
+        let (gu, act) = (&saved.gu, &saved.act);
         let blocks = row_blocks(&self.offsets);
-        // Row phase: the activation, the gradient of [g, u] and of the rows.
-        let mut act = vec![0.0f32; d.rows * f];
+        // Row phase: the gradient of [g, u] and of the rows.
         let mut dgu = vec![0.0f32; d.rows * 2 * f];
         let mut dx = vec![0.0f32; d.rows * h];
-        let act_parts = split_rows(&mut act, f, &blocks);
         let dgu_parts = split_rows(&mut dgu, 2 * f, &blocks);
         let dx_parts = split_rows(&mut dx, h, &blocks);
         blocks
             .par_iter()
-            .zip(act_parts)
             .zip(dgu_parts)
             .zip(dx_parts)
-            .for_each(|(((&(e, r0, r1), act), dgu), dx)| {
+            .for_each(|((&(e, r0, r1), dgu), dx)| {
                 let n = r1 - r0;
                 let gub = &gu[r0 * 2 * f..r1 * 2 * f];
-                swiglu_rows(gub, act, f);
                 let w2e = &w2[e * h * f..(e + 1) * h * f];
                 // dA = dY · W2 (W2 is [h, f]).
                 let mut da = vec![0.0f32; n * f];
@@ -207,7 +215,7 @@ impl GroupedSwiGlu {
         let mut dw13 = vec![0.0f32; d.experts * 2 * f * h];
         let mut dw2 = vec![0.0f32; d.experts * h * f];
         let offsets = &self.offsets;
-        let (act, dgu) = (&act, &dgu);
+        let dgu = &dgu;
         let w13_tasks = dw13.chunks_mut(2 * f * h).enumerate().flat_map(|(e, out)| {
             out.chunks_mut(WEIGHT_BLOCK * h)
                 .enumerate()
@@ -268,9 +276,9 @@ impl CustomOp3 for GroupedSwiGlu {
     ) -> Result<(CpuStorage, Shape)> {
         let d = check_dims(l1.dims(), l2.dims(), l3.dims(), &self.offsets)?;
         let (x, w13, w2) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let (gu, y) = self.forward(x, w13, w2, d);
-        if let Ok(mut saved) = self.saved_gu.lock() {
-            *saved = Some(Arc::new(gu));
+        let (kept, y) = self.forward(x, w13, w2, d);
+        if let Ok(mut saved) = self.saved.lock() {
+            *saved = Some(Arc::new(kept));
         }
         Ok((CpuStorage::F32(y), Shape::from((d.rows, d.hidden))))
     }
@@ -284,13 +292,13 @@ impl CustomOp3 for GroupedSwiGlu {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = check_dims(x.dims(), w13.dims(), w2.dims(), &self.offsets)?;
-        let saved = self.saved_gu.lock().ok().and_then(|s| s.clone());
+        let saved = self.saved.lock().ok().and_then(|s| s.clone());
         let (dx, dw13, dw2) = slices([x, w13, w2, grad], |[xv, w13v, w2v, dy]| {
-            let gu = match saved {
-                Some(gu) => gu,
+            let kept = match saved {
+                Some(kept) => kept,
                 None => Arc::new(self.forward(xv, w13v, w2v, d).0),
             };
-            Ok(self.backward(xv, w13v, w2v, &gu, dy, d))
+            Ok(self.backward(xv, w13v, w2v, &kept, dy, d))
         })?;
         let (dw13, dw2) = (cpu_tensor(dw13, w13.dims()), cpu_tensor(dw2, w2.dims()));
         let dx = Some(cpu_tensor(dx, x.dims()));
@@ -322,7 +330,7 @@ pub fn grouped_swiglu(x: &Tensor, w13: &Tensor, w2: &Tensor, offsets: &[usize]) 
         GroupedSwiGlu {
             offsets: offsets.to_vec(),
             sink: None,
-            saved_gu: Mutex::new(None),
+            saved: Mutex::new(None),
         },
     )
 }
@@ -348,7 +356,7 @@ pub fn grouped_swiglu_to_sink(
         GroupedSwiGlu {
             offsets: offsets.to_vec(),
             sink: Some(sink.clone()),
-            saved_gu: Mutex::new(None),
+            saved: Mutex::new(None),
         },
     )
 }
