@@ -8,7 +8,7 @@ use crate::cpu::{slice, PARALLEL_MIN_ELEMS};
 use crate::{fused_ok, reference};
 
 fn inv_rms(row: &[f32], eps: f64) -> f32 {
-    let ms: f32 = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    let ms = crate::rows::dot(row, row) / row.len() as f32;
     1.0 / (ms + eps as f32).sqrt()
 }
 
@@ -136,7 +136,7 @@ impl CustomOp3 for RmsNormBackward {
         let mut out = vec![0.0f32; x.len()];
         let run = |((o, x), g): ((&mut [f32], &[f32]), &[f32])| {
             let inv = inv_rms(x, self.eps);
-            let dot: f32 = (0..h).map(|i| x[i] * w[i] * g[i]).sum::<f32>() / h as f32;
+            let dot = crate::rows::dot3(x, w, g) / h as f32;
             let k = inv * inv * inv * dot;
             for i in 0..h {
                 o[i] = inv * w[i] * g[i] - x[i] * k;

@@ -97,6 +97,29 @@ fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
     lane_sum(acc)
 }
 
+/// `Σ a[i]·b[i]·c[i]` over the shortest length.
+#[inline(always)]
+fn dot3_generic(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let n = a.len().min(b.len()).min(c.len());
+    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb, cc) = (
+        a.chunks_exact(LANES),
+        b.chunks_exact(LANES),
+        c.chunks_exact(LANES),
+    );
+    let (ta, tb, tc) = (ca.remainder(), cb.remainder(), cc.remainder());
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i] * z[i];
+        }
+    }
+    for (((acc, &x), &y), &z) in acc.iter_mut().zip(ta).zip(tb).zip(tc) {
+        *acc += x * y * z;
+    }
+    lane_sum(acc)
+}
+
 #[inline(always)]
 fn softmax_row_generic(row: &mut [f32], visible: usize) {
     let (head, tail) = row.split_at_mut(visible.min(row.len()));
@@ -177,6 +200,8 @@ dispatched! {
         => exp_shifted_scaled_generic;
     /// `Σ a[i]·b[i]` over the shorter of the two.
     pub fn dot(a: &[f32], b: &[f32]) -> f32 => dot_generic;
+    /// `Σ a[i]·b[i]·c[i]` over the shortest of the three.
+    pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 => dot3_generic;
     /// `Σ x[i]²`, summed in f32 lanes over blocks of 1024 and in f64 across blocks.
     pub fn sum_of_squares(x: &[f32]) -> f64 => sum_of_squares_generic;
 }
@@ -251,6 +276,11 @@ mod tests {
             let (a, b) = (data(n, 0.1), data(n, 2.2));
             let want_dot: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
             assert!((dot(&a, &b) as f64 - want_dot).abs() < 1e-4 * (1.0 + want_dot.abs()));
+            let c = data(n, 3.3);
+            let want_dot3: f64 = (0..n)
+                .map(|i| a[i] as f64 * b[i] as f64 * c[i] as f64)
+                .sum();
+            assert!((dot3(&a, &b, &c) as f64 - want_dot3).abs() < 1e-4 * (1.0 + want_dot3.abs()));
             let want_sq: f64 = a.iter().map(|&x| x as f64 * x as f64).sum();
             assert!((sum_of_squares(&a) - want_sq).abs() < 1e-6 * (1.0 + want_sq));
             if n > 0 {
@@ -281,6 +311,10 @@ mod tests {
         softmax_row_generic(&mut b, 250);
         assert_eq!(a, b);
         assert_eq!(dot(&x, &y).to_bits(), dot_generic(&x, &y).to_bits());
+        assert_eq!(
+            dot3(&x, &y, &a).to_bits(),
+            dot3_generic(&x, &y, &a).to_bits()
+        );
         assert_eq!(log_sum_exp(&x).to_bits(), log_sum_exp_generic(&x).to_bits());
         assert_eq!(
             sum_of_squares(&x).to_bits(),
