@@ -50,6 +50,14 @@ fn main() {
             b_t: true,
         },
         Case {
+            name: "expert up, W13ᵀ stored",
+            m: 128,
+            k: 256,
+            n: 1024,
+            a_t: false,
+            b_t: false,
+        },
+        Case {
             name: "expert down a·W2ᵀ",
             m: 128,
             k: 512,
@@ -118,16 +126,24 @@ fn main() {
         let a: Vec<f32> = (0..c.m * c.k)
             .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
             .collect();
-        let b: Vec<f32> = (0..c.k * c.n)
-            .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
+        // Right-hand sides (weights) cycled through 64 MiB, more than the cache holds, as a
+        // training step's expert weights are: each product reads its operand from memory.
+        let copies = (64 << 20) / (4 * c.k * c.n);
+        let b: Vec<Vec<f32>> = (0..copies.max(1))
+            .map(|j| {
+                (0..c.k * c.n)
+                    .map(|i| (((i + j) * 5 % 11) as f32 - 5.0) * 0.1)
+                    .collect()
+            })
             .collect();
         let mut out = vec![0f32; c.m * c.n];
         let mut times = Vec::with_capacity(iters);
-        for _ in 0..iters {
+        for it in 0..iters {
+            let b = &b[it % b.len()];
             let t = Instant::now();
             sgemm(
                 view(&a, c.m, c.k, c.a_t),
-                view(&b, c.k, c.n, c.b_t),
+                view(b, c.k, c.n, c.b_t),
                 1.0,
                 &mut out,
                 c.n,
