@@ -129,8 +129,8 @@ struct GroupedSwiGlu {
     offsets: Vec<usize>,
     /// When set, the weight gradients go here instead of to the autograd graph.
     sink: Option<WeightGradSink>,
-    /// The gate and up projections of every row (`[rows, 2·ffn]`) and their SwiGLU
-    /// activations (`[rows, ffn]`), kept by the forward pass for the backward pass.
+    /// The gate and up projections of every row (`[rows, 2·ffn]`), their SwiGLU activations
+    /// and the gates' sigmoids (`[rows, ffn]`), kept by the forward pass for the backward pass.
     saved: Mutex<Option<Arc<Saved>>>,
 }
 
@@ -140,6 +140,8 @@ struct Saved {
     gu: Vec<f32>,
     /// `silu(gate) · up` of every row, `[rows, ffn]`.
     act: Vec<f32>,
+    /// `σ(gate)` of every row, `[rows, ffn]`.
+    sig: Vec<f32>,
 }
 
 impl GroupedSwiGlu {
@@ -149,25 +151,28 @@ impl GroupedSwiGlu {
         let blocks = row_blocks(&self.offsets);
         let mut gu = vec![0.0f32; d.rows * 2 * f];
         let mut act = vec![0.0f32; d.rows * f];
+        let mut sig = vec![0.0f32; d.rows * f];
         let mut y = vec![0.0f32; d.rows * h];
         let gu_parts = split_rows(&mut gu, 2 * f, &blocks);
         let act_parts = split_rows(&mut act, f, &blocks);
+        let sig_parts = split_rows(&mut sig, f, &blocks);
         let y_parts = split_rows(&mut y, h, &blocks);
         blocks
             .par_iter()
             .zip(gu_parts)
             .zip(act_parts)
+            .zip(sig_parts)
             .zip(y_parts)
-            .for_each(|(((&(e, r0, r1), gu), act), y)| {
+            .for_each(|((((&(e, r0, r1), gu), act), sig), y)| {
                 let n = r1 - r0;
                 let xb = plain(&x[r0 * h..r1 * h], n, h);
                 let w13e = &w13[e * 2 * f * h..(e + 1) * 2 * f * h];
                 sgemm(xb, transposed(w13e, h, 2 * f), 1.0, gu, 2 * f);
-                swiglu_rows(gu, act, f);
+                swiglu_rows(gu, act, sig, f);
                 let w2e = &w2[e * h * f..(e + 1) * h * f];
                 sgemm(plain(act, n, f), transposed(w2e, f, h), 1.0, y, h);
             });
-        (Saved { gu, act }, y)
+        (Saved { gu, act, sig }, y)
     }
 
     /// Gradients of the rows, of `w13` and of `w2` for the upstream gradient `dy`.
@@ -205,7 +210,7 @@ impl GroupedSwiGlu {
                     &mut da,
                     f,
                 );
-                swiglu_backward_rows(gub, &da, dgu, f);
+                swiglu_backward_rows(gub, &saved.sig[r0 * f..r1 * f], &da, dgu, f);
                 // dX = dGU · W13 (W13 is [2f, h]).
                 let w13e = &w13[e * 2 * f * h..(e + 1) * 2 * f * h];
                 sgemm(plain(dgu, n, 2 * f), plain(w13e, 2 * f, h), 1.0, dx, h);

@@ -35,26 +35,33 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn swiglu_rows_generic(gu: &[f32], act: &mut [f32], ffn: usize) {
-    for (a, gu) in act.chunks_exact_mut(ffn).zip(gu.chunks_exact(2 * ffn)) {
+fn swiglu_rows_generic(gu: &[f32], act: &mut [f32], sig: &mut [f32], ffn: usize) {
+    for ((a, sg), gu) in act
+        .chunks_exact_mut(ffn)
+        .zip(sig.chunks_exact_mut(ffn))
+        .zip(gu.chunks_exact(2 * ffn))
+    {
         let (g, u) = gu.split_at(ffn);
-        for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-            *a = g * sigmoid(g) * u;
+        for (((a, sg), &g), &u) in a.iter_mut().zip(sg.iter_mut()).zip(g).zip(u) {
+            let s = sigmoid(g);
+            *sg = s;
+            *a = g * s * u;
         }
     }
 }
 
 #[inline(always)]
-fn swiglu_backward_rows_generic(gu: &[f32], da: &[f32], dgu: &mut [f32], ffn: usize) {
-    for ((dgu, gu), da) in dgu
+fn swiglu_backward_rows_generic(gu: &[f32], sig: &[f32], da: &[f32], dgu: &mut [f32], ffn: usize) {
+    for (((dgu, gu), sig), da) in dgu
         .chunks_exact_mut(2 * ffn)
         .zip(gu.chunks_exact(2 * ffn))
+        .zip(sig.chunks_exact(ffn))
         .zip(da.chunks_exact(ffn))
     {
         let (g, u) = gu.split_at(ffn);
         let (dg, du) = dgu.split_at_mut(ffn);
         for i in 0..ffn {
-            let s = sigmoid(g[i]);
+            let s = sig[i];
             du[i] = da[i] * g[i] * s;
             dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
         }
@@ -63,14 +70,20 @@ fn swiglu_backward_rows_generic(gu: &[f32], da: &[f32], dgu: &mut [f32], ffn: us
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn swiglu_rows_avx2(gu: &[f32], act: &mut [f32], ffn: usize) {
-    swiglu_rows_generic(gu, act, ffn)
+unsafe fn swiglu_rows_avx2(gu: &[f32], act: &mut [f32], sig: &mut [f32], ffn: usize) {
+    swiglu_rows_generic(gu, act, sig, ffn)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn swiglu_backward_rows_avx2(gu: &[f32], da: &[f32], dgu: &mut [f32], ffn: usize) {
-    swiglu_backward_rows_generic(gu, da, dgu, ffn)
+unsafe fn swiglu_backward_rows_avx2(
+    gu: &[f32],
+    sig: &[f32],
+    da: &[f32],
+    dgu: &mut [f32],
+    ffn: usize,
+) {
+    swiglu_backward_rows_generic(gu, sig, da, dgu, ffn)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -78,26 +91,28 @@ fn has_avx2_fma() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
-/// `act = silu(g) · u` for rows of `gu = [g, u]` (rows of `2·ffn`; `act` rows of `ffn`).
-pub fn swiglu_rows(gu: &[f32], act: &mut [f32], ffn: usize) {
+/// `act = silu(g) · u` for rows of `gu = [g, u]` (rows of `2·ffn`; `act` rows of `ffn`), and
+/// `sig = σ(g)` (rows of `ffn`) for the backward pass.
+pub fn swiglu_rows(gu: &[f32], act: &mut [f32], sig: &mut [f32], ffn: usize) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above); the function is safe code
         // compiled with those features.
-        return unsafe { swiglu_rows_avx2(gu, act, ffn) };
+        return unsafe { swiglu_rows_avx2(gu, act, sig, ffn) };
     }
-    swiglu_rows_generic(gu, act, ffn)
+    swiglu_rows_generic(gu, act, sig, ffn)
 }
 
-/// The gradient of `[g, u]` from the gradient `da` of `silu(g) · u`:
-/// `dg = da · u · σ(g)·(1 + g·(1 − σ(g)))`, `du = da · silu(g)`, row by row.
-pub fn swiglu_backward_rows(gu: &[f32], da: &[f32], dgu: &mut [f32], ffn: usize) {
+/// The gradient of `[g, u]` from the gradient `da` of `silu(g) · u`, given `sig = σ(g)` as
+/// [`swiglu_rows`] left it: `dg = da · u · σ(g)·(1 + g·(1 − σ(g)))`, `du = da · silu(g)`, row by
+/// row.
+pub fn swiglu_backward_rows(gu: &[f32], sig: &[f32], da: &[f32], dgu: &mut [f32], ffn: usize) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: as in `swiglu_rows`.
-        return unsafe { swiglu_backward_rows_avx2(gu, da, dgu, ffn) };
+        return unsafe { swiglu_backward_rows_avx2(gu, sig, da, dgu, ffn) };
     }
-    swiglu_backward_rows_generic(gu, da, dgu, ffn)
+    swiglu_backward_rows_generic(gu, sig, da, dgu, ffn)
 }
 
 #[cfg(test)]
@@ -146,12 +161,16 @@ mod tests {
                 .all(|(x, y)| (x - y).abs() <= 1e-5 * y.abs().max(1.0))
         };
         let (mut act, mut dgu) = (vec![0.0f32; rows * ffn], vec![0.0f32; rows * 2 * ffn]);
-        swiglu_rows_generic(&gu, &mut act, ffn);
-        swiglu_backward_rows_generic(&gu, &da, &mut dgu, ffn);
+        let mut sig = vec![0.0f32; rows * ffn];
+        swiglu_rows_generic(&gu, &mut act, &mut sig, ffn);
+        swiglu_backward_rows_generic(&gu, &sig, &da, &mut dgu, ffn);
         assert!(close(&act, &want_act) && close(&dgu, &want_dgu));
         let (mut act2, mut dgu2) = (vec![0.0f32; rows * ffn], vec![0.0f32; rows * 2 * ffn]);
-        swiglu_rows(&gu, &mut act2, ffn);
-        swiglu_backward_rows(&gu, &da, &mut dgu2, ffn);
+        let mut sig2 = vec![0.0f32; rows * ffn];
+        swiglu_rows(&gu, &mut act2, &mut sig2, ffn);
+        swiglu_backward_rows(&gu, &sig2, &da, &mut dgu2, ffn);
         assert!(close(&act2, &want_act) && close(&dgu2, &want_dgu));
+        // The AVX2 build gives the portable build's bits.
+        assert_eq!((act, sig, dgu), (act2, sig2, dgu2));
     }
 }
