@@ -206,8 +206,9 @@ dispatched! {
     pub fn sum_of_squares(x: &[f32]) -> f64 => sum_of_squares_generic;
 }
 
+/// Whether the CPU has AVX2 and FMA (the row kernels of this module and of `vexp` need both).
 #[cfg(target_arch = "x86_64")]
-fn avx2_fma() -> bool {
+pub(crate) fn avx2_fma() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 

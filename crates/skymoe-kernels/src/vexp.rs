@@ -86,16 +86,11 @@ unsafe fn swiglu_backward_rows_avx2(
     swiglu_backward_rows_generic(gu, sig, da, dgu, ffn)
 }
 
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-}
-
 /// `act = silu(g) · u` for rows of `gu = [g, u]` (rows of `2·ffn`; `act` rows of `ffn`), and
 /// `sig = σ(g)` (rows of `ffn`) for the backward pass.
 pub fn swiglu_rows(gu: &[f32], act: &mut [f32], sig: &mut [f32], ffn: usize) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    if crate::rows::avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above); the function is safe code
         // compiled with those features.
         return unsafe { swiglu_rows_avx2(gu, act, sig, ffn) };
@@ -108,7 +103,7 @@ pub fn swiglu_rows(gu: &[f32], act: &mut [f32], sig: &mut [f32], ffn: usize) {
 /// row.
 pub fn swiglu_backward_rows(gu: &[f32], sig: &[f32], da: &[f32], dgu: &mut [f32], ffn: usize) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    if crate::rows::avx2_fma() {
         // SAFETY: as in `swiglu_rows`.
         return unsafe { swiglu_backward_rows_avx2(gu, sig, da, dgu, ffn) };
     }
