@@ -17,21 +17,9 @@ struct Case {
 
 fn view(data: &[f32], rows: usize, cols: usize, transposed: bool) -> View<'_> {
     if transposed {
-        View {
-            data,
-            rows,
-            cols,
-            row_stride: 1,
-            col_stride: rows,
-        }
+        View::transpose_of(data, rows, cols, rows)
     } else {
-        View {
-            data,
-            rows,
-            cols,
-            row_stride: cols,
-            col_stride: 1,
-        }
+        View::row_major(data, rows, cols, cols)
     }
 }
 

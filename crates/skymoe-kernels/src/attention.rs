@@ -60,27 +60,6 @@ fn check_dims(q: &[usize], k: &[usize], v: &[usize], offset: usize) -> Result<Di
     })
 }
 
-fn plain(data: &[f32], rows: usize, cols: usize, row_stride: usize) -> View<'_> {
-    View {
-        data,
-        rows,
-        cols,
-        row_stride,
-        col_stride: 1,
-    }
-}
-
-/// The transpose of row-major `cols × rows` data (rows `row_stride` apart), as `rows × cols`.
-fn transposed(data: &[f32], rows: usize, cols: usize, row_stride: usize) -> View<'_> {
-    View {
-        data,
-        rows,
-        cols,
-        row_stride: 1,
-        col_stride: row_stride,
-    }
-}
-
 struct CausalAttention {
     scale: f32,
     offset: usize,
@@ -118,8 +97,8 @@ impl CausalAttention {
                     let kend = self.visible(r1 - 1, s);
                     let pb = &mut p[r0 * s..r1 * s];
                     sgemm(
-                        plain(&qh[r0 * hd..r1 * hd], n, hd, hd),
-                        transposed(kh, hd, kend, hd),
+                        View::row_major(&qh[r0 * hd..r1 * hd], n, hd, hd),
+                        View::transpose_of(kh, hd, kend, hd),
                         self.scale,
                         pb,
                         s,
@@ -128,8 +107,8 @@ impl CausalAttention {
                         softmax_row(&mut row[..kend], self.visible(r0 + i, s));
                     }
                     sgemm(
-                        plain(pb, n, kend, s),
-                        plain(vh, kend, hd, hd),
+                        View::row_major(pb, n, kend, s),
+                        View::row_major(vh, kend, hd, hd),
                         1.0,
                         &mut o[r0 * hd..r1 * hd],
                         hd,
@@ -186,32 +165,32 @@ impl CausalAttention {
                         let kend = self.visible(r1 - 1, s);
                         // The output gradient of these rows for head h.
                         let go = &dout[(b * t + r0) * row + h * hd..];
-                        let go = plain(go, n, hd, row);
+                        let go = View::row_major(go, n, hd, row);
                         let pb = &ph[r0 * s..r1 * s];
                         // dP = dO · Vᵀ, then dS = P ∘ (dP − Σ P ∘ dP) row by row.
                         let dsb = &mut ds[..n * kend];
-                        sgemm(go, transposed(vh, hd, kend, hd), 1.0, dsb, kend);
+                        sgemm(go, View::transpose_of(vh, hd, kend, hd), 1.0, dsb, kend);
                         for (i, (dsr, pr)) in dsb.chunks_mut(kend).zip(pb.chunks(s)).enumerate() {
                             softmax_backward_row(dsr, pr, self.visible(r0 + i, s));
                         }
-                        let dsv = plain(dsb, n, kend, kend);
+                        let dsv = View::row_major(dsb, n, kend, kend);
                         // dQ = scale · dS · K; dK += scale · dSᵀ · Q; dV += Pᵀ · dO.
                         sgemm(
                             dsv,
-                            plain(kh, kend, hd, hd),
+                            View::row_major(kh, kend, hd, hd),
                             self.scale,
                             &mut dqh[r0 * hd..r1 * hd],
                             hd,
                         );
                         sgemm_add(
-                            transposed(dsb, kend, n, kend),
-                            plain(&qh[r0 * hd..r1 * hd], n, hd, hd),
+                            View::transpose_of(dsb, kend, n, kend),
+                            View::row_major(&qh[r0 * hd..r1 * hd], n, hd, hd),
                             self.scale,
                             &mut dk[..kend * hd],
                             hd,
                         );
                         sgemm_add(
-                            transposed(pb, kend, n, s),
+                            View::transpose_of(pb, kend, n, s),
                             go,
                             1.0,
                             &mut dv[..kend * hd],

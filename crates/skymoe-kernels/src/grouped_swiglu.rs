@@ -90,28 +90,6 @@ fn split_rows<'a>(
     parts
 }
 
-/// A row-major `rows × cols` matrix.
-fn plain(data: &[f32], rows: usize, cols: usize) -> View<'_> {
-    View {
-        data,
-        rows,
-        cols,
-        row_stride: cols,
-        col_stride: 1,
-    }
-}
-
-/// The transpose of a row-major `cols × rows` matrix, as a `rows × cols` view.
-fn transposed(data: &[f32], rows: usize, cols: usize) -> View<'_> {
-    View {
-        data,
-        rows,
-        cols,
-        row_stride: 1,
-        col_stride: rows,
-    }
-}
-
 /// Where [`grouped_swiglu_to_sink`] leaves the weight gradients of its backward pass:
 /// `d w13` (`[experts, 2·ffn, hidden]`) and `d w2` (`[experts, hidden, ffn]`).
 #[derive(Debug, Clone, Default)]
@@ -165,12 +143,18 @@ impl GroupedSwiGlu {
             .zip(y_parts)
             .for_each(|((((&(e, r0, r1), gu), act), sig), y)| {
                 let n = r1 - r0;
-                let xb = plain(&x[r0 * h..r1 * h], n, h);
+                let xb = View::row_major(&x[r0 * h..r1 * h], n, h, h);
                 let w13e = &w13[e * 2 * f * h..(e + 1) * 2 * f * h];
-                sgemm(xb, transposed(w13e, h, 2 * f), 1.0, gu, 2 * f);
+                sgemm(xb, View::transpose_of(w13e, h, 2 * f, h), 1.0, gu, 2 * f);
                 swiglu_rows(gu, act, sig, f);
                 let w2e = &w2[e * h * f..(e + 1) * h * f];
-                sgemm(plain(act, n, f), transposed(w2e, f, h), 1.0, y, h);
+                sgemm(
+                    View::row_major(act, n, f, f),
+                    View::transpose_of(w2e, f, h, f),
+                    1.0,
+                    y,
+                    h,
+                );
             });
         (Saved { gu, act, sig }, y)
     }
@@ -204,8 +188,8 @@ impl GroupedSwiGlu {
                 // dA = dY · W2 (W2 is [h, f]).
                 let mut da = vec![0.0f32; n * f];
                 sgemm(
-                    plain(&dy[r0 * h..r1 * h], n, h),
-                    plain(w2e, h, f),
+                    View::row_major(&dy[r0 * h..r1 * h], n, h, h),
+                    View::row_major(w2e, h, f, f),
                     1.0,
                     &mut da,
                     f,
@@ -213,7 +197,13 @@ impl GroupedSwiGlu {
                 swiglu_backward_rows(gub, &saved.sig[r0 * f..r1 * f], &da, dgu, f);
                 // dX = dGU · W13 (W13 is [2f, h]).
                 let w13e = &w13[e * 2 * f * h..(e + 1) * 2 * f * h];
-                sgemm(plain(dgu, n, 2 * f), plain(w13e, 2 * f, h), 1.0, dx, h);
+                sgemm(
+                    View::row_major(dgu, n, 2 * f, 2 * f),
+                    View::row_major(w13e, 2 * f, h, h),
+                    1.0,
+                    dx,
+                    h,
+                );
             });
         // Weight phase: dW13[e] = dGUᵀ · X and dW2[e] = dYᵀ · A over the expert's rows, in
         // blocks of output rows. Experts without rows keep zero gradients.
@@ -241,24 +231,18 @@ impl GroupedSwiGlu {
             if kind == 0 {
                 // Rows `row..` of dW13[e] ([2f, h]).
                 let rows = out.len() / h;
-                let a = View {
-                    data: &dgu[r0 * 2 * f + row..],
-                    rows,
-                    cols: n,
-                    row_stride: 1,
-                    col_stride: 2 * f,
-                };
-                sgemm(a, plain(&x[r0 * h..r1 * h], n, h), 1.0, out, h);
+                let a = View::transpose_of(&dgu[r0 * 2 * f + row..], rows, n, 2 * f);
+                sgemm(a, View::row_major(&x[r0 * h..r1 * h], n, h, h), 1.0, out, h);
             } else {
                 let rows = out.len() / f;
-                let a = View {
-                    data: &dy[r0 * h + row..],
-                    rows,
-                    cols: n,
-                    row_stride: 1,
-                    col_stride: h,
-                };
-                sgemm(a, plain(&act[r0 * f..r1 * f], n, f), 1.0, out, f);
+                let a = View::transpose_of(&dy[r0 * h + row..], rows, n, h);
+                sgemm(
+                    a,
+                    View::row_major(&act[r0 * f..r1 * f], n, f, f),
+                    1.0,
+                    out,
+                    f,
+                );
             }
         });
         (dx, dw13, dw2)

@@ -17,7 +17,30 @@ pub struct View<'a> {
     pub col_stride: usize,
 }
 
-impl View<'_> {
+impl<'a> View<'a> {
+    /// A row-major `rows × cols` matrix whose rows start `row_stride` apart.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        View {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of row-major `cols × rows` data whose rows start `row_stride` apart, as a
+    /// `rows × cols` matrix.
+    pub fn transpose_of(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        View {
+            data,
+            rows,
+            cols,
+            row_stride: 1,
+            col_stride: row_stride,
+        }
+    }
+
     /// Whether every element lies inside `len` floats.
     fn fits(rows: usize, cols: usize, row_stride: usize, col_stride: usize, len: usize) -> bool {
         rows == 0 || cols == 0 || (rows - 1) * row_stride + (cols - 1) * col_stride < len

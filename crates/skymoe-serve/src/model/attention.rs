@@ -235,20 +235,8 @@ fn attend_by_products(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task)
     let len = ch.start + task.t0 + rows;
     let (k, v) = inp.head_cache(ch, task);
     let first = (ch.row + task.t0) * qdim + h * hd;
-    let queries = View {
-        data: &q[first..],
-        rows,
-        cols: hd,
-        row_stride: qdim,
-        col_stride: 1,
-    };
-    let keys_t = View {
-        data: &k,
-        rows: hd,
-        cols: len,
-        row_stride: 1,
-        col_stride: hd,
-    };
+    let queries = View::row_major(&q[first..], rows, hd, qdim);
+    let keys_t = View::transpose_of(&k, hd, len, hd);
     let mut scores = vec![0f32; rows * len];
     sgemm(queries, keys_t, inp.shape.scale, &mut scores, len);
     for (r, row) in scores.chunks_exact_mut(len).enumerate() {
@@ -257,20 +245,8 @@ fn attend_by_products(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task)
         softmax(&mut row[..visible]);
         row[visible..].fill(0.0);
     }
-    let probs = View {
-        data: &scores,
-        rows,
-        cols: len,
-        row_stride: len,
-        col_stride: 1,
-    };
-    let vals = View {
-        data: &v,
-        rows: len,
-        cols: vd,
-        row_stride: vd,
-        col_stride: 1,
-    };
+    let probs = View::row_major(&scores, rows, len, len);
+    let vals = View::row_major(&v, len, vd, vd);
     let mut out = vec![0f32; rows * vd];
     sgemm(probs, vals, 1.0, &mut out, vd);
     out
