@@ -37,7 +37,7 @@ fn fused_and_tiled_products_match_the_reference() {
         for &(rows, cols) in &[(7, 64), (33, 48), (20, 100), (130, 576), (3, 31)] {
             let w = lcg_values(rows * cols, (rows * 31 + cols) as u64);
             let mat = QMatrix::quantize(&w, rows, cols, format).unwrap();
-            for m in [1, 2, 3, 4, 5, 8, 9, 16, 17, 40] {
+            for m in [1, 2, 3, 4, 5, 8, 9, 16, 17, 40, 64, 128, 129] {
                 let x = lcg_values(m * cols, m as u64 + 7);
                 let want_f32 = mat.matmul_reference(&x, m);
                 // int8 rows with few activation rows multiply 8-bit activations: their
@@ -74,6 +74,33 @@ fn fused_and_tiled_products_match_the_reference() {
             }
         }
     }
+}
+
+#[test]
+fn f16_and_f32_rows_take_the_register_blocked_kernels_for_8_to_128_rows_on_avx512() {
+    // The products themselves are checked against the reference above; this pins which
+    // kernels they ran on, so that the blocked kernels stay covered.
+    let w = lcg_values(6 * 64, 3);
+    for format in [WeightFormat::F16, WeightFormat::F32] {
+        let mat = QMatrix::quantize(&w, 6, 64, format).unwrap();
+        for (m, want) in [
+            (1, false),
+            (7, false),
+            (8, true),
+            (40, true),
+            (128, true),
+            (129, false),
+        ] {
+            assert_eq!(
+                super::kernels::blocked_rows(Isa::Avx512, &mat, m),
+                want,
+                "{format} m={m}"
+            );
+            assert!(!super::kernels::blocked_rows(Isa::Avx2, &mat, m));
+        }
+    }
+    let int8 = QMatrix::quantize(&w, 6, 64, WeightFormat::Int8).unwrap();
+    assert!(!super::kernels::blocked_rows(Isa::Avx512, &int8, 40));
 }
 
 #[test]
