@@ -102,35 +102,50 @@ impl Plane {
     }
 }
 
-/// One position's keys or values of one kv head, as stored.
-pub(crate) enum KvRow<'a> {
-    F32(&'a [f32]),
-    F16(&'a [f16]),
+/// One kv head's keys or values of consecutive positions within one block, as stored: row
+/// `j` is the `width` values from `j·stride`.
+pub(crate) enum KvRows<'a> {
+    F32(&'a [f32], usize, usize),
+    F16(&'a [f16], usize, usize),
 }
 
-impl KvRow<'_> {
-    /// `Σ x[i]·row[i]`.
-    pub(crate) fn dot(&self, x: &[f32]) -> f32 {
-        match self {
-            KvRow::F32(r) => crate::model::ops::dot(x, r),
-            KvRow::F16(r) => skymoe_kernels::quant::dot_f16(x, r),
+impl KvRows<'_> {
+    /// `out[j] = Σ x[i]·row_j[i]` for every row (`out.len()` of them).
+    pub(crate) fn dots(&self, x: &[f32], out: &mut [f32]) {
+        match *self {
+            KvRows::F32(p, stride, width) => {
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = crate::model::ops::dot(x, &p[j * stride..j * stride + width]);
+                }
+            }
+            KvRows::F16(p, stride, width) => {
+                skymoe_kernels::quant::dot_f16_rows(&x[..width], p, stride, out)
+            }
         }
     }
 
-    /// `y[i] += a·row[i]`.
-    pub(crate) fn axpy_into(&self, a: f32, y: &mut [f32]) {
-        match self {
-            KvRow::F32(r) => crate::model::ops::axpy(a, r, y),
-            KvRow::F16(r) => skymoe_kernels::quant::axpy_f16(a, r, y),
+    /// `y[i] += Σ_j a[j]·row_j[i]` over the rows (`a.len()` of them), in order.
+    pub(crate) fn axpy_into(&self, a: &[f32], y: &mut [f32]) {
+        match *self {
+            KvRows::F32(p, stride, width) => {
+                for (j, &aj) in a.iter().enumerate() {
+                    crate::model::ops::axpy(aj, &p[j * stride..j * stride + width], y);
+                }
+            }
+            KvRows::F16(p, stride, width) => {
+                skymoe_kernels::quant::axpy_f16_rows(a, p, stride, &mut y[..width])
+            }
         }
     }
 }
 
 impl Plane {
-    fn row(&self, at: usize, width: usize) -> KvRow<'_> {
+    /// Rows of `width` from `at`, `stride` apart, `n` of them.
+    fn rows(&self, at: usize, stride: usize, n: usize, width: usize) -> KvRows<'_> {
+        let end = at + n.saturating_sub(1) * stride + width;
         match self {
-            Plane::F32(p) => KvRow::F32(&p[at..at + width]),
-            Plane::F16(p) => KvRow::F16(&p[at..at + width]),
+            Plane::F32(p) => KvRows::F32(&p[at..end], stride, width),
+            Plane::F16(p) => KvRows::F16(&p[at..end], stride, width),
         }
     }
 }
@@ -262,23 +277,38 @@ impl KvCache {
         }
     }
 
-    /// The key (`value: false`) or value of position `pos` of a sequence (block table
-    /// `blocks`) in `layer`: the `width` elements starting at `from` (one kv head).
-    pub(crate) fn row(
+    /// Positions from `pos` to the end of its block: the most [`KvCache::rows`] returns at
+    /// once.
+    pub(crate) fn rows_in_block(&self, pos: usize) -> usize {
+        self.block_size - pos % self.block_size
+    }
+
+    /// The keys (`value: false`) or values of positions `pos .. pos + n` of a sequence (block
+    /// table `blocks`) in `layer`, all in `pos`'s block (`n` at most
+    /// [`KvCache::rows_in_block`]): the `width` elements starting at `from` of each (one kv
+    /// head).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rows(
         &self,
         layer: usize,
         value: bool,
         blocks: &[u32],
         pos: usize,
+        n: usize,
         from: usize,
         width: usize,
-    ) -> KvRow<'_> {
+    ) -> KvRows<'_> {
+        assert!(
+            n <= self.rows_in_block(pos),
+            "positions {pos}..{} cross a block",
+            pos + n
+        );
         let plane = if value {
             self.value_plane(layer)
         } else {
             &self.keys[layer]
         };
-        plane.row(self.offset(blocks, pos) + from, width)
+        plane.rows(self.offset(blocks, pos) + from, self.kv_dim, n, width)
     }
 
     /// The keys and values of positions `0..len` of a sequence (block table `blocks`) for
@@ -340,9 +370,62 @@ mod tests {
             (&k[30..], &v[18..]),
             (&[1.0, 2.0, 3.0, 4.0, 5.0][..], &[1.0, 2.0, 3.0][..])
         );
-        let row = kv.row(1, true, &blocks, 6, 0, 3);
-        assert_eq!(row.dot(&[1.0, 1.0, 1.0]), 6.0);
+        let mut dot = [0f32];
+        kv.rows(1, true, &blocks, 6, 1, 0, 3)
+            .dots(&[1.0, 1.0, 1.0], &mut dot);
+        assert_eq!(dot, [6.0]);
         assert!(kv.values.is_empty(), "no value planes");
+    }
+
+    #[test]
+    fn rows_of_a_block_read_what_gather_reads() {
+        // Two kv heads of width 3 (kv_dim 6), blocks of 4 positions out of order.
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let mut kv = KvCache::new(1, 6, 4, 5, dtype);
+            let blocks = [4u32, 1, 3];
+            let row = |p: usize, v: f32| -> Vec<f32> {
+                (0..6).map(|i| v * (p * 6 + i) as f32 / 8.0).collect()
+            };
+            for p in 0..11 {
+                kv.write(0, &blocks, p, &row(p, 1.0), &row(p, -0.5));
+            }
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            kv.gather(0, &blocks, 11, 3, (3, 3), &mut k, &mut v);
+            let x = [0.5f32, -1.0, 2.0];
+            let mut pos = 0;
+            while pos < 11 {
+                let n = kv.rows_in_block(pos).min(11 - pos);
+                assert_eq!(n, (4 - pos % 4).min(11 - pos));
+                let mut got = vec![0f32; n];
+                kv.rows(0, false, &blocks, pos, n, 3, 3).dots(&x, &mut got);
+                for (j, g) in got.iter().enumerate() {
+                    let want: f32 = (0..3).map(|i| x[i] * k[(pos + j) * 3 + i]).sum();
+                    assert!(
+                        (g - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "{dtype:?} {pos}+{j}"
+                    );
+                }
+                let a: Vec<f32> = (0..n).map(|j| 0.25 + j as f32).collect();
+                let mut y = [1.0f32; 3];
+                kv.rows(0, true, &blocks, pos, n, 3, 3)
+                    .axpy_into(&a, &mut y);
+                for (i, yi) in y.iter().enumerate() {
+                    let want: f32 = 1.0 + (0..n).map(|j| a[j] * v[(pos + j) * 3 + i]).sum::<f32>();
+                    assert!(
+                        (yi - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "{dtype:?} {pos}"
+                    );
+                }
+                pos += n;
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "cross a block")]
+    fn rows_may_not_cross_a_block() {
+        let kv = KvCache::new(1, 6, 4, 5, KvDtype::F32);
+        let _ = kv.rows(0, false, &[0, 1], 2, 3, 0, 6);
     }
 
     #[test]

@@ -38,7 +38,7 @@ use rayon::prelude::*;
 
 use crate::ggml::{GgmlMatrix, GgmlType};
 
-pub use f16_vec::{axpy_f16, dot_f16};
+pub use f16_vec::{axpy_f16, axpy_f16_rows, dot_f16, dot_f16_rows};
 pub use kernels::Isa;
 pub use store::{Element, SharedBytes, Store};
 

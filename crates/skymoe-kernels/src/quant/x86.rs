@@ -648,3 +648,126 @@ pub(super) unsafe fn axpy_f16(a: f32, w: *const u16, y: *mut f32, n: usize) -> u
     }
     c
 }
+
+/// Dot products of `x` (`len` values) with `n` f16 rows (bits) laid `stride` apart from `w`,
+/// into `out[..n]`: four rows at a time share each activation vector and one horizontal
+/// reduction; the columns past the last whole vector of 8 are added in scalar code.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; row `j < n` of `len` values at `w + j·stride` is
+/// readable, `x` holds `len` values and `out` `n`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_f16_rows(
+    w: *const u16,
+    stride: usize,
+    x: *const f32,
+    len: usize,
+    out: *mut f32,
+    n: usize,
+) {
+    let whole = len / 8 * 8;
+    // The columns past the whole vectors of row `p`.
+    let tail = |p: *const u16| -> f32 {
+        (whole..len)
+            // SAFETY: column c < len of a readable row, and of `x`.
+            .map(|c| unsafe { *x.add(c) * half::f16::from_bits(*p.add(c)).to_f32() })
+            .sum()
+    };
+    let mut j = 0;
+    // SAFETY (whole body): rows j < n of `len` values at w + j·stride, `x[..len]` and
+    // `out[..n]` are in bounds (the caller's guarantee); every access below is.
+    unsafe {
+        while j + 4 <= n {
+            let p: [*const u16; 4] = std::array::from_fn(|r| w.add((j + r) * stride));
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            while c < whole {
+                let xv = _mm256_loadu_ps(x.add(c));
+                for (a, pr) in acc.iter_mut().zip(&p) {
+                    *a = _mm256_fmadd_ps(dec256_f16(pr.add(c)), xv, *a);
+                }
+                c += 8;
+            }
+            // Four sums at once: pairwise horizontal adds, then the two 128-bit halves.
+            let h = _mm256_hadd_ps(
+                _mm256_hadd_ps(acc[0], acc[1]),
+                _mm256_hadd_ps(acc[2], acc[3]),
+            );
+            let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            let mut four = [0f32; 4];
+            _mm_storeu_ps(four.as_mut_ptr(), s);
+            for (r, v) in four.iter().enumerate() {
+                *out.add(j + r) = v + tail(p[r]);
+            }
+            j += 4;
+        }
+        while j < n {
+            let p = w.add(j * stride);
+            let mut acc = _mm256_setzero_ps();
+            let mut c = 0;
+            while c < whole {
+                acc = _mm256_fmadd_ps(dec256_f16(p.add(c)), _mm256_loadu_ps(x.add(c)), acc);
+                c += 8;
+            }
+            *out.add(j) = hsum256(acc) + tail(p);
+            j += 1;
+        }
+    }
+}
+
+/// `y[c] += Σ_j a[j]·w[j·stride + c]` (`j < n`, `c < len`, f16 `w` as bits), the rows added
+/// in order as [`axpy_f16`] adds one (an FMA per element of the whole vectors, a product and
+/// a sum past them): four vectors of `y` stay in registers over all rows.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; row `j < n` of `len` values at `w + j·stride` is
+/// readable, `a` holds `n` values and `y` `len` writable ones.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn axpy_f16_rows(
+    a: *const f32,
+    n: usize,
+    w: *const u16,
+    stride: usize,
+    y: *mut f32,
+    len: usize,
+) {
+    let whole = len / 8 * 8;
+    let mut c = 0;
+    // SAFETY (whole body): as the caller guarantees, every row j < n has `len` readable
+    // values, `a` n and `y` len; every access below is inside them.
+    unsafe {
+        while c + 32 <= whole {
+            let mut v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(y.add(c + 8 * k)));
+            for j in 0..n {
+                let aj = _mm256_set1_ps(*a.add(j));
+                let p = w.add(j * stride + c);
+                for (k, vk) in v.iter_mut().enumerate() {
+                    *vk = _mm256_fmadd_ps(aj, dec256_f16(p.add(8 * k)), *vk);
+                }
+            }
+            for (k, vk) in v.iter().enumerate() {
+                _mm256_storeu_ps(y.add(c + 8 * k), *vk);
+            }
+            c += 32;
+        }
+        while c < whole {
+            let mut v = _mm256_loadu_ps(y.add(c));
+            for j in 0..n {
+                v = _mm256_fmadd_ps(
+                    _mm256_set1_ps(*a.add(j)),
+                    dec256_f16(w.add(j * stride + c)),
+                    v,
+                );
+            }
+            _mm256_storeu_ps(y.add(c), v);
+            c += 8;
+        }
+        for c in whole..len {
+            let mut v = *y.add(c);
+            for j in 0..n {
+                v += *a.add(j) * half::f16::from_bits(*w.add(j * stride + c)).to_f32();
+            }
+            *y.add(c) = v;
+        }
+    }
+}

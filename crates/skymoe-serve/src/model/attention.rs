@@ -209,17 +209,28 @@ fn attend_by_rows(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task) -> 
     for r in 0..task.rows {
         let t = task.t0 + r;
         let qv = &q[(ch.row + t) * qdim + h * hd..(ch.row + t) * qdim + (h + 1) * hd];
-        let last = ch.start + t;
+        let len = ch.start + t + 1;
         scores.clear();
-        scores.extend(
-            (0..=last)
-                .map(|pos| kv.row(inp.layer, false, ch.blocks, pos, g * hd, hd).dot(qv) * scale),
-        );
+        scores.resize(len, 0.0);
+        // The cached positions one block at a time (each block's rows in one call).
+        let mut pos = 0;
+        while pos < len {
+            let n = kv.rows_in_block(pos).min(len - pos);
+            kv.rows(inp.layer, false, ch.blocks, pos, n, g * hd, hd)
+                .dots(qv, &mut scores[pos..pos + n]);
+            pos += n;
+        }
+        for s in scores.iter_mut() {
+            *s *= scale;
+        }
         softmax(&mut scores);
         let ov = &mut out[r * vd..(r + 1) * vd];
-        for (pos, &p) in scores.iter().enumerate() {
-            kv.row(inp.layer, true, ch.blocks, pos, g * hd, vd)
-                .axpy_into(p, ov);
+        let mut pos = 0;
+        while pos < len {
+            let n = kv.rows_in_block(pos).min(len - pos);
+            kv.rows(inp.layer, true, ch.blocks, pos, n, g * hd, vd)
+                .axpy_into(&scores[pos..pos + n], ov);
+            pos += n;
         }
     }
     out
