@@ -52,14 +52,8 @@ pub fn silu_mul_rows(gate_up: &[f32], f: usize) -> Vec<f32> {
 
 /// In-place softmax of a row.
 pub fn softmax(v: &mut [f32]) {
-    let max = v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut sum = 0f32;
-    for x in v.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    v.iter_mut().for_each(|x| *x *= inv);
+    // The row kernel training uses too (16 lanes, AVX2+FMA where the CPU has them).
+    skymoe_kernels::rows::softmax_row(v, v.len());
 }
 
 /// Add `b` to every row of `x`.
