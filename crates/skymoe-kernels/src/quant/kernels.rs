@@ -1,5 +1,7 @@
-//! Instruction-set dispatch, the portable scalar kernels, and the two product strategies:
-//! fused row dot products (few activation rows) and dequantised tiles fed to a GEMM (many).
+//! Instruction-set dispatch, the portable scalar kernels, and the choice of a product's
+//! strategy: fused row dot products (few activation rows), integer (int8) and bf16 (FP8)
+//! products, register-blocked f16/f32 products (`super::blocked`, 8 to 128 rows on AVX-512),
+//! and dequantised tiles fed to a GEMM (many rows).
 
 use std::cell::RefCell;
 use std::sync::OnceLock;

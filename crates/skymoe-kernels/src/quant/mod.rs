@@ -1,7 +1,8 @@
 //! Quantised weight matrices (`[rows, cols]`, PyTorch's `[out, in]` layout) and the product
 //! `y = x Wᵀ` with the dequantisation fused into the kernel: a matrix is never dequantised
-//! as a whole, only 16 or 32 weights at a time in registers (few activation rows) or one tile
-//! of rows into a small per-thread buffer fed to a GEMM (many rows).
+//! as a whole, only 16 or 32 weights at a time in registers (few activation rows; f16 and f32
+//! rows in register blocks of three weight rows by eight activation rows from 8 rows on
+//! AVX-512) or one tile of rows into a small per-thread buffer fed to a GEMM (many rows).
 //!
 //! Formats:
 //! - `f32`, `f16`: plain.
