@@ -174,11 +174,7 @@ mod x86 {
     ) -> bool {
         fn run<T: Weight>(
             w: &[T],
-            cols: usize,
-            x: &[f32],
-            m: usize,
-            out: *mut f32,
-            ld: usize,
+            (cols, x, m, out, ld): (usize, &[f32], usize, *mut f32, usize),
             (r0, r1): (usize, usize),
         ) {
             for i0 in (0..m).step_by(MR) {
@@ -203,8 +199,8 @@ mod x86 {
             }
         }
         match data {
-            QData::F16(w) => run::<u16>(w, cols, x, m, out, ld, (r0, r1)),
-            QData::F32(w) => run::<f32>(w, cols, x, m, out, ld, (r0, r1)),
+            QData::F16(w) => run::<u16>(w, (cols, x, m, out, ld), (r0, r1)),
+            QData::F32(w) => run::<f32>(w, (cols, x, m, out, ld), (r0, r1)),
             _ => return false,
         }
         true
