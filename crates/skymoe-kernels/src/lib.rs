@@ -33,6 +33,7 @@ pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use silu_mul::silu_mul;
 pub use softmax::{causal_softmax, softmax_last_dim};
+pub use vexp::silu_mul_rows;
 
 use candle_core::{DType, Device, Tensor};
 

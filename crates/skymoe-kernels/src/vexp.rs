@@ -51,6 +51,16 @@ fn swiglu_rows_generic(gu: &[f32], act: &mut [f32], sig: &mut [f32], ffn: usize)
 }
 
 #[inline(always)]
+fn silu_mul_rows_generic(gu: &[f32], act: &mut [f32], ffn: usize) {
+    for (a, gu) in act.chunks_exact_mut(ffn).zip(gu.chunks_exact(2 * ffn)) {
+        let (g, u) = gu.split_at(ffn);
+        for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+            *a = g * sigmoid(g) * u;
+        }
+    }
+}
+
+#[inline(always)]
 fn swiglu_backward_rows_generic(gu: &[f32], sig: &[f32], da: &[f32], dgu: &mut [f32], ffn: usize) {
     for (((dgu, gu), sig), da) in dgu
         .chunks_exact_mut(2 * ffn)
@@ -76,6 +86,12 @@ unsafe fn swiglu_rows_avx2(gu: &[f32], act: &mut [f32], sig: &mut [f32], ffn: us
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_rows_avx2(gu: &[f32], act: &mut [f32], ffn: usize) {
+    silu_mul_rows_generic(gu, act, ffn)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn swiglu_backward_rows_avx2(
     gu: &[f32],
     sig: &[f32],
@@ -96,6 +112,17 @@ pub fn swiglu_rows(gu: &[f32], act: &mut [f32], sig: &mut [f32], ffn: usize) {
         return unsafe { swiglu_rows_avx2(gu, act, sig, ffn) };
     }
     swiglu_rows_generic(gu, act, sig, ffn)
+}
+
+/// `act = silu(g) · u` for rows of `gu = [g, u]` (rows of `2·ffn`; `act` rows of `ffn`), the
+/// same values as [`swiglu_rows`] without keeping σ(g) (inference).
+pub fn silu_mul_rows(gu: &[f32], act: &mut [f32], ffn: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::rows::avx2_fma() {
+        // SAFETY: as in `swiglu_rows`.
+        return unsafe { silu_mul_rows_avx2(gu, act, ffn) };
+    }
+    silu_mul_rows_generic(gu, act, ffn)
 }
 
 /// The gradient of `[g, u]` from the gradient `da` of `silu(g) · u`, given `sig = σ(g)` as
@@ -165,6 +192,11 @@ mod tests {
         swiglu_rows(&gu, &mut act2, &mut sig2, ffn);
         swiglu_backward_rows(&gu, &sig2, &da, &mut dgu2, ffn);
         assert!(close(&act2, &want_act) && close(&dgu2, &want_dgu));
+        // The forward without σ(g) gives the same bits, on both builds.
+        let (mut act3, mut act4) = (vec![0.0f32; rows * ffn], vec![0.0f32; rows * ffn]);
+        silu_mul_rows(&gu, &mut act3, ffn);
+        silu_mul_rows_generic(&gu, &mut act4, ffn);
+        assert_eq!((&act3, &act4), (&act2, &act2));
         // The AVX2 build gives the portable build's bits.
         assert_eq!((act, sig, dgu), (act2, sig2, dgu2));
     }
