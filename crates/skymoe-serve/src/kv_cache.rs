@@ -283,6 +283,19 @@ impl KvCache {
         self.block_size - pos % self.block_size
     }
 
+    /// Positions `0..len` as runs `(pos, n)` that each stay within one block (what
+    /// [`KvCache::rows`] takes), in order.
+    pub(crate) fn block_runs(&self, len: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let mut pos = 0;
+        std::iter::from_fn(move || {
+            (pos < len).then(|| {
+                let n = self.rows_in_block(pos).min(len - pos);
+                pos += n;
+                (pos - n, n)
+            })
+        })
+    }
+
     /// The keys (`value: false`) or values of positions `pos .. pos + n` of a sequence (block
     /// table `blocks`) in `layer`, all in `pos`'s block (`n` at most
     /// [`KvCache::rows_in_block`]): the `width` elements starting at `from` of each (one kv
@@ -392,10 +405,9 @@ mod tests {
             let (mut k, mut v) = (Vec::new(), Vec::new());
             kv.gather(0, &blocks, 11, 3, (3, 3), &mut k, &mut v);
             let x = [0.5f32, -1.0, 2.0];
-            let mut pos = 0;
-            while pos < 11 {
-                let n = kv.rows_in_block(pos).min(11 - pos);
-                assert_eq!(n, (4 - pos % 4).min(11 - pos));
+            let runs: Vec<(usize, usize)> = kv.block_runs(11).collect();
+            assert_eq!(runs, [(0, 4), (4, 4), (8, 3)]);
+            for (pos, n) in runs {
                 let mut got = vec![0f32; n];
                 kv.rows(0, false, &blocks, pos, n, 3, 3).dots(&x, &mut got);
                 for (j, g) in got.iter().enumerate() {
@@ -416,7 +428,6 @@ mod tests {
                         "{dtype:?} {pos}"
                     );
                 }
-                pos += n;
             }
         }
     }

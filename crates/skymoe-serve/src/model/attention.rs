@@ -213,24 +213,18 @@ fn attend_by_rows(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task) -> 
         scores.clear();
         scores.resize(len, 0.0);
         // The cached positions one block at a time (each block's rows in one call).
-        let mut pos = 0;
-        while pos < len {
-            let n = kv.rows_in_block(pos).min(len - pos);
+        for (pos, n) in kv.block_runs(len) {
             kv.rows(inp.layer, false, ch.blocks, pos, n, g * hd, hd)
                 .dots(qv, &mut scores[pos..pos + n]);
-            pos += n;
         }
         for s in scores.iter_mut() {
             *s *= scale;
         }
         softmax(&mut scores);
         let ov = &mut out[r * vd..(r + 1) * vd];
-        let mut pos = 0;
-        while pos < len {
-            let n = kv.rows_in_block(pos).min(len - pos);
+        for (pos, n) in kv.block_runs(len) {
             kv.rows(inp.layer, true, ch.blocks, pos, n, g * hd, vd)
                 .axpy_into(&scores[pos..pos + n], ov);
-            pos += n;
         }
     }
     out
