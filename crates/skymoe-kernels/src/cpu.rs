@@ -36,19 +36,22 @@ pub fn cpu_tensor(data: Vec<f32>, shape: &[usize]) -> Tensor {
 /// Call `f` with the f32 elements of four CPU tensors (made contiguous first), as a custom
 /// op's backward pass needs them.
 pub fn slices<R>(ts: [&Tensor; 4], f: impl FnOnce([&[f32]; 4]) -> Result<R>) -> Result<R> {
-    let owned = [
-        ts[0].contiguous()?,
-        ts[1].contiguous()?,
-        ts[2].contiguous()?,
-        ts[3].contiguous()?,
-    ];
-    let guards = owned.each_ref().map(|t| t.storage_and_layout());
-    let mut out: [&[f32]; 4] = [&[]; 4];
-    for (o, (storage, layout)) in out.iter_mut().zip(&guards) {
+    with_slices(&ts, |s| f([s[0], s[1], s[2], s[3]]))
+}
+
+/// Call `f` with the f32 elements of CPU tensors (made contiguous first), in order.
+pub fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
+    let owned = ts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<Tensor>>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut out: Vec<&[f32]> = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
         let Storage::Cpu(cpu) = &**storage else {
             candle_core::bail!("fused kernel expects CPU tensors");
         };
-        *o = slice(cpu, layout)?;
+        out.push(slice(cpu, layout)?);
     }
-    f(out)
+    f(&out)
 }

@@ -11,11 +11,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{cpu_tensor, slice, slices};
-use crate::sgemm::{sgemm, View};
+use crate::cpu::{cpu_tensor, slice, slices, with_slices};
+use crate::sgemm::{sgemm, sgemm_add, View};
 use crate::vexp::{swiglu_backward_rows, swiglu_rows};
 use crate::{fused_ok, silu_mul};
 
@@ -90,26 +90,74 @@ fn split_rows<'a>(
     parts
 }
 
-/// Where [`grouped_swiglu_to_sink`] leaves the weight gradients of its backward pass:
-/// `d w13` (`[experts, 2·ffn, hidden]`) and `d w2` (`[experts, hidden, ffn]`).
+/// Where [`grouped_swiglu_to_sink`] leaves the weight gradients of its backward pass: for
+/// each expert, in the order its weights were given, the gradients of its gate, up and down
+/// projections.
 #[derive(Debug, Clone, Default)]
-pub struct WeightGradSink(Arc<Mutex<Option<(Tensor, Tensor)>>>);
+pub struct WeightGradSink(Arc<Mutex<Option<Vec<ExpertGrads>>>>);
+
+/// The gradients of one expert's gate (`[ffn, hidden]`), up (`[ffn, hidden]`) and down
+/// (`[hidden, ffn]`) projections.
+pub type ExpertGrads = (Tensor, Tensor, Tensor);
 
 impl WeightGradSink {
     /// The gradients of the latest backward pass through the operation, if one ran; taking
     /// them empties the sink.
-    pub fn take(&self) -> Option<(Tensor, Tensor)> {
+    pub fn take(&self) -> Option<Vec<ExpertGrads>> {
         self.0.lock().ok().and_then(|mut g| g.take())
     }
 }
 
-struct GroupedSwiGlu {
-    offsets: Vec<usize>,
-    /// When set, the weight gradients go here instead of to the autograd graph.
-    sink: Option<WeightGradSink>,
-    /// The gate and up projections of every row (`[rows, 2·ffn]`), their SwiGLU activations
-    /// and the gates' sigmoids (`[rows, ffn]`), kept by the forward pass for the backward pass.
-    saved: Mutex<Option<Arc<Saved>>>,
+/// One expert's weights as the kernels read them, row-major: gate and up `[ffn, hidden]`,
+/// down `[hidden, ffn]`.
+#[derive(Debug, Clone, Copy)]
+struct ExpertWeights<'a> {
+    gate: &'a [f32],
+    up: &'a [f32],
+    down: &'a [f32],
+}
+
+/// Where the backward pass writes one expert's weight gradients (shaped as its weights).
+struct ExpertGradsMut<'a> {
+    gate: &'a mut [f32],
+    up: &'a mut [f32],
+    down: &'a mut [f32],
+}
+
+/// The experts of stacked weights `w13 [experts, 2·ffn, hidden]` and `w2 [experts, hidden,
+/// ffn]`.
+fn stacked_experts<'a>(w13: &'a [f32], w2: &'a [f32], d: Dims) -> Vec<ExpertWeights<'a>> {
+    let (fh, w13_len) = (d.ffn * d.hidden, 2 * d.ffn * d.hidden);
+    (0..d.experts)
+        .map(|e| {
+            let w13e = &w13[e * w13_len..(e + 1) * w13_len];
+            ExpertWeights {
+                gate: &w13e[..fh],
+                up: &w13e[fh..],
+                down: &w2[e * fh..(e + 1) * fh],
+            }
+        })
+        .collect()
+}
+
+/// The per-expert parts of stacked gradients `dw13` and `dw2` (shaped as in
+/// [`stacked_experts`]).
+fn stacked_grads<'a>(
+    mut dw13: &'a mut [f32],
+    mut dw2: &'a mut [f32],
+    d: Dims,
+) -> Vec<ExpertGradsMut<'a>> {
+    let fh = d.ffn * d.hidden;
+    let mut out = Vec::with_capacity(d.experts);
+    for _ in 0..d.experts {
+        let (gate, rest) = std::mem::take(&mut dw13).split_at_mut(fh);
+        let (up, rest) = rest.split_at_mut(fh);
+        dw13 = rest;
+        let (down, rest) = std::mem::take(&mut dw2).split_at_mut(fh);
+        dw2 = rest;
+        out.push(ExpertGradsMut { gate, up, down });
+    }
+    out
 }
 
 /// What the forward pass keeps for the backward pass.
@@ -122,118 +170,147 @@ struct Saved {
     sig: Vec<f32>,
 }
 
-impl GroupedSwiGlu {
-    /// The output `[rows, hidden]` and what the backward pass needs.
-    fn forward(&self, x: &[f32], w13: &[f32], w2: &[f32], d: Dims) -> (Saved, Vec<f32>) {
-        let (h, f) = (d.hidden, d.ffn);
-        let blocks = row_blocks(&self.offsets);
-        let mut gu = vec![0.0f32; d.rows * 2 * f];
-        let mut act = vec![0.0f32; d.rows * f];
-        let mut sig = vec![0.0f32; d.rows * f];
-        let mut y = vec![0.0f32; d.rows * h];
-        let gu_parts = split_rows(&mut gu, 2 * f, &blocks);
-        let act_parts = split_rows(&mut act, f, &blocks);
-        let sig_parts = split_rows(&mut sig, f, &blocks);
-        let y_parts = split_rows(&mut y, h, &blocks);
-        blocks
-            .par_iter()
-            .zip(gu_parts)
-            .zip(act_parts)
-            .zip(sig_parts)
-            .zip(y_parts)
-            .for_each(|((((&(e, r0, r1), gu), act), sig), y)| {
-                let n = r1 - r0;
-                let xb = View::row_major(&x[r0 * h..r1 * h], n, h, h);
-                let w13e = &w13[e * 2 * f * h..(e + 1) * 2 * f * h];
-                sgemm(xb, View::transpose_of(w13e, h, 2 * f, h), 1.0, gu, 2 * f);
-                swiglu_rows(gu, act, sig, f);
-                let w2e = &w2[e * h * f..(e + 1) * h * f];
-                sgemm(
-                    View::row_major(act, n, f, f),
-                    View::transpose_of(w2e, f, h, f),
-                    1.0,
-                    y,
-                    h,
-                );
-            });
-        (Saved { gu, act, sig }, y)
-    }
-
-    /// Gradients of the rows, of `w13` and of `w2` for the upstream gradient `dy`.
-    fn backward(
-        &self,
-        x: &[f32],
-        w13: &[f32],
-        w2: &[f32],
-        saved: &Saved,
-        dy: &[f32],
-        d: Dims,
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let (h, f) = (d.hidden, d.ffn);
-        let (gu, act) = (&saved.gu, &saved.act);
-        let blocks = row_blocks(&self.offsets);
-        // Row phase: the gradient of [g, u] and of the rows.
-        let mut dgu = vec![0.0f32; d.rows * 2 * f];
-        let mut dx = vec![0.0f32; d.rows * h];
-        let dgu_parts = split_rows(&mut dgu, 2 * f, &blocks);
-        let dx_parts = split_rows(&mut dx, h, &blocks);
-        blocks
-            .par_iter()
-            .zip(dgu_parts)
-            .zip(dx_parts)
-            .for_each(|((&(e, r0, r1), dgu), dx)| {
-                let n = r1 - r0;
-                let gub = &gu[r0 * 2 * f..r1 * 2 * f];
-                let w2e = &w2[e * h * f..(e + 1) * h * f];
-                // dA = dY · W2 (W2 is [h, f]).
-                let mut da = vec![0.0f32; n * f];
-                sgemm(
-                    View::row_major(&dy[r0 * h..r1 * h], n, h, h),
-                    View::row_major(w2e, h, f, f),
-                    1.0,
-                    &mut da,
-                    f,
-                );
-                swiglu_backward_rows(gub, &saved.sig[r0 * f..r1 * f], &da, dgu, f);
-                // dX = dGU · W13 (W13 is [2f, h]).
-                let w13e = &w13[e * 2 * f * h..(e + 1) * 2 * f * h];
-                sgemm(
-                    View::row_major(dgu, n, 2 * f, 2 * f),
-                    View::row_major(w13e, 2 * f, h, h),
-                    1.0,
-                    dx,
-                    h,
-                );
-            });
-        // Weight phase: dW13[e] = dGUᵀ · X and dW2[e] = dYᵀ · A over the expert's rows, in
-        // blocks of output rows. Experts without rows keep zero gradients.
-        let mut dw13 = vec![0.0f32; d.experts * 2 * f * h];
-        let mut dw2 = vec![0.0f32; d.experts * h * f];
-        let offsets = &self.offsets;
-        let dgu = &dgu;
-        let w13_tasks = dw13.chunks_mut(2 * f * h).enumerate().flat_map(|(e, out)| {
-            out.chunks_mut(WEIGHT_BLOCK * h)
-                .enumerate()
-                .map(move |(i, out)| (0u8, e, i * WEIGHT_BLOCK, out))
-        });
-        let w2_tasks = dw2.chunks_mut(h * f).enumerate().flat_map(|(e, out)| {
-            out.chunks_mut(WEIGHT_BLOCK * f)
-                .enumerate()
-                .map(move |(i, out)| (1u8, e, i * WEIGHT_BLOCK, out))
-        });
-        let tasks: Vec<(u8, usize, usize, &mut [f32])> = w13_tasks
-            .chain(w2_tasks)
-            .filter(|t| offsets[t.1 + 1] > offsets[t.1])
-            .collect();
-        tasks.into_par_iter().for_each(|(kind, e, row, out)| {
-            let (r0, r1) = (offsets[e], offsets[e + 1]);
+/// The output `[rows, hidden]` of the experts `experts` (expert `e`'s rows at
+/// `offsets[e]..offsets[e + 1]` of `x`), and what the backward pass needs.
+fn forward(
+    experts: &[ExpertWeights<'_>],
+    offsets: &[usize],
+    x: &[f32],
+    d: Dims,
+) -> (Saved, Vec<f32>) {
+    let (h, f) = (d.hidden, d.ffn);
+    let blocks = row_blocks(offsets);
+    let mut gu = vec![0.0f32; d.rows * 2 * f];
+    let mut act = vec![0.0f32; d.rows * f];
+    let mut sig = vec![0.0f32; d.rows * f];
+    let mut y = vec![0.0f32; d.rows * h];
+    let gu_parts = split_rows(&mut gu, 2 * f, &blocks);
+    let act_parts = split_rows(&mut act, f, &blocks);
+    let sig_parts = split_rows(&mut sig, f, &blocks);
+    let y_parts = split_rows(&mut y, h, &blocks);
+    blocks
+        .par_iter()
+        .zip(gu_parts)
+        .zip(act_parts)
+        .zip(sig_parts)
+        .zip(y_parts)
+        .for_each(|((((&(e, r0, r1), gu), act), sig), y)| {
             let n = r1 - r0;
-            if kind == 0 {
-                // Rows `row..` of dW13[e] ([2f, h]).
+            let w = experts[e];
+            let xb = View::row_major(&x[r0 * h..r1 * h], n, h, h);
+            // [g, u] = x · [gate; up]ᵀ, the gate in the first f columns.
+            sgemm(xb, View::transpose_of(w.gate, h, f, h), 1.0, gu, 2 * f);
+            sgemm(
+                xb,
+                View::transpose_of(w.up, h, f, h),
+                1.0,
+                &mut gu[f..],
+                2 * f,
+            );
+            swiglu_rows(gu, act, sig, f);
+            sgemm(
+                View::row_major(act, n, f, f),
+                View::transpose_of(w.down, f, h, f),
+                1.0,
+                y,
+                h,
+            );
+        });
+    (Saved { gu, act, sig }, y)
+}
+
+/// Which weight gradient a task of the backward pass's weight phase computes.
+#[derive(Debug, Clone, Copy)]
+enum WeightPart {
+    /// Rows of the gate (`0`) or up (`ffn`) projection's gradient from this column of dGU.
+    GateUp(usize),
+    /// Rows of the down projection's gradient.
+    Down,
+}
+
+/// The gradient of the rows for the upstream gradient `dy`; the experts' weight gradients
+/// go to `grads` (zero for experts without rows).
+fn backward(
+    experts: &[ExpertWeights<'_>],
+    offsets: &[usize],
+    x: &[f32],
+    saved: &Saved,
+    dy: &[f32],
+    d: Dims,
+    grads: &mut [ExpertGradsMut<'_>],
+) -> Vec<f32> {
+    let (h, f) = (d.hidden, d.ffn);
+    let (gu, act) = (&saved.gu, &saved.act);
+    let blocks = row_blocks(offsets);
+    // Row phase: the gradient of [g, u] and of the rows.
+    let mut dgu = vec![0.0f32; d.rows * 2 * f];
+    let mut dx = vec![0.0f32; d.rows * h];
+    let dgu_parts = split_rows(&mut dgu, 2 * f, &blocks);
+    let dx_parts = split_rows(&mut dx, h, &blocks);
+    blocks
+        .par_iter()
+        .zip(dgu_parts)
+        .zip(dx_parts)
+        .for_each(|((&(e, r0, r1), dgu), dx)| {
+            let n = r1 - r0;
+            let w = experts[e];
+            let gub = &gu[r0 * 2 * f..r1 * 2 * f];
+            // dA = dY · down (down is [h, f]).
+            let mut da = vec![0.0f32; n * f];
+            sgemm(
+                View::row_major(&dy[r0 * h..r1 * h], n, h, h),
+                View::row_major(w.down, h, f, f),
+                1.0,
+                &mut da,
+                f,
+            );
+            swiglu_backward_rows(gub, &saved.sig[r0 * f..r1 * f], &da, dgu, f);
+            // dX = dG · gate + dU · up (both [f, h]).
+            sgemm(
+                View::row_major(dgu, n, f, 2 * f),
+                View::row_major(w.gate, f, h, h),
+                1.0,
+                dx,
+                h,
+            );
+            sgemm_add(
+                View::row_major(&dgu[f..], n, f, 2 * f),
+                View::row_major(w.up, f, h, h),
+                1.0,
+                dx,
+                h,
+            );
+        });
+    // Weight phase: d gate[e] and d up[e] = dGUᵀ · X, d down[e] = dYᵀ · A over the expert's
+    // rows, in blocks of output rows. Experts without rows get zero gradients.
+    let dgu = &dgu;
+    let mut tasks: Vec<(usize, WeightPart, usize, &mut [f32])> = Vec::new();
+    for (e, g) in grads.iter_mut().enumerate() {
+        if offsets[e + 1] == offsets[e] {
+            g.gate.fill(0.0);
+            g.up.fill(0.0);
+            g.down.fill(0.0);
+            continue;
+        }
+        for (col, out) in [(0, &mut *g.gate), (f, &mut *g.up)] {
+            for (i, out) in out.chunks_mut((WEIGHT_BLOCK * h).max(1)).enumerate() {
+                tasks.push((e, WeightPart::GateUp(col), i * WEIGHT_BLOCK, out));
+            }
+        }
+        for (i, out) in g.down.chunks_mut((WEIGHT_BLOCK * f).max(1)).enumerate() {
+            tasks.push((e, WeightPart::Down, i * WEIGHT_BLOCK, out));
+        }
+    }
+    tasks.into_par_iter().for_each(|(e, part, row, out)| {
+        let (r0, r1) = (offsets[e], offsets[e + 1]);
+        let n = r1 - r0;
+        match part {
+            WeightPart::GateUp(col) => {
                 let rows = out.len() / h;
-                let a = View::transpose_of(&dgu[r0 * 2 * f + row..], rows, n, 2 * f);
+                let a = View::transpose_of(&dgu[r0 * 2 * f + col + row..], rows, n, 2 * f);
                 sgemm(a, View::row_major(&x[r0 * h..r1 * h], n, h, h), 1.0, out, h);
-            } else {
+            }
+            WeightPart::Down => {
                 let rows = out.len() / f;
                 let a = View::transpose_of(&dy[r0 * h + row..], rows, n, h);
                 sgemm(
@@ -244,9 +321,16 @@ impl GroupedSwiGlu {
                     f,
                 );
             }
-        });
-        (dx, dw13, dw2)
-    }
+        }
+    });
+    dx
+}
+
+/// The grouped experts on stacked weight tensors, differentiable in all three arguments.
+struct GroupedSwiGlu {
+    offsets: Vec<usize>,
+    /// Kept by the forward pass for the backward pass.
+    saved: Mutex<Option<Arc<Saved>>>,
 }
 
 impl CustomOp3 for GroupedSwiGlu {
@@ -265,7 +349,7 @@ impl CustomOp3 for GroupedSwiGlu {
     ) -> Result<(CpuStorage, Shape)> {
         let d = check_dims(l1.dims(), l2.dims(), l3.dims(), &self.offsets)?;
         let (x, w13, w2) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let (kept, y) = self.forward(x, w13, w2, d);
+        let (kept, y) = forward(&stacked_experts(w13, w2, d), &self.offsets, x, d);
         if let Ok(mut saved) = self.saved.lock() {
             *saved = Some(Arc::new(kept));
         }
@@ -283,23 +367,126 @@ impl CustomOp3 for GroupedSwiGlu {
         let d = check_dims(x.dims(), w13.dims(), w2.dims(), &self.offsets)?;
         let saved = self.saved.lock().ok().and_then(|s| s.clone());
         let (dx, dw13, dw2) = slices([x, w13, w2, grad], |[xv, w13v, w2v, dy]| {
+            let experts = stacked_experts(w13v, w2v, d);
             let kept = match saved {
                 Some(kept) => kept,
-                None => Arc::new(self.forward(xv, w13v, w2v, d).0),
+                None => Arc::new(forward(&experts, &self.offsets, xv, d).0),
             };
-            Ok(self.backward(xv, w13v, w2v, &kept, dy, d))
+            let mut dw13 = vec![0.0f32; w13v.len()];
+            let mut dw2 = vec![0.0f32; w2v.len()];
+            let mut grads = stacked_grads(&mut dw13, &mut dw2, d);
+            let dx = backward(&experts, &self.offsets, xv, &kept, dy, d, &mut grads);
+            Ok((dx, dw13, dw2))
         })?;
-        let (dw13, dw2) = (cpu_tensor(dw13, w13.dims()), cpu_tensor(dw2, w2.dims()));
-        let dx = Some(cpu_tensor(dx, x.dims()));
-        match &self.sink {
-            Some(sink) => {
-                if let Ok(mut slot) = sink.0.lock() {
-                    *slot = Some((dw13, dw2));
-                }
-                Ok((dx, None, None))
-            }
-            None => Ok((dx, Some(dw13), Some(dw2))),
+        Ok((
+            Some(cpu_tensor(dx, x.dims())),
+            Some(cpu_tensor(dw13, w13.dims())),
+            Some(cpu_tensor(dw2, w2.dims())),
+        ))
+    }
+}
+
+/// The grouped experts on each expert's own weight tensors, read in place: differentiable in
+/// the rows only, the weight gradients going to a sink.
+struct GroupedSwiGluToSink {
+    offsets: Vec<usize>,
+    /// Gate, up and down projection of each expert (contiguous CPU f32).
+    weights: Vec<ExpertGrads>,
+    ffn: usize,
+    sink: WeightGradSink,
+    /// Kept by the forward pass for the backward pass.
+    saved: Mutex<Option<Arc<Saved>>>,
+}
+
+impl GroupedSwiGluToSink {
+    fn dims(&self, x: &[usize]) -> Result<Dims> {
+        let &[rows, hidden] = x else {
+            candle_core::bail!("grouped_swiglu_to_sink: rows {x:?} are not [n, hidden]");
+        };
+        Ok(Dims {
+            rows,
+            hidden,
+            ffn: self.ffn,
+            experts: self.weights.len(),
+        })
+    }
+
+    /// Call `f` with the experts' weights and the elements of `extra`.
+    fn with_weights<R>(
+        &self,
+        extra: &[&Tensor],
+        f: impl FnOnce(&[ExpertWeights<'_>], &[&[f32]]) -> Result<R>,
+    ) -> Result<R> {
+        let mut all: Vec<&Tensor> = Vec::with_capacity(3 * self.weights.len() + extra.len());
+        for (gate, up, down) in &self.weights {
+            all.extend([gate, up, down]);
         }
+        all.extend(extra);
+        with_slices(&all, |s| {
+            let (w, rest) = s.split_at(3 * self.weights.len());
+            let experts: Vec<ExpertWeights<'_>> = w
+                .chunks_exact(3)
+                .map(|p| ExpertWeights {
+                    gate: p[0],
+                    up: p[1],
+                    down: p[2],
+                })
+                .collect();
+            f(&experts, rest)
+        })
+    }
+}
+
+impl CustomOp1 for GroupedSwiGluToSink {
+    fn name(&self) -> &'static str {
+        "skymoe-grouped-swiglu-to-sink"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(l1.dims())?;
+        let x = slice(s1, l1)?;
+        let (kept, y) =
+            self.with_weights(&[], |experts, _| Ok(forward(experts, &self.offsets, x, d)))?;
+        if let Ok(mut saved) = self.saved.lock() {
+            *saved = Some(Arc::new(kept));
+        }
+        Ok((CpuStorage::F32(y), Shape::from((d.rows, d.hidden))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let d = self.dims(x.dims())?;
+        let saved = self.saved.lock().ok().and_then(|s| s.clone());
+        let fh = d.ffn * d.hidden;
+        let (dx, owned) = self.with_weights(&[x, grad], |experts, s| {
+            let (xv, dy) = (s[0], s[1]);
+            let kept = match saved {
+                Some(kept) => kept,
+                None => Arc::new(forward(experts, &self.offsets, xv, d).0),
+            };
+            let mut owned: Vec<[Vec<f32>; 3]> = (0..d.experts)
+                .map(|_| [vec![0.0f32; fh], vec![0.0f32; fh], vec![0.0f32; fh]])
+                .collect();
+            let mut grads: Vec<ExpertGradsMut<'_>> = owned
+                .iter_mut()
+                .map(|[gate, up, down]| ExpertGradsMut { gate, up, down })
+                .collect();
+            let dx = backward(experts, &self.offsets, xv, &kept, dy, d, &mut grads);
+            Ok((dx, owned))
+        })?;
+        let grads = owned
+            .into_iter()
+            .map(|[gate, up, down]| {
+                (
+                    cpu_tensor(gate, &[d.ffn, d.hidden]),
+                    cpu_tensor(up, &[d.ffn, d.hidden]),
+                    cpu_tensor(down, &[d.hidden, d.ffn]),
+                )
+            })
+            .collect();
+        if let Ok(mut slot) = self.sink.0.lock() {
+            *slot = Some(grads);
+        }
+        Ok(Some(cpu_tensor(dx, x.dims())))
     }
 }
 
@@ -318,36 +505,59 @@ pub fn grouped_swiglu(x: &Tensor, w13: &Tensor, w2: &Tensor, offsets: &[usize]) 
         &w2.contiguous()?,
         GroupedSwiGlu {
             offsets: offsets.to_vec(),
-            sink: None,
             saved: Mutex::new(None),
         },
     )
 }
 
-/// [`grouped_swiglu`] whose backward pass hands the weight gradients to `sink` instead of to
-/// the autograd graph (which then receives only the rows' gradient): for weights stacked from
-/// many variables, whose gradients the caller splits itself, this saves the graph a gradient
-/// of the stacked copy. On CPU f32 only (an error elsewhere).
+/// [`grouped_swiglu`] on each expert's own weights (`weights[e]`: the gate `[ffn, hidden]`,
+/// up `[ffn, hidden]` and down `[hidden, ffn]` projections of the expert whose rows are
+/// `offsets[e]..offsets[e + 1]`), read where they lie instead of stacked into a copy. Its
+/// backward pass hands the weight gradients to `sink` instead of to the autograd graph
+/// (which receives only the rows' gradient). On CPU f32 only (an error elsewhere).
 pub fn grouped_swiglu_to_sink(
     x: &Tensor,
-    w13: &Tensor,
-    w2: &Tensor,
+    weights: &[ExpertGrads],
     offsets: &[usize],
     sink: &WeightGradSink,
 ) -> Result<Tensor> {
-    check_dims(x.dims(), w13.dims(), w2.dims(), offsets)?;
-    if !fused_ok(&[x, w13, w2]) {
+    let Some((first, _, _)) = weights.first() else {
+        candle_core::bail!("grouped_swiglu_to_sink: no experts");
+    };
+    let (ffn, hidden) = first.dims2()?;
+    let all: Vec<&Tensor> = std::iter::once(x)
+        .chain(weights.iter().flat_map(|(g, u, d)| [g, u, d]))
+        .collect();
+    if !fused_ok(&all) {
         candle_core::bail!("grouped_swiglu_to_sink: CPU f32 tensors only");
     }
-    x.contiguous()?.apply_op3(
-        &w13.contiguous()?,
-        &w2.contiguous()?,
-        GroupedSwiGlu {
-            offsets: offsets.to_vec(),
-            sink: Some(sink.clone()),
-            saved: Mutex::new(None),
-        },
-    )
+    // The shapes of stacked weights, checked as the stacked operation checks them.
+    let e = weights.len();
+    for (gate, up, down) in weights {
+        if gate.dims() != [ffn, hidden]
+            || up.dims() != [ffn, hidden]
+            || down.dims() != [hidden, ffn]
+        {
+            candle_core::bail!(
+                "grouped_swiglu_to_sink: expert weights {:?}, {:?}, {:?} are not [{ffn}, {hidden}], [{ffn}, {hidden}], [{hidden}, {ffn}]",
+                gate.dims(),
+                up.dims(),
+                down.dims()
+            );
+        }
+    }
+    check_dims(x.dims(), &[e, 2 * ffn, hidden], &[e, hidden, ffn], offsets)?;
+    let weights = weights
+        .iter()
+        .map(|(g, u, d)| Ok((g.contiguous()?, u.contiguous()?, d.contiguous()?)))
+        .collect::<Result<Vec<_>>>()?;
+    x.contiguous()?.apply_op1(GroupedSwiGluToSink {
+        offsets: offsets.to_vec(),
+        weights,
+        ffn,
+        sink: sink.clone(),
+        saved: Mutex::new(None),
+    })
 }
 
 /// [`grouped_swiglu`] as a composition of candle ops (one product chain per expert), which

@@ -298,15 +298,61 @@ fn grouped_swiglu_hands_weight_gradients_to_its_sink() {
     let graph = objective(grouped_swiglu(&x, &w13, &w2, &offsets).unwrap())
         .backward()
         .unwrap();
+    // Each expert's weights as tensors of their own (views into the stacked ones here).
+    let weights: Vec<(Tensor, Tensor, Tensor)> = (0..3)
+        .map(|e| {
+            let w13e = w13.get(e).unwrap();
+            (
+                w13e.narrow(0, 0, f).unwrap(),
+                w13e.narrow(0, f, f).unwrap(),
+                w2.get(e).unwrap(),
+            )
+        })
+        .collect();
     let sink = WeightGradSink::default();
-    let y = grouped_swiglu_to_sink(&x, &w13, &w2, &offsets, &sink).unwrap();
+    let y = grouped_swiglu_to_sink(&x, &weights, &offsets, &sink).unwrap();
+    let stacked = grouped_swiglu(&x, &w13, &w2, &offsets).unwrap();
+    assert_eq!(max_diff(&y, &stacked), 0.0);
     let sunk = objective(y).backward().unwrap();
     assert!(sunk.get(&w13).is_none() && sunk.get(&w2).is_none());
     assert_eq!(max_diff(sunk.get(&x).unwrap(), graph.get(&x).unwrap()), 0.0);
-    let (d13, d2) = sink.take().expect("the backward pass filled the sink");
-    assert_eq!(max_diff(&d13, graph.get(&w13).unwrap()), 0.0);
-    assert_eq!(max_diff(&d2, graph.get(&w2).unwrap()), 0.0);
+    let grads = sink.take().expect("the backward pass filled the sink");
+    assert_eq!(grads.len(), 3);
+    let (d13, d2) = (graph.get(&w13).unwrap(), graph.get(&w2).unwrap());
+    for (e, (gate, up, down)) in grads.iter().enumerate() {
+        let d13e = d13.get(e).unwrap();
+        assert_eq!(gate.dims(), [f, h]);
+        assert_eq!(down.dims(), [h, f]);
+        assert_eq!(max_diff(gate, &d13e.narrow(0, 0, f).unwrap()), 0.0);
+        assert_eq!(max_diff(up, &d13e.narrow(0, f, f).unwrap()), 0.0);
+        assert_eq!(max_diff(down, &d2.get(e).unwrap()), 0.0);
+    }
+    // The expert without rows (the second) gets zero gradients.
+    assert_eq!(
+        grads[1]
+            .0
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
     assert!(sink.take().is_none(), "taking empties the sink");
+    // Weights of different shapes, and no experts, are errors.
+    let odd = vec![
+        weights[0].clone(),
+        (
+            weights[1].0.clone(),
+            weights[1].1.clone(),
+            rand(&[h, f + 1], 44, 0.3),
+        ),
+        weights[2].clone(),
+    ];
+    assert!(grouped_swiglu_to_sink(&x, &odd, &offsets, &sink).is_err());
+    assert!(grouped_swiglu_to_sink(&x, &[], &offsets, &sink).is_err());
+    assert!(grouped_swiglu_to_sink(&x, &weights[..2], &offsets, &sink).is_err());
 }
 
 #[test]

@@ -60,18 +60,11 @@ impl DeferredExpertGrads {
     /// Add the gradients of the latest backward pass to `store`, each under its weight (summed
     /// with a gradient already there); nothing if no backward pass reached the layer.
     pub fn add_to(&self, store: &mut candle_core::backprop::GradStore) -> Result<()> {
-        let Some((dw13, dw2)) = self.sink.take() else {
+        let Some(grads) = self.sink.take() else {
             return Ok(());
         };
-        for (e, (gate, up, down)) in self.weights.iter().enumerate() {
-            let ffn = gate.dim(0)?;
-            let d13 = dw13.get(e)?;
-            let grads = [
-                (gate, d13.narrow(0, 0, ffn)?),
-                (up, d13.narrow(0, ffn, ffn)?),
-                (down, dw2.get(e)?),
-            ];
-            for (weight, grad) in grads {
+        for ((gate, up, down), (d_gate, d_up, d_down)) in self.weights.iter().zip(grads) {
+            for (weight, grad) in [(gate, d_gate), (up, d_up), (down, d_down)] {
                 let sum = match store.get(weight) {
                     Some(prev) => (prev + grad)?,
                     None => grad,
@@ -201,7 +194,7 @@ impl MoeBlock {
                     .is_some_and(|g| !g.0.is_empty())
             })
             .collect();
-        if let Some((w13, w2)) = self.stacked_expert_weights(&active, defer)? {
+        if !active.is_empty() && self.experts_groupable() {
             // All active local experts in one grouped operation: rows sorted by expert.
             let (mut rows, mut slots, mut offsets) = (Vec::new(), Vec::new(), vec![0]);
             for &j in &active {
@@ -217,11 +210,10 @@ impl MoeBlock {
                 let slots = Tensor::from_vec(slots, n, dev)?;
                 let x_sorted = expert_input.index_select(&rows, 0)?;
                 let y = if defer {
+                    // Each expert's weights read where they lie; their gradients come back
+                    // through the sink.
                     let sink = skymoe_kernels::WeightGradSink::default();
-                    let y = skymoe_kernels::grouped_swiglu_to_sink(
-                        &x_sorted, &w13, &w2, &offsets, &sink,
-                    )?;
-                    let weights = active
+                    let weights: Vec<(Tensor, Tensor, Tensor)> = active
                         .iter()
                         .map(|&j| &self.experts[j])
                         .map(|x| {
@@ -232,10 +224,14 @@ impl MoeBlock {
                             )
                         })
                         .collect();
+                    let y = skymoe_kernels::grouped_swiglu_to_sink(
+                        &x_sorted, &weights, &offsets, &sink,
+                    )?;
                     routing.deferred_expert_grads = Some(DeferredExpertGrads { sink, weights });
                     y
                 } else {
-                    skymoe_kernels::grouped_swiglu(&x_sorted, &w13, &w2, &offsets)?
+                    let (w13, w2) = self.stacked_expert_weights(&active);
+                    skymoe_kernels::grouped_swiglu(&x_sorted, &w13?, &w2?, &offsets)?
                 };
                 let w = flat_weights.index_select(&slots, 0)?.unsqueeze(1)?;
                 out = out.index_add(&rows, &y.broadcast_mul(&w)?, 0)?;
@@ -255,48 +251,46 @@ impl MoeBlock {
         Ok((out.reshape(dims)?, routing))
     }
 
-    /// The local experts' weights stacked for [`skymoe_kernels::grouped_swiglu`]: gate over
-    /// up projection per expert (`[experts, 2·ffn, hidden]`) and the down projections
-    /// (`[experts, hidden, ffn]`); `None` when an expert has a bias or its shapes differ from
-    /// the others'. Only the local experts at positions `which` are stacked (none: `None`);
-    /// `detached`: copies outside the autograd graph.
-    fn stacked_expert_weights(
-        &self,
-        which: &[usize],
-        detached: bool,
-    ) -> Result<Option<(Tensor, Tensor)>> {
+    /// Whether the local experts can run as one grouped operation: none has a bias and all
+    /// have the shapes of the first.
+    fn experts_groupable(&self) -> bool {
         let Some(first) = self.experts.first() else {
-            return Ok(None);
+            return false;
         };
-        if which.is_empty() {
-            return Ok(None);
-        }
-        let (ffn, hidden) = first.gate.weight.dims2()?;
+        let gate = first.gate.weight.dims();
+        let down = first.down.weight.dims();
+        self.experts.iter().all(|expert| {
+            [&expert.gate, &expert.up, &expert.down]
+                .iter()
+                .all(|l| l.bias.is_none())
+                && expert.gate.weight.dims() == gate
+                && expert.up.weight.dims() == gate
+                && expert.down.weight.dims() == down
+                && gate.len() == 2
+                && down.len() == 2
+                && gate.first() == down.get(1)
+                && gate.get(1) == down.first()
+        })
+    }
+
+    /// The local experts at positions `which` stacked for [`skymoe_kernels::grouped_swiglu`]:
+    /// gate over up projection per expert (`[experts, 2·ffn, hidden]`) and the down
+    /// projections (`[experts, hidden, ffn]`), in the autograd graph. For
+    /// [`Self::experts_groupable`] experts.
+    fn stacked_expert_weights(&self, which: &[usize]) -> (Result<Tensor>, Result<Tensor>) {
         let mut w13 = Vec::with_capacity(2 * which.len());
         let mut w2 = Vec::with_capacity(which.len());
-        for expert in &self.experts {
-            let biased = [&expert.gate, &expert.up, &expert.down]
-                .iter()
-                .any(|l| l.bias.is_some());
-            if biased
-                || expert.gate.weight.dims() != [ffn, hidden]
-                || expert.up.weight.dims() != [ffn, hidden]
-                || expert.down.weight.dims() != [hidden, ffn]
-            {
-                return Ok(None);
-            }
-        }
-        let take = |w: &Tensor| if detached { w.detach() } else { w.clone() };
         for expert in which.iter().filter_map(|&j| self.experts.get(j)) {
-            w13.push(take(&expert.gate.weight));
-            w13.push(take(&expert.up.weight));
-            w2.push(take(&expert.down.weight));
+            w13.push(expert.gate.weight.clone());
+            w13.push(expert.up.weight.clone());
+            w2.push(expert.down.weight.clone());
         }
-        let e = which.len();
-        Ok(Some((
-            Tensor::cat(&w13, 0)?.reshape((e, 2 * ffn, hidden))?,
-            Tensor::stack(&w2, 0)?,
-        )))
+        let e = w2.len();
+        let stacked13 = Tensor::cat(&w13, 0).and_then(|t| {
+            let (rows, hidden) = t.dims2()?;
+            t.reshape((e, rows / e.max(1), hidden))
+        });
+        (stacked13, Tensor::stack(&w2, 0))
     }
 
     /// The local experts one after the other, each on the rows routed to it, combined into
