@@ -309,31 +309,49 @@ impl InplaceOp2 for AddInPlace {
     }
 }
 
-/// Add the gradients of one micro-batch into an accumulator (allocated on the first call,
-/// then updated in place).
-pub fn accumulate(
-    acc: &mut BTreeMap<String, Tensor>,
-    grads: BTreeMap<String, Tensor>,
-) -> Result<()> {
-    for (name, g) in grads {
-        match acc.get(&name) {
-            Some(a) => {
-                let g = if g.is_contiguous() {
-                    g
-                } else {
-                    g.contiguous()?
-                };
-                a.inplace_op2(&g, &AddInPlace)?;
-            }
-            None => {
-                // Own a fresh contiguous copy: autograd results may share storage. (A copy of
-                // the view only: `copy` would clone the whole storage a narrowed gradient
-                // shares with its siblings.)
-                acc.insert(name, g.force_contiguous()?.detach());
+/// The gradients of a step's micro-batches, summed in micro-batch order. The first
+/// micro-batch's gradients are kept as they are (no copy); the second is added to them into a
+/// fresh tensor (one pass over both), and later ones are added in place into that sum, which
+/// nothing else shares.
+#[derive(Debug, Default)]
+pub struct GradSum {
+    /// Each variable's gradient so far, and whether it is a sum this accumulator allocated
+    /// (and may therefore update in place).
+    sums: BTreeMap<String, (Tensor, bool)>,
+}
+
+impl GradSum {
+    /// Add one micro-batch's gradients.
+    pub fn add(&mut self, grads: BTreeMap<String, Tensor>) -> Result<()> {
+        for (name, g) in grads {
+            match self.sums.remove(&name) {
+                None => {
+                    self.sums.insert(name, (g, false));
+                }
+                Some((first, false)) => {
+                    // Autograd results may share storage with other tensors: write the sum
+                    // into a tensor of its own.
+                    let sum = (&first + &g)?;
+                    self.sums.insert(name, (sum, true));
+                }
+                Some((sum, true)) => {
+                    let g = if g.is_contiguous() {
+                        g
+                    } else {
+                        g.contiguous()?
+                    };
+                    sum.inplace_op2(&g, &AddInPlace)?;
+                    self.sums.insert(name, (sum, true));
+                }
             }
         }
+        Ok(())
     }
-    Ok(())
+
+    /// The summed gradients.
+    pub fn into_grads(self) -> BTreeMap<String, Tensor> {
+        self.sums.into_iter().map(|(n, (g, _))| (n, g)).collect()
+    }
 }
 
 #[cfg(test)]
@@ -429,20 +447,42 @@ mod tests {
     #[test]
     fn global_norm_and_accumulation() -> Result<()> {
         let dev = Device::Cpu;
-        let mut a = BTreeMap::new();
-        let g1: BTreeMap<String, Tensor> =
-            [("x".to_string(), Tensor::new(&[3.0f32, 0.0], &dev)?)].into();
-        let g2: BTreeMap<String, Tensor> =
-            [("x".to_string(), Tensor::new(&[0.0f32, 4.0], &dev)?)].into();
-        accumulate(&mut a, g1.clone())?;
-        accumulate(&mut a, g2)?;
-        assert_eq!(a["x"].to_vec1::<f32>()?, vec![3.0, 4.0]);
+        let grads = |v: [f32; 2]| -> Result<BTreeMap<String, Tensor>> {
+            Ok([("x".to_string(), Tensor::new(&v, &dev)?)].into())
+        };
+        let (g1, g2, g3) = (grads([3.0, 0.0])?, grads([0.0, 4.0])?, grads([1.0, 1.0])?);
+        // One micro-batch: its gradients as they are.
+        let mut one = GradSum::default();
+        one.add(g1.clone())?;
+        assert_eq!(one.into_grads()["x"].to_vec1::<f32>()?, vec![3.0, 0.0]);
+        let mut sum = GradSum::default();
+        sum.add(g1.clone())?;
+        sum.add(g2.clone())?;
+        let two = sum.into_grads();
+        assert_eq!(two["x"].to_vec1::<f32>()?, vec![3.0, 4.0]);
+        assert!((global_norm(&two)? - 5.0).abs() < 1e-12);
+        let mut sum = GradSum::default();
+        for g in [&g1, &g2, &g3] {
+            sum.add(g.clone())?;
+        }
+        assert_eq!(sum.into_grads()["x"].to_vec1::<f32>()?, vec![4.0, 5.0]);
+        for (g, want) in [(&g1, [3.0, 0.0]), (&g2, [0.0, 4.0]), (&g3, [1.0, 1.0])] {
+            assert_eq!(
+                g["x"].to_vec1::<f32>()?,
+                want,
+                "a micro-batch's gradient must not be aliased"
+            );
+        }
+        // A transposed (non-contiguous) gradient adds as its values.
+        let m = Tensor::new(&[[1.0f32, 2.0], [3.0, 4.0]], &dev)?;
+        let mut sum = GradSum::default();
+        for _ in 0..3 {
+            sum.add([("m".to_string(), m.t()?)].into())?;
+        }
         assert_eq!(
-            g1["x"].to_vec1::<f32>()?,
-            vec![3.0, 0.0],
-            "the first gradient must not be aliased"
+            sum.into_grads()["m"].to_vec2::<f32>()?,
+            vec![vec![3.0, 9.0], vec![6.0, 12.0]]
         );
-        assert!((global_norm(&a)? - 5.0).abs() < 1e-12);
         Ok(())
     }
 }

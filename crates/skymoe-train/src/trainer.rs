@@ -21,7 +21,7 @@ use crate::checkpoint::{list_checkpoints, load_trainer_state, save_checkpoint, T
 use crate::data::{PackedDataset, TokenFile};
 use crate::error::{Result, TrainError};
 use crate::loss::cross_entropy;
-use crate::optim::{accumulate, global_norm, AdamW};
+use crate::optim::{global_norm, AdamW, GradSum};
 use crate::params::TrainableParams;
 use crate::run_config::RunConfig;
 
@@ -867,7 +867,7 @@ impl Trainer {
         let capacity = cfg.capacity_factor();
         let alpha = self.state.aux.alpha.clone();
         let n_moe = alpha.len();
-        let mut grads_acc: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut grad_sum = GradSum::default();
         let experts = self.model_config.moe.as_ref().map_or(0, |m| m.num_experts);
         let mut sums = StepSums::new(n_moe, experts);
         // The index among the MoE layers of each layer (a pipeline stage routes only its own).
@@ -992,7 +992,7 @@ impl Trainer {
                     tokens += f.tokens;
                     let finite = merge_forward(&f, &mut sums);
                     match grads {
-                        Some(grads) if finite => accumulate(&mut grads_acc, grads)?,
+                        Some(grads) if finite => grad_sum.add(grads)?,
                         _ if split => nonfinite = nonfinite.max(1.0),
                         _ => {
                             return Err(TrainError::NonFiniteLoss {
@@ -1036,16 +1036,11 @@ impl Trainer {
                     let Some((total, deferred)) = pending[i].take() else {
                         continue;
                     };
-                    let grads = backward_micro(&ctx, &total, &deferred)?;
-                    if accum == 1 {
-                        // One micro-batch: use the gradients as they are, no copy.
-                        grads_acc = grads;
-                    } else {
-                        accumulate(&mut grads_acc, grads)?;
-                    }
+                    grad_sum.add(backward_micro(&ctx, &total, &deferred)?)?;
                 }
             }
         }
+        let mut grads_acc = grad_sum.into_grads();
         let StepSums {
             mut loss_sum,
             mut ce_sum,
