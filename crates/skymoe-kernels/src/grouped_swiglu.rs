@@ -9,13 +9,14 @@
 //! a second core are not left idle. The gate and up projections of expert `e` are stacked as
 //! `w13[e] = [gate; up]` (`[2·ffn, hidden]`), the down projections as `w2[e]` (`[hidden, ffn]`).
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::{cpu_tensor, slice, slices, with_slices};
-use crate::sgemm::{sgemm, sgemm_add, View};
+use crate::sgemm::{sgemm_add, sgemm_uninit, View};
 use crate::vexp::{swiglu_backward_rows, swiglu_rows};
 use crate::{fused_ok, silu_mul};
 
@@ -72,11 +73,11 @@ fn row_blocks(offsets: &[usize]) -> Vec<(usize, usize, usize)> {
 }
 
 /// Cut `buf` (rows of `width` floats) into the row ranges of `blocks`, in order.
-fn split_rows<'a>(
-    mut buf: &'a mut [f32],
+fn split_rows<'a, T>(
+    mut buf: &'a mut [T],
     width: usize,
     blocks: &[(usize, usize, usize)],
-) -> Vec<&'a mut [f32]> {
+) -> Vec<&'a mut [T]> {
     let mut parts = Vec::with_capacity(blocks.len());
     let mut at = blocks.first().map_or(0, |b| b.1);
     for &(_, r0, r1) in blocks {
@@ -88,6 +89,37 @@ fn split_rows<'a>(
         at = r1;
     }
     parts
+}
+
+/// `n` floats for outputs that products overwrite whole, allocated without zeroing.
+fn unfilled(n: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(n);
+    // Under test an element left unwritten shows as NaN in the results.
+    #[cfg(test)]
+    v.resize(n, MaybeUninit::new(f32::NAN));
+    #[cfg(not(test))]
+    v.resize_with(n, MaybeUninit::uninit);
+    v
+}
+
+/// The floats of `v` once every one has been written.
+///
+/// # Safety
+/// Every element of `v` must be initialised.
+unsafe fn filled(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, every element is initialised (the
+    // caller's contract), and the allocation passes whole from one vector to the other.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
+}
+
+/// The floats of `s` once every one has been written.
+///
+/// # Safety
+/// Every element of `s` must be initialised.
+unsafe fn filled_mut(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: as in `filled`.
+    unsafe { &mut *(s as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// Where [`grouped_swiglu_to_sink`] leaves the weight gradients of its backward pass: for
@@ -117,11 +149,12 @@ struct ExpertWeights<'a> {
     down: &'a [f32],
 }
 
-/// Where the backward pass writes one expert's weight gradients (shaped as its weights).
+/// Where the backward pass writes one expert's weight gradients (shaped as its weights; the
+/// backward pass writes every element).
 struct ExpertGradsMut<'a> {
-    gate: &'a mut [f32],
-    up: &'a mut [f32],
-    down: &'a mut [f32],
+    gate: &'a mut [MaybeUninit<f32>],
+    up: &'a mut [MaybeUninit<f32>],
+    down: &'a mut [MaybeUninit<f32>],
 }
 
 /// The experts of stacked weights `w13 [experts, 2·ffn, hidden]` and `w2 [experts, hidden,
@@ -143,8 +176,8 @@ fn stacked_experts<'a>(w13: &'a [f32], w2: &'a [f32], d: Dims) -> Vec<ExpertWeig
 /// The per-expert parts of stacked gradients `dw13` and `dw2` (shaped as in
 /// [`stacked_experts`]).
 fn stacked_grads<'a>(
-    mut dw13: &'a mut [f32],
-    mut dw2: &'a mut [f32],
+    mut dw13: &'a mut [MaybeUninit<f32>],
+    mut dw2: &'a mut [MaybeUninit<f32>],
     d: Dims,
 ) -> Vec<ExpertGradsMut<'a>> {
     let fh = d.ffn * d.hidden;
@@ -180,10 +213,10 @@ fn forward(
 ) -> (Saved, Vec<f32>) {
     let (h, f) = (d.hidden, d.ffn);
     let blocks = row_blocks(offsets);
-    let mut gu = vec![0.0f32; d.rows * 2 * f];
+    let mut gu = unfilled(d.rows * 2 * f);
     let mut act = vec![0.0f32; d.rows * f];
     let mut sig = vec![0.0f32; d.rows * f];
-    let mut y = vec![0.0f32; d.rows * h];
+    let mut y = unfilled(d.rows * h);
     let gu_parts = split_rows(&mut gu, 2 * f, &blocks);
     let act_parts = split_rows(&mut act, f, &blocks);
     let sig_parts = split_rows(&mut sig, f, &blocks);
@@ -199,16 +232,14 @@ fn forward(
             let w = experts[e];
             let xb = View::row_major(&x[r0 * h..r1 * h], n, h, h);
             // [g, u] = x · [gate; up]ᵀ, the gate in the first f columns.
-            sgemm(xb, View::transpose_of(w.gate, h, f, h), 1.0, gu, 2 * f);
-            sgemm(
-                xb,
-                View::transpose_of(w.up, h, f, h),
-                1.0,
-                &mut gu[f..],
-                2 * f,
-            );
+            sgemm_uninit(xb, View::transpose_of(w.gate, h, f, h), 1.0, gu, 2 * f);
+            let up = View::transpose_of(w.up, h, f, h);
+            sgemm_uninit(xb, up, 1.0, &mut gu[f..], 2 * f);
+            // SAFETY: the two products wrote columns 0..f and f..2f of each of the block's
+            // rows: all of it.
+            let gu = unsafe { filled_mut(gu) };
             swiglu_rows(gu, act, sig, f);
-            sgemm(
+            sgemm_uninit(
                 View::row_major(act, n, f, f),
                 View::transpose_of(w.down, f, h, f),
                 1.0,
@@ -216,6 +247,9 @@ fn forward(
                 h,
             );
         });
+    // SAFETY: the row blocks cover every row (`row_blocks` walks the offsets from 0 to
+    // `rows`), and each block's products wrote its rows of `gu` and `y` whole.
+    let (gu, y) = unsafe { (filled(gu), filled(y)) };
     (Saved { gu, act, sig }, y)
 }
 
@@ -244,7 +278,7 @@ fn backward(
     let blocks = row_blocks(offsets);
     // Row phase: the gradient of [g, u] and of the rows.
     let mut dgu = vec![0.0f32; d.rows * 2 * f];
-    let mut dx = vec![0.0f32; d.rows * h];
+    let mut dx = unfilled(d.rows * h);
     let dgu_parts = split_rows(&mut dgu, 2 * f, &blocks);
     let dx_parts = split_rows(&mut dx, h, &blocks);
     blocks
@@ -256,23 +290,27 @@ fn backward(
             let w = experts[e];
             let gub = &gu[r0 * 2 * f..r1 * 2 * f];
             // dA = dY · down (down is [h, f]).
-            let mut da = vec![0.0f32; n * f];
-            sgemm(
+            let mut da = unfilled(n * f);
+            sgemm_uninit(
                 View::row_major(&dy[r0 * h..r1 * h], n, h, h),
                 View::row_major(w.down, h, f, f),
                 1.0,
                 &mut da,
                 f,
             );
+            // SAFETY: the product wrote all n × f elements.
+            let da = unsafe { filled(da) };
             swiglu_backward_rows(gub, &saved.sig[r0 * f..r1 * f], &da, dgu, f);
             // dX = dG · gate + dU · up (both [f, h]).
-            sgemm(
+            sgemm_uninit(
                 View::row_major(dgu, n, f, 2 * f),
                 View::row_major(w.gate, f, h, h),
                 1.0,
                 dx,
                 h,
             );
+            // SAFETY: the product wrote the block's rows of dX whole.
+            let dx = unsafe { filled_mut(dx) };
             sgemm_add(
                 View::row_major(&dgu[f..], n, f, 2 * f),
                 View::row_major(w.up, f, h, h),
@@ -284,12 +322,12 @@ fn backward(
     // Weight phase: d gate[e] and d up[e] = dGUᵀ · X, d down[e] = dYᵀ · A over the expert's
     // rows, in blocks of output rows. Experts without rows get zero gradients.
     let dgu = &dgu;
-    let mut tasks: Vec<(usize, WeightPart, usize, &mut [f32])> = Vec::new();
+    let mut tasks: Vec<(usize, WeightPart, usize, &mut [MaybeUninit<f32>])> = Vec::new();
     for (e, g) in grads.iter_mut().enumerate() {
         if offsets[e + 1] == offsets[e] {
-            g.gate.fill(0.0);
-            g.up.fill(0.0);
-            g.down.fill(0.0);
+            for out in [&mut *g.gate, &mut *g.up, &mut *g.down] {
+                out.fill(MaybeUninit::new(0.0));
+            }
             continue;
         }
         for (col, out) in [(0, &mut *g.gate), (f, &mut *g.up)] {
@@ -308,12 +346,12 @@ fn backward(
             WeightPart::GateUp(col) => {
                 let rows = out.len() / h;
                 let a = View::transpose_of(&dgu[r0 * 2 * f + col + row..], rows, n, 2 * f);
-                sgemm(a, View::row_major(&x[r0 * h..r1 * h], n, h, h), 1.0, out, h);
+                sgemm_uninit(a, View::row_major(&x[r0 * h..r1 * h], n, h, h), 1.0, out, h);
             }
             WeightPart::Down => {
                 let rows = out.len() / f;
                 let a = View::transpose_of(&dy[r0 * h + row..], rows, n, h);
-                sgemm(
+                sgemm_uninit(
                     a,
                     View::row_major(&act[r0 * f..r1 * f], n, f, f),
                     1.0,
@@ -323,7 +361,8 @@ fn backward(
             }
         }
     });
-    dx
+    // SAFETY: the row blocks cover every row, and each block's products wrote its rows of dX.
+    unsafe { filled(dx) }
 }
 
 /// The grouped experts on stacked weight tensors, differentiable in all three arguments.
@@ -372,11 +411,13 @@ impl CustomOp3 for GroupedSwiGlu {
                 Some(kept) => kept,
                 None => Arc::new(forward(&experts, &self.offsets, xv, d).0),
             };
-            let mut dw13 = vec![0.0f32; w13v.len()];
-            let mut dw2 = vec![0.0f32; w2v.len()];
+            let mut dw13 = unfilled(w13v.len());
+            let mut dw2 = unfilled(w2v.len());
             let mut grads = stacked_grads(&mut dw13, &mut dw2, d);
             let dx = backward(&experts, &self.offsets, xv, &kept, dy, d, &mut grads);
-            Ok((dx, dw13, dw2))
+            // SAFETY: the experts' parts cover both buffers (`stacked_grads`), and the
+            // backward pass wrote every expert's gradients whole.
+            Ok((dx, unsafe { filled(dw13) }, unsafe { filled(dw2) }))
         })?;
         Ok((
             Some(cpu_tensor(dx, x.dims())),
@@ -463,8 +504,8 @@ impl CustomOp1 for GroupedSwiGluToSink {
                 Some(kept) => kept,
                 None => Arc::new(forward(experts, &self.offsets, xv, d).0),
             };
-            let mut owned: Vec<[Vec<f32>; 3]> = (0..d.experts)
-                .map(|_| [vec![0.0f32; fh], vec![0.0f32; fh], vec![0.0f32; fh]])
+            let mut owned: Vec<[Vec<MaybeUninit<f32>>; 3]> = (0..d.experts)
+                .map(|_| [unfilled(fh), unfilled(fh), unfilled(fh)])
                 .collect();
             let mut grads: Vec<ExpertGradsMut<'_>> = owned
                 .iter_mut()
@@ -476,6 +517,8 @@ impl CustomOp1 for GroupedSwiGluToSink {
         let grads = owned
             .into_iter()
             .map(|[gate, up, down]| {
+                // SAFETY: the backward pass wrote every expert's gradients whole.
+                let [gate, up, down] = unsafe { [filled(gate), filled(up), filled(down)] };
                 (
                     cpu_tensor(gate, &[d.ffn, d.hidden]),
                     cpu_tensor(up, &[d.ffn, d.hidden]),
@@ -586,4 +629,98 @@ pub fn reference_grouped_swiglu(
         return Tensor::zeros((0, d.hidden), x.dtype(), x.device());
     }
     Tensor::cat(&parts, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 2000.0 - 0.25)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Every output and gradient is written (the unfilled buffers start as NaN under test) and
+    /// equals the composition of candle ops: an expert without rows, experts of more rows than
+    /// a row block, widths that the weight blocks do not divide.
+    #[test]
+    fn outputs_allocated_without_zeroing_are_written_whole() {
+        let offsets = [0usize, 300, 300, 301, 620];
+        let (h, f, e) = (24usize, WEIGHT_BLOCK + 20, 4usize);
+        let x = Var::from_tensor(&rand(&[620, h], 1)).unwrap();
+        let w13 = Var::from_tensor(&rand(&[e, 2 * f, h], 2)).unwrap();
+        let w2 = Var::from_tensor(&rand(&[e, h, f], 3)).unwrap();
+        let probe = rand(&[620, h], 4);
+        let fused = grouped_swiglu(&x, &w13, &w2, &offsets).unwrap();
+        let plain = reference_grouped_swiglu(&x, &w13, &w2, &offsets).unwrap();
+        assert!(max_diff(&fused, &plain) < 1e-5);
+        let gf = (fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gp = (plain * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w13, &w2] {
+            let (a, b) = (gf.get(v).unwrap(), gp.get(v).unwrap());
+            assert!(
+                max_diff(a, b) < 1e-4,
+                "gradient differs by {}",
+                max_diff(a, b)
+            );
+        }
+        // The expert without rows has zero weight gradients.
+        let empty = gf.get(&w13).unwrap().get(1).unwrap();
+        assert_eq!(
+            empty
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        // The same through the sink, per expert.
+        let weights: Vec<ExpertGrads> = (0..e)
+            .map(|i| {
+                let w = w13.get(i).unwrap();
+                (
+                    w.narrow(0, 0, f).unwrap(),
+                    w.narrow(0, f, f).unwrap(),
+                    w2.get(i).unwrap(),
+                )
+            })
+            .collect();
+        let sink = WeightGradSink::default();
+        let y = grouped_swiglu_to_sink(&x, &weights, &offsets, &sink).unwrap();
+        let gs = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(max_diff(gs.get(&x).unwrap(), gf.get(&x).unwrap()), 0.0);
+        for (i, (g, u, d)) in sink.take().unwrap().iter().enumerate() {
+            let w = gf.get(&w13).unwrap().get(i).unwrap();
+            assert_eq!(max_diff(g, &w.narrow(0, 0, f).unwrap()), 0.0);
+            assert_eq!(max_diff(u, &w.narrow(0, f, f).unwrap()), 0.0);
+            assert_eq!(max_diff(d, &gf.get(&w2).unwrap().get(i).unwrap()), 0.0);
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! A safe, single-threaded f32 matrix product over strided slices (the `gemm` crate's
 //! kernels), for callers that multiply many small matrices in parallel themselves.
 
+use std::mem::MaybeUninit;
+
 /// A matrix view: `data[i * row_stride + j * col_stride]` is element `(i, j)` of a
 /// `rows × cols` matrix.
 #[derive(Debug, Clone, Copy)]
@@ -54,7 +56,8 @@ impl<'a> View<'a> {
 /// If the shapes disagree or a view or the output reaches past its slice (a programming
 /// error of the caller, not a data error).
 pub fn sgemm(a: View<'_>, b: View<'_>, alpha: f32, out: &mut [f32], out_stride: usize) {
-    product(a, b, alpha, out, out_stride, false);
+    // SAFETY: `out` is `out.len()` initialised floats that nothing else borrows.
+    unsafe { product(a, b, alpha, out.as_mut_ptr(), out.len(), out_stride, false) }
 }
 
 /// `out[i * out_stride + j] += alpha · Σ_k a(i, k) · b(k, j)`: as [`sgemm`], but adding to the
@@ -63,17 +66,59 @@ pub fn sgemm(a: View<'_>, b: View<'_>, alpha: f32, out: &mut [f32], out_stride: 
 /// # Panics
 /// As [`sgemm`].
 pub fn sgemm_add(a: View<'_>, b: View<'_>, alpha: f32, out: &mut [f32], out_stride: usize) {
-    product(a, b, alpha, out, out_stride, true);
+    // SAFETY: as in `sgemm`.
+    unsafe { product(a, b, alpha, out.as_mut_ptr(), out.len(), out_stride, true) }
 }
 
-/// The product of [`sgemm`] (`add`: false) or [`sgemm_add`] (true).
-fn product(a: View<'_>, b: View<'_>, alpha: f32, out: &mut [f32], out_stride: usize, add: bool) {
+/// As [`sgemm`], into floats that need not be initialised (a buffer allocated without
+/// zeroing): every element `out[i * out_stride + j]` (`i < a.rows`, `j < b.cols`) is written
+/// and none is read, so those elements are initialised afterwards.
+///
+/// # Panics
+/// As [`sgemm`].
+pub fn sgemm_uninit(
+    a: View<'_>,
+    b: View<'_>,
+    alpha: f32,
+    out: &mut [MaybeUninit<f32>],
+    out_stride: usize,
+) {
+    // SAFETY: `out` is `out.len()` floats that nothing else borrows; without `add` nothing is
+    // read from them.
+    unsafe {
+        product(
+            a,
+            b,
+            alpha,
+            out.as_mut_ptr().cast::<f32>(),
+            out.len(),
+            out_stride,
+            false,
+        )
+    }
+}
+
+/// The product of [`sgemm`] (`add`: false) or [`sgemm_add`] (true) into the `out_len` floats
+/// at `out`.
+///
+/// # Safety
+/// `out` must be valid for writes of `out_len` floats that nothing else accesses during the
+/// call, and, with `add`, for reads of them as initialised floats.
+unsafe fn product(
+    a: View<'_>,
+    b: View<'_>,
+    alpha: f32,
+    out: *mut f32,
+    out_len: usize,
+    out_stride: usize,
+    add: bool,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "inner dimensions");
     assert!(
         View::fits(m, k, a.row_stride, a.col_stride, a.data.len())
             && View::fits(k, n, b.row_stride, b.col_stride, b.data.len())
-            && View::fits(m, n, out_stride, 1, out.len()),
+            && View::fits(m, n, out_stride, 1, out_len),
         "matrix view out of bounds"
     );
     if m == 0 || n == 0 {
@@ -82,20 +127,25 @@ fn product(a: View<'_>, b: View<'_>, alpha: f32, out: &mut [f32], out_stride: us
     if k == 0 {
         if !add {
             for i in 0..m {
-                out[i * out_stride..i * out_stride + n].fill(0.0);
+                for j in 0..n {
+                    // SAFETY: element i·out_stride + j is inside the output (asserted above),
+                    // which the caller lets us write.
+                    unsafe { out.add(i * out_stride + j).write(0.0) };
+                }
             }
         }
         return;
     }
-    // SAFETY: every element the product reads or writes lies inside its slice (asserted
-    // above), the output does not alias the inputs (a `&mut` borrow); without `add` the
-    // output's old contents are never read, with it they are read inside the same slice.
+    // SAFETY: every element the product reads or writes lies inside its slice or the output
+    // (asserted above); the output is the caller's to write (and, with `add`, to read) and
+    // does not alias the inputs (shared borrows here, exclusive ones there); without `add`
+    // the output's old contents are never read.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            out,
             1,
             out_stride as isize,
             add,
@@ -170,6 +220,32 @@ mod tests {
         sgemm_add(square(&a), square(&b), 2.0, &mut out, 2);
         // a·b = [[4.5, -0.5], [9.5, -2]].
         assert_eq!(out, [19.0, 19.0, 49.0, 36.0]);
+    }
+
+    #[test]
+    fn product_into_unfilled_floats_writes_every_element() {
+        let (m, k, n, stride) = (4, 5, 3, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.3).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.7).cos()).collect();
+        let (av, bv) = (View::row_major(&a, m, k, k), View::row_major(&b, k, n, n));
+        let mut want = vec![0f32; m * stride];
+        sgemm(av, bv, 1.5, &mut want, stride);
+        let mut out = vec![MaybeUninit::<f32>::uninit(); m * stride];
+        sgemm_uninit(av, bv, 1.5, &mut out, stride);
+        // SAFETY: the stride equals the width, so the product wrote every element.
+        let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+        assert_eq!(got, want);
+        // An empty inner dimension writes zeros.
+        let mut out = vec![MaybeUninit::<f32>::uninit(); 6];
+        sgemm_uninit(
+            View::row_major(&[], 2, 0, 0),
+            View::row_major(&[], 0, 3, 3),
+            1.0,
+            &mut out,
+            3,
+        );
+        // SAFETY: as above.
+        assert!(out.iter().all(|v| unsafe { v.assume_init() } == 0.0));
     }
 
     #[test]
