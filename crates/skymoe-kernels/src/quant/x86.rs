@@ -240,15 +240,56 @@ macro_rules! rows4_kernel {
     };
 }
 
+/// A four-row kernel that reads the four rows one after the other, each to its end (four
+/// accumulators per row), without software prefetches: the weights are then one sequential
+/// stream that the hardware prefetchers follow by themselves. For f16 weights on AVX-512 this
+/// measured 15-20% faster batch-1 decode than the interleaved kernel with prefetches (Zen 4,
+/// `skymoe bench`, alternated); for int8 and FP8 weights it measured level or slower.
+macro_rules! rows4_seq_kernel {
+    ($name:ident, $feat:literal, $elem:ty, $lanes:expr, $zero:expr, $fma:ident, $loadx:ident,
+     $reduce:ident, $add:ident, $dec:ident) => {
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(w: *const $elem, x: *const f32, cols: usize) -> ([f32; 4], usize) {
+            let mut out = [0f32; 4];
+            let mut done = 0;
+            // SAFETY (whole body): the caller guarantees `w` points at four rows of `cols`
+            // weights, one after the other, and `x` at `cols` activations; every access
+            // below is below those bounds.
+            unsafe {
+                for (r, o) in out.iter_mut().enumerate() {
+                    let p = w.add(r * cols);
+                    let mut a = [$zero; 4];
+                    let mut c = 0;
+                    while c + 4 * $lanes <= cols {
+                        for (u, acc) in a.iter_mut().enumerate() {
+                            let wv = $dec(p.add(c + u * $lanes));
+                            *acc = $fma(wv, $loadx(x.add(c + u * $lanes)), *acc);
+                        }
+                        c += 4 * $lanes;
+                    }
+                    while c + $lanes <= cols {
+                        a[0] = $fma($dec(p.add(c)), $loadx(x.add(c)), a[0]);
+                        c += $lanes;
+                    }
+                    *o = $reduce($add($add(a[0], a[1]), $add(a[2], a[3])));
+                    done = c;
+                }
+            }
+            (out, done)
+        }
+    };
+}
+
 /// The one-row kernel (`dots…`, `M` activation rows) and the four-row kernel (`rows4…`, one
-/// activation row) of each element type, for one vector width (its features, lanes, vector
+/// activation row; `rows4_kernel` or `rows4_seq_kernel`, as each type measured best) of each
+/// element type, for one vector width (its features, lanes, vector
 /// type and operations given once).
 macro_rules! kernels {
     ($feat:literal, $lanes:expr, $vec:ty, $zero:expr, $fma:ident, $loadx:ident, $reduce:ident,
-     $add:ident; $(($dots:ident, $rows4:ident, $elem:ty, $dec:ident)),* $(,)?) => {
+     $add:ident; $(($dots:ident, $rows4_kind:ident $rows4:ident, $elem:ty, $dec:ident)),* $(,)?) => {
         $(
             dots_kernel!($dots, $feat, $elem, $lanes, $vec, $zero, $fma, $loadx, $reduce, $add, $dec);
-            rows4_kernel!($rows4, $feat, $elem, $lanes, $zero, $fma, $loadx, $reduce, $add, $dec);
+            $rows4_kind!($rows4, $feat, $elem, $lanes, $zero, $fma, $loadx, $reduce, $add, $dec);
         )*
     };
 }
@@ -256,18 +297,18 @@ macro_rules! kernels {
 kernels!(
     "avx512f,avx512bw,avx2,fma,f16c", 16, __m512, _mm512_setzero_ps(), _mm512_fmadd_ps,
     _mm512_loadu_ps, hsum512, _mm512_add_ps;
-    (dots512_f32, rows4_512_f32, f32, dec512_f32),
-    (dots512_f16, rows4_512_f16, u16, dec512_f16),
-    (dots512_i8, rows4_512_i8, i8, dec512_i8),
-    (dots512_fp8, rows4_512_fp8, u8, dec512_fp8),
+    (dots512_f32, rows4_kernel rows4_512_f32, f32, dec512_f32),
+    (dots512_f16, rows4_seq_kernel rows4_512_f16, u16, dec512_f16),
+    (dots512_i8, rows4_kernel rows4_512_i8, i8, dec512_i8),
+    (dots512_fp8, rows4_kernel rows4_512_fp8, u8, dec512_fp8),
 );
 kernels!(
     "avx2,fma,f16c", 8, __m256, _mm256_setzero_ps(), _mm256_fmadd_ps, _mm256_loadu_ps,
     hsum256, _mm256_add_ps;
-    (dots256_f32, rows4_256_f32, f32, dec256_f32),
-    (dots256_f16, rows4_256_f16, u16, dec256_f16),
-    (dots256_i8, rows4_256_i8, i8, dec256_i8),
-    (dots256_fp8, rows4_256_fp8, u8, dec256_fp8),
+    (dots256_f32, rows4_kernel rows4_256_f32, f32, dec256_f32),
+    (dots256_f16, rows4_kernel rows4_256_f16, u16, dec256_f16),
+    (dots256_i8, rows4_kernel rows4_256_i8, i8, dec256_i8),
+    (dots256_fp8, rows4_kernel rows4_256_fp8, u8, dec256_fp8),
 );
 
 /// Partial dot products of one activation row `x` with rows `r .. r + 4` of `mat` (not q4):
