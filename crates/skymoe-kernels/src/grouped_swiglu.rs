@@ -126,16 +126,16 @@ unsafe fn filled_mut(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
 /// each expert, in the order its weights were given, the gradients of its gate, up and down
 /// projections.
 #[derive(Debug, Clone, Default)]
-pub struct WeightGradSink(Arc<Mutex<Option<Vec<ExpertGrads>>>>);
+pub struct WeightGradSink(Arc<Mutex<Option<Vec<ExpertTensors>>>>);
 
-/// The gradients of one expert's gate (`[ffn, hidden]`), up (`[ffn, hidden]`) and down
-/// (`[hidden, ffn]`) projections.
-pub type ExpertGrads = (Tensor, Tensor, Tensor);
+/// One expert's gate (`[ffn, hidden]`), up (`[ffn, hidden]`) and down (`[hidden, ffn]`)
+/// projections: its weights, or their gradients.
+pub type ExpertTensors = (Tensor, Tensor, Tensor);
 
 impl WeightGradSink {
     /// The gradients of the latest backward pass through the operation, if one ran; taking
     /// them empties the sink.
-    pub fn take(&self) -> Option<Vec<ExpertGrads>> {
+    pub fn take(&self) -> Option<Vec<ExpertTensors>> {
         self.0.lock().ok().and_then(|mut g| g.take())
     }
 }
@@ -432,7 +432,7 @@ impl CustomOp3 for GroupedSwiGlu {
 struct GroupedSwiGluToSink {
     offsets: Vec<usize>,
     /// Gate, up and down projection of each expert (contiguous CPU f32).
-    weights: Vec<ExpertGrads>,
+    weights: Vec<ExpertTensors>,
     ffn: usize,
     sink: WeightGradSink,
     /// Kept by the forward pass for the backward pass.
@@ -560,7 +560,7 @@ pub fn grouped_swiglu(x: &Tensor, w13: &Tensor, w2: &Tensor, offsets: &[usize]) 
 /// (which receives only the rows' gradient). On CPU f32 only (an error elsewhere).
 pub fn grouped_swiglu_to_sink(
     x: &Tensor,
-    weights: &[ExpertGrads],
+    weights: &[ExpertTensors],
     offsets: &[usize],
     sink: &WeightGradSink,
 ) -> Result<Tensor> {
@@ -702,7 +702,7 @@ mod tests {
             0.0
         );
         // The same through the sink, per expert.
-        let weights: Vec<ExpertGrads> = (0..e)
+        let weights: Vec<ExpertTensors> = (0..e)
             .map(|i| {
                 let w = w13.get(i).unwrap();
                 (

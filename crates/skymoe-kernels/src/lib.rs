@@ -27,7 +27,7 @@ mod vexp;
 pub use attention::{causal_attention, reference_causal_attention};
 pub use cross_entropy::cross_entropy;
 pub use grouped_swiglu::{
-    grouped_swiglu, grouped_swiglu_to_sink, reference_grouped_swiglu, ExpertGrads, WeightGradSink,
+    grouped_swiglu, grouped_swiglu_to_sink, reference_grouped_swiglu, ExpertTensors, WeightGradSink,
 };
 pub use rms_norm::rms_norm;
 pub use rope::rope;

@@ -230,8 +230,8 @@ impl MoeBlock {
                     routing.deferred_expert_grads = Some(DeferredExpertGrads { sink, weights });
                     y
                 } else {
-                    let (w13, w2) = self.stacked_expert_weights(&active);
-                    skymoe_kernels::grouped_swiglu(&x_sorted, &w13?, &w2?, &offsets)?
+                    let (w13, w2) = self.stacked_expert_weights(&active)?;
+                    skymoe_kernels::grouped_swiglu(&x_sorted, &w13, &w2, &offsets)?
                 };
                 let w = flat_weights.index_select(&slots, 0)?.unsqueeze(1)?;
                 out = out.index_add(&rows, &y.broadcast_mul(&w)?, 0)?;
@@ -251,33 +251,31 @@ impl MoeBlock {
         Ok((out.reshape(dims)?, routing))
     }
 
-    /// Whether the local experts can run as one grouped operation: none has a bias and all
-    /// have the shapes of the first.
+    /// Whether the local experts can run as one grouped operation: none has a bias, every
+    /// gate and up projection is `[ffn, hidden]` and every down projection `[hidden, ffn]`,
+    /// as the first expert's.
     fn experts_groupable(&self) -> bool {
         let Some(first) = self.experts.first() else {
             return false;
         };
-        let gate = first.gate.weight.dims();
-        let down = first.down.weight.dims();
-        self.experts.iter().all(|expert| {
-            [&expert.gate, &expert.up, &expert.down]
-                .iter()
-                .all(|l| l.bias.is_none())
-                && expert.gate.weight.dims() == gate
-                && expert.up.weight.dims() == gate
-                && expert.down.weight.dims() == down
-                && gate.len() == 2
-                && down.len() == 2
-                && gate.first() == down.get(1)
-                && gate.get(1) == down.first()
-        })
+        let (gate, down) = (first.gate.weight.dims(), first.down.weight.dims());
+        let transposed = matches!((gate, down), (&[f, h], &[h2, f2]) if f == f2 && h == h2);
+        transposed
+            && self.experts.iter().all(|expert| {
+                [&expert.gate, &expert.up, &expert.down]
+                    .iter()
+                    .all(|l| l.bias.is_none())
+                    && expert.gate.weight.dims() == gate
+                    && expert.up.weight.dims() == gate
+                    && expert.down.weight.dims() == down
+            })
     }
 
     /// The local experts at positions `which` stacked for [`skymoe_kernels::grouped_swiglu`]:
     /// gate over up projection per expert (`[experts, 2·ffn, hidden]`) and the down
     /// projections (`[experts, hidden, ffn]`), in the autograd graph. For
     /// [`Self::experts_groupable`] experts.
-    fn stacked_expert_weights(&self, which: &[usize]) -> (Result<Tensor>, Result<Tensor>) {
+    fn stacked_expert_weights(&self, which: &[usize]) -> Result<(Tensor, Tensor)> {
         let mut w13 = Vec::with_capacity(2 * which.len());
         let mut w2 = Vec::with_capacity(which.len());
         for expert in which.iter().filter_map(|&j| self.experts.get(j)) {
@@ -285,12 +283,10 @@ impl MoeBlock {
             w13.push(expert.up.weight.clone());
             w2.push(expert.down.weight.clone());
         }
-        let e = w2.len();
-        let stacked13 = Tensor::cat(&w13, 0).and_then(|t| {
-            let (rows, hidden) = t.dims2()?;
-            t.reshape((e, rows / e.max(1), hidden))
-        });
-        (stacked13, Tensor::stack(&w2, 0))
+        let w13 = Tensor::cat(&w13, 0)?;
+        let (rows, hidden) = w13.dims2()?;
+        let e = w2.len().max(1);
+        Ok((w13.reshape((e, rows / e, hidden))?, Tensor::stack(&w2, 0)?))
     }
 
     /// The local experts one after the other, each on the rows routed to it, combined into
