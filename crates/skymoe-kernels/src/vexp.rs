@@ -16,7 +16,11 @@ pub fn exp(x: f32) -> f32 {
     // Written as comparisons (not `max`/`min`) so that NaN passes through.
     let x = if x > 88.3 { 88.3 } else { x };
     let x = if x < -87.3 { -87.3 } else { x };
-    let k = (x * LOG2E + ROUND) - ROUND;
+    // `x·log₂e + 1.5·2²³` holds k = round(x·log₂e) in its low mantissa bits: k is read from
+    // the bits with integer arithmetic, which vectorises (a float-to-int cast does not: Rust's
+    // saturating `as i32` became one scalar conversion per lane).
+    let shifted = x * LOG2E + ROUND;
+    let k = shifted - ROUND;
     let r = x - k * LN2_HI - k * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -25,7 +29,12 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    // 2^k from k + 127 in the exponent field; the clamps keep k + 127 within 1..=254.
+    let biased = shifted
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(127);
+    let scale = f32::from_bits(biased << 23);
     e * scale
 }
 
@@ -154,6 +163,50 @@ mod tests {
         assert!(exp(f32::NAN).is_nan());
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(-200.0) < 1e-37 && exp(200.0) > 1e38 && exp(200.0).is_finite());
+    }
+
+    /// The exponential with k converted by a float-to-int cast: what `exp` computed before it
+    /// read k from the bits.
+    fn exp_by_cast(x: f32) -> f32 {
+        let x = if x > 88.3 { 88.3 } else { x };
+        let x = if x < -87.3 { -87.3 } else { x };
+        let k = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+        let r = x - k * 0.693_359_4 - k * -2.121_944_4e-4;
+        let mut p = 1.987_569_1e-4f32;
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = p * r + c;
+        }
+        (p * r * r + r + 1.0) * f32::from_bits(((k as i32 + 127) as u32) << 23)
+    }
+
+    #[test]
+    fn exp_reads_k_from_the_bits_as_the_cast_did() {
+        let mut x = -100.0f32;
+        while x < 100.0 {
+            assert_eq!(exp(x).to_bits(), exp_by_cast(x).to_bits(), "x = {x}");
+            x += 0.000_71;
+        }
+        for x in [
+            -87.3f32,
+            -87.29,
+            88.29,
+            88.3,
+            -0.0,
+            f32::MIN,
+            f32::MAX,
+            1e-30,
+        ] {
+            assert_eq!(exp(x).to_bits(), exp_by_cast(x).to_bits(), "x = {x}");
+        }
+        for x in [f32::INFINITY, f32::NEG_INFINITY] {
+            assert_eq!(exp(x), exp_by_cast(x));
+        }
     }
 
     #[test]
