@@ -7,14 +7,15 @@
 //! are skipped, the output is written directly in `[batch, seq, heads · head_dim]` order, and
 //! heads run in parallel.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{cpu_tensor, slice, slices};
+use crate::cpu::{cpu_tensor, filled, filled_mut, slice, slices, unfilled};
 use crate::rows::{softmax_backward_row, softmax_row};
-use crate::sgemm::{sgemm, sgemm_add, View};
+use crate::sgemm::{sgemm, sgemm_add, sgemm_uninit, View};
 use crate::{fused_ok, reference};
 
 /// Query rows per block: a block's products stop at the last key its last row sees.
@@ -78,9 +79,10 @@ impl CausalAttention {
     fn forward(&self, q: &[f32], k: &[f32], v: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
         let (t, s, hd) = (d.t, d.s, d.head_dim);
         let rep = d.heads / d.kv_heads;
-        let mut probs = vec![0.0f32; d.batch * d.heads * t * s];
+        // Both written whole below, so allocated without zeroing.
+        let mut probs = unfilled(d.batch * d.heads * t * s);
         // Per head `[t, head_dim]`, reordered into the output afterwards.
-        let mut per_head = vec![0.0f32; d.batch * d.heads * t * hd];
+        let mut per_head = unfilled(d.batch * d.heads * t * hd);
         probs
             .par_chunks_mut(t * s)
             .zip(per_head.par_chunks_mut(t * hd))
@@ -96,7 +98,7 @@ impl CausalAttention {
                     let n = r1 - r0;
                     let kend = self.visible(r1 - 1, s);
                     let pb = &mut p[r0 * s..r1 * s];
-                    sgemm(
+                    sgemm_uninit(
                         View::row_major(&qh[r0 * hd..r1 * hd], n, hd, hd),
                         View::transpose_of(kh, hd, kend, hd),
                         self.scale,
@@ -104,9 +106,14 @@ impl CausalAttention {
                         s,
                     );
                     for (i, row) in pb.chunks_mut(s).enumerate() {
-                        softmax_row(&mut row[..kend], self.visible(r0 + i, s));
+                        let (seen, masked) = row.split_at_mut(kend);
+                        // SAFETY: the product wrote the row's first `kend` scores.
+                        softmax_row(unsafe { filled_mut(seen) }, self.visible(r0 + i, s));
+                        masked.fill(MaybeUninit::new(0.0));
                     }
-                    sgemm(
+                    // SAFETY: every row of the block was written whole just above.
+                    let pb = unsafe { filled_mut(pb) };
+                    sgemm_uninit(
                         View::row_major(pb, n, kend, s),
                         View::row_major(vh, kend, hd, hd),
                         1.0,
@@ -115,14 +122,21 @@ impl CausalAttention {
                     );
                 }
             });
-        let mut out = vec![0.0f32; d.batch * t * d.heads * hd];
+        // SAFETY: the query blocks cover every row of every head, and each block's products
+        // (and softmax and masking) wrote its rows of both whole.
+        let (probs, per_head) = unsafe { (filled(probs), filled(per_head)) };
+        let mut out = unfilled(d.batch * t * d.heads * hd);
         for (bh, o) in per_head.chunks(t * hd).enumerate() {
             let (b, h) = (bh / d.heads, bh % d.heads);
             for (i, row) in o.chunks(hd).enumerate() {
                 let at = ((b * t + i) * d.heads + h) * hd;
-                out[at..at + hd].copy_from_slice(row);
+                for (dst, &v) in out[at..at + hd].iter_mut().zip(row) {
+                    *dst = MaybeUninit::new(v);
+                }
             }
         }
+        // SAFETY: every (batch, position, head) row of the output was copied just above.
+        let out = unsafe { filled(out) };
         (out, probs)
     }
 
@@ -140,7 +154,8 @@ impl CausalAttention {
         let (t, s, hd) = (d.t, d.s, d.head_dim);
         let rep = d.heads / d.kv_heads;
         let row = d.heads * hd;
-        let mut dq = vec![0.0f32; q.len()];
+        // Written whole by the products below; dK and dV are sums, so they start at zero.
+        let mut dq = unfilled(q.len());
         let mut dk = vec![0.0f32; k.len()];
         let mut dv = vec![0.0f32; v.len()];
         // One task per key/value head: it owns that head's dK, dV and its query heads' dQ.
@@ -175,7 +190,7 @@ impl CausalAttention {
                         }
                         let dsv = View::row_major(dsb, n, kend, kend);
                         // dQ = scale · dS · K; dK += scale · dSᵀ · Q; dV += Pᵀ · dO.
-                        sgemm(
+                        sgemm_uninit(
                             dsv,
                             View::row_major(kh, kend, hd, hd),
                             self.scale,
@@ -199,7 +214,9 @@ impl CausalAttention {
                     }
                 }
             });
-        (dq, dk, dv)
+        // SAFETY: each query head's blocks cover all its rows of dQ, each written whole by
+        // its product.
+        (unsafe { filled(dq) }, dk, dv)
     }
 }
 
@@ -304,4 +321,42 @@ pub fn reference_causal_attention(
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, t, d.heads * hd))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::*;
+    use crate::cpu::max_abs_diff as max_diff;
+
+    /// Under test the buffers allocated without zeroing start as NaN: the output and the
+    /// gradients match the composed reference only if every element was written.
+    #[test]
+    fn outputs_allocated_without_zeroing_are_written_whole() -> Result<()> {
+        let dev = Device::Cpu;
+        // Two query blocks (the second partial) behind a cache offset, grouped heads.
+        let (b, heads, kv_heads, t, offset, hd) = (2, 4, 2, QUERY_BLOCK + 7, 5, 8);
+        let s = offset + t;
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, heads, t, hd), &dev)?)?;
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, kv_heads, s, hd), &dev)?)?;
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, kv_heads, s, hd), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (b, t, heads * hd), &dev)?;
+        let scale = 0.35;
+        let fused = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, offset)?;
+        let plain =
+            reference_causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, offset)?;
+        assert!(max_diff(&fused, &plain) < 1e-5);
+        let gf = (fused * &probe)?.sum_all()?.backward()?;
+        let gp = (plain * &probe)?.sum_all()?.backward()?;
+        for var in [&q, &k, &v] {
+            let (a, b) = (gf.get(var).unwrap(), gp.get(var).unwrap());
+            assert!(
+                max_diff(a, b) < 1e-4,
+                "gradient differs by {}",
+                max_diff(a, b)
+            );
+        }
+        Ok(())
+    }
 }

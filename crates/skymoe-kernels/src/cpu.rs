@@ -1,5 +1,7 @@
 //! Helpers to read and write contiguous f32 CPU storage.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
 /// The f32 elements a contiguous layout covers.
@@ -54,4 +56,56 @@ pub fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) ->
         out.push(slice(cpu, layout)?);
     }
     f(&out)
+}
+
+/// `n` floats for outputs that products overwrite whole, allocated without zeroing.
+pub(crate) fn unfilled(n: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(n);
+    // Under test an element left unwritten shows as NaN in the results.
+    #[cfg(test)]
+    v.resize(n, MaybeUninit::new(f32::NAN));
+    #[cfg(not(test))]
+    v.resize_with(n, MaybeUninit::uninit);
+    v
+}
+
+/// The floats of `v` once every one has been written.
+///
+/// # Safety
+/// Every element of `v` must be initialised.
+pub(crate) unsafe fn filled(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, every element is initialised (the
+    // caller's contract), and the allocation passes whole from one vector to the other.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
+}
+
+/// The floats of `s` once every one has been written.
+///
+/// # Safety
+/// Every element of `s` must be initialised.
+pub(crate) unsafe fn filled_mut(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: as in `filled`.
+    unsafe { &mut *(s as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// The largest absolute difference between two tensors' elements, infinite where either has
+/// a NaN (candle's own maximum may skip NaNs) or the two cannot be read as f32.
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let values = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+    let (Ok(a), Ok(b)) = (values(a), values(b)) else {
+        return f32::INFINITY;
+    };
+    if a.len() != b.len() {
+        return f32::INFINITY;
+    }
+    a.iter().zip(&b).fold(0.0, |m, (x, y)| {
+        let d = (x - y).abs();
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(d)
+        }
+    })
 }

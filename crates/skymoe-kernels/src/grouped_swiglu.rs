@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{cpu_tensor, slice, slices, with_slices};
+use crate::cpu::{cpu_tensor, filled, filled_mut, slice, slices, unfilled, with_slices};
 use crate::sgemm::{sgemm_add, sgemm_uninit, View};
 use crate::vexp::{swiglu_backward_rows, swiglu_rows};
 use crate::{fused_ok, silu_mul};
@@ -89,37 +89,6 @@ fn split_rows<'a, T>(
         at = r1;
     }
     parts
-}
-
-/// `n` floats for outputs that products overwrite whole, allocated without zeroing.
-fn unfilled(n: usize) -> Vec<MaybeUninit<f32>> {
-    let mut v = Vec::with_capacity(n);
-    // Under test an element left unwritten shows as NaN in the results.
-    #[cfg(test)]
-    v.resize(n, MaybeUninit::new(f32::NAN));
-    #[cfg(not(test))]
-    v.resize_with(n, MaybeUninit::uninit);
-    v
-}
-
-/// The floats of `v` once every one has been written.
-///
-/// # Safety
-/// Every element of `v` must be initialised.
-unsafe fn filled(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
-    let mut v = std::mem::ManuallyDrop::new(v);
-    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, every element is initialised (the
-    // caller's contract), and the allocation passes whole from one vector to the other.
-    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
-}
-
-/// The floats of `s` once every one has been written.
-///
-/// # Safety
-/// Every element of `s` must be initialised.
-unsafe fn filled_mut(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
-    // SAFETY: as in `filled`.
-    unsafe { &mut *(s as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// Where [`grouped_swiglu_to_sink`] leaves the weight gradients of its backward pass: for
@@ -214,8 +183,8 @@ fn forward(
     let (h, f) = (d.hidden, d.ffn);
     let blocks = row_blocks(offsets);
     let mut gu = unfilled(d.rows * 2 * f);
-    let mut act = vec![0.0f32; d.rows * f];
-    let mut sig = vec![0.0f32; d.rows * f];
+    let mut act = unfilled(d.rows * f);
+    let mut sig = unfilled(d.rows * f);
     let mut y = unfilled(d.rows * h);
     let gu_parts = split_rows(&mut gu, 2 * f, &blocks);
     let act_parts = split_rows(&mut act, f, &blocks);
@@ -239,6 +208,8 @@ fn forward(
             // rows: all of it.
             let gu = unsafe { filled_mut(gu) };
             swiglu_rows(gu, act, sig, f);
+            // SAFETY: `swiglu_rows` wrote every element of the block's rows of both.
+            let act = unsafe { filled_mut(act) };
             sgemm_uninit(
                 View::row_major(act, n, f, f),
                 View::transpose_of(w.down, f, h, f),
@@ -248,8 +219,9 @@ fn forward(
             );
         });
     // SAFETY: the row blocks cover every row (`row_blocks` walks the offsets from 0 to
-    // `rows`), and each block's products wrote its rows of `gu` and `y` whole.
-    let (gu, y) = unsafe { (filled(gu), filled(y)) };
+    // `rows`), and each block's products and `swiglu_rows` wrote its rows of `gu`, `y`,
+    // `act` and `sig` whole.
+    let (gu, y, act, sig) = unsafe { (filled(gu), filled(y), filled(act), filled(sig)) };
     (Saved { gu, act, sig }, y)
 }
 
@@ -277,7 +249,7 @@ fn backward(
     let (gu, act) = (&saved.gu, &saved.act);
     let blocks = row_blocks(offsets);
     // Row phase: the gradient of [g, u] and of the rows.
-    let mut dgu = vec![0.0f32; d.rows * 2 * f];
+    let mut dgu = unfilled(d.rows * 2 * f);
     let mut dx = unfilled(d.rows * h);
     let dgu_parts = split_rows(&mut dgu, 2 * f, &blocks);
     let dx_parts = split_rows(&mut dx, h, &blocks);
@@ -301,6 +273,8 @@ fn backward(
             // SAFETY: the product wrote all n × f elements.
             let da = unsafe { filled(da) };
             swiglu_backward_rows(gub, &saved.sig[r0 * f..r1 * f], &da, dgu, f);
+            // SAFETY: `swiglu_backward_rows` wrote every element of the block's rows.
+            let dgu = unsafe { filled_mut(dgu) };
             // dX = dG · gate + dU · up (both [f, h]).
             sgemm_uninit(
                 View::row_major(dgu, n, f, 2 * f),
@@ -321,6 +295,9 @@ fn backward(
         });
     // Weight phase: d gate[e] and d up[e] = dGUᵀ · X, d down[e] = dYᵀ · A over the expert's
     // rows, in blocks of output rows. Experts without rows get zero gradients.
+    // SAFETY: the row blocks cover every row, and `swiglu_backward_rows` wrote each block's
+    // rows of dGU whole.
+    let dgu = unsafe { filled(dgu) };
     let dgu = &dgu;
     let mut tasks: Vec<(usize, WeightPart, usize, &mut [MaybeUninit<f32>])> = Vec::new();
     for (e, g) in grads.iter_mut().enumerate() {
@@ -634,6 +611,7 @@ pub fn reference_grouped_swiglu(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::max_abs_diff as max_diff;
     use candle_core::{Device, Var};
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -642,17 +620,6 @@ mod tests {
             .map(|i| ((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 2000.0 - 0.25)
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     /// Every output and gradient is written (the unfilled buffers start as NaN under test) and

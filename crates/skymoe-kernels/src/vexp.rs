@@ -5,6 +5,8 @@
 //! parts) and the degree-6 polynomial of Cephes' `expf` for `p`: within 2 ulp of `f32::exp`
 //! over `[-87, 88]`; NaN stays NaN.
 
+use std::mem::MaybeUninit;
+
 /// `exp(x)` for f32, vectorisable; see the module documentation for its accuracy.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
@@ -44,7 +46,12 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn swiglu_rows_generic(gu: &[f32], act: &mut [f32], sig: &mut [f32], ffn: usize) {
+fn swiglu_rows_generic(
+    gu: &[f32],
+    act: &mut [MaybeUninit<f32>],
+    sig: &mut [MaybeUninit<f32>],
+    ffn: usize,
+) {
     for ((a, sg), gu) in act
         .chunks_exact_mut(ffn)
         .zip(sig.chunks_exact_mut(ffn))
@@ -53,8 +60,8 @@ fn swiglu_rows_generic(gu: &[f32], act: &mut [f32], sig: &mut [f32], ffn: usize)
         let (g, u) = gu.split_at(ffn);
         for (((a, sg), &g), &u) in a.iter_mut().zip(sg.iter_mut()).zip(g).zip(u) {
             let s = sigmoid(g);
-            *sg = s;
-            *a = g * s * u;
+            *sg = MaybeUninit::new(s);
+            *a = MaybeUninit::new(g * s * u);
         }
     }
 }
@@ -70,7 +77,13 @@ fn silu_mul_rows_generic(gu: &[f32], act: &mut [f32], ffn: usize) {
 }
 
 #[inline(always)]
-fn swiglu_backward_rows_generic(gu: &[f32], sig: &[f32], da: &[f32], dgu: &mut [f32], ffn: usize) {
+fn swiglu_backward_rows_generic(
+    gu: &[f32],
+    sig: &[f32],
+    da: &[f32],
+    dgu: &mut [MaybeUninit<f32>],
+    ffn: usize,
+) {
     for (((dgu, gu), sig), da) in dgu
         .chunks_exact_mut(2 * ffn)
         .zip(gu.chunks_exact(2 * ffn))
@@ -81,15 +94,20 @@ fn swiglu_backward_rows_generic(gu: &[f32], sig: &[f32], da: &[f32], dgu: &mut [
         let (dg, du) = dgu.split_at_mut(ffn);
         for i in 0..ffn {
             let s = sig[i];
-            du[i] = da[i] * g[i] * s;
-            dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            du[i] = MaybeUninit::new(da[i] * g[i] * s);
+            dg[i] = MaybeUninit::new(da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s)));
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn swiglu_rows_avx2(gu: &[f32], act: &mut [f32], sig: &mut [f32], ffn: usize) {
+unsafe fn swiglu_rows_avx2(
+    gu: &[f32],
+    act: &mut [MaybeUninit<f32>],
+    sig: &mut [MaybeUninit<f32>],
+    ffn: usize,
+) {
     swiglu_rows_generic(gu, act, sig, ffn)
 }
 
@@ -105,15 +123,21 @@ unsafe fn swiglu_backward_rows_avx2(
     gu: &[f32],
     sig: &[f32],
     da: &[f32],
-    dgu: &mut [f32],
+    dgu: &mut [MaybeUninit<f32>],
     ffn: usize,
 ) {
     swiglu_backward_rows_generic(gu, sig, da, dgu, ffn)
 }
 
 /// `act = silu(g) · u` for rows of `gu = [g, u]` (rows of `2·ffn`; `act` rows of `ffn`), and
-/// `sig = σ(g)` (rows of `ffn`) for the backward pass.
-pub fn swiglu_rows(gu: &[f32], act: &mut [f32], sig: &mut [f32], ffn: usize) {
+/// `sig = σ(g)` (rows of `ffn`) for the backward pass. Every element of `act` and `sig` is
+/// written (none read), so they may start uninitialised.
+pub fn swiglu_rows(
+    gu: &[f32],
+    act: &mut [MaybeUninit<f32>],
+    sig: &mut [MaybeUninit<f32>],
+    ffn: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     if crate::rows::avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above); the function is safe code
@@ -136,8 +160,14 @@ pub fn silu_mul_rows(gu: &[f32], act: &mut [f32], ffn: usize) {
 
 /// The gradient of `[g, u]` from the gradient `da` of `silu(g) · u`, given `sig = σ(g)` as
 /// [`swiglu_rows`] left it: `dg = da · u · σ(g)·(1 + g·(1 − σ(g)))`, `du = da · silu(g)`, row by
-/// row.
-pub fn swiglu_backward_rows(gu: &[f32], sig: &[f32], da: &[f32], dgu: &mut [f32], ffn: usize) {
+/// row. Every element of `dgu` is written (none read), so it may start uninitialised.
+pub fn swiglu_backward_rows(
+    gu: &[f32],
+    sig: &[f32],
+    da: &[f32],
+    dgu: &mut [MaybeUninit<f32>],
+    ffn: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     if crate::rows::avx2_fma() {
         // SAFETY: as in `swiglu_rows`.
@@ -235,15 +265,24 @@ mod tests {
                 .zip(b)
                 .all(|(x, y)| (x - y).abs() <= 1e-5 * y.abs().max(1.0))
         };
-        let (mut act, mut dgu) = (vec![0.0f32; rows * ffn], vec![0.0f32; rows * 2 * ffn]);
-        let mut sig = vec![0.0f32; rows * ffn];
+        // Outputs start as NaN: an element left unwritten would fail the comparisons.
+        let nan = |n: usize| vec![MaybeUninit::new(f32::NAN); n];
+        let init = |v: Vec<MaybeUninit<f32>>| -> Vec<f32> {
+            // SAFETY: every element was initialised (to NaN, then by the kernels).
+            v.into_iter().map(|x| unsafe { x.assume_init() }).collect()
+        };
+        let (mut act, mut sig, mut dgu) = (nan(rows * ffn), nan(rows * ffn), nan(rows * 2 * ffn));
         swiglu_rows_generic(&gu, &mut act, &mut sig, ffn);
+        let sig = init(sig);
         swiglu_backward_rows_generic(&gu, &sig, &da, &mut dgu, ffn);
+        let (act, dgu) = (init(act), init(dgu));
         assert!(close(&act, &want_act) && close(&dgu, &want_dgu));
-        let (mut act2, mut dgu2) = (vec![0.0f32; rows * ffn], vec![0.0f32; rows * 2 * ffn]);
-        let mut sig2 = vec![0.0f32; rows * ffn];
+        let (mut act2, mut sig2, mut dgu2) =
+            (nan(rows * ffn), nan(rows * ffn), nan(rows * 2 * ffn));
         swiglu_rows(&gu, &mut act2, &mut sig2, ffn);
+        let sig2 = init(sig2);
         swiglu_backward_rows(&gu, &sig2, &da, &mut dgu2, ffn);
+        let (act2, dgu2) = (init(act2), init(dgu2));
         assert!(close(&act2, &want_act) && close(&dgu2, &want_dgu));
         // The forward without σ(g) gives the same bits, on both builds.
         let (mut act3, mut act4) = (vec![0.0f32; rows * ffn], vec![0.0f32; rows * ffn]);
