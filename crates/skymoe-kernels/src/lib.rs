@@ -8,6 +8,7 @@
 //! On CPU with contiguous f32 inputs the fused kernel runs; anything else (other devices or
 //! dtypes) falls back to the reference composition, which candle differentiates itself.
 
+pub mod adamw;
 mod cpu;
 pub mod ggml;
 pub mod quant;

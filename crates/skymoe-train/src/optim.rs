@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Storage, Tensor, Var};
 use rayon::prelude::*;
+use skymoe_kernels::adamw::{adamw_update, AdamWStep};
 
 /// Learning-rate schedule after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -109,14 +110,7 @@ type UpdateChunk<'a> = (((&'a mut [f32], &'a [f32]), &'a mut [f32]), &'a mut [f3
 
 struct AdamWUpdate<'a> {
     moments: &'a Mutex<Moments>,
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    decay: f32,
-    bias1: f32,
-    bias2: f32,
-    grad_scale: f32,
+    step: AdamWStep,
 }
 
 impl InplaceOp2 for AdamWUpdate<'_> {
@@ -147,16 +141,7 @@ impl InplaceOp2 for AdamWUpdate<'_> {
         if p.len() != g.len() || st.m.len() != p.len() {
             candle_core::bail!("optimizer state does not match the parameter");
         }
-        let update = |(((p, g), m), v): UpdateChunk<'_>| {
-            for i in 0..p.len() {
-                let gi = g[i] * self.grad_scale;
-                m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * gi;
-                v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * gi * gi;
-                let mhat = m[i] / self.bias1;
-                let vhat = v[i] / self.bias2;
-                p[i] -= self.lr * (mhat / (vhat.sqrt() + self.eps) + self.decay * p[i]);
-            }
-        };
+        let update = |(((p, g), m), v): UpdateChunk<'_>| adamw_update(&self.step, p, g, m, v);
         const CHUNK: usize = 1 << 14;
         let Moments { m, v } = st;
         if p.len() >= 2 * CHUNK {
@@ -222,18 +207,20 @@ impl AdamW {
             };
             let op = AdamWUpdate {
                 moments,
-                lr: lr as f32,
-                beta1: c.beta1 as f32,
-                beta2: c.beta2 as f32,
-                eps: c.eps as f32,
-                decay: if decays(name, var) {
-                    c.weight_decay as f32
-                } else {
-                    0.0
+                step: AdamWStep {
+                    lr: lr as f32,
+                    beta1: c.beta1 as f32,
+                    beta2: c.beta2 as f32,
+                    eps: c.eps as f32,
+                    decay: if decays(name, var) {
+                        c.weight_decay as f32
+                    } else {
+                        0.0
+                    },
+                    bias1: bias1 as f32,
+                    bias2: bias2 as f32,
+                    grad_scale: grad_scale as f32,
                 },
-                bias1: bias1 as f32,
-                bias2: bias2 as f32,
-                grad_scale: grad_scale as f32,
             };
             let g = if g.is_contiguous() {
                 g.clone()
