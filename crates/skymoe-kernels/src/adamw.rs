@@ -74,6 +74,9 @@ pub fn adamw_update(s: &AdamWStep, p: &mut [f32], g: &[f32], m: &mut [f32], v: &
 mod tests {
     use super::*;
 
+    /// An update of (parameters, first moments, second moments) in place.
+    type Update<'a> = &'a dyn Fn(&mut [f32], &mut [f32], &mut [f32]);
+
     fn data(n: usize, seed: f32, scale: f32) -> Vec<f32> {
         (0..n)
             .map(|i| (i as f32 * 0.37 + seed).sin() * scale)
@@ -95,7 +98,7 @@ mod tests {
         };
         let g = data(n, 0.3, 0.05);
         let start = (data(n, 1.1, 1.0), data(n, 2.3, 0.01), data(n, 0.7, 1e-4));
-        let run = |f: &dyn Fn(&mut [f32], &mut [f32], &mut [f32])| {
+        let run = |f: Update<'_>| {
             let (mut p, mut m, mut v) = start.clone();
             let v0: Vec<f32> = v.iter().map(|x| x.abs()).collect();
             v.copy_from_slice(&v0);
