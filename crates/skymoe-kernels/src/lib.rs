@@ -31,7 +31,7 @@ pub use grouped_swiglu::{
     grouped_swiglu, grouped_swiglu_to_sink, reference_grouped_swiglu, ExpertTensors, WeightGradSink,
 };
 pub use rms_norm::rms_norm;
-pub use rope::rope;
+pub use rope::{rope, rope_to_heads};
 pub use silu_mul::silu_mul;
 pub use softmax::{causal_softmax, softmax_last_dim};
 pub use vexp::silu_mul_rows;

@@ -4,8 +4,8 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use skymoe_kernels::{
     causal_attention, causal_softmax, cross_entropy, grouped_swiglu, grouped_swiglu_to_sink,
-    reference, reference_causal_attention, reference_grouped_swiglu, rms_norm, rope, silu_mul,
-    softmax_last_dim, WeightGradSink,
+    reference, reference_causal_attention, reference_grouped_swiglu, rms_norm, rope, rope_to_heads,
+    silu_mul, softmax_last_dim, WeightGradSink,
 };
 
 /// Deterministic pseudo-random values in [-scale, scale).
@@ -416,5 +416,18 @@ fn rope_matches_reference() {
             |ts| reference::rope(&ts[0], &cos, &sin),
             2e-5,
         );
+        // From a projection's [batch, seq, heads, head_dim] into heads: the rotation of the
+        // transpose, values and gradient.
+        let (b, h) = (shape[0], shape[1]);
+        let y = Var::from_tensor(&rand(&[b, t, h, d], seed + 7, 2.0)).unwrap();
+        check(
+            &[y],
+            |ts| rope_to_heads(&ts[0], &cos, &sin),
+            |ts| reference::rope(&ts[0].transpose(1, 2)?.contiguous()?, &cos, &sin),
+            2e-5,
+        );
     }
+    // Shapes that are not [batch, seq, heads, head_dim] are errors.
+    let table = Tensor::zeros((3, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(rope_to_heads(&rand(&[3, 8], 1, 1.0), &table, &table).is_err());
 }

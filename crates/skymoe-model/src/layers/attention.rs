@@ -148,12 +148,10 @@ impl Attention {
             k = k.clamp(-c, c)?;
             v = v.clamp(-c, c)?;
         }
-        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = rotary.apply(&q, offset)?;
-        let mut k = rotary.apply(&k, offset)?;
-        let mut v = v;
+        // Rotated straight into [batch, heads, seq, head_dim].
+        let q = rotary.apply_to_heads(&q.reshape((b, t, nh, hd))?, offset)?;
+        let mut k = rotary.apply_to_heads(&k.reshape((b, t, nkv, hd))?, offset)?;
+        let mut v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         if let Some(slot) = cache {
             if let Some(LayerKv::Heads { k: pk, v: pv }) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;

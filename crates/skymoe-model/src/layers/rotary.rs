@@ -72,13 +72,26 @@ impl RotaryEmbedding {
     /// With dynamic NTK, a pass ending beyond `max_position_embeddings` is rotated with the
     /// base for its end `offset + seq` (see the module docs of [`super::rope`]).
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let seq = x.dim(2)?;
-        if let Some(t) = self.spec.span_table(offset, seq) {
-            let (cos, sin) = tensors(&t, x.device())?;
-            return skymoe_kernels::rope(x, &cos, &sin);
-        }
-        let cos = self.cos.narrow(0, offset, seq)?;
-        let sin = self.sin.narrow(0, offset, seq)?;
+        let (cos, sin) = self.tables(offset, x.dim(2)?, x.device())?;
         skymoe_kernels::rope(x, &cos, &sin)
+    }
+
+    /// Rotate `x` of shape `[batch, seq, heads, head_dim]` (a projection split into heads)
+    /// into `[batch, heads, seq, head_dim]`: [`RotaryEmbedding::apply`] of its transpose,
+    /// without copying the transpose first.
+    pub fn apply_to_heads(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let (cos, sin) = self.tables(offset, x.dim(1)?, x.device())?;
+        skymoe_kernels::rope_to_heads(x, &cos, &sin)
+    }
+
+    /// The cos and sin rows of positions `offset .. offset + seq`.
+    fn tables(&self, offset: usize, seq: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        if let Some(t) = self.spec.span_table(offset, seq) {
+            return tensors(&t, device);
+        }
+        Ok((
+            self.cos.narrow(0, offset, seq)?,
+            self.sin.narrow(0, offset, seq)?,
+        ))
     }
 }
