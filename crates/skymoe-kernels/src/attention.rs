@@ -79,6 +79,10 @@ impl CausalAttention {
     fn forward(&self, q: &[f32], k: &[f32], v: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
         let (t, s, hd) = (d.t, d.s, d.head_dim);
         let rep = d.heads / d.kv_heads;
+        if t == 0 || hd == 0 {
+            // No queries or empty heads: an empty output (and nothing to split into heads).
+            return (Vec::new(), vec![0.0; d.batch * d.heads * t * s]);
+        }
         // Both written whole below, so allocated without zeroing.
         let mut probs = unfilled(d.batch * d.heads * t * s);
         // Per head `[t, head_dim]`, reordered into the output afterwards.
@@ -154,6 +158,10 @@ impl CausalAttention {
         let (t, s, hd) = (d.t, d.s, d.head_dim);
         let rep = d.heads / d.kv_heads;
         let row = d.heads * hd;
+        if t == 0 || hd == 0 {
+            // Nothing reached the output: every gradient is zero (or empty).
+            return (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        }
         // Written whole by the products below; dK and dV are sums, so they start at zero.
         let mut dq = unfilled(q.len());
         let mut dk = vec![0.0f32; k.len()];
@@ -325,10 +333,31 @@ pub fn reference_causal_attention(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor, Var};
+    use candle_core::{DType, Device, Tensor, Var};
 
     use super::*;
     use crate::cpu::max_abs_diff as max_diff;
+
+    /// No queries, or heads of width 0, give empty or zero outputs, not a panic.
+    #[test]
+    fn empty_shapes_are_answered() -> Result<()> {
+        let dev = Device::Cpu;
+        for (t, offset, hd) in [(0, 3, 4), (3, 0, 0)] {
+            let q = Var::from_tensor(&Tensor::zeros((1, 2, t, hd), DType::F32, &dev)?)?;
+            let k = Var::from_tensor(&Tensor::ones((1, 1, offset + t, hd), DType::F32, &dev)?)?;
+            let y = causal_attention(q.as_tensor(), k.as_tensor(), k.as_tensor(), 0.5, offset)?;
+            assert_eq!(y.dims(), [1, t, 2 * hd]);
+            let grads = y.sum_all()?.backward()?;
+            let dk = grads.get(&k).expect("a gradient for k");
+            assert_eq!(dk.dims(), k.dims());
+            assert!(dk
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .all(|&g| g == 0.0));
+        }
+        Ok(())
+    }
 
     /// Under test the buffers allocated without zeroing start as NaN: the output and the
     /// gradients match the composed reference only if every element was written.
