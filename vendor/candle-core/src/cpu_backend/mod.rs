@@ -1478,7 +1478,10 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // Every element is written by the products below (`read_dst` false: gemm stores
+        // without reading, zeros when k is 0), so the output is not zeroed first.
+        let mut dst: Vec<std::mem::MaybeUninit<T>> = Vec::with_capacity(b * m * n);
+        dst.resize_with(b * m * n, std::mem::MaybeUninit::uninit);
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
@@ -1508,7 +1511,7 @@ impl Map2 for MatMul {
                     /* m: usize = */ m,
                     /* n: usize = */ n,
                     /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p.as_mut_ptr(),
+                    /* dst: *mut T = */ dst_p.as_mut_ptr().cast::<T>(),
                     /* dst_cs: isize = */ dst_cs as isize,
                     /* dst_rs: isize = */ dst_rs as isize,
                     /* read_dst: bool = */ false,
@@ -1527,7 +1530,10 @@ impl Map2 for MatMul {
                 )
             }
         }
-        Ok(dst)
+        // SAFETY: the b products wrote all b·m·n elements (each batch its m·n, row-major);
+        // `MaybeUninit<T>` has the layout of `T`, and the allocation passes whole.
+        let mut dst = std::mem::ManuallyDrop::new(dst);
+        Ok(unsafe { Vec::from_raw_parts(dst.as_mut_ptr().cast::<T>(), dst.len(), dst.capacity()) })
     }
 
     #[cfg(feature = "accelerate")]
