@@ -133,26 +133,37 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     {
         return reference::rope(x, cos, sin);
     }
-    let (seq, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    let half = d / 2;
+    let seq = dims[dims.len() - 2];
+    rotate(x, cos, sin, seq, RowOrder::Same, x.shape().clone())
+}
+
+/// The forward rotation of `x` (rows of `head_dim`, even and non-zero, read in `order`) by the
+/// first halves of the `[seq, head_dim]` tables, into `out_shape`, with its backward.
+fn rotate(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    seq: usize,
+    order: RowOrder,
+    out_shape: Shape,
+) -> Result<Tensor> {
+    let half = cos.dim(1)? / 2;
+    let half_rows = |t: &Tensor| -> Result<Vec<f32>> {
+        t.narrow(1, 0, half)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()
+    };
     let op = Rope {
-        cos: half_rows(cos, half)?,
-        sin: half_rows(sin, half)?,
+        cos: half_rows(cos)?,
+        sin: half_rows(sin)?,
         seq,
         half,
         inverse: false,
-        order: RowOrder::Same,
-        out_shape: x.shape().clone(),
+        order,
+        out_shape,
     };
     x.contiguous()?.apply_op1(op)
-}
-
-/// The first half of each row of a `[seq, head_dim]` table.
-fn half_rows(t: &Tensor, half: usize) -> Result<Vec<f32>> {
-    t.narrow(1, 0, half)?
-        .contiguous()?
-        .flatten_all()?
-        .to_vec1::<f32>()
 }
 
 /// [`rope`] of `x` `[batch, seq, heads, head_dim]` (a projection's output split into heads)
@@ -168,15 +179,6 @@ pub fn rope_to_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if !fused_ok(&[x, cos, sin]) || cos.dims() != [seq, d] || d == 0 || !d.is_multiple_of(2) {
         return rope(&x.transpose(1, 2)?.contiguous()?, cos, sin);
     }
-    let half = d / 2;
-    let op = Rope {
-        cos: half_rows(cos, half)?,
-        sin: half_rows(sin, half)?,
-        seq,
-        half,
-        inverse: false,
-        order: RowOrder::ToHeads { heads },
-        out_shape: Shape::from((batch, heads, seq, d)),
-    };
-    x.contiguous()?.apply_op1(op)
+    let out_shape = Shape::from((batch, heads, seq, d));
+    rotate(x, cos, sin, seq, RowOrder::ToHeads { heads }, out_shape)
 }
