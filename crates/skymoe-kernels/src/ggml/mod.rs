@@ -1174,6 +1174,6 @@ impl GgmlMatrix {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 #[cfg(test)]
 mod tests_q8;

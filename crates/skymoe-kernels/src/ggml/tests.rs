@@ -37,7 +37,7 @@ fn f16_fields(ty: GgmlType) -> &'static [usize] {
 }
 
 /// Random blocks: random quant bytes, moderate random finite f16 scales.
-pub(super) fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
     let mut rng = Lcg(seed ^ 0x9E37_79B9_7F4A_7C15);
     let n = rows * ty.row_bytes(cols).unwrap();
     let mut b: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();

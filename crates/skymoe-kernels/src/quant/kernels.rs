@@ -547,7 +547,7 @@ pub(crate) fn matmul_parts(
         // (parts own disjoint columns, tasks disjoint rows of a part).
         unsafe { product_rows(isa, path, p, x, m, &a, OutPtr(base.at(c0)), ld, range) }
     };
-    if tasks.len() <= 1 || rows * m * cols < 1 << 15 {
+    if tasks.len() <= 1 || rows * m * cols < 1 << 15 || super::kept_on_this_thread() {
         tasks.iter().for_each(run);
     } else {
         tasks.par_iter().for_each(run);

@@ -845,6 +845,32 @@ impl QMatrix {
     }
 }
 
+thread_local! {
+    /// Whether this thread's products stay on it (see [`on_this_thread`]).
+    static ON_THIS_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with every matrix product it makes on this thread kept on this thread, not split
+/// over the pool: for callers that already run independent products one per thread (the
+/// active experts of a decode step), where splitting each product again only has the thread
+/// that finishes first wait for the other's last piece.
+pub fn on_this_thread<R>(f: impl FnOnce() -> R) -> R {
+    /// Restores the previous setting, also when `f` unwinds.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ON_THIS_THREAD.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(ON_THIS_THREAD.with(|c| c.replace(true)));
+    f()
+}
+
+/// Whether products on this thread run serially (inside [`on_this_thread`]).
+pub(crate) fn kept_on_this_thread() -> bool {
+    ON_THIS_THREAD.with(|c| c.get())
+}
+
 /// Run `f` on disjoint chunks of `0..n` in parallel when the work is worth it.
 pub(crate) fn par_ranges(
     n: usize,
@@ -854,7 +880,7 @@ pub(crate) fn par_ranges(
 ) {
     let chunk = chunk.max(1);
     let chunks = n.div_ceil(chunk);
-    if chunks <= 1 || n * work_per_item < 1 << 15 {
+    if chunks <= 1 || n * work_per_item < 1 << 15 || kept_on_this_thread() {
         f(0, n);
         return;
     }

@@ -513,3 +513,37 @@ impl AsRef<[u8]> for VecU16 {
         unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u8, self.0.len() * 2) }
     }
 }
+
+/// Products kept on the calling thread give the bits of the parallel ones, for skymoe's
+/// formats and for ggml blocks; the setting ends with the scope, also when it unwinds.
+#[test]
+fn products_kept_on_this_thread_match_the_parallel_ones() {
+    let (rows, cols) = (512, 576);
+    let w = lcg_values(rows * cols, 91);
+    let mut mats: Vec<QMatrix> = WeightFormat::ALL
+        .iter()
+        .map(|&f| QMatrix::quantize(&w, rows, cols, f).unwrap())
+        .collect();
+    let ty = GgmlType::Q8_0;
+    let blocks = crate::ggml::tests::random_blocks(ty, rows, cols, 92);
+    mats.push(QMatrix::from_ggml(
+        GgmlMatrix::from_vec(ty, rows, cols, blocks).unwrap(),
+    ));
+    for mat in &mats {
+        for m in [1, 4] {
+            let x = lcg_values(m * cols, 93 + m as u64);
+            let mut parallel = vec![f32::NAN; m * rows];
+            mat.matmul(&x, m, &mut parallel);
+            let mut serial = vec![f32::NAN; m * rows];
+            on_this_thread(|| {
+                assert!(kept_on_this_thread());
+                mat.matmul(&x, m, &mut serial);
+            });
+            assert!(!kept_on_this_thread());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&parallel), bits(&serial), "{:?}, m {m}", mat.format());
+        }
+    }
+    let unwound = std::panic::catch_unwind(|| on_this_thread(|| panic!("inside")));
+    assert!(unwound.is_err() && !kept_on_this_thread());
+}

@@ -4,7 +4,7 @@
 //! chooses them ([`select_experts`]).
 
 use rayon::prelude::*;
-use skymoe_kernels::quant::QMatrix;
+use skymoe_kernels::quant::{on_this_thread, QMatrix};
 use skymoe_model::layers::router::{combine_weights, select_experts};
 use skymoe_model::{RouterConfig, ScoreFunction};
 
@@ -138,6 +138,12 @@ impl MoeFfn {
             .zip(&groups)
             .filter(|(_, tokens)| !tokens.is_empty())
             .collect();
+        // When every thread gets whole experts of equal work (a decode step of one sequence:
+        // each active expert has its one token), each expert's products stay on its thread.
+        let even = active.len() >= rayon::current_num_threads()
+            && active
+                .iter()
+                .all(|(_, tokens)| tokens.len() == active[0].1.len());
         let outputs: Vec<Vec<f32>> = active
             .par_iter()
             .map(|(expert, tokens)| {
@@ -145,7 +151,11 @@ impl MoeFfn {
                 for &(t, _) in tokens.iter() {
                     buf.extend(x[t * h..(t + 1) * h].iter().map(|v| v * scale_input));
                 }
-                expert.forward(&buf, tokens.len())
+                if even {
+                    on_this_thread(|| expert.forward(&buf, tokens.len()))
+                } else {
+                    expert.forward(&buf, tokens.len())
+                }
             })
             .collect();
         for ((_, tokens), y) in active.iter().zip(&outputs) {
