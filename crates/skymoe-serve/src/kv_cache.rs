@@ -150,11 +150,16 @@ impl Plane {
     }
 }
 
-/// Key/value storage for all layers, in blocks of `block_size` positions.
+/// Key/value storage for all layers, in blocks of `block_size` positions. Within a block the
+/// values are stored head by head (see [`KvCache::with_head_width`]): the positions of one kv
+/// head lie one after the other, so that a decoding step reads each head's keys and values of
+/// a block as one run.
 pub struct KvCache {
     block_size: usize,
     num_blocks: usize,
     kv_dim: usize,
+    /// Width of one kv head as stored (`kv_dim`: a block is position by position).
+    head_width: usize,
     /// Values are the first elements of the keys (multi-head latent attention caches one
     /// latent per position, which is both); `values` is then empty.
     values_in_keys: bool,
@@ -181,6 +186,7 @@ impl KvCache {
             block_size,
             num_blocks,
             kv_dim,
+            head_width: kv_dim,
             values_in_keys: false,
             dtype,
             keys: (0..layers).map(|_| Plane::new(dtype, per_layer)).collect(),
@@ -252,19 +258,56 @@ impl KvCache {
         self.free.extend(blocks.iter().rev());
     }
 
-    /// Index (in elements) of position `pos` of a sequence with block table `blocks`.
-    fn offset(&self, blocks: &[u32], pos: usize) -> usize {
+    /// Store each block head by head, for kv heads of `width` values (a divisor of the
+    /// width of a position): the `block_size` positions of one head lie one after the other.
+    /// Without it (or for a `width` that does not divide a position) a block is stored
+    /// position by position, as one head as wide as a position.
+    pub fn with_head_width(mut self, width: usize) -> Self {
+        if width > 0 && self.kv_dim.is_multiple_of(width) {
+            self.head_width = width;
+        }
+        self
+    }
+
+    /// Index (in elements) of element `from` of position `pos` of a sequence with block table
+    /// `blocks`: its block, its head's run of positions in the block, its position in the
+    /// run, and its place in the head.
+    fn offset(&self, blocks: &[u32], pos: usize, from: usize) -> usize {
         let block = blocks[pos / self.block_size] as usize;
-        (block * self.block_size + pos % self.block_size) * self.kv_dim
+        let (head, within) = (from / self.head_width, from % self.head_width);
+        (block * self.kv_dim + head * self.head_width) * self.block_size
+            + (pos % self.block_size) * self.head_width
+            + within
+    }
+
+    /// Positions of one head's run of a block lie this many elements apart.
+    fn position_stride(&self) -> usize {
+        self.head_width
+    }
+
+    /// Check that `width` elements from `from` stay within one stored head.
+    fn check_within_head(&self, from: usize, width: usize) {
+        assert!(
+            from % self.head_width + width <= self.head_width,
+            "elements {from}..{} cross a kv head of {}",
+            from + width,
+            self.head_width
+        );
     }
 
     /// Store the key and value of position `pos` in `layer`.
     /// (A latent cache keeps only `k`.)
     pub(crate) fn write(&mut self, layer: usize, blocks: &[u32], pos: usize, k: &[f32], v: &[f32]) {
-        let o = self.offset(blocks, pos);
-        self.keys[layer].write(o, &k[..self.kv_dim]);
-        if !self.values_in_keys {
-            self.values[layer].write(o, &v[..self.kv_dim]);
+        let hw = self.head_width;
+        for head in 0..self.kv_dim / hw {
+            let (o, r) = (
+                self.offset(blocks, pos, head * hw),
+                head * hw..(head + 1) * hw,
+            );
+            self.keys[layer].write(o, &k[r.clone()]);
+            if !self.values_in_keys {
+                self.values[layer].write(o, &v[r]);
+            }
         }
     }
 
@@ -316,12 +359,18 @@ impl KvCache {
             "positions {pos}..{} cross a block",
             pos + n
         );
+        self.check_within_head(from, width);
         let plane = if value {
             self.value_plane(layer)
         } else {
             &self.keys[layer]
         };
-        plane.rows(self.offset(blocks, pos) + from, self.kv_dim, n, width)
+        plane.rows(
+            self.offset(blocks, pos, from),
+            self.position_stride(),
+            n,
+            width,
+        )
     }
 
     /// The keys and values of positions `0..len` of a sequence (block table `blocks`) for
@@ -339,11 +388,12 @@ impl KvCache {
         keys: &mut Vec<f32>,
         values: &mut Vec<f32>,
     ) {
+        self.check_within_head(from, width.max(value_width));
         keys.resize(len * width, 0.0);
         values.resize(len * value_width, 0.0);
         let value_plane = self.value_plane(layer);
         for pos in 0..len {
-            let o = self.offset(blocks, pos) + from;
+            let o = self.offset(blocks, pos, from);
             self.keys[layer].read(o, &mut keys[pos * width..(pos + 1) * width]);
             value_plane.read(o, &mut values[pos * value_width..(pos + 1) * value_width]);
         }
@@ -392,9 +442,18 @@ mod tests {
 
     #[test]
     fn rows_of_a_block_read_what_gather_reads() {
-        // Two kv heads of width 3 (kv_dim 6), blocks of 4 positions out of order.
-        for dtype in [KvDtype::F32, KvDtype::F16] {
+        // Two kv heads of width 3 (kv_dim 6), blocks of 4 positions out of order, stored
+        // position by position and head by head.
+        for (dtype, heads) in [
+            (KvDtype::F32, false),
+            (KvDtype::F16, false),
+            (KvDtype::F32, true),
+            (KvDtype::F16, true),
+        ] {
             let mut kv = KvCache::new(1, 6, 4, 5, dtype);
+            if heads {
+                kv = kv.with_head_width(3);
+            }
             let blocks = [4u32, 1, 3];
             let row = |p: usize, v: f32| -> Vec<f32> {
                 (0..6).map(|i| v * (p * 6 + i) as f32 / 8.0).collect()
@@ -430,6 +489,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn blocks_are_stored_head_by_head() {
+        // Two heads of 2 in blocks of 3 positions: a block holds head 0's three positions,
+        // then head 1's; a width that does not divide a position keeps the position order.
+        let mut kv = KvCache::new(1, 4, 3, 2, KvDtype::F32).with_head_width(2);
+        for pos in 0..6 {
+            let p = pos as f32;
+            kv.write(0, &[1, 0], pos, &[p, p + 0.1, p + 0.2, p + 0.3], &[-p; 4]);
+        }
+        let Plane::F32(keys) = &kv.keys[0] else {
+            unreachable!()
+        };
+        let want = [
+            3.0, 3.1, 4.0, 4.1, 5.0, 5.1, 3.2, 3.3, 4.2, 4.3, 5.2, 5.3, // block 0: 3..6
+            0.0, 0.1, 1.0, 1.1, 2.0, 2.1, 0.2, 0.3, 1.2, 1.3, 2.2, 2.3, // block 1: 0..3
+        ];
+        for (g, w) in keys.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{keys:?}");
+        }
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        kv.gather(0, &[1, 0], 5, 2, (2, 2), &mut k, &mut v);
+        assert_eq!(k.len(), 10);
+        assert!((k[8] - 4.2).abs() < 1e-6 && v[9] == -4.0);
+        assert_eq!(
+            KvCache::new(1, 4, 3, 2, KvDtype::F32)
+                .with_head_width(3)
+                .head_width,
+            4
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "cross a kv head")]
+    fn rows_may_not_cross_a_head() {
+        let kv = KvCache::new(1, 6, 4, 5, KvDtype::F32).with_head_width(3);
+        let _ = kv.rows(0, false, &[0, 1], 0, 2, 2, 3);
     }
 
     #[test]

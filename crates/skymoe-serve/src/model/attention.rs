@@ -337,6 +337,10 @@ mod tests {
             group: 2,
         };
         check_products_against_rows(shape, |dtype| KvCache::new(1, 32, 4, 40, dtype));
+        // The same with each block stored head by head, as the served model stores it.
+        check_products_against_rows(shape, |dtype| {
+            KvCache::new(1, 32, 4, 40, dtype).with_head_width(16)
+        });
     }
 
     #[test]

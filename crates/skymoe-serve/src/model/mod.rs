@@ -183,6 +183,7 @@ impl ServeModel {
                 dtype,
             );
         }
+        // Head by head within a block: a decoding step reads each kv head's run of positions.
         KvCache::new(
             self.layers.len(),
             self.kv_dim(),
@@ -190,6 +191,7 @@ impl ServeModel {
             num_blocks,
             dtype,
         )
+        .with_head_width(self.shape.head_dim)
     }
 
     /// `dtype`, or the automatic choice for this model's weights.
