@@ -295,9 +295,11 @@ impl KvCache {
         );
     }
 
-    /// Store the key and value of position `pos` in `layer`.
-    /// (A latent cache keeps only `k`.)
-    pub(crate) fn write(&mut self, layer: usize, blocks: &[u32], pos: usize, k: &[f32], v: &[f32]) {
+    /// Store the key and value of position `pos` in `layer` (a latent cache keeps only `k`).
+    ///
+    /// # Panics
+    /// If `pos` is past the blocks of `blocks`, or `k` or `v` is shorter than a position.
+    pub fn write(&mut self, layer: usize, blocks: &[u32], pos: usize, k: &[f32], v: &[f32]) {
         let hw = self.head_width;
         for head in 0..self.kv_dim / hw {
             let (o, r) = (

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use skymoe_kernels::quant::{QMatrix, WeightFormat};
 use skymoe_model::ModelConfig;
 
-pub use attention::{HeadShape, Rope};
+pub use attention::{attend, ChunkPlacement, HeadShape, Rope};
 pub use linear::QLinear;
 pub use load::{head_format, stored_format};
 pub use mla::{MlaLayer, MlaQueries};
@@ -25,7 +25,6 @@ pub use tp::{split_by_weights, TensorParallel, TpComm};
 
 use crate::error::{Result, ServeError};
 use crate::kv_cache::{KvCache, KvDtype};
-use attention::{attend, ChunkPlacement};
 use ops::{add_in_place, rms_norm};
 
 /// A layer's attention projections before `o_proj`.
