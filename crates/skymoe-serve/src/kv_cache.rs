@@ -274,10 +274,19 @@ impl KvCache {
     /// run, and its place in the head.
     fn offset(&self, blocks: &[u32], pos: usize, from: usize) -> usize {
         let block = blocks[pos / self.block_size] as usize;
-        let (head, within) = (from / self.head_width, from % self.head_width);
+        let (head, within) = self.head_of(from);
         (block * self.kv_dim + head * self.head_width) * self.block_size
             + (pos % self.block_size) * self.head_width
             + within
+    }
+
+    /// The stored head of element `from` of a position, and its place in the head (a cache
+    /// with nothing per position has one empty head).
+    fn head_of(&self, from: usize) -> (usize, usize) {
+        match self.head_width {
+            0 => (0, from),
+            hw => (from / hw, from % hw),
+        }
     }
 
     /// Positions of one head's run of a block lie this many elements apart.
@@ -288,7 +297,7 @@ impl KvCache {
     /// Check that `width` elements from `from` stay within one stored head.
     fn check_within_head(&self, from: usize, width: usize) {
         assert!(
-            from % self.head_width + width <= self.head_width,
+            self.head_of(from).1 + width <= self.head_width,
             "elements {from}..{} cross a kv head of {}",
             from + width,
             self.head_width
@@ -301,7 +310,7 @@ impl KvCache {
     /// If `pos` is past the blocks of `blocks`, or `k` or `v` is shorter than a position.
     pub fn write(&mut self, layer: usize, blocks: &[u32], pos: usize, k: &[f32], v: &[f32]) {
         let hw = self.head_width;
-        for head in 0..self.kv_dim / hw {
+        for head in 0..self.kv_dim.checked_div(hw).unwrap_or(0) {
             let (o, r) = (
                 self.offset(blocks, pos, head * hw),
                 head * hw..(head + 1) * hw,
@@ -522,6 +531,16 @@ mod tests {
                 .head_width,
             4
         );
+    }
+
+    #[test]
+    fn a_cache_without_values_per_position_writes_and_reads_nothing() {
+        let mut kv = KvCache::new(1, 0, 4, 2, KvDtype::F16).with_head_width(0);
+        let blocks = kv.allocate(2).unwrap();
+        kv.write(0, &blocks, 5, &[], &[]);
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        kv.gather(0, &blocks, 6, 0, (0, 0), &mut k, &mut v);
+        assert!(k.is_empty() && v.is_empty());
     }
 
     #[test]
