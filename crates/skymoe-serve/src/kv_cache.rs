@@ -289,11 +289,6 @@ impl KvCache {
         }
     }
 
-    /// Positions of one head's run of a block lie this many elements apart.
-    fn position_stride(&self) -> usize {
-        self.head_width
-    }
-
     /// Check that `width` elements from `from` stay within one stored head.
     fn check_within_head(&self, from: usize, width: usize) {
         assert!(
@@ -378,7 +373,8 @@ impl KvCache {
         };
         plane.rows(
             self.offset(blocks, pos, from),
-            self.position_stride(),
+            // Positions of one head's run of a block lie a head's width apart.
+            self.head_width,
             n,
             width,
         )
