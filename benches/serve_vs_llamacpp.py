@@ -7,8 +7,10 @@ and as GGUF files (F16 and Q8_0, for llama.cpp) by this script with the `gguf` p
 Both engines run the same measurement without HTTP: synthetic prompts (the same token ids),
 greedy decoding, all requests of a batch decoded together; prefill tokens/s at batch 1,
 decode tokens/s at batch 1, total generated tokens/s with 8 and 32 concurrent requests
-(prefill included) and the decode phase's tokens/s at each; the median of --repeats runs; peak
-resident memory of each engine's own process. Batch-1 decode is also given as its share of
+(prefill included) and the decode phase's tokens/s at each; the median of --repeats rounds, in
+each of which every engine and model runs once, each pair's two engines one after the other
+(so that a machine whose speed drifts measures both in the same minutes); the highest peak
+resident memory of each engine's own processes. Batch-1 decode is also given as its share of
 the memory's read bandwidth (which skymoe's bench measures with a streaming read on every
 thread): the weights a token reads (routed experts: top-k of them) times tokens/s. Pairs: skymoe int8 and fp8 against Q8_0, skymoe f16 against F16, and the same GGUF
 file for both engines (skymoe serves its blocks as stored): the Q8_0 file, the file quantised
@@ -326,6 +328,37 @@ def gguf_decode_bytes(path):
     return total
 
 
+def interleaved(commands, rounds):
+    """Run every command once per round, the rounds one after the other (the order reversed
+    every other round), and combine each command's rounds: the median of every figure of each
+    concurrency level, the highest peak RSS. On a machine whose speed drifts over minutes
+    (a shared host), both engines of a pair are then measured in the same minutes; run one
+    after the other, a drift between the two halves of the run became part of the ratios."""
+    rounds_of = {k: [] for k in commands}
+    for r in range(rounds):
+        order = list(commands) if r % 2 == 0 else list(reversed(list(commands)))
+        for key in order:
+            out = subprocess.run(commands[key], check=True, capture_output=True, text=True).stdout.strip()
+            # skymoe prints one JSON document; the llama.cpp worker's is its last line.
+            try:
+                rounds_of[key].append(json.loads(out))
+            except json.JSONDecodeError:
+                rounds_of[key].append(json.loads(out.splitlines()[-1]))
+    results = {}
+    for key, runs in rounds_of.items():
+        merged = dict(runs[0])
+        merged["runs"] = [
+            {m: (statistics.median(run["runs"][i][m] for run in runs) if m != "requests" else level[m])
+             for m in level}
+            for i, level in enumerate(runs[0]["runs"])
+        ]
+        merged["peak_rss_mib"] = max(run["peak_rss_mib"] for run in runs)
+        if "read_bandwidth_gbs" in merged:
+            merged["read_bandwidth_gbs"] = statistics.median(run["read_bandwidth_gbs"] for run in runs)
+        results[key] = merged
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/skymoe-bench")
@@ -353,18 +386,17 @@ def main():
         if not path.exists():
             export_gguf(hf, src, path, q)
         ggufs[q] = path
+    # One measurement per process and round (see `interleaved`).
     common = ["--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens),
-              "--concurrency", a.concurrency, "--repeats", str(a.repeats)]
-    results = {}
+              "--concurrency", a.concurrency, "--repeats", "1"]
+    qdirs = {}
     for fmt in ("int8", "fp8", "f16"):
         # Served as stored from a quantised checkpoint, so that loading reads only what is kept.
         qdir = work / f"smollm2-moe-{fmt}"
         if not (qdir / "model.safetensors").exists():
             subprocess.run([str(SKYMOE), "quantize", "--model", str(hf), "--to", fmt, "--out", str(qdir)],
                            check=True, capture_output=True)
-        out = subprocess.run([str(SKYMOE), "bench", "--model", str(qdir), *common],
-                             check=True, capture_output=True, text=True).stdout
-        results[f"skymoe-{fmt}"] = json.loads(out)
+        qdirs[fmt] = qdir
     # The F16 file quantised to Q4_K_M by llama.cpp (64-wide rows fall back to Q5_0/Q8_0 etc.).
     q4km = work / "smollm2-moe-q4_k_m.gguf"
     if not q4km.exists():
@@ -380,15 +412,22 @@ def main():
     if not qwen_gguf.exists():
         export_qwen3moe_gguf(qwen, src, qwen_gguf)
     ggufs["qwen3moe-q8_0"] = qwen_gguf
-    # The same GGUF files, served by skymoe as stored.
-    for q in ("q8_0", "q4_k_m", "qwen3moe-q8_0"):
-        out = subprocess.run([str(SKYMOE), "bench", "--model", str(ggufs[q]), *common],
-                             check=True, capture_output=True, text=True).stdout
-        results[f"skymoe-gguf-{q}"] = json.loads(out)
-    for q, path in ggufs.items():
-        out = subprocess.run([sys.executable, __file__, "--llama-worker", str(path), *common],
-                             check=True, capture_output=True, text=True).stdout
-        results[f"llama.cpp-{q}"] = json.loads(out.strip().splitlines()[-1])
+    skymoe = lambda model: [str(SKYMOE), "bench", "--model", str(model), *common]
+    llama = lambda q: [sys.executable, __file__, "--llama-worker", str(ggufs[q]), *common]
+    # Each engine next to the runs it is compared with; skymoe serves the GGUF files as stored.
+    commands = {
+        "llama.cpp-q8_0": llama("q8_0"),
+        "skymoe-int8": skymoe(qdirs["int8"]),
+        "skymoe-fp8": skymoe(qdirs["fp8"]),
+        "skymoe-gguf-q8_0": skymoe(ggufs["q8_0"]),
+        "llama.cpp-f16": llama("f16"),
+        "skymoe-f16": skymoe(qdirs["f16"]),
+        "llama.cpp-q4_k_m": llama("q4_k_m"),
+        "skymoe-gguf-q4_k_m": skymoe(ggufs["q4_k_m"]),
+        "llama.cpp-qwen3moe-q8_0": llama("qwen3moe-q8_0"),
+        "skymoe-gguf-qwen3moe-q8_0": skymoe(ggufs["qwen3moe-q8_0"]),
+    }
+    results = interleaved(commands, a.repeats)
     pairs = [("skymoe-int8", "llama.cpp-q8_0"), ("skymoe-fp8", "llama.cpp-q8_0"), ("skymoe-f16", "llama.cpp-f16"),
              ("skymoe-gguf-q8_0", "llama.cpp-q8_0"), ("skymoe-gguf-q4_k_m", "llama.cpp-q4_k_m"),
              ("skymoe-gguf-qwen3moe-q8_0", "llama.cpp-qwen3moe-q8_0")]
