@@ -4,7 +4,7 @@
 sequence length and optimiser, on this machine, one after the other. Prints a table and the
 ratios; records nothing by itself (copy the table into BENCHMARKS.md).
 
-Usage: python3 benches/train_vs_pytorch.py [--skymoe target/release/skymoe] [--steps 8]
+Usage: python3 benches/train_vs_pytorch.py [--skymoe target/release/skymoe] [--steps 8] [--rounds 1]
        [--hidden 256 --layers 4 --experts 8 --top-k 2 --ffn 512 --heads 8 --kv-heads 4
         --vocab 1024 --seq-len 256 --batch 4] [--threads N] [--micro-batches M] [--no-compile]
 
@@ -20,7 +20,9 @@ micro-batches is the mean over the batch, so the gradients are the same up to ro
 Both sides: f32 on CPU, dropless routing, AdamW (lr 1e-3, betas 0.9/0.95, wd 0.1), gradient
 clipping at 1.0, no auxiliary loss term in the timing difference that matters (skymoe adds its
 Skywork aux loss; transformers adds none when router_aux_loss_coef = 0). The first step of each
-side is a warm-up and is not timed; the median of the remaining step times is reported.
+side is a warm-up and is not timed; the median of the remaining step times is reported. With
+--rounds R every engine runs R times, the engines interleaved (the order reversed every other
+round), and each engine's timed steps are pooled over its runs; the compile time is the median.
 """
 
 import argparse
@@ -166,6 +168,8 @@ def main():
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--micro-batches", type=int, default=2)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile run")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every engine this many times, interleaved; step times pooled")
     p.add_argument("--pytorch-only", choices=["eager", "compile"], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.steps < 4:
@@ -176,19 +180,37 @@ def main():
         return 0
     if a.micro_batches < 1 or a.batch % a.micro_batches:
         p.error("--micro-batches must divide --batch")
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
     tokens = a.batch * a.seq_len
-    one_times, one_rss = run_skymoe(a, os.path.abspath(a.corpus))
-    split_times, split_rss = run_skymoe(a, os.path.abspath(a.corpus), a.micro_batches)
-    pt_times, pt_rss, _ = run_pytorch_child(a, "eager")
-    one = tokens / statistics.median(one_times)
-    sk = tokens / statistics.median(split_times)
-    pt = tokens / statistics.median(pt_times)
+    corpus = os.path.abspath(a.corpus)
+    engines = {
+        "one": lambda: run_skymoe(a, corpus) + (0.0,),
+        "split": lambda: run_skymoe(a, corpus, a.micro_batches) + (0.0,),
+        "eager": lambda: run_pytorch_child(a, "eager"),
+    }
     if not a.no_compile:
-        pc_times, pc_rss, pc_compile = run_pytorch_child(a, "compile")
-        pc = tokens / statistics.median(pc_times)
+        engines["compile"] = lambda: run_pytorch_child(a, "compile")
+    # Every engine once per round, the order reversed every other round, so that a machine
+    # whose speed drifts over minutes weighs on all of them alike; each engine's step times
+    # are pooled over the rounds.
+    runs = {k: ([], [], []) for k in engines}
+    for r in range(a.rounds):
+        for key in list(engines) if r % 2 == 0 else list(reversed(list(engines))):
+            times, rss, warm = engines[key]()
+            runs[key][0].extend(times)
+            runs[key][1].append(rss)
+            runs[key][2].append(warm)
+    rate = lambda key: tokens / statistics.median(runs[key][0])
+    peak = lambda key: max(runs[key][1])
+    one, one_rss = rate("one"), peak("one")
+    sk, split_rss = rate("split"), peak("split")
+    pt, pt_rss = rate("eager"), peak("eager")
+    if not a.no_compile:
+        pc, pc_rss, pc_compile = rate("compile"), peak("compile"), statistics.median(runs["compile"][2])
     print(f"machine: {os.cpu_count()} cores, {cpu_model()}; date {time.strftime('%Y-%m-%d')}")
     print(f"model: mixtral hidden {a.hidden}, {a.layers} layers, {a.experts} experts top-{a.top_k}, ffn {a.ffn}, "
-          f"heads {a.heads}/{a.kv_heads}, vocab {a.vocab}; batch {a.batch} x seq {a.seq_len}; {a.steps} steps (first untimed)")
+          f"heads {a.heads}/{a.kv_heads}, vocab {a.vocab}; batch {a.batch} x seq {a.seq_len}; {a.steps} steps (first untimed), {a.rounds} round(s)")
     print("| engine | tokens/s (median) | peak RSS MiB |")
     print("| --- | --- | --- |")
     m = a.micro_batches
