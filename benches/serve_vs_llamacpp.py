@@ -368,6 +368,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--llama-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.repeats < 1:
+        ap.error("--repeats must be at least 1")
     levels = [int(x) for x in a.concurrency.split(",")]
     threads = os.cpu_count() or 1
     if a.llama_worker:
