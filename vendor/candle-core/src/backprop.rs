@@ -434,10 +434,24 @@ impl Tensor {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
-                        let lhs_grad = grad.matmul(&rhs.t()?)?;
+                        // An operand that is the transpose of the last two dimensions of
+                        // another tensor (a linear layer's `w.t()`) gets its gradient as the
+                        // transpose of a product laid out like that tensor: the same values,
+                        // kept as a view by `accumulate`, which the transpose rule turns
+                        // back into a contiguous gradient for the tensor. Otherwise the
+                        // transposed gradient would be copied element by element.
+                        let lhs_grad = if is_matrix_transpose(lhs) {
+                            rhs.matmul(&grad.t()?)?.t()?
+                        } else {
+                            grad.matmul(&rhs.t()?)?
+                        };
                         grads.accumulate(lhs, &lhs_grad)?;
 
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
+                        let rhs_grad = if is_matrix_transpose(rhs) {
+                            grad.t()?.matmul(lhs)?.t()?
+                        } else {
+                            lhs.t()?.matmul(&grad)?
+                        };
                         grads.accumulate(rhs, &rhs_grad)?;
                     }
                     Op::Cat(args, dim) => {
@@ -671,6 +685,17 @@ impl Tensor {
     }
 }
 
+/// Whether `t` is recorded as the transpose of the last two dimensions of another tensor.
+fn is_matrix_transpose(t: &Tensor) -> bool {
+    let rank = t.rank();
+    match t.op() {
+        Some(Op::Transpose(_, d1, d2)) => {
+            rank >= 2 && (*d1).min(*d2) == rank - 2 && (*d1).max(*d2) == rank - 1
+        }
+        _ => false,
+    }
+}
+
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
@@ -716,8 +741,14 @@ impl GradStore {
                 entry.insert(sum);
             }
             Entry::Vacant(entry) => {
-                // Backward rules read gradients as contiguous tensors (some require it).
-                entry.insert(grad.contiguous()?);
+                // Backward rules read gradients as contiguous tensors (some require it); the
+                // transpose rule only transposes its gradient back, so a transpose node keeps
+                // a strided view as it is.
+                if grad.is_contiguous() || matches!(tensor.op(), Some(Op::Transpose(..))) {
+                    entry.insert(grad.clone());
+                } else {
+                    entry.insert(grad.contiguous()?);
+                }
             }
         }
         Ok(())

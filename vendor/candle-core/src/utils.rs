@@ -380,6 +380,13 @@ pub fn init_global_threadpool() {
 }
 
 fn default_num_threads() -> usize {
+    // The count is read from the system once: it is asked for on every matrix product, and
+    // `num_cpus::get_physical` parses /proc/cpuinfo on each call.
+    static DEFAULT: OnceLock<usize> = OnceLock::new();
+    *DEFAULT.get_or_init(detect_default_num_threads)
+}
+
+fn detect_default_num_threads() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {
