@@ -268,7 +268,7 @@ impl OutPtr {
 fn effective(isa: Isa) -> Isa {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if isa.supported() && !is_x86_feature_detected!("avx512vl") => Isa::Avx2,
+        Isa::Avx512 if isa.supported() && !crate::quant::x86_support().avx512_vl => Isa::Avx2,
         _ if isa.supported() => isa,
         _ => Isa::Scalar,
     }

@@ -22,6 +22,36 @@ pub enum Isa {
     Avx512,
 }
 
+/// The x86 feature sets the kernels are built for, as this CPU has them.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct X86Support {
+    /// AVX2 with FMA and F16C.
+    pub(crate) avx2: bool,
+    /// That and AVX-512 F and BW.
+    pub(crate) avx512: bool,
+    /// That and AVX-512 VL.
+    pub(crate) avx512_vl: bool,
+}
+
+/// This CPU's [`X86Support`], detected on first use.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn x86_support() -> X86Support {
+    static SUPPORT: OnceLock<X86Support> = OnceLock::new();
+    *SUPPORT.get_or_init(|| {
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        let avx512 =
+            avx2 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+        X86Support {
+            avx2,
+            avx512,
+            avx512_vl: avx512 && is_x86_feature_detected!("avx512vl"),
+        }
+    })
+}
+
 impl Isa {
     /// The best instruction set of this CPU, or the one `SKYMOE_ISA` names (if supported).
     pub fn detect() -> Isa {
@@ -45,22 +75,15 @@ impl Isa {
         })
     }
 
-    /// Whether this CPU can run the instruction set.
+    /// Whether this CPU can run the instruction set (detected once: the kernels ask on every
+    /// task).
     pub fn supported(self) -> bool {
         match self {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
-            }
+            Isa::Avx2 => x86_support().avx2,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => {
-                Isa::Avx2.supported()
-                    && is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-            }
+            Isa::Avx512 => x86_support().avx512,
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }

@@ -28,6 +28,8 @@ mod f16_vec;
 pub mod fp8;
 mod fp8_bf16;
 mod kernels;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use kernels::x86_support;
 mod store;
 #[cfg(target_arch = "x86_64")]
 mod x86;
