@@ -127,6 +127,13 @@ fn prefetch_first(p: *const u8, bytes: usize) {
 pub(super) fn prefetch_rows(mat: &QMatrix, r0: usize, r1: usize) {
     let rows = r1.min(mat.rows).saturating_sub(r0);
     let cols = mat.cols;
+    // The rows' scales are read after their products: requested first, they arrive meanwhile
+    // instead of missing then.
+    if let QData::Int8 { scales, .. } | QData::Fp8 { scales, .. } = &mat.data {
+        if let Some(s) = scales.get(r0..r0 + rows) {
+            prefetch_first(s.as_ptr() as *const u8, std::mem::size_of_val(s));
+        }
+    }
     let (p, bytes) = match &mat.data {
         QData::F32(w) => (
             w.as_ptr().wrapping_add(r0 * cols) as *const u8,
