@@ -1046,8 +1046,8 @@ impl GgmlMatrix {
             return;
         }
         // Many activation rows: dequantise a tile of weight rows into a per-thread buffer (at
-        // most ~256 KiB) and multiply it with a GEMM.
-        let tile = (65536 / cols).clamp(8, 128);
+        // most ~256 KiB, whole micro-kernel panels) and multiply it with a GEMM.
+        let tile = crate::quant::tile_rows(cols);
         par_ranges(rows, tile, m * cols, |r0, r1| {
             TILE.with(|buf| {
                 let mut buf = buf.borrow_mut();

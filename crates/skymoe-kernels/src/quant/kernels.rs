@@ -361,7 +361,20 @@ fn task_rows(path: Path, cols: usize) -> usize {
     match path {
         Path::Int8Q8 | Path::Fp8Bf16 | Path::Fused => 16,
         Path::Blocked => super::blocked::TASK_ROWS,
-        Path::Tiles => (65536 / cols.max(1)).clamp(8, 128),
+        Path::Tiles => tile_rows(cols),
+    }
+}
+
+/// Weight rows per dequantised tile of `cols` columns: about 256 KiB of f32, whole 16-row
+/// panels where that many fit (the GEMM's AVX2 micro-kernel covers 16 weight rows per call;
+/// a tile of 113 rows left a 1-row remainder that took a call of its own for every six
+/// activation rows).
+pub(crate) fn tile_rows(cols: usize) -> usize {
+    let rows = (65536 / cols.max(1)).clamp(8, 128);
+    if rows >= 16 {
+        rows / 16 * 16
+    } else {
+        rows
     }
 }
 

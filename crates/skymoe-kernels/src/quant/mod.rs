@@ -29,7 +29,7 @@ pub mod fp8;
 mod fp8_bf16;
 mod kernels;
 #[cfg(target_arch = "x86_64")]
-pub(crate) use kernels::x86_support;
+pub(crate) use kernels::{tile_rows, x86_support};
 mod store;
 #[cfg(target_arch = "x86_64")]
 mod x86;

@@ -547,3 +547,24 @@ fn products_kept_on_this_thread_match_the_parallel_ones() {
     let unwound = std::panic::catch_unwind(|| on_this_thread(|| panic!("inside")));
     assert!(unwound.is_err() && !kept_on_this_thread());
 }
+
+#[test]
+fn dequantised_tiles_hold_whole_micro_kernel_panels_within_their_budget() {
+    for cols in [
+        1, 31, 64, 100, 576, 960, 1536, 4096, 4097, 5000, 8192, 9000, 70_000,
+    ] {
+        let rows = super::kernels::tile_rows(cols);
+        assert!((8..=128).contains(&rows), "{cols} columns: {rows} rows");
+        // About 256 KiB of f32 (65536 values), or the 8-row minimum for very wide rows.
+        assert!(
+            rows * cols <= 65536 || rows == 8,
+            "{cols} columns: {rows} rows"
+        );
+        if rows >= 16 {
+            assert_eq!(rows % 16, 0, "{cols} columns: {rows} rows");
+        }
+    }
+    // Rows of SmolLM2's widths: 112 for 576 columns (113 before), 32 for 1536 (42 before).
+    assert_eq!(super::kernels::tile_rows(576), 112);
+    assert_eq!(super::kernels::tile_rows(1536), 32);
+}
