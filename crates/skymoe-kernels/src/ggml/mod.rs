@@ -377,7 +377,8 @@ pub fn set_activations(mode: GgmlActivations) {
 /// activations (with SIMD; portable code keeps f32 activations). Measured with
 /// `examples/ggml_matmul` (AVX-512 VNNI, 2 threads), the integer products are 1.6-2.5x as
 /// fast as the f32 ones for 1 to 32 rows and 1.3-1.5x for 64, then 1.2x for 128 and 1.1x for
-/// 256, where the f32 path multiplies dequantised tiles with a GEMM. Beyond 64 rows
+/// 256, where the f32 path multiplies dequantised tiles with a GEMM (since the tiles hold whole
+/// micro-kernel panels: 1.0-1.4x for 128 rows and 0.8-1.1x for 256). Beyond 64 rows
 /// (prefill-sized products, log-likelihood scoring) the f32 activations' accuracy is kept for
 /// that last 10-20%; `SKYMOE_GGML_ACTIVATIONS=int8` trades it for speed.
 pub fn int8_max_rows(ty: GgmlType) -> usize {
