@@ -370,9 +370,11 @@ fn task_rows(path: Path, cols: usize) -> usize {
 /// a tile of 113 rows left a 1-row remainder that took a call of its own for every six
 /// activation rows).
 pub(crate) fn tile_rows(cols: usize) -> usize {
+    /// Weight rows one call of the `gemm` crate's f32 micro-kernel covers.
+    const PANEL_ROWS: usize = 16;
     let rows = (65536 / cols.max(1)).clamp(8, 128);
-    if rows >= 16 {
-        rows / 16 * 16
+    if rows >= PANEL_ROWS {
+        rows / PANEL_ROWS * PANEL_ROWS
     } else {
         rows
     }

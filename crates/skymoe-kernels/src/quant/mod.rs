@@ -28,8 +28,9 @@ mod f16_vec;
 pub mod fp8;
 mod fp8_bf16;
 mod kernels;
+pub(crate) use kernels::tile_rows;
 #[cfg(target_arch = "x86_64")]
-pub(crate) use kernels::{tile_rows, x86_support};
+pub(crate) use kernels::x86_support;
 mod store;
 #[cfg(target_arch = "x86_64")]
 mod x86;
