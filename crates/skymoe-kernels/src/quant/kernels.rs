@@ -283,6 +283,8 @@ impl OutPtr {
 
 thread_local! {
     static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A task's weight rows converted to bf16 pairs (the BF16 tile path).
+    static BF16_TILE: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// How a product runs for a number of activation rows.
@@ -298,6 +300,9 @@ enum Path {
     Blocked,
     /// Dequantised tiles of weight rows fed to a GEMM (many rows).
     Tiles,
+    /// int8 or FP8 rows converted to exact bf16 tiles, bf16 activations and AVX-512 BF16
+    /// dot products (many rows).
+    Bf16Tiles,
 }
 
 fn path(isa: Isa, mat: &QMatrix, m: usize) -> Path {
@@ -305,6 +310,8 @@ fn path(isa: Isa, mat: &QMatrix, m: usize) -> Path {
         Path::Int8Q8
     } else if matches!(mat.data, QData::Fp8 { .. }) && fp8_uses_bf16(isa, mat.cols, m) {
         Path::Fp8Bf16
+    } else if matches!(mat.data, QData::Int8 { .. } | QData::Fp8 { .. }) && bf16_tiles(isa, m) {
+        Path::Bf16Tiles
     } else if blocked_rows(isa, mat, m) {
         Path::Blocked
     } else if m <= FUSED_MAX_CHUNKED_ROWS {
@@ -324,6 +331,18 @@ pub(crate) fn blocked_rows(isa: Isa, mat: &QMatrix, m: usize) -> bool {
     isa == Isa::Avx512
         && matches!(mat.data, QData::F16(_) | QData::F32(_))
         && (8..=128).contains(&m)
+}
+
+/// Whether a product of `m` activation rows with int8 or FP8 rows on `isa` converts the
+/// weights to exact bf16 tiles and rounds the activations to bf16 (see `bf16_tiles`): on CPUs
+/// with AVX512-BF16, for more than 64 rows (fewer take the 8-bit and bf16 paths of few rows)
+/// under [`crate::ggml::GgmlActivations::Auto`]. Measured with `examples/qmatmul` against the
+/// f32 tiles and the GEMM (see BENCHMARKS.md).
+pub(crate) fn bf16_tiles(isa: Isa, m: usize) -> bool {
+    crate::ggml::activations() == crate::ggml::GgmlActivations::Auto
+        && m > 64
+        && isa == Isa::Avx512
+        && super::bf16_tiles::supported()
 }
 
 /// Whether a product of `m` activation rows with FP8 rows of `cols` columns on `isa` uses bf16
@@ -353,6 +372,7 @@ pub(crate) fn fp8_uses_bf16(isa: Isa, cols: usize, m: usize) -> bool {
 struct Shared {
     q8: Option<crate::ggml::Q8Activations>,
     bf16: Option<super::fp8_bf16::Bf16Activations>,
+    pairs: Option<super::bf16_tiles::Bf16Pairs>,
 }
 
 /// Weight rows per task: 16 for the fused paths (larger tasks measured slower at batch 1),
@@ -362,6 +382,11 @@ fn task_rows(path: Path, cols: usize) -> usize {
         Path::Int8Q8 | Path::Fp8Bf16 | Path::Fused => 16,
         Path::Blocked => super::blocked::TASK_ROWS,
         Path::Tiles => tile_rows(cols),
+        // About 128 KiB of bf16 pairs, in whole calls of the micro-kernel.
+        Path::Bf16Tiles => {
+            let nr = super::bf16_tiles::NR;
+            (65536 / cols.max(1)).clamp(nr, 192) / nr * nr
+        }
     }
 }
 
@@ -478,6 +503,30 @@ unsafe fn product_rows(
             #[cfg(not(target_arch = "x86_64"))]
             unreachable!("the blocked path is chosen on AVX-512 only")
         }
+        Path::Bf16Tiles => BF16_TILE.with(|buf| {
+            use super::bf16_tiles::{convert_rows, products, Codes};
+            let (codes, scales) = match &mat.data {
+                QData::Int8 { q, scales } => (Codes::Int8(q), scales),
+                QData::Fp8 { q, scales } => (Codes::Fp8(q), scales),
+                _ => unreachable!("the BF16 tiles are chosen for int8 and FP8 rows"),
+            };
+            let Some(a) = &a.pairs else {
+                unreachable!("the BF16 tiles are chosen with their activations")
+            };
+            let mut buf = buf.borrow_mut();
+            let need = (r1 - r0) * cols.div_ceil(2);
+            if buf.len() < need {
+                buf.resize(need, 0);
+            }
+            // SAFETY: the path is chosen only where the CPU runs the kernels; the matrix holds
+            // rows up to r1 <= rows of `cols` codes with a scale each; the tile holds r1 − r0
+            // rows of pairs; the elements i·ld + r0 .. i·ld + r1 (i < m) from `ptr` are in
+            // bounds and this task's (the caller's guarantee).
+            unsafe {
+                convert_rows(codes, cols, (r0, r1), &mut buf);
+                products(a, &buf[..need], &scales[r0..r1], ptr.at(r0), ld);
+            }
+        }),
         Path::Tiles => TILE.with(|buf| {
             // Dequantise the task's weight rows into a per-thread buffer and multiply the tile
             // with a GEMM.
@@ -566,6 +615,9 @@ pub(crate) fn matmul_parts(
         bf16: paths
             .contains(&Path::Fp8Bf16)
             .then(|| super::fp8_bf16::Bf16Activations::new(x, m, cols)),
+        pairs: paths
+            .contains(&Path::Bf16Tiles)
+            .then(|| super::bf16_tiles::Bf16Pairs::new(x, m, cols)),
     };
     // (part, its path, its first output column, its weight rows r0..r1)
     let mut tasks = Vec::new();

@@ -23,6 +23,7 @@
 //! The instruction set is chosen at run time: AVX-512 (with F16C/FMA) where present, else
 //! AVX2 + FMA + F16C, else portable scalar code. `SKYMOE_ISA=scalar|avx2|avx512` forces one.
 
+mod bf16_tiles;
 mod blocked;
 mod f16_vec;
 pub mod fp8;

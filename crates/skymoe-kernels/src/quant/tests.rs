@@ -51,10 +51,13 @@ fn fused_and_tiled_products_match_the_reference() {
                     {
                         let x8 = x8.as_ref().expect("rows of whole blocks");
                         mat.matmul_reference(&x8.dequantize_for(GgmlType::Q8_0).unwrap(), m)
-                    } else if format == WeightFormat::Fp8
-                        && super::kernels::fp8_uses_bf16(isa, cols, m)
+                    } else if (format == WeightFormat::Fp8
+                        && super::kernels::fp8_uses_bf16(isa, cols, m))
+                        || (matches!(format, WeightFormat::Int8 | WeightFormat::Fp8)
+                            && super::kernels::bf16_tiles(isa, m))
                     {
-                        // FP8 with few rows on AVX-512 BF16: the activations rounded to bf16.
+                        // FP8 with few rows, and int8 and FP8 with many, on AVX-512 BF16: the
+                        // activations rounded to bf16.
                         let xb: Vec<f32> = x
                             .iter()
                             .map(|&v| f32::from_bits((super::fp8_bf16::to_bf16(v) as u32) << 16))
@@ -101,6 +104,28 @@ fn f16_and_f32_rows_take_the_register_blocked_kernels_for_8_to_128_rows_on_avx51
     }
     let int8 = QMatrix::quantize(&w, 6, 64, WeightFormat::Int8).unwrap();
     assert!(!super::kernels::blocked_rows(Isa::Avx512, &int8, 40));
+}
+
+#[test]
+fn int8_and_fp8_rows_take_the_bf16_tiles_beyond_64_rows_on_avx512_bf16() {
+    // The products are checked against the reference above; this pins the path, so that the
+    // BF16 tiles stay covered where the CPU has them. (Under `SKYMOE_GGML_ACTIVATIONS=f32` the
+    // f32 tiles keep every product.)
+    if crate::ggml::activations() != crate::ggml::GgmlActivations::Auto {
+        return;
+    }
+    let here = super::bf16_tiles::supported();
+    for (m, want) in [
+        (1, false),
+        (64, false),
+        (65, here),
+        (129, here),
+        (4096, here),
+    ] {
+        assert_eq!(super::kernels::bf16_tiles(Isa::Avx512, m), want, "m={m}");
+        assert!(!super::kernels::bf16_tiles(Isa::Avx2, m));
+        assert!(!super::kernels::bf16_tiles(Isa::Scalar, m));
+    }
 }
 
 #[test]
