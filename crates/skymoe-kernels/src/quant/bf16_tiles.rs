@@ -17,6 +17,8 @@
 //! and [`NR`] weight rows: 24 accumulators, two vector loads and twelve broadcasts per 24 dot
 //! products.
 
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
 use super::fp8_bf16::to_bf16;
 
 /// Weight rows per call of the micro-kernel.
@@ -39,23 +41,41 @@ pub(crate) struct Bf16Pairs {
 }
 
 impl Bf16Pairs {
-    /// Round and transpose `rows` rows of `x` (`[rows, cols]`).
+    /// Round and transpose `rows` rows of `x` (`[rows, cols]`), the groups in parallel.
+    /// Rounding is to nearest, ties to even; with the AVX-512 BF16 conversion (where
+    /// [`supported`]) subnormal values become zero, as that instruction has them.
     pub fn new(x: &[f32], rows: usize, cols: usize) -> Self {
+        use rayon::prelude::*;
         assert_eq!(x.len(), rows * cols, "activation length");
         let pairs = cols.div_ceil(2);
         let mut data = vec![0u32; rows.div_ceil(GROUP) * pairs * GROUP];
-        let mut row = vec![0u32; pairs];
-        for (i, xi) in x.chunks_exact(cols.max(1)).take(rows).enumerate() {
-            for (k, p) in row.iter_mut().enumerate() {
-                let lo = to_bf16(xi[2 * k]) as u32;
-                let hi = xi.get(2 * k + 1).map_or(0, |&v| to_bf16(v) as u32);
-                *p = lo | hi << 16;
-            }
-            let group = &mut data[(i / GROUP) * pairs * GROUP..][..pairs * GROUP];
-            for (k, &p) in row.iter().enumerate() {
-                group[k * GROUP + i % GROUP] = p;
-            }
+        if pairs == 0 {
+            return Bf16Pairs { rows, pairs, data };
         }
+        let vector = supported();
+        data.par_chunks_mut(pairs * GROUP)
+            .enumerate()
+            .for_each(|(g, group)| {
+                let mut row = vec![0u32; pairs];
+                for (l, xi) in x[g * GROUP * cols..]
+                    .chunks_exact(cols)
+                    .take(GROUP)
+                    .enumerate()
+                {
+                    if vector {
+                        // SAFETY: `supported()`: the CPU runs the conversion.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            x86::pairs_of_row(xi, &mut row)
+                        };
+                    } else {
+                        pairs_of_row_portable(xi, &mut row);
+                    }
+                    for (k, &p) in row.iter().enumerate() {
+                        group[k * GROUP + l] = p;
+                    }
+                }
+            });
         Bf16Pairs { rows, pairs, data }
     }
 
@@ -70,6 +90,15 @@ impl Bf16Pairs {
                 f32::from_bits(bits << 16)
             })
             .collect()
+    }
+}
+
+/// The bf16 pairs of one activation row (`out`: `ceil(xi.len() / 2)` pairs).
+fn pairs_of_row_portable(xi: &[f32], out: &mut [u32]) {
+    for (k, p) in out.iter_mut().enumerate() {
+        let lo = to_bf16(xi[2 * k]) as u32;
+        let hi = xi.get(2 * k + 1).map_or(0, |&v| to_bf16(v) as u32);
+        *p = lo | hi << 16;
     }
 }
 
@@ -162,7 +191,33 @@ pub(crate) unsafe fn products(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{convert_rows_portable, fp8_table, Bf16Pairs, Codes, GROUP, NR};
+    use super::{convert_rows_portable, fp8_table, pairs_of_row_portable, Bf16Pairs, Codes};
+    use super::{GROUP, NR};
+
+    /// [`pairs_of_row_portable`] with AVX-512 BF16, 32 values per step (subnormals become
+    /// zero; a last partial step as the portable code).
+    ///
+    /// # Safety
+    /// [`super::supported`]; `out` holds `ceil(xi.len() / 2)` pairs.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn pairs_of_row(xi: &[f32], out: &mut [u32]) {
+        let whole = xi.len() / 32 * 32;
+        assert!(out.len() >= xi.len().div_ceil(2), "pair count");
+        let mut c = 0;
+        while c < whole {
+            // SAFETY: values c .. c + 32 are in `xi` and pairs c/2 .. c/2 + 16 in `out`.
+            unsafe {
+                let lo = _mm512_loadu_ps(xi.as_ptr().add(c));
+                let hi = _mm512_loadu_ps(xi.as_ptr().add(c + 16));
+                let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(out.as_mut_ptr().add(c / 2) as *mut _, v);
+            }
+            c += 32;
+        }
+        if whole < xi.len() {
+            pairs_of_row_portable(&xi[whole..], &mut out[whole / 2..]);
+        }
+    }
 
     /// [`convert_rows_portable`] with AVX-512 (32 codes per step; a last partial step and an
     /// odd last column as the portable code).
