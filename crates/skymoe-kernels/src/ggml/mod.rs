@@ -245,6 +245,8 @@ impl fmt::Debug for GgmlMatrix {
 
 thread_local! {
     static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A task's Q8_0 codes as bf16 pairs and their block scales (the BF16 tiles).
+    static BF16_TILE: RefCell<(Vec<u32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// A raw output pointer shared by tasks writing disjoint elements.
@@ -322,11 +324,18 @@ fn dequantize_blocks(isa: Isa, ty: GgmlType, row: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Which activations the products of ggml blocks multiply the weights with.
+/// The value of f16 bits (exact).
+pub(crate) fn f16_bits_to_f32(h: u16) -> f32 {
+    blocks::f16_to_f32(h)
+}
+
+/// Which activations the products of ggml blocks multiply the weights with (and those of
+/// skymoe's int8 and FP8 rows, see [`crate::quant::QMatrix`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlActivations {
     /// 8-bit activations where they are faster (up to [`int8_max_rows`] rows, with SIMD),
-    /// f32 elsewhere. The default.
+    /// f32 elsewhere; skymoe's FP8 rows take bf16 activations from 2 to 64 rows, and its int8
+    /// and FP8 rows beyond 64 rows, on CPUs with AVX512-BF16. The default.
     Auto,
     /// f32 activations always (the product of the dequantised weights, up to f32 rounding).
     F32,
@@ -568,9 +577,25 @@ fn matmul_segments_at(
         .iter()
         .any(|&i| i)
         .then(|| Q8Activations::new(x, m, cols, need(false), need(true)));
-    for (s, &i) in segments.iter().zip(&int8) {
-        match (&a, i) {
-            (Some(a), true) => s.matmul_q8_into_with(isa, a, out, ld, col0),
+    // Q8_0 with many rows on AVX512-BF16: exact bf16 codes, block scales in f32, bf16
+    // activations (see `quant::bf16_tiles`).
+    let bf16: Vec<bool> = segments
+        .iter()
+        .zip(&int8)
+        .map(|(s, &i)| {
+            !i && s.ty == GgmlType::Q8_0
+                && cols.is_multiple_of(32)
+                && crate::quant::uses_bf16_tiles(eff, m)
+        })
+        .collect();
+    let pairs = bf16
+        .iter()
+        .any(|&b| b)
+        .then(|| crate::quant::bf16_tiles::Bf16Pairs::new(x, m, cols));
+    for ((s, &i), &b) in segments.iter().zip(&int8).zip(&bf16) {
+        match (&a, i, &pairs, b) {
+            (Some(a), true, _, _) => s.matmul_q8_into_with(isa, a, out, ld, col0),
+            (_, _, Some(p), true) => s.matmul_q8_0_bf16_into(p, out, ld, col0),
             _ => s.matmul_f32_into_with(isa, x, m, out, ld, col0),
         }
         col0 += s.rows;
@@ -991,6 +1016,50 @@ impl GgmlMatrix {
             return true;
         }
         false
+    }
+
+    /// The product of this Q8_0 matrix (rows of whole blocks) with the bf16 activations `a`,
+    /// multithreaded, through exact bf16 tiles of its codes and its block scales in f32 (on a
+    /// CPU that [`crate::quant::uses_bf16_tiles`] allows), into columns `col0 .. col0 + rows`
+    /// of the `[a.rows, ld]` output `out`.
+    ///
+    /// # Panics
+    /// As [`GgmlMatrix::matmul_into`].
+    fn matmul_q8_0_bf16_into(
+        &self,
+        a: &crate::quant::bf16_tiles::Bf16Pairs,
+        out: &mut [f32],
+        ld: usize,
+        col0: usize,
+    ) {
+        use crate::quant::bf16_tiles::{convert_q8_0_rows, products_block_scaled, task_rows};
+        assert!(self.ty == GgmlType::Q8_0 && self.cols.is_multiple_of(32));
+        assert_eq!(a.pairs, self.cols / 2, "activation width");
+        assert!(crate::quant::bf16_tiles::supported(), "no AVX512-BF16 here");
+        let m = a.rows;
+        if self.output_is_trivial(m, out, ld, col0) {
+            return;
+        }
+        let (rows, cols, rb) = (self.rows, self.cols, self.row_bytes);
+        let blocks = self.blocks();
+        let ptr = OutPtr(out[col0..].as_mut_ptr());
+        par_ranges(rows, task_rows(cols), m * cols, |r0, r1| {
+            BF16_TILE.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                let (tile, scales) = &mut *buf;
+                let n = r1 - r0;
+                tile.resize(tile.len().max(n * cols / 2), 0);
+                scales.resize(scales.len().max(n * cols / 32), 0.0);
+                // SAFETY: the CPU runs the kernels (asserted); the blocks hold `rows` rows of
+                // `cols / 32` blocks, `rb` bytes apart, and r1 <= rows; the tile and scales
+                // have room for n rows; the output elements i·ld + col0 + r0 .. + r1 (i < m)
+                // are in bounds (checked above) and only this task writes them.
+                unsafe {
+                    convert_q8_0_rows(blocks, rb, cols, (r0, r1), tile, scales);
+                    products_block_scaled(a, tile, n, scales, ptr.at(r0), ld);
+                }
+            })
+        });
     }
 
     /// [`GgmlMatrix::matmul_into_with`] with f32 activations, whatever [`activations`] says.

@@ -173,6 +173,29 @@ fn check_products(ty: GgmlType, rows: usize, cols: usize, ms: &[usize]) {
                         same_bits(&auto, &q8),
                         "{ty} {isa:?} m={m}: auto is not int8"
                     );
+                } else if ty == GgmlType::Q8_0
+                    && cols.is_multiple_of(32)
+                    && crate::quant::uses_bf16_tiles(effective(isa), m)
+                {
+                    // Q8_0 with many rows on AVX512-BF16: the exact weights times the
+                    // activations rounded to bf16.
+                    let xb: Vec<f32> = x
+                        .iter()
+                        .map(|&v| f32::from_bits((crate::quant::fp8_bf16::to_bf16(v) as u32) << 16))
+                        .collect();
+                    let want_b = mat.matmul_reference(&xb, m);
+                    for i in 0..m {
+                        for r in 0..rows {
+                            let mag: f64 = (0..cols)
+                                .map(|c| (xb[i * cols + c] as f64 * w[r * cols + c] as f64).abs())
+                                .sum();
+                            let (g, e) = (auto[i * rows + r], want_b[i * rows + r]);
+                            assert!(
+                                ((g - e) as f64).abs() <= 1e-5 * mag + 1e-30,
+                                "{ty} {isa:?} m={m} ({i},{r}), bf16 activations: {g} vs {e}"
+                            );
+                        }
+                    }
                 } else {
                     assert!(
                         same_bits(&auto, &got),
@@ -217,7 +240,7 @@ fn parallel_products_match_the_reference() {
     // Large enough for the row tasks to run on several threads.
     for ty in GgmlType::ALL {
         let cols = if ty.block_elems() == 32 { 576 } else { 768 };
-        check_products(ty, 130, cols, &[1, 4, 17]);
+        check_products(ty, 130, cols, &[1, 4, 17, 65, 129]);
     }
 }
 

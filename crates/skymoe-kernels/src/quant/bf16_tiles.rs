@@ -24,6 +24,12 @@ use super::fp8_bf16::to_bf16;
 /// Weight rows per call of the micro-kernel.
 pub(crate) const NR: usize = 12;
 
+/// Weight rows per task of a product: about 128 KiB of bf16 pairs of `cols` columns, in
+/// whole calls of the micro-kernels.
+pub(crate) fn task_rows(cols: usize) -> usize {
+    (65536 / cols.max(1)).clamp(NR, 192) / NR * NR
+}
+
 /// Activation rows per group of [`Bf16Pairs`] (two vectors of 16 lanes).
 pub(crate) const GROUP: usize = 32;
 
@@ -150,13 +156,74 @@ pub(crate) fn convert_rows_portable(
     }
 }
 
+/// Bytes of a Q8_0 block: an f16 scale and 32 signed codes.
+pub(crate) const Q8_0_BLOCK_BYTES: usize = 34;
+
+/// Convert Q8_0 rows `r0 .. r1` (`rb` bytes apart in `blocks`, `cols` a multiple of 32) into
+/// `tile` as [`convert_rows_portable`] does (the codes, exact) and their block scales into
+/// `scales` (`cols / 32` per row, row `j` at `j · cols / 32`). Portable code: the reference of
+/// the vector conversion.
+#[cfg(test)]
+pub(crate) fn convert_q8_0_rows_portable(
+    blocks: &[u8],
+    rb: usize,
+    cols: usize,
+    (r0, r1): (usize, usize),
+    tile: &mut [u32],
+    scales: &mut [f32],
+) {
+    let (pairs, nb) = (cols / 2, cols / 32);
+    for (j, r) in (r0..r1).enumerate() {
+        for b in 0..nb {
+            let blk = &blocks[r * rb + b * Q8_0_BLOCK_BYTES..][..Q8_0_BLOCK_BYTES];
+            scales[j * nb + b] = crate::ggml::f16_bits_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
+            for k in 0..16 {
+                let code = |c: usize| to_bf16(blk[2 + c] as i8 as f32) as u32;
+                tile[j * pairs + b * 16 + k] = code(2 * k) | code(2 * k + 1) << 16;
+            }
+        }
+    }
+}
+
 /// Whether this CPU runs the kernels.
 pub(crate) fn supported() -> bool {
     super::fp8_bf16::supported()
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{convert_rows, products};
+pub(crate) use x86::{convert_q8_0_rows, convert_rows, products, products_block_scaled};
+
+/// No kernels on other targets ([`supported`] is false there, so nothing calls this).
+///
+/// # Safety
+/// Never called.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) unsafe fn convert_q8_0_rows(
+    _blocks: &[u8],
+    _rb: usize,
+    _cols: usize,
+    _rows: (usize, usize),
+    _tile: &mut [u32],
+    _scales: &mut [f32],
+) {
+    unreachable!("no BF16 kernels on this target")
+}
+
+/// No kernels on other targets ([`supported`] is false there, so nothing calls this).
+///
+/// # Safety
+/// Never called.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) unsafe fn products_block_scaled(
+    _x: &Bf16Pairs,
+    _tile: &[u32],
+    _rows: usize,
+    _scales: &[f32],
+    _out: *mut f32,
+    _ld: usize,
+) {
+    unreachable!("no BF16 kernels on this target")
+}
 
 /// No kernels on other targets ([`supported`] is false there, so nothing calls this).
 ///
@@ -297,6 +364,186 @@ mod x86 {
         }
     }
 
+    /// [`convert_q8_0_rows_portable`] with AVX-512 (one block per step).
+    ///
+    /// # Safety
+    /// [`super::supported`]; `blocks` holds rows up to `r1` of `cols / 32` Q8_0 blocks, `rb`
+    /// bytes apart; `tile` has room for `(r1 − r0) · cols / 2` pairs and `scales` for
+    /// `(r1 − r0) · cols / 32` scales.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(crate) unsafe fn convert_q8_0_rows(
+        blocks: &[u8],
+        rb: usize,
+        cols: usize,
+        (r0, r1): (usize, usize),
+        tile: &mut [u32],
+        scales: &mut [f32],
+    ) {
+        use super::Q8_0_BLOCK_BYTES as BB;
+        let (pairs, nb) = (cols / 2, cols / 32);
+        assert!(cols.is_multiple_of(32), "Q8_0 rows of whole blocks");
+        assert!(tile.len() >= (r1 - r0) * pairs && scales.len() >= (r1 - r0) * nb);
+        assert!(
+            r1 == r0 || (r1 - 1) * rb + nb * BB <= blocks.len(),
+            "rows in the blocks"
+        );
+        for (j, r) in (r0..r1).enumerate() {
+            for b in 0..nb {
+                let blk = &blocks[r * rb + b * BB..][..BB];
+                scales[j * nb + b] =
+                    crate::ggml::f16_bits_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
+                // SAFETY: the block's 32 codes follow its scale; pairs b·16 .. b·16 + 16 of
+                // row j are in `tile`.
+                unsafe {
+                    let p = blk.as_ptr().add(2);
+                    let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        p as *const __m128i,
+                    )));
+                    let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        p.add(16) as *const __m128i
+                    )));
+                    let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                    _mm512_storeu_si512(tile.as_mut_ptr().add(j * pairs + b * 16) as *mut _, v);
+                }
+            }
+        }
+    }
+
+    /// As [`kernel`], each weight row scaled per block of 16 pairs (32 columns): `d` holds
+    /// the rows' block scales, `ds` apart.
+    ///
+    /// # Safety
+    /// As for [`kernel`], `pairs` a multiple of 16, and `d` holds `(N − 1)·ds + pairs / 16`
+    /// scales.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    unsafe fn kernel_block_scaled<const N: usize, const V: usize>(
+        a: *const u32,
+        w: *const u32,
+        ws: usize,
+        pairs: usize,
+        d: *const f32,
+        ds: usize,
+    ) -> [[__m512; V]; N] {
+        let mut acc = [[_mm512_setzero_ps(); V]; N];
+        for b in 0..pairs / 16 {
+            let mut part = [[_mm512_setzero_ps(); V]; N];
+            for k in b * 16..b * 16 + 16 {
+                // SAFETY: in bounds (the caller's guarantee).
+                unsafe {
+                    let av: [__m512bh; V] = std::array::from_fn(|v| {
+                        std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                            a.add(k * GROUP + 16 * v) as *const _,
+                        ))
+                    });
+                    for (r, part_r) in part.iter_mut().enumerate() {
+                        let wb = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                            *w.add(r * ws + k) as i32,
+                        ));
+                        for (p, &x) in part_r.iter_mut().zip(&av) {
+                            *p = _mm512_dpbf16_ps(*p, x, wb);
+                        }
+                    }
+                }
+            }
+            for (r, (acc_r, part_r)) in acc.iter_mut().zip(&part).enumerate() {
+                // SAFETY: in bounds (the caller's guarantee).
+                let s = _mm512_set1_ps(unsafe { *d.add(r * ds + b) });
+                for (x, &p) in acc_r.iter_mut().zip(part_r) {
+                    *x = _mm512_fmadd_ps(p, s, *x);
+                }
+            }
+        }
+        acc
+    }
+
+    /// Write `acc` (rows `r .. r + N` of the tile, lanes the group's activation rows from
+    /// `i0`) at `out + i·ld + r`, times `scales[r]` where given.
+    ///
+    /// # Safety
+    /// The elements are in bounds and written by nobody else meanwhile.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn write<const N: usize, const V: usize>(
+        acc: &[[__m512; V]; N],
+        rows: usize,
+        i0: usize,
+        r: usize,
+        scales: Option<&[f32]>,
+        out: *mut f32,
+        ld: usize,
+    ) {
+        let mut lanes = [0f32; 16];
+        for (n, acc_r) in acc.iter().enumerate() {
+            let scale = scales.map_or(1.0, |s| s[r + n]);
+            for (v, a) in acc_r.iter().enumerate() {
+                // SAFETY: 16 floats into `lanes`.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
+                for (l, &x) in lanes.iter().enumerate().take(rows.saturating_sub(16 * v)) {
+                    // SAFETY: the caller's guarantee.
+                    unsafe { *out.add((i0 + 16 * v + l) * ld + r + n) = x * scale };
+                }
+            }
+        }
+    }
+
+    /// `out[i·ld + r] = Σ_b scales[r·nb + b] · Σ_{c in block b} x[i, c] · w[r, c]` for every
+    /// activation row `i` of `x` and each of the `rows` rows of the converted `tile` (`nb =
+    /// x.pairs / 16` blocks of 32 columns per row).
+    ///
+    /// # Safety
+    /// [`super::supported`]; `x.pairs` is a multiple of 16; `tile` holds `rows · x.pairs`
+    /// pairs and `scales` `rows · nb` scales; the elements `i·ld + r` (`i < x.rows`,
+    /// `r < rows`) from `out` are in bounds and written by nobody else meanwhile.
+    pub(crate) unsafe fn products_block_scaled(
+        x: &Bf16Pairs,
+        tile: &[u32],
+        rows: usize,
+        scales: &[f32],
+        out: *mut f32,
+        ld: usize,
+    ) {
+        /// Weight rows per call: 12 partial sums and 12 totals in registers.
+        const NS: usize = 6;
+        let pairs = x.pairs;
+        let nb = pairs / 16;
+        assert!(pairs.is_multiple_of(16), "rows of whole 32-column blocks");
+        assert!(
+            tile.len() >= rows * pairs && scales.len() >= rows * nb,
+            "tile length"
+        );
+        for i0 in (0..x.rows).step_by(GROUP) {
+            let two = x.rows - i0 > 16;
+            let n_act = (x.rows - i0).min(GROUP);
+            let a = x.data[i0 * pairs..].as_ptr();
+            let mut r = 0;
+            while r < rows {
+                let nr = (rows - r).min(NS);
+                let w = tile[r * pairs..].as_ptr();
+                let d = scales[r * nb..].as_ptr();
+                macro_rules! go {
+                    ($($k:literal)*) => {
+                        match (nr, two) {
+                            $(
+                                // SAFETY: the caller's guarantees, for rows r .. r + nr.
+                                ($k, true) => unsafe {
+                                    let acc = kernel_block_scaled::<$k, 2>(a, w, pairs, pairs, d, nb);
+                                    write(&acc, n_act, i0, r, None, out, ld)
+                                },
+                                ($k, false) => unsafe {
+                                    let acc = kernel_block_scaled::<$k, 1>(a, w, pairs, pairs, d, nb);
+                                    write(&acc, n_act, i0, r, None, out, ld)
+                                },
+                            )*
+                            _ => unreachable!("at most {NS} rows per call"),
+                        }
+                    };
+                }
+                go!(1 2 3 4 5 6);
+                r += nr;
+            }
+        }
+    }
+
     /// Sums of `N` weight rows of `w` (pairs, rows `ws` apart) with the `V · 16` activation
     /// rows of the group at `a` (`[pairs][GROUP]`), over `pairs` column pairs.
     ///
@@ -361,18 +608,8 @@ mod x86 {
             )
         };
         let rows = (x.rows - i0).min(16 * V);
-        let mut lanes = [0f32; 16];
-        for (n, acc_r) in acc.iter().enumerate() {
-            for (v, a) in acc_r.iter().enumerate() {
-                // SAFETY: 16 floats into `lanes`.
-                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
-                for (l, &s) in lanes.iter().enumerate().take(rows.saturating_sub(16 * v)) {
-                    // SAFETY: row i0 + 16v + l < x.rows and column r + n of the caller's
-                    // share: in bounds and written by nobody else.
-                    unsafe { *out.add((i0 + 16 * v + l) * ld + r + n) = s * scales[r + n] };
-                }
-            }
-        }
+        // SAFETY: the caller's guarantee.
+        unsafe { write(&acc, rows, i0, r, Some(scales), out, ld) };
     }
 
     /// `out[i·ld + r] = scales[r] · Σ_c x[i, c] · w[r, c]` for every activation row `i` of `x`
@@ -474,6 +711,88 @@ mod tests {
                 v == b || (v.is_nan() && b.is_nan()),
                 "code {c:#x}: {v} vs {b}"
             );
+        }
+    }
+
+    /// Q8_0 rows of `cols` columns: random codes and f16 scales, `rb` bytes per row.
+    fn q8_0_rows(rows: usize, cols: usize, seed: u64) -> (Vec<u8>, usize) {
+        let mut r = rng(seed);
+        let rb = cols / 32 * Q8_0_BLOCK_BYTES;
+        let mut blocks = vec![0u8; rows * rb];
+        for blk in blocks.chunks_exact_mut(Q8_0_BLOCK_BYTES) {
+            let d = half::f16::from_f32(0.001 + r().abs() * 0.05).to_bits();
+            blk[..2].copy_from_slice(&d.to_le_bytes());
+            for c in &mut blk[2..] {
+                *c = (r() * 127.0) as i8 as u8;
+            }
+        }
+        (blocks, rb)
+    }
+
+    #[test]
+    fn q8_0_rows_convert_to_exact_codes_and_their_scales() {
+        if !supported() {
+            return;
+        }
+        for cols in [32usize, 64, 576] {
+            let (blocks, rb) = q8_0_rows(7, cols, cols as u64);
+            let (pairs, nb) = (cols / 2, cols / 32);
+            let (mut want, mut got) = (vec![0u32; 4 * pairs], vec![9u32; 4 * pairs]);
+            let (mut want_s, mut got_s) = (vec![0f32; 4 * nb], vec![9f32; 4 * nb]);
+            convert_q8_0_rows_portable(&blocks, rb, cols, (2, 6), &mut want, &mut want_s);
+            // SAFETY: supported; rows 2..6 of whole blocks; room for 4 rows.
+            unsafe { convert_q8_0_rows(&blocks, rb, cols, (2, 6), &mut got, &mut got_s) };
+            assert_eq!(got, want, "{cols} columns");
+            assert_eq!(got_s, want_s, "{cols} columns");
+            // The codes are the blocks' bytes, exactly.
+            for (k, &p) in want[..pairs].iter().enumerate() {
+                let blk = &blocks[2 * rb + (2 * k / 32) * Q8_0_BLOCK_BYTES..];
+                let code = |c: usize| blk[2 + c % 32] as i8 as f32;
+                assert_eq!(f32::from_bits((p & 0xFFFF) << 16), code(2 * k));
+                assert_eq!(f32::from_bits((p >> 16) << 16), code(2 * k + 1));
+            }
+        }
+    }
+
+    #[test]
+    fn block_scaled_products_equal_the_dequantised_q8_0_rows_times_rounded_activations() {
+        if !supported() {
+            return;
+        }
+        for (m, n, cols) in [(1, 1, 32), (17, 7, 64), (65, 13, 576), (40, 6, 96)] {
+            let (blocks, rb) = q8_0_rows(n, cols, (m * 100 + n) as u64);
+            let mut r = rng(m as u64);
+            let x: Vec<f32> = (0..m * cols).map(|_| r()).collect();
+            let a = Bf16Pairs::new(&x, m, cols);
+            let (pairs, nb) = (cols / 2, cols / 32);
+            let mut tile = vec![0u32; n * pairs];
+            let mut scales = vec![0f32; n * nb];
+            convert_q8_0_rows_portable(&blocks, rb, cols, (0, n), &mut tile, &mut scales);
+            let ld = n + 2;
+            let mut out = vec![f32::NAN; m * ld];
+            // SAFETY: supported; whole blocks; the tile and scales hold n rows; out [m, ld].
+            unsafe { products_block_scaled(&a, &tile, n, &scales, out.as_mut_ptr(), ld) };
+            for i in 0..m {
+                let xi = a.row(i, cols);
+                for rr in 0..n {
+                    // The weights as ggml dequantises them: scale times code.
+                    let w: Vec<f32> = (0..cols)
+                        .map(|c| {
+                            let blk = &blocks[rr * rb + c / 32 * Q8_0_BLOCK_BYTES..];
+                            let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]]));
+                            d.to_f32() * blk[2 + c % 32] as i8 as f32
+                        })
+                        .collect();
+                    let want: f64 = (0..cols).map(|c| xi[c] as f64 * w[c] as f64).sum();
+                    let norm: f64 = (0..cols).map(|c| (xi[c] as f64 * w[c] as f64).abs()).sum();
+                    let got = out[i * ld + rr] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-6 * norm + 1e-30,
+                        "{m}x{n}x{cols}: ({i}, {rr}) {got} vs {want}"
+                    );
+                }
+                assert!(out[i * ld + n..(i + 1) * ld].iter().all(|v| v.is_nan()));
+            }
         }
     }
 

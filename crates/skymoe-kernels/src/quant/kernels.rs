@@ -310,7 +310,8 @@ fn path(isa: Isa, mat: &QMatrix, m: usize) -> Path {
         Path::Int8Q8
     } else if matches!(mat.data, QData::Fp8 { .. }) && fp8_uses_bf16(isa, mat.cols, m) {
         Path::Fp8Bf16
-    } else if matches!(mat.data, QData::Int8 { .. } | QData::Fp8 { .. }) && bf16_tiles(isa, m) {
+    } else if matches!(mat.data, QData::Int8 { .. } | QData::Fp8 { .. }) && uses_bf16_tiles(isa, m)
+    {
         Path::Bf16Tiles
     } else if blocked_rows(isa, mat, m) {
         Path::Blocked
@@ -333,12 +334,13 @@ pub(crate) fn blocked_rows(isa: Isa, mat: &QMatrix, m: usize) -> bool {
         && (8..=128).contains(&m)
 }
 
-/// Whether a product of `m` activation rows with int8 or FP8 rows on `isa` converts the
+/// Whether a product of `m` activation rows with int8, FP8 or Q8_0 rows on `isa` converts the
 /// weights to exact bf16 tiles and rounds the activations to bf16 (see `bf16_tiles`): on CPUs
 /// with AVX512-BF16, for more than 64 rows (fewer take the 8-bit and bf16 paths of few rows)
-/// under [`crate::ggml::GgmlActivations::Auto`]. Measured with `examples/qmatmul` against the
-/// f32 tiles and the GEMM (see BENCHMARKS.md).
-pub(crate) fn bf16_tiles(isa: Isa, m: usize) -> bool {
+/// under [`crate::ggml::GgmlActivations::Auto`]; the same for Q8_0 blocks (exact codes, block
+/// scales in f32). Measured with `examples/qmatmul` against the f32 tiles and the GEMM (see
+/// BENCHMARKS.md).
+pub fn uses_bf16_tiles(isa: Isa, m: usize) -> bool {
     crate::ggml::activations() == crate::ggml::GgmlActivations::Auto
         && m > 64
         && isa == Isa::Avx512
@@ -382,11 +384,7 @@ fn task_rows(path: Path, cols: usize) -> usize {
         Path::Int8Q8 | Path::Fp8Bf16 | Path::Fused => 16,
         Path::Blocked => super::blocked::TASK_ROWS,
         Path::Tiles => tile_rows(cols),
-        // About 128 KiB of bf16 pairs, in whole calls of the micro-kernel.
-        Path::Bf16Tiles => {
-            let nr = super::bf16_tiles::NR;
-            (65536 / cols.max(1)).clamp(nr, 192) / nr * nr
-        }
+        Path::Bf16Tiles => super::bf16_tiles::task_rows(cols),
     }
 }
 

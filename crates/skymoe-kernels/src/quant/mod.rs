@@ -23,11 +23,11 @@
 //! The instruction set is chosen at run time: AVX-512 (with F16C/FMA) where present, else
 //! AVX2 + FMA + F16C, else portable scalar code. `SKYMOE_ISA=scalar|avx2|avx512` forces one.
 
-mod bf16_tiles;
+pub(crate) mod bf16_tiles;
 mod blocked;
 mod f16_vec;
 pub mod fp8;
-mod fp8_bf16;
+pub(crate) mod fp8_bf16;
 mod kernels;
 pub(crate) use kernels::tile_rows;
 #[cfg(target_arch = "x86_64")]
@@ -44,7 +44,7 @@ use rayon::prelude::*;
 use crate::ggml::{GgmlMatrix, GgmlType};
 
 pub use f16_vec::{axpy_f16, axpy_f16_rows, dot_f16, dot_f16_rows};
-pub use kernels::Isa;
+pub use kernels::{uses_bf16_tiles, Isa};
 pub use store::{Element, SharedBytes, Store};
 
 /// Columns per q4 scale group.

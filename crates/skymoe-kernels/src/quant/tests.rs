@@ -54,7 +54,7 @@ fn fused_and_tiled_products_match_the_reference() {
                     } else if (format == WeightFormat::Fp8
                         && super::kernels::fp8_uses_bf16(isa, cols, m))
                         || (matches!(format, WeightFormat::Int8 | WeightFormat::Fp8)
-                            && super::kernels::bf16_tiles(isa, m))
+                            && super::kernels::uses_bf16_tiles(isa, m))
                     {
                         // FP8 with few rows, and int8 and FP8 with many, on AVX-512 BF16: the
                         // activations rounded to bf16.
@@ -122,9 +122,13 @@ fn int8_and_fp8_rows_take_the_bf16_tiles_beyond_64_rows_on_avx512_bf16() {
         (129, here),
         (4096, here),
     ] {
-        assert_eq!(super::kernels::bf16_tiles(Isa::Avx512, m), want, "m={m}");
-        assert!(!super::kernels::bf16_tiles(Isa::Avx2, m));
-        assert!(!super::kernels::bf16_tiles(Isa::Scalar, m));
+        assert_eq!(
+            super::kernels::uses_bf16_tiles(Isa::Avx512, m),
+            want,
+            "m={m}"
+        );
+        assert!(!super::kernels::uses_bf16_tiles(Isa::Avx2, m));
+        assert!(!super::kernels::uses_bf16_tiles(Isa::Scalar, m));
     }
 }
 
