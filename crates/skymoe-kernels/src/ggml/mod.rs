@@ -116,6 +116,12 @@ impl GgmlType {
         }
     }
 
+    /// Whether every weight is its block's f16 scale (the block's first two bytes) times an
+    /// integer code of at most 8 bits, with nothing added: Q4_0, Q5_0 and Q8_0.
+    pub fn has_block_scales_only(self) -> bool {
+        matches!(self, GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0)
+    }
+
     /// ggml's name ("Q4_K" etc.).
     pub fn name(self) -> &'static str {
         match self {
@@ -245,8 +251,10 @@ impl fmt::Debug for GgmlMatrix {
 
 thread_local! {
     static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// A task's Q8_0 codes as bf16 pairs and their block scales (the BF16 tiles).
-    static BF16_TILE: RefCell<(Vec<u32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// A task's codes as bf16 pairs, their block scales and a dequantised row (the BF16
+    /// tiles of the types with block scales only).
+    static BF16_TILE: RefCell<(Vec<u32>, Vec<f32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// A raw output pointer shared by tasks writing disjoint elements.
@@ -322,11 +330,6 @@ fn dequantize_blocks(isa: Isa, ty: GgmlType, row: &[u8], out: &mut [f32]) {
         }
         _ => blocks::dequantize_scalar(ty, row, out),
     }
-}
-
-/// The value of f16 bits (exact).
-pub(crate) fn f16_bits_to_f32(h: u16) -> f32 {
-    blocks::f16_to_f32(h)
 }
 
 /// Which activations the products of ggml blocks multiply the weights with (and those of
@@ -577,13 +580,13 @@ fn matmul_segments_at(
         .iter()
         .any(|&i| i)
         .then(|| Q8Activations::new(x, m, cols, need(false), need(true)));
-    // Q8_0 with many rows on AVX512-BF16: exact bf16 codes, block scales in f32, bf16
-    // activations (see `quant::bf16_tiles`).
+    // Q4_0, Q5_0 and Q8_0 with many rows on AVX512-BF16: exact bf16 codes, block scales in
+    // f32, bf16 activations (see `quant::bf16_tiles`).
     let bf16: Vec<bool> = segments
         .iter()
         .zip(&int8)
         .map(|(s, &i)| {
-            !i && s.ty == GgmlType::Q8_0
+            !i && s.ty.has_block_scales_only()
                 && cols.is_multiple_of(32)
                 && crate::quant::uses_bf16_tiles(eff, m)
         })
@@ -595,7 +598,7 @@ fn matmul_segments_at(
     for ((s, &i), &b) in segments.iter().zip(&int8).zip(&bf16) {
         match (&a, i, &pairs, b) {
             (Some(a), true, _, _) => s.matmul_q8_into_with(isa, a, out, ld, col0),
-            (_, _, Some(p), true) => s.matmul_q8_0_bf16_into(p, out, ld, col0),
+            (_, _, Some(p), true) => s.matmul_scaled_bf16_into(eff, p, out, ld, col0),
             _ => s.matmul_f32_into_with(isa, x, m, out, ld, col0),
         }
         col0 += s.rows;
@@ -1018,46 +1021,60 @@ impl GgmlMatrix {
         false
     }
 
-    /// The product of this Q8_0 matrix (rows of whole blocks) with the bf16 activations `a`,
-    /// multithreaded, through exact bf16 tiles of its codes and its block scales in f32 (on a
-    /// CPU that [`crate::quant::uses_bf16_tiles`] allows), into columns `col0 .. col0 + rows`
-    /// of the `[a.rows, ld]` output `out`.
+    /// The product of this matrix of weights `d·c` per block of 32 (Q4_0, Q5_0 or Q8_0) with
+    /// the bf16 activations `a`, multithreaded: each task's rows are dequantised (with a
+    /// supported `isa`), divided back into their integer codes (exact in bf16) and block
+    /// scales, and multiplied through [`crate::quant::bf16_tiles`] (on a CPU that
+    /// [`crate::quant::uses_bf16_tiles`] allows); into columns `col0 .. col0 + rows` of the
+    /// `[a.rows, ld]` output `out`.
     ///
     /// # Panics
     /// As [`GgmlMatrix::matmul_into`].
-    fn matmul_q8_0_bf16_into(
+    fn matmul_scaled_bf16_into(
         &self,
+        isa: Isa,
         a: &crate::quant::bf16_tiles::Bf16Pairs,
         out: &mut [f32],
         ld: usize,
         col0: usize,
     ) {
-        use crate::quant::bf16_tiles::{convert_q8_0_rows, products_block_scaled, task_rows};
-        assert!(self.ty == GgmlType::Q8_0 && self.cols.is_multiple_of(32));
+        use crate::quant::bf16_tiles::{codes_of_scaled_row, products_block_scaled, task_rows};
+        assert!(self.ty.has_block_scales_only() && self.cols.is_multiple_of(32));
         assert_eq!(a.pairs, self.cols / 2, "activation width");
         assert!(crate::quant::bf16_tiles::supported(), "no AVX512-BF16 here");
         let m = a.rows;
         if self.output_is_trivial(m, out, ld, col0) {
             return;
         }
-        let (rows, cols, rb) = (self.rows, self.cols, self.row_bytes);
+        let (rows, cols, rb, ty) = (self.rows, self.cols, self.row_bytes, self.ty);
+        let (bb, nb) = (ty.block_bytes(), cols / 32);
         let blocks = self.blocks();
         let ptr = OutPtr(out[col0..].as_mut_ptr());
         par_ranges(rows, task_rows(cols), m * cols, |r0, r1| {
             BF16_TILE.with(|buf| {
                 let mut buf = buf.borrow_mut();
-                let (tile, scales) = &mut *buf;
+                let (tile, scales, w) = &mut *buf;
                 let n = r1 - r0;
                 tile.resize(tile.len().max(n * cols / 2), 0);
-                scales.resize(scales.len().max(n * cols / 32), 0.0);
-                // SAFETY: the CPU runs the kernels (asserted); the blocks hold `rows` rows of
-                // `cols / 32` blocks, `rb` bytes apart, and r1 <= rows; the tile and scales
-                // have room for n rows; the output elements i·ld + col0 + r0 .. + r1 (i < m)
-                // are in bounds (checked above) and only this task writes them.
-                unsafe {
-                    convert_q8_0_rows(blocks, rb, cols, (r0, r1), tile, scales);
-                    products_block_scaled(a, tile, n, scales, ptr.at(r0), ld);
+                scales.resize(scales.len().max(n * nb), 0.0);
+                w.resize(cols, 0.0);
+                for (j, r) in (r0..r1).enumerate() {
+                    let row = &blocks[r * rb..(r + 1) * rb];
+                    dequantize_blocks(isa, ty, row, w);
+                    let d = &mut scales[j * nb..(j + 1) * nb];
+                    for (b, s) in d.iter_mut().enumerate() {
+                        *s = blocks::f16_to_f32(u16::from_le_bytes([row[b * bb], row[b * bb + 1]]));
+                    }
+                    // SAFETY: the CPU runs the kernels (asserted); `w` holds the row's `cols`
+                    // weights (whole blocks), `d` their scales, the tile room for the pairs.
+                    unsafe {
+                        codes_of_scaled_row(w, d, &mut tile[j * cols / 2..(j + 1) * cols / 2])
+                    };
                 }
+                // SAFETY: as above; the tile and scales hold n rows; the output elements
+                // i·ld + col0 + r0 .. + r1 (i < m) are in bounds (checked above) and only this
+                // task writes them.
+                unsafe { products_block_scaled(a, tile, n, scales, ptr.at(r0), ld) };
             })
         });
     }

@@ -156,32 +156,23 @@ pub(crate) fn convert_rows_portable(
     }
 }
 
-/// Bytes of a Q8_0 block: an f16 scale and 32 signed codes.
-pub(crate) const Q8_0_BLOCK_BYTES: usize = 34;
-
-/// Convert Q8_0 rows `r0 .. r1` (`rb` bytes apart in `blocks`, `cols` a multiple of 32) into
-/// `tile` as [`convert_rows_portable`] does (the codes, exact) and their block scales into
-/// `scales` (`cols / 32` per row, row `j` at `j · cols / 32`). Portable code: the reference of
-/// the vector conversion.
+/// The codes `c = w / d` of weights `w = d·c` in blocks of 32 (`d`: the blocks' scales; a
+/// zero scale gives zero codes) as bf16 pairs into `out` (`w.len() / 2` pairs), exact where
+/// each `c` is an integer of at most 8 significant bits (Q4_0, Q5_0, Q8_0 dequantised).
+/// Portable code: the reference of the vector conversion.
 #[cfg(test)]
-pub(crate) fn convert_q8_0_rows_portable(
-    blocks: &[u8],
-    rb: usize,
-    cols: usize,
-    (r0, r1): (usize, usize),
-    tile: &mut [u32],
-    scales: &mut [f32],
-) {
-    let (pairs, nb) = (cols / 2, cols / 32);
-    for (j, r) in (r0..r1).enumerate() {
-        for b in 0..nb {
-            let blk = &blocks[r * rb + b * Q8_0_BLOCK_BYTES..][..Q8_0_BLOCK_BYTES];
-            scales[j * nb + b] = crate::ggml::f16_bits_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
-            for k in 0..16 {
-                let code = |c: usize| to_bf16(blk[2 + c] as i8 as f32) as u32;
-                tile[j * pairs + b * 16 + k] = code(2 * k) | code(2 * k + 1) << 16;
+pub(crate) fn codes_of_scaled_row_portable(w: &[f32], d: &[f32], out: &mut [u32]) {
+    for (k, p) in out.iter_mut().enumerate().take(w.len() / 2) {
+        let inv = |c: usize| {
+            let s = d[c / 32];
+            if s == 0.0 {
+                0.0
+            } else {
+                1.0 / s
             }
-        }
+        };
+        let code = |c: usize| to_bf16(w[c] * inv(c)) as u32;
+        *p = code(2 * k) | code(2 * k + 1) << 16;
     }
 }
 
@@ -191,21 +182,14 @@ pub(crate) fn supported() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{convert_q8_0_rows, convert_rows, products, products_block_scaled};
+pub(crate) use x86::{codes_of_scaled_row, convert_rows, products, products_block_scaled};
 
 /// No kernels on other targets ([`supported`] is false there, so nothing calls this).
 ///
 /// # Safety
 /// Never called.
 #[cfg(not(target_arch = "x86_64"))]
-pub(crate) unsafe fn convert_q8_0_rows(
-    _blocks: &[u8],
-    _rb: usize,
-    _cols: usize,
-    _rows: (usize, usize),
-    _tile: &mut [u32],
-    _scales: &mut [f32],
-) {
+pub(crate) unsafe fn codes_of_scaled_row(_w: &[f32], _d: &[f32], _out: &mut [u32]) {
     unreachable!("no BF16 kernels on this target")
 }
 
@@ -364,47 +348,24 @@ mod x86 {
         }
     }
 
-    /// [`convert_q8_0_rows_portable`] with AVX-512 (one block per step).
+    /// [`codes_of_scaled_row_portable`] with AVX-512 BF16, one block of 32 per step (the
+    /// same bits).
     ///
     /// # Safety
-    /// [`super::supported`]; `blocks` holds rows up to `r1` of `cols / 32` Q8_0 blocks, `rb`
-    /// bytes apart; `tile` has room for `(r1 − r0) · cols / 2` pairs and `scales` for
-    /// `(r1 − r0) · cols / 32` scales.
+    /// [`super::supported`]; `w.len()` is a multiple of 32, `d` holds `w.len() / 32` scales
+    /// and `out` `w.len() / 2` pairs.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(crate) unsafe fn convert_q8_0_rows(
-        blocks: &[u8],
-        rb: usize,
-        cols: usize,
-        (r0, r1): (usize, usize),
-        tile: &mut [u32],
-        scales: &mut [f32],
-    ) {
-        use super::Q8_0_BLOCK_BYTES as BB;
-        let (pairs, nb) = (cols / 2, cols / 32);
-        assert!(cols.is_multiple_of(32), "Q8_0 rows of whole blocks");
-        assert!(tile.len() >= (r1 - r0) * pairs && scales.len() >= (r1 - r0) * nb);
-        assert!(
-            r1 == r0 || (r1 - 1) * rb + nb * BB <= blocks.len(),
-            "rows in the blocks"
-        );
-        for (j, r) in (r0..r1).enumerate() {
-            for b in 0..nb {
-                let blk = &blocks[r * rb + b * BB..][..BB];
-                scales[j * nb + b] =
-                    crate::ggml::f16_bits_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
-                // SAFETY: the block's 32 codes follow its scale; pairs b·16 .. b·16 + 16 of
-                // row j are in `tile`.
-                unsafe {
-                    let p = blk.as_ptr().add(2);
-                    let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                        p as *const __m128i,
-                    )));
-                    let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                        p.add(16) as *const __m128i
-                    )));
-                    let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-                    _mm512_storeu_si512(tile.as_mut_ptr().add(j * pairs + b * 16) as *mut _, v);
-                }
+    pub(crate) unsafe fn codes_of_scaled_row(w: &[f32], d: &[f32], out: &mut [u32]) {
+        let nb = w.len() / 32;
+        assert!(w.len().is_multiple_of(32) && d.len() >= nb && out.len() >= 16 * nb);
+        for (b, &s) in d.iter().enumerate().take(nb) {
+            let inv = _mm512_set1_ps(if s == 0.0 { 0.0 } else { 1.0 / s });
+            // SAFETY: values 32b .. 32b + 32 are in `w`, pairs 16b .. 16b + 16 in `out`.
+            unsafe {
+                let lo = _mm512_mul_ps(_mm512_loadu_ps(w.as_ptr().add(32 * b)), inv);
+                let hi = _mm512_mul_ps(_mm512_loadu_ps(w.as_ptr().add(32 * b + 16)), inv);
+                let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(out.as_mut_ptr().add(16 * b) as *mut _, v);
             }
         }
     }
@@ -714,60 +675,57 @@ mod tests {
         }
     }
 
-    /// Q8_0 rows of `cols` columns: random codes and f16 scales, `rb` bytes per row.
-    fn q8_0_rows(rows: usize, cols: usize, seed: u64) -> (Vec<u8>, usize) {
-        let mut r = rng(seed);
-        let rb = cols / 32 * Q8_0_BLOCK_BYTES;
-        let mut blocks = vec![0u8; rows * rb];
-        for blk in blocks.chunks_exact_mut(Q8_0_BLOCK_BYTES) {
-            let d = half::f16::from_f32(0.001 + r().abs() * 0.05).to_bits();
-            blk[..2].copy_from_slice(&d.to_le_bytes());
-            for c in &mut blk[2..] {
-                *c = (r() * 127.0) as i8 as u8;
-            }
-        }
-        (blocks, rb)
-    }
-
     #[test]
-    fn q8_0_rows_convert_to_exact_codes_and_their_scales() {
+    fn codes_of_scaled_weights_are_exact_and_equal_the_portable_ones() {
         if !supported() {
             return;
         }
-        for cols in [32usize, 64, 576] {
-            let (blocks, rb) = q8_0_rows(7, cols, cols as u64);
-            let (pairs, nb) = (cols / 2, cols / 32);
-            let (mut want, mut got) = (vec![0u32; 4 * pairs], vec![9u32; 4 * pairs]);
-            let (mut want_s, mut got_s) = (vec![0f32; 4 * nb], vec![9f32; 4 * nb]);
-            convert_q8_0_rows_portable(&blocks, rb, cols, (2, 6), &mut want, &mut want_s);
-            // SAFETY: supported; rows 2..6 of whole blocks; room for 4 rows.
-            unsafe { convert_q8_0_rows(&blocks, rb, cols, (2, 6), &mut got, &mut got_s) };
-            assert_eq!(got, want, "{cols} columns");
-            assert_eq!(got_s, want_s, "{cols} columns");
-            // The codes are the blocks' bytes, exactly.
-            for (k, &p) in want[..pairs].iter().enumerate() {
-                let blk = &blocks[2 * rb + (2 * k / 32) * Q8_0_BLOCK_BYTES..];
-                let code = |c: usize| blk[2 + c % 32] as i8 as f32;
-                assert_eq!(f32::from_bits((p & 0xFFFF) << 16), code(2 * k));
-                assert_eq!(f32::from_bits((p >> 16) << 16), code(2 * k + 1));
+        let mut r = rng(5);
+        for nb in [1usize, 2, 18] {
+            let d: Vec<f32> = (0..nb)
+                .map(|b| {
+                    if b == 1 {
+                        0.0
+                    } else {
+                        half::f16::from_f32(0.0005 + r().abs() * 0.05).to_f32()
+                    }
+                })
+                .collect();
+            let codes: Vec<i32> = (0..32 * nb).map(|_| (r() * 128.0) as i32).collect();
+            // The weights as the dequantisation computes them: scale times code, exact.
+            let w: Vec<f32> = codes
+                .iter()
+                .enumerate()
+                .map(|(c, &q)| d[c / 32] * q as f32)
+                .collect();
+            let (mut want, mut got) = (vec![0u32; 16 * nb], vec![7u32; 16 * nb]);
+            codes_of_scaled_row_portable(&w, &d, &mut want);
+            // SAFETY: supported; whole blocks, a scale each, room for the pairs.
+            unsafe { codes_of_scaled_row(&w, &d, &mut got) };
+            assert_eq!(got, want, "{nb} blocks");
+            for (c, &q) in codes.iter().enumerate() {
+                let p = got[c / 2];
+                let bits = if c % 2 == 0 { p & 0xFFFF } else { p >> 16 };
+                let want = if d[c / 32] == 0.0 { 0.0 } else { q as f32 };
+                assert_eq!(f32::from_bits(bits << 16), want, "value {c}");
             }
         }
     }
 
     #[test]
-    fn block_scaled_products_equal_the_dequantised_q8_0_rows_times_rounded_activations() {
+    fn block_scaled_products_equal_the_scaled_codes_times_rounded_activations() {
         if !supported() {
             return;
         }
         for (m, n, cols) in [(1, 1, 32), (17, 7, 64), (65, 13, 576), (40, 6, 96)] {
-            let (blocks, rb) = q8_0_rows(n, cols, (m * 100 + n) as u64);
-            let mut r = rng(m as u64);
+            let mut r = rng((m * 100 + n) as u64);
             let x: Vec<f32> = (0..m * cols).map(|_| r()).collect();
             let a = Bf16Pairs::new(&x, m, cols);
             let (pairs, nb) = (cols / 2, cols / 32);
+            let q: Vec<i8> = (0..n * cols).map(|_| (r() * 127.0) as i8).collect();
+            let scales: Vec<f32> = (0..n * nb).map(|_| 0.001 + r().abs() * 0.05).collect();
             let mut tile = vec![0u32; n * pairs];
-            let mut scales = vec![0f32; n * nb];
-            convert_q8_0_rows_portable(&blocks, rb, cols, (0, n), &mut tile, &mut scales);
+            convert_rows_portable(Codes::Int8(&q), cols, (0, n), &mut tile);
             let ld = n + 2;
             let mut out = vec![f32::NAN; m * ld];
             // SAFETY: supported; whole blocks; the tile and scales hold n rows; out [m, ld].
@@ -775,16 +733,9 @@ mod tests {
             for i in 0..m {
                 let xi = a.row(i, cols);
                 for rr in 0..n {
-                    // The weights as ggml dequantises them: scale times code.
-                    let w: Vec<f32> = (0..cols)
-                        .map(|c| {
-                            let blk = &blocks[rr * rb + c / 32 * Q8_0_BLOCK_BYTES..];
-                            let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]]));
-                            d.to_f32() * blk[2 + c % 32] as i8 as f32
-                        })
-                        .collect();
-                    let want: f64 = (0..cols).map(|c| xi[c] as f64 * w[c] as f64).sum();
-                    let norm: f64 = (0..cols).map(|c| (xi[c] as f64 * w[c] as f64).abs()).sum();
+                    let w = |c: usize| scales[rr * nb + c / 32] as f64 * q[rr * cols + c] as f64;
+                    let want: f64 = (0..cols).map(|c| xi[c] as f64 * w(c)).sum();
+                    let norm: f64 = (0..cols).map(|c| (xi[c] as f64 * w(c)).abs()).sum();
                     let got = out[i * ld + rr] as f64;
                     assert!(
                         (got - want).abs() <= 1e-6 * norm + 1e-30,
