@@ -116,12 +116,6 @@ impl GgmlType {
         }
     }
 
-    /// Whether every weight is its block's f16 scale (the block's first two bytes) times an
-    /// integer code of at most 8 bits, with nothing added: Q4_0, Q5_0 and Q8_0.
-    pub fn has_block_scales_only(self) -> bool {
-        matches!(self, GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0)
-    }
-
     /// ggml's name ("Q4_K" etc.).
     pub fn name(self) -> &'static str {
         match self {
@@ -251,10 +245,11 @@ impl fmt::Debug for GgmlMatrix {
 
 thread_local! {
     static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// A task's codes as bf16 pairs, their block scales and a dequantised row (the BF16
-    /// tiles of the types with block scales only).
-    static BF16_TILE: RefCell<(Vec<u32>, Vec<f32>, Vec<f32>)> =
-        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// A task's codes as bf16 pairs, their groups' multipliers and offsets, and a dequantised
+    /// row (the BF16 tiles).
+    #[allow(clippy::type_complexity)]
+    static BF16_TILE: RefCell<(Vec<u32>, Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// A raw output pointer shared by tasks writing disjoint elements.
@@ -338,7 +333,8 @@ fn dequantize_blocks(isa: Isa, ty: GgmlType, row: &[u8], out: &mut [f32]) {
 pub enum GgmlActivations {
     /// 8-bit activations where they are faster (up to [`int8_max_rows`] rows, with SIMD),
     /// f32 elsewhere; skymoe's FP8 rows take bf16 activations from 2 to 64 rows, and its int8
-    /// and FP8 rows beyond 64 rows, on CPUs with AVX512-BF16. The default.
+    /// and FP8 rows and Q4_0, Q5_0 and Q8_0 blocks beyond 64 rows, on CPUs with AVX512-BF16.
+    /// The default.
     Auto,
     /// f32 activations always (the product of the dequantised weights, up to f32 rounding).
     F32,
@@ -580,25 +576,32 @@ fn matmul_segments_at(
         .iter()
         .any(|&i| i)
         .then(|| Q8Activations::new(x, m, cols, need(false), need(true)));
-    // Q4_0, Q5_0 and Q8_0 with many rows on AVX512-BF16: exact bf16 codes, block scales in
-    // f32, bf16 activations (see `quant::bf16_tiles`).
+    // Many rows on AVX512-BF16: exact bf16 codes, the multipliers and offsets in f32, bf16
+    // activations (see `quant::bf16_tiles`).
     let bf16: Vec<bool> = segments
         .iter()
         .zip(&int8)
         .map(|(s, &i)| {
-            !i && s.ty.has_block_scales_only()
+            !i && s.ty.block_elems().is_multiple_of(32)
                 && cols.is_multiple_of(32)
                 && crate::quant::uses_bf16_tiles(eff, m)
         })
         .collect();
-    let pairs = bf16
+    let with_sums = segments
         .iter()
-        .any(|&b| b)
-        .then(|| crate::quant::bf16_tiles::Bf16Pairs::new(x, m, cols));
+        .zip(&bf16)
+        .any(|(s, &b)| b && blocks::has_min(s.ty));
+    let pairs = bf16.iter().any(|&b| b).then(|| {
+        if with_sums {
+            crate::quant::bf16_tiles::Bf16Pairs::with_sums(x, m, cols)
+        } else {
+            crate::quant::bf16_tiles::Bf16Pairs::new(x, m, cols)
+        }
+    });
     for ((s, &i), &b) in segments.iter().zip(&int8).zip(&bf16) {
         match (&a, i, &pairs, b) {
             (Some(a), true, _, _) => s.matmul_q8_into_with(isa, a, out, ld, col0),
-            (_, _, Some(p), true) => s.matmul_scaled_bf16_into(eff, p, out, ld, col0),
+            (_, _, Some(p), true) => s.matmul_bf16_into(eff, p, out, ld, col0),
             _ => s.matmul_f32_into_with(isa, x, m, out, ld, col0),
         }
         col0 += s.rows;
@@ -1021,16 +1024,16 @@ impl GgmlMatrix {
         false
     }
 
-    /// The product of this matrix of weights `d·c` per block of 32 (Q4_0, Q5_0 or Q8_0) with
-    /// the bf16 activations `a`, multithreaded: each task's rows are dequantised (with a
-    /// supported `isa`), divided back into their integer codes (exact in bf16) and block
-    /// scales, and multiplied through [`crate::quant::bf16_tiles`] (on a CPU that
-    /// [`crate::quant::uses_bf16_tiles`] allows); into columns `col0 .. col0 + rows` of the
-    /// `[a.rows, ld]` output `out`.
+    /// The product of this matrix with the bf16 activations `a` (with their 16-column sums
+    /// where the type has offsets), multithreaded: each task's rows are dequantised (with a
+    /// supported `isa`), divided back into their integer codes (exact in bf16) with the
+    /// multiplier and offset of each group of 16 or 32 weights, and multiplied through
+    /// [`crate::quant::bf16_tiles`] (on a CPU that [`crate::quant::uses_bf16_tiles`] allows);
+    /// into columns `col0 .. col0 + rows` of the `[a.rows, ld]` output `out`.
     ///
     /// # Panics
     /// As [`GgmlMatrix::matmul_into`].
-    fn matmul_scaled_bf16_into(
+    fn matmul_bf16_into(
         &self,
         isa: Isa,
         a: &crate::quant::bf16_tiles::Bf16Pairs,
@@ -1038,8 +1041,11 @@ impl GgmlMatrix {
         ld: usize,
         col0: usize,
     ) {
-        use crate::quant::bf16_tiles::{codes_of_scaled_row, products_block_scaled, task_rows};
-        assert!(self.ty.has_block_scales_only() && self.cols.is_multiple_of(32));
+        use crate::quant::bf16_tiles::{codes_of_scaled_row, products_grouped, task_rows};
+        assert!(
+            self.cols.is_multiple_of(32),
+            "rows of whole 32-weight groups"
+        );
         assert_eq!(a.pairs, self.cols / 2, "activation width");
         assert!(crate::quant::bf16_tiles::supported(), "no AVX512-BF16 here");
         let m = a.rows;
@@ -1047,34 +1053,77 @@ impl GgmlMatrix {
             return;
         }
         let (rows, cols, rb, ty) = (self.rows, self.cols, self.row_bytes, self.ty);
-        let (bb, nb) = (ty.block_bytes(), cols / 32);
+        let (bb, be) = (ty.block_bytes(), ty.block_elems());
+        // Q6_K scales every 16 weights, the other types every 32 (K-quants: the sub-blocks).
+        let span = if ty == GgmlType::Q6K { 16 } else { 32 };
+        let with_min = blocks::has_min(ty);
+        let ng = cols / span;
         let blocks = self.blocks();
         let ptr = OutPtr(out[col0..].as_mut_ptr());
         par_ranges(rows, task_rows(cols), m * cols, |r0, r1| {
             BF16_TILE.with(|buf| {
                 let mut buf = buf.borrow_mut();
-                let (tile, scales, w) = &mut *buf;
+                let (tile, scales, offsets, w) = &mut *buf;
                 let n = r1 - r0;
                 tile.resize(tile.len().max(n * cols / 2), 0);
-                scales.resize(scales.len().max(n * nb), 0.0);
+                scales.resize(scales.len().max(n * ng), 0.0);
+                offsets.resize(offsets.len().max(n * ng), 0.0);
                 w.resize(cols, 0.0);
                 for (j, r) in (r0..r1).enumerate() {
                     let row = &blocks[r * rb..(r + 1) * rb];
                     dequantize_blocks(isa, ty, row, w);
-                    let d = &mut scales[j * nb..(j + 1) * nb];
-                    for (b, s) in d.iter_mut().enumerate() {
-                        *s = blocks::f16_to_f32(u16::from_le_bytes([row[b * bb], row[b * bb + 1]]));
+                    let s = &mut scales[j * ng..(j + 1) * ng];
+                    let o = &mut offsets[j * ng..(j + 1) * ng];
+                    let f16 = |b: &[u8], i: usize| {
+                        blocks::f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
+                    };
+                    for (b, blk) in row.chunks_exact(bb).enumerate() {
+                        match ty {
+                            // One group per block: the scale (and the offset) in its head.
+                            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => s[b] = f16(blk, 0),
+                            GgmlType::Q4_1 | GgmlType::Q5_1 => {
+                                (s[b], o[b]) = (f16(blk, 0), f16(blk, 2));
+                            }
+                            _ => {
+                                let p = blocks::prep(ty, blk);
+                                let per = be / span;
+                                for k in 0..per {
+                                    // prep's multipliers and offsets are per 16 weights.
+                                    s[b * per + k] = p.s[k * span / 16];
+                                    o[b * per + k] = p.o[k * span / 16];
+                                }
+                            }
+                        }
                     }
                     // SAFETY: the CPU runs the kernels (asserted); `w` holds the row's `cols`
-                    // weights (whole blocks), `d` their scales, the tile room for the pairs.
+                    // weights (whole groups), `s` and `o` a value per group, the tile room for
+                    // the row's pairs.
                     unsafe {
-                        codes_of_scaled_row(w, d, &mut tile[j * cols / 2..(j + 1) * cols / 2])
+                        codes_of_scaled_row(
+                            w,
+                            span,
+                            s,
+                            with_min.then_some(&o[..]),
+                            &mut tile[j * cols / 2..(j + 1) * cols / 2],
+                        )
                     };
                 }
-                // SAFETY: as above; the tile and scales hold n rows; the output elements
-                // i·ld + col0 + r0 .. + r1 (i < m) are in bounds (checked above) and only this
-                // task writes them.
-                unsafe { products_block_scaled(a, tile, n, scales, ptr.at(r0), ld) };
+                // SAFETY: as above; the tile, scales and offsets hold n rows, `a` its sums
+                // where offsets are used (the caller builds them for such types); the output
+                // elements i·ld + col0 + r0 .. + r1 (i < m) are in bounds (checked above) and
+                // only this task writes them.
+                unsafe {
+                    products_grouped(
+                        a,
+                        tile,
+                        n,
+                        span,
+                        scales,
+                        with_min.then_some(&offsets[..]),
+                        ptr.at(r0),
+                        ld,
+                    )
+                };
             })
         });
     }

@@ -173,11 +173,10 @@ fn check_products(ty: GgmlType, rows: usize, cols: usize, ms: &[usize]) {
                         same_bits(&auto, &q8),
                         "{ty} {isa:?} m={m}: auto is not int8"
                     );
-                } else if ty.has_block_scales_only()
-                    && cols.is_multiple_of(32)
+                } else if cols.is_multiple_of(32)
                     && crate::quant::uses_bf16_tiles(effective(isa), m)
                 {
-                    // Q4_0, Q5_0, Q8_0 with many rows on AVX512-BF16: the exact weights times the
+                    // Many rows on AVX512-BF16: the dequantised weights times the
                     // activations rounded to bf16.
                     let xb: Vec<f32> = x
                         .iter()

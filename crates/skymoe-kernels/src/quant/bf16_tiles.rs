@@ -44,6 +44,10 @@ pub(crate) struct Bf16Pairs {
     pub pairs: usize,
     /// The groups, one after the other.
     pub data: Vec<u32>,
+    /// Where asked for: the sums of every 16 columns of the rounded rows, per group
+    /// `[ceil(cols / 16)][GROUP]` (for the weight types with an offset per block, whose
+    /// products add `offset · Σx` per block).
+    pub sums16: Vec<f32>,
 }
 
 impl Bf16Pairs {
@@ -51,12 +55,29 @@ impl Bf16Pairs {
     /// Rounding is to nearest, ties to even; with the AVX-512 BF16 conversion (where
     /// [`supported`]) subnormal values become zero, as that instruction has them.
     pub fn new(x: &[f32], rows: usize, cols: usize) -> Self {
+        Self::build(x, rows, cols, false)
+    }
+
+    /// [`Bf16Pairs::new`] with the sums of every 16 columns ([`Bf16Pairs::sums16`]).
+    pub fn with_sums(x: &[f32], rows: usize, cols: usize) -> Self {
+        Self::build(x, rows, cols, true)
+    }
+
+    fn build(x: &[f32], rows: usize, cols: usize, with_sums: bool) -> Self {
         use rayon::prelude::*;
         assert_eq!(x.len(), rows * cols, "activation length");
         let pairs = cols.div_ceil(2);
-        let mut data = vec![0u32; rows.div_ceil(GROUP) * pairs * GROUP];
+        let groups = rows.div_ceil(GROUP);
+        let mut data = vec![0u32; groups * pairs * GROUP];
+        let n16 = if with_sums { cols.div_ceil(16) } else { 0 };
+        let mut sums16 = vec![0f32; groups * n16 * GROUP];
         if pairs == 0 {
-            return Bf16Pairs { rows, pairs, data };
+            return Bf16Pairs {
+                rows,
+                pairs,
+                data,
+                sums16,
+            };
         }
         let vector = supported();
         data.par_chunks_mut(pairs * GROUP)
@@ -82,7 +103,27 @@ impl Bf16Pairs {
                     }
                 }
             });
-        Bf16Pairs { rows, pairs, data }
+        if with_sums {
+            // From the transposed pairs: lane by lane, so that the loops vectorise.
+            sums16
+                .par_chunks_mut(n16 * GROUP)
+                .zip(data.par_chunks(pairs * GROUP))
+                .for_each(|(sums, group)| {
+                    for (j, s) in sums.chunks_exact_mut(GROUP).enumerate() {
+                        for k in 8 * j..(8 * j + 8).min(pairs) {
+                            for (acc, &p) in s.iter_mut().zip(&group[k * GROUP..(k + 1) * GROUP]) {
+                                *acc += f32::from_bits(p << 16) + f32::from_bits(p & 0xFFFF_0000);
+                            }
+                        }
+                    }
+                });
+        }
+        Bf16Pairs {
+            rows,
+            pairs,
+            data,
+            sums16,
+        }
     }
 
     /// Row `i` back in column order (`cols` values), as f32: the activations the products use.
@@ -156,22 +197,26 @@ pub(crate) fn convert_rows_portable(
     }
 }
 
-/// The codes `c = w / d` of weights `w = d·c` in blocks of 32 (`d`: the blocks' scales; a
-/// zero scale gives zero codes) as bf16 pairs into `out` (`w.len() / 2` pairs), exact where
-/// each `c` is an integer of at most 8 significant bits (Q4_0, Q5_0, Q8_0 dequantised).
-/// Portable code: the reference of the vector conversion.
+/// The integer codes `c = (w − o) / s` of weights `w = s·c + o` with a multiplier `s` and an
+/// offset `o` (zero where `o` is `None`) per `span` columns (16 or 32), rounded to the nearest
+/// integer (exact for the dequantised ggml types: their codes have at most 8 bits, and the
+/// division lies far closer to them than half a unit), as bf16 pairs into `out` (`w.len() /
+/// 2` pairs); a zero multiplier gives zero codes. Portable code: the reference of the vector
+/// conversion.
 #[cfg(test)]
-pub(crate) fn codes_of_scaled_row_portable(w: &[f32], d: &[f32], out: &mut [u32]) {
+pub(crate) fn codes_of_scaled_row_portable(
+    w: &[f32],
+    span: usize,
+    s: &[f32],
+    o: Option<&[f32]>,
+    out: &mut [u32],
+) {
+    let code = |c: usize| {
+        let (m, off) = (s[c / span], o.map_or(0.0, |o| o[c / span]));
+        let inv = if m == 0.0 { 0.0 } else { 1.0 / m };
+        to_bf16(((w[c] - off) * inv).round_ties_even()) as u32
+    };
     for (k, p) in out.iter_mut().enumerate().take(w.len() / 2) {
-        let inv = |c: usize| {
-            let s = d[c / 32];
-            if s == 0.0 {
-                0.0
-            } else {
-                1.0 / s
-            }
-        };
-        let code = |c: usize| to_bf16(w[c] * inv(c)) as u32;
         *p = code(2 * k) | code(2 * k + 1) << 16;
     }
 }
@@ -182,14 +227,20 @@ pub(crate) fn supported() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{codes_of_scaled_row, convert_rows, products, products_block_scaled};
+pub(crate) use x86::{codes_of_scaled_row, convert_rows, products, products_grouped};
 
 /// No kernels on other targets ([`supported`] is false there, so nothing calls this).
 ///
 /// # Safety
 /// Never called.
 #[cfg(not(target_arch = "x86_64"))]
-pub(crate) unsafe fn codes_of_scaled_row(_w: &[f32], _d: &[f32], _out: &mut [u32]) {
+pub(crate) unsafe fn codes_of_scaled_row(
+    _w: &[f32],
+    _span: usize,
+    _s: &[f32],
+    _o: Option<&[f32]>,
+    _out: &mut [u32],
+) {
     unreachable!("no BF16 kernels on this target")
 }
 
@@ -198,11 +249,14 @@ pub(crate) unsafe fn codes_of_scaled_row(_w: &[f32], _d: &[f32], _out: &mut [u32
 /// # Safety
 /// Never called.
 #[cfg(not(target_arch = "x86_64"))]
-pub(crate) unsafe fn products_block_scaled(
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn products_grouped(
     _x: &Bf16Pairs,
     _tile: &[u32],
     _rows: usize,
+    _span: usize,
     _scales: &[f32],
+    _offsets: Option<&[f32]>,
     _out: *mut f32,
     _ld: usize,
 ) {
@@ -348,48 +402,74 @@ mod x86 {
         }
     }
 
-    /// [`codes_of_scaled_row_portable`] with AVX-512 BF16, one block of 32 per step (the
-    /// same bits).
+    /// [`codes_of_scaled_row_portable`] with AVX-512 BF16, 16 values per step (the same
+    /// bits).
     ///
     /// # Safety
-    /// [`super::supported`]; `w.len()` is a multiple of 32, `d` holds `w.len() / 32` scales
-    /// and `out` `w.len() / 2` pairs.
+    /// [`super::supported`]; `span` is 16 or 32 and divides `w.len()`; `s` (and `o`) hold
+    /// `w.len() / span` values and `out` `w.len() / 2` pairs.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(crate) unsafe fn codes_of_scaled_row(w: &[f32], d: &[f32], out: &mut [u32]) {
-        let nb = w.len() / 32;
-        assert!(w.len().is_multiple_of(32) && d.len() >= nb && out.len() >= 16 * nb);
-        for (b, &s) in d.iter().enumerate().take(nb) {
-            let inv = _mm512_set1_ps(if s == 0.0 { 0.0 } else { 1.0 / s });
-            // SAFETY: values 32b .. 32b + 32 are in `w`, pairs 16b .. 16b + 16 in `out`.
-            unsafe {
-                let lo = _mm512_mul_ps(_mm512_loadu_ps(w.as_ptr().add(32 * b)), inv);
-                let hi = _mm512_mul_ps(_mm512_loadu_ps(w.as_ptr().add(32 * b + 16)), inv);
-                let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-                _mm512_storeu_si512(out.as_mut_ptr().add(16 * b) as *mut _, v);
+    pub(crate) unsafe fn codes_of_scaled_row(
+        w: &[f32],
+        span: usize,
+        s: &[f32],
+        o: Option<&[f32]>,
+        out: &mut [u32],
+    ) {
+        let n16 = w.len() / 16;
+        assert!(matches!(span, 16 | 32) && w.len().is_multiple_of(span));
+        assert!(s.len() >= w.len() / span && o.is_none_or(|o| o.len() >= w.len() / span));
+        assert!(out.len() >= w.len() / 2, "pair count");
+        let mut codes = [_mm512_setzero_ps(); 2];
+        for j in 0..n16 {
+            let g = j * 16 / span;
+            let m = s[g];
+            let inv = _mm512_set1_ps(if m == 0.0 { 0.0 } else { 1.0 / m });
+            let off = _mm512_set1_ps(o.map_or(0.0, |o| o[g]));
+            // SAFETY: values 16j .. 16j + 16 are in `w`.
+            let v = unsafe { _mm512_loadu_ps(w.as_ptr().add(16 * j)) };
+            codes[j % 2] = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(_mm512_sub_ps(v, off), inv),
+            );
+            if j % 2 == 1 {
+                let pairs = _mm512_cvtne2ps_pbh(codes[1], codes[0]);
+                // SAFETY: pairs 8(j − 1) .. 8(j − 1) + 16 are in `out`.
+                unsafe {
+                    _mm512_storeu_si512(
+                        out.as_mut_ptr().add(8 * (j - 1)) as *mut _,
+                        std::mem::transmute::<__m512bh, __m512i>(pairs),
+                    )
+                };
             }
         }
     }
 
-    /// As [`kernel`], each weight row scaled per block of 16 pairs (32 columns): `d` holds
-    /// the rows' block scales, `ds` apart.
+    /// As [`kernel`], per group of `GP` pairs (`2·GP` columns) of each weight row: the
+    /// group's sum times its multiplier (`d`, the rows' multipliers `ds` apart) and, with
+    /// `MIN`, plus its offset (`o`, laid out as `d`) times the activation rows' sums over the
+    /// group (`sums`: `[groups][GROUP]`, see [`Bf16Pairs::sums16`], whose 16-column sums
+    /// are added in pairs when `GP` is 16).
     ///
     /// # Safety
-    /// As for [`kernel`], `pairs` a multiple of 16, and `d` holds `(N − 1)·ds + pairs / 16`
-    /// scales.
+    /// As for [`kernel`], `pairs` a multiple of `GP`; `d` (and `o`) hold `(N − 1)·ds +
+    /// pairs / GP` values; with `MIN`, `sums` holds `pairs / 8` rows of `GROUP` sums.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
-    unsafe fn kernel_block_scaled<const N: usize, const V: usize>(
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel_grouped<const N: usize, const V: usize, const GP: usize, const MIN: bool>(
         a: *const u32,
         w: *const u32,
         ws: usize,
         pairs: usize,
         d: *const f32,
+        o: *const f32,
         ds: usize,
+        sums: *const f32,
     ) -> [[__m512; V]; N] {
         let mut acc = [[_mm512_setzero_ps(); V]; N];
-        for b in 0..pairs / 16 {
+        for g in 0..pairs / GP {
             let mut part = [[_mm512_setzero_ps(); V]; N];
-            for k in b * 16..b * 16 + 16 {
+            for k in g * GP..g * GP + GP {
                 // SAFETY: in bounds (the caller's guarantee).
                 unsafe {
                     let av: [__m512bh; V] = std::array::from_fn(|v| {
@@ -407,93 +487,159 @@ mod x86 {
                     }
                 }
             }
+            // SAFETY (both blocks): in bounds (the caller's guarantee).
+            let sum: [__m512; V] = std::array::from_fn(|v| unsafe {
+                if !MIN {
+                    return _mm512_setzero_ps();
+                }
+                let at = |j: usize| _mm512_loadu_ps(sums.add(j * GROUP + 16 * v));
+                if GP == 16 {
+                    _mm512_add_ps(at(2 * g), at(2 * g + 1))
+                } else {
+                    at(g)
+                }
+            });
             for (r, (acc_r, part_r)) in acc.iter_mut().zip(&part).enumerate() {
-                // SAFETY: in bounds (the caller's guarantee).
-                let s = _mm512_set1_ps(unsafe { *d.add(r * ds + b) });
-                for (x, &p) in acc_r.iter_mut().zip(part_r) {
-                    *x = _mm512_fmadd_ps(p, s, *x);
+                let (m, off) = unsafe {
+                    (
+                        *d.add(r * ds + g),
+                        if MIN { *o.add(r * ds + g) } else { 0.0 },
+                    )
+                };
+                let m = _mm512_set1_ps(m);
+                let off = _mm512_set1_ps(off);
+                for ((x, &p), &sv) in acc_r.iter_mut().zip(part_r).zip(&sum) {
+                    *x = _mm512_fmadd_ps(p, m, *x);
+                    if MIN {
+                        *x = _mm512_fmadd_ps(sv, off, *x);
+                    }
                 }
             }
         }
         acc
     }
 
-    /// Write `acc` (rows `r .. r + N` of the tile, lanes the group's activation rows from
-    /// `i0`) at `out + i·ld + r`, times `scales[r]` where given.
+    /// Store `acc` (rows `r .. r + N` of the tile, lanes a group's activation rows), times
+    /// `scales[r]` where given, into `stage` (`[tile row][GROUP]`) with whole-vector stores.
     ///
-    /// # Safety
-    /// The elements are in bounds and written by nobody else meanwhile.
+    /// # Panics
+    /// When `stage` has no room for rows `r .. r + N`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn write<const N: usize, const V: usize>(
+    fn stage_acc<const N: usize, const V: usize>(
         acc: &[[__m512; V]; N],
-        rows: usize,
-        i0: usize,
         r: usize,
         scales: Option<&[f32]>,
-        out: *mut f32,
-        ld: usize,
+        stage: &mut [f32],
     ) {
-        let mut lanes = [0f32; 16];
+        assert!(stage.len() >= (r + N) * GROUP, "stage length");
         for (n, acc_r) in acc.iter().enumerate() {
-            let scale = scales.map_or(1.0, |s| s[r + n]);
+            let scale = _mm512_set1_ps(scales.map_or(1.0, |s| s[r + n]));
             for (v, a) in acc_r.iter().enumerate() {
-                // SAFETY: 16 floats into `lanes`.
-                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
-                for (l, &x) in lanes.iter().enumerate().take(rows.saturating_sub(16 * v)) {
-                    // SAFETY: the caller's guarantee.
-                    unsafe { *out.add((i0 + 16 * v + l) * ld + r + n) = x * scale };
-                }
+                // SAFETY: 16 floats at (r + n)·GROUP + 16v, inside `stage` (asserted).
+                unsafe {
+                    _mm512_storeu_ps(
+                        stage.as_mut_ptr().add((r + n) * GROUP + 16 * v),
+                        _mm512_mul_ps(*a, scale),
+                    )
+                };
             }
         }
     }
 
-    /// `out[i·ld + r] = Σ_b scales[r·nb + b] · Σ_{c in block b} x[i, c] · w[r, c]` for every
-    /// activation row `i` of `x` and each of the `rows` rows of the converted `tile` (`nb =
-    /// x.pairs / 16` blocks of 32 columns per row).
+    /// Write the staged products of `rows` tile rows with the group's `n_act` activation rows
+    /// from `i0` to `out + i·ld + r`, one output row after the other.
     ///
     /// # Safety
-    /// [`super::supported`]; `x.pairs` is a multiple of 16; `tile` holds `rows · x.pairs`
-    /// pairs and `scales` `rows · nb` scales; the elements `i·ld + r` (`i < x.rows`,
-    /// `r < rows`) from `out` are in bounds and written by nobody else meanwhile.
-    pub(crate) unsafe fn products_block_scaled(
+    /// The elements are in bounds and written by nobody else meanwhile.
+    unsafe fn flush(stage: &[f32], rows: usize, n_act: usize, i0: usize, out: *mut f32, ld: usize) {
+        for l in 0..n_act {
+            // SAFETY: the caller's guarantee.
+            let o = unsafe { out.add((i0 + l) * ld) };
+            for r in 0..rows {
+                // SAFETY: the caller's guarantee.
+                unsafe { *o.add(r) = stage[r * GROUP + l] };
+            }
+        }
+    }
+
+    /// `out[i·ld + r] = Σ_g (scales[r·ng + g] · Σ_{c in g} x[i, c] · w[r, c] + offsets[r·ng + g] ·
+    /// Σ_{c in g} x[i, c])` for every activation row `i` of `x` and each of the `rows` rows of
+    /// the converted `tile`, over the `ng = 2·x.pairs / span` groups of `span` columns (16 or
+    /// 32) of each row; no offsets where `offsets` is `None`.
+    ///
+    /// # Safety
+    /// [`super::supported`]; `2·x.pairs` is a multiple of `span`; `tile` holds `rows ·
+    /// x.pairs` pairs and `scales` (and `offsets`) `rows · ng` values; with offsets, `x` has
+    /// its sums ([`Bf16Pairs::with_sums`]); the elements `i·ld + r` (`i < x.rows`, `r < rows`)
+    /// from `out` are in bounds and written by nobody else meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn products_grouped(
         x: &Bf16Pairs,
         tile: &[u32],
         rows: usize,
+        span: usize,
         scales: &[f32],
+        offsets: Option<&[f32]>,
         out: *mut f32,
         ld: usize,
     ) {
         /// Weight rows per call: 12 partial sums and 12 totals in registers.
         const NS: usize = 6;
         let pairs = x.pairs;
-        let nb = pairs / 16;
-        assert!(pairs.is_multiple_of(16), "rows of whole 32-column blocks");
+        assert!(matches!(span, 16 | 32) && (2 * pairs).is_multiple_of(span));
+        let ng = 2 * pairs / span;
+        let n16 = 2 * pairs / 16;
         assert!(
-            tile.len() >= rows * pairs && scales.len() >= rows * nb,
+            tile.len() >= rows * pairs && scales.len() >= rows * ng,
             "tile length"
         );
+        assert!(offsets.is_none_or(|o| o.len() >= rows * ng), "offsets");
+        assert!(offsets.is_none() || x.sums16.len() >= x.rows.div_ceil(GROUP) * n16 * GROUP);
+        let o_ptr = offsets.map_or(std::ptr::null(), |o| o.as_ptr());
+        let mut stage = vec![0f32; rows * GROUP];
         for i0 in (0..x.rows).step_by(GROUP) {
             let two = x.rows - i0 > 16;
             let n_act = (x.rows - i0).min(GROUP);
             let a = x.data[i0 * pairs..].as_ptr();
+            let sums = if offsets.is_some() {
+                x.sums16[(i0 / GROUP) * n16 * GROUP..].as_ptr()
+            } else {
+                std::ptr::null()
+            };
             let mut r = 0;
             while r < rows {
                 let nr = (rows - r).min(NS);
                 let w = tile[r * pairs..].as_ptr();
-                let d = scales[r * nb..].as_ptr();
+                let d = scales[r * ng..].as_ptr();
+                let o = o_ptr.wrapping_add(r * ng);
+                macro_rules! call {
+                    ($k:literal, $v:literal) => {
+                        // SAFETY: the caller's guarantees, for rows r .. r + nr.
+                        unsafe {
+                            let acc = match (span, offsets.is_some()) {
+                                (32, false) => kernel_grouped::<$k, $v, 16, false>(
+                                    a, w, pairs, pairs, d, o, ng, sums,
+                                ),
+                                (32, true) => kernel_grouped::<$k, $v, 16, true>(
+                                    a, w, pairs, pairs, d, o, ng, sums,
+                                ),
+                                (_, false) => kernel_grouped::<$k, $v, 8, false>(
+                                    a, w, pairs, pairs, d, o, ng, sums,
+                                ),
+                                (_, true) => kernel_grouped::<$k, $v, 8, true>(
+                                    a, w, pairs, pairs, d, o, ng, sums,
+                                ),
+                            };
+                            stage_acc(&acc, r, None, &mut stage)
+                        }
+                    };
+                }
                 macro_rules! go {
                     ($($k:literal)*) => {
                         match (nr, two) {
                             $(
-                                // SAFETY: the caller's guarantees, for rows r .. r + nr.
-                                ($k, true) => unsafe {
-                                    let acc = kernel_block_scaled::<$k, 2>(a, w, pairs, pairs, d, nb);
-                                    write(&acc, n_act, i0, r, None, out, ld)
-                                },
-                                ($k, false) => unsafe {
-                                    let acc = kernel_block_scaled::<$k, 1>(a, w, pairs, pairs, d, nb);
-                                    write(&acc, n_act, i0, r, None, out, ld)
-                                },
+                                ($k, true) => call!($k, 2),
+                                ($k, false) => call!($k, 1),
                             )*
                             _ => unreachable!("at most {NS} rows per call"),
                         }
@@ -502,6 +648,8 @@ mod x86 {
                 go!(1 2 3 4 5 6);
                 r += nr;
             }
+            // SAFETY: the caller's guarantee.
+            unsafe { flush(&stage, rows, n_act, i0, out, ld) };
         }
     }
 
@@ -555,8 +703,7 @@ mod x86 {
         tile: &[u32],
         r: usize,
         scales: &[f32],
-        out: *mut f32,
-        ld: usize,
+        stage: &mut [f32],
     ) {
         let pairs = x.pairs;
         // SAFETY: the group's and the rows' data are in bounds (the caller's guarantee).
@@ -568,9 +715,7 @@ mod x86 {
                 pairs,
             )
         };
-        let rows = (x.rows - i0).min(16 * V);
-        // SAFETY: the caller's guarantee.
-        unsafe { write(&acc, rows, i0, r, Some(scales), out, ld) };
+        stage_acc(&acc, r, Some(scales), stage);
     }
 
     /// `out[i·ld + r] = scales[r] · Σ_c x[i, c] · w[r, c]` for every activation row `i` of `x`
@@ -589,6 +734,7 @@ mod x86 {
     ) {
         let n = scales.len();
         assert!(tile.len() >= n * x.pairs, "tile length");
+        let mut stage = vec![0f32; n * GROUP];
         for i0 in (0..x.rows).step_by(GROUP) {
             let two = x.rows - i0 > 16;
             let mut r = 0;
@@ -599,8 +745,8 @@ mod x86 {
                         match (nr, two) {
                             $(
                                 // SAFETY: the caller's guarantees, for rows r .. r + nr <= n.
-                                ($k, true) => unsafe { block::<$k, 2>(x, i0, tile, r, scales, out, ld) },
-                                ($k, false) => unsafe { block::<$k, 1>(x, i0, tile, r, scales, out, ld) },
+                                ($k, true) => unsafe { block::<$k, 2>(x, i0, tile, r, scales, &mut stage) },
+                                ($k, false) => unsafe { block::<$k, 1>(x, i0, tile, r, scales, &mut stage) },
                             )*
                             _ => unreachable!("at most {NR} rows per call"),
                         }
@@ -609,6 +755,8 @@ mod x86 {
                 go!(1 2 3 4 5 6 7 8 9 10 11 12);
                 r += nr;
             }
+            // SAFETY: the caller's guarantee.
+            unsafe { flush(&stage, n, (x.rows - i0).min(GROUP), i0, out, ld) };
         }
     }
 }
@@ -681,68 +829,98 @@ mod tests {
             return;
         }
         let mut r = rng(5);
-        for nb in [1usize, 2, 18] {
-            let d: Vec<f32> = (0..nb)
-                .map(|b| {
-                    if b == 1 {
-                        0.0
-                    } else {
-                        half::f16::from_f32(0.0005 + r().abs() * 0.05).to_f32()
-                    }
-                })
-                .collect();
-            let codes: Vec<i32> = (0..32 * nb).map(|_| (r() * 128.0) as i32).collect();
-            // The weights as the dequantisation computes them: scale times code, exact.
-            let w: Vec<f32> = codes
-                .iter()
-                .enumerate()
-                .map(|(c, &q)| d[c / 32] * q as f32)
-                .collect();
-            let (mut want, mut got) = (vec![0u32; 16 * nb], vec![7u32; 16 * nb]);
-            codes_of_scaled_row_portable(&w, &d, &mut want);
-            // SAFETY: supported; whole blocks, a scale each, room for the pairs.
-            unsafe { codes_of_scaled_row(&w, &d, &mut got) };
-            assert_eq!(got, want, "{nb} blocks");
-            for (c, &q) in codes.iter().enumerate() {
-                let p = got[c / 2];
-                let bits = if c % 2 == 0 { p & 0xFFFF } else { p >> 16 };
-                let want = if d[c / 32] == 0.0 { 0.0 } else { q as f32 };
-                assert_eq!(f32::from_bits(bits << 16), want, "value {c}");
+        for (span, min) in [(32, false), (32, true), (16, false), (16, true)] {
+            for ng in [2usize, 4, 36] {
+                let cols = ng * span;
+                let s: Vec<f32> = (0..ng)
+                    .map(|g| {
+                        if g == 1 {
+                            0.0
+                        } else {
+                            // An f16 scale times a 6-bit sub-scale, as the K-quants have.
+                            half::f16::from_f32(0.0005 + r().abs() * 0.05).to_f32()
+                                * (1 + (r().abs() * 62.0) as i32) as f32
+                        }
+                    })
+                    .collect();
+                let o: Vec<f32> = (0..ng).map(|_| -r().abs() * 0.3).collect();
+                let codes: Vec<i32> = (0..cols)
+                    .map(|_| {
+                        if min {
+                            (r().abs() * 31.0) as i32
+                        } else {
+                            (r() * 128.0) as i32
+                        }
+                    })
+                    .collect();
+                // The weights as the dequantisation computes them: code times multiplier plus
+                // offset, rounded once.
+                let w: Vec<f32> = (0..cols)
+                    .map(|c| {
+                        let g = c / span;
+                        codes[c] as f32 * s[g] + if min { o[g] } else { 0.0 }
+                    })
+                    .collect();
+                let off = min.then_some(&o[..]);
+                let (mut want, mut got) = (vec![0u32; cols / 2], vec![7u32; cols / 2]);
+                codes_of_scaled_row_portable(&w, span, &s, off, &mut want);
+                // SAFETY: supported; whole groups, a value each, room for the pairs.
+                unsafe { codes_of_scaled_row(&w, span, &s, off, &mut got) };
+                assert_eq!(got, want, "span {span}, offsets {min}, {ng} groups");
+                for (c, &q) in codes.iter().enumerate() {
+                    let p = got[c / 2];
+                    let bits = if c % 2 == 0 { p & 0xFFFF } else { p >> 16 };
+                    let want = if s[c / span] == 0.0 { 0.0 } else { q as f32 };
+                    assert_eq!(f32::from_bits(bits << 16), want, "value {c}");
+                }
             }
         }
     }
 
     #[test]
-    fn block_scaled_products_equal_the_scaled_codes_times_rounded_activations() {
+    fn grouped_products_equal_the_scaled_codes_times_rounded_activations() {
         if !supported() {
             return;
         }
         for (m, n, cols) in [(1, 1, 32), (17, 7, 64), (65, 13, 576), (40, 6, 96)] {
-            let mut r = rng((m * 100 + n) as u64);
-            let x: Vec<f32> = (0..m * cols).map(|_| r()).collect();
-            let a = Bf16Pairs::new(&x, m, cols);
-            let (pairs, nb) = (cols / 2, cols / 32);
-            let q: Vec<i8> = (0..n * cols).map(|_| (r() * 127.0) as i8).collect();
-            let scales: Vec<f32> = (0..n * nb).map(|_| 0.001 + r().abs() * 0.05).collect();
-            let mut tile = vec![0u32; n * pairs];
-            convert_rows_portable(Codes::Int8(&q), cols, (0, n), &mut tile);
-            let ld = n + 2;
-            let mut out = vec![f32::NAN; m * ld];
-            // SAFETY: supported; whole blocks; the tile and scales hold n rows; out [m, ld].
-            unsafe { products_block_scaled(&a, &tile, n, &scales, out.as_mut_ptr(), ld) };
-            for i in 0..m {
-                let xi = a.row(i, cols);
-                for rr in 0..n {
-                    let w = |c: usize| scales[rr * nb + c / 32] as f64 * q[rr * cols + c] as f64;
-                    let want: f64 = (0..cols).map(|c| xi[c] as f64 * w(c)).sum();
-                    let norm: f64 = (0..cols).map(|c| (xi[c] as f64 * w(c)).abs()).sum();
-                    let got = out[i * ld + rr] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-6 * norm + 1e-30,
-                        "{m}x{n}x{cols}: ({i}, {rr}) {got} vs {want}"
-                    );
+            for (span, min) in [(32, false), (32, true), (16, false), (16, true)] {
+                let mut r = rng((m * 100 + n + span) as u64);
+                let x: Vec<f32> = (0..m * cols).map(|_| r()).collect();
+                let a = if min {
+                    Bf16Pairs::with_sums(&x, m, cols)
+                } else {
+                    Bf16Pairs::new(&x, m, cols)
+                };
+                let (pairs, ng) = (cols / 2, cols / span);
+                let q: Vec<i8> = (0..n * cols).map(|_| (r() * 127.0) as i8).collect();
+                let scales: Vec<f32> = (0..n * ng).map(|_| 0.001 + r().abs() * 0.05).collect();
+                let offsets: Vec<f32> = (0..n * ng).map(|_| r() * 0.2).collect();
+                let mut tile = vec![0u32; n * pairs];
+                convert_rows_portable(Codes::Int8(&q), cols, (0, n), &mut tile);
+                let ld = n + 2;
+                let mut out = vec![f32::NAN; m * ld];
+                let off = min.then_some(&offsets[..]);
+                // SAFETY: supported; whole groups; the tile, scales and offsets hold n rows;
+                // the sums where offsets are given; out [m, ld].
+                unsafe { products_grouped(&a, &tile, n, span, &scales, off, out.as_mut_ptr(), ld) };
+                for i in 0..m {
+                    let xi = a.row(i, cols);
+                    for rr in 0..n {
+                        let w = |c: usize| {
+                            let g = rr * ng + c / span;
+                            scales[g] as f64 * q[rr * cols + c] as f64
+                                + if min { offsets[g] as f64 } else { 0.0 }
+                        };
+                        let want: f64 = (0..cols).map(|c| xi[c] as f64 * w(c)).sum();
+                        let norm: f64 = (0..cols).map(|c| (xi[c] as f64 * w(c)).abs()).sum();
+                        let got = out[i * ld + rr] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-6 * norm + 1e-30,
+                            "{m}x{n}x{cols} span {span} offsets {min}: ({i}, {rr}) {got} vs {want}"
+                        );
+                    }
+                    assert!(out[i * ld + n..(i + 1) * ld].iter().all(|v| v.is_nan()));
                 }
-                assert!(out[i * ld + n..(i + 1) * ld].iter().all(|v| v.is_nan()));
             }
         }
     }
