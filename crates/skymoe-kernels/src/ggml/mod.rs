@@ -333,8 +333,7 @@ fn dequantize_blocks(isa: Isa, ty: GgmlType, row: &[u8], out: &mut [f32]) {
 pub enum GgmlActivations {
     /// 8-bit activations where they are faster (up to [`int8_max_rows`] rows, with SIMD),
     /// f32 elsewhere; skymoe's FP8 rows take bf16 activations from 2 to 64 rows, and its int8
-    /// and FP8 rows and Q4_0, Q5_0 and Q8_0 blocks beyond 64 rows, on CPUs with AVX512-BF16.
-    /// The default.
+    /// and FP8 rows and the ggml blocks beyond 64 rows, on CPUs with AVX512-BF16. The default.
     Auto,
     /// f32 activations always (the product of the dequantised weights, up to f32 rounding).
     F32,
@@ -387,8 +386,10 @@ pub fn set_activations(mode: GgmlActivations) {
 /// fast as the f32 ones for 1 to 32 rows and 1.3-1.5x for 64, then 1.2x for 128 and 1.1x for
 /// 256, where the f32 path multiplies dequantised tiles with a GEMM (since the tiles hold whole
 /// micro-kernel panels: 1.0-1.4x for 128 rows and 0.8-1.1x for 256). Beyond 64 rows
-/// (prefill-sized products, log-likelihood scoring) the f32 activations' accuracy is kept for
-/// that last 10-20%; `SKYMOE_GGML_ACTIVATIONS=int8` trades it for speed.
+/// (prefill-sized products, log-likelihood scoring) 8-bit activations are not used for that
+/// last 10-20%: those products keep f32 activations, or take bf16 ones (more accurate than 8
+/// bits, and twice the f32 rate) on CPUs with AVX512-BF16 (`quant::bf16_tiles`);
+/// `SKYMOE_GGML_ACTIVATIONS=int8` trades the accuracy for speed.
 pub fn int8_max_rows(ty: GgmlType) -> usize {
     // The same for every type, as measured.
     let _ = ty;

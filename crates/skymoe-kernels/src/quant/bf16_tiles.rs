@@ -1,11 +1,14 @@
-//! Many-row products (prefill) of int8 and FP8 rows with bf16 activations and AVX-512 BF16
-//! dot products, on CPUs with them.
+//! Many-row products (prefill) of int8, FP8 and ggml rows with bf16 activations and AVX-512
+//! BF16 dot products, on CPUs with them.
 //!
 //! `vdpbf16ps` adds two bf16·bf16 products (each exact in f32) to each of 16 f32 lanes: twice
 //! the multiply-adds of an f32 FMA per instruction, and on Zen 4 at the same rate (measured:
-//! 115 against 57 G multiply-adds per second and core). Both weight formats hold values that
-//! bf16 represents exactly: int8 codes (at most 8 significant bits) and E4M3 codes (3 mantissa
-//! bits); the row's scale multiplies the finished sum, so the weights lose nothing. The
+//! 115 against 57 G multiply-adds per second and core). The weights are converted exactly:
+//! int8 codes (at most 8 significant bits) and E4M3 codes (3 mantissa bits) are bf16 values,
+//! and the row's scale multiplies the finished sum; a ggml row's integer codes are recovered
+//! from its dequantised weights with each group's multiplier and offset
+//! ([`codes_of_scaled_row`]), and the kernel adds each group's sum times its multiplier, plus
+//! its offset times the activations' sum over the group ([`products_grouped`]). The
 //! activations are rounded to bf16 once per product (relative error at most 2⁻⁹ each, as on
 //! the FP8 path of few rows, `fp8_bf16`); sums are kept in f32.
 //!
@@ -14,8 +17,9 @@
 //! the 32 rows' bf16 pairs side by side), are read as whole vectors, and each weight pair is
 //! broadcast from a tile of the task's weight rows converted to bf16 pairs in row order
 //! ([`convert_rows`]). One call of the micro-kernel covers 32 activation rows (two vectors)
-//! and [`NR`] weight rows: 24 accumulators, two vector loads and twelve broadcasts per 24 dot
-//! products.
+//! and [`NR`] weight rows (24 accumulators; 6 rows for the ggml kernel, whose group sums take
+//! another 12 registers): two vector loads and one broadcast per weight row and column pair.
+//! The results are staged as whole vectors and written one output row at a time.
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 

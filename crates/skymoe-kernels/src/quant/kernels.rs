@@ -334,11 +334,11 @@ pub(crate) fn blocked_rows(isa: Isa, mat: &QMatrix, m: usize) -> bool {
         && (8..=128).contains(&m)
 }
 
-/// Whether a product of `m` activation rows with int8, FP8, Q4_0, Q5_0 or Q8_0 rows on `isa` converts the
+/// Whether a product of `m` activation rows with int8, FP8 or ggml rows on `isa` converts the
 /// weights to exact bf16 tiles and rounds the activations to bf16 (see `bf16_tiles`): on CPUs
 /// with AVX512-BF16, for more than 64 rows (fewer take the 8-bit and bf16 paths of few rows)
-/// under [`crate::ggml::GgmlActivations::Auto`]; the same for Q4_0, Q5_0 and Q8_0 blocks
-/// (exact codes, block scales in f32). Measured with `examples/qmatmul` against the f32 tiles and the GEMM (see
+/// under [`crate::ggml::GgmlActivations::Auto`]; the same for ggml blocks (exact codes, their
+/// groups' multipliers and offsets in f32). Measured with `examples/qmatmul` against the f32 tiles and the GEMM (see
 /// BENCHMARKS.md).
 pub fn uses_bf16_tiles(isa: Isa, m: usize) -> bool {
     crate::ggml::activations() == crate::ggml::GgmlActivations::Auto
