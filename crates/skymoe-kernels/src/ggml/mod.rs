@@ -332,8 +332,9 @@ fn dequantize_blocks(isa: Isa, ty: GgmlType, row: &[u8], out: &mut [f32]) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlActivations {
     /// 8-bit activations where they are faster (up to [`int8_max_rows`] rows, with SIMD),
-    /// f32 elsewhere; skymoe's FP8 rows take bf16 activations from 2 to 64 rows, and its int8
-    /// and FP8 rows and the ggml blocks beyond 64 rows, on CPUs with AVX512-BF16. The default.
+    /// f32 elsewhere; on CPUs with AVX512-BF16, bf16 activations for skymoe's FP8 rows from 2
+    /// rows, for its int8 and FP8 rows beyond 16 rows, and for the ggml blocks beyond 64 rows.
+    /// The default.
     Auto,
     /// f32 activations always (the product of the dequantised weights, up to f32 rounding).
     F32,
@@ -388,7 +389,10 @@ pub fn set_activations(mode: GgmlActivations) {
 /// micro-kernel panels: 1.0-1.4x for 128 rows and 0.8-1.1x for 256). Beyond 64 rows
 /// (prefill-sized products, log-likelihood scoring) 8-bit activations are not used for that
 /// last 10-20%: those products keep f32 activations, or take bf16 ones (more accurate than 8
-/// bits, and twice the f32 rate) on CPUs with AVX512-BF16 (`quant::bf16_tiles`);
+/// bits, and twice the f32 rate) on CPUs with AVX512-BF16 (`quant::bf16_tiles`). The bf16 path
+/// measured slower than the 8-bit one from 17 to 64 rows for these types (the decode phase
+/// with 32 sequences: Q8_0 −5 to −14%, Q4_K_M −10 to −16%), so 64 stays their limit (skymoe's
+/// own int8 rows take the bf16 tiles beyond 16 rows, see `quant::BF16_TILES_ABOVE_ROWS`);
 /// `SKYMOE_GGML_ACTIVATIONS=int8` trades the accuracy for speed.
 pub fn int8_max_rows(ty: GgmlType) -> usize {
     // The same for every type, as measured.
@@ -611,9 +615,15 @@ fn matmul_segments_at(
 
 /// Whether a product of `m` activation rows with skymoe's own int8 rows of `cols` columns
 /// (one scale per row) on `isa` uses 8-bit activations: as for Q8_0 under the current
-/// [`activations`], for rows of whole 32-value blocks.
+/// [`activations`], for rows of whole 32-value blocks, unless the rows take the bf16 tiles
+/// ([`crate::quant::uses_bf16_tiles`]: beyond 16 rows on AVX512-BF16).
 pub fn int8_rows_use_q8(isa: Isa, cols: usize, m: usize) -> bool {
-    m > 0 && cols > 0 && cols.is_multiple_of(32) && use_int8(effective(isa), GgmlType::Q8_0, m)
+    let isa = effective(isa);
+    m > 0
+        && cols > 0
+        && cols.is_multiple_of(32)
+        && use_int8(isa, GgmlType::Q8_0, m)
+        && !crate::quant::uses_bf16_tiles(isa, m)
 }
 
 /// `a · Wᵀ` for skymoe's own int8 matrix `W = diag(scales) · q` (`q`: `[rows, a.cols()]`

@@ -165,7 +165,7 @@ fn check_products(ty: GgmlType, rows: usize, cols: usize, ms: &[usize]) {
             if activations() == GgmlActivations::Auto {
                 let mut auto = vec![f32::NAN; m * rows];
                 mat.matmul_with(isa, &x, m, &mut auto);
-                if isa != Isa::Scalar && m <= int8_max_rows(ty) {
+                if uses_int8(isa, ty, m) {
                     let a = Q8Activations::for_type(ty, &x, m, cols);
                     let mut q8 = vec![f32::NAN; m * rows];
                     mat.matmul_q8_with(isa, &a, &mut q8);

@@ -299,7 +299,8 @@ mod tests {
         let mat = QMatrix::from_fp8(codes, &scales, rows, cols).unwrap();
         let weights = mat.dequantize();
         assert!(weights.iter().all(|w| w.is_finite()));
-        for m in [2, 5, 8, 9, 17, 40, 64] {
+        // Rows the few-row path takes (more take the bf16 tiles, tested in `bf16_tiles`).
+        for m in [2, 5, 8, 9, 16] {
             let x: Vec<f32> = (0..m * cols)
                 .map(|i| ((i * 7919) % 1013) as f32 / 506.0 - 1.0)
                 .collect();

@@ -44,7 +44,7 @@ use rayon::prelude::*;
 use crate::ggml::{GgmlMatrix, GgmlType};
 
 pub use f16_vec::{axpy_f16, axpy_f16_rows, dot_f16, dot_f16_rows};
-pub use kernels::{uses_bf16_tiles, Isa};
+pub use kernels::{uses_bf16_tiles, Isa, BF16_TILES_ABOVE_ROWS};
 pub use store::{Element, SharedBytes, Store};
 
 /// Columns per q4 scale group.

@@ -107,7 +107,7 @@ fn f16_and_f32_rows_take_the_register_blocked_kernels_for_8_to_128_rows_on_avx51
 }
 
 #[test]
-fn int8_and_fp8_rows_take_the_bf16_tiles_beyond_64_rows_on_avx512_bf16() {
+fn int8_and_fp8_rows_take_the_bf16_tiles_beyond_16_rows_on_avx512_bf16() {
     // The products are checked against the reference above; this pins the path, so that the
     // BF16 tiles stay covered where the CPU has them. (Under `SKYMOE_GGML_ACTIVATIONS=f32` the
     // f32 tiles keep every product.)
@@ -117,8 +117,9 @@ fn int8_and_fp8_rows_take_the_bf16_tiles_beyond_64_rows_on_avx512_bf16() {
     let here = super::bf16_tiles::supported();
     for (m, want) in [
         (1, false),
-        (64, false),
-        (65, here),
+        (16, false),
+        (17, here),
+        (64, here),
         (129, here),
         (4096, here),
     ] {
@@ -129,6 +130,11 @@ fn int8_and_fp8_rows_take_the_bf16_tiles_beyond_64_rows_on_avx512_bf16() {
         );
         assert!(!super::kernels::uses_bf16_tiles(Isa::Avx2, m));
         assert!(!super::kernels::uses_bf16_tiles(Isa::Scalar, m));
+        // The 8-bit and the few-row bf16 products give way to the tiles.
+        if want {
+            assert!(!crate::ggml::int8_rows_use_q8(Isa::Avx512, 576, m), "m={m}");
+            assert!(!super::kernels::fp8_uses_bf16(Isa::Avx512, 576, m), "m={m}");
+        }
     }
 }
 
@@ -374,6 +380,13 @@ fn ggml_matrices_and_mixed_stacks_match_the_reference() {
                     let w = if crate::ggml::uses_int8(isa, ty, m) {
                         let a = crate::ggml::Q8Activations::for_type(ty, &x, m, cols);
                         seg.matmul_q8_reference(&a)
+                    } else if super::kernels::uses_bf16_tiles(isa, m) {
+                        // Many rows on AVX-512 BF16: the activations rounded to bf16.
+                        let xb: Vec<f32> = x
+                            .iter()
+                            .map(|&v| f32::from_bits((super::fp8_bf16::to_bf16(v) as u32) << 16))
+                            .collect();
+                        seg.matmul_reference(&xb, m)
                     } else {
                         seg.matmul_reference(&x, m)
                     };
