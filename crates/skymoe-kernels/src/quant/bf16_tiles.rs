@@ -410,8 +410,11 @@ mod x86 {
     /// bits).
     ///
     /// # Safety
-    /// [`super::supported`]; `span` is 16 or 32 and divides `w.len()`; `s` (and `o`) hold
-    /// `w.len() / span` values and `out` `w.len() / 2` pairs.
+    /// [`super::supported`].
+    ///
+    /// # Panics
+    /// Unless `span` is 16 or 32, `w.len()` a multiple of 32, `s` (and `o`) hold `w.len() /
+    /// span` values and `out` `w.len() / 2` pairs.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(crate) unsafe fn codes_of_scaled_row(
         w: &[f32],
@@ -421,7 +424,7 @@ mod x86 {
         out: &mut [u32],
     ) {
         let n16 = w.len() / 16;
-        assert!(matches!(span, 16 | 32) && w.len().is_multiple_of(span));
+        assert!(matches!(span, 16 | 32) && w.len().is_multiple_of(32));
         assert!(s.len() >= w.len() / span && o.is_none_or(|o| o.len() >= w.len() / span));
         assert!(out.len() >= w.len() / 2, "pair count");
         let mut codes = [_mm512_setzero_ps(); 2];
@@ -491,7 +494,7 @@ mod x86 {
                     }
                 }
             }
-            // SAFETY (both blocks): in bounds (the caller's guarantee).
+            // SAFETY: the group's sums are in `sums` (the caller's guarantee).
             let sum: [__m512; V] = std::array::from_fn(|v| unsafe {
                 if !MIN {
                     return _mm512_setzero_ps();
@@ -504,6 +507,7 @@ mod x86 {
                 }
             });
             for (r, (acc_r, part_r)) in acc.iter_mut().zip(&part).enumerate() {
+                // SAFETY: row r's value for group g is in `d` (and `o`): the caller's guarantee.
                 let (m, off) = unsafe {
                     (
                         *d.add(r * ds + g),
