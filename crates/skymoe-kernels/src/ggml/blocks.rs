@@ -44,6 +44,16 @@ pub(super) const fn has_min(ty: GgmlType) -> bool {
     )
 }
 
+/// How many weights share a multiplier (and offset) at most: Q6_K scales every 16 weights,
+/// the other types every 32 (the K-quants: their sub-blocks; the 32-weight types: whole
+/// blocks).
+pub(super) const fn group_span(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::Q6K => 16,
+        _ => 32,
+    }
+}
+
 /// The 6-bit scales and minima of a Q4_K / Q5_K super-block (`b` is the 12 packed bytes):
 /// sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scales) and 4-7 (minima); sub-blocks 4-7
 /// take their low 4 bits from the nibbles of bytes 8-11 and their high 2 bits from the top

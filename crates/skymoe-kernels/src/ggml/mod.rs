@@ -23,7 +23,7 @@
 //!   multiplied with them in integers (AVX-512 VNNI `vpdpbusd`/`vpdpwssd`, AVX2
 //!   `vpmaddubsw`/`vpmaddwd`, or portable code, all bit-identical), then scaled once per
 //!   block. Used where it is faster: up to [`int8_max_rows`] activation rows (decode, small
-//!   batches, short prompts).
+//!   batches, short prompts), up to 16 on CPUs with AVX512-BF16 (more take the bf16 tiles).
 //!   The result equals the product of the dequantised weights with the dequantised 8-bit
 //!   activations up to f32 rounding; against f32 activations it differs by the activations'
 //!   quantisation (at most half a step, `max|x|/254` per block, per value).
@@ -245,11 +245,11 @@ impl fmt::Debug for GgmlMatrix {
 
 thread_local! {
     static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// A task's codes as bf16 pairs, their groups' multipliers and offsets, and a dequantised
-    /// row (the BF16 tiles).
+    /// A task's codes as bf16 pairs and their groups' multipliers and offsets (the BF16
+    /// tiles).
     #[allow(clippy::type_complexity)]
-    static BF16_TILE: RefCell<(Vec<u32>, Vec<f32>, Vec<f32>, Vec<f32>)> =
-        const { RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
+    static BF16_TILE: RefCell<(Vec<u32>, Vec<f32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// A raw output pointer shared by tasks writing disjoint elements.
@@ -327,13 +327,30 @@ fn dequantize_blocks(isa: Isa, ty: GgmlType, row: &[u8], out: &mut [f32]) {
     }
 }
 
+/// One weight row (its blocks) as the bf16 tiles take it: its integer values as bf16 pairs
+/// into `pairs`, each group's multiplier into `s` and offset into `o` (see
+/// [`blocks::group_span`]), on a CPU that runs the bf16 tiles.
+///
+/// # Panics
+/// Unless [`crate::quant::bf16_tiles::supported`], or if an output is too short.
+fn codes_bf16(ty: GgmlType, row: &[u8], pairs: &mut [u32], s: &mut [f32], o: &mut [f32]) {
+    assert!(crate::quant::bf16_tiles::supported(), "no AVX512-BF16 here");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the bf16 tiles' CPUs have AVX-512 F/BW/VL and BF16 (asserted).
+    unsafe {
+        x86::codes_bf16(ty, row, pairs, s, o)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (ty, row, pairs, s, o);
+}
+
 /// Which activations the products of ggml blocks multiply the weights with (and those of
 /// skymoe's int8 and FP8 rows, see [`crate::quant::QMatrix`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlActivations {
     /// 8-bit activations where they are faster (up to [`int8_max_rows`] rows, with SIMD),
     /// f32 elsewhere; on CPUs with AVX512-BF16, bf16 activations for skymoe's FP8 rows from 2
-    /// rows, for its int8 and FP8 rows beyond 16 rows, and for the ggml blocks beyond 64 rows.
+    /// rows, and for its int8 and FP8 rows and the ggml blocks beyond 16 rows.
     /// The default.
     Auto,
     /// f32 activations always (the product of the dequantised weights, up to f32 rounding).
@@ -388,12 +405,11 @@ pub fn set_activations(mode: GgmlActivations) {
 /// 256, where the f32 path multiplies dequantised tiles with a GEMM (since the tiles hold whole
 /// micro-kernel panels: 1.0-1.4x for 128 rows and 0.8-1.1x for 256). Beyond 64 rows
 /// (prefill-sized products, log-likelihood scoring) 8-bit activations are not used for that
-/// last 10-20%: those products keep f32 activations, or take bf16 ones (more accurate than 8
-/// bits, and twice the f32 rate) on CPUs with AVX512-BF16 (`quant::bf16_tiles`). The bf16 path
-/// measured slower than the 8-bit one from 17 to 64 rows for these types (the decode phase
-/// with 32 sequences: Q8_0 −5 to −14%, Q4_K_M −10 to −16%), so 64 stays their limit (skymoe's
-/// own int8 rows take the bf16 tiles beyond 16 rows, see `quant::BF16_TILES_ABOVE_ROWS`);
-/// `SKYMOE_GGML_ACTIVATIONS=int8` trades the accuracy for speed.
+/// last 10-20%: those products keep f32 activations. On CPUs with AVX512-BF16 the products of
+/// more than 16 rows take bf16 activations instead (`quant::bf16_tiles`: more accurate than 8
+/// bits, and twice the f32 rate; see [`uses_int8`]): with the blocks decoded straight into the
+/// tiles, the decode phase with 32 sequences ran 1.22x (Q8_0) and 1.28x (Q4_K_M) the 8-bit
+/// path's speed. `SKYMOE_GGML_ACTIVATIONS=int8` trades the accuracy for speed.
 pub fn int8_max_rows(ty: GgmlType) -> usize {
     // The same for every type, as measured.
     let _ = ty;
@@ -401,7 +417,9 @@ pub fn int8_max_rows(ty: GgmlType) -> usize {
 }
 
 /// Whether a product of `m` activation rows with a matrix of `ty` on `isa` (an unsupported
-/// one runs scalar code) uses 8-bit activations under the current [`activations`].
+/// one runs scalar code) uses 8-bit activations under the current [`activations`]: with
+/// SIMD up to [`int8_max_rows`] rows, unless the rows take the bf16 tiles
+/// ([`crate::quant::uses_bf16_tiles`]: beyond 16 rows on AVX512-BF16).
 pub fn uses_int8(isa: Isa, ty: GgmlType, m: usize) -> bool {
     use_int8(effective(isa), ty, m)
 }
@@ -411,7 +429,9 @@ fn use_int8(isa: Isa, ty: GgmlType, m: usize) -> bool {
     match activations() {
         GgmlActivations::F32 => false,
         GgmlActivations::Int8 => true,
-        GgmlActivations::Auto => isa != Isa::Scalar && m <= int8_max_rows(ty),
+        GgmlActivations::Auto => {
+            isa != Isa::Scalar && m <= int8_max_rows(ty) && !crate::quant::uses_bf16_tiles(isa, m)
+        }
     }
 }
 
@@ -606,7 +626,7 @@ fn matmul_segments_at(
     for ((s, &i), &b) in segments.iter().zip(&int8).zip(&bf16) {
         match (&a, i, &pairs, b) {
             (Some(a), true, _, _) => s.matmul_q8_into_with(isa, a, out, ld, col0),
-            (_, _, Some(p), true) => s.matmul_bf16_into(eff, p, out, ld, col0),
+            (_, _, Some(p), true) => s.matmul_bf16_into(p, out, ld, col0),
             _ => s.matmul_f32_into_with(isa, x, m, out, ld, col0),
         }
         col0 += s.rows;
@@ -619,11 +639,7 @@ fn matmul_segments_at(
 /// ([`crate::quant::uses_bf16_tiles`]: beyond 16 rows on AVX512-BF16).
 pub fn int8_rows_use_q8(isa: Isa, cols: usize, m: usize) -> bool {
     let isa = effective(isa);
-    m > 0
-        && cols > 0
-        && cols.is_multiple_of(32)
-        && use_int8(isa, GgmlType::Q8_0, m)
-        && !crate::quant::uses_bf16_tiles(isa, m)
+    m > 0 && cols > 0 && cols.is_multiple_of(32) && use_int8(isa, GgmlType::Q8_0, m)
 }
 
 /// `a · Wᵀ` for skymoe's own int8 matrix `W = diag(scales) · q` (`q`: `[rows, a.cols()]`
@@ -1036,9 +1052,9 @@ impl GgmlMatrix {
     }
 
     /// The product of this matrix with the bf16 activations `a` (with their 16-column sums
-    /// where the type has offsets), multithreaded: each task's rows are dequantised (with a
-    /// supported `isa`), divided back into their integer codes (exact in bf16) with the
-    /// multiplier and offset of each group of 16 or 32 weights, and multiplied through
+    /// where the type has offsets), multithreaded: each task's rows are decoded into their
+    /// integer values (exact in bf16) and the multiplier and offset of each group of 16 or 32
+    /// weights, and multiplied through
     /// [`crate::quant::bf16_tiles`] (on a CPU that [`crate::quant::uses_bf16_tiles`] allows);
     /// into columns `col0 .. col0 + rows` of the `[a.rows, ld]` output `out`.
     ///
@@ -1046,13 +1062,12 @@ impl GgmlMatrix {
     /// As [`GgmlMatrix::matmul_into`].
     fn matmul_bf16_into(
         &self,
-        isa: Isa,
         a: &crate::quant::bf16_tiles::Bf16Pairs,
         out: &mut [f32],
         ld: usize,
         col0: usize,
     ) {
-        use crate::quant::bf16_tiles::{codes_of_scaled_row, products_grouped, task_rows};
+        use crate::quant::bf16_tiles::{products_grouped, task_rows};
         assert!(
             self.cols.is_multiple_of(32),
             "rows of whole 32-weight groups"
@@ -1064,9 +1079,7 @@ impl GgmlMatrix {
             return;
         }
         let (rows, cols, rb, ty) = (self.rows, self.cols, self.row_bytes, self.ty);
-        let (bb, be) = (ty.block_bytes(), ty.block_elems());
-        // Q6_K scales every 16 weights, the other types every 32 (K-quants: the sub-blocks).
-        let span = if ty == GgmlType::Q6K { 16 } else { 32 };
+        let span = blocks::group_span(ty);
         let with_min = blocks::has_min(ty);
         let ng = cols / span;
         let blocks = self.blocks();
@@ -1074,50 +1087,19 @@ impl GgmlMatrix {
         par_ranges(rows, task_rows(cols), m * cols, |r0, r1| {
             BF16_TILE.with(|buf| {
                 let mut buf = buf.borrow_mut();
-                let (tile, scales, offsets, w) = &mut *buf;
+                let (tile, scales, offsets) = &mut *buf;
                 let n = r1 - r0;
                 tile.resize(tile.len().max(n * cols / 2), 0);
                 scales.resize(scales.len().max(n * ng), 0.0);
                 offsets.resize(offsets.len().max(n * ng), 0.0);
-                w.resize(cols, 0.0);
                 for (j, r) in (r0..r1).enumerate() {
-                    let row = &blocks[r * rb..(r + 1) * rb];
-                    dequantize_blocks(isa, ty, row, w);
-                    let s = &mut scales[j * ng..(j + 1) * ng];
-                    let o = &mut offsets[j * ng..(j + 1) * ng];
-                    let f16 = |b: &[u8], i: usize| {
-                        blocks::f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
-                    };
-                    for (b, blk) in row.chunks_exact(bb).enumerate() {
-                        match ty {
-                            // One group per block: the scale (and the offset) in its head.
-                            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => s[b] = f16(blk, 0),
-                            GgmlType::Q4_1 | GgmlType::Q5_1 => {
-                                (s[b], o[b]) = (f16(blk, 0), f16(blk, 2));
-                            }
-                            _ => {
-                                let p = blocks::prep(ty, blk);
-                                let per = be / span;
-                                for k in 0..per {
-                                    // prep's multipliers and offsets are per 16 weights.
-                                    s[b * per + k] = p.s[k * span / 16];
-                                    o[b * per + k] = p.o[k * span / 16];
-                                }
-                            }
-                        }
-                    }
-                    // SAFETY: the CPU runs the kernels (asserted); `w` holds the row's `cols`
-                    // weights (whole groups), `s` and `o` a value per group, the tile room for
-                    // the row's pairs.
-                    unsafe {
-                        codes_of_scaled_row(
-                            w,
-                            span,
-                            s,
-                            with_min.then_some(&o[..]),
-                            &mut tile[j * cols / 2..(j + 1) * cols / 2],
-                        )
-                    };
+                    codes_bf16(
+                        ty,
+                        &blocks[r * rb..(r + 1) * rb],
+                        &mut tile[j * cols / 2..(j + 1) * cols / 2],
+                        &mut scales[j * ng..(j + 1) * ng],
+                        &mut offsets[j * ng..(j + 1) * ng],
+                    );
                 }
                 // SAFETY: as above; the tile, scales and offsets hold n rows, `a` its sums
                 // where offsets are used (the caller builds them for such types); the output

@@ -1,4 +1,5 @@
-//! ggml matrices: dequantisation against gguf's (committed fixtures, bit-exact), every fused
+//! ggml matrices: dequantisation against gguf's (committed fixtures, bit-exact; also the
+//! integer values and group scales the bf16 tiles take), every fused
 //! f32-activation kernel against the dequantise-then-multiply reference on every instruction
 //! set this CPU supports, and malformed inputs (the 8-bit-activation kernels: `tests_q8`).
 
@@ -129,6 +130,49 @@ fn dequantisation_matches_gguf_bit_for_bit() {
             .iter()
             .zip(&want)
             .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
+
+#[test]
+fn bf16_codes_rebuild_gguf_dequantisation_bit_for_bit() {
+    if !crate::quant::bf16_tiles::supported() {
+        return;
+    }
+    for ty in GgmlType::ALL {
+        let (mat, want) = fixture(ty);
+        let (cols, span) = (mat.cols(), blocks::group_span(ty));
+        let blocks = mat.blocks();
+        let rb = ty.row_bytes(cols).unwrap();
+        let (mut pairs, mut s, mut o) = (
+            vec![0u32; cols / 2],
+            vec![f32::NAN; cols / span],
+            vec![0f32; cols / span],
+        );
+        for r in 0..mat.rows() {
+            codes_bf16(
+                ty,
+                &blocks[r * rb..(r + 1) * rb],
+                &mut pairs,
+                &mut s,
+                &mut o,
+            );
+            for c in 0..cols {
+                let bits = (pairs[c / 2] >> (16 * (c % 2))) & 0xFFFF;
+                let code = f32::from_bits(bits << 16);
+                assert!(
+                    code.fract() == 0.0 && code.abs() <= 128.0,
+                    "{ty} ({r},{c}): code {code}"
+                );
+                // Dequantisation's arithmetic: one rounding per operation.
+                let g = c / span;
+                let mut w = code * s[g];
+                if blocks::has_min(ty) {
+                    w += o[g];
+                }
+                let e = want[r * cols + c];
+                assert_eq!(w.to_bits(), e.to_bits(), "{ty} ({r},{c}): {w} vs gguf {e}");
+            }
+        }
     }
 }
 

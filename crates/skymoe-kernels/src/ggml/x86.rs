@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 use std::slice;
 
-use super::blocks::{self, has_min};
+use super::blocks::{self, group_span, has_min};
 use super::{GgmlType, Isa};
 
 /// How far ahead of the weights being read the kernels request cache lines (as the quant
@@ -242,11 +242,12 @@ unsafe fn chunk_q6_k(b: *const u8, j: usize) -> [__m128i; 2] {
 
 /// Kernels of one type: fused dot products (AVX-512, AVX2) and dequantisation (both).
 macro_rules! type_kernels {
-    ($ty:expr, $chunk:ident, $dots512:ident, $dots256:ident, $deq512:ident, $deq256:ident) => {
-        type_kernels!($ty, $chunk, $chunk, $dots512, $dots256, $deq512, $deq256);
+    ($ty:expr, $chunk:ident, $dots512:ident, $dots256:ident, $deq512:ident, $deq256:ident,
+     $codes:ident) => {
+        type_kernels!($ty, $chunk, $chunk, $dots512, $dots256, $deq512, $deq256, $codes);
     };
     ($ty:expr, $chunk512:ident, $chunk:ident, $dots512:ident, $dots256:ident, $deq512:ident,
-     $deq256:ident) => {
+     $deq256:ident, $codes:ident) => {
         /// Dot products of `M` activation rows (`x`, rows of `cols`) with the `nb` blocks at
         /// `row` (AVX-512).
         ///
@@ -401,6 +402,47 @@ macro_rules! type_kernels {
             }
         }
 
+        /// The integer values of the `nb` blocks at `row` as bf16 pairs (16 per 32 weights,
+        /// exact: integers of at most 8 bits), and the multiplier and offset of each group of
+        /// [`group_span`] weights into `s` and `o` (offsets only for types with a minimum).
+        ///
+        /// # Safety
+        /// The CPU supports the features; `row` holds `nb` blocks, `pairs` room for their
+        /// weights' pairs, `s` and `o` for a value per group.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")]
+        unsafe fn $codes(row: *const u8, nb: usize, pairs: *mut u32, s: *mut f32, o: *mut f32) {
+            const TY: GgmlType = $ty;
+            const BB: usize = TY.block_bytes();
+            const BE: usize = TY.block_elems();
+            const MIN: bool = has_min(TY);
+            const SPAN: usize = group_span(TY);
+            // SAFETY (whole body): reads within the `nb` blocks, writes within their pairs and
+            // groups.
+            unsafe {
+                for blk in 0..nb {
+                    let b = row.add(blk * BB);
+                    prefetch_ahead(b, BB);
+                    let p = blocks::prep(TY, slice::from_raw_parts(b, BB));
+                    for j in 0..BE / 32 {
+                        let [lo, hi] =
+                            $chunk512(b, j).map(|h| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(h)));
+                        let v =
+                            std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                        let c = blk * BE + j * 32;
+                        _mm512_storeu_si512(pairs.add(c / 2) as *mut _, v);
+                        // `prep` gives a multiplier and offset per 16 weights.
+                        for k in 0..32 / SPAN {
+                            let h = 2 * j + k * SPAN / 16;
+                            *s.add(c / SPAN + k) = p.s[h];
+                            if MIN {
+                                *o.add(c / SPAN + k) = p.o[h];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
         /// Dequantise the `nb` blocks at `row` into `out` (AVX2), bit-exact.
         ///
         /// # Safety
@@ -452,7 +494,8 @@ type_kernels!(
     dots512_q4_0,
     dots256_q4_0,
     deq512_q4_0,
-    deq256_q4_0
+    deq256_q4_0,
+    codes_q4_0
 );
 type_kernels!(
     GgmlType::Q4_1,
@@ -460,7 +503,8 @@ type_kernels!(
     dots512_q4_1,
     dots256_q4_1,
     deq512_q4_1,
-    deq256_q4_1
+    deq256_q4_1,
+    codes_q4_1
 );
 type_kernels!(
     GgmlType::Q5_0,
@@ -469,7 +513,8 @@ type_kernels!(
     dots512_q5_0,
     dots256_q5_0,
     deq512_q5_0,
-    deq256_q5_0
+    deq256_q5_0,
+    codes_q5_0
 );
 type_kernels!(
     GgmlType::Q5_1,
@@ -478,7 +523,8 @@ type_kernels!(
     dots512_q5_1,
     dots256_q5_1,
     deq512_q5_1,
-    deq256_q5_1
+    deq256_q5_1,
+    codes_q5_1
 );
 type_kernels!(
     GgmlType::Q8_0,
@@ -486,7 +532,8 @@ type_kernels!(
     dots512_q8_0,
     dots256_q8_0,
     deq512_q8_0,
-    deq256_q8_0
+    deq256_q8_0,
+    codes_q8_0
 );
 type_kernels!(
     GgmlType::Q4K,
@@ -494,7 +541,8 @@ type_kernels!(
     dots512_q4_k,
     dots256_q4_k,
     deq512_q4_k,
-    deq256_q4_k
+    deq256_q4_k,
+    codes_q4_k
 );
 type_kernels!(
     GgmlType::Q5K,
@@ -502,7 +550,8 @@ type_kernels!(
     dots512_q5_k,
     dots256_q5_k,
     deq512_q5_k,
-    deq256_q5_k
+    deq256_q5_k,
+    codes_q5_k
 );
 type_kernels!(
     GgmlType::Q6K,
@@ -510,7 +559,8 @@ type_kernels!(
     dots512_q6_k,
     dots256_q6_k,
     deq512_q6_k,
-    deq256_q6_k
+    deq256_q6_k,
+    codes_q6_k
 );
 
 /// Dot products of `M` activation rows (`x`, rows of `cols`) with one weight row (`row`: its
@@ -589,5 +639,54 @@ pub(super) unsafe fn dequantize(isa: Isa, ty: GgmlType, row: &[u8], out: &mut [f
         GgmlType::Q4K => go!(deq512_q4_k, deq256_q4_k),
         GgmlType::Q5K => go!(deq512_q5_k, deq256_q5_k),
         GgmlType::Q6K => go!(deq512_q6_k, deq256_q6_k),
+    }
+}
+
+/// One weight row (`row`: its whole blocks) as the bf16 tiles take it: its integer values as
+/// bf16 pairs into `pairs`, each group's multiplier into `s` and, for types with a minimum,
+/// offset into `o` ([`group_span`] weights per group). A weight is `code·s + o` exactly as it
+/// dequantises.
+///
+/// # Safety
+/// The CPU supports AVX-512 F/BW/VL and BF16.
+///
+/// # Panics
+/// If `pairs`, `s` or `o` are too short for the row.
+pub(super) unsafe fn codes_bf16(
+    ty: GgmlType,
+    row: &[u8],
+    pairs: &mut [u32],
+    s: &mut [f32],
+    o: &mut [f32],
+) {
+    let nb = row.len() / ty.block_bytes();
+    let n = nb * ty.block_elems();
+    let groups = n / group_span(ty);
+    assert!(
+        pairs.len() >= n / 2 && s.len() >= groups && (!has_min(ty) || o.len() >= groups),
+        "bf16 code outputs too short"
+    );
+    let (r, pp, sp, op) = (
+        row.as_ptr(),
+        pairs.as_mut_ptr(),
+        s.as_mut_ptr(),
+        o.as_mut_ptr(),
+    );
+    macro_rules! go {
+        ($k:ident) => {
+            // SAFETY: the CPU supports the features (guaranteed by the caller); `row` holds
+            // `nb` blocks, the outputs room for them (asserted above).
+            unsafe { $k(r, nb, pp, sp, op) }
+        };
+    }
+    match ty {
+        GgmlType::Q4_0 => go!(codes_q4_0),
+        GgmlType::Q4_1 => go!(codes_q4_1),
+        GgmlType::Q5_0 => go!(codes_q5_0),
+        GgmlType::Q5_1 => go!(codes_q5_1),
+        GgmlType::Q8_0 => go!(codes_q8_0),
+        GgmlType::Q4K => go!(codes_q4_k),
+        GgmlType::Q5K => go!(codes_q5_k),
+        GgmlType::Q6K => go!(codes_q6_k),
     }
 }

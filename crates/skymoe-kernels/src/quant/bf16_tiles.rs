@@ -5,9 +5,9 @@
 //! the multiply-adds of an f32 FMA per instruction, and on Zen 4 at the same rate (measured:
 //! 115 against 57 G multiply-adds per second and core). The weights are converted exactly:
 //! int8 codes (at most 8 significant bits) and E4M3 codes (3 mantissa bits) are bf16 values,
-//! and the row's scale multiplies the finished sum; a ggml row's integer codes are recovered
-//! from its dequantised weights with each group's multiplier and offset
-//! ([`codes_of_scaled_row`]), and the kernel adds each group's sum times its multiplier, plus
+//! and the row's scale multiplies the finished sum; a ggml row's blocks are decoded into their
+//! integer values and each group's multiplier and offset (the ggml module's kernels, beside
+//! its dequantisation), and the kernel adds each group's sum times its multiplier, plus
 //! its offset times the activations' sum over the group ([`products_grouped`]). The
 //! activations are rounded to bf16 once per product (relative error at most 2⁻⁹ each, as on
 //! the FP8 path of few rows, `fp8_bf16`); sums are kept in f32.
@@ -201,52 +201,13 @@ pub(crate) fn convert_rows_portable(
     }
 }
 
-/// The integer codes `c = (w − o) / s` of weights `w = s·c + o` with a multiplier `s` and an
-/// offset `o` (zero where `o` is `None`) per `span` columns (16 or 32), rounded to the nearest
-/// integer (exact for the dequantised ggml types: their codes have at most 8 bits, and the
-/// division lies far closer to them than half a unit), as bf16 pairs into `out` (`w.len() /
-/// 2` pairs); a zero multiplier gives zero codes. Portable code: the reference of the vector
-/// conversion.
-#[cfg(test)]
-pub(crate) fn codes_of_scaled_row_portable(
-    w: &[f32],
-    span: usize,
-    s: &[f32],
-    o: Option<&[f32]>,
-    out: &mut [u32],
-) {
-    let code = |c: usize| {
-        let (m, off) = (s[c / span], o.map_or(0.0, |o| o[c / span]));
-        let inv = if m == 0.0 { 0.0 } else { 1.0 / m };
-        to_bf16(((w[c] - off) * inv).round_ties_even()) as u32
-    };
-    for (k, p) in out.iter_mut().enumerate().take(w.len() / 2) {
-        *p = code(2 * k) | code(2 * k + 1) << 16;
-    }
-}
-
 /// Whether this CPU runs the kernels.
 pub(crate) fn supported() -> bool {
     super::fp8_bf16::supported()
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{codes_of_scaled_row, convert_rows, products, products_grouped};
-
-/// No kernels on other targets ([`supported`] is false there, so nothing calls this).
-///
-/// # Safety
-/// Never called.
-#[cfg(not(target_arch = "x86_64"))]
-pub(crate) unsafe fn codes_of_scaled_row(
-    _w: &[f32],
-    _span: usize,
-    _s: &[f32],
-    _o: Option<&[f32]>,
-    _out: &mut [u32],
-) {
-    unreachable!("no BF16 kernels on this target")
-}
+pub(crate) use x86::{convert_rows, products, products_grouped};
 
 /// No kernels on other targets ([`supported`] is false there, so nothing calls this).
 ///
@@ -402,51 +363,6 @@ mod x86 {
                 };
                 convert_rows_portable(tail, cols - whole, (0, 1), &mut rest);
                 dst[whole / 2..].copy_from_slice(&rest);
-            }
-        }
-    }
-
-    /// [`codes_of_scaled_row_portable`] with AVX-512 BF16, 16 values per step (the same
-    /// bits).
-    ///
-    /// # Safety
-    /// [`super::supported`].
-    ///
-    /// # Panics
-    /// Unless `span` is 16 or 32, `w.len()` a multiple of 32, `s` (and `o`) hold `w.len() /
-    /// span` values and `out` `w.len() / 2` pairs.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(crate) unsafe fn codes_of_scaled_row(
-        w: &[f32],
-        span: usize,
-        s: &[f32],
-        o: Option<&[f32]>,
-        out: &mut [u32],
-    ) {
-        let n16 = w.len() / 16;
-        assert!(matches!(span, 16 | 32) && w.len().is_multiple_of(32));
-        assert!(s.len() >= w.len() / span && o.is_none_or(|o| o.len() >= w.len() / span));
-        assert!(out.len() >= w.len() / 2, "pair count");
-        let mut codes = [_mm512_setzero_ps(); 2];
-        for j in 0..n16 {
-            let g = j * 16 / span;
-            let m = s[g];
-            let inv = _mm512_set1_ps(if m == 0.0 { 0.0 } else { 1.0 / m });
-            let off = _mm512_set1_ps(o.map_or(0.0, |o| o[g]));
-            // SAFETY: values 16j .. 16j + 16 are in `w`.
-            let v = unsafe { _mm512_loadu_ps(w.as_ptr().add(16 * j)) };
-            codes[j % 2] = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                _mm512_mul_ps(_mm512_sub_ps(v, off), inv),
-            );
-            if j % 2 == 1 {
-                let pairs = _mm512_cvtne2ps_pbh(codes[1], codes[0]);
-                // SAFETY: pairs 8(j − 1) .. 8(j − 1) + 16 are in `out`.
-                unsafe {
-                    _mm512_storeu_si512(
-                        out.as_mut_ptr().add(8 * (j - 1)) as *mut _,
-                        std::mem::transmute::<__m512bh, __m512i>(pairs),
-                    )
-                };
             }
         }
     }
@@ -828,60 +744,6 @@ mod tests {
                 v == b || (v.is_nan() && b.is_nan()),
                 "code {c:#x}: {v} vs {b}"
             );
-        }
-    }
-
-    #[test]
-    fn codes_of_scaled_weights_are_exact_and_equal_the_portable_ones() {
-        if !supported() {
-            return;
-        }
-        let mut r = rng(5);
-        for (span, min) in [(32, false), (32, true), (16, false), (16, true)] {
-            for ng in [2usize, 4, 36] {
-                let cols = ng * span;
-                let s: Vec<f32> = (0..ng)
-                    .map(|g| {
-                        if g == 1 {
-                            0.0
-                        } else {
-                            // An f16 scale times a 6-bit sub-scale, as the K-quants have.
-                            half::f16::from_f32(0.0005 + r().abs() * 0.05).to_f32()
-                                * (1 + (r().abs() * 62.0) as i32) as f32
-                        }
-                    })
-                    .collect();
-                let o: Vec<f32> = (0..ng).map(|_| -r().abs() * 0.3).collect();
-                let codes: Vec<i32> = (0..cols)
-                    .map(|_| {
-                        if min {
-                            (r().abs() * 31.0) as i32
-                        } else {
-                            (r() * 128.0) as i32
-                        }
-                    })
-                    .collect();
-                // The weights as the dequantisation computes them: code times multiplier plus
-                // offset, rounded once.
-                let w: Vec<f32> = (0..cols)
-                    .map(|c| {
-                        let g = c / span;
-                        codes[c] as f32 * s[g] + if min { o[g] } else { 0.0 }
-                    })
-                    .collect();
-                let off = min.then_some(&o[..]);
-                let (mut want, mut got) = (vec![0u32; cols / 2], vec![7u32; cols / 2]);
-                codes_of_scaled_row_portable(&w, span, &s, off, &mut want);
-                // SAFETY: supported; whole groups, a value each, room for the pairs.
-                unsafe { codes_of_scaled_row(&w, span, &s, off, &mut got) };
-                assert_eq!(got, want, "span {span}, offsets {min}, {ng} groups");
-                for (c, &q) in codes.iter().enumerate() {
-                    let p = got[c / 2];
-                    let bits = if c % 2 == 0 { p & 0xFFFF } else { p >> 16 };
-                    let want = if s[c / span] == 0.0 { 0.0 } else { q as f32 };
-                    assert_eq!(f32::from_bits(bits << 16), want, "value {c}");
-                }
-            }
         }
     }
 

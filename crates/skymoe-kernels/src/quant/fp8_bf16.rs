@@ -101,11 +101,12 @@ impl Bf16Activations {
     }
 }
 
-/// Whether this CPU runs the kernels.
+/// Whether this CPU runs the kernels (AVX-512 F/BW/VL with BF16 and VBMI).
 pub(crate) fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         super::Isa::Avx512.supported()
+            && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512bf16")
             && is_x86_feature_detected!("avx512vbmi")
     }

@@ -334,21 +334,20 @@ pub(crate) fn blocked_rows(isa: Isa, mat: &QMatrix, m: usize) -> bool {
         && (8..=128).contains(&m)
 }
 
-/// Activation rows above which skymoe's int8 and FP8 rows take the bf16 tiles where
-/// [`uses_bf16_tiles`] allows. Measured with `examples/qmatmul` (1536×576, two threads, µs per
+/// Activation rows above which skymoe's int8 and FP8 rows and the ggml blocks take the bf16
+/// tiles where [`uses_bf16_tiles`] allows. Measured with `examples/qmatmul` (1536×576, two threads, µs per
 /// product, the 8-bit or bf16 products of few rows against the tiles): int8 at 32 rows 270–294
 /// against 195–204, at 64 rows 528–535 against 322–356; FP8 at 32 rows 318 against 194; level
 /// at 16–24 rows. The decode phase with 32 sequences: int8 SmolLM2 MoE 400–402 → 480–493
-/// tokens/s, FP8 424–428 → 467–469. (The ggml blocks keep their 8-bit products up to
-/// [`crate::ggml::int8_max_rows`]: their bf16 path measured slower there.)
+/// tokens/s, FP8 424–428 → 467–469; the Q8_0 GGUF 358 → 435, Q4_K_M 318 → 405 (their
+/// blocks decoded straight into the tiles).
 pub const BF16_TILES_ABOVE_ROWS: usize = 16;
 
 /// Whether a product of `m` activation rows with int8, FP8 or ggml rows on `isa` may convert
 /// the weights to exact bf16 tiles and round the activations to bf16 (see `bf16_tiles`): on
 /// CPUs with AVX512-BF16, for more than [`BF16_TILES_ABOVE_ROWS`] rows under
-/// [`crate::ggml::GgmlActivations::Auto`]. skymoe's int8 and FP8 rows then take them (their
-/// 8-bit and bf16 paths of few rows give way); ggml blocks take them where they do not use
-/// 8-bit activations ([`crate::ggml::uses_int8`]: beyond 64 rows). Exact weights: int8 and
+/// [`crate::ggml::GgmlActivations::Auto`]. skymoe's int8 and FP8 rows and the ggml blocks
+/// then take them (their 8-bit and bf16 paths of few rows give way). Exact weights: int8 and
 /// E4M3 codes, and the codes of ggml blocks with their groups' multipliers and offsets in f32.
 pub fn uses_bf16_tiles(isa: Isa, m: usize) -> bool {
     crate::ggml::activations() == crate::ggml::GgmlActivations::Auto

@@ -107,7 +107,7 @@ fn f16_and_f32_rows_take_the_register_blocked_kernels_for_8_to_128_rows_on_avx51
 }
 
 #[test]
-fn int8_and_fp8_rows_take_the_bf16_tiles_beyond_16_rows_on_avx512_bf16() {
+fn int8_fp8_and_ggml_rows_take_the_bf16_tiles_beyond_16_rows_on_avx512_bf16() {
     // The products are checked against the reference above; this pins the path, so that the
     // BF16 tiles stay covered where the CPU has them. (Under `SKYMOE_GGML_ACTIVATIONS=f32` the
     // f32 tiles keep every product.)
@@ -134,6 +134,17 @@ fn int8_and_fp8_rows_take_the_bf16_tiles_beyond_16_rows_on_avx512_bf16() {
         if want {
             assert!(!crate::ggml::int8_rows_use_q8(Isa::Avx512, 576, m), "m={m}");
             assert!(!super::kernels::fp8_uses_bf16(Isa::Avx512, 576, m), "m={m}");
+        }
+        // The ggml blocks: 8-bit activations with SIMD up to 64 rows, where the tiles do not
+        // take them.
+        // (An unsupported AVX-512 runs AVX2.)
+        let simd = Isa::Avx2.supported();
+        for ty in GgmlType::ALL {
+            assert_eq!(
+                crate::ggml::uses_int8(Isa::Avx512, ty, m),
+                simd && m <= 64 && !want,
+                "{ty} m={m}"
+            );
         }
     }
 }
