@@ -1,8 +1,10 @@
 //! Throughput of the ggml quantised products: `cargo run --release -p skymoe-kernels --example
 //! ggml_matmul -- [ROWS COLS ITERS MiB M...]` times `y = x·Wᵀ` for every ggml type (median of
-//! ITERS calls, all threads) with f32 activations and with 8-bit activations (their
-//! quantisation included), for M activation rows (default 1, 4 and 16), and prints GB/s of
-//! weight bytes read, Gweights/s and the path [`skymoe_kernels::ggml::activations`] picks;
+//! ITERS calls, all threads) with f32 activations, with 8-bit activations (their quantisation
+//! included) and as the default path chooses (on CPUs with AVX512-BF16, the bf16 tiles beyond
+//! 16 rows, their activations' conversion included), for M activation rows (default 1, 4 and
+//! 16), and prints GB/s of weight bytes read, Gweights/s and the path
+//! [`skymoe_kernels::ggml::activations`] picks;
 //! then the int8 and q4 [`QMatrix`] formats. The weights are spread over copies of the matrix
 //! totalling about MiB of storage per type (default 128) so that they stream from memory as in
 //! a decode step. Types whose block does not divide COLS (default 576) use the next multiple of
@@ -12,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use skymoe_kernels::ggml::{uses_int8, GgmlMatrix, GgmlType, Q8Activations};
-use skymoe_kernels::quant::{Isa, QMatrix, WeightFormat};
+use skymoe_kernels::quant::{uses_bf16_tiles, Isa, QMatrix, WeightFormat};
 
 struct Lcg(u64);
 
@@ -123,6 +125,18 @@ fn main() {
                 q / f,
                 if uses_int8(isa, ty, m) { " (used)" } else { "" }
             );
+            let s = median_secs(iters, copies, |i| {
+                mats[i % copies].matmul_with(isa, &x, m, &mut out)
+            });
+            let d = report(ty.name(), rows, cols, m, bytes, s);
+            let path = if uses_int8(isa, ty, m) {
+                "int8 activations"
+            } else if uses_bf16_tiles(isa, m) {
+                "bf16 tiles"
+            } else {
+                "f32 activations"
+            };
+            println!(" default ({path}): {:.2}x", d / f);
         }
     }
     let cols = cols0;
