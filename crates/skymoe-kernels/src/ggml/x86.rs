@@ -240,6 +240,21 @@ unsafe fn chunk_q6_k(b: *const u8, j: usize) -> [__m128i; 2] {
     })
 }
 
+/// Walk the `$nb` blocks of type `$ty` (`$bb` bytes each) at `$row`: for each, request the
+/// cache lines ahead, decode its scales ([`blocks::prep`]) and run `$body` with the block's
+/// index, pointer and scales bound to `$blk`, `$b` and `$p`. Expanded in place (inside the
+/// caller's `unsafe` block and target features), the one block walk of every kernel here.
+macro_rules! each_block {
+    ($ty:expr, $bb:expr, $row:expr, $nb:expr, |$blk:ident, $b:ident, $p:ident| $body:block) => {
+        for $blk in 0..$nb {
+            let $b = $row.add($blk * $bb);
+            prefetch_ahead($b, $bb);
+            let $p = blocks::prep($ty, slice::from_raw_parts($b, $bb));
+            $body
+        }
+    };
+}
+
 /// Kernels of one type: fused dot products (AVX-512, AVX2) and dequantisation (both).
 macro_rules! type_kernels {
     ($ty:expr, $chunk:ident, $dots512:ident, $dots256:ident, $deq512:ident, $deq256:ident,
@@ -269,10 +284,7 @@ macro_rules! type_kernels {
             // SAFETY (whole body): every block read is one of the `nb` at `row`, every
             // activation read below `M · cols` (guaranteed by the caller).
             unsafe {
-                for blk in 0..nb {
-                    let b = row.add(blk * BB);
-                    prefetch_ahead(b, BB);
-                    let p = blocks::prep(TY, slice::from_raw_parts(b, BB));
+                each_block!(TY, BB, row, nb, |blk, b, p| {
                     for j in 0..BE / 32 {
                         let [h0, h1] = $chunk512(b, j);
                         let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(h0));
@@ -293,7 +305,7 @@ macro_rules! type_kernels {
                             a[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), a[1]);
                         }
                     }
-                }
+                });
             }
             let mut out = [0f32; M];
             for (o, a) in out.iter_mut().zip(&acc) {
@@ -320,10 +332,7 @@ macro_rules! type_kernels {
             let mut acc = [[_mm256_setzero_ps(); 2]; M];
             // SAFETY (whole body): as in the AVX-512 kernel.
             unsafe {
-                for blk in 0..nb {
-                    let b = row.add(blk * BB);
-                    prefetch_ahead(b, BB);
-                    let p = blocks::prep(TY, slice::from_raw_parts(b, BB));
+                each_block!(TY, BB, row, nb, |blk, b, p| {
                     for j in 0..BE / 32 {
                         let [lo, hi] = $chunk(b, j);
                         let qf = [
@@ -359,7 +368,7 @@ macro_rules! type_kernels {
                             a[1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp.add(24)), a[1]);
                         }
                     }
-                }
+                });
             }
             let mut out = [0f32; M];
             for (o, a) in out.iter_mut().zip(&acc) {
@@ -381,10 +390,7 @@ macro_rules! type_kernels {
             const MIN: bool = has_min(TY);
             // SAFETY (whole body): reads within the `nb` blocks, writes within their weights.
             unsafe {
-                for blk in 0..nb {
-                    let b = row.add(blk * BB);
-                    prefetch_ahead(b, BB);
-                    let p = blocks::prep(TY, slice::from_raw_parts(b, BB));
+                each_block!(TY, BB, row, nb, |blk, b, p| {
                     for j in 0..BE / 32 {
                         let halves = $chunk512(b, j);
                         for (k, h) in halves.into_iter().enumerate() {
@@ -398,7 +404,7 @@ macro_rules! type_kernels {
                             _mm512_storeu_ps(out.add(blk * BE + j * 32 + k * 16), w);
                         }
                     }
-                }
+                });
             }
         }
 
@@ -419,10 +425,7 @@ macro_rules! type_kernels {
             // SAFETY (whole body): reads within the `nb` blocks, writes within their pairs and
             // groups.
             unsafe {
-                for blk in 0..nb {
-                    let b = row.add(blk * BB);
-                    prefetch_ahead(b, BB);
-                    let p = blocks::prep(TY, slice::from_raw_parts(b, BB));
+                each_block!(TY, BB, row, nb, |blk, b, p| {
                     for j in 0..BE / 32 {
                         let [lo, hi] =
                             $chunk512(b, j).map(|h| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(h)));
@@ -439,7 +442,7 @@ macro_rules! type_kernels {
                             }
                         }
                     }
-                }
+                });
             }
         }
 
@@ -455,10 +458,7 @@ macro_rules! type_kernels {
             const MIN: bool = has_min(TY);
             // SAFETY (whole body): reads within the `nb` blocks, writes within their weights.
             unsafe {
-                for blk in 0..nb {
-                    let b = row.add(blk * BB);
-                    prefetch_ahead(b, BB);
-                    let p = blocks::prep(TY, slice::from_raw_parts(b, BB));
+                each_block!(TY, BB, row, nb, |blk, b, p| {
                     for j in 0..BE / 32 {
                         let [lo, hi] = $chunk(b, j);
                         let parts = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
@@ -473,7 +473,7 @@ macro_rules! type_kernels {
                             _mm256_storeu_ps(out.add(blk * BE + j * 32 + k * 8), w);
                         }
                     }
-                }
+                });
             }
         }
     };
