@@ -294,13 +294,19 @@ fn int_products_differ_from_f32_ones_by_the_activation_rounding() {
 }
 
 #[test]
-fn stacked_segments_share_one_quantisation() {
-    // A Q4_K_M-like qkv (Q4_K, Q4_K, Q6_K), every type stacked, and 32-weight types with
-    // k-quants (both kinds of activation blocks at once).
+fn stacked_segments_run_as_one_set_of_tasks_equal_to_each_segment_alone() {
+    // A Q4_K_M-like qkv (Q4_K, Q4_K, Q6_K), every type stacked, 32-weight types with k-quants
+    // (both kinds of activation blocks at once), and segments large enough that their tasks
+    // run over the pool at one activation row.
     let cols = 512;
     let stacks: Vec<Vec<(GgmlType, usize)>> = vec![
         vec![(GgmlType::Q4K, 9), (GgmlType::Q4K, 5), (GgmlType::Q6K, 3)],
         GgmlType::ALL.iter().map(|&t| (t, 5)).collect(),
+        vec![
+            (GgmlType::Q5_0, 96),
+            (GgmlType::Q8_0, 40),
+            (GgmlType::Q4K, 67),
+        ],
     ];
     for parts in stacks {
         let mats: Vec<GgmlMatrix> = parts
@@ -311,19 +317,27 @@ fn stacked_segments_share_one_quantisation() {
             })
             .collect();
         let rows: usize = parts.iter().map(|p| p.1).sum();
-        for m in [1, 3, 8, 12] {
+        // 8-bit activations up to 16 rows (where chosen), the bf16 tiles or f32 tiles beyond.
+        for m in [1, 3, 8, 12, 17, 40] {
             let x = varied_x(m * cols, m as u64);
             for isa in isas() {
                 let mut got = vec![f32::NAN; m * rows];
                 matmul_segments_with(isa, &mats, &x, m, &mut got, rows);
-                // Each segment alone, into its own columns.
+                // Each segment alone, into its own columns, through its path's own product.
                 let mut want = vec![f32::NAN; m * rows];
                 let mut col0 = 0;
                 for s in &mats {
-                    s.matmul_into_with(isa, &x, m, &mut want, rows, col0);
+                    if uses_int8(isa, s.ty(), m) {
+                        let a = Q8Activations::for_type(s.ty(), &x, m, cols);
+                        s.matmul_q8_into_with(isa, &a, &mut want, rows, col0);
+                    } else if crate::quant::uses_bf16_tiles(isa, m) {
+                        s.matmul_into_with(isa, &x, m, &mut want, rows, col0);
+                    } else {
+                        s.matmul_f32_into_with(isa, &x, m, &mut want, rows, col0);
+                    }
                     col0 += s.rows();
                 }
-                assert!(same_bits(&got, &want), "{isa:?} m={m}");
+                assert!(same_bits(&got, &want), "{isa:?} m={m} {parts:?}");
             }
         }
     }
