@@ -8,7 +8,7 @@
 //! then the int8 and q4 [`QMatrix`] formats. The weights are spread over copies of the matrix
 //! totalling about MiB of storage per type (default 128) so that they stream from memory as in
 //! a decode step. Types whose block does not divide COLS (default 576) use the next multiple of
-//! their block.
+//! their block. The products run on a worker of the pool, as the serving engine's do.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -72,6 +72,12 @@ fn report(name: &str, rows: usize, cols: usize, m: usize, bytes: usize, s: f64) 
 }
 
 fn main() {
+    // On a worker of the pool, as the serving engine runs its forward passes: a product called
+    // from another thread would pay for handing its tasks to the pool and waking it each time.
+    rayon::scope(|_| run());
+}
+
+fn run() {
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .map(|a| a.parse().expect("numbers: ROWS COLS ITERS MiB M..."))
