@@ -40,7 +40,6 @@
 
 mod blocks;
 mod q8;
-mod segments;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
@@ -52,8 +51,6 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 pub use q8::Q8Activations;
-use segments::matmul_segments_at;
-pub use segments::matmul_segments_with;
 
 use crate::quant::par_ranges;
 pub use crate::quant::Isa;
@@ -254,10 +251,6 @@ thread_local! {
     static BF16_TILE: RefCell<(Vec<u32>, Vec<f32>, Vec<f32>)> =
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
-
-/// Weight rows per task of the products with 8-bit activations (as the f32 kernels; larger
-/// tasks measured slower at batch 1).
-const Q8_TASK_ROWS: usize = 16;
 
 /// A raw output pointer shared by tasks writing disjoint elements.
 #[derive(Clone, Copy)]
@@ -551,6 +544,92 @@ fn q8_rows_dots(
                 }
             }
         }
+    }
+}
+
+/// `out[i·ld + col0(s) + r] = (x · Wₛᵀ)[i, r]` for the row segments `segments` of a stacked
+/// matrix (all `cols` wide; segment `s` writes columns `col0(s) .. col0(s) + rows(s)`, the
+/// segments one after the other from column 0), each with the activations [`activations`]
+/// chooses for its type; the activation rows are quantised once for all the segments that
+/// use 8-bit ones.
+///
+/// # Panics
+/// When the segments' widths differ from `x.len() / m`, their rows exceed `ld`, or `out` is
+/// shorter than `m·ld`.
+pub fn matmul_segments_with(
+    isa: Isa,
+    segments: &[GgmlMatrix],
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    matmul_segments_at(isa, segments, x, m, out, ld, 0);
+}
+
+/// [`matmul_segments_with`] from column `col0`.
+fn matmul_segments_at(
+    isa: Isa,
+    segments: &[GgmlMatrix],
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    ld: usize,
+    mut col0: usize,
+) {
+    let Some(first) = segments.first() else {
+        return;
+    };
+    let cols = first.cols;
+    assert!(
+        segments.iter().all(|s| s.cols == cols),
+        "segments of different widths"
+    );
+    assert_eq!(Some(x.len()), m.checked_mul(cols), "activation length");
+    let eff = effective(isa);
+    let int8: Vec<bool> = segments
+        .iter()
+        .map(|s| m > 0 && cols > 0 && use_int8(eff, s.ty, m))
+        .collect();
+    let need = |k: bool| {
+        segments
+            .iter()
+            .zip(&int8)
+            .any(|(s, &i)| i && (s.ty.block_elems() == 256) == k)
+    };
+    let a = int8
+        .iter()
+        .any(|&i| i)
+        .then(|| Q8Activations::new(x, m, cols, need(false), need(true)));
+    // Many rows on AVX512-BF16: exact bf16 codes, the multipliers and offsets in f32, bf16
+    // activations (see `quant::bf16_tiles`).
+    let bf16: Vec<bool> = segments
+        .iter()
+        .zip(&int8)
+        .map(|(s, &i)| {
+            !i && s.ty.block_elems().is_multiple_of(32)
+                && cols.is_multiple_of(32)
+                && crate::quant::uses_bf16_tiles(eff, m)
+        })
+        .collect();
+    let with_sums = segments
+        .iter()
+        .zip(&bf16)
+        .any(|(s, &b)| b && blocks::has_min(s.ty));
+    let pairs = bf16.iter().any(|&b| b).then(|| {
+        if with_sums {
+            crate::quant::bf16_tiles::Bf16Pairs::with_sums(x, m, cols)
+        } else {
+            crate::quant::bf16_tiles::Bf16Pairs::new(x, m, cols)
+        }
+    });
+    for ((s, &i), &b) in segments.iter().zip(&int8).zip(&bf16) {
+        match (&a, i, &pairs, b) {
+            (Some(a), true, _, _) => s.matmul_q8_into_with(isa, a, out, ld, col0),
+            (_, _, Some(p), true) => s.matmul_bf16_into(p, out, ld, col0),
+            _ => s.matmul_f32_into_with(isa, x, m, out, ld, col0),
+        }
+        col0 += s.rows;
     }
 }
 
@@ -972,59 +1051,74 @@ impl GgmlMatrix {
         false
     }
 
-    /// One task of the product with the bf16 activations `a` (with their 16-column sums where
-    /// the type has offsets; on a CPU that [`crate::quant::uses_bf16_tiles`] allows): weight
-    /// rows `r0 .. r1` decoded into their integer values (exact in bf16) and the multiplier
-    /// and offset of each group of 16 or 32 weights, and multiplied through
-    /// [`crate::quant::bf16_tiles`], into the output whose element `(i, r)` is at `i·ld + r`
-    /// from `ptr` (elements this task alone writes, in bounds).
-    fn bf16_task(
+    /// The product of this matrix with the bf16 activations `a` (with their 16-column sums
+    /// where the type has offsets), multithreaded: each task's rows are decoded into their
+    /// integer values (exact in bf16) and the multiplier and offset of each group of 16 or 32
+    /// weights, and multiplied through
+    /// [`crate::quant::bf16_tiles`] (on a CPU that [`crate::quant::uses_bf16_tiles`] allows);
+    /// into columns `col0 .. col0 + rows` of the `[a.rows, ld]` output `out`.
+    ///
+    /// # Panics
+    /// As [`GgmlMatrix::matmul_into`].
+    fn matmul_bf16_into(
         &self,
         a: &crate::quant::bf16_tiles::Bf16Pairs,
-        r0: usize,
-        r1: usize,
-        ptr: OutPtr,
+        out: &mut [f32],
         ld: usize,
+        col0: usize,
     ) {
-        use crate::quant::bf16_tiles::products_grouped;
-        let (cols, rb, ty) = (self.cols, self.row_bytes, self.ty);
+        use crate::quant::bf16_tiles::{products_grouped, task_rows};
+        assert!(
+            self.cols.is_multiple_of(32),
+            "rows of whole 32-weight groups"
+        );
+        assert_eq!(a.pairs, self.cols / 2, "activation width");
+        assert!(crate::quant::bf16_tiles::supported(), "no AVX512-BF16 here");
+        let m = a.rows;
+        if self.output_is_trivial(m, out, ld, col0) {
+            return;
+        }
+        let (rows, cols, rb, ty) = (self.rows, self.cols, self.row_bytes, self.ty);
         let span = blocks::group_span(ty);
         let with_min = blocks::has_min(ty);
         let ng = cols / span;
         let blocks = self.blocks();
-        BF16_TILE.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            let (tile, scales, offsets) = &mut *buf;
-            let n = r1 - r0;
-            tile.resize(tile.len().max(n * cols / 2), 0);
-            scales.resize(scales.len().max(n * ng), 0.0);
-            offsets.resize(offsets.len().max(n * ng), 0.0);
-            for (j, r) in (r0..r1).enumerate() {
-                codes_bf16(
-                    ty,
-                    &blocks[r * rb..(r + 1) * rb],
-                    &mut tile[j * cols / 2..(j + 1) * cols / 2],
-                    &mut scales[j * ng..(j + 1) * ng],
-                    &mut offsets[j * ng..(j + 1) * ng],
-                );
-            }
-            // SAFETY: as above; the tile, scales and offsets hold n rows, `a` its sums where
-            // offsets are used (the callers build them for such types); the output elements
-            // i·ld + r0 .. + r1 (i < a.rows) from `ptr` are in bounds and only this task
-            // writes them (the callers' guarantee).
-            unsafe {
-                products_grouped(
-                    a,
-                    tile,
-                    n,
-                    span,
-                    scales,
-                    with_min.then_some(&offsets[..]),
-                    ptr.at(r0),
-                    ld,
-                )
-            };
-        })
+        let ptr = OutPtr(out[col0..].as_mut_ptr());
+        par_ranges(rows, task_rows(cols), m * cols, |r0, r1| {
+            BF16_TILE.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                let (tile, scales, offsets) = &mut *buf;
+                let n = r1 - r0;
+                tile.resize(tile.len().max(n * cols / 2), 0);
+                scales.resize(scales.len().max(n * ng), 0.0);
+                offsets.resize(offsets.len().max(n * ng), 0.0);
+                for (j, r) in (r0..r1).enumerate() {
+                    codes_bf16(
+                        ty,
+                        &blocks[r * rb..(r + 1) * rb],
+                        &mut tile[j * cols / 2..(j + 1) * cols / 2],
+                        &mut scales[j * ng..(j + 1) * ng],
+                        &mut offsets[j * ng..(j + 1) * ng],
+                    );
+                }
+                // SAFETY: as above; the tile, scales and offsets hold n rows, `a` its sums
+                // where offsets are used (the caller builds them for such types); the output
+                // elements i·ld + col0 + r0 .. + r1 (i < m) are in bounds (checked above) and
+                // only this task writes them.
+                unsafe {
+                    products_grouped(
+                        a,
+                        tile,
+                        n,
+                        span,
+                        scales,
+                        with_min.then_some(&offsets[..]),
+                        ptr.at(r0),
+                        ld,
+                    )
+                };
+            })
+        });
     }
 
     /// [`GgmlMatrix::matmul_into_with`] with f32 activations, whatever [`activations`] says.
@@ -1045,131 +1139,88 @@ impl GgmlMatrix {
             return;
         }
         let isa = effective(isa);
+        let (rows, cols, ty, rb) = (self.rows, self.cols, self.ty, self.row_bytes);
+        let blocks = self.blocks();
         // Element (i, r) of this product is at `i·ld + r` from here.
         let ptr = OutPtr(out[col0..].as_mut_ptr());
-        let fused = m <= FUSED_MAX_CHUNKED_ROWS;
-        par_ranges(self.rows, self.f32_task_rows(m), m * self.cols, |r0, r1| {
-            if fused {
-                self.f32_fused_task(isa, x, m, r0, r1, ptr, ld)
-            } else {
-                self.f32_tile_task(isa, x, m, r0, r1, ptr, ld)
-            }
-        });
-    }
-
-    /// The weight rows of one task of the f32-activation product of `m` rows: 16 for the
-    /// fused kernels, a tile's for the dequantised tiles.
-    fn f32_task_rows(&self, m: usize) -> usize {
         if m <= FUSED_MAX_CHUNKED_ROWS {
-            16
-        } else {
-            crate::quant::tile_rows(self.cols)
-        }
-    }
-
-    /// One task of the fused f32-activation product (at most [`FUSED_MAX_CHUNKED_ROWS`]
-    /// activation rows `x`, `[m, cols]`, with a supported `isa`): weight rows `r0 .. r1`, every
-    /// group of activation rows over them (so the rows come from memory once and from cache
-    /// for the other groups), into the output whose element `(i, r)` is at `i·ld + r` from
-    /// `ptr` (elements this task alone writes, in bounds).
-    #[allow(clippy::too_many_arguments)]
-    fn f32_fused_task(
-        &self,
-        isa: Isa,
-        x: &[f32],
-        m: usize,
-        r0: usize,
-        r1: usize,
-        ptr: OutPtr,
-        ld: usize,
-    ) {
-        let (cols, ty, rb) = (self.cols, self.ty, self.row_bytes);
-        let blocks = self.blocks();
-        #[cfg(target_arch = "x86_64")]
-        x86::prefetch_first(&blocks[r0 * rb..r1 * rb]);
-        let group = group_rows(isa);
-        let mut dots = [0f32; FUSED_MAX_ROWS];
-        for g0 in (0..m).step_by(group) {
-            let g = (m - g0).min(group);
-            let xg = &x[g0 * cols..(g0 + g) * cols];
-            for r in r0..r1 {
-                row_dots(
-                    isa,
-                    ty,
-                    &blocks[r * rb..(r + 1) * rb],
-                    xg,
-                    cols,
-                    &mut dots[..g],
-                );
-                for (i, &d) in dots[..g].iter().enumerate() {
-                    // SAFETY: element (g0 + i, r) is in bounds and only this task writes
-                    // column r (the callers' guarantee).
-                    unsafe { *ptr.at((g0 + i) * ld + r) = d };
+            // Tasks of 16 weight rows; every group of activation rows runs over them, so the
+            // rows come from memory once and from cache for the other groups.
+            let group = group_rows(isa);
+            par_ranges(rows, 16, m * cols, |r0, r1| {
+                #[cfg(target_arch = "x86_64")]
+                x86::prefetch_first(&blocks[r0 * rb..r1 * rb]);
+                let mut dots = [0f32; FUSED_MAX_ROWS];
+                for g0 in (0..m).step_by(group) {
+                    let g = (m - g0).min(group);
+                    let xg = &x[g0 * cols..(g0 + g) * cols];
+                    for r in r0..r1 {
+                        row_dots(
+                            isa,
+                            ty,
+                            &blocks[r * rb..(r + 1) * rb],
+                            xg,
+                            cols,
+                            &mut dots[..g],
+                        );
+                        for (i, &d) in dots[..g].iter().enumerate() {
+                            // SAFETY: element (g0 + i, r) is in bounds ((g0 + i)·ld + col0 + r
+                            // < m·ld as r < rows ≤ ld − col0, g0 + i < m) and only this task
+                            // writes column r.
+                            unsafe { *ptr.at((g0 + i) * ld + r) = d };
+                        }
+                    }
                 }
-            }
+            });
+            return;
         }
-    }
-
-    /// One task of the f32-activation product of many rows (`x`, `[m, cols]`, with a
-    /// supported `isa`): weight rows `r0 .. r1` dequantised into a per-thread tile (at most
-    /// ~256 KiB, whole micro-kernel panels) and multiplied by a GEMM, into the output whose
-    /// element `(i, r)` is at `i·ld + r` from `ptr` (elements this task alone writes, in
-    /// bounds).
-    #[allow(clippy::too_many_arguments)]
-    fn f32_tile_task(
-        &self,
-        isa: Isa,
-        x: &[f32],
-        m: usize,
-        r0: usize,
-        r1: usize,
-        ptr: OutPtr,
-        ld: usize,
-    ) {
-        let (cols, ty, rb) = (self.cols, self.ty, self.row_bytes);
-        let blocks = self.blocks();
-        TILE.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            let n = r1 - r0;
-            if buf.len() < n * cols {
-                buf.resize(n * cols, 0.0);
-            }
-            for (j, r) in (r0..r1).enumerate() {
-                dequantize_blocks(
-                    isa,
-                    ty,
-                    &blocks[r * rb..(r + 1) * rb],
-                    &mut buf[j * cols..(j + 1) * cols],
-                );
-            }
-            // SAFETY: `x` is [m, cols] row-major, the tile [n, cols] row-major read as its
-            // transpose [cols, n]; the destination is columns r0..r1 from `ptr` of an output
-            // with row stride `ld`, in bounds and written by this task only (the callers'
-            // guarantee).
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    cols,
-                    ptr.at(r0),
-                    1,
-                    ld as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    cols as isize,
-                    buf.as_ptr(),
-                    cols as isize,
-                    1,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        })
+        // Many activation rows: dequantise a tile of weight rows into a per-thread buffer (at
+        // most ~256 KiB, whole micro-kernel panels) and multiply it with a GEMM.
+        let tile = crate::quant::tile_rows(cols);
+        par_ranges(rows, tile, m * cols, |r0, r1| {
+            TILE.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                let n = r1 - r0;
+                if buf.len() < n * cols {
+                    buf.resize(n * cols, 0.0);
+                }
+                for (j, r) in (r0..r1).enumerate() {
+                    dequantize_blocks(
+                        isa,
+                        ty,
+                        &blocks[r * rb..(r + 1) * rb],
+                        &mut buf[j * cols..(j + 1) * cols],
+                    );
+                }
+                // SAFETY: `x` is [m, cols] row-major, the tile [n, cols] row-major read as its
+                // transpose [cols, n]; the destination is columns col0 + r0..col0 + r1 of
+                // `out` [m, ld] (row stride `ld`, col0 + r1 ≤ ld), written by this task only.
+                // All extents are in bounds.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        cols,
+                        ptr.at(r0),
+                        1,
+                        ld as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        cols as isize,
+                        buf.as_ptr(),
+                        cols as isize,
+                        1,
+                        0.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            })
+        });
     }
 
     /// `out[m, rows] = a · Wᵀ` with the 8-bit activations `a` (`[m, cols]`, with blocks of
@@ -1212,35 +1263,23 @@ impl GgmlMatrix {
             return;
         }
         let kind = int_isa(effective(isa));
+        let (rows, cols, rb) = (self.rows, self.cols, self.row_bytes);
+        let blocks = self.blocks();
         // Element (i, r) of this product is at `i·ld + r` from here.
         let ptr = OutPtr(out[col0..].as_mut_ptr());
-        // Elements (i, r) of a task are in bounds (i·ld + col0 + r < m·ld as r < rows ≤
-        // ld − col0, i < m) and only this task writes its columns r0..r1.
-        par_ranges(self.rows, Q8_TASK_ROWS, m * self.cols, |r0, r1| {
-            self.q8_task(kind, a, r0, r1, ptr, ld)
-        });
-    }
-
-    /// One task of [`GgmlMatrix::matmul_q8_into_with`]: weight rows `r0 .. r1`, every group of
-    /// activation rows of `a` over them, into the output whose element `(i, r)` is at
-    /// `i·ld + r` from `ptr` (elements this task alone writes, in bounds).
-    fn q8_task(
-        &self,
-        kind: IntIsa,
-        a: &Q8Activations,
-        r0: usize,
-        r1: usize,
-        ptr: OutPtr,
-        ld: usize,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        x86::prefetch_first(&self.blocks()[r0 * self.row_bytes..r1 * self.row_bytes]);
         let group = int_group_rows(kind);
-        let m = a.rows;
-        for g0 in (0..m).step_by(group) {
-            let g = (m - g0).min(group);
-            q8_rows_dots(kind, self, r0, r1, a, g0, g, ptr, ld);
-        }
+        // Tasks of 16 weight rows (as the f32 kernels; larger ones measured slower at batch
+        // 1), every group of activation rows over them. Elements (i, r) of a task are in
+        // bounds (i·ld + col0 + r < m·ld as r < rows ≤ ld − col0, i < m) and only this task
+        // writes its columns r0..r1.
+        par_ranges(rows, 16, m * cols, |r0, r1| {
+            #[cfg(target_arch = "x86_64")]
+            x86::prefetch_first(&blocks[r0 * rb..r1 * rb]);
+            for g0 in (0..m).step_by(group) {
+                let g = (m - g0).min(group);
+                q8_rows_dots(kind, self, r0, r1, a, g0, g, ptr, ld);
+            }
+        });
     }
 
     /// The reference of [`GgmlMatrix::matmul_q8_with`]: the dequantised weights times the

@@ -294,9 +294,9 @@ fn int_products_differ_from_f32_ones_by_the_activation_rounding() {
 }
 
 #[test]
-fn stacked_segments_run_as_one_set_of_tasks_equal_to_each_segment_alone() {
+fn stacked_segments_share_one_quantisation_and_equal_each_segment_alone() {
     // A Q4_K_M-like qkv (Q4_K, Q4_K, Q6_K), every type stacked, 32-weight types with k-quants
-    // (both kinds of activation blocks at once), and segments large enough that their tasks
+    // (both kinds of activation blocks at once), and segments large enough that their products
     // run over the pool at one activation row.
     let cols = 512;
     let stacks: Vec<Vec<(GgmlType, usize)>> = vec![
