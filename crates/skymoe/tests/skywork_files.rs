@@ -102,7 +102,7 @@ fn published_layouts_give_the_reference_logits() {
         let tokens = ref_tokens(name);
         let d = max_abs_diff(&logits(&layout(name), &tokens, None), &r["logits"]);
         assert!(d <= 1e-4, "{name}: autograd model max |Δlogit| {d}");
-        // The stored weights exactly: f32 activations (by default FP8 products of 2 to 64
+        // The stored weights exactly: f32 activations (by default FP8 products of 1 to 64
         // rows round the activations to bf16 where the CPU has AVX512-BF16; checked below).
         let f32_acts = [("SKYMOE_GGML_ACTIVATIONS", "f32")];
         let d = max_abs_diff(

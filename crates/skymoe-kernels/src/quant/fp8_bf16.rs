@@ -12,9 +12,14 @@
 //!
 //! Against the f32 path (codes decoded through f16 and multiplied by FMA, 16 at a time) this
 //! takes about a third of the instructions per weight; the activations lose the bits beyond
-//! bf16's 8 (relative rounding error at most 2⁻⁹ each). Used for 2 to 64 activation rows,
-//! where it measured faster (one row is bound by the memory's bandwidth either way and keeps
-//! f32 activations); `SKYMOE_GGML_ACTIVATIONS=f32` keeps f32 activations everywhere.
+//! bf16's 8 (relative rounding error at most 2⁻⁹ each). Used for 1 to 64 activation rows,
+//! where it measured faster; `SKYMOE_GGML_ACTIVATIONS=f32` keeps f32 activations everywhere.
+//!
+//! One activation row (batch-1 decode) is bound by the memory, but the f32 path, at about 16 G
+//! weights/s per core from cache, only just keeps up with one core's share of it; this kernel
+//! runs at about 29 and then streams from memory as fast as the f32 path once it requests its
+//! weights further ahead and into L2 (8 KiB, `prefetcht1`; at 4 KiB into L1, as the other
+//! kernels do, it streamed ~10% slower than the f32 path).
 
 use super::fp8::e4m3_to_f32;
 
@@ -149,6 +154,9 @@ mod x86 {
         hi: [[u8; 64]; 2],
     }
 
+    /// How far ahead of a one-row product's reads its weights are requested, into L2.
+    const ONE_ROW_PREFETCH_BYTES: usize = 8192;
+
     fn tables() -> &'static Tables {
         static T: std::sync::OnceLock<Tables> = std::sync::OnceLock::new();
         T.get_or_init(|| {
@@ -192,7 +200,15 @@ mod x86 {
             let xs = x.data.as_ptr().add(i0 * cols);
             let mut c = 0;
             while c < cols {
-                crate::quant::x86::prefetch_ahead(w.add(c), BLOCK);
+                if M == 1 {
+                    // One activation row streams the weights faster than the memory delivers
+                    // them: request further ahead, into L2 (see `ONE_ROW_PREFETCH_BYTES`).
+                    _mm_prefetch::<_MM_HINT_T1>(
+                        w.wrapping_add(c + ONE_ROW_PREFETCH_BYTES) as *const i8
+                    );
+                } else {
+                    crate::quant::x86::prefetch_ahead(w.add(c), BLOCK);
+                }
                 let code = _mm512_loadu_si512(w.add(c) as *const _);
                 let lo = _mm512_permutex2var_epi8(lo0, code, lo1);
                 // The high byte with the code's sign: hi | (code & 0x80).
@@ -301,7 +317,7 @@ mod tests {
         let weights = mat.dequantize();
         assert!(weights.iter().all(|w| w.is_finite()));
         // Rows the few-row path takes (more take the bf16 tiles, tested in `bf16_tiles`).
-        for m in [2, 5, 8, 9, 16] {
+        for m in [1, 2, 5, 8, 9, 16] {
             let x: Vec<f32> = (0..m * cols)
                 .map(|i| ((i * 7919) % 1013) as f32 / 506.0 - 1.0)
                 .collect();

@@ -359,16 +359,18 @@ pub fn uses_bf16_tiles(isa: Isa, m: usize) -> bool {
 /// Whether a product of `m` activation rows with FP8 rows of `cols` columns on `isa` uses bf16
 /// activations and the AVX-512 BF16 kernels (see `fp8_bf16`): on CPUs with them, for rows of
 /// whole 64-column blocks, under the activations `crate::ggml::activations` chooses (auto:
-/// 2 to 64 rows; f32: never; int8, i.e. low-precision activations everywhere: always).
+/// 1 to 64 rows; f32: never; int8, i.e. low-precision activations everywhere: always).
 /// Measured with `examples/qmatmul` (1536×576, 2 threads): 1.5x (4 rows), 2.0x (8), 1.5x (16)
-/// and 1.8x (32) the f32 path's throughput from memory; one row, bound by the memory's
-/// bandwidth, is no faster (1.7x only from cache), so batch-1 decode keeps f32 activations.
+/// and 1.8x (32) the f32 path's throughput from memory. One row is bound by the memory's
+/// bandwidth (1.8x the f32 path from cache, about level from memory), but batch-1 decode of
+/// the FP8 SmolLM2 MoE measured 1.04–1.05x with it (`skymoe bench`, 10 and 12 alternated
+/// rounds, faster in 17 of 22): the f32 path's decoding only just keeps up with the memory.
 pub(crate) fn fp8_uses_bf16(isa: Isa, cols: usize, m: usize) -> bool {
     use crate::ggml::GgmlActivations;
     let wanted = match crate::ggml::activations() {
         GgmlActivations::F32 => false,
         GgmlActivations::Int8 => true,
-        GgmlActivations::Auto => (2..=64).contains(&m) && !uses_bf16_tiles(isa, m),
+        GgmlActivations::Auto => (1..=64).contains(&m) && !uses_bf16_tiles(isa, m),
     };
     wanted
         && isa == Isa::Avx512
@@ -444,6 +446,8 @@ unsafe fn product_rows(
             let (QData::Fp8 { q, scales }, Some(a)) = (&mat.data, &a.bf16) else {
                 unreachable!("the BF16 path is chosen for FP8 rows with activations")
             };
+            #[cfg(target_arch = "x86_64")]
+            super::x86::prefetch_rows(mat, r0, r1);
             for g0 in (0..m).step_by(FUSED_MAX_ROWS) {
                 let g = (m - g0).min(FUSED_MAX_ROWS);
                 // SAFETY: the path is chosen only where the CPU runs the kernels; `q` holds
