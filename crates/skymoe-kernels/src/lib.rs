@@ -10,6 +10,7 @@
 
 pub mod adamw;
 mod cpu;
+pub mod decode_attention;
 pub mod ggml;
 pub mod quant;
 pub mod reference;

@@ -147,6 +147,12 @@ fn log_sum_exp_generic(row: &[f32]) -> f32 {
 }
 
 #[inline(always)]
+fn exp_minus_max_generic(row: &mut [f32]) -> (f32, f32) {
+    let max = max_generic(row);
+    (max, exp_shifted_in_place(row, max))
+}
+
+#[inline(always)]
 fn exp_shifted_scaled_generic(out: &mut [f32], x: &[f32], shift: f32, scale: f32) {
     for (o, &v) in out.iter_mut().zip(x) {
         *o = exp(v - shift) * scale;
@@ -195,6 +201,10 @@ dispatched! {
         => softmax_backward_row_generic;
     /// `log Σ exp(row[i])`, shifted by the row's maximum.
     pub fn log_sum_exp(row: &[f32]) -> f32 => log_sum_exp_generic;
+    /// `row[i] = exp(row[i] − max)` with `max` the row's maximum; returns `max` and the
+    /// sum of the new entries (the softmax before its division, as an attention split over
+    /// parts of the positions needs it to merge the parts).
+    pub fn exp_minus_max(row: &mut [f32]) -> (f32, f32) => exp_minus_max_generic;
     /// `out[i] = exp(x[i] − shift) · scale`.
     pub fn exp_shifted_scaled(out: &mut [f32], x: &[f32], shift: f32, scale: f32)
         => exp_shifted_scaled_generic;
@@ -246,6 +256,35 @@ mod tests {
                         got[i]
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn exp_minus_max_is_the_softmax_before_its_division() {
+        for n in [1usize, 15, 16, 17, 100] {
+            let x = data(n, 0.9);
+            let mut e = x.clone();
+            let (max, sum) = exp_minus_max(&mut e);
+            let want_max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max, want_max);
+            let mut p = x.clone();
+            softmax_row(&mut p, n);
+            let total: f64 = e.iter().map(|&v| v as f64).sum();
+            assert!(
+                (sum as f64 - total).abs() <= 1e-6 * total,
+                "n {n}: sum {sum} vs {total}"
+            );
+            for i in 0..n {
+                let want = (x[i] as f64 - max as f64).exp();
+                assert!(
+                    (e[i] as f64 - want).abs() <= 1e-6 * want + 1e-30,
+                    "n {n} i {i}"
+                );
+                assert!(
+                    (e[i] / sum - p[i]).abs() <= 1e-6,
+                    "n {n} i {i}: the softmax"
+                );
             }
         }
     }

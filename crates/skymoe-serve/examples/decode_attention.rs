@@ -31,16 +31,27 @@ fn main() {
         group: heads / kv_heads,
     };
     let kv_dim = kv_heads * hd;
-    let mut kv = KvCache::new(
+    let kv = KvCache::new(
         layers,
         kv_dim,
         block,
         positions.div_ceil(block) + 64,
         KvDtype::F16,
-    );
-    // Blocks handed out as a server hands them out after other sequences came and went.
+    )
+    .with_head_width(hd);
+    // `SKYMOE_KEYS_BY_POSITION=1`: keys stored position by position, as before the served
+    // model stored them by dimension.
+    let mut kv = if std::env::var_os("SKYMOE_KEYS_BY_POSITION").is_some() {
+        kv
+    } else {
+        kv.with_keys_by_dimension()
+    };
+    // Blocks in the order a growing sequence takes them from a fresh pool.
     let mut blocks = kv.allocate(positions.div_ceil(block) + 64).expect("blocks");
-    blocks.reverse();
+    // `SKYMOE_BLOCKS_REVERSED=1`: the block table in decreasing order.
+    if std::env::var_os("SKYMOE_BLOCKS_REVERSED").is_some() {
+        blocks.reverse();
+    }
     let value = |i: usize| ((i * 7919) % 2003) as f32 / 1001.0 - 1.0;
     for layer in 0..layers {
         for pos in 0..positions {

@@ -14,6 +14,7 @@ use std::str::FromStr;
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use skymoe_kernels::decode_attention::Cached;
 
 /// The element type of the cached keys and values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +101,42 @@ impl Plane {
             Plane::F16(p) => p[at..at + dst.len()].convert_to_f32_slice(dst),
         }
     }
+
+    /// Write `src[i]` at `at + i·stride`.
+    fn write_strided(&mut self, at: usize, stride: usize, src: &[f32]) {
+        match self {
+            Plane::F32(p) => src
+                .iter()
+                .enumerate()
+                .for_each(|(i, &x)| p[at + i * stride] = x),
+            Plane::F16(p) => src
+                .iter()
+                .enumerate()
+                .for_each(|(i, &x)| p[at + i * stride] = f16::from_f32(x)),
+        }
+    }
+
+    /// Read `dst[i]` from `at + i·stride`.
+    fn read_strided(&self, at: usize, stride: usize, dst: &mut [f32]) {
+        match self {
+            Plane::F32(p) => dst
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = p[at + i * stride]),
+            Plane::F16(p) => dst
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = p[at + i * stride].to_f32()),
+        }
+    }
+
+    /// The entries `at..end`.
+    fn cached(&self, at: usize, end: usize) -> Cached<'_> {
+        match self {
+            Plane::F32(p) => Cached::F32(&p[at..end]),
+            Plane::F16(p) => Cached::F16(&p[at..end]),
+        }
+    }
 }
 
 /// One kv head's keys or values of consecutive positions within one block, as stored: row
@@ -109,7 +146,7 @@ pub(crate) enum KvRows<'a> {
     F16(&'a [f16], usize, usize),
 }
 
-impl KvRows<'_> {
+impl<'a> KvRows<'a> {
     /// `out[j] = Σ x[i]·row_j[i]` for every row (`out.len()` of them).
     pub(crate) fn dots(&self, x: &[f32], out: &mut [f32]) {
         match *self {
@@ -135,6 +172,14 @@ impl KvRows<'_> {
             KvRows::F16(p, stride, width) => {
                 skymoe_kernels::quant::axpy_f16_rows(a, p, stride, &mut y[..width])
             }
+        }
+    }
+
+    /// The entries from the first row's, and the distance between rows.
+    pub(crate) fn cached(self) -> (Cached<'a>, usize) {
+        match self {
+            KvRows::F32(p, stride, _) => (Cached::F32(p), stride),
+            KvRows::F16(p, stride, _) => (Cached::F16(p), stride),
         }
     }
 }
@@ -163,6 +208,9 @@ pub struct KvCache {
     /// Values are the first elements of the keys (multi-head latent attention caches one
     /// latent per position, which is both); `values` is then empty.
     values_in_keys: bool,
+    /// Each head's run of keys in a block is stored dimension by dimension (element `d` of
+    /// the run's position `j` at `d·block_size + j`; see [`KvCache::with_keys_by_dimension`]).
+    keys_by_dim: bool,
     dtype: KvDtype,
     keys: Vec<Plane>,
     values: Vec<Plane>,
@@ -188,6 +236,7 @@ impl KvCache {
             kv_dim,
             head_width: kv_dim,
             values_in_keys: false,
+            keys_by_dim: false,
             dtype,
             keys: (0..layers).map(|_| Plane::new(dtype, per_layer)).collect(),
             values: (0..layers).map(|_| Plane::new(dtype, per_layer)).collect(),
@@ -250,7 +299,11 @@ impl KvCache {
             return None;
         }
         let at = self.free.len() - n;
-        Some(self.free.split_off(at))
+        // In increasing order, as a growing sequence takes them one at a time: a sequence's
+        // blocks then tend to lie one after the other in each head's plane.
+        let mut blocks = self.free.split_off(at);
+        blocks.reverse();
+        Some(blocks)
     }
 
     /// Return blocks to the pool.
@@ -269,15 +322,54 @@ impl KvCache {
         self
     }
 
-    /// Index (in elements) of element `from` of position `pos` of a sequence with block table
-    /// `blocks`: its block, its head's run of positions in the block, its position in the
-    /// run, and its place in the head.
-    fn offset(&self, blocks: &[u32], pos: usize, from: usize) -> usize {
+    /// Store each head's keys of a block dimension by dimension, as vLLM lays out its key
+    /// cache: element `d` of the block's positions lie one after the other, so that a
+    /// decoding step computes the scores of consecutive positions in one vector register
+    /// ([`skymoe_kernels::decode_attention::scores_by_dim`]). Values stay position by
+    /// position (they are summed row by row). Not for a latent cache, whose values are read
+    /// from its keys.
+    pub fn with_keys_by_dimension(mut self) -> Self {
+        self.keys_by_dim = !self.values_in_keys && self.head_width > 0;
+        self
+    }
+
+    /// Whether keys are stored dimension by dimension ([`KvCache::with_keys_by_dimension`]).
+    pub fn keys_by_dimension(&self) -> bool {
+        self.keys_by_dim
+    }
+
+    /// Index (in elements) of the run of positions of `from`'s head in the block of position
+    /// `pos` of a sequence with block table `blocks`, and `from`'s place in the head.
+    fn run_offset(&self, blocks: &[u32], pos: usize, from: usize) -> (usize, usize) {
         let block = blocks[pos / self.block_size] as usize;
         let (head, within) = self.head_of(from);
-        (block * self.kv_dim + head * self.head_width) * self.block_size
-            + (pos % self.block_size) * self.head_width
-            + within
+        (
+            (head * self.num_blocks + block) * self.head_width * self.block_size,
+            within,
+        )
+    }
+
+    /// Index (in elements) of element `from` of position `pos`'s value (or key, for a cache
+    /// whose keys are stored position by position) of a sequence with block table `blocks`:
+    /// its block, its head's run of positions in the block, its position in the run, and its
+    /// place in the head.
+    fn offset(&self, blocks: &[u32], pos: usize, from: usize) -> usize {
+        let (run, within) = self.run_offset(blocks, pos, from);
+        run + (pos % self.block_size) * self.head_width + within
+    }
+
+    /// Index of element `from` of position `pos`'s key, and the distance between the key's
+    /// consecutive elements.
+    fn key_offset(&self, blocks: &[u32], pos: usize, from: usize) -> (usize, usize) {
+        if self.keys_by_dim {
+            let (run, within) = self.run_offset(blocks, pos, from);
+            (
+                run + within * self.block_size + pos % self.block_size,
+                self.block_size,
+            )
+        } else {
+            (self.offset(blocks, pos, from), 1)
+        }
     }
 
     /// The stored head of element `from` of a position, and its place in the head (a cache
@@ -310,7 +402,10 @@ impl KvCache {
                 self.offset(blocks, pos, head * hw),
                 head * hw..(head + 1) * hw,
             );
-            self.keys[layer].write(o, &k[r.clone()]);
+            match self.key_offset(blocks, pos, head * hw) {
+                (ko, 1) => self.keys[layer].write(ko, &k[r.clone()]),
+                (ko, stride) => self.keys[layer].write_strided(ko, stride, &k[r.clone()]),
+            }
             if !self.values_in_keys {
                 self.values[layer].write(o, &v[r]);
             }
@@ -366,6 +461,10 @@ impl KvCache {
             pos + n
         );
         self.check_within_head(from, width);
+        assert!(
+            value || !self.keys_by_dim,
+            "keys stored by dimension are read as columns"
+        );
         let plane = if value {
             self.value_plane(layer)
         } else {
@@ -378,6 +477,35 @@ impl KvCache {
             n,
             width,
         )
+    }
+
+    /// The keys of positions `pos .. pos + n` of a sequence (block table `blocks`) in
+    /// `layer`, all in `pos`'s block, from element `from` of each (one kv head, `width`
+    /// elements), stored by dimension: element `d` of position `pos + j` is entry
+    /// `d·stride + j` of the returned entries, `stride` being the block size.
+    ///
+    /// # Panics
+    /// If the keys are stored position by position, the positions cross a block or the
+    /// elements a head.
+    pub(crate) fn key_columns(
+        &self,
+        layer: usize,
+        blocks: &[u32],
+        pos: usize,
+        n: usize,
+        from: usize,
+        width: usize,
+    ) -> (Cached<'_>, usize) {
+        assert!(self.keys_by_dim, "keys are stored position by position");
+        assert!(
+            n <= self.rows_in_block(pos),
+            "positions {pos}..{} cross a block",
+            pos + n
+        );
+        self.check_within_head(from, width);
+        let (at, stride) = self.key_offset(blocks, pos, from);
+        let end = at + width.saturating_sub(1) * stride + n;
+        (self.keys[layer].cached(at, end), stride)
     }
 
     /// The keys and values of positions `0..len` of a sequence (block table `blocks`) for
@@ -401,7 +529,11 @@ impl KvCache {
         let value_plane = self.value_plane(layer);
         for pos in 0..len {
             let o = self.offset(blocks, pos, from);
-            self.keys[layer].read(o, &mut keys[pos * width..(pos + 1) * width]);
+            let key = &mut keys[pos * width..(pos + 1) * width];
+            match self.key_offset(blocks, pos, from) {
+                (ko, 1) => self.keys[layer].read(ko, key),
+                (ko, stride) => self.keys[layer].read_strided(ko, stride, key),
+            }
             value_plane.read(o, &mut values[pos * value_width..(pos + 1) * value_width]);
         }
     }
@@ -499,28 +631,108 @@ mod tests {
     }
 
     #[test]
+    fn key_columns_read_what_gather_reads() {
+        // Two kv heads of 5 (kv_dim 10), blocks of 4 positions out of order, keys stored by
+        // dimension: each block's columns give the scores gather's keys give.
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let mut kv = KvCache::new(2, 10, 4, 6, dtype)
+                .with_head_width(5)
+                .with_keys_by_dimension();
+            let blocks = [5u32, 2, 3];
+            for layer in 0..2 {
+                for p in 0..11 {
+                    let k: Vec<f32> = (0..10)
+                        .map(|i| ((p * 10 + i + layer) as f32).sin())
+                        .collect();
+                    kv.write(layer, &blocks, p, &k, &k);
+                }
+            }
+            let x = [0.5f32, -1.0, 2.0, 0.25, -0.75];
+            for (layer, head) in [(0, 0), (1, 1)] {
+                let (mut k, mut v) = (Vec::new(), Vec::new());
+                kv.gather(layer, &blocks, 11, head * 5, (5, 5), &mut k, &mut v);
+                for (pos, n) in kv.block_runs(11) {
+                    let (cols, stride) = kv.key_columns(layer, &blocks, pos, n, head * 5, 5);
+                    assert_eq!(stride, 4);
+                    let mut got = vec![0f32; n];
+                    skymoe_kernels::decode_attention::scores_by_dim(
+                        &x, 5, 1.0, cols, stride, n, &mut got, n,
+                    );
+                    for (j, g) in got.iter().enumerate() {
+                        let want: f32 = (0..5).map(|i| x[i] * k[(pos + j) * 5 + i]).sum();
+                        assert!(
+                            (g - want).abs() <= 1e-5,
+                            "{dtype:?} {layer} {head} {pos}+{j}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "read as columns")]
+    fn keys_by_dimension_are_not_read_as_rows() {
+        let kv = KvCache::new(1, 6, 4, 5, KvDtype::F32)
+            .with_head_width(3)
+            .with_keys_by_dimension();
+        let _ = kv.rows(0, false, &[0, 1], 0, 2, 0, 3);
+    }
+
+    #[test]
     fn blocks_are_stored_head_by_head() {
-        // Two heads of 2 in blocks of 3 positions: a block holds head 0's three positions,
-        // then head 1's; a width that does not divide a position keeps the position order.
+        // Two heads of 2 in blocks of 3 positions: each head's blocks lie together, a block
+        // holding the head's three positions one after the other; a width that does not
+        // divide a position keeps the position order.
         let mut kv = KvCache::new(1, 4, 3, 2, KvDtype::F32).with_head_width(2);
+        let mut by_dim = KvCache::new(1, 4, 3, 2, KvDtype::F32)
+            .with_head_width(2)
+            .with_keys_by_dimension();
+        assert!(by_dim.keys_by_dimension() && !kv.keys_by_dimension());
         for pos in 0..6 {
             let p = pos as f32;
-            kv.write(0, &[1, 0], pos, &[p, p + 0.1, p + 0.2, p + 0.3], &[-p; 4]);
+            let (k, v) = (
+                [p, p + 0.1, p + 0.2, p + 0.3],
+                [-p, -p - 0.1, -p - 0.2, -p - 0.3],
+            );
+            kv.write(0, &[1, 0], pos, &k, &v);
+            by_dim.write(0, &[1, 0], pos, &k, &v);
         }
-        let Plane::F32(keys) = &kv.keys[0] else {
-            unreachable!()
+        let entries = |kv: &KvCache, values: bool| -> Vec<f32> {
+            match if values { &kv.values[0] } else { &kv.keys[0] } {
+                Plane::F32(p) => p.clone(),
+                Plane::F16(_) => unreachable!(),
+            }
         };
-        let want = [
-            3.0, 3.1, 4.0, 4.1, 5.0, 5.1, 3.2, 3.3, 4.2, 4.3, 5.2, 5.3, // block 0: 3..6
-            0.0, 0.1, 1.0, 1.1, 2.0, 2.1, 0.2, 0.3, 1.2, 1.3, 2.2, 2.3, // block 1: 0..3
+        let by_position = [
+            3.0, 3.1, 4.0, 4.1, 5.0, 5.1, 0.0, 0.1, 1.0, 1.1, 2.0, 2.1, // head 0: blocks 0, 1
+            3.2, 3.3, 4.2, 4.3, 5.2, 5.3, 0.2, 0.3, 1.2, 1.3, 2.2, 2.3, // head 1: blocks 0, 1
         ];
-        for (g, w) in keys.iter().zip(want) {
-            assert!((g - w).abs() < 1e-6, "{keys:?}");
+        // Keys by dimension: element 0 of the block's three positions, then element 1.
+        let keys_by_dim = [
+            3.0, 4.0, 5.0, 3.1, 4.1, 5.1, 0.0, 1.0, 2.0, 0.1, 1.1, 2.1, // head 0
+            3.2, 4.2, 5.2, 3.3, 4.3, 5.3, 0.2, 1.2, 2.2, 0.3, 1.3, 2.3, // head 1
+        ];
+        let close = |got: Vec<f32>, want: &[f32], sign: f32| {
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - sign * w).abs() < 1e-6, "{got:?}");
+            }
+        };
+        close(entries(&kv, false), &by_position, 1.0);
+        close(entries(&kv, true), &by_position, -1.0);
+        close(entries(&by_dim, false), &keys_by_dim, 1.0);
+        close(entries(&by_dim, true), &by_position, -1.0);
+        for kv in [&kv, &by_dim] {
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            kv.gather(0, &[1, 0], 5, 2, (2, 2), &mut k, &mut v);
+            assert_eq!(k.len(), 10);
+            assert!((k[8] - 4.2).abs() < 1e-6 && (v[9] + 4.3).abs() < 1e-6);
         }
-        let (mut k, mut v) = (Vec::new(), Vec::new());
-        kv.gather(0, &[1, 0], 5, 2, (2, 2), &mut k, &mut v);
-        assert_eq!(k.len(), 10);
-        assert!((k[8] - 4.2).abs() < 1e-6 && v[9] == -4.0);
+        // A latent cache's values are its keys: they stay position by position.
+        assert!(!KvCache::new_latent(1, 4, 3, 2, KvDtype::F32)
+            .with_keys_by_dimension()
+            .keys_by_dimension());
         assert_eq!(
             KvCache::new(1, 4, 3, 2, KvDtype::F32)
                 .with_head_width(3)

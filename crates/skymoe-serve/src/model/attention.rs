@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use skymoe_kernels::decode_attention::{add_weighted_rows, scores_by_dim};
+use skymoe_kernels::rows::exp_minus_max;
 use skymoe_kernels::sgemm::{sgemm, View};
 
 use skymoe_model::layers::rope::{RopeSpec, RopeTable};
@@ -85,6 +87,14 @@ impl HeadShape {
     fn kv_of(&self, h: usize) -> usize {
         (self.first_head + h) / self.group.max(1) - self.first_kv_head
     }
+
+    /// The local query heads that read local kv head `kv` (consecutive).
+    fn heads_of(&self, kv: usize) -> std::ops::Range<usize> {
+        let group = self.group.max(1);
+        let first = ((self.first_kv_head + kv) * group).saturating_sub(self.first_head);
+        let end = ((self.first_kv_head + kv + 1) * group).saturating_sub(self.first_head);
+        first.min(self.heads)..end.min(self.heads)
+    }
 }
 
 /// Query rows per attention task: a long prompt chunk is split into blocks of this many
@@ -95,6 +105,16 @@ const QUERY_BLOCK: usize = 64;
 /// shorter ones (decoding) take one dot product per cached position.
 const GEMM_MIN_ROWS: usize = 8;
 
+/// A decoding step's cached positions are split into parts (whole blocks, at least this
+/// many positions each) when a layer has fewer kv groups to attend than twice the threads,
+/// so that one sequence's attention keeps every thread busy; the parts' softmaxes are merged
+/// by their maxima and sums.
+const MIN_PART_POSITIONS: usize = 128;
+
+/// How many block runs ahead the grouped decoding path prefetches the blocks that do not
+/// follow their predecessor in the pool.
+const PREFETCH_RUNS: usize = 2;
+
 /// One attention task: query rows `t0..t0 + rows` of chunk `chunk`, head `head`.
 #[derive(Debug, Clone, Copy)]
 struct Task {
@@ -102,6 +122,44 @@ struct Task {
     head: usize,
     t0: usize,
     rows: usize,
+}
+
+/// One task of the grouped decoding path (a cache whose keys are stored by dimension, fewer
+/// than [`GEMM_MIN_ROWS`] query rows): query rows `t0..t0 + rows` of chunk `chunk`, every
+/// query head of local kv head `kv`, over the cached positions `from..to` (whole blocks but
+/// the last).
+#[derive(Debug, Clone, Copy)]
+struct GroupTask {
+    chunk: usize,
+    kv: usize,
+    t0: usize,
+    rows: usize,
+    from: usize,
+    to: usize,
+}
+
+/// What a [`GroupTask`] computes for each of its rows and the group's heads (row by row,
+/// head by head): the maximum score `max`, the sum of `exp(score − max)` and the sum of the
+/// values weighted by those exponentials (`[rows · heads, value_dim]`, not yet divided). A
+/// row that sees none of the part's positions has sum 0.
+struct PartialAttention {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    weighted: Vec<f32>,
+}
+
+/// The work of one layer: whole heads (prompt blocks, or any rows of a cache read position
+/// by position) or grouped decoding parts.
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    Head(Task),
+    Group(GroupTask),
+}
+
+/// The output of one [`Work`].
+enum WorkOut {
+    Head(Vec<f32>),
+    Group(PartialAttention),
 }
 
 /// Attention of every query row of `q` (`[n, heads·head_dim]`, RoPE applied) over the cached
@@ -116,17 +174,43 @@ pub fn attend(
 ) -> Vec<f32> {
     let (heads, vd) = (shape.heads, shape.value_dim);
     let n: usize = chunks.iter().map(|c| c.len).sum();
-    let mut tasks = Vec::new();
+    let grouped = kv.keys_by_dimension();
+    let mut work = Vec::new();
+    // Row blocks of the grouped decoding path: (chunk, t0, rows).
+    let mut decoding = Vec::new();
     for (chunk, ch) in chunks.iter().enumerate() {
-        for head in 0..heads {
-            for t0 in (0..ch.len).step_by(QUERY_BLOCK) {
-                let rows = (ch.len - t0).min(QUERY_BLOCK);
-                tasks.push(Task {
+        for t0 in (0..ch.len).step_by(QUERY_BLOCK) {
+            let rows = (ch.len - t0).min(QUERY_BLOCK);
+            if grouped && rows < GEMM_MIN_ROWS {
+                decoding.push((chunk, t0, rows));
+                continue;
+            }
+            for head in 0..heads {
+                work.push(Work::Head(Task {
                     chunk,
                     head,
                     t0,
                     rows,
-                });
+                }));
+            }
+        }
+    }
+    let units = decoding.len() * shape.kv_heads;
+    let threads = rayon::current_num_threads();
+    for &(chunk, t0, rows) in &decoding {
+        let len = chunks[chunk].start + t0 + rows;
+        let parts = parts_of_positions(units, threads, len);
+        let per_part = kv.blocks_for(len).div_ceil(parts) * kv.block_size();
+        for kv_head in 0..shape.kv_heads {
+            for from in (0..len).step_by(per_part) {
+                work.push(Work::Group(GroupTask {
+                    chunk,
+                    kv: kv_head,
+                    t0,
+                    rows,
+                    from,
+                    to: (from + per_part).min(len),
+                }));
             }
         }
     }
@@ -136,29 +220,193 @@ pub fn attend(
         layer,
         shape,
     };
-    let results: Vec<(Task, Vec<f32>)> = tasks
+    let results: Vec<(Work, WorkOut)> = work
         .par_iter()
-        .map(|&task| {
-            let out = if task.rows >= GEMM_MIN_ROWS {
-                attend_by_products(inp, &chunks[task.chunk], task)
-            } else {
-                attend_by_rows(inp, &chunks[task.chunk], task)
+        .map(|&w| {
+            let out = match w {
+                Work::Head(task) if task.rows >= GEMM_MIN_ROWS => {
+                    WorkOut::Head(attend_by_products(inp, &chunks[task.chunk], task))
+                }
+                Work::Head(task) => WorkOut::Head(attend_by_rows(inp, &chunks[task.chunk], task)),
+                Work::Group(task) => WorkOut::Group(attend_group(inp, &chunks[task.chunk], task)),
             };
-            (task, out)
+            (w, out)
         })
         .collect();
     let width = heads * vd;
     let mut att = vec![0f32; n * width];
-    for (task, out) in results {
-        let ch = &chunks[task.chunk];
-        let h = task.head;
-        for r in 0..task.rows {
-            let row = ch.row + task.t0 + r;
-            att[row * width + h * vd..row * width + (h + 1) * vd]
-                .copy_from_slice(&out[r * vd..(r + 1) * vd]);
+    // The grouped parts' running maxima and sums, row by row and head by head (sum 0: no
+    // part seen yet, or a head computed whole).
+    let (mut max, mut sum) = if decoding.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        (vec![f32::NEG_INFINITY; n * heads], vec![0f32; n * heads])
+    };
+    for (w, out) in results {
+        match (w, out) {
+            (Work::Head(task), WorkOut::Head(out)) => {
+                let ch = &chunks[task.chunk];
+                let h = task.head;
+                for r in 0..task.rows {
+                    let row = ch.row + task.t0 + r;
+                    att[row * width + h * vd..row * width + (h + 1) * vd]
+                        .copy_from_slice(&out[r * vd..(r + 1) * vd]);
+                }
+            }
+            (Work::Group(task), WorkOut::Group(part)) => {
+                let ch = &chunks[task.chunk];
+                let group = shape.heads_of(task.kv);
+                for r in 0..task.rows {
+                    let row = ch.row + task.t0 + r;
+                    for (i, h) in group.clone().enumerate() {
+                        let k = r * group.len() + i;
+                        let s = row * heads + h;
+                        merge_part(
+                            (&mut max[s], &mut sum[s]),
+                            &mut att[row * width + h * vd..row * width + (h + 1) * vd],
+                            (part.max[k], part.sum[k]),
+                            &part.weighted[k * vd..(k + 1) * vd],
+                        );
+                    }
+                }
+            }
+            _ => unreachable!("each work's output is of its kind"),
+        }
+    }
+    for (s, out) in sum.iter().zip(att.chunks_exact_mut(vd)) {
+        if *s > 0.0 {
+            let inv = 1.0 / s;
+            out.iter_mut().for_each(|v| *v *= inv);
         }
     }
     att
+}
+
+/// Parts to split a decoding row block's `len` cached positions into, when a layer has
+/// `units` (row block, kv head) pairs for `threads` threads: enough for two tasks a thread,
+/// none shorter than [`MIN_PART_POSITIONS`].
+fn parts_of_positions(units: usize, threads: usize, len: usize) -> usize {
+    if units >= 2 * threads {
+        return 1;
+    }
+    (2 * threads)
+        .div_ceil(units.max(1))
+        .min(len / MIN_PART_POSITIONS)
+        .max(1)
+}
+
+/// Fold one part's maximum, sum and weighted values into a row-head's running ones (`out`
+/// holds the running weighted values, all relative to the running maximum).
+fn merge_part(
+    (max, sum): (&mut f32, &mut f32),
+    out: &mut [f32],
+    (part_max, part_sum): (f32, f32),
+    part: &[f32],
+) {
+    if part_sum == 0.0 {
+        return;
+    }
+    if *sum == 0.0 {
+        out.copy_from_slice(part);
+        (*max, *sum) = (part_max, part_sum);
+        return;
+    }
+    let m = max.max(part_max);
+    let (a, b) = ((*max - m).exp(), (part_max - m).exp());
+    for (o, p) in out.iter_mut().zip(part) {
+        *o = *o * a + p * b;
+    }
+    (*max, *sum) = (m, *sum * a + part_sum * b);
+}
+
+/// A [`GroupTask`]'s rows over its part of the cache: the scores of the group's query heads
+/// against each block's keys (stored by dimension) at once, their exponentials relative to
+/// each row-head's maximum, and the values weighted by them, each value row converted once
+/// for the whole group.
+fn attend_group(
+    inp: LayerInputs<'_>,
+    ch: &ChunkPlacement<'_>,
+    task: GroupTask,
+) -> PartialAttention {
+    let (hd, vd) = (inp.shape.head_dim, inp.shape.value_dim);
+    let qdim = inp.shape.heads * hd;
+    let group = inp.shape.heads_of(task.kv);
+    let g = group.len();
+    let kv = inp.kv;
+    let span = task.to - task.from;
+    let mut out = PartialAttention {
+        max: vec![f32::NEG_INFINITY; task.rows * g],
+        sum: vec![0f32; task.rows * g],
+        weighted: vec![0f32; task.rows * g * vd],
+    };
+    let mut scores = vec![0f32; g * span];
+    let mut runs = Vec::with_capacity(span.div_ceil(kv.block_size()));
+    for r in 0..task.rows {
+        let t = task.t0 + r;
+        // Query row t sits at position start + t and sees positions up to it.
+        let visible = (ch.start + t + 1).min(task.to);
+        if visible <= task.from {
+            continue;
+        }
+        let seen = visible - task.from;
+        let qrow = (ch.row + t) * qdim;
+        let qs = &inp.q[qrow + group.start * hd..qrow + group.end * hd];
+        runs.clear();
+        runs.extend(
+            kv.block_runs(visible)
+                .skip_while(|&(pos, _)| pos < task.from),
+        );
+        // The runs to prefetch before reading run i: those PREFETCH_RUNS ahead (all of the
+        // first ones before run 0) whose block does not follow the block before it.
+        let bs = kv.block_size();
+        let jumps = |i: usize| {
+            let first = if i == 0 { 1 } else { i + PREFETCH_RUNS };
+            (first..(i + PREFETCH_RUNS + 1).min(runs.len())).filter(|&j| {
+                let (a, b) = (ch.blocks[runs[j - 1].0 / bs], ch.blocks[runs[j].0 / bs]);
+                b != a.wrapping_add(1)
+            })
+        };
+        let keys = |&(pos, n): &(usize, usize)| {
+            kv.key_columns(inp.layer, ch.blocks, pos, n, task.kv * hd, hd)
+        };
+        let values = |&(pos, n): &(usize, usize)| {
+            kv.rows(inp.layer, true, ch.blocks, pos, n, task.kv * hd, vd)
+                .cached()
+        };
+        for (i, run) in runs.iter().enumerate() {
+            // Blocks that do not follow their predecessor in the pool, which the hardware
+            // prefetchers do not see coming, asked for ahead.
+            for ahead in jumps(i) {
+                keys(&runs[ahead]).0.prefetch();
+            }
+            let (k, stride) = keys(run);
+            let at = run.0 - task.from;
+            scores_by_dim(
+                qs,
+                hd,
+                inp.shape.scale,
+                k,
+                stride,
+                run.1,
+                &mut scores[at..],
+                span,
+            );
+        }
+        for i in 0..g {
+            let (m, s) = exp_minus_max(&mut scores[i * span..i * span + seen]);
+            out.max[r * g + i] = m;
+            out.sum[r * g + i] = s;
+        }
+        let y = &mut out.weighted[r * g * vd..(r + 1) * g * vd];
+        for (i, run) in runs.iter().enumerate() {
+            for ahead in jumps(i) {
+                values(&runs[ahead]).0.prefetch();
+            }
+            let (v, stride) = values(run);
+            add_weighted_rows(&scores[run.0 - task.from..], span, v, stride, run.1, y, vd);
+        }
+    }
+    out
 }
 
 /// What every attention task of one layer reads: the queries (`[n, heads·head_dim]`), the
@@ -341,6 +589,117 @@ mod tests {
         check_products_against_rows(shape, |dtype| {
             KvCache::new(1, 32, 4, 40, dtype).with_head_width(16)
         });
+    }
+
+    #[test]
+    fn grouped_decoding_equals_attention_head_by_head() {
+        // Keys stored by dimension (the grouped path, with the positions split into parts
+        // for a long sequence) against keys stored by position (row by row and by products),
+        // for decoding chunks, a prompt chunk with a short tail of rows, and the heads of one
+        // tensor-parallel rank (global heads 2..8 over kv heads 0..3 in groups of 3: the
+        // first group held in part).
+        for (shape, kv_dim) in [
+            (
+                HeadShape {
+                    heads: 6,
+                    kv_heads: 2,
+                    head_dim: 32,
+                    value_dim: 32,
+                    scale: 0.2,
+                    first_head: 0,
+                    first_kv_head: 0,
+                    group: 3,
+                },
+                64,
+            ),
+            (
+                HeadShape {
+                    heads: 6,
+                    kv_heads: 3,
+                    head_dim: 16,
+                    value_dim: 16,
+                    scale: 0.3,
+                    first_head: 2,
+                    first_kv_head: 0,
+                    group: 3,
+                },
+                48,
+            ),
+        ] {
+            for h in 0..shape.heads {
+                assert!(shape.heads_of(shape.kv_of(h)).contains(&h), "head {h}");
+            }
+            for dtype in [KvDtype::F32, KvDtype::F16] {
+                let make =
+                    || KvCache::new(1, kv_dim, 16, 200, dtype).with_head_width(shape.head_dim);
+                let (mut by_pos, mut by_dim) = (make(), make().with_keys_by_dimension());
+                // Chunks: one decoding row after 700 cached positions, one after 5, and 70
+                // prompt rows after 20 (a block of 64 rows and a tail of 6).
+                let spans = [(700usize, 1usize), (5, 1), (20, 70)];
+                let mut tables = Vec::new();
+                for (i, &(start, len)) in spans.iter().enumerate() {
+                    let need = by_pos.blocks_for(start + len);
+                    let _gap = by_pos.allocate(i + 1).unwrap();
+                    let blocks = by_pos.allocate(need).unwrap();
+                    let _ = by_dim.allocate(i + 1 + need);
+                    for pos in 0..start + len {
+                        let k = values(kv_dim, pos * 3 + i);
+                        let v = values(kv_dim, pos * 5 + i + 1);
+                        by_pos.write(0, &blocks, pos, &k, &v);
+                        by_dim.write(0, &blocks, pos, &k, &v);
+                    }
+                    tables.push(blocks);
+                }
+                let mut row = 0;
+                let chunks: Vec<ChunkPlacement<'_>> = spans
+                    .iter()
+                    .zip(&tables)
+                    .map(|(&(start, len), blocks)| {
+                        row += len;
+                        ChunkPlacement {
+                            row: row - len,
+                            len,
+                            start,
+                            blocks,
+                        }
+                    })
+                    .collect();
+                let q = values(row * shape.heads * shape.head_dim, 7);
+                let want = attend(&q, &chunks, &by_pos, 0, shape);
+                // The long sequence alone on four threads: its 701 positions in 3–4 parts.
+                assert!(parts_of_positions(shape.kv_heads, 4, 701) >= 3);
+                let four = rayon::ThreadPoolBuilder::new()
+                    .num_threads(4)
+                    .build()
+                    .unwrap();
+                for chunk in [&chunks[..], &chunks[..1]] {
+                    let got = four.install(|| attend(&q, chunk, &by_dim, 0, shape));
+                    let rows: usize = chunk.iter().map(|c| c.len).sum();
+                    assert_eq!(got.len(), rows * shape.heads * shape.value_dim);
+                    let err = got.iter().zip(&want).fold(0f32, |m, (x, y)| {
+                        if x.is_nan() {
+                            f32::INFINITY
+                        } else {
+                            m.max((x - y).abs())
+                        }
+                    });
+                    assert!(err < 1e-5, "{dtype} {shape:?}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn positions_are_split_only_for_too_few_tasks() {
+        // Enough (row block, kv head) pairs for two tasks a thread: no split.
+        assert_eq!(parts_of_positions(8, 4, 10_000), 1);
+        // One sequence's three kv heads on two threads: two parts each, if long enough.
+        assert_eq!(parts_of_positions(3, 2, 1200), 2);
+        assert_eq!(parts_of_positions(3, 2, 200), 1);
+        // One kv head on 16 threads: at most one part per 128 positions.
+        assert_eq!(parts_of_positions(1, 16, 1000), 7);
+        assert_eq!(parts_of_positions(1, 16, 100_000), 32);
+        assert_eq!(parts_of_positions(0, 2, 5), 1);
     }
 
     #[test]

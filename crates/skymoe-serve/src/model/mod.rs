@@ -182,7 +182,8 @@ impl ServeModel {
                 dtype,
             );
         }
-        // Head by head within a block: a decoding step reads each kv head's run of positions.
+        // Head by head within a block: a decoding step reads each kv head's run of positions,
+        // its keys dimension by dimension (the scores of a block's positions in one register).
         KvCache::new(
             self.layers.len(),
             self.kv_dim(),
@@ -191,6 +192,7 @@ impl ServeModel {
             dtype,
         )
         .with_head_width(self.shape.head_dim)
+        .with_keys_by_dimension()
     }
 
     /// `dtype`, or the automatic choice for this model's weights.

@@ -1,0 +1,769 @@
+//! The two products of a decoding step's attention over one block of cached positions, for
+//! every query head of a kv group at once (grouped-query attention reads each cached key and
+//! value once for the whole group):
+//!
+//! - [`scores_by_dim`]: the scores of the group's query rows against keys stored dimension by
+//!   dimension (element `d` of the block's position `j` at `d·stride + j`), so that the CPU
+//!   computes the scores of 16 positions (8 with AVX2) in one register with one multiply-add
+//!   per dimension and head, and converts each cached f16 once, with no horizontal sums;
+//! - [`add_weighted_rows`]: the probability-weighted sum of value rows stored position by
+//!   position, every head of the group accumulated from one conversion of each row.
+//!
+//! Both read f32 or f16 entries ([`Cached`]) and pick AVX-512, AVX2 or portable code at run
+//! time ([`Isa::detect`]).
+
+use half::f16;
+
+use crate::quant::Isa;
+
+/// Cached keys or values as stored.
+#[derive(Debug, Clone, Copy)]
+pub enum Cached<'a> {
+    /// Exactly the computed values.
+    F32(&'a [f32]),
+    /// Rounded to f16.
+    F16(&'a [f16]),
+}
+
+impl Cached<'_> {
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        match self {
+            Cached::F32(s) => s.len(),
+            Cached::F16(s) => s.len(),
+        }
+    }
+
+    /// Whether no entries are held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Ask the CPU to bring every cache line of the entries into its caches (a hint: the
+    /// reads that follow need not wait for memory where the next entries are not where the
+    /// hardware prefetchers look, such as a block table in no particular order).
+    pub fn prefetch(&self) {
+        let (p, bytes) = match self {
+            Cached::F32(s) => (s.as_ptr().cast::<u8>(), std::mem::size_of_val(*s)),
+            Cached::F16(s) => (s.as_ptr().cast::<u8>(), std::mem::size_of_val(*s)),
+        };
+        #[cfg(target_arch = "x86_64")]
+        for at in (0..bytes).step_by(64) {
+            // SAFETY: `at` is inside the entries' allocation; a prefetch reads nothing and
+            // cannot fault.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    p.add(at).cast(),
+                )
+            };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (p, bytes);
+    }
+
+    /// Entry `i` in f32.
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            Cached::F32(s) => s[i],
+            Cached::F16(s) => s[i].to_f32(),
+        }
+    }
+}
+
+/// Query heads one kernel call keeps in registers; larger groups are taken in tiles of this
+/// many.
+const HEAD_TILE: usize = 4;
+
+/// The scores of a group of query heads against `n` cached keys of width `dim` stored
+/// dimension by dimension: `out[h·out_stride + j] = scale · Σ_d q[h·dim + d] · keys[d·stride + j]`
+/// for every head `h < q.len() / dim` and position `j < n`.
+///
+/// # Panics
+/// If `q` is not whole heads of `dim`, `n > stride`, the keys do not hold `dim` dimensions of
+/// `n` positions, or `out` does not hold every head's `n` scores.
+#[allow(clippy::too_many_arguments)]
+pub fn scores_by_dim(
+    q: &[f32],
+    dim: usize,
+    scale: f32,
+    keys: Cached<'_>,
+    stride: usize,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    scores_by_dim_on(
+        Isa::detect(),
+        q,
+        dim,
+        scale,
+        keys,
+        stride,
+        n,
+        out,
+        out_stride,
+    );
+}
+
+/// [`scores_by_dim`] with the instructions of `isa` (portable code where it is not
+/// supported).
+#[allow(clippy::too_many_arguments)]
+fn scores_by_dim_on(
+    isa: Isa,
+    q: &[f32],
+    dim: usize,
+    scale: f32,
+    keys: Cached<'_>,
+    stride: usize,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    assert!(
+        dim > 0 && q.len().is_multiple_of(dim),
+        "query heads of {dim}"
+    );
+    let heads = q.len() / dim;
+    if n == 0 || heads == 0 {
+        return;
+    }
+    assert!(n <= stride, "{n} positions at a stride of {stride}");
+    assert!(
+        (dim - 1) * stride + n <= keys.len(),
+        "keys hold {} entries, {dim} dimensions of {n} positions need more",
+        keys.len()
+    );
+    assert!(
+        n <= out_stride && (heads - 1) * out_stride + n <= out.len(),
+        "scores of {heads} heads of {n} positions do not fit"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa.supported() && matches!(isa, Isa::Avx2 | Isa::Avx512) {
+            for h0 in (0..heads).step_by(HEAD_TILE) {
+                let tile = (heads - h0).min(HEAD_TILE);
+                let (qp, op) = (q[h0 * dim..].as_ptr(), out[h0 * out_stride..].as_mut_ptr());
+                // SAFETY: `detect` returns only supported instruction sets; the key rows
+                // `d < dim` of `n` entries at `d·stride` are inside `keys`, the tile's query
+                // rows inside `q` and its score rows inside `out` (all checked above).
+                unsafe {
+                    match (isa, keys) {
+                        (Isa::Avx512, Cached::F32(k)) => x86::scores_avx512::<false>(
+                            qp,
+                            tile,
+                            dim,
+                            scale,
+                            k.as_ptr().cast(),
+                            stride,
+                            n,
+                            op,
+                            out_stride,
+                        ),
+                        (Isa::Avx512, Cached::F16(k)) => x86::scores_avx512::<true>(
+                            qp,
+                            tile,
+                            dim,
+                            scale,
+                            k.as_ptr().cast(),
+                            stride,
+                            n,
+                            op,
+                            out_stride,
+                        ),
+                        (_, Cached::F32(k)) => x86::scores_avx2::<false>(
+                            qp,
+                            tile,
+                            dim,
+                            scale,
+                            k.as_ptr().cast(),
+                            stride,
+                            n,
+                            op,
+                            out_stride,
+                        ),
+                        (_, Cached::F16(k)) => x86::scores_avx2::<true>(
+                            qp,
+                            tile,
+                            dim,
+                            scale,
+                            k.as_ptr().cast(),
+                            stride,
+                            n,
+                            op,
+                            out_stride,
+                        ),
+                    }
+                }
+            }
+            return;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
+    for h in 0..heads {
+        let qh = &q[h * dim..(h + 1) * dim];
+        for j in 0..n {
+            let s: f32 = (0..dim).map(|d| qh[d] * keys.get(d * stride + j)).sum();
+            out[h * out_stride + j] = scale * s;
+        }
+    }
+}
+
+/// `y[h·dim + i] += Σ_j a[h·a_stride + j] · rows[j·stride + i]` for every head
+/// `h < y.len() / dim`, position `j < n` and element `i < dim`: the weighted sum of `n` value
+/// rows stored position by position, the rows added in order (one multiply-add each).
+///
+/// # Panics
+/// If `y` is not whole heads of `dim`, the rows overlap or do not fit in `rows`, or `a` does
+/// not hold every head's `n` weights.
+pub fn add_weighted_rows(
+    a: &[f32],
+    a_stride: usize,
+    rows: Cached<'_>,
+    stride: usize,
+    n: usize,
+    y: &mut [f32],
+    dim: usize,
+) {
+    add_weighted_rows_on(Isa::detect(), a, a_stride, rows, stride, n, y, dim);
+}
+
+/// [`add_weighted_rows`] with the instructions of `isa` (portable code where it is not
+/// supported).
+#[allow(clippy::too_many_arguments)]
+fn add_weighted_rows_on(
+    isa: Isa,
+    a: &[f32],
+    a_stride: usize,
+    rows: Cached<'_>,
+    stride: usize,
+    n: usize,
+    y: &mut [f32],
+    dim: usize,
+) {
+    assert!(
+        dim > 0 && y.len().is_multiple_of(dim),
+        "output heads of {dim}"
+    );
+    let heads = y.len() / dim;
+    if n == 0 || heads == 0 {
+        return;
+    }
+    assert!(
+        dim <= stride || n == 1,
+        "rows of {dim} overlap at a stride of {stride}"
+    );
+    assert!(
+        (n - 1) * stride + dim <= rows.len(),
+        "{n} rows of {dim} at a stride of {stride} do not fit in {}",
+        rows.len()
+    );
+    assert!(
+        n <= a_stride && (heads - 1) * a_stride + n <= a.len(),
+        "weights of {heads} heads of {n} positions do not fit"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa.supported() && matches!(isa, Isa::Avx2 | Isa::Avx512) {
+            for h0 in (0..heads).step_by(HEAD_TILE) {
+                let tile = (heads - h0).min(HEAD_TILE);
+                let (ap, yp) = (a[h0 * a_stride..].as_ptr(), y[h0 * dim..].as_mut_ptr());
+                // SAFETY: `detect` returns only supported instruction sets; rows `j < n` of
+                // `dim` entries at `j·stride` are inside `rows`, the tile's weights inside
+                // `a` and its outputs inside `y` (all checked above).
+                unsafe {
+                    match (isa, rows) {
+                        (Isa::Avx512, Cached::F32(r)) => x86::weighted_rows_avx512::<false>(
+                            ap,
+                            a_stride,
+                            tile,
+                            r.as_ptr().cast(),
+                            stride,
+                            n,
+                            yp,
+                            dim,
+                        ),
+                        (Isa::Avx512, Cached::F16(r)) => x86::weighted_rows_avx512::<true>(
+                            ap,
+                            a_stride,
+                            tile,
+                            r.as_ptr().cast(),
+                            stride,
+                            n,
+                            yp,
+                            dim,
+                        ),
+                        (_, Cached::F32(r)) => x86::weighted_rows_avx2::<false>(
+                            ap,
+                            a_stride,
+                            tile,
+                            r.as_ptr().cast(),
+                            stride,
+                            n,
+                            yp,
+                            dim,
+                        ),
+                        (_, Cached::F16(r)) => x86::weighted_rows_avx2::<true>(
+                            ap,
+                            a_stride,
+                            tile,
+                            r.as_ptr().cast(),
+                            stride,
+                            n,
+                            yp,
+                            dim,
+                        ),
+                    }
+                }
+            }
+            return;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
+    for h in 0..heads {
+        let yh = &mut y[h * dim..(h + 1) * dim];
+        for j in 0..n {
+            let w = a[h * a_stride + j];
+            for (i, v) in yh.iter_mut().enumerate() {
+                *v = w.mul_add(rows.get(j * stride + i), *v);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The AVX-512 and AVX2 kernels. `F16` selects the entry type: f16 bits when true, f32
+    //! otherwise; `p` points at the first entry either way.
+
+    // The heads' registers are indexed alongside their query and weight rows.
+    #![allow(clippy::needless_range_loop)]
+
+    use std::arch::x86_64::*;
+
+    use super::HEAD_TILE;
+
+    /// Lanes `0..m` (m ≤ 16) of the 16 entries at `p + i`, the rest zero.
+    ///
+    /// # Safety
+    /// AVX-512 F, F16C; entries `i..i + m` at `p` are readable.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load16<const F16: bool>(p: *const u8, i: usize, m: usize) -> __m512 {
+        // SAFETY (whole body): the caller guarantees entries i..i + m are readable; a full
+        // load reads exactly 16 of them, a partial one only m.
+        unsafe {
+            if F16 {
+                let p = (p as *const u16).add(i);
+                if m == 16 {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+                } else {
+                    let mut buf = [0u16; 16];
+                    std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
+                    _mm512_cvtph_ps(_mm256_loadu_si256(buf.as_ptr() as *const __m256i))
+                }
+            } else {
+                let p = (p as *const f32).add(i);
+                if m == 16 {
+                    _mm512_loadu_ps(p)
+                } else {
+                    _mm512_maskz_loadu_ps(((1u32 << m) - 1) as u16, p)
+                }
+            }
+        }
+    }
+
+    /// Lanes `0..m` (m ≤ 8) of the 8 entries at `p + i`, the rest zero.
+    ///
+    /// # Safety
+    /// AVX2, FMA, F16C; entries `i..i + m` at `p` are readable.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8<const F16: bool>(p: *const u8, i: usize, m: usize) -> __m256 {
+        // SAFETY (whole body): as in `load16`, for 8 entries.
+        unsafe {
+            if F16 {
+                let p = (p as *const u16).add(i);
+                if m == 8 {
+                    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+                } else {
+                    let mut buf = [0u16; 8];
+                    std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
+                    _mm256_cvtph_ps(_mm_loadu_si128(buf.as_ptr() as *const __m128i))
+                }
+            } else {
+                let p = (p as *const f32).add(i);
+                if m == 8 {
+                    _mm256_loadu_ps(p)
+                } else {
+                    let mut buf = [0f32; 8];
+                    std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
+                    _mm256_loadu_ps(buf.as_ptr())
+                }
+            }
+        }
+    }
+
+    /// Store lanes `0..m` (m ≤ 8) of `v` at `p`.
+    ///
+    /// # Safety
+    /// AVX2; `p[..m]` is writable.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn store8(p: *mut f32, v: __m256, m: usize) {
+        // SAFETY: the caller guarantees `p[..m]` is writable; a full store writes 8, a
+        // partial one copies m lanes from a local buffer.
+        unsafe {
+            if m == 8 {
+                _mm256_storeu_ps(p, v);
+            } else {
+                let mut buf = [0f32; 8];
+                _mm256_storeu_ps(buf.as_mut_ptr(), v);
+                std::ptr::copy_nonoverlapping(buf.as_ptr(), p, m);
+            }
+        }
+    }
+
+    /// [`super::scores_by_dim`] for `heads ≤ HEAD_TILE` query rows at `q`, 16 positions a
+    /// step; each head's dimensions alternate between two accumulators (two dependency
+    /// chains).
+    ///
+    /// # Safety
+    /// AVX-512 F, FMA, F16C; `q[..heads·dim]`, the keys `d·stride + j` (`d < dim`, `j < n`)
+    /// and `out[h·out_stride + j]` are in bounds.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn scores_avx512<const F16: bool>(
+        q: *const f32,
+        heads: usize,
+        dim: usize,
+        scale: f32,
+        keys: *const u8,
+        stride: usize,
+        n: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        let scale = _mm512_set1_ps(scale);
+        // SAFETY (whole body): every access stays in the bounds the caller guarantees.
+        unsafe {
+            for j0 in (0..n).step_by(16) {
+                let m = (n - j0).min(16);
+                let mut even = [_mm512_setzero_ps(); HEAD_TILE];
+                let mut odd = [_mm512_setzero_ps(); HEAD_TILE];
+                let mut d = 0;
+                while d + 2 <= dim {
+                    let k0 = load16::<F16>(keys, d * stride + j0, m);
+                    let k1 = load16::<F16>(keys, (d + 1) * stride + j0, m);
+                    for h in 0..heads {
+                        let qh = q.add(h * dim + d);
+                        even[h] = _mm512_fmadd_ps(_mm512_set1_ps(*qh), k0, even[h]);
+                        odd[h] = _mm512_fmadd_ps(_mm512_set1_ps(*qh.add(1)), k1, odd[h]);
+                    }
+                    d += 2;
+                }
+                if d < dim {
+                    let k0 = load16::<F16>(keys, d * stride + j0, m);
+                    for h in 0..heads {
+                        let qh = *q.add(h * dim + d);
+                        even[h] = _mm512_fmadd_ps(_mm512_set1_ps(qh), k0, even[h]);
+                    }
+                }
+                let mask = ((1u32 << m) - 1) as u16;
+                for h in 0..heads {
+                    let s = _mm512_mul_ps(_mm512_add_ps(even[h], odd[h]), scale);
+                    _mm512_mask_storeu_ps(out.add(h * out_stride + j0), mask, s);
+                }
+            }
+        }
+    }
+
+    /// [`super::scores_by_dim`] with AVX2: 8 positions a step.
+    ///
+    /// # Safety
+    /// AVX2, FMA, F16C; as [`scores_avx512`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn scores_avx2<const F16: bool>(
+        q: *const f32,
+        heads: usize,
+        dim: usize,
+        scale: f32,
+        keys: *const u8,
+        stride: usize,
+        n: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        let scale = _mm256_set1_ps(scale);
+        // SAFETY (whole body): every access stays in the bounds the caller guarantees.
+        unsafe {
+            for j0 in (0..n).step_by(8) {
+                let m = (n - j0).min(8);
+                let mut even = [_mm256_setzero_ps(); HEAD_TILE];
+                let mut odd = [_mm256_setzero_ps(); HEAD_TILE];
+                let mut d = 0;
+                while d + 2 <= dim {
+                    let k0 = load8::<F16>(keys, d * stride + j0, m);
+                    let k1 = load8::<F16>(keys, (d + 1) * stride + j0, m);
+                    for h in 0..heads {
+                        let qh = q.add(h * dim + d);
+                        even[h] = _mm256_fmadd_ps(_mm256_set1_ps(*qh), k0, even[h]);
+                        odd[h] = _mm256_fmadd_ps(_mm256_set1_ps(*qh.add(1)), k1, odd[h]);
+                    }
+                    d += 2;
+                }
+                if d < dim {
+                    let k0 = load8::<F16>(keys, d * stride + j0, m);
+                    for h in 0..heads {
+                        let qh = *q.add(h * dim + d);
+                        even[h] = _mm256_fmadd_ps(_mm256_set1_ps(qh), k0, even[h]);
+                    }
+                }
+                for h in 0..heads {
+                    let s = _mm256_mul_ps(_mm256_add_ps(even[h], odd[h]), scale);
+                    store8(out.add(h * out_stride + j0), s, m);
+                }
+            }
+        }
+    }
+
+    /// [`super::add_weighted_rows`] for `heads ≤ HEAD_TILE` outputs: 64 columns at a time in
+    /// registers for every head over all rows, then 16, then a masked tail.
+    ///
+    /// # Safety
+    /// AVX-512 F, FMA, F16C; rows `j < n` of `dim` entries at `j·stride`,
+    /// `a[h·a_stride + j]` and `y[..heads·dim]` are in bounds.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn weighted_rows_avx512<const F16: bool>(
+        a: *const f32,
+        a_stride: usize,
+        heads: usize,
+        rows: *const u8,
+        stride: usize,
+        n: usize,
+        y: *mut f32,
+        dim: usize,
+    ) {
+        // SAFETY (whole body): every access stays in the bounds the caller guarantees.
+        unsafe {
+            let mut c = 0;
+            while c + 64 <= dim {
+                let mut acc = [[_mm512_setzero_ps(); 4]; HEAD_TILE];
+                for h in 0..heads {
+                    for (k, v) in acc[h].iter_mut().enumerate() {
+                        *v = _mm512_loadu_ps(y.add(h * dim + c + 16 * k));
+                    }
+                }
+                for j in 0..n {
+                    let at = j * stride + c;
+                    let r = [
+                        load16::<F16>(rows, at, 16),
+                        load16::<F16>(rows, at + 16, 16),
+                        load16::<F16>(rows, at + 32, 16),
+                        load16::<F16>(rows, at + 48, 16),
+                    ];
+                    for h in 0..heads {
+                        let w = _mm512_set1_ps(*a.add(h * a_stride + j));
+                        for (v, rk) in acc[h].iter_mut().zip(&r) {
+                            *v = _mm512_fmadd_ps(w, *rk, *v);
+                        }
+                    }
+                }
+                for h in 0..heads {
+                    for (k, v) in acc[h].iter().enumerate() {
+                        _mm512_storeu_ps(y.add(h * dim + c + 16 * k), *v);
+                    }
+                }
+                c += 64;
+            }
+            while c < dim {
+                let m = (dim - c).min(16);
+                let mask = ((1u32 << m) - 1) as u16;
+                let mut acc = [_mm512_setzero_ps(); HEAD_TILE];
+                for (h, v) in acc.iter_mut().enumerate().take(heads) {
+                    *v = _mm512_maskz_loadu_ps(mask, y.add(h * dim + c));
+                }
+                for j in 0..n {
+                    let r = load16::<F16>(rows, j * stride + c, m);
+                    for (h, v) in acc.iter_mut().enumerate().take(heads) {
+                        *v = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(h * a_stride + j)), r, *v);
+                    }
+                }
+                for (h, v) in acc.iter().enumerate().take(heads) {
+                    _mm512_mask_storeu_ps(y.add(h * dim + c), mask, *v);
+                }
+                c += m;
+            }
+        }
+    }
+
+    /// [`super::add_weighted_rows`] with AVX2: 16 columns at a time for every head, then a
+    /// tail of up to 8 at a time.
+    ///
+    /// # Safety
+    /// AVX2, FMA, F16C; as [`weighted_rows_avx512`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn weighted_rows_avx2<const F16: bool>(
+        a: *const f32,
+        a_stride: usize,
+        heads: usize,
+        rows: *const u8,
+        stride: usize,
+        n: usize,
+        y: *mut f32,
+        dim: usize,
+    ) {
+        // SAFETY (whole body): every access stays in the bounds the caller guarantees.
+        unsafe {
+            let mut c = 0;
+            while c + 16 <= dim {
+                let mut acc = [[_mm256_setzero_ps(); 2]; HEAD_TILE];
+                for h in 0..heads {
+                    for (k, v) in acc[h].iter_mut().enumerate() {
+                        *v = _mm256_loadu_ps(y.add(h * dim + c + 8 * k));
+                    }
+                }
+                for j in 0..n {
+                    let at = j * stride + c;
+                    let r = [load8::<F16>(rows, at, 8), load8::<F16>(rows, at + 8, 8)];
+                    for h in 0..heads {
+                        let w = _mm256_set1_ps(*a.add(h * a_stride + j));
+                        for (v, rk) in acc[h].iter_mut().zip(&r) {
+                            *v = _mm256_fmadd_ps(w, *rk, *v);
+                        }
+                    }
+                }
+                for h in 0..heads {
+                    for (k, v) in acc[h].iter().enumerate() {
+                        _mm256_storeu_ps(y.add(h * dim + c + 8 * k), *v);
+                    }
+                }
+                c += 16;
+            }
+            while c < dim {
+                let m = (dim - c).min(8);
+                let mut acc = [_mm256_setzero_ps(); HEAD_TILE];
+                for (h, v) in acc.iter_mut().enumerate().take(heads) {
+                    *v = load8::<false>(y.add(h * dim + c) as *const u8, 0, m);
+                }
+                for j in 0..n {
+                    let r = load8::<F16>(rows, j * stride + c, m);
+                    for (h, v) in acc.iter_mut().enumerate().take(heads) {
+                        *v = _mm256_fmadd_ps(_mm256_set1_ps(*a.add(h * a_stride + j)), r, *v);
+                    }
+                }
+                for (h, v) in acc.iter().enumerate().take(heads) {
+                    store8(y.add(h * dim + c), *v, m);
+                }
+                c += m;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(i: usize, seed: usize) -> f32 {
+        (((i + seed) * 7919) % 2003) as f32 / 1001.0 - 1.0
+    }
+
+    /// Every instruction set this CPU has, the portable code first.
+    fn each_isa(mut f: impl FnMut(Isa)) {
+        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+            if isa.supported() {
+                f(isa);
+            }
+        }
+    }
+
+    #[test]
+    fn scores_equal_the_sums_written_out() {
+        // Widths with and without a tail of dimensions, positions with and without a tail
+        // of lanes, head counts across a tile, f32 and f16 entries.
+        each_isa(|isa| {
+            for (dim, n, heads) in [(64, 16, 3), (7, 5, 1), (33, 29, 6), (128, 32, 4)] {
+                let stride = n + 3;
+                let q: Vec<f32> = (0..heads * dim).map(|i| value(i, 1)).collect();
+                let raw: Vec<f32> = (0..dim * stride).map(|i| value(i, 2)).collect();
+                let halves: Vec<f16> = raw.iter().map(|&x| f16::from_f32(x)).collect();
+                for keys in [Cached::F32(&raw), Cached::F16(&halves)] {
+                    let out_stride = n + 1;
+                    let mut out = vec![f32::NAN; heads * out_stride];
+                    scores_by_dim_on(isa, &q, dim, 0.5, keys, stride, n, &mut out, out_stride);
+                    for h in 0..heads {
+                        for j in 0..n {
+                            let want: f64 = 0.5
+                                * (0..dim)
+                                    .map(|d| {
+                                        q[h * dim + d] as f64 * keys.get(d * stride + j) as f64
+                                    })
+                                    .sum::<f64>();
+                            let got = out[h * out_stride + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                "{isa:?} {keys:?}: dim {dim} head {h} pos {j}: {got} vs {want}"
+                            );
+                        }
+                        assert!(out[h * out_stride + n].is_nan(), "wrote past the positions");
+                    }
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn weighted_rows_equal_the_sums_written_out() {
+        each_isa(|isa| {
+            for (dim, n, heads) in [(64, 16, 3), (7, 5, 1), (40, 9, 6), (128, 1, 4), (96, 17, 2)] {
+                let stride = dim + 5;
+                let raw: Vec<f32> = (0..n * stride).map(|i| value(i, 3)).collect();
+                let halves: Vec<f16> = raw.iter().map(|&x| f16::from_f32(x)).collect();
+                let a_stride = n + 2;
+                let a: Vec<f32> = (0..heads * a_stride).map(|i| value(i, 4)).collect();
+                for rows in [Cached::F32(&raw), Cached::F16(&halves)] {
+                    let start: Vec<f32> = (0..heads * dim).map(|i| value(i, 5)).collect();
+                    let mut y = start.clone();
+                    add_weighted_rows_on(isa, &a, a_stride, rows, stride, n, &mut y, dim);
+                    for h in 0..heads {
+                        for i in 0..dim {
+                            let want = start[h * dim + i] as f64
+                                + (0..n)
+                                    .map(|j| {
+                                        a[h * a_stride + j] as f64 * rows.get(j * stride + i) as f64
+                                    })
+                                    .sum::<f64>();
+                            let got = y[h * dim + i] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                "{isa:?} {rows:?}: dim {dim} head {h} col {i}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "do not fit")]
+    fn rows_past_the_entries_are_refused() {
+        let rows = [0f32; 10];
+        let mut y = [0f32; 4];
+        add_weighted_rows(&[1.0, 1.0], 2, Cached::F32(&rows), 5, 2, &mut y, 4);
+        add_weighted_rows(&[1.0, 1.0, 1.0], 3, Cached::F32(&rows), 4, 3, &mut y, 4);
+    }
+
+    #[test]
+    #[should_panic(expected = "keys hold")]
+    fn keys_past_the_entries_are_refused() {
+        let keys = [0f32; 10];
+        let mut out = [0f32; 4];
+        scores_by_dim(&[1.0; 4], 4, 1.0, Cached::F32(&keys), 3, 3, &mut out, 4);
+    }
+}
