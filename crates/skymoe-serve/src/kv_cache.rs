@@ -508,6 +508,41 @@ impl KvCache {
         (self.keys[layer].cached(at, end), stride)
     }
 
+    /// The keys of positions `0..len` of a sequence (block table `blocks`) in `layer`, from
+    /// element `from` of each (one kv head, `width` elements), transposed: `[width, len]`
+    /// row-major (element `d` of position `p` at `d·len + p`), replacing the contents of
+    /// `keys`. From a cache storing keys by dimension this converts each block's dimensions
+    /// as whole runs.
+    pub(crate) fn gather_keys_transposed(
+        &self,
+        layer: usize,
+        blocks: &[u32],
+        len: usize,
+        from: usize,
+        width: usize,
+        keys: &mut Vec<f32>,
+    ) {
+        self.check_within_head(from, width);
+        keys.resize(len * width, 0.0);
+        let mut row = vec![0f32; width];
+        for (pos, n) in self.block_runs(len) {
+            if self.keys_by_dim {
+                let (at, stride) = self.key_offset(blocks, pos, from);
+                for d in 0..width {
+                    let out = &mut keys[d * len + pos..d * len + pos + n];
+                    self.keys[layer].read(at + d * stride, out);
+                }
+                continue;
+            }
+            for j in 0..n {
+                self.keys[layer].read(self.offset(blocks, pos + j, from), &mut row);
+                for (d, &x) in row.iter().enumerate() {
+                    keys[d * len + pos + j] = x;
+                }
+            }
+        }
+    }
+
     /// The keys and values of positions `0..len` of a sequence (block table `blocks`) for
     /// the elements starting at `from` within a position (one kv head), `width` of keys and
     /// `value_width` of values, in f32, `[len, width]` and `[len, value_width]` row-major,
@@ -635,6 +670,7 @@ mod tests {
         // Two kv heads of 5 (kv_dim 10), blocks of 4 positions out of order, keys stored by
         // dimension: each block's columns give the scores gather's keys give.
         for dtype in [KvDtype::F32, KvDtype::F16] {
+            let mut by_pos = KvCache::new(2, 10, 4, 6, dtype).with_head_width(5);
             let mut kv = KvCache::new(2, 10, 4, 6, dtype)
                 .with_head_width(5)
                 .with_keys_by_dimension();
@@ -645,12 +681,23 @@ mod tests {
                         .map(|i| ((p * 10 + i + layer) as f32).sin())
                         .collect();
                     kv.write(layer, &blocks, p, &k, &k);
+                    by_pos.write(layer, &blocks, p, &k, &k);
                 }
             }
             let x = [0.5f32, -1.0, 2.0, 0.25, -0.75];
             for (layer, head) in [(0, 0), (1, 1)] {
                 let (mut k, mut v) = (Vec::new(), Vec::new());
                 kv.gather(layer, &blocks, 11, head * 5, (5, 5), &mut k, &mut v);
+                // The transposed gather, from both layouts, is gather's keys transposed.
+                for cache in [&kv, &by_pos] {
+                    let mut kt = Vec::new();
+                    cache.gather_keys_transposed(layer, &blocks, 11, head * 5, 5, &mut kt);
+                    for p in 0..11 {
+                        for d in 0..5 {
+                            assert_eq!(kt[d * 11 + p], k[p * 5 + d], "{dtype:?} {p} {d}");
+                        }
+                    }
+                }
                 for (pos, n) in kv.block_runs(11) {
                     let (cols, stride) = kv.key_columns(layer, &blocks, pos, n, head * 5, 5);
                     assert_eq!(stride, 4);

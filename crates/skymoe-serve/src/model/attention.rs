@@ -426,19 +426,22 @@ impl LayerInputs<'_> {
         (hd, self.shape.heads * hd, self.shape.kv_of(task.head))
     }
 
-    /// The keys and values `task` reads (its kv head, positions up to its last row's),
-    /// `[positions, head_dim]` and `[positions, value_dim]` in f32.
+    /// The keys and values `task` reads (its kv head, positions up to its last row's) in
+    /// f32: the keys transposed, `[head_dim, positions]`, and the values
+    /// `[positions, value_dim]`.
     fn head_cache(&self, ch: &ChunkPlacement<'_>, task: Task) -> (Vec<f32>, Vec<f32>) {
         let (hd, _, g) = self.dims(task);
         let len = ch.start + task.t0 + task.rows;
         let (mut k, mut v) = (Vec::new(), Vec::new());
+        self.kv
+            .gather_keys_transposed(self.layer, ch.blocks, len, g * hd, hd, &mut k);
         self.kv.gather(
             self.layer,
             ch.blocks,
             len,
             g * hd,
-            (hd, self.shape.value_dim),
-            &mut k,
+            (0, self.shape.value_dim),
+            &mut Vec::new(),
             &mut v,
         );
         (k, v)
@@ -489,7 +492,7 @@ fn attend_by_products(inp: LayerInputs<'_>, ch: &ChunkPlacement<'_>, task: Task)
     let (k, v) = inp.head_cache(ch, task);
     let first = (ch.row + task.t0) * qdim + h * hd;
     let queries = View::row_major(&q[first..], rows, hd, qdim);
-    let keys_t = View::transpose_of(&k, hd, len, hd);
+    let keys_t = View::row_major(&k, hd, len, len);
     let mut scores = vec![0f32; rows * len];
     sgemm(queries, keys_t, inp.shape.scale, &mut scores, len);
     for (r, row) in scores.chunks_exact_mut(len).enumerate() {
