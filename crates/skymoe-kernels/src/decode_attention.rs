@@ -344,6 +344,116 @@ mod x86 {
 
     use super::HEAD_TILE;
 
+    /// [`scores_avx512_h`] for `heads` (1 to [`HEAD_TILE`]) query heads.
+    ///
+    /// # Safety
+    /// As [`scores_avx512_h`] for `heads` heads.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn scores_avx512<const F16: bool>(
+        q: *const f32,
+        heads: usize,
+        dim: usize,
+        scale: f32,
+        keys: *const u8,
+        stride: usize,
+        n: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        // SAFETY: the caller's guarantees for `heads` heads, `heads` being the tile's size.
+        unsafe {
+            match heads {
+                1 => scores_avx512_h::<F16, 1>(q, dim, scale, keys, stride, n, out, out_stride),
+                2 => scores_avx512_h::<F16, 2>(q, dim, scale, keys, stride, n, out, out_stride),
+                3 => scores_avx512_h::<F16, 3>(q, dim, scale, keys, stride, n, out, out_stride),
+                _ => scores_avx512_h::<F16, HEAD_TILE>(
+                    q, dim, scale, keys, stride, n, out, out_stride,
+                ),
+            }
+        }
+    }
+
+    /// [`scores_avx2_h`] for `heads` (1 to [`HEAD_TILE`]) query heads.
+    ///
+    /// # Safety
+    /// As [`scores_avx2_h`] for `heads` heads.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn scores_avx2<const F16: bool>(
+        q: *const f32,
+        heads: usize,
+        dim: usize,
+        scale: f32,
+        keys: *const u8,
+        stride: usize,
+        n: usize,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        // SAFETY: the caller's guarantees for `heads` heads, `heads` being the tile's size.
+        unsafe {
+            match heads {
+                1 => scores_avx2_h::<F16, 1>(q, dim, scale, keys, stride, n, out, out_stride),
+                2 => scores_avx2_h::<F16, 2>(q, dim, scale, keys, stride, n, out, out_stride),
+                3 => scores_avx2_h::<F16, 3>(q, dim, scale, keys, stride, n, out, out_stride),
+                _ => {
+                    scores_avx2_h::<F16, HEAD_TILE>(q, dim, scale, keys, stride, n, out, out_stride)
+                }
+            }
+        }
+    }
+
+    /// [`weighted_rows_avx512_h`] for `heads` (1 to [`HEAD_TILE`]) query heads.
+    ///
+    /// # Safety
+    /// As [`weighted_rows_avx512_h`] for `heads` heads.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn weighted_rows_avx512<const F16: bool>(
+        a: *const f32,
+        a_stride: usize,
+        heads: usize,
+        rows: *const u8,
+        stride: usize,
+        n: usize,
+        y: *mut f32,
+        dim: usize,
+    ) {
+        // SAFETY: the caller's guarantees for `heads` heads, `heads` being the tile's size.
+        unsafe {
+            match heads {
+                1 => weighted_rows_avx512_h::<F16, 1>(a, a_stride, rows, stride, n, y, dim),
+                2 => weighted_rows_avx512_h::<F16, 2>(a, a_stride, rows, stride, n, y, dim),
+                3 => weighted_rows_avx512_h::<F16, 3>(a, a_stride, rows, stride, n, y, dim),
+                _ => weighted_rows_avx512_h::<F16, HEAD_TILE>(a, a_stride, rows, stride, n, y, dim),
+            }
+        }
+    }
+
+    /// [`weighted_rows_avx2_h`] for `heads` (1 to [`HEAD_TILE`]) query heads.
+    ///
+    /// # Safety
+    /// As [`weighted_rows_avx2_h`] for `heads` heads.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn weighted_rows_avx2<const F16: bool>(
+        a: *const f32,
+        a_stride: usize,
+        heads: usize,
+        rows: *const u8,
+        stride: usize,
+        n: usize,
+        y: *mut f32,
+        dim: usize,
+    ) {
+        // SAFETY: the caller's guarantees for `heads` heads, `heads` being the tile's size.
+        unsafe {
+            match heads {
+                1 => weighted_rows_avx2_h::<F16, 1>(a, a_stride, rows, stride, n, y, dim),
+                2 => weighted_rows_avx2_h::<F16, 2>(a, a_stride, rows, stride, n, y, dim),
+                3 => weighted_rows_avx2_h::<F16, 3>(a, a_stride, rows, stride, n, y, dim),
+                _ => weighted_rows_avx2_h::<F16, HEAD_TILE>(a, a_stride, rows, stride, n, y, dim),
+            }
+        }
+    }
+
     /// Lanes `0..m` (m ≤ 16) of the 16 entries at `p + i`, the rest zero.
     ///
     /// # Safety
@@ -434,9 +544,8 @@ mod x86 {
     /// and `out[h·out_stride + j]` are in bounds.
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn scores_avx512<const F16: bool>(
+    unsafe fn scores_avx512_h<const F16: bool, const H: usize>(
         q: *const f32,
-        heads: usize,
         dim: usize,
         scale: f32,
         keys: *const u8,
@@ -450,13 +559,13 @@ mod x86 {
         unsafe {
             for j0 in (0..n).step_by(16) {
                 let m = (n - j0).min(16);
-                let mut even = [_mm512_setzero_ps(); HEAD_TILE];
-                let mut odd = [_mm512_setzero_ps(); HEAD_TILE];
+                let mut even = [_mm512_setzero_ps(); H];
+                let mut odd = [_mm512_setzero_ps(); H];
                 let mut d = 0;
                 while d + 2 <= dim {
                     let k0 = load16::<F16>(keys, d * stride + j0, m);
                     let k1 = load16::<F16>(keys, (d + 1) * stride + j0, m);
-                    for h in 0..heads {
+                    for h in 0..H {
                         let qh = q.add(h * dim + d);
                         even[h] = _mm512_fmadd_ps(_mm512_set1_ps(*qh), k0, even[h]);
                         odd[h] = _mm512_fmadd_ps(_mm512_set1_ps(*qh.add(1)), k1, odd[h]);
@@ -465,13 +574,13 @@ mod x86 {
                 }
                 if d < dim {
                     let k0 = load16::<F16>(keys, d * stride + j0, m);
-                    for h in 0..heads {
+                    for h in 0..H {
                         let qh = *q.add(h * dim + d);
                         even[h] = _mm512_fmadd_ps(_mm512_set1_ps(qh), k0, even[h]);
                     }
                 }
                 let mask = ((1u32 << m) - 1) as u16;
-                for h in 0..heads {
+                for h in 0..H {
                     let s = _mm512_mul_ps(_mm512_add_ps(even[h], odd[h]), scale);
                     _mm512_mask_storeu_ps(out.add(h * out_stride + j0), mask, s);
                 }
@@ -485,9 +594,8 @@ mod x86 {
     /// AVX2, FMA, F16C; as [`scores_avx512`].
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn scores_avx2<const F16: bool>(
+    unsafe fn scores_avx2_h<const F16: bool, const H: usize>(
         q: *const f32,
-        heads: usize,
         dim: usize,
         scale: f32,
         keys: *const u8,
@@ -501,13 +609,13 @@ mod x86 {
         unsafe {
             for j0 in (0..n).step_by(8) {
                 let m = (n - j0).min(8);
-                let mut even = [_mm256_setzero_ps(); HEAD_TILE];
-                let mut odd = [_mm256_setzero_ps(); HEAD_TILE];
+                let mut even = [_mm256_setzero_ps(); H];
+                let mut odd = [_mm256_setzero_ps(); H];
                 let mut d = 0;
                 while d + 2 <= dim {
                     let k0 = load8::<F16>(keys, d * stride + j0, m);
                     let k1 = load8::<F16>(keys, (d + 1) * stride + j0, m);
-                    for h in 0..heads {
+                    for h in 0..H {
                         let qh = q.add(h * dim + d);
                         even[h] = _mm256_fmadd_ps(_mm256_set1_ps(*qh), k0, even[h]);
                         odd[h] = _mm256_fmadd_ps(_mm256_set1_ps(*qh.add(1)), k1, odd[h]);
@@ -516,12 +624,12 @@ mod x86 {
                 }
                 if d < dim {
                     let k0 = load8::<F16>(keys, d * stride + j0, m);
-                    for h in 0..heads {
+                    for h in 0..H {
                         let qh = *q.add(h * dim + d);
                         even[h] = _mm256_fmadd_ps(_mm256_set1_ps(qh), k0, even[h]);
                     }
                 }
-                for h in 0..heads {
+                for h in 0..H {
                     let s = _mm256_mul_ps(_mm256_add_ps(even[h], odd[h]), scale);
                     store8(out.add(h * out_stride + j0), s, m);
                 }
@@ -537,10 +645,9 @@ mod x86 {
     /// `a[h·a_stride + j]` and `y[..heads·dim]` are in bounds.
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn weighted_rows_avx512<const F16: bool>(
+    unsafe fn weighted_rows_avx512_h<const F16: bool, const H: usize>(
         a: *const f32,
         a_stride: usize,
-        heads: usize,
         rows: *const u8,
         stride: usize,
         n: usize,
@@ -551,8 +658,8 @@ mod x86 {
         unsafe {
             let mut c = 0;
             while c + 64 <= dim {
-                let mut acc = [[_mm512_setzero_ps(); 4]; HEAD_TILE];
-                for h in 0..heads {
+                let mut acc = [[_mm512_setzero_ps(); 4]; H];
+                for h in 0..H {
                     for (k, v) in acc[h].iter_mut().enumerate() {
                         *v = _mm512_loadu_ps(y.add(h * dim + c + 16 * k));
                     }
@@ -565,14 +672,14 @@ mod x86 {
                         load16::<F16>(rows, at + 32, 16),
                         load16::<F16>(rows, at + 48, 16),
                     ];
-                    for h in 0..heads {
+                    for h in 0..H {
                         let w = _mm512_set1_ps(*a.add(h * a_stride + j));
                         for (v, rk) in acc[h].iter_mut().zip(&r) {
                             *v = _mm512_fmadd_ps(w, *rk, *v);
                         }
                     }
                 }
-                for h in 0..heads {
+                for h in 0..H {
                     for (k, v) in acc[h].iter().enumerate() {
                         _mm512_storeu_ps(y.add(h * dim + c + 16 * k), *v);
                     }
@@ -582,17 +689,17 @@ mod x86 {
             while c < dim {
                 let m = (dim - c).min(16);
                 let mask = ((1u32 << m) - 1) as u16;
-                let mut acc = [_mm512_setzero_ps(); HEAD_TILE];
-                for (h, v) in acc.iter_mut().enumerate().take(heads) {
+                let mut acc = [_mm512_setzero_ps(); H];
+                for (h, v) in acc.iter_mut().enumerate() {
                     *v = _mm512_maskz_loadu_ps(mask, y.add(h * dim + c));
                 }
                 for j in 0..n {
                     let r = load16::<F16>(rows, j * stride + c, m);
-                    for (h, v) in acc.iter_mut().enumerate().take(heads) {
+                    for (h, v) in acc.iter_mut().enumerate() {
                         *v = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(h * a_stride + j)), r, *v);
                     }
                 }
-                for (h, v) in acc.iter().enumerate().take(heads) {
+                for (h, v) in acc.iter().enumerate() {
                     _mm512_mask_storeu_ps(y.add(h * dim + c), mask, *v);
                 }
                 c += m;
@@ -607,10 +714,9 @@ mod x86 {
     /// AVX2, FMA, F16C; as [`weighted_rows_avx512`].
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn weighted_rows_avx2<const F16: bool>(
+    unsafe fn weighted_rows_avx2_h<const F16: bool, const H: usize>(
         a: *const f32,
         a_stride: usize,
-        heads: usize,
         rows: *const u8,
         stride: usize,
         n: usize,
@@ -621,8 +727,8 @@ mod x86 {
         unsafe {
             let mut c = 0;
             while c + 16 <= dim {
-                let mut acc = [[_mm256_setzero_ps(); 2]; HEAD_TILE];
-                for h in 0..heads {
+                let mut acc = [[_mm256_setzero_ps(); 2]; H];
+                for h in 0..H {
                     for (k, v) in acc[h].iter_mut().enumerate() {
                         *v = _mm256_loadu_ps(y.add(h * dim + c + 8 * k));
                     }
@@ -630,14 +736,14 @@ mod x86 {
                 for j in 0..n {
                     let at = j * stride + c;
                     let r = [load8::<F16>(rows, at, 8), load8::<F16>(rows, at + 8, 8)];
-                    for h in 0..heads {
+                    for h in 0..H {
                         let w = _mm256_set1_ps(*a.add(h * a_stride + j));
                         for (v, rk) in acc[h].iter_mut().zip(&r) {
                             *v = _mm256_fmadd_ps(w, *rk, *v);
                         }
                     }
                 }
-                for h in 0..heads {
+                for h in 0..H {
                     for (k, v) in acc[h].iter().enumerate() {
                         _mm256_storeu_ps(y.add(h * dim + c + 8 * k), *v);
                     }
@@ -646,17 +752,17 @@ mod x86 {
             }
             while c < dim {
                 let m = (dim - c).min(8);
-                let mut acc = [_mm256_setzero_ps(); HEAD_TILE];
-                for (h, v) in acc.iter_mut().enumerate().take(heads) {
+                let mut acc = [_mm256_setzero_ps(); H];
+                for (h, v) in acc.iter_mut().enumerate() {
                     *v = load8::<false>(y.add(h * dim + c) as *const u8, 0, m);
                 }
                 for j in 0..n {
                     let r = load8::<F16>(rows, j * stride + c, m);
-                    for (h, v) in acc.iter_mut().enumerate().take(heads) {
+                    for (h, v) in acc.iter_mut().enumerate() {
                         *v = _mm256_fmadd_ps(_mm256_set1_ps(*a.add(h * a_stride + j)), r, *v);
                     }
                 }
-                for (h, v) in acc.iter().enumerate().take(heads) {
+                for (h, v) in acc.iter().enumerate() {
                     store8(y.add(h * dim + c), *v, m);
                 }
                 c += m;
