@@ -632,9 +632,16 @@ mod tests {
             for h in 0..shape.heads {
                 assert!(shape.heads_of(shape.kv_of(h)).contains(&h), "head {h}");
             }
-            for dtype in [KvDtype::F32, KvDtype::F16] {
+            // Blocks of 16 positions (the default: one AVX-512 register of scores), of 5 (all
+            // partial registers) and of 24 (one whole register and a partial one).
+            for (dtype, block) in [
+                (KvDtype::F32, 16),
+                (KvDtype::F16, 16),
+                (KvDtype::F16, 5),
+                (KvDtype::F32, 24),
+            ] {
                 let make =
-                    || KvCache::new(1, kv_dim, 16, 200, dtype).with_head_width(shape.head_dim);
+                    || KvCache::new(1, kv_dim, block, 200, dtype).with_head_width(shape.head_dim);
                 let (mut by_pos, mut by_dim) = (make(), make().with_keys_by_dimension());
                 // Chunks: one decoding row after 700 cached positions, one after 5, and 70
                 // prompt rows after 20 (a block of 64 rows and a tail of 6).
@@ -686,7 +693,7 @@ mod tests {
                             m.max((x - y).abs())
                         }
                     });
-                    assert!(err < 1e-5, "{dtype} {shape:?}: {err}");
+                    assert!(err < 1e-5, "{dtype} blocks of {block} {shape:?}: {err}");
                 }
             }
         }
