@@ -70,6 +70,32 @@ impl Cached<'_> {
     }
 }
 
+/// Call the x86 kernel `$avx512` or `$avx2` (as `$isa` says), compiled for the type of
+/// `$cached`'s entries, with `$args`, in which `$entries` names a pointer to the first entry.
+#[cfg(target_arch = "x86_64")]
+macro_rules! x86_kernel {
+    ($isa:expr, $cached:expr, $avx512:ident, $avx2:ident, |$entries:ident| ($($arg:expr),* $(,)?)) => {
+        match ($isa, $cached) {
+            (Isa::Avx512, Cached::F32(e)) => {
+                let $entries = e.as_ptr().cast();
+                x86::$avx512::<false>($($arg),*)
+            }
+            (Isa::Avx512, Cached::F16(e)) => {
+                let $entries = e.as_ptr().cast();
+                x86::$avx512::<true>($($arg),*)
+            }
+            (_, Cached::F32(e)) => {
+                let $entries = e.as_ptr().cast();
+                x86::$avx2::<false>($($arg),*)
+            }
+            (_, Cached::F16(e)) => {
+                let $entries = e.as_ptr().cast();
+                x86::$avx2::<true>($($arg),*)
+            }
+        }
+    };
+}
+
 /// Query heads one kernel call keeps in registers; larger groups are taken in tiles of this
 /// many.
 const HEAD_TILE: usize = 4;
@@ -143,56 +169,13 @@ fn scores_by_dim_on(
             for h0 in (0..heads).step_by(HEAD_TILE) {
                 let tile = (heads - h0).min(HEAD_TILE);
                 let (qp, op) = (q[h0 * dim..].as_ptr(), out[h0 * out_stride..].as_mut_ptr());
-                // SAFETY: `detect` returns only supported instruction sets; the key rows
+                // SAFETY: `isa` is supported (checked just above); the key rows
                 // `d < dim` of `n` entries at `d·stride` are inside `keys`, the tile's query
                 // rows inside `q` and its score rows inside `out` (all checked above).
                 unsafe {
-                    match (isa, keys) {
-                        (Isa::Avx512, Cached::F32(k)) => x86::scores_avx512::<false>(
-                            qp,
-                            tile,
-                            dim,
-                            scale,
-                            k.as_ptr().cast(),
-                            stride,
-                            n,
-                            op,
-                            out_stride,
-                        ),
-                        (Isa::Avx512, Cached::F16(k)) => x86::scores_avx512::<true>(
-                            qp,
-                            tile,
-                            dim,
-                            scale,
-                            k.as_ptr().cast(),
-                            stride,
-                            n,
-                            op,
-                            out_stride,
-                        ),
-                        (_, Cached::F32(k)) => x86::scores_avx2::<false>(
-                            qp,
-                            tile,
-                            dim,
-                            scale,
-                            k.as_ptr().cast(),
-                            stride,
-                            n,
-                            op,
-                            out_stride,
-                        ),
-                        (_, Cached::F16(k)) => x86::scores_avx2::<true>(
-                            qp,
-                            tile,
-                            dim,
-                            scale,
-                            k.as_ptr().cast(),
-                            stride,
-                            n,
-                            op,
-                            out_stride,
-                        ),
-                    }
+                    x86_kernel!(isa, keys, scores_avx512, scores_avx2, |entries| (
+                        qp, tile, dim, scale, entries, stride, n, op, out_stride
+                    ))
                 }
             }
             return;
@@ -268,52 +251,17 @@ fn add_weighted_rows_on(
             for h0 in (0..heads).step_by(HEAD_TILE) {
                 let tile = (heads - h0).min(HEAD_TILE);
                 let (ap, yp) = (a[h0 * a_stride..].as_ptr(), y[h0 * dim..].as_mut_ptr());
-                // SAFETY: `detect` returns only supported instruction sets; rows `j < n` of
+                // SAFETY: `isa` is supported (checked just above); rows `j < n` of
                 // `dim` entries at `j·stride` are inside `rows`, the tile's weights inside
                 // `a` and its outputs inside `y` (all checked above).
                 unsafe {
-                    match (isa, rows) {
-                        (Isa::Avx512, Cached::F32(r)) => x86::weighted_rows_avx512::<false>(
-                            ap,
-                            a_stride,
-                            tile,
-                            r.as_ptr().cast(),
-                            stride,
-                            n,
-                            yp,
-                            dim,
-                        ),
-                        (Isa::Avx512, Cached::F16(r)) => x86::weighted_rows_avx512::<true>(
-                            ap,
-                            a_stride,
-                            tile,
-                            r.as_ptr().cast(),
-                            stride,
-                            n,
-                            yp,
-                            dim,
-                        ),
-                        (_, Cached::F32(r)) => x86::weighted_rows_avx2::<false>(
-                            ap,
-                            a_stride,
-                            tile,
-                            r.as_ptr().cast(),
-                            stride,
-                            n,
-                            yp,
-                            dim,
-                        ),
-                        (_, Cached::F16(r)) => x86::weighted_rows_avx2::<true>(
-                            ap,
-                            a_stride,
-                            tile,
-                            r.as_ptr().cast(),
-                            stride,
-                            n,
-                            yp,
-                            dim,
-                        ),
-                    }
+                    x86_kernel!(
+                        isa,
+                        rows,
+                        weighted_rows_avx512,
+                        weighted_rows_avx2,
+                        |entries| (ap, a_stride, tile, entries, stride, n, yp, dim)
+                    )
                 }
             }
             return;
