@@ -195,10 +195,10 @@ impl Plane {
     }
 }
 
-/// Key/value storage for all layers, in blocks of `block_size` positions. Within a block the
-/// values are stored head by head (see [`KvCache::with_head_width`]): the positions of one kv
-/// head lie one after the other, so that a decoding step reads each head's keys and values of
-/// a block as one run.
+/// Key/value storage for all layers, in blocks of `block_size` positions. Stored head by head
+/// (see [`KvCache::with_head_width`]), each kv head's blocks lie together in a layer's plane
+/// and a block's positions of one head one after the other, so that a decoding step reads a
+/// head's keys and values of consecutive blocks as one run.
 pub struct KvCache {
     block_size: usize,
     num_blocks: usize,
@@ -311,10 +311,11 @@ impl KvCache {
         self.free.extend(blocks.iter().rev());
     }
 
-    /// Store each block head by head, for kv heads of `width` values (a divisor of the
-    /// width of a position): the `block_size` positions of one head lie one after the other.
-    /// Without it (or for a `width` that does not divide a position) a block is stored
-    /// position by position, as one head as wide as a position.
+    /// Store the cache head by head, for kv heads of `width` values (a divisor of the width of
+    /// a position): each head's blocks lie together in a layer's plane (block `b` of head `h`
+    /// at `(h·blocks + b)·block_size·width`), a block's `block_size` positions of the head one
+    /// after the other. Without it (or for a `width` that does not divide a position) a block
+    /// is stored position by position, as one head as wide as a position.
     pub fn with_head_width(mut self, width: usize) -> Self {
         if width > 0 && self.kv_dim.is_multiple_of(width) {
             self.head_width = width;
