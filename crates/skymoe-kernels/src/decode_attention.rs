@@ -809,7 +809,7 @@ mod tests {
     fn rows_past_the_entries_are_refused() {
         let rows = [0f32; 10];
         let mut y = [0f32; 4];
-        add_weighted_rows(&[1.0, 1.0], 2, Cached::F32(&rows), 5, 2, &mut y, 4);
+        // Three rows of 4 at a stride of 4 need 12 entries.
         add_weighted_rows(&[1.0, 1.0, 1.0], 3, Cached::F32(&rows), 4, 3, &mut y, 4);
     }
 
