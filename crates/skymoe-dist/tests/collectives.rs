@@ -16,15 +16,24 @@ fn under_mpirun() -> bool {
 }
 
 /// Run test `name` of this binary on `np` ranks.
+///
+/// Each job gets its own OpenMPI session directory: concurrent jobs of one user otherwise share
+/// `/tmp/ompi.<host>.<uid>`, and one job's cleanup can remove it while another job creates its
+/// session in it (the job then fails at start, "unable to create the desired directory").
 fn mpirun(np: usize, name: &str, env: &[(&str, &str)]) -> Output {
     let exe = std::env::current_exe().expect("test binary");
+    let session = tempfile::Builder::new()
+        .prefix("skymoe-mpirun-")
+        .tempdir()
+        .expect("a session directory for mpirun");
     let mut cmd = Command::new("mpirun");
     cmd.args(["-np", &np.to_string(), "--oversubscribe"])
         .arg(exe)
         .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .env("OMPI_MCA_orte_tmpdir_base", session.path());
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -8,16 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{corpus, skymoe};
+use common::{corpus, skymoe, Mpirun};
 
-fn mpirun(np: usize, args: &[&str], tag: &str) -> Command {
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["-np", &np.to_string(), "--oversubscribe"])
-        .arg(env!("CARGO_BIN_EXE_skymoe"))
-        .args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("SKYMOE_TEST_TAG", tag);
+/// `mpirun -np np skymoe args`, its processes tagged `tag` (to find them by their environment).
+fn mpirun(np: usize, args: &[&str], tag: &str) -> Mpirun {
+    let mut cmd = Mpirun::new(np);
+    cmd.args(args).env("SKYMOE_TEST_TAG", tag);
     cmd
 }
 
@@ -574,7 +570,8 @@ fn killing_a_rank_stops_the_run_with_the_rank_named() {
     let cfg = write_config(tmp.path(), 1, 100_000);
     let run = tmp.path().join("run");
     let tag = format!("kill-{}", std::process::id());
-    let mut child = mpirun(
+    // The session directory lives until the job has ended.
+    let mut job = mpirun(
         2,
         &[
             "train",
@@ -587,11 +584,12 @@ fn killing_a_rank_stops_the_run_with_the_rank_named() {
             "dp=2",
         ],
         &tag,
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    );
+    let mut child = job
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     // Wait for training to start (a metrics line), then kill rank 1.
     let t0 = Instant::now();
     while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(true, |t| t.lines().count() < 2)

@@ -11,16 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fixtures, skymoe};
-
-fn mpirun(np: usize) -> Command {
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["-np", &np.to_string(), "--oversubscribe"])
-        .arg(env!("CARGO_BIN_EXE_skymoe"))
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
-    cmd
-}
+use common::{fixtures, skymoe, Mpirun};
 
 fn read_logits(path: &Path) -> Vec<f32> {
     let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
@@ -76,7 +67,7 @@ fn logits_over_three_uneven_ranks_equal_one_process_and_transformers() {
         assert!(max_rel(&alone, &hf) < 1e-4);
         for weights in [None, Some("1,2,1")] {
             let three = dir.path().join(format!("{fam}-three.safetensors"));
-            let mut cmd = mpirun(3);
+            let mut cmd = Mpirun::new(3);
             cmd.args([
                 "logits",
                 "--model",
@@ -112,7 +103,7 @@ fn logits_over_three_uneven_ranks_equal_one_process_and_transformers() {
 fn bad_splits_end_every_rank_with_a_message() {
     let model = fixtures().join("mixtral");
     let run = |np: usize, weights: &str| {
-        let out = mpirun(np)
+        let out = Mpirun::new(np)
             .args([
                 "logits",
                 "--model",
@@ -133,7 +124,7 @@ fn bad_splits_end_every_rank_with_a_message() {
     };
     assert!(run(3, "1,1").contains("2 rank weights given for 3 ranks"));
     assert!(run(3, "1,-1,1").contains("positive"));
-    let out = mpirun(5)
+    let out = Mpirun::new(5)
         .args([
             "logits",
             "--model",
@@ -156,7 +147,7 @@ fn serving_over_three_ranks_answers_like_one_process_and_drains() {
     let model = fixtures().join("mixtral");
     let req = r#"{"model": "mixtral", "prompt": [3, 17, 42, 99], "max_tokens": 10,
                   "temperature": 0, "ignore_eos": true}"#;
-    let start = |mut cmd: Command| {
+    let start = |cmd: &mut Command| {
         let mut child = cmd
             .args([
                 "serve",
@@ -190,12 +181,14 @@ fn serving_over_three_ranks_answers_like_one_process_and_drains() {
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         v["choices"][0]["text"].as_str().unwrap().to_string()
     };
-    let (mut one, addr) = start(Command::new(env!("CARGO_BIN_EXE_skymoe")));
+    let (mut one, addr) = start(&mut Command::new(env!("CARGO_BIN_EXE_skymoe")));
     let want = completion(&addr);
     let _ = one.kill();
     let _ = one.wait();
 
-    let (mut job, addr) = start(mpirun(3));
+    // The session directory lives until the job has ended.
+    let mut mpirun = Mpirun::new(3);
+    let (mut job, addr) = start(&mut mpirun);
     assert_eq!(completion(&addr), want);
     assert_eq!(completion(&addr), want, "a second request after the first");
     // SIGTERM to rank 0: it drains, releases the other ranks, and the job ends cleanly.

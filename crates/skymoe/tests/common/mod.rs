@@ -73,3 +73,48 @@ pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, S
         .unwrap_or_default();
     (status, body)
 }
+
+/// An `mpirun` command for `np` processes of the `skymoe` binary, with its own OpenMPI
+/// session directory, removed when this value is dropped: keep it alive while the job runs.
+///
+/// Concurrent jobs of one user otherwise share `/tmp/ompi.<host>.<uid>`, and one job's cleanup
+/// can remove that directory while another job creates its session in it (OpenMPI then
+/// fails at start with "A call to mkdir was unable to create the desired directory").
+pub struct Mpirun {
+    command: Command,
+    _session: tempfile::TempDir,
+}
+
+impl Mpirun {
+    /// `mpirun -np np --oversubscribe skymoe`, allowed to run as root.
+    pub fn new(np: usize) -> Self {
+        let session = tempfile::Builder::new()
+            .prefix("skymoe-mpirun-")
+            .tempdir()
+            .expect("a session directory for mpirun");
+        let mut command = Command::new("mpirun");
+        command
+            .args(["-np", &np.to_string(), "--oversubscribe"])
+            .arg(env!("CARGO_BIN_EXE_skymoe"))
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("OMPI_MCA_orte_tmpdir_base", session.path());
+        Mpirun {
+            command,
+            _session: session,
+        }
+    }
+}
+
+impl std::ops::Deref for Mpirun {
+    type Target = Command;
+    fn deref(&self) -> &Command {
+        &self.command
+    }
+}
+
+impl std::ops::DerefMut for Mpirun {
+    fn deref_mut(&mut self) -> &mut Command {
+        &mut self.command
+    }
+}
