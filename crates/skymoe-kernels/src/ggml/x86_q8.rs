@@ -175,9 +175,330 @@ fn wdot_vnni(acc: __m256i, p: __m256i, s: __m256i) -> __m256i {
     _mm256_dpwssd_epi32(acc, p, s)
 }
 
+/// How a 32-weight kernel (`T`: its ggml id, or [`PLAIN_INT8`]) reads its blocks.
+#[derive(Clone, Copy)]
+struct Shape32 {
+    /// The type whose arithmetic the kernel follows (Q8_0's for skymoe's int8 rows).
+    ty: GgmlType,
+    /// skymoe's int8 rows: Q8_0's arithmetic with 32 plain bytes per block and a block scale
+    /// of 1 (the row's scale is applied by the caller).
+    plain: bool,
+    /// Bytes per block.
+    bb: usize,
+    /// Bytes before the block's weights (its f16 scale).
+    head: usize,
+    /// Q4_1 and Q5_1: a minimum per block.
+    min: bool,
+    /// Subtracted per block: offset · Σx as `Σx << corr_shift` (Q4_0: q − 8, Q5_0: q − 16;
+    /// Q8_0 read as unsigned: w + 128); 0 for none.
+    corr_shift: i32,
+}
+
+/// The [`Shape32`] of kernel `t`; `q8_unsigned`: Q8_0's weights are read as `w + 128`.
+const fn shape32(t: u32, q8_unsigned: bool) -> Shape32 {
+    let ty = match t {
+        2 => GgmlType::Q4_0,
+        3 => GgmlType::Q4_1,
+        6 => GgmlType::Q5_0,
+        7 => GgmlType::Q5_1,
+        _ => GgmlType::Q8_0,
+    };
+    let plain = t == PLAIN_INT8;
+    let (bb, head) = match (plain, ty) {
+        (true, _) => (32, 0),
+        (false, GgmlType::Q4_0) => (18, 2),
+        (false, GgmlType::Q4_1) => (20, 2),
+        (false, GgmlType::Q5_0) => (22, 2),
+        (false, GgmlType::Q5_1) => (24, 2),
+        (false, _) => (34, 2),
+    };
+    Shape32 {
+        ty,
+        plain,
+        bb,
+        head,
+        min: matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1),
+        corr_shift: match ty {
+            GgmlType::Q4_0 => 3,
+            GgmlType::Q5_0 => 4,
+            GgmlType::Q8_0 if q8_unsigned => 7,
+            _ => 0,
+        },
+    }
+}
+
 /// Both kernels of one instruction set: the 32-weight types and the k-quants.
 macro_rules! int_kernels {
     ($features:literal, $dp:ident, $wdot:ident, $hi16:ident, $q8_unsigned:literal) => {
+        /// The eight accumulators (`[__m256; M]`, one per block index modulo 8, see
+        /// [`super::q8`]) of blocks `0 .. nb` of one weight row of a 32-weight type (`T`),
+        /// for activation rows `i0 .. i0 + M`; a macro, so that each kernel has the loop in
+        /// its own body (a function called from several kernels is not inlined). Unsafe code:
+        /// the caller upholds [`dots32`]'s contract.
+        macro_rules! groups32 {
+            ($row:expr, $nb:expr, $a:expr, $i0:expr) => {{
+                let (row, nb, a, i0): (*const u8, usize, Act, usize) = ($row, $nb, $a, $i0);
+                let Shape32 {
+                    ty,
+                    plain,
+                    bb,
+                    min,
+                    corr_shift,
+                    ..
+                } = const { shape32(T, $q8_unsigned) };
+                let mut acc = [_mm256_setzero_ps(); M];
+                let iota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+                let mut g = 0;
+                // SAFETY (whole block): blocks g .. g + n ≤ nb of the row and activation blocks
+                // g .. g + n of rows i0 .. i0 + M are read (masked loads for the scales of a
+                // last, partial group), as the caller guarantees them.
+                unsafe {
+                    // One group of `$n` blocks from block `g`; `$full`: all eight present (plain
+                    // loads, no tests), else the scales beyond the row are masked off.
+                    macro_rules! group {
+                        ($n:expr, $full:expr) => {{
+                            let n: usize = $n;
+                            let base = row.add(g * bb);
+                            prefetch_ahead(base, 8 * bb);
+                            let mut w = [_mm256_setzero_si256(); 8];
+                            // The first 4 bytes of each block: d, then m (Q4_1, Q5_1).
+                            let mut hdm = [0u32; 8];
+                            for k in 0..8 {
+                                if !$full && k >= n {
+                                    break;
+                                }
+                                let b = base.add(k * bb);
+                                if !plain {
+                                    hdm[k] = read_u32(b);
+                                }
+                                w[k] = weights32::<T>(b);
+                            }
+                            // The halves: d of the eight blocks in the low 128 bits, m in the high.
+                            let dm =
+                                _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(
+                                    _mm256_loadu_si256(hdm.as_ptr() as *const __m256i),
+                                    _mm256_set_epi64x(
+                                        0x0f0e_0b0a_0706_0302,
+                                        0x0d0c_0908_0504_0100,
+                                        0x0f0e_0b0a_0706_0302,
+                                        0x0d0c_0908_0504_0100,
+                                    ),
+                                ));
+                            let dw = if plain {
+                                _mm256_set1_ps(1.0)
+                            } else {
+                                _mm256_cvtph_ps(_mm256_castsi256_si128(dm))
+                            };
+                            let mw = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(dm));
+                            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), iota);
+                            for (i, acc) in acc.iter_mut().enumerate() {
+                                let r = i0 + i;
+                                let xq = a.q.add(r * a.cols + g * 32);
+                                let mut v = [_mm256_setzero_si256(); 8];
+                                for k in 0..8 {
+                                    if !$full && k >= n {
+                                        break;
+                                    }
+                                    let x = _mm256_loadu_si256(xq.add(32 * k) as *const __m256i);
+                                    v[k] = if ty == GgmlType::Q8_0 && !$q8_unsigned {
+                                        // Signed weights: |w| times x with w's sign.
+                                        $dp(_mm256_abs_epi8(w[k]), _mm256_sign_epi8(x, w[k]))
+                                    } else {
+                                        $dp(w[k], x)
+                                    };
+                                }
+                                let mut s = reduce8(&v);
+                                let off = r * a.nbx + g;
+                                if corr_shift > 0 {
+                                    let sx = if $full {
+                                        _mm256_loadu_si256(a.sum.add(off) as *const __m256i)
+                                    } else {
+                                        _mm256_maskload_epi32(a.sum.add(off), mask)
+                                    };
+                                    s = _mm256_sub_epi32(
+                                        s,
+                                        _mm256_sll_epi32(sx, _mm_cvtsi32_si128(corr_shift)),
+                                    );
+                                }
+                                let dx = if $full {
+                                    _mm256_loadu_ps(a.d.add(off))
+                                } else {
+                                    _mm256_maskload_ps(a.d.add(off), mask)
+                                };
+                                let mut t =
+                                    _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(s));
+                                if min {
+                                    let ds = if $full {
+                                        _mm256_loadu_ps(a.dsum.add(off))
+                                    } else {
+                                        _mm256_maskload_ps(a.dsum.add(off), mask)
+                                    };
+                                    t = _mm256_add_ps(t, _mm256_mul_ps(mw, ds));
+                                }
+                                *acc = _mm256_add_ps(*acc, t);
+                            }
+                        }};
+                    }
+                    while g + 8 <= nb {
+                        group!(8, true);
+                        g += 8;
+                    }
+                    // A last, partial group, its size a constant in each arm (the blocks and
+                    // scales then stay in registers).
+                    match nb - g {
+                        0 => {}
+                        1 => group!(1, false),
+                        2 => group!(2, false),
+                        3 => group!(3, false),
+                        4 => group!(4, false),
+                        5 => group!(5, false),
+                        6 => group!(6, false),
+                        _ => group!(7, false),
+                    }
+                }
+                acc
+            }};
+        }
+
+        /// The 32 weights of the block at `b` of kernel `T` as the bytes its products take
+        /// (unsigned but for Q8_0 read as signed; offsets are subtracted per block).
+        ///
+        /// # Safety
+        /// The CPU supports the features; a whole block at `b`.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn weights32<const T: u32>(b: *const u8) -> __m256i {
+            let sh = const { shape32(T, $q8_unsigned) };
+            // SAFETY: the caller guarantees the block.
+            unsafe {
+                match sh.ty {
+                    GgmlType::Q4_0 => nib32(b.add(2)),
+                    GgmlType::Q4_1 => nib32(b.add(4)),
+                    GgmlType::Q5_0 => _mm256_or_si256(nib32(b.add(6)), $hi16(read_u32(b.add(2)))),
+                    GgmlType::Q5_1 => _mm256_or_si256(nib32(b.add(8)), $hi16(read_u32(b.add(4)))),
+                    _ if $q8_unsigned => _mm256_xor_si256(
+                        _mm256_loadu_si256(b.add(sh.head) as *const __m256i),
+                        _mm256_set1_epi8(-128),
+                    ),
+                    _ => _mm256_loadu_si256(b.add(sh.head) as *const __m256i),
+                }
+            }
+        }
+
+        /// Adds the last `nb % 8` blocks (`n`, 1 to 4: a partial group) of `R` consecutive
+        /// weight rows (`rb` bytes apart from `rows`) into their accumulators `acc[j]`, all
+        /// rows at once: row `j`'s blocks take lanes `j·n .. j·n + n` of one group, whose
+        /// integer sums are reduced and scaled together, then each row's lanes are moved back
+        /// to lanes `0 .. n` of its accumulators. Every lane's arithmetic is the row's own
+        /// (see [`super::q8`]); a row alone would spend a whole group's reduction and scaling
+        /// on its `n` blocks.
+        ///
+        /// # Safety
+        /// As for [`dots32`] for each of the `R` rows; `R·(nb % 8) ≤ 8`.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn tails32<const T: u32, const M: usize, const R: usize>(
+            rows: *const u8,
+            rb: usize,
+            nb: usize,
+            a: Act,
+            i0: usize,
+            acc: &mut [[__m256; M]; R],
+        ) {
+            let sh = const { shape32(T, $q8_unsigned) };
+            let n = nb % 8;
+            let g = nb - n;
+            debug_assert!(n > 0 && R * n <= 8);
+            let iota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+            let nv = _mm256_set1_epi32(n as i32);
+            // Lane l of the joint group holds block g + l % n of row l / n.
+            let mut block_of_lane = [0i32; 8];
+            for (l, b) in block_of_lane.iter_mut().enumerate() {
+                *b = (l % n) as i32;
+            }
+            let block_of_lane = _mm256_loadu_si256(block_of_lane.as_ptr() as *const __m256i);
+            let in_row = _mm256_cmpgt_epi32(nv, iota);
+            // SAFETY (whole block): blocks g .. nb of the R rows and activation blocks
+            // g .. nb of rows i0 .. i0 + M, as the caller guarantees them.
+            unsafe {
+                let mut w = [_mm256_setzero_si256(); 8];
+                let mut hdm = [0u32; 8];
+                for j in 0..R {
+                    for k in 0..n {
+                        let b = rows.add(j * rb + (g + k) * sh.bb);
+                        if !sh.plain {
+                            hdm[j * n + k] = read_u32(b);
+                        }
+                        w[j * n + k] = weights32::<T>(b);
+                    }
+                }
+                let dm = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(
+                    _mm256_loadu_si256(hdm.as_ptr() as *const __m256i),
+                    _mm256_set_epi64x(
+                        0x0f0e_0b0a_0706_0302,
+                        0x0d0c_0908_0504_0100,
+                        0x0f0e_0b0a_0706_0302,
+                        0x0d0c_0908_0504_0100,
+                    ),
+                ));
+                let dw = if sh.plain {
+                    _mm256_set1_ps(1.0)
+                } else {
+                    _mm256_cvtph_ps(_mm256_castsi256_si128(dm))
+                };
+                let mw = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(dm));
+                for i in 0..M {
+                    let r = i0 + i;
+                    let xq = a.q.add(r * a.cols + g * 32);
+                    let mut v = [_mm256_setzero_si256(); 8];
+                    for j in 0..R {
+                        for k in 0..n {
+                            let x = _mm256_loadu_si256(xq.add(32 * k) as *const __m256i);
+                            let l = j * n + k;
+                            v[l] = if sh.ty == GgmlType::Q8_0 && !$q8_unsigned {
+                                $dp(_mm256_abs_epi8(w[l]), _mm256_sign_epi8(x, w[l]))
+                            } else {
+                                $dp(w[l], x)
+                            };
+                        }
+                    }
+                    let mut s = reduce8(&v);
+                    let off = r * a.nbx + g;
+                    // The activation's block values of each lane: the row's n blocks,
+                    // repeated for every weight row.
+                    let spread_i = |p: *const i32| {
+                        _mm256_permutevar8x32_epi32(_mm256_maskload_epi32(p, in_row), block_of_lane)
+                    };
+                    let spread_f = |p: *const f32| {
+                        _mm256_permutevar8x32_ps(_mm256_maskload_ps(p, in_row), block_of_lane)
+                    };
+                    if sh.corr_shift > 0 {
+                        s = _mm256_sub_epi32(
+                            s,
+                            _mm256_sll_epi32(
+                                spread_i(a.sum.add(off)),
+                                _mm_cvtsi32_si128(sh.corr_shift),
+                            ),
+                        );
+                    }
+                    let dx = spread_f(a.d.add(off));
+                    let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(s));
+                    if sh.min {
+                        t = _mm256_add_ps(t, _mm256_mul_ps(mw, spread_f(a.dsum.add(off))));
+                    }
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        // Lanes j·n .. j·n + n of t to lanes 0 .. n, the others zero.
+                        let back = _mm256_add_epi32(iota, _mm256_set1_epi32((j * n) as i32));
+                        let mine = _mm256_and_ps(
+                            _mm256_permutevar8x32_ps(t, back),
+                            _mm256_castsi256_ps(in_row),
+                        );
+                        acc[i] = _mm256_add_ps(acc[i], mine);
+                    }
+                }
+            }
+        }
+
         /// Integer products of one weight row of a 32-weight type (`T`: its ggml id; `nb`
         /// blocks at `row`) with activation rows `i0 .. i0 + M` of `a`.
         ///
@@ -192,152 +513,8 @@ macro_rules! int_kernels {
             a: Act,
             i0: usize,
         ) -> [f32; M] {
-            let ty = match T {
-                2 => GgmlType::Q4_0,
-                3 => GgmlType::Q4_1,
-                6 => GgmlType::Q5_0,
-                7 => GgmlType::Q5_1,
-                _ => GgmlType::Q8_0,
-            };
-            // skymoe's int8 rows: Q8_0's arithmetic with 32 plain bytes per block and a
-            // block scale of 1 (the row's scale is applied by the caller).
-            let plain = T == PLAIN_INT8;
-            let (bb, head) = if plain {
-                (32, 0)
-            } else {
-                (ty.block_bytes(), 2)
-            };
-            let min = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
-            // Subtracted per block: offset · Σx (Q4_0: q − 8, Q5_0: q − 16; Q8_0 read as
-            // unsigned: w + 128).
-            let corr_shift = match ty {
-                GgmlType::Q4_0 => 3,
-                GgmlType::Q5_0 => 4,
-                GgmlType::Q8_0 if $q8_unsigned => 7,
-                _ => 0,
-            };
-            let mut acc = [_mm256_setzero_ps(); M];
-            let iota = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
-            let mut g = 0;
-            // SAFETY (whole block): blocks g .. g + n ≤ nb of the row and activation blocks
-            // g .. g + n of rows i0 .. i0 + M are read (masked loads for the scales of a
-            // last, partial group), as the caller guarantees them.
-            unsafe {
-                // One group of `$n` blocks from block `g`; `$full`: all eight present (plain
-                // loads, no tests), else the scales beyond the row are masked off.
-                macro_rules! group {
-                    ($n:expr, $full:expr) => {{
-                        let n: usize = $n;
-                        let base = row.add(g * bb);
-                        prefetch_ahead(base, 8 * bb);
-                        let mut w = [_mm256_setzero_si256(); 8];
-                        // The first 4 bytes of each block: d, then m (Q4_1, Q5_1).
-                        let mut hdm = [0u32; 8];
-                        for k in 0..8 {
-                            if !$full && k >= n {
-                                break;
-                            }
-                            let b = base.add(k * bb);
-                            if !plain {
-                                hdm[k] = read_u32(b);
-                            }
-                            w[k] = match ty {
-                                GgmlType::Q4_0 => nib32(b.add(2)),
-                                GgmlType::Q4_1 => nib32(b.add(4)),
-                                GgmlType::Q5_0 => {
-                                    _mm256_or_si256(nib32(b.add(6)), $hi16(read_u32(b.add(2))))
-                                }
-                                GgmlType::Q5_1 => {
-                                    _mm256_or_si256(nib32(b.add(8)), $hi16(read_u32(b.add(4))))
-                                }
-                                _ if $q8_unsigned => _mm256_xor_si256(
-                                    _mm256_loadu_si256(b.add(head) as *const __m256i),
-                                    _mm256_set1_epi8(-128),
-                                ),
-                                _ => _mm256_loadu_si256(b.add(head) as *const __m256i),
-                            };
-                        }
-                        // The halves: d of the eight blocks in the low 128 bits, m in the high.
-                        let dm = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(
-                            _mm256_loadu_si256(hdm.as_ptr() as *const __m256i),
-                            _mm256_set_epi64x(
-                                0x0f0e_0b0a_0706_0302,
-                                0x0d0c_0908_0504_0100,
-                                0x0f0e_0b0a_0706_0302,
-                                0x0d0c_0908_0504_0100,
-                            ),
-                        ));
-                        let dw = if plain {
-                            _mm256_set1_ps(1.0)
-                        } else {
-                            _mm256_cvtph_ps(_mm256_castsi256_si128(dm))
-                        };
-                        let mw = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(dm));
-                        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), iota);
-                        for (i, acc) in acc.iter_mut().enumerate() {
-                            let r = i0 + i;
-                            let xq = a.q.add(r * a.cols + g * 32);
-                            let mut v = [_mm256_setzero_si256(); 8];
-                            for k in 0..8 {
-                                if !$full && k >= n {
-                                    break;
-                                }
-                                let x = _mm256_loadu_si256(xq.add(32 * k) as *const __m256i);
-                                v[k] = if ty == GgmlType::Q8_0 && !$q8_unsigned {
-                                    // Signed weights: |w| times x with w's sign.
-                                    $dp(_mm256_abs_epi8(w[k]), _mm256_sign_epi8(x, w[k]))
-                                } else {
-                                    $dp(w[k], x)
-                                };
-                            }
-                            let mut s = reduce8(&v);
-                            let off = r * a.nbx + g;
-                            if corr_shift > 0 {
-                                let sx = if $full {
-                                    _mm256_loadu_si256(a.sum.add(off) as *const __m256i)
-                                } else {
-                                    _mm256_maskload_epi32(a.sum.add(off), mask)
-                                };
-                                s = _mm256_sub_epi32(
-                                    s,
-                                    _mm256_sll_epi32(sx, _mm_cvtsi32_si128(corr_shift)),
-                                );
-                            }
-                            let dx = if $full {
-                                _mm256_loadu_ps(a.d.add(off))
-                            } else {
-                                _mm256_maskload_ps(a.d.add(off), mask)
-                            };
-                            let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(s));
-                            if min {
-                                let ds = if $full {
-                                    _mm256_loadu_ps(a.dsum.add(off))
-                                } else {
-                                    _mm256_maskload_ps(a.dsum.add(off), mask)
-                                };
-                                t = _mm256_add_ps(t, _mm256_mul_ps(mw, ds));
-                            }
-                            *acc = _mm256_add_ps(*acc, t);
-                        }
-                    }};
-                }
-                while g + 8 <= nb {
-                    group!(8, true);
-                    g += 8;
-                }
-                // A last, partial group, its size a constant in each arm (the blocks and
-                // scales then stay in registers).
-                match nb - g {
-                    0 => {}
-                    1 => group!(1, false),
-                    2 => group!(2, false),
-                    3 => group!(3, false),
-                    4 => group!(4, false),
-                    5 => group!(5, false),
-                    6 => group!(6, false),
-                    _ => group!(7, false),
-                }
-            }
+            // SAFETY: guaranteed by the caller.
+            let acc = groups32!(row, nb, a, i0);
             let mut out = [0f32; M];
             for (o, a) in out.iter_mut().zip(&acc) {
                 *o = hsum_ps(*a);
@@ -512,6 +689,27 @@ macro_rules! int_kernels {
             out: Out,
         ) {
             let nb = a.nbx;
+            if !K {
+                // SAFETY: guaranteed by the caller.
+                let done = unsafe {
+                    match nb % 8 {
+                        1 => joint_rows::<T, M, 8>(rows, nrows, rb, a, i0, out),
+                        2 => joint_rows::<T, M, 4>(rows, nrows, rb, a, i0, out),
+                        3 | 4 => joint_rows::<T, M, 2>(rows, nrows, rb, a, i0, out),
+                        _ => 0,
+                    }
+                };
+                for r in done..nrows {
+                    // SAFETY: guaranteed by the caller.
+                    unsafe {
+                        let d = dots32::<T, M>(rows.add(r * rb), nb, a, i0);
+                        for (i, v) in d.into_iter().enumerate() {
+                            *out.ptr.add(i * out.ld + r) = v;
+                        }
+                    }
+                }
+                return;
+            }
             for r in 0..nrows {
                 // SAFETY: guaranteed by the caller.
                 unsafe {
@@ -525,6 +723,44 @@ macro_rules! int_kernels {
                     }
                 }
             }
+        }
+
+        /// [`dots32`] of the first rows of [`rows`] in sets of `R` whose partial groups
+        /// (`nb % 8` blocks each, `R·(nb % 8) ≤ 8`) are computed together ([`tails32`]);
+        /// returns how many rows it wrote (a multiple of `R`).
+        ///
+        /// # Safety
+        /// As for [`rows`].
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn joint_rows<const T: u32, const M: usize, const R: usize>(
+            rows: *const u8,
+            nrows: usize,
+            rb: usize,
+            a: Act,
+            i0: usize,
+            out: Out,
+        ) -> usize {
+            let nb = a.nbx;
+            let full = nb - nb % 8;
+            let sets = nrows / R;
+            for set in 0..sets {
+                let r0 = set * R;
+                let mut acc = [[_mm256_setzero_ps(); M]; R];
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    *acc = groups32!(rows.wrapping_add((r0 + j) * rb), full, a, i0);
+                }
+                // SAFETY: guaranteed by the caller.
+                unsafe {
+                    tails32::<T, M, R>(rows.add(r0 * rb), rb, nb, a, i0, &mut acc);
+                    for (j, acc) in acc.iter().enumerate() {
+                        for (i, v) in acc.iter().enumerate() {
+                            *out.ptr.add(i * out.ld + r0 + j) = hsum_ps(*v);
+                        }
+                    }
+                }
+            }
+            sets * R
         }
     };
 }
