@@ -10,7 +10,7 @@ use super::*;
 /// Blocks per row covering whole groups of eight 32-weight blocks, partial ones and both.
 fn block_counts(ty: GgmlType) -> &'static [usize] {
     if ty.block_elems() == 32 {
-        &[1, 2, 3, 4, 8, 9, 12, 18, 27]
+        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 14, 18, 27]
     } else {
         &[1, 2, 3]
     }
