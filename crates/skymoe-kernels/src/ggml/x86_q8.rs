@@ -424,6 +424,8 @@ macro_rules! int_kernels {
                 let mut w = [_mm256_setzero_si256(); 8];
                 let mut hdm = [0u32; 8];
                 for j in 0..R {
+                    // The rows' own groups requested only their whole groups' lines ahead.
+                    prefetch_ahead(rows.add(j * rb + g * sh.bb), n * sh.bb);
                     for k in 0..n {
                         let b = rows.add(j * rb + (g + k) * sh.bb);
                         if !sh.plain {
