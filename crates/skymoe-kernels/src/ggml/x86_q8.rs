@@ -239,7 +239,6 @@ macro_rules! int_kernels {
             ($row:expr, $nb:expr, $a:expr, $i0:expr) => {{
                 let (row, nb, a, i0): (*const u8, usize, Act, usize) = ($row, $nb, $a, $i0);
                 let Shape32 {
-                    ty,
                     plain,
                     bb,
                     min,
@@ -273,23 +272,7 @@ macro_rules! int_kernels {
                                 }
                                 w[k] = weights32::<T>(b);
                             }
-                            // The halves: d of the eight blocks in the low 128 bits, m in the high.
-                            let dm =
-                                _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(
-                                    _mm256_loadu_si256(hdm.as_ptr() as *const __m256i),
-                                    _mm256_set_epi64x(
-                                        0x0f0e_0b0a_0706_0302,
-                                        0x0d0c_0908_0504_0100,
-                                        0x0f0e_0b0a_0706_0302,
-                                        0x0d0c_0908_0504_0100,
-                                    ),
-                                ));
-                            let dw = if plain {
-                                _mm256_set1_ps(1.0)
-                            } else {
-                                _mm256_cvtph_ps(_mm256_castsi256_si128(dm))
-                            };
-                            let mw = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(dm));
+                            let (dw, mw) = scales32::<T>(&hdm);
                             let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), iota);
                             for (i, acc) in acc.iter_mut().enumerate() {
                                 let r = i0 + i;
@@ -300,12 +283,7 @@ macro_rules! int_kernels {
                                         break;
                                     }
                                     let x = _mm256_loadu_si256(xq.add(32 * k) as *const __m256i);
-                                    v[k] = if ty == GgmlType::Q8_0 && !$q8_unsigned {
-                                        // Signed weights: |w| times x with w's sign.
-                                        $dp(_mm256_abs_epi8(w[k]), _mm256_sign_epi8(x, w[k]))
-                                    } else {
-                                        $dp(w[k], x)
-                                    };
+                                    v[k] = dot32::<T>(w[k], x);
                                 }
                                 let mut s = reduce8(&v);
                                 let off = r * a.nbx + g;
@@ -385,6 +363,43 @@ macro_rules! int_kernels {
             }
         }
 
+        /// The f16 scales `d` (and minima `m`, Q4_1 and Q5_1) of eight blocks of kernel `T`
+        /// from their first four bytes each, as two vectors (`d` is 1 for skymoe's int8 rows).
+        #[target_feature(enable = $features)]
+        #[inline]
+        fn scales32<const T: u32>(hdm: &[u32; 8]) -> (__m256, __m256) {
+            // The halves: d of the eight blocks in the low 128 bits, m in the high.
+            // SAFETY: reads the 32 bytes of `hdm`.
+            let dm = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(
+                unsafe { _mm256_loadu_si256(hdm.as_ptr() as *const __m256i) },
+                _mm256_set_epi64x(
+                    0x0f0e_0b0a_0706_0302,
+                    0x0d0c_0908_0504_0100,
+                    0x0f0e_0b0a_0706_0302,
+                    0x0d0c_0908_0504_0100,
+                ),
+            ));
+            let dw = if const { shape32(T, $q8_unsigned).plain } {
+                _mm256_set1_ps(1.0)
+            } else {
+                _mm256_cvtph_ps(_mm256_castsi256_si128(dm))
+            };
+            (dw, _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(dm)))
+        }
+
+        /// The integer products of the 32 weights `w` of kernel `T` (from [`weights32`]) with
+        /// 32 activation bytes `x`, four by four into eight lanes.
+        #[target_feature(enable = $features)]
+        #[inline]
+        fn dot32<const T: u32>(w: __m256i, x: __m256i) -> __m256i {
+            if const { matches!(shape32(T, $q8_unsigned).ty, GgmlType::Q8_0) && !$q8_unsigned } {
+                // Signed weights: |w| times x with w's sign.
+                $dp(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w))
+            } else {
+                $dp(w, x)
+            }
+        }
+
         /// Adds the last `nb % 8` blocks (`n`, 1 to 4: a partial group) of `R` consecutive
         /// weight rows (`rb` bytes apart from `rows`) into their accumulators `acc[j]`, all
         /// rows at once: row `j`'s blocks take lanes `j·n .. j·n + n` of one group, whose
@@ -434,21 +449,7 @@ macro_rules! int_kernels {
                         w[j * n + k] = weights32::<T>(b);
                     }
                 }
-                let dm = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(
-                    _mm256_loadu_si256(hdm.as_ptr() as *const __m256i),
-                    _mm256_set_epi64x(
-                        0x0f0e_0b0a_0706_0302,
-                        0x0d0c_0908_0504_0100,
-                        0x0f0e_0b0a_0706_0302,
-                        0x0d0c_0908_0504_0100,
-                    ),
-                ));
-                let dw = if sh.plain {
-                    _mm256_set1_ps(1.0)
-                } else {
-                    _mm256_cvtph_ps(_mm256_castsi256_si128(dm))
-                };
-                let mw = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(dm));
+                let (dw, mw) = scales32::<T>(&hdm);
                 for i in 0..M {
                     let r = i0 + i;
                     let xq = a.q.add(r * a.cols + g * 32);
@@ -457,11 +458,7 @@ macro_rules! int_kernels {
                         for k in 0..n {
                             let x = _mm256_loadu_si256(xq.add(32 * k) as *const __m256i);
                             let l = j * n + k;
-                            v[l] = if sh.ty == GgmlType::Q8_0 && !$q8_unsigned {
-                                $dp(_mm256_abs_epi8(w[l]), _mm256_sign_epi8(x, w[l]))
-                            } else {
-                                $dp(w[l], x)
-                            };
+                            v[l] = dot32::<T>(w[l], x);
                         }
                     }
                     let mut s = reduce8(&v);
