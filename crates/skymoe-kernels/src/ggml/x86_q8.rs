@@ -688,28 +688,18 @@ macro_rules! int_kernels {
             out: Out,
         ) {
             let nb = a.nbx;
-            if !K {
-                // SAFETY: guaranteed by the caller.
-                let done = unsafe {
-                    match nb % 8 {
-                        1 => joint_rows::<T, M, 8>(rows, nrows, rb, a, i0, out),
-                        2 => joint_rows::<T, M, 4>(rows, nrows, rb, a, i0, out),
-                        3 | 4 => joint_rows::<T, M, 2>(rows, nrows, rb, a, i0, out),
-                        _ => 0,
-                    }
-                };
-                for r in done..nrows {
-                    // SAFETY: guaranteed by the caller.
-                    unsafe {
-                        let d = dots32::<T, M>(rows.add(r * rb), nb, a, i0);
-                        for (i, v) in d.into_iter().enumerate() {
-                            *out.ptr.add(i * out.ld + r) = v;
-                        }
-                    }
+            // The 32-weight types' rows with a partial group go in sets first.
+            // SAFETY: guaranteed by the caller.
+            let done = unsafe {
+                match (K, nb % 8) {
+                    (true, _) => 0,
+                    (false, 1) => joint_rows::<T, M, 8>(rows, nrows, rb, a, i0, out),
+                    (false, 2) => joint_rows::<T, M, 4>(rows, nrows, rb, a, i0, out),
+                    (false, 3 | 4) => joint_rows::<T, M, 2>(rows, nrows, rb, a, i0, out),
+                    _ => 0,
                 }
-                return;
-            }
-            for r in 0..nrows {
+            };
+            for r in done..nrows {
                 // SAFETY: guaranteed by the caller.
                 unsafe {
                     let d = if K {
