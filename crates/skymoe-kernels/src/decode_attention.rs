@@ -9,7 +9,7 @@
 //! - [`add_weighted_rows`]: the probability-weighted sum of value rows stored position by
 //!   position, every head of the group accumulated from one conversion of each row.
 //!
-//! Both read f32 or f16 entries ([`Cached`]) and pick AVX-512, AVX2 or portable code at run
+//! Both read f32, f16 or scaled int8 entries ([`Cached`]) and pick AVX-512, AVX2 or portable code at run
 //! time ([`Isa::detect`]).
 
 use half::f16;
@@ -23,6 +23,15 @@ pub enum Cached<'a> {
     F32(&'a [f32]),
     /// Rounded to f16.
     F16(&'a [f16]),
+    /// Integers, each position's times its scale: `scales[j]` for the `j`-th position the
+    /// entries cover (the positions' order is the reader's: a column of keys stored by
+    /// dimension, or a row of values).
+    Int8 {
+        /// The integers.
+        q: &'a [i8],
+        /// One scale per position, from the entries' first.
+        scales: &'a [f32],
+    },
 }
 
 impl Cached<'_> {
@@ -31,6 +40,7 @@ impl Cached<'_> {
         match self {
             Cached::F32(s) => s.len(),
             Cached::F16(s) => s.len(),
+            Cached::Int8 { q, .. } => q.len(),
         }
     }
 
@@ -46,6 +56,7 @@ impl Cached<'_> {
         let (p, bytes) = match self {
             Cached::F32(s) => (s.as_ptr().cast::<u8>(), std::mem::size_of_val(*s)),
             Cached::F16(s) => (s.as_ptr().cast::<u8>(), std::mem::size_of_val(*s)),
+            Cached::Int8 { q, .. } => (q.as_ptr().cast::<u8>(), q.len()),
         };
         #[cfg(target_arch = "x86_64")]
         for at in (0..bytes).step_by(64) {
@@ -61,11 +72,36 @@ impl Cached<'_> {
         let _ = (p, bytes);
     }
 
-    /// Entry `i` in f32.
+    /// Entry `i` in f32, before its position's scale ([`Cached::scale`]).
     fn get(&self, i: usize) -> f32 {
         match self {
             Cached::F32(s) => s[i],
             Cached::F16(s) => s[i].to_f32(),
+            Cached::Int8 { q, .. } => q[i] as f32,
+        }
+    }
+
+    /// The scale of the `j`-th position (1 but for int8 entries).
+    fn scale(&self, j: usize) -> f32 {
+        match self {
+            Cached::Int8 { scales, .. } => scales[j],
+            _ => 1.0,
+        }
+    }
+
+    /// Check that `n` positions have a scale.
+    fn check_scales(&self, n: usize) {
+        if let Cached::Int8 { scales, .. } = self {
+            assert!(n <= scales.len(), "{n} positions, {} scales", scales.len());
+        }
+    }
+
+    /// The scales' first (null but for int8 entries).
+    #[cfg(target_arch = "x86_64")]
+    fn scales_ptr(&self) -> *const f32 {
+        match self {
+            Cached::Int8 { scales, .. } => scales.as_ptr(),
+            _ => std::ptr::null(),
         }
     }
 }
@@ -74,26 +110,35 @@ impl Cached<'_> {
 /// `$cached`'s entries, with `$args`, in which `$entries` names a pointer to the first entry.
 #[cfg(target_arch = "x86_64")]
 macro_rules! x86_kernel {
-    ($isa:expr, $cached:expr, $avx512:ident, $avx2:ident, |$entries:ident| ($($arg:expr),* $(,)?)) => {
+    ($isa:expr, $cached:expr, $avx512:ident, $avx2:ident, |$entries:ident, $scales:ident| ($($arg:expr),* $(,)?)) => {{
+        let $scales = $cached.scales_ptr();
         match ($isa, $cached) {
             (Isa::Avx512, Cached::F32(e)) => {
                 let $entries = e.as_ptr().cast();
-                x86::$avx512::<false>($($arg),*)
+                x86::$avx512::<{ x86::F32 }>($($arg),*)
             }
             (Isa::Avx512, Cached::F16(e)) => {
                 let $entries = e.as_ptr().cast();
-                x86::$avx512::<true>($($arg),*)
+                x86::$avx512::<{ x86::F16 }>($($arg),*)
+            }
+            (Isa::Avx512, Cached::Int8 { q, .. }) => {
+                let $entries = q.as_ptr().cast();
+                x86::$avx512::<{ x86::I8 }>($($arg),*)
             }
             (_, Cached::F32(e)) => {
                 let $entries = e.as_ptr().cast();
-                x86::$avx2::<false>($($arg),*)
+                x86::$avx2::<{ x86::F32 }>($($arg),*)
             }
             (_, Cached::F16(e)) => {
                 let $entries = e.as_ptr().cast();
-                x86::$avx2::<true>($($arg),*)
+                x86::$avx2::<{ x86::F16 }>($($arg),*)
+            }
+            (_, Cached::Int8 { q, .. }) => {
+                let $entries = q.as_ptr().cast();
+                x86::$avx2::<{ x86::I8 }>($($arg),*)
             }
         }
-    };
+    }};
 }
 
 /// Query heads one kernel call keeps in registers; larger groups are taken in tiles of this
@@ -163,6 +208,7 @@ fn scores_by_dim_on(
         n <= out_stride && (heads - 1) * out_stride + n <= out.len(),
         "scores of {heads} heads of {n} positions do not fit"
     );
+    keys.check_scales(n);
     #[cfg(target_arch = "x86_64")]
     {
         if isa.supported() && matches!(isa, Isa::Avx2 | Isa::Avx512) {
@@ -173,8 +219,8 @@ fn scores_by_dim_on(
                 // `d < dim` of `n` entries at `d·stride` are inside `keys`, the tile's query
                 // rows inside `q` and its score rows inside `out` (all checked above).
                 unsafe {
-                    x86_kernel!(isa, keys, scores_avx512, scores_avx2, |entries| (
-                        qp, tile, dim, scale, entries, stride, n, op, out_stride
+                    x86_kernel!(isa, keys, scores_avx512, scores_avx2, |entries, scales| (
+                        qp, tile, dim, scale, entries, scales, stride, n, op, out_stride
                     ))
                 }
             }
@@ -187,7 +233,7 @@ fn scores_by_dim_on(
         let qh = &q[h * dim..(h + 1) * dim];
         for j in 0..n {
             let s: f32 = (0..dim).map(|d| qh[d] * keys.get(d * stride + j)).sum();
-            out[h * out_stride + j] = scale * s;
+            out[h * out_stride + j] = scale * keys.scale(j) * s;
         }
     }
 }
@@ -245,6 +291,7 @@ fn add_weighted_rows_on(
         n <= a_stride && (heads - 1) * a_stride + n <= a.len(),
         "weights of {heads} heads of {n} positions do not fit"
     );
+    rows.check_scales(n);
     #[cfg(target_arch = "x86_64")]
     {
         if isa.supported() && matches!(isa, Isa::Avx2 | Isa::Avx512) {
@@ -260,7 +307,7 @@ fn add_weighted_rows_on(
                         rows,
                         weighted_rows_avx512,
                         weighted_rows_avx2,
-                        |entries| (ap, a_stride, tile, entries, stride, n, yp, dim)
+                        |entries, scales| (ap, a_stride, tile, entries, scales, stride, n, yp, dim)
                     )
                 }
             }
@@ -272,7 +319,7 @@ fn add_weighted_rows_on(
     for h in 0..heads {
         let yh = &mut y[h * dim..(h + 1) * dim];
         for j in 0..n {
-            let w = a[h * a_stride + j];
+            let w = a[h * a_stride + j] * rows.scale(j);
             for (i, v) in yh.iter_mut().enumerate() {
                 *v = w.mul_add(rows.get(j * stride + i), *v);
             }
@@ -282,8 +329,9 @@ fn add_weighted_rows_on(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! The AVX-512 and AVX2 kernels. `F16` selects the entry type: f16 bits when true, f32
-    //! otherwise; `p` points at the first entry either way.
+    //! The AVX-512 and AVX2 kernels. `E` selects the entry type ([`F32`], [`F16`] bits or
+    //! [`I8`] integers, each position's scaled by its entry of `scales`, which is null for
+    //! the other types); `p` points at the first entry either way.
 
     // The heads' registers are indexed alongside their query and weight rows.
     #![allow(clippy::needless_range_loop)]
@@ -292,17 +340,41 @@ mod x86 {
 
     use super::HEAD_TILE;
 
+    /// Entries stored as f32.
+    pub(super) const F32: u8 = 0;
+    /// Entries stored as f16 bits.
+    pub(super) const F16: u8 = 1;
+    /// Entries stored as int8, one scale per position.
+    pub(super) const I8: u8 = 2;
+
+    /// The weight at `a` of row `j`, times the row's scale for [`I8`] entries.
+    ///
+    /// # Safety
+    /// `a` is readable, and for [`I8`] entries `scales[j]` too.
+    #[inline(always)]
+    unsafe fn weight<const E: u8>(a: *const f32, scales: *const f32, j: usize) -> f32 {
+        // SAFETY: the caller's guarantees.
+        unsafe {
+            if E == I8 {
+                *a * *scales.add(j)
+            } else {
+                *a
+            }
+        }
+    }
+
     /// [`scores_avx512_h`] for `heads` (1 to [`HEAD_TILE`]) query heads.
     ///
     /// # Safety
     /// As [`scores_avx512_h`] for `heads` heads.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn scores_avx512<const F16: bool>(
+    pub(super) unsafe fn scores_avx512<const E: u8>(
         q: *const f32,
         heads: usize,
         dim: usize,
         scale: f32,
         keys: *const u8,
+        scales: *const f32,
         stride: usize,
         n: usize,
         out: *mut f32,
@@ -311,11 +383,17 @@ mod x86 {
         // SAFETY: the caller's guarantees for `heads` heads, `heads` being the tile's size.
         unsafe {
             match heads {
-                1 => scores_avx512_h::<F16, 1>(q, dim, scale, keys, stride, n, out, out_stride),
-                2 => scores_avx512_h::<F16, 2>(q, dim, scale, keys, stride, n, out, out_stride),
-                3 => scores_avx512_h::<F16, 3>(q, dim, scale, keys, stride, n, out, out_stride),
-                _ => scores_avx512_h::<F16, HEAD_TILE>(
-                    q, dim, scale, keys, stride, n, out, out_stride,
+                1 => {
+                    scores_avx512_h::<E, 1>(q, dim, scale, keys, scales, stride, n, out, out_stride)
+                }
+                2 => {
+                    scores_avx512_h::<E, 2>(q, dim, scale, keys, scales, stride, n, out, out_stride)
+                }
+                3 => {
+                    scores_avx512_h::<E, 3>(q, dim, scale, keys, scales, stride, n, out, out_stride)
+                }
+                _ => scores_avx512_h::<E, HEAD_TILE>(
+                    q, dim, scale, keys, scales, stride, n, out, out_stride,
                 ),
             }
         }
@@ -326,12 +404,13 @@ mod x86 {
     /// # Safety
     /// As [`scores_avx2_h`] for `heads` heads.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn scores_avx2<const F16: bool>(
+    pub(super) unsafe fn scores_avx2<const E: u8>(
         q: *const f32,
         heads: usize,
         dim: usize,
         scale: f32,
         keys: *const u8,
+        scales: *const f32,
         stride: usize,
         n: usize,
         out: *mut f32,
@@ -340,12 +419,12 @@ mod x86 {
         // SAFETY: the caller's guarantees for `heads` heads, `heads` being the tile's size.
         unsafe {
             match heads {
-                1 => scores_avx2_h::<F16, 1>(q, dim, scale, keys, stride, n, out, out_stride),
-                2 => scores_avx2_h::<F16, 2>(q, dim, scale, keys, stride, n, out, out_stride),
-                3 => scores_avx2_h::<F16, 3>(q, dim, scale, keys, stride, n, out, out_stride),
-                _ => {
-                    scores_avx2_h::<F16, HEAD_TILE>(q, dim, scale, keys, stride, n, out, out_stride)
-                }
+                1 => scores_avx2_h::<E, 1>(q, dim, scale, keys, scales, stride, n, out, out_stride),
+                2 => scores_avx2_h::<E, 2>(q, dim, scale, keys, scales, stride, n, out, out_stride),
+                3 => scores_avx2_h::<E, 3>(q, dim, scale, keys, scales, stride, n, out, out_stride),
+                _ => scores_avx2_h::<E, HEAD_TILE>(
+                    q, dim, scale, keys, scales, stride, n, out, out_stride,
+                ),
             }
         }
     }
@@ -355,11 +434,12 @@ mod x86 {
     /// # Safety
     /// As [`weighted_rows_avx512_h`] for `heads` heads.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn weighted_rows_avx512<const F16: bool>(
+    pub(super) unsafe fn weighted_rows_avx512<const E: u8>(
         a: *const f32,
         a_stride: usize,
         heads: usize,
         rows: *const u8,
+        scales: *const f32,
         stride: usize,
         n: usize,
         y: *mut f32,
@@ -368,10 +448,12 @@ mod x86 {
         // SAFETY: the caller's guarantees for `heads` heads, `heads` being the tile's size.
         unsafe {
             match heads {
-                1 => weighted_rows_avx512_h::<F16, 1>(a, a_stride, rows, stride, n, y, dim),
-                2 => weighted_rows_avx512_h::<F16, 2>(a, a_stride, rows, stride, n, y, dim),
-                3 => weighted_rows_avx512_h::<F16, 3>(a, a_stride, rows, stride, n, y, dim),
-                _ => weighted_rows_avx512_h::<F16, HEAD_TILE>(a, a_stride, rows, stride, n, y, dim),
+                1 => weighted_rows_avx512_h::<E, 1>(a, a_stride, rows, scales, stride, n, y, dim),
+                2 => weighted_rows_avx512_h::<E, 2>(a, a_stride, rows, scales, stride, n, y, dim),
+                3 => weighted_rows_avx512_h::<E, 3>(a, a_stride, rows, scales, stride, n, y, dim),
+                _ => weighted_rows_avx512_h::<E, HEAD_TILE>(
+                    a, a_stride, rows, scales, stride, n, y, dim,
+                ),
             }
         }
     }
@@ -381,11 +463,12 @@ mod x86 {
     /// # Safety
     /// As [`weighted_rows_avx2_h`] for `heads` heads.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn weighted_rows_avx2<const F16: bool>(
+    pub(super) unsafe fn weighted_rows_avx2<const E: u8>(
         a: *const f32,
         a_stride: usize,
         heads: usize,
         rows: *const u8,
+        scales: *const f32,
         stride: usize,
         n: usize,
         y: *mut f32,
@@ -394,10 +477,12 @@ mod x86 {
         // SAFETY: the caller's guarantees for `heads` heads, `heads` being the tile's size.
         unsafe {
             match heads {
-                1 => weighted_rows_avx2_h::<F16, 1>(a, a_stride, rows, stride, n, y, dim),
-                2 => weighted_rows_avx2_h::<F16, 2>(a, a_stride, rows, stride, n, y, dim),
-                3 => weighted_rows_avx2_h::<F16, 3>(a, a_stride, rows, stride, n, y, dim),
-                _ => weighted_rows_avx2_h::<F16, HEAD_TILE>(a, a_stride, rows, stride, n, y, dim),
+                1 => weighted_rows_avx2_h::<E, 1>(a, a_stride, rows, scales, stride, n, y, dim),
+                2 => weighted_rows_avx2_h::<E, 2>(a, a_stride, rows, scales, stride, n, y, dim),
+                3 => weighted_rows_avx2_h::<E, 3>(a, a_stride, rows, scales, stride, n, y, dim),
+                _ => weighted_rows_avx2_h::<E, HEAD_TILE>(
+                    a, a_stride, rows, scales, stride, n, y, dim,
+                ),
             }
         }
     }
@@ -408,25 +493,39 @@ mod x86 {
     /// AVX-512 F, F16C; entries `i..i + m` at `p` are readable.
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     #[inline]
-    unsafe fn load16<const F16: bool>(p: *const u8, i: usize, m: usize) -> __m512 {
+    unsafe fn load16<const E: u8>(p: *const u8, i: usize, m: usize) -> __m512 {
         // SAFETY (whole body): the caller guarantees entries i..i + m are readable; a full
         // load reads exactly 16 of them, a partial one only m.
         unsafe {
-            if F16 {
-                let p = (p as *const u16).add(i);
-                if m == 16 {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-                } else {
-                    let mut buf = [0u16; 16];
-                    std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
-                    _mm512_cvtph_ps(_mm256_loadu_si256(buf.as_ptr() as *const __m256i))
+            match E {
+                F16 => {
+                    let p = (p as *const u16).add(i);
+                    if m == 16 {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+                    } else {
+                        let mut buf = [0u16; 16];
+                        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
+                        _mm512_cvtph_ps(_mm256_loadu_si256(buf.as_ptr() as *const __m256i))
+                    }
                 }
-            } else {
-                let p = (p as *const f32).add(i);
-                if m == 16 {
-                    _mm512_loadu_ps(p)
-                } else {
-                    _mm512_maskz_loadu_ps(((1u32 << m) - 1) as u16, p)
+                I8 => {
+                    let p = p.add(i);
+                    let bytes = if m == 16 {
+                        _mm_loadu_si128(p as *const __m128i)
+                    } else {
+                        let mut buf = [0u8; 16];
+                        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
+                        _mm_loadu_si128(buf.as_ptr() as *const __m128i)
+                    };
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes))
+                }
+                _ => {
+                    let p = (p as *const f32).add(i);
+                    if m == 16 {
+                        _mm512_loadu_ps(p)
+                    } else {
+                        _mm512_maskz_loadu_ps(((1u32 << m) - 1) as u16, p)
+                    }
                 }
             }
         }
@@ -438,26 +537,40 @@ mod x86 {
     /// AVX2, FMA, F16C; entries `i..i + m` at `p` are readable.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn load8<const F16: bool>(p: *const u8, i: usize, m: usize) -> __m256 {
+    unsafe fn load8<const E: u8>(p: *const u8, i: usize, m: usize) -> __m256 {
         // SAFETY (whole body): as in `load16`, for 8 entries.
         unsafe {
-            if F16 {
-                let p = (p as *const u16).add(i);
-                if m == 8 {
-                    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-                } else {
-                    let mut buf = [0u16; 8];
-                    std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
-                    _mm256_cvtph_ps(_mm_loadu_si128(buf.as_ptr() as *const __m128i))
+            match E {
+                F16 => {
+                    let p = (p as *const u16).add(i);
+                    if m == 8 {
+                        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+                    } else {
+                        let mut buf = [0u16; 8];
+                        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
+                        _mm256_cvtph_ps(_mm_loadu_si128(buf.as_ptr() as *const __m128i))
+                    }
                 }
-            } else {
-                let p = (p as *const f32).add(i);
-                if m == 8 {
-                    _mm256_loadu_ps(p)
-                } else {
-                    let mut buf = [0f32; 8];
-                    std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
-                    _mm256_loadu_ps(buf.as_ptr())
+                I8 => {
+                    let p = p.add(i);
+                    let bytes = if m == 8 {
+                        _mm_loadl_epi64(p as *const __m128i)
+                    } else {
+                        let mut buf = [0u8; 16];
+                        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
+                        _mm_loadu_si128(buf.as_ptr() as *const __m128i)
+                    };
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))
+                }
+                _ => {
+                    let p = (p as *const f32).add(i);
+                    if m == 8 {
+                        _mm256_loadu_ps(p)
+                    } else {
+                        let mut buf = [0f32; 8];
+                        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
+                        _mm256_loadu_ps(buf.as_ptr())
+                    }
                 }
             }
         }
@@ -492,11 +605,12 @@ mod x86 {
     /// and `out[h·out_stride + j]` are in bounds.
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn scores_avx512_h<const F16: bool, const H: usize>(
+    unsafe fn scores_avx512_h<const E: u8, const H: usize>(
         q: *const f32,
         dim: usize,
         scale: f32,
         keys: *const u8,
+        scales: *const f32,
         stride: usize,
         n: usize,
         out: *mut f32,
@@ -511,8 +625,8 @@ mod x86 {
                 let mut odd = [_mm512_setzero_ps(); H];
                 let mut d = 0;
                 while d + 2 <= dim {
-                    let k0 = load16::<F16>(keys, d * stride + j0, m);
-                    let k1 = load16::<F16>(keys, (d + 1) * stride + j0, m);
+                    let k0 = load16::<E>(keys, d * stride + j0, m);
+                    let k1 = load16::<E>(keys, (d + 1) * stride + j0, m);
                     for h in 0..H {
                         let qh = q.add(h * dim + d);
                         even[h] = _mm512_fmadd_ps(_mm512_set1_ps(*qh), k0, even[h]);
@@ -521,13 +635,18 @@ mod x86 {
                     d += 2;
                 }
                 if d < dim {
-                    let k0 = load16::<F16>(keys, d * stride + j0, m);
+                    let k0 = load16::<E>(keys, d * stride + j0, m);
                     for h in 0..H {
                         let qh = *q.add(h * dim + d);
                         even[h] = _mm512_fmadd_ps(_mm512_set1_ps(qh), k0, even[h]);
                     }
                 }
                 let mask = ((1u32 << m) - 1) as u16;
+                let scale = if E == I8 {
+                    _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(mask, scales.add(j0)))
+                } else {
+                    scale
+                };
                 for h in 0..H {
                     let s = _mm512_mul_ps(_mm512_add_ps(even[h], odd[h]), scale);
                     _mm512_mask_storeu_ps(out.add(h * out_stride + j0), mask, s);
@@ -542,11 +661,12 @@ mod x86 {
     /// AVX2, FMA, F16C; as [`scores_avx512`].
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn scores_avx2_h<const F16: bool, const H: usize>(
+    unsafe fn scores_avx2_h<const E: u8, const H: usize>(
         q: *const f32,
         dim: usize,
         scale: f32,
         keys: *const u8,
+        scales: *const f32,
         stride: usize,
         n: usize,
         out: *mut f32,
@@ -561,8 +681,8 @@ mod x86 {
                 let mut odd = [_mm256_setzero_ps(); H];
                 let mut d = 0;
                 while d + 2 <= dim {
-                    let k0 = load8::<F16>(keys, d * stride + j0, m);
-                    let k1 = load8::<F16>(keys, (d + 1) * stride + j0, m);
+                    let k0 = load8::<E>(keys, d * stride + j0, m);
+                    let k1 = load8::<E>(keys, (d + 1) * stride + j0, m);
                     for h in 0..H {
                         let qh = q.add(h * dim + d);
                         even[h] = _mm256_fmadd_ps(_mm256_set1_ps(*qh), k0, even[h]);
@@ -571,12 +691,17 @@ mod x86 {
                     d += 2;
                 }
                 if d < dim {
-                    let k0 = load8::<F16>(keys, d * stride + j0, m);
+                    let k0 = load8::<E>(keys, d * stride + j0, m);
                     for h in 0..H {
                         let qh = *q.add(h * dim + d);
                         even[h] = _mm256_fmadd_ps(_mm256_set1_ps(qh), k0, even[h]);
                     }
                 }
+                let scale = if E == I8 {
+                    _mm256_mul_ps(scale, load8::<F32>(scales.add(j0) as *const u8, 0, m))
+                } else {
+                    scale
+                };
                 for h in 0..H {
                     let s = _mm256_mul_ps(_mm256_add_ps(even[h], odd[h]), scale);
                     store8(out.add(h * out_stride + j0), s, m);
@@ -593,10 +718,11 @@ mod x86 {
     /// `a[h·a_stride + j]` and `y[..heads·dim]` are in bounds.
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn weighted_rows_avx512_h<const F16: bool, const H: usize>(
+    unsafe fn weighted_rows_avx512_h<const E: u8, const H: usize>(
         a: *const f32,
         a_stride: usize,
         rows: *const u8,
+        scales: *const f32,
         stride: usize,
         n: usize,
         y: *mut f32,
@@ -615,13 +741,13 @@ mod x86 {
                 for j in 0..n {
                     let at = j * stride + c;
                     let r = [
-                        load16::<F16>(rows, at, 16),
-                        load16::<F16>(rows, at + 16, 16),
-                        load16::<F16>(rows, at + 32, 16),
-                        load16::<F16>(rows, at + 48, 16),
+                        load16::<E>(rows, at, 16),
+                        load16::<E>(rows, at + 16, 16),
+                        load16::<E>(rows, at + 32, 16),
+                        load16::<E>(rows, at + 48, 16),
                     ];
                     for h in 0..H {
-                        let w = _mm512_set1_ps(*a.add(h * a_stride + j));
+                        let w = _mm512_set1_ps(weight::<E>(a.add(h * a_stride + j), scales, j));
                         for (v, rk) in acc[h].iter_mut().zip(&r) {
                             *v = _mm512_fmadd_ps(w, *rk, *v);
                         }
@@ -642,9 +768,13 @@ mod x86 {
                     *v = _mm512_maskz_loadu_ps(mask, y.add(h * dim + c));
                 }
                 for j in 0..n {
-                    let r = load16::<F16>(rows, j * stride + c, m);
+                    let r = load16::<E>(rows, j * stride + c, m);
                     for (h, v) in acc.iter_mut().enumerate() {
-                        *v = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(h * a_stride + j)), r, *v);
+                        *v = _mm512_fmadd_ps(
+                            _mm512_set1_ps(weight::<E>(a.add(h * a_stride + j), scales, j)),
+                            r,
+                            *v,
+                        );
                     }
                 }
                 for (h, v) in acc.iter().enumerate() {
@@ -662,10 +792,11 @@ mod x86 {
     /// AVX2, FMA, F16C; as [`weighted_rows_avx512`].
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn weighted_rows_avx2_h<const F16: bool, const H: usize>(
+    unsafe fn weighted_rows_avx2_h<const E: u8, const H: usize>(
         a: *const f32,
         a_stride: usize,
         rows: *const u8,
+        scales: *const f32,
         stride: usize,
         n: usize,
         y: *mut f32,
@@ -683,9 +814,9 @@ mod x86 {
                 }
                 for j in 0..n {
                     let at = j * stride + c;
-                    let r = [load8::<F16>(rows, at, 8), load8::<F16>(rows, at + 8, 8)];
+                    let r = [load8::<E>(rows, at, 8), load8::<E>(rows, at + 8, 8)];
                     for h in 0..H {
-                        let w = _mm256_set1_ps(*a.add(h * a_stride + j));
+                        let w = _mm256_set1_ps(weight::<E>(a.add(h * a_stride + j), scales, j));
                         for (v, rk) in acc[h].iter_mut().zip(&r) {
                             *v = _mm256_fmadd_ps(w, *rk, *v);
                         }
@@ -702,12 +833,16 @@ mod x86 {
                 let m = (dim - c).min(8);
                 let mut acc = [_mm256_setzero_ps(); H];
                 for (h, v) in acc.iter_mut().enumerate() {
-                    *v = load8::<false>(y.add(h * dim + c) as *const u8, 0, m);
+                    *v = load8::<F32>(y.add(h * dim + c) as *const u8, 0, m);
                 }
                 for j in 0..n {
-                    let r = load8::<F16>(rows, j * stride + c, m);
+                    let r = load8::<E>(rows, j * stride + c, m);
                     for (h, v) in acc.iter_mut().enumerate() {
-                        *v = _mm256_fmadd_ps(_mm256_set1_ps(*a.add(h * a_stride + j)), r, *v);
+                        *v = _mm256_fmadd_ps(
+                            _mm256_set1_ps(weight::<E>(a.add(h * a_stride + j), scales, j)),
+                            r,
+                            *v,
+                        );
                     }
                 }
                 for (h, v) in acc.iter().enumerate() {
@@ -725,6 +860,53 @@ mod tests {
 
     fn value(i: usize, seed: usize) -> f32 {
         (((i + seed) * 7919) % 2003) as f32 / 1001.0 - 1.0
+    }
+
+    /// `raw` as int8 entries with one scale per position (`positions` of them): integers
+    /// over the whole range, scales of several magnitudes.
+    fn int8_entries(raw: &[f32], positions: usize) -> (Vec<i8>, Vec<f32>) {
+        let q = raw.iter().map(|&x| (x * 127.0).round() as i8).collect();
+        let scales = (0..positions).map(|j| 0.01 * (1 + j % 7) as f32).collect();
+        (q, scales)
+    }
+
+    #[test]
+    fn every_int8_value_loads_as_itself_times_its_scale() {
+        let codes: Vec<i8> = (-128..=127).collect();
+        let n = codes.len();
+        // Powers of two: the products are exact.
+        let scales: Vec<f32> = (0..n).map(|j| 2f32.powi(j as i32 % 9 - 4)).collect();
+        let entries = Cached::Int8 {
+            q: &codes,
+            scales: &scales,
+        };
+        each_isa(|isa| {
+            // One dimension, n positions: the scores are the keys' values.
+            let mut out = vec![0f32; n];
+            scores_by_dim_on(isa, &[1.0], 1, 1.0, entries, n, n, &mut out, n);
+            // n rows of width 1, each weighted by 1: their sum.
+            let mut y = vec![0f32; 1];
+            add_weighted_rows_on(isa, &vec![1.0; n], n, entries, 1, n, &mut y, 1);
+            let mut sum = 0f32;
+            for j in 0..n {
+                let want = codes[j] as f32 * scales[j];
+                assert_eq!(out[j], want, "{isa:?} score of {}", codes[j]);
+                sum += want;
+            }
+            assert!((y[0] - sum).abs() <= 1e-3, "{isa:?}: {} vs {sum}", y[0]);
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "scales")]
+    fn int8_entries_need_a_scale_per_position() {
+        let q = [1i8; 8];
+        let mut out = [0f32; 4];
+        let keys = Cached::Int8 {
+            q: &q,
+            scales: &[1.0; 3],
+        };
+        scores_by_dim(&[1.0, 1.0], 2, 1.0, keys, 4, 4, &mut out, 4);
     }
 
     /// Every instruction set this CPU has, the portable code first.
@@ -746,21 +928,27 @@ mod tests {
                 let q: Vec<f32> = (0..heads * dim).map(|i| value(i, 1)).collect();
                 let raw: Vec<f32> = (0..dim * stride).map(|i| value(i, 2)).collect();
                 let halves: Vec<f16> = raw.iter().map(|&x| f16::from_f32(x)).collect();
-                for keys in [Cached::F32(&raw), Cached::F16(&halves)] {
+                let (ints, scales) = int8_entries(&raw, n);
+                let int8 = Cached::Int8 {
+                    q: &ints,
+                    scales: &scales,
+                };
+                for keys in [Cached::F32(&raw), Cached::F16(&halves), int8] {
                     let out_stride = n + 1;
                     let mut out = vec![f32::NAN; heads * out_stride];
                     scores_by_dim_on(isa, &q, dim, 0.5, keys, stride, n, &mut out, out_stride);
                     for h in 0..heads {
                         for j in 0..n {
-                            let want: f64 = 0.5
-                                * (0..dim)
-                                    .map(|d| {
-                                        q[h * dim + d] as f64 * keys.get(d * stride + j) as f64
-                                    })
-                                    .sum::<f64>();
+                            let terms = (0..dim).map(|d| {
+                                q[h * dim + d] as f64
+                                    * keys.get(d * stride + j) as f64
+                                    * keys.scale(j) as f64
+                            });
+                            let want: f64 = 0.5 * terms.clone().sum::<f64>();
+                            let size: f64 = 0.5 * terms.map(f64::abs).sum::<f64>();
                             let got = out[h * out_stride + j] as f64;
                             assert!(
-                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                (got - want).abs() <= 1e-5 * (1.0 + size),
                                 "{isa:?} {keys:?}: dim {dim} head {h} pos {j}: {got} vs {want}"
                             );
                         }
@@ -778,23 +966,30 @@ mod tests {
                 let stride = dim + 5;
                 let raw: Vec<f32> = (0..n * stride).map(|i| value(i, 3)).collect();
                 let halves: Vec<f16> = raw.iter().map(|&x| f16::from_f32(x)).collect();
+                let (ints, scales) = int8_entries(&raw, n);
                 let a_stride = n + 2;
                 let a: Vec<f32> = (0..heads * a_stride).map(|i| value(i, 4)).collect();
-                for rows in [Cached::F32(&raw), Cached::F16(&halves)] {
+                let int8 = Cached::Int8 {
+                    q: &ints,
+                    scales: &scales,
+                };
+                for rows in [Cached::F32(&raw), Cached::F16(&halves), int8] {
                     let start: Vec<f32> = (0..heads * dim).map(|i| value(i, 5)).collect();
                     let mut y = start.clone();
                     add_weighted_rows_on(isa, &a, a_stride, rows, stride, n, &mut y, dim);
                     for h in 0..heads {
                         for i in 0..dim {
-                            let want = start[h * dim + i] as f64
-                                + (0..n)
-                                    .map(|j| {
-                                        a[h * a_stride + j] as f64 * rows.get(j * stride + i) as f64
-                                    })
-                                    .sum::<f64>();
+                            let terms = (0..n).map(|j| {
+                                a[h * a_stride + j] as f64
+                                    * rows.scale(j) as f64
+                                    * rows.get(j * stride + i) as f64
+                            });
+                            let want = start[h * dim + i] as f64 + terms.clone().sum::<f64>();
+                            let size =
+                                start[h * dim + i].abs() as f64 + terms.map(f64::abs).sum::<f64>();
                             let got = y[h * dim + i] as f64;
                             assert!(
-                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                (got - want).abs() <= 1e-5 * (1.0 + size),
                                 "{isa:?} {rows:?}: dim {dim} head {h} col {i}: {got} vs {want}"
                             );
                         }

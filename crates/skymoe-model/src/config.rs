@@ -467,6 +467,15 @@ impl ModelConfig {
         }
     }
 
+    /// Heads the KV cache stores per position and layer, keys and values counted apart (one
+    /// latent for multi-head latent attention).
+    pub fn kv_cache_heads(&self) -> usize {
+        match &self.mla {
+            Some(_) => 1,
+            None => 2 * self.num_key_value_heads,
+        }
+    }
+
     /// Lengths of the q and k norm weights (`None` without a q/k norm): `head_dim` each for a
     /// per-head norm, `heads·head_dim` and `kv_heads·head_dim` for a per-projection one.
     pub fn qk_norm_sizes(&self) -> Option<(usize, usize)> {

@@ -5,10 +5,11 @@
 //! them (a 256 MiB read), timed per step (median of 50).
 //!
 //! ```sh
-//! cargo run --release -p skymoe-serve --example decode_attention -- [POSITIONS] [warm]
+//! cargo run --release -p skymoe-serve --example decode_attention -- [POSITIONS] [warm] [f32|f16|int8]
 //! ```
 //!
-//! `warm` skips the eviction: the cache then stays in the CPU's caches when it fits.
+//! `warm` skips the eviction: the cache then stays in the CPU's caches when it fits. The
+//! entries are f16 unless another element type is named.
 
 use std::time::Instant;
 
@@ -18,7 +19,14 @@ use skymoe_serve::model::{attend, ChunkPlacement, HeadShape};
 fn main() {
     let mut args = std::env::args().skip(1);
     let positions: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1200);
-    let warm = args.next().as_deref() == Some("warm");
+    let (mut warm, mut dtype) = (false, KvDtype::F16);
+    for a in args {
+        if a == "warm" {
+            warm = true;
+        } else {
+            dtype = a.parse().unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
     let (layers, heads, kv_heads, hd, block) = (30, 9, 3, 64, 16);
     let shape = HeadShape {
         heads,
@@ -31,14 +39,8 @@ fn main() {
         group: heads / kv_heads,
     };
     let kv_dim = kv_heads * hd;
-    let kv = KvCache::new(
-        layers,
-        kv_dim,
-        block,
-        positions.div_ceil(block) + 64,
-        KvDtype::F16,
-    )
-    .with_head_width(hd);
+    let kv = KvCache::new(layers, kv_dim, block, positions.div_ceil(block) + 64, dtype)
+        .with_head_width(hd);
     // `SKYMOE_KEYS_BY_POSITION=1`: keys stored position by position, as before the served
     // model stored them by dimension.
     let mut kv = if std::env::var_os("SKYMOE_KEYS_BY_POSITION").is_some() {
@@ -86,10 +88,12 @@ fn main() {
         }
     });
     times.sort_by(f64::total_cmp);
-    let bytes = (2 * positions * kv_dim * 2 * layers) as f64;
+    let bytes = (layers
+        * positions
+        * KvCache::bytes_per_position(1, 2 * kv_dim, 2 * kv_heads, dtype)) as f64;
     let ms = times[times.len() / 2];
     println!(
-        "{positions} positions, {}: {ms:.3} ms per step (median), {:.1} GB/s of keys and values",
+        "{positions} positions, {dtype}, {}: {ms:.3} ms per step (median), {:.1} GB/s of keys and values",
         if warm { "warm" } else { "evicted" },
         bytes / ms / 1e6
     );

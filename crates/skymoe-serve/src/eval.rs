@@ -2,11 +2,18 @@
 //! quantisation costs.
 
 use crate::error::{Result, ServeError};
+use crate::kv_cache::KvDtype;
 use crate::model::{LogitsFor, SeqChunk, ServeModel};
 
 /// Summed next-token negative log-likelihood (nats) of `windows` (each: inputs followed by
-/// the last target) and the number of predicted tokens, running `batch` windows per pass.
-pub fn windows_nll(model: &ServeModel, windows: &[&[u32]], batch: usize) -> Result<(f64, usize)> {
+/// the last target) and the number of predicted tokens, running `batch` windows per pass
+/// over a KV cache of `kv_dtype` (`None`: as `skymoe serve` chooses).
+pub fn windows_nll(
+    model: &ServeModel,
+    windows: &[&[u32]],
+    batch: usize,
+    kv_dtype: Option<KvDtype>,
+) -> Result<(f64, usize)> {
     let (mut nll, mut count) = (0.0f64, 0usize);
     let vocab = model.config.vocab_size;
     for group in windows.chunks(batch.max(1)) {
@@ -16,7 +23,7 @@ pub fn windows_nll(model: &ServeModel, windows: &[&[u32]], batch: usize) -> Resu
                 "a window needs at least two tokens".into(),
             ));
         }
-        let mut kv = model.new_kv_cache(16, group.len() * longest.div_ceil(16), None);
+        let mut kv = model.new_kv_cache(16, group.len() * longest.div_ceil(16), kv_dtype);
         let mut tables = Vec::with_capacity(group.len());
         for w in group {
             let blocks = kv

@@ -1,7 +1,8 @@
 //! The paged KV cache: keys and values of every layer in fixed-size blocks of positions; a
 //! sequence owns a list of blocks (its block table), so sequences of any length share one
 //! pool without fragmentation, and a finished or preempted sequence returns its blocks.
-//! Entries are stored in f32 or f16 ([`KvDtype`]); readers get f32. The engine hands blocks
+//! Entries are stored in f32, f16 or int8 with a scale per position and head ([`KvDtype`]);
+//! readers get f32. The engine hands blocks
 //! out through a [`BlockPool`], which shares full prompt blocks between sequences with the
 //! same prefix ([`prefix`]).
 
@@ -23,6 +24,10 @@ pub enum KvDtype {
     F32,
     /// 2 bytes an element (half the memory and the reads), rounded to nearest.
     F16,
+    /// 1 byte an element and an f32 scale per position and kv head (its largest magnitude
+    /// over 127, as llama.cpp's `q8_0` scales blocks of 32): each element rounded to the
+    /// nearest multiple of the scale. About half of f16's memory and reads.
+    Int8,
 }
 
 impl KvDtype {
@@ -41,6 +46,7 @@ impl KvDtype {
         match self {
             KvDtype::F32 => 4,
             KvDtype::F16 => 2,
+            KvDtype::Int8 => 1,
         }
     }
 
@@ -49,6 +55,7 @@ impl KvDtype {
         match self {
             KvDtype::F32 => "f32",
             KvDtype::F16 => "f16",
+            KvDtype::Int8 => "int8",
         }
     }
 }
@@ -66,8 +73,9 @@ impl FromStr for KvDtype {
         match s.to_ascii_lowercase().as_str() {
             "f32" | "float32" => Ok(KvDtype::F32),
             "f16" | "float16" | "half" => Ok(KvDtype::F16),
+            "int8" | "i8" | "q8_0" => Ok(KvDtype::Int8),
             _ => Err(format!(
-                "unknown KV cache dtype {s:?} (expected f32 or f16)"
+                "unknown KV cache dtype {s:?} (expected f32, f16 or int8)"
             )),
         }
     }
@@ -77,14 +85,76 @@ impl FromStr for KvDtype {
 enum Plane {
     F32(Vec<f32>),
     F16(Vec<f16>),
+    /// Integers and one scale per position and head ([`ScaleLayout`]).
+    Int8 {
+        q: Vec<i8>,
+        scales: Vec<f32>,
+        layout: ScaleLayout,
+    },
+}
+
+/// Where an int8 plane keeps the scale of each stored head of each position: entries of one
+/// head and position share a scale, and the scales of a head's consecutive positions in a
+/// block lie one after the other.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ScaleLayout {
+    /// Entries of one head of one position.
+    head_width: usize,
+    block_size: usize,
+    /// The plane stores each head's run of a block dimension by dimension.
+    by_dim: bool,
+}
+
+impl ScaleLayout {
+    /// The index of the scale of entry `e`.
+    fn of(&self, e: usize) -> usize {
+        let hw = self.head_width.max(1);
+        if self.by_dim {
+            // Runs of hw·block_size entries, element d of the run's position j at
+            // d·block_size + j.
+            (e / (hw * self.block_size)) * self.block_size + e % self.block_size
+        } else {
+            e / hw
+        }
+    }
+
+    /// Scales a plane of `len` entries holds.
+    fn count(&self, len: usize) -> usize {
+        len / self.head_width.max(1)
+    }
+}
+
+/// The int8 integers of `src` and their scale: the largest magnitude over 127, each value
+/// rounded to the nearest multiple of it (as llama.cpp quantises a `q8_0` block).
+fn quantize_int8(src: &[f32], mut put: impl FnMut(usize, i8)) -> f32 {
+    let amax = src.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    for (i, &x) in src.iter().enumerate() {
+        put(i, (x * inv).round().clamp(-127.0, 127.0) as i8);
+    }
+    scale
 }
 
 impl Plane {
-    fn new(dtype: KvDtype, len: usize) -> Plane {
+    fn new(dtype: KvDtype, len: usize, layout: ScaleLayout) -> Plane {
         // Zeroed allocations: the operating system commits the pages as they are written.
         match dtype {
             KvDtype::F32 => Plane::F32(vec![0.0; len]),
             KvDtype::F16 => Plane::F16(vec![f16::ZERO; len]),
+            KvDtype::Int8 => Plane::Int8 {
+                q: vec![0; len],
+                scales: vec![0.0; layout.count(len)],
+                layout,
+            },
+        }
+    }
+
+    /// Give an int8 plane's scales a new layout (before anything is written).
+    fn set_layout(&mut self, new: ScaleLayout) {
+        if let Plane::Int8 { q, scales, layout } = self {
+            *layout = new;
+            *scales = vec![0.0; new.count(q.len())];
         }
     }
 
@@ -92,13 +162,36 @@ impl Plane {
         match self {
             Plane::F32(p) => p[at..at + src.len()].copy_from_slice(src),
             Plane::F16(p) => p[at..at + src.len()].convert_from_f32_slice(src),
+            Plane::Int8 { q, scales, layout } => {
+                let row = &mut q[at..at + src.len()];
+                scales[layout.of(at)] = quantize_int8(src, |i, v| row[i] = v);
+            }
         }
     }
 
+    /// Read `dst.len()` entries from `at`: within one stored head of one position, or (keys
+    /// stored by dimension) one element of consecutive positions of a block.
     fn read(&self, at: usize, dst: &mut [f32]) {
         match self {
             Plane::F32(p) => dst.copy_from_slice(&p[at..at + dst.len()]),
             Plane::F16(p) => p[at..at + dst.len()].convert_to_f32_slice(dst),
+            Plane::Int8 { q, scales, layout } => {
+                // Reads stay within one head of one position (one scale), or for keys stored
+                // by dimension within one element of a block's positions (consecutive scales).
+                let first = layout.of(at);
+                let q = &q[at..at + dst.len()];
+                if layout.by_dim {
+                    let scales = &scales[first..first + dst.len()];
+                    for ((x, &v), &s) in dst.iter_mut().zip(q).zip(scales) {
+                        *x = v as f32 * s;
+                    }
+                } else {
+                    let s = scales[first];
+                    for (x, &v) in dst.iter_mut().zip(q) {
+                        *x = v as f32 * s;
+                    }
+                }
+            }
         }
     }
 
@@ -113,6 +206,9 @@ impl Plane {
                 .iter()
                 .enumerate()
                 .for_each(|(i, &x)| p[at + i * stride] = f16::from_f32(x)),
+            Plane::Int8 { q, scales, layout } => {
+                scales[layout.of(at)] = quantize_int8(src, |i, v| q[at + i * stride] = v);
+            }
         }
     }
 
@@ -127,6 +223,12 @@ impl Plane {
                 .iter_mut()
                 .enumerate()
                 .for_each(|(i, x)| *x = p[at + i * stride].to_f32()),
+            Plane::Int8 { q, scales, layout } => {
+                dst.iter_mut().enumerate().for_each(|(i, x)| {
+                    let e = at + i * stride;
+                    *x = q[e] as f32 * scales[layout.of(e)]
+                });
+            }
         }
     }
 
@@ -135,6 +237,10 @@ impl Plane {
         match self {
             Plane::F32(p) => Cached::F32(&p[at..end]),
             Plane::F16(p) => Cached::F16(&p[at..end]),
+            Plane::Int8 { q, scales, layout } => Cached::Int8 {
+                q: &q[at..end],
+                scales: &scales[layout.of(at)..],
+            },
         }
     }
 }
@@ -144,6 +250,8 @@ impl Plane {
 pub(crate) enum KvRows<'a> {
     F32(&'a [f32], usize, usize),
     F16(&'a [f16], usize, usize),
+    /// Integers, the scales of the rows from the first, stride and width.
+    Int8(&'a [i8], &'a [f32], usize, usize),
 }
 
 impl<'a> KvRows<'a> {
@@ -157,6 +265,13 @@ impl<'a> KvRows<'a> {
             }
             KvRows::F16(p, stride, width) => {
                 skymoe_kernels::quant::dot_f16_rows(&x[..width], p, stride, out)
+            }
+            KvRows::Int8(p, scales, stride, width) => {
+                let mut row = vec![0f32; width];
+                for (j, o) in out.iter_mut().enumerate() {
+                    Plane::widen(&p[j * stride..j * stride + width], &mut row);
+                    *o = scales[j] * crate::model::ops::dot(x, &row);
+                }
             }
         }
     }
@@ -172,6 +287,13 @@ impl<'a> KvRows<'a> {
             KvRows::F16(p, stride, width) => {
                 skymoe_kernels::quant::axpy_f16_rows(a, p, stride, &mut y[..width])
             }
+            KvRows::Int8(p, scales, stride, width) => {
+                let mut row = vec![0f32; width];
+                for (j, &aj) in a.iter().enumerate() {
+                    Plane::widen(&p[j * stride..j * stride + width], &mut row);
+                    crate::model::ops::axpy(aj * scales[j], &row, y);
+                }
+            }
         }
     }
 
@@ -180,6 +302,7 @@ impl<'a> KvRows<'a> {
         match self {
             KvRows::F32(p, stride, _) => (Cached::F32(p), stride),
             KvRows::F16(p, stride, _) => (Cached::F16(p), stride),
+            KvRows::Int8(q, scales, stride, _) => (Cached::Int8 { q, scales }, stride),
         }
     }
 }
@@ -191,7 +314,15 @@ impl Plane {
         match self {
             Plane::F32(p) => KvRows::F32(&p[at..end], stride, width),
             Plane::F16(p) => KvRows::F16(&p[at..end], stride, width),
+            Plane::Int8 { q, scales, layout } => {
+                KvRows::Int8(&q[at..end], &scales[layout.of(at)..], stride, width)
+            }
         }
+    }
+
+    /// Integers to f32 (before their scale).
+    fn widen(q: &[i8], out: &mut [f32]) {
+        out.iter_mut().zip(q).for_each(|(x, &v)| *x = v as f32);
     }
 }
 
@@ -238,8 +369,12 @@ impl KvCache {
             values_in_keys: false,
             keys_by_dim: false,
             dtype,
-            keys: (0..layers).map(|_| Plane::new(dtype, per_layer)).collect(),
-            values: (0..layers).map(|_| Plane::new(dtype, per_layer)).collect(),
+            keys: (0..layers)
+                .map(|_| Plane::new(dtype, per_layer, Self::position_layout(kv_dim, block_size)))
+                .collect(),
+            values: (0..layers)
+                .map(|_| Plane::new(dtype, per_layer, Self::position_layout(kv_dim, block_size)))
+                .collect(),
             // Hand out low block numbers first.
             free: (0..num_blocks as u32).rev().collect(),
         }
@@ -257,15 +392,49 @@ impl KvCache {
     ) -> Self {
         let mut kv = KvCache::new(0, width, block_size, num_blocks, dtype);
         let per_layer = num_blocks * kv.block_size * width;
-        kv.keys = (0..layers).map(|_| Plane::new(dtype, per_layer)).collect();
+        let layout = Self::position_layout(width, kv.block_size);
+        kv.keys = (0..layers)
+            .map(|_| Plane::new(dtype, per_layer, layout))
+            .collect();
         kv.values_in_keys = true;
         kv
     }
 
     /// Bytes one position takes over all layers, for `values_per_position` cached values per
-    /// layer (keys and values together; see `ModelConfig::kv_cache_width`).
-    pub fn bytes_per_position(layers: usize, values_per_position: usize, dtype: KvDtype) -> usize {
-        layers * values_per_position * dtype.size()
+    /// layer (keys and values together; see `ModelConfig::kv_cache_width`) in
+    /// `heads_per_position` stored heads (keys and values: 2 per kv head; 1 for a latent
+    /// cache), each of which has a scale in an int8 cache.
+    pub fn bytes_per_position(
+        layers: usize,
+        values_per_position: usize,
+        heads_per_position: usize,
+        dtype: KvDtype,
+    ) -> usize {
+        let scales = match dtype {
+            KvDtype::Int8 => heads_per_position * std::mem::size_of::<f32>(),
+            _ => 0,
+        };
+        layers * (values_per_position * dtype.size() + scales)
+    }
+
+    /// The scale layout of a plane stored position by position in heads of `head_width`.
+    fn position_layout(head_width: usize, block_size: usize) -> ScaleLayout {
+        ScaleLayout {
+            head_width,
+            block_size: block_size.max(1),
+            by_dim: false,
+        }
+    }
+
+    /// Give the planes' scales the layout the cache now has.
+    fn relayout(&mut self) {
+        let values = Self::position_layout(self.head_width, self.block_size);
+        let keys = ScaleLayout {
+            by_dim: self.keys_by_dim,
+            ..values
+        };
+        self.keys.iter_mut().for_each(|p| p.set_layout(keys));
+        self.values.iter_mut().for_each(|p| p.set_layout(values));
     }
 
     /// The element type of the entries.
@@ -319,6 +488,7 @@ impl KvCache {
     pub fn with_head_width(mut self, width: usize) -> Self {
         if width > 0 && self.kv_dim.is_multiple_of(width) {
             self.head_width = width;
+            self.relayout();
         }
         self
     }
@@ -331,6 +501,7 @@ impl KvCache {
     /// from its keys.
     pub fn with_keys_by_dimension(mut self) -> Self {
         self.keys_by_dim = !self.values_in_keys && self.head_width > 0;
+        self.relayout();
         self
     }
 
@@ -624,6 +795,8 @@ mod tests {
             (KvDtype::F16, false),
             (KvDtype::F32, true),
             (KvDtype::F16, true),
+            (KvDtype::Int8, false),
+            (KvDtype::Int8, true),
         ] {
             let mut kv = KvCache::new(1, 6, 4, 5, dtype);
             if heads {
@@ -670,7 +843,7 @@ mod tests {
     fn key_columns_read_what_gather_reads() {
         // Two kv heads of 5 (kv_dim 10), blocks of 4 positions out of order, keys stored by
         // dimension: each block's columns give the scores gather's keys give.
-        for dtype in [KvDtype::F32, KvDtype::F16] {
+        for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
             let mut by_pos = KvCache::new(2, 10, 4, 6, dtype).with_head_width(5);
             let mut kv = KvCache::new(2, 10, 4, 6, dtype)
                 .with_head_width(5)
@@ -749,7 +922,7 @@ mod tests {
         let entries = |kv: &KvCache, values: bool| -> Vec<f32> {
             match if values { &kv.values[0] } else { &kv.keys[0] } {
                 Plane::F32(p) => p.clone(),
-                Plane::F16(_) => unreachable!(),
+                _ => unreachable!(),
             }
         };
         let by_position = [
@@ -816,8 +989,8 @@ mod tests {
     #[test]
     fn f16_entries_are_the_values_rounded_to_f16_at_half_the_size() {
         let mut kv = KvCache::new(1, 3, 2, 4, KvDtype::F16);
-        assert_eq!(KvCache::bytes_per_position(1, 6, KvDtype::F16), 12);
-        assert_eq!(KvCache::bytes_per_position(1, 6, KvDtype::F32), 24);
+        assert_eq!(KvCache::bytes_per_position(1, 6, 2, KvDtype::F16), 12);
+        assert_eq!(KvCache::bytes_per_position(1, 6, 2, KvDtype::F32), 24);
         // Blocks out of order: positions 0-1 in block 3, 2-3 in block 0.
         let blocks = [3u32, 0];
         let key = |p: usize| [0.1 * p as f32, -1.0e-3, 3.0e4 + p as f32];
@@ -837,5 +1010,57 @@ mod tests {
         }
         assert_eq!("F16".parse::<KvDtype>(), Ok(KvDtype::F16));
         assert!("bf8".parse::<KvDtype>().is_err());
+    }
+
+    #[test]
+    fn int8_entries_are_each_heads_values_rounded_to_a_multiple_of_its_scale() {
+        // Two scales per position (two heads of 2) and their integers, in every layout.
+        assert_eq!(
+            KvCache::bytes_per_position(2, 8, 4, KvDtype::Int8),
+            2 * (8 + 16)
+        );
+        let key = |p: usize| [0.1 * p as f32 + 0.3, -3.0e-3, 500.0 + p as f32, -1.25];
+        for (heads, by_dim) in [(false, false), (true, false), (true, true)] {
+            let mut kv = KvCache::new(2, 4, 3, 4, KvDtype::Int8);
+            if heads {
+                kv = kv.with_head_width(2);
+            }
+            if by_dim {
+                kv = kv.with_keys_by_dimension();
+            }
+            let blocks = [2u32, 0];
+            for layer in 0..2 {
+                for p in 0..5 {
+                    let k = key(p + layer);
+                    kv.write(layer, &blocks, p, &k, &k.map(|x| -2.0 * x));
+                }
+            }
+            // The scale of each stored head: its largest magnitude over 127.
+            let width = if heads { 2 } else { 4 };
+            for layer in 0..2 {
+                let (mut k, mut v) = (Vec::new(), Vec::new());
+                for from in (0..4).step_by(width) {
+                    kv.gather(layer, &blocks, 5, from, (width, width), &mut k, &mut v);
+                    for p in 0..5 {
+                        let head = &key(p + layer)[from..from + width];
+                        let scale = head.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                        for (i, &x) in head.iter().enumerate() {
+                            let want = (x / scale).round() * scale;
+                            let got = (k[p * width + i], v[p * width + i]);
+                            let tol = 1e-6 * scale.max(1.0);
+                            assert!(
+                                (got.0 - want).abs() <= tol
+                                    && (got.1 + 2.0 * want).abs() <= 2.0 * tol,
+                                "{heads} {by_dim} layer {layer} pos {p} {}: {got:?} vs {want}",
+                                from + i
+                            );
+                            assert!((got.0 - x).abs() <= scale / 2.0 + tol);
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!("q8_0".parse::<KvDtype>(), Ok(KvDtype::Int8));
+        assert_eq!(KvDtype::Int8.to_string(), "int8");
     }
 }

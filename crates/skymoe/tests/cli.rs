@@ -296,6 +296,14 @@ fn bench_reports_its_settings_and_refuses_bad_ones() {
     let report: serde_json::Value = serde_json::from_slice(&auto.stdout).unwrap();
     assert_eq!(report["kv_dtype"], "f16", "int8 weights get an f16 cache");
     assert_clean_failure(&skymoe(&args("bf8")), "invalid --kv-cache-dtype");
+    let int8 = skymoe(&args("int8"));
+    assert!(
+        int8.status.success(),
+        "{}",
+        String::from_utf8_lossy(&int8.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&int8.stdout).unwrap();
+    assert_eq!(report["kv_dtype"], "int8");
     let mut no_steps = args("f16");
     no_steps[14] = "0";
     assert_clean_failure(&skymoe(&no_steps), "--step-tokens must be at least 1");

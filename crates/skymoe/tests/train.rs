@@ -273,6 +273,46 @@ fn trained_checkpoint_loads_and_generates() {
     assert!(ppl > 1.0 && ppl < 300.0, "perplexity {ppl}");
     assert!((e["loss"].as_f64().unwrap().exp() - ppl).abs() < 1e-2 * ppl);
     assert_eq!(e["tokens_predicted"], 40 * 32);
+    // The serving engine's perplexity over an int8 KV cache: close to the f32 cache's.
+    let served = |kv: &str| {
+        let out = skymoe(&[
+            "eval",
+            "--model",
+            ck.to_str().unwrap(),
+            "--data",
+            corpus().to_str().unwrap(),
+            "--seq-len",
+            "32",
+            "--max-windows",
+            "40",
+            "--weights",
+            "f32",
+            "--kv-cache-dtype",
+            kv,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        e["perplexity"].as_f64().unwrap()
+    };
+    let (exact, int8) = (served("f32"), served("int8"));
+    assert!(
+        (int8 - exact).abs() <= 5e-3 * exact && int8 != exact,
+        "perplexity {int8} with an int8 cache, {exact} with f32"
+    );
+    let out = skymoe(&[
+        "eval",
+        "--model",
+        ck.to_str().unwrap(),
+        "--data",
+        corpus().to_str().unwrap(),
+        "--kv-cache-dtype",
+        "int8",
+    ]);
+    assert_clean_failure(&out, "needs --weights");
 }
 
 #[test]

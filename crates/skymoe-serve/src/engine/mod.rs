@@ -95,6 +95,7 @@ impl EngineConfig {
             let per_pos = KvCache::bytes_per_position(
                 model.num_layers(),
                 model.config.kv_cache_width(),
+                model.config.kv_cache_heads(),
                 dtype,
             )
             .max(1);

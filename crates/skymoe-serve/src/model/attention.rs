@@ -523,8 +523,9 @@ mod tests {
     fn check_products_against_rows(shape: HeadShape, make: impl Fn(KvDtype) -> KvCache) {
         let (start, len) = (9, 70);
         let kv_dim = shape.kv_heads * shape.head_dim;
-        // Both cache element types (the f16 one read back as the same f32 values by both).
-        for dtype in [KvDtype::F32, KvDtype::F16] {
+        // Every cache element type (the f16 and fp8 ones read back as the same f32 values by
+        // both).
+        for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
             let mut kv = make(dtype);
             let _spare = kv.allocate(3).unwrap();
             let blocks = kv.allocate(kv.blocks_for(start + len)).unwrap();
@@ -639,6 +640,8 @@ mod tests {
                 (KvDtype::F16, 16),
                 (KvDtype::F16, 5),
                 (KvDtype::F32, 24),
+                (KvDtype::Int8, 16),
+                (KvDtype::Int8, 5),
             ] {
                 let make =
                     || KvCache::new(1, kv_dim, block, 200, dtype).with_head_width(shape.head_dim);

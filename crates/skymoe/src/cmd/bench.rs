@@ -35,7 +35,7 @@ pub struct Args {
     /// Most prompt tokens in one forward pass (as `skymoe serve` schedules them).
     #[arg(long, default_value_t = skymoe_serve::engine::EngineConfig::default().max_step_tokens)]
     step_tokens: usize,
-    /// Element type of the KV cache: auto (as `skymoe serve` chooses), f32 or f16.
+    /// Element type of the KV cache: auto (as `skymoe serve` chooses), f32, f16 or int8.
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: String,
     /// MiB read by the streaming pass that measures the memory's read bandwidth (reported

@@ -30,10 +30,18 @@ pub struct Args {
     /// int8, fp8, q4) instead of the training model; `stored` keeps the checkpoint's format.
     #[arg(long)]
     weights: Option<String>,
+    /// With `--weights`: the element type of the KV cache, auto (as `skymoe serve` chooses),
+    /// f32, f16 or int8.
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: String,
 }
 
 /// Run the verb.
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let kv_dtype = super::bench::parse_kv_dtype(&a.kv_cache_dtype)?;
+    if kv_dtype.is_some() && a.weights.is_none() {
+        anyhow::bail!("--kv-cache-dtype needs --weights (the serving engine's model)");
+    }
     let device = super::device()?;
     let (ckpt, model) = super::load_model(&a.model, &device)?;
     if a.seq_len > model.config.max_position_embeddings {
@@ -68,7 +76,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 m => data.num_windows().min(m),
             };
             let windows: Vec<&[u32]> = (0..n).filter_map(|i| data.window(i)).collect();
-            let (nll, count) = skymoe_serve::eval::windows_nll(&served, &windows, a.batch_size)?;
+            let (nll, count) =
+                skymoe_serve::eval::windows_nll(&served, &windows, a.batch_size, kv_dtype)?;
             if count == 0 {
                 anyhow::bail!("no windows to evaluate");
             }

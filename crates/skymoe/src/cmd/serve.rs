@@ -40,7 +40,8 @@ pub struct Args {
     /// KV-cache size in blocks (default: the engine's choice).
     #[arg(long)]
     kv_blocks: Option<usize>,
-    /// Element type of the KV cache: auto (f32 with f32 weights, else f16), f32 or f16.
+    /// Element type of the KV cache: auto (f32 with f32 weights, else f16), f32, f16 or int8
+    /// (a scale per position and kv head).
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: String,
     /// Do not share the KV blocks of identical prompt prefixes between requests (automatic
