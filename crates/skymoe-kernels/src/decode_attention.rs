@@ -145,20 +145,62 @@ macro_rules! x86_kernel {
 /// many.
 const HEAD_TILE: usize = 4;
 
+/// Where keys stored dimension by dimension lie: in blocks of `block` positions, element `d`
+/// of a block's position `j` at entry `d·block + j` of the block, consecutive blocks `pitch`
+/// entries apart. Position `j` of a run is position `j % block` of its block `j / block`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyBlocks {
+    /// Positions per block (the distance between a position's consecutive elements).
+    pub block: usize,
+    /// Entries from one block's first to the next's (at least `dim·block` where a run spans
+    /// blocks).
+    pub pitch: usize,
+}
+
+impl KeyBlocks {
+    /// One block of keys whose elements lie `stride` entries apart.
+    pub fn single(stride: usize) -> KeyBlocks {
+        KeyBlocks {
+            block: stride,
+            pitch: 0,
+        }
+    }
+
+    /// The entry of element `d` of position `j`.
+    pub fn entry(&self, d: usize, j: usize) -> usize {
+        (j / self.block) * self.pitch + d * self.block + j % self.block
+    }
+}
+
+impl<'a> Cached<'a> {
+    /// The entries from `at` on, the scales from position `first` on.
+    fn from(&self, at: usize, first: usize) -> Cached<'a> {
+        match *self {
+            Cached::F32(s) => Cached::F32(&s[at..]),
+            Cached::F16(s) => Cached::F16(&s[at..]),
+            Cached::Int8 { q, scales } => Cached::Int8 {
+                q: &q[at..],
+                scales: &scales[first..],
+            },
+        }
+    }
+}
+
 /// The scores of a group of query heads against `n` cached keys of width `dim` stored
-/// dimension by dimension: `out[h·out_stride + j] = scale · Σ_d q[h·dim + d] · keys[d·stride + j]`
-/// for every head `h < q.len() / dim` and position `j < n`.
+/// dimension by dimension in blocks ([`KeyBlocks`]): `out[h·out_stride + j] = scale ·
+/// Σ_d q[h·dim + d] · keys[layout.entry(d, j)]` for every head `h < q.len() / dim` and
+/// position `j < n`.
 ///
 /// # Panics
-/// If `q` is not whole heads of `dim`, `n > stride`, the keys do not hold `dim` dimensions of
-/// `n` positions, or `out` does not hold every head's `n` scores.
+/// If `q` is not whole heads of `dim`, the blocks overlap, the keys do not hold `dim`
+/// dimensions of `n` positions, or `out` does not hold every head's `n` scores.
 #[allow(clippy::too_many_arguments)]
 pub fn scores_by_dim(
     q: &[f32],
     dim: usize,
     scale: f32,
     keys: Cached<'_>,
-    stride: usize,
+    layout: KeyBlocks,
     n: usize,
     out: &mut [f32],
     out_stride: usize,
@@ -169,7 +211,7 @@ pub fn scores_by_dim(
         dim,
         scale,
         keys,
-        stride,
+        layout,
         n,
         out,
         out_stride,
@@ -185,7 +227,7 @@ fn scores_by_dim_on(
     dim: usize,
     scale: f32,
     keys: Cached<'_>,
-    stride: usize,
+    layout: KeyBlocks,
     n: usize,
     out: &mut [f32],
     out_stride: usize,
@@ -198,9 +240,14 @@ fn scores_by_dim_on(
     if n == 0 || heads == 0 {
         return;
     }
-    assert!(n <= stride, "{n} positions at a stride of {stride}");
+    let stride = layout.block;
     assert!(
-        (dim - 1) * stride + n <= keys.len(),
+        n <= stride || (stride > 0 && layout.pitch >= dim * stride),
+        "{n} positions in blocks of {stride}, {} apart, for {dim} dimensions",
+        layout.pitch
+    );
+    assert!(
+        layout.entry(dim - 1, n - 1) < keys.len(),
         "keys hold {} entries, {dim} dimensions of {n} positions need more",
         keys.len()
     );
@@ -212,16 +259,25 @@ fn scores_by_dim_on(
     #[cfg(target_arch = "x86_64")]
     {
         if isa.supported() && matches!(isa, Isa::Avx2 | Isa::Avx512) {
-            for h0 in (0..heads).step_by(HEAD_TILE) {
-                let tile = (heads - h0).min(HEAD_TILE);
-                let (qp, op) = (q[h0 * dim..].as_ptr(), out[h0 * out_stride..].as_mut_ptr());
-                // SAFETY: `isa` is supported (checked just above); the key rows
-                // `d < dim` of `n` entries at `d·stride` are inside `keys`, the tile's query
-                // rows inside `q` and its score rows inside `out` (all checked above).
-                unsafe {
-                    x86_kernel!(isa, keys, scores_avx512, scores_avx2, |entries, scales| (
-                        qp, tile, dim, scale, entries, scales, stride, n, op, out_stride
-                    ))
+            for j0 in (0..n).step_by(stride) {
+                // One block: its positions j0..j0 + m.
+                let m = (n - j0).min(stride);
+                let keys = keys.from(layout.entry(0, j0), j0);
+                for h0 in (0..heads).step_by(HEAD_TILE) {
+                    let tile = (heads - h0).min(HEAD_TILE);
+                    let (qp, op) = (
+                        q[h0 * dim..].as_ptr(),
+                        out[h0 * out_stride + j0..].as_mut_ptr(),
+                    );
+                    // SAFETY: `isa` is supported (checked just above); the block's key rows
+                    // `d < dim` of `m` entries at `d·stride` are inside `keys` (its last
+                    // entry is at most the run's last), the tile's query rows inside `q` and
+                    // its score rows inside `out` (all checked above).
+                    unsafe {
+                        x86_kernel!(isa, keys, scores_avx512, scores_avx2, |entries, scales| (
+                            qp, tile, dim, scale, entries, scales, stride, m, op, out_stride
+                        ))
+                    }
                 }
             }
             return;
@@ -232,7 +288,7 @@ fn scores_by_dim_on(
     for h in 0..heads {
         let qh = &q[h * dim..(h + 1) * dim];
         for j in 0..n {
-            let s: f32 = (0..dim).map(|d| qh[d] * keys.get(d * stride + j)).sum();
+            let s: f32 = (0..dim).map(|d| qh[d] * keys.get(layout.entry(d, j))).sum();
             out[h * out_stride + j] = scale * keys.scale(j) * s;
         }
     }
@@ -883,7 +939,17 @@ mod tests {
         each_isa(|isa| {
             // One dimension, n positions: the scores are the keys' values.
             let mut out = vec![0f32; n];
-            scores_by_dim_on(isa, &[1.0], 1, 1.0, entries, n, n, &mut out, n);
+            scores_by_dim_on(
+                isa,
+                &[1.0],
+                1,
+                1.0,
+                entries,
+                KeyBlocks::single(n),
+                n,
+                &mut out,
+                n,
+            );
             // n rows of width 1, each weighted by 1: their sum.
             let mut y = vec![0f32; 1];
             add_weighted_rows_on(isa, &vec![1.0; n], n, entries, 1, n, &mut y, 1);
@@ -906,7 +972,16 @@ mod tests {
             q: &q,
             scales: &[1.0; 3],
         };
-        scores_by_dim(&[1.0, 1.0], 2, 1.0, keys, 4, 4, &mut out, 4);
+        scores_by_dim(
+            &[1.0, 1.0],
+            2,
+            1.0,
+            keys,
+            KeyBlocks::single(4),
+            4,
+            &mut out,
+            4,
+        );
     }
 
     /// Every instruction set this CPU has, the portable code first.
@@ -921,12 +996,30 @@ mod tests {
     #[test]
     fn scores_equal_the_sums_written_out() {
         // Widths with and without a tail of dimensions, positions with and without a tail
-        // of lanes, head counts across a tile, f32 and f16 entries.
+        // of lanes, head counts across a tile, f32, f16 and int8 entries; one block, and
+        // runs of blocks (whole and partial registers, a partial last block, a gap between
+        // blocks).
         each_isa(|isa| {
-            for (dim, n, heads) in [(64, 16, 3), (7, 5, 1), (33, 29, 6), (128, 32, 4)] {
-                let stride = n + 3;
+            let cases = [
+                (64, 16, 3, None),
+                (7, 5, 1, None),
+                (33, 29, 6, None),
+                (128, 32, 4, None),
+                (64, 40, 3, Some(16)),
+                (9, 13, 2, Some(5)),
+                (16, 51, 4, Some(24)),
+            ];
+            for (dim, n, heads, block) in cases {
+                let layout = match block {
+                    None => KeyBlocks::single(n + 3),
+                    Some(b) => KeyBlocks {
+                        block: b,
+                        pitch: dim * b + 3,
+                    },
+                };
                 let q: Vec<f32> = (0..heads * dim).map(|i| value(i, 1)).collect();
-                let raw: Vec<f32> = (0..dim * stride).map(|i| value(i, 2)).collect();
+                let len = layout.entry(dim - 1, n - 1) + 1;
+                let raw: Vec<f32> = (0..len).map(|i| value(i, 2)).collect();
                 let halves: Vec<f16> = raw.iter().map(|&x| f16::from_f32(x)).collect();
                 let (ints, scales) = int8_entries(&raw, n);
                 let int8 = Cached::Int8 {
@@ -936,12 +1029,12 @@ mod tests {
                 for keys in [Cached::F32(&raw), Cached::F16(&halves), int8] {
                     let out_stride = n + 1;
                     let mut out = vec![f32::NAN; heads * out_stride];
-                    scores_by_dim_on(isa, &q, dim, 0.5, keys, stride, n, &mut out, out_stride);
+                    scores_by_dim_on(isa, &q, dim, 0.5, keys, layout, n, &mut out, out_stride);
                     for h in 0..heads {
                         for j in 0..n {
                             let terms = (0..dim).map(|d| {
                                 q[h * dim + d] as f64
-                                    * keys.get(d * stride + j) as f64
+                                    * keys.get(layout.entry(d, j)) as f64
                                     * keys.scale(j) as f64
                             });
                             let want: f64 = 0.5 * terms.clone().sum::<f64>();
@@ -1013,6 +1106,15 @@ mod tests {
     fn keys_past_the_entries_are_refused() {
         let keys = [0f32; 10];
         let mut out = [0f32; 4];
-        scores_by_dim(&[1.0; 4], 4, 1.0, Cached::F32(&keys), 3, 3, &mut out, 4);
+        scores_by_dim(
+            &[1.0; 4],
+            4,
+            1.0,
+            Cached::F32(&keys),
+            KeyBlocks::single(3),
+            3,
+            &mut out,
+            4,
+        );
     }
 }

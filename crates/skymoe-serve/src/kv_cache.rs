@@ -15,7 +15,7 @@ use std::str::FromStr;
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use skymoe_kernels::decode_attention::Cached;
+use skymoe_kernels::decode_attention::{Cached, KeyBlocks};
 
 /// The element type of the cached keys and values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -612,10 +612,56 @@ impl KvCache {
         })
     }
 
+    /// Positions `from..to` as runs `(pos, n)` whose blocks follow one another in the pool
+    /// (what [`KvCache::rows`] and [`KvCache::key_columns`] take at once), in order: a new run
+    /// starts where the block table jumps. `from` is the first position of a block.
+    pub(crate) fn consecutive_runs(
+        &self,
+        blocks: &[u32],
+        from: usize,
+        to: usize,
+    ) -> Vec<(usize, usize)> {
+        let bs = self.block_size;
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        let mut pos = from;
+        while pos < to {
+            let n = self.rows_in_block(pos).min(to - pos);
+            match runs.last_mut() {
+                Some(last) if blocks[pos / bs] == blocks[pos / bs - 1].wrapping_add(1) => {
+                    last.1 += n
+                }
+                _ => runs.push((pos, n)),
+            }
+            pos += n;
+        }
+        runs
+    }
+
+    /// Check that positions `pos .. pos + n` of a sequence lie in one block or in blocks that
+    /// follow one another in the pool, starting at a block's first position.
+    fn check_run(&self, blocks: &[u32], pos: usize, n: usize) {
+        if n <= self.rows_in_block(pos) {
+            return;
+        }
+        let bs = self.block_size;
+        assert!(
+            pos.is_multiple_of(bs),
+            "positions {pos}..{} cross a block from within one",
+            pos + n
+        );
+        for b in pos / bs + 1..(pos + n).div_ceil(bs) {
+            assert!(
+                blocks[b] == blocks[b - 1].wrapping_add(1),
+                "positions {pos}..{} cross a block that does not follow its predecessor",
+                pos + n
+            );
+        }
+    }
+
     /// The keys (`value: false`) or values of positions `pos .. pos + n` of a sequence (block
-    /// table `blocks`) in `layer`, all in `pos`'s block (`n` at most
-    /// [`KvCache::rows_in_block`]): the `width` elements starting at `from` of each (one kv
-    /// head).
+    /// table `blocks`) in `layer`, in `pos`'s block or blocks following it in the pool (see
+    /// [`KvCache::consecutive_runs`]): the `width` elements starting at `from` of each (one
+    /// kv head).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn rows(
         &self,
@@ -627,11 +673,7 @@ impl KvCache {
         from: usize,
         width: usize,
     ) -> KvRows<'_> {
-        assert!(
-            n <= self.rows_in_block(pos),
-            "positions {pos}..{} cross a block",
-            pos + n
-        );
+        self.check_run(blocks, pos, n);
         self.check_within_head(from, width);
         assert!(
             value || !self.keys_by_dim,
@@ -652,13 +694,15 @@ impl KvCache {
     }
 
     /// The keys of positions `pos .. pos + n` of a sequence (block table `blocks`) in
-    /// `layer`, all in `pos`'s block, from element `from` of each (one kv head, `width`
+    /// `layer`, in `pos`'s block or blocks following it in the pool (see
+    /// [`KvCache::consecutive_runs`]), from element `from` of each (one kv head, `width`
     /// elements), stored by dimension: element `d` of position `pos + j` is entry
-    /// `d·stride + j` of the returned entries, `stride` being the block size.
+    /// `layout.entry(d, j)` of the returned entries.
     ///
     /// # Panics
-    /// If the keys are stored position by position, the positions cross a block or the
-    /// elements a head.
+    /// If the keys are stored position by position, the positions cross a block that does
+    /// not follow its predecessor (or start within a block they leave), or the elements
+    /// cross a head.
     pub(crate) fn key_columns(
         &self,
         layer: usize,
@@ -667,17 +711,20 @@ impl KvCache {
         n: usize,
         from: usize,
         width: usize,
-    ) -> (Cached<'_>, usize) {
+    ) -> (Cached<'_>, KeyBlocks) {
         assert!(self.keys_by_dim, "keys are stored position by position");
-        assert!(
-            n <= self.rows_in_block(pos),
-            "positions {pos}..{} cross a block",
-            pos + n
-        );
+        self.check_run(blocks, pos, n);
         self.check_within_head(from, width);
         let (at, stride) = self.key_offset(blocks, pos, from);
-        let end = at + width.saturating_sub(1) * stride + n;
-        (self.keys[layer].cached(at, end), stride)
+        let layout = KeyBlocks {
+            block: stride,
+            pitch: self.head_width * self.block_size,
+        };
+        let end = match (width, n) {
+            (0, _) | (_, 0) => at,
+            _ => at + layout.entry(width - 1, n - 1) + 1,
+        };
+        (self.keys[layer].cached(at, end), layout)
     }
 
     /// The keys of positions `0..len` of a sequence (block table `blocks`) in `layer`, from
@@ -872,12 +919,15 @@ mod tests {
                         }
                     }
                 }
-                for (pos, n) in kv.block_runs(11) {
-                    let (cols, stride) = kv.key_columns(layer, &blocks, pos, n, head * 5, 5);
-                    assert_eq!(stride, 4);
+                // Blocks 2 and 3 follow one another: one run of 7 positions.
+                let runs = kv.consecutive_runs(&blocks, 0, 11);
+                assert_eq!(runs, [(0, 4), (4, 7)]);
+                for (pos, n) in runs {
+                    let (cols, layout) = kv.key_columns(layer, &blocks, pos, n, head * 5, 5);
+                    assert_eq!(layout.block, 4);
                     let mut got = vec![0f32; n];
                     skymoe_kernels::decode_attention::scores_by_dim(
-                        &x, 5, 1.0, cols, stride, n, &mut got, n,
+                        &x, 5, 1.0, cols, layout, n, &mut got, n,
                     );
                     for (j, g) in got.iter().enumerate() {
                         let want: f32 = (0..5).map(|i| x[i] * k[(pos + j) * 5 + i]).sum();

@@ -111,8 +111,8 @@ const GEMM_MIN_ROWS: usize = 8;
 /// by their maxima and sums.
 const MIN_PART_POSITIONS: usize = 128;
 
-/// How many block runs ahead the grouped decoding path prefetches the blocks that do not
-/// follow their predecessor in the pool.
+/// How many runs of consecutive blocks ahead the grouped decoding path prefetches the first
+/// block of (where the block table jumps).
 const PREFETCH_RUNS: usize = 2;
 
 /// One attention task: query rows `t0..t0 + rows` of chunk `chunk`, head `head`.
@@ -340,7 +340,6 @@ fn attend_group(
         weighted: vec![0f32; task.rows * g * vd],
     };
     let mut scores = vec![0f32; g * span];
-    let mut runs = Vec::with_capacity(span.div_ceil(kv.block_size()));
     for r in 0..task.rows {
         let t = task.t0 + r;
         // Query row t sits at position start + t and sees positions up to it.
@@ -351,20 +350,16 @@ fn attend_group(
         let seen = visible - task.from;
         let qrow = (ch.row + t) * qdim;
         let qs = &inp.q[qrow + group.start * hd..qrow + group.end * hd];
-        runs.clear();
-        runs.extend(
-            kv.block_runs(visible)
-                .skip_while(|&(pos, _)| pos < task.from),
-        );
-        // The runs to prefetch before reading run i: those PREFETCH_RUNS ahead (all of the
-        // first ones before run 0) whose block does not follow the block before it.
-        let bs = kv.block_size();
+        // Runs of blocks that follow one another in the pool, each read by one call.
+        let runs = kv.consecutive_runs(ch.blocks, task.from, visible);
+        // The runs whose first block to prefetch before reading run i: the one
+        // PREFETCH_RUNS ahead (all of the first ones before run 0). Each run after the first
+        // starts where the block table jumps, which the hardware prefetchers do not see
+        // coming.
         let jumps = |i: usize| {
             let first = if i == 0 { 1 } else { i + PREFETCH_RUNS };
-            (first..(i + PREFETCH_RUNS + 1).min(runs.len())).filter(|&j| {
-                let (a, b) = (ch.blocks[runs[j - 1].0 / bs], ch.blocks[runs[j].0 / bs]);
-                b != a.wrapping_add(1)
-            })
+            (first..(i + PREFETCH_RUNS + 1).min(runs.len()))
+                .map(|j| (runs[j].0, runs[j].1.min(kv.rows_in_block(runs[j].0))))
         };
         let keys = |&(pos, n): &(usize, usize)| {
             kv.key_columns(inp.layer, ch.blocks, pos, n, task.kv * hd, hd)
@@ -377,16 +372,16 @@ fn attend_group(
             // Blocks that do not follow their predecessor in the pool, which the hardware
             // prefetchers do not see coming, asked for ahead.
             for ahead in jumps(i) {
-                keys(&runs[ahead]).0.prefetch();
+                keys(&ahead).0.prefetch();
             }
-            let (k, stride) = keys(run);
+            let (k, layout) = keys(run);
             let at = run.0 - task.from;
             scores_by_dim(
                 qs,
                 hd,
                 inp.shape.scale,
                 k,
-                stride,
+                layout,
                 run.1,
                 &mut scores[at..],
                 span,
@@ -400,7 +395,7 @@ fn attend_group(
         let y = &mut out.weighted[r * g * vd..(r + 1) * g * vd];
         for (i, run) in runs.iter().enumerate() {
             for ahead in jumps(i) {
-                values(&runs[ahead]).0.prefetch();
+                values(&ahead).0.prefetch();
             }
             let (v, stride) = values(run);
             add_weighted_rows(&scores[run.0 - task.from..], span, v, stride, run.1, y, vd);
@@ -653,8 +648,13 @@ mod tests {
                 for (i, &(start, len)) in spans.iter().enumerate() {
                     let need = by_pos.blocks_for(start + len);
                     let _gap = by_pos.allocate(i + 1).unwrap();
-                    let blocks = by_pos.allocate(need).unwrap();
+                    let mut blocks = by_pos.allocate(need).unwrap();
                     let _ = by_dim.allocate(i + 1 + need);
+                    // The long sequence's table jumps block by block in its middle and runs
+                    // in order around it.
+                    if need > 20 {
+                        blocks[10..20].reverse();
+                    }
                     for pos in 0..start + len {
                         let k = values(kv_dim, pos * 3 + i);
                         let v = values(kv_dim, pos * 5 + i + 1);
