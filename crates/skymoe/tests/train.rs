@@ -251,52 +251,31 @@ fn trained_checkpoint_loads_and_generates() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["architecture"], "SkyworkForCausalLM");
     assert_eq!(v["experts"], 4);
+    // `skymoe eval` of the checkpoint on its corpus, 40 windows of 32 tokens, with `extra`.
+    let eval = |extra: &[&str]| -> serde_json::Value {
+        let (model, data) = (ck.to_str().unwrap(), corpus());
+        let mut args = vec!["eval", "--model", model, "--data", data.to_str().unwrap()];
+        args.extend(["--seq-len", "32", "--max-windows", "40"]);
+        args.extend(extra);
+        let out = skymoe(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
     // Perplexity of the trained model on its corpus: finite, better than uniform over the vocab.
-    let out = skymoe(&[
-        "eval",
-        "--model",
-        ck.to_str().unwrap(),
-        "--data",
-        corpus().to_str().unwrap(),
-        "--seq-len",
-        "32",
-        "--max-windows",
-        "40",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let e = eval(&[]);
     let ppl = e["perplexity"].as_f64().unwrap();
     assert!(ppl > 1.0 && ppl < 300.0, "perplexity {ppl}");
     assert!((e["loss"].as_f64().unwrap().exp() - ppl).abs() < 1e-2 * ppl);
     assert_eq!(e["tokens_predicted"], 40 * 32);
     // The serving engine's perplexity over an int8 KV cache: close to the f32 cache's.
     let served = |kv: &str| {
-        let out = skymoe(&[
-            "eval",
-            "--model",
-            ck.to_str().unwrap(),
-            "--data",
-            corpus().to_str().unwrap(),
-            "--seq-len",
-            "32",
-            "--max-windows",
-            "40",
-            "--weights",
-            "f32",
-            "--kv-cache-dtype",
-            kv,
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        e["perplexity"].as_f64().unwrap()
+        eval(&["--weights", "f32", "--kv-cache-dtype", kv])["perplexity"]
+            .as_f64()
+            .unwrap()
     };
     let (exact, int8) = (served("f32"), served("int8"));
     assert!(
