@@ -212,7 +212,7 @@ impl Plane {
         }
     }
 
-    /// Read `dst[i]` from `at + i·stride`.
+    /// Read `dst[i]` from `at + i·stride`: the elements of one stored head of one position.
     fn read_strided(&self, at: usize, stride: usize, dst: &mut [f32]) {
         match self {
             Plane::F32(p) => dst
@@ -223,11 +223,12 @@ impl Plane {
                 .iter_mut()
                 .enumerate()
                 .for_each(|(i, x)| *x = p[at + i * stride].to_f32()),
+            // A strided read is one position's head stored by dimension: one scale.
             Plane::Int8 { q, scales, layout } => {
-                dst.iter_mut().enumerate().for_each(|(i, x)| {
-                    let e = at + i * stride;
-                    *x = q[e] as f32 * scales[layout.of(e)]
-                });
+                let s = scales[layout.of(at)];
+                dst.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, x)| *x = q[at + i * stride] as f32 * s);
             }
         }
     }
@@ -614,7 +615,8 @@ impl KvCache {
 
     /// Positions `from..to` as runs `(pos, n)` whose blocks follow one another in the pool
     /// (what [`KvCache::rows`] and [`KvCache::key_columns`] take at once), in order: a new run
-    /// starts where the block table jumps. `from` is the first position of a block.
+    /// starts where the block table jumps (and after a first block entered at `from`, if
+    /// `from` is not a block's first position).
     pub(crate) fn consecutive_runs(
         &self,
         blocks: &[u32],
@@ -627,7 +629,11 @@ impl KvCache {
         while pos < to {
             let n = self.rows_in_block(pos).min(to - pos);
             match runs.last_mut() {
-                Some(last) if blocks[pos / bs] == blocks[pos / bs - 1].wrapping_add(1) => {
+                // A run that starts within a block stays in it (see `check_run`).
+                Some(last)
+                    if last.0.is_multiple_of(bs)
+                        && blocks[pos / bs] == blocks[pos / bs - 1].wrapping_add(1) =>
+                {
                     last.1 += n
                 }
                 _ => runs.push((pos, n)),
@@ -922,6 +928,8 @@ mod tests {
                 // Blocks 2 and 3 follow one another: one run of 7 positions.
                 let runs = kv.consecutive_runs(&blocks, 0, 11);
                 assert_eq!(runs, [(0, 4), (4, 7)]);
+                // Entered within a block, the first run stays in it.
+                assert_eq!(kv.consecutive_runs(&blocks, 6, 11), [(6, 2), (8, 3)]);
                 for (pos, n) in runs {
                     let (cols, layout) = kv.key_columns(layer, &blocks, pos, n, head * 5, 5);
                     assert_eq!(layout.block, 4);
