@@ -14,9 +14,13 @@
 //!   the type's offset, `q − 8` for Q4_0) and `t_b = (d_w·d_x)·Σ` (`+ m_w·(d_x·Σq)` for Q4_1
 //!   and Q5_1); `t_b` is added to accumulator `b mod 8`, and the eight accumulators are summed
 //!   as `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`.
-//! - k-quants, per super-block in order: the exact `S = Σ_j sc_j·Σ_{l∈j} q_l·x_l` (Q4_K, Q5_K,
-//!   sub-blocks of 32; Q6_K, sub-blocks of 16 with `q − 32`) and, for Q4_K and Q5_K,
-//!   `N = Σ_j m_j·Σ_{l∈j} x_l`; then `acc += (d·d_x)·S − (dmin·d_x)·N` (Q6_K: `(d·d_x)·S`).
+//! - k-quants, in eight lanes: per super-block, lane `l` has the exact
+//!   `S_l = Σ_j sc_j·Σ_{e∈[4l, 4l+4)} q_{32j+e}·x_{32j+e}` over its sub-blocks `j` of 32
+//!   (unsigned `q`; Q6_K's scales by halves of 16) and `N_l`: for Q4_K and Q5_K sub-block
+//!   `l`'s minimum times its activations' sum, for Q6_K (whose `S_l` then becomes
+//!   `S_l − 32·N_l`) the scales of the 16-value halves `2l` and `2l + 1` times theirs; then
+//!   `acc_l += (d·d_x)·S_l − (dmin·d_x)·N_l` (Q6_K: `(d·d_x)·S_l`), and the accumulators are
+//!   summed as the 32-weight types' are.
 
 use super::blocks::{chunk, f16_to_f32, k_scales, prep};
 use super::GgmlType;
@@ -288,52 +292,69 @@ pub(super) fn dots_scalar(
     let nbx = cols / 256;
     for (ii, dot) in dots.iter_mut().enumerate() {
         let i = i0 + ii;
-        let mut acc = 0f32;
+        let mut acc = [0f32; 8];
         for (b, blk) in row.chunks_exact(bb).enumerate() {
             let k = i * nbx + b;
             let xs = &b256.q[k * 256..k * 256 + 256];
             let bs = &b256.bsums[k * 16..k * 16 + 16];
             let dx = b256.d[k];
-            let t = match ty {
+            // Lane l: weights 4l .. 4l + 4 of every sub-block of 32 (unsigned), each times
+            // its sub-block's scale; and the minima (Q4_K, Q5_K) or offsets (Q6_K) of lane
+            // l's activation sums.
+            let (mut s, mut n) = ([0i32; 8], [0i32; 8]);
+            let (d, dmin) = match ty {
                 GgmlType::Q4K | GgmlType::Q5K => {
-                    let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
-                    let dmin = f16_to_f32(u16::from_le_bytes([blk[2], blk[3]]));
                     let (sc, mn) = k_scales(blk[4..16].try_into().expect("12 scale bytes"));
-                    let (mut s, mut n) = (0i32, 0i32);
                     for j in 0..8 {
                         chunk(ty, blk, j, &mut q);
-                        let sj: i32 = q
-                            .iter()
-                            .zip(&xs[32 * j..32 * j + 32])
-                            .map(|(&w, &x)| w as i32 * x as i32)
-                            .sum();
-                        s += sc[j] as i32 * sj;
-                        n += mn[j] as i32 * (bs[2 * j] as i32 + bs[2 * j + 1] as i32);
-                    }
-                    (d * dx) * s as f32 - (dmin * dx) * n as f32
-                }
-                GgmlType::Q6K => {
-                    let d = f16_to_f32(u16::from_le_bytes([blk[208], blk[209]]));
-                    let mut s = 0i32;
-                    for j in 0..8 {
-                        chunk(ty, blk, j, &mut q);
-                        for h in 0..2 {
-                            let sh: i32 = q[16 * h..16 * h + 16]
-                                .iter()
-                                .zip(&xs[32 * j + 16 * h..32 * j + 16 * h + 16])
-                                .map(|(&w, &x)| w as i32 * x as i32)
-                                .sum();
-                            s += (blk[192 + 2 * j + h] as i8) as i32 * sh;
+                        for (l, sl) in s.iter_mut().enumerate() {
+                            *sl += sc[j] as i32 * lane_dot(&q, &xs[32 * j..], l, 0);
                         }
                     }
-                    (d * dx) * s as f32
+                    for (l, nl) in n.iter_mut().enumerate() {
+                        *nl = mn[l] as i32 * (bs[2 * l] as i32 + bs[2 * l + 1] as i32);
+                    }
+                    (
+                        f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])),
+                        f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])),
+                    )
+                }
+                GgmlType::Q6K => {
+                    let scale = |p: usize| (blk[192 + p] as i8) as i32;
+                    for j in 0..8 {
+                        chunk(ty, blk, j, &mut q);
+                        for (l, sl) in s.iter_mut().enumerate() {
+                            *sl += scale(2 * j + l / 4) * lane_dot(&q, &xs[32 * j..], l, 32);
+                        }
+                    }
+                    // Q6_K's offset 32 per value, by the sums of 16: `S − 32·N`.
+                    for (l, sl) in s.iter_mut().enumerate() {
+                        let nl = scale(2 * l) * bs[2 * l] as i32
+                            + scale(2 * l + 1) * bs[2 * l + 1] as i32;
+                        *sl -= 32 * nl;
+                    }
+                    (f16_to_f32(u16::from_le_bytes([blk[208], blk[209]])), 0.0)
                 }
                 _ => unreachable!("{ty} has 32-weight blocks"),
             };
-            acc += t;
+            for l in 0..8 {
+                let mut t = (d * dx) * s[l] as f32;
+                if ty != GgmlType::Q6K {
+                    t -= (dmin * dx) * n[l] as f32;
+                }
+                acc[l] += t;
+            }
         }
-        *dot = acc;
+        *dot = sum8(&acc);
     }
+}
+
+/// `Σ (w + off)·x` over weights `4l .. 4l + 4` of the 32 in `q` (a k-quant's lane `l`).
+#[inline(always)]
+fn lane_dot(q: &[i8; 32], xs: &[i8], l: usize, off: i32) -> i32 {
+    (4 * l..4 * l + 4)
+        .map(|e| (q[e] as i32 + off) * xs[e] as i32)
+        .sum()
 }
 
 /// The integer products of one of skymoe's int8 rows (`row`, signed bytes, `a.cols` of them,

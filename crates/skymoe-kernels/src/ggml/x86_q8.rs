@@ -541,7 +541,9 @@ macro_rules! int_kernels {
                 _ => GgmlType::Q6K,
             };
             let bb = ty.block_bytes();
-            let mut out = [0f32; M];
+            // Per activation row, eight f32 lanes summed over the super-blocks (see
+            // [`super::q8`]): one horizontal sum per row, not two per super-block.
+            let mut accf = [_mm256_setzero_ps(); M];
             let lo4 = _mm256_set1_epi8(0x0F);
             // SAFETY (whole loop): super-block `blk < nb` of the row and activation block
             // `blk` of rows i0 .. i0 + M are read, as the caller guarantees them.
@@ -645,7 +647,7 @@ macro_rules! int_kernels {
                             }
                         }
                     }
-                    for (i, o) in out.iter_mut().enumerate() {
+                    for (i, o) in accf.iter_mut().enumerate() {
                         let r = i0 + i;
                         let off = r * a.nbx + blk;
                         let xq = a.q.add(r * a.cols + blk * 256);
@@ -658,15 +660,21 @@ macro_rules! int_kernels {
                         let m = _mm256_madd_epi16(per16, bs);
                         let dx = *a.d.add(off);
                         let t = if ty == GgmlType::Q6K {
-                            let s = hsum_epi32(_mm256_sub_epi32(acc, _mm256_slli_epi32::<5>(m)));
-                            (d * dx) * s as f32
+                            let s = _mm256_sub_epi32(acc, _mm256_slli_epi32::<5>(m));
+                            _mm256_mul_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(s))
                         } else {
-                            let (s, n) = (hsum_epi32(acc), hsum_epi32(m));
-                            (d * dx) * s as f32 - (dmin * dx) * n as f32
+                            _mm256_sub_ps(
+                                _mm256_mul_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(acc)),
+                                _mm256_mul_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(m)),
+                            )
                         };
-                        *o += t;
+                        *o = _mm256_add_ps(*o, t);
                     }
                 }
+            }
+            let mut out = [0f32; M];
+            for (o, a) in out.iter_mut().zip(&accf) {
+                *o = hsum_ps(*a);
             }
             out
         }
