@@ -44,17 +44,72 @@ pub fn windows_nll(
         let logits = model.forward(&chunks, &mut kv)?;
         for (w, l) in group.iter().zip(logits) {
             for (row, &target) in l.chunks_exact(vocab).zip(&w[1..]) {
-                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                let lse = max
-                    + row
-                        .iter()
-                        .map(|&v| (v as f64 - max).exp())
-                        .sum::<f64>()
-                        .ln();
-                nll += lse - row[target as usize] as f64;
+                nll += next_token_nll(row, target);
                 count += 1;
             }
         }
     }
     Ok((nll, count))
+}
+
+/// [`windows_nll`] with each window run token by token, as decoding runs: the windows of a
+/// batch are concurrent sequences, each step feeds every unfinished one its next token and
+/// scores the token after it. The attention then reads the KV cache as a decoding step does
+/// (through the decode kernels, for every position), not as a prompt does.
+pub fn windows_nll_decoded(
+    model: &ServeModel,
+    windows: &[&[u32]],
+    batch: usize,
+    kv_dtype: Option<KvDtype>,
+) -> Result<(f64, usize)> {
+    let (mut nll, mut count) = (0.0f64, 0usize);
+    let vocab = model.config.vocab_size;
+    for group in windows.chunks(batch.max(1)) {
+        let longest = group.iter().map(|w| w.len()).max().unwrap_or(0);
+        if group.iter().any(|w| w.len() < 2) {
+            return Err(ServeError::InvalidInput(
+                "a window needs at least two tokens".into(),
+            ));
+        }
+        let mut kv = model.new_kv_cache(16, group.len() * longest.div_ceil(16), kv_dtype);
+        let mut tables = Vec::with_capacity(group.len());
+        for w in group {
+            let blocks = kv
+                .allocate(kv.blocks_for(w.len()))
+                .ok_or_else(|| ServeError::InvalidInput("KV cache too small".into()))?;
+            tables.push(blocks);
+        }
+        for pos in 0..longest - 1 {
+            let active: Vec<usize> = (0..group.len())
+                .filter(|&i| pos + 1 < group[i].len())
+                .collect();
+            let chunks: Vec<SeqChunk<'_>> = active
+                .iter()
+                .map(|&i| SeqChunk {
+                    tokens: &group[i][pos..pos + 1],
+                    start: pos,
+                    blocks: &tables[i],
+                    logits: LogitsFor::All,
+                })
+                .collect();
+            let logits = model.forward(&chunks, &mut kv)?;
+            for (&i, row) in active.iter().zip(&logits) {
+                nll += next_token_nll(&row[..vocab], group[i][pos + 1]);
+                count += 1;
+            }
+        }
+    }
+    Ok((nll, count))
+}
+
+/// `−log softmax(row)[target]`, in f64.
+fn next_token_nll(row: &[f32], target: u32) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = max
+        + row
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    lse - row[target as usize] as f64
 }

@@ -282,6 +282,22 @@ fn trained_checkpoint_loads_and_generates() {
         (int8 - exact).abs() <= 5e-3 * exact && int8 != exact,
         "perplexity {int8} with an int8 cache, {exact} with f32"
     );
+    // Token by token, as decoding reads the cache: the f32 cache's perplexity is the
+    // prompts' (the same arithmetic in another order), the int8 cache's close to it.
+    let decoded = |kv: &str| {
+        let e = eval(&["--weights", "f32", "--kv-cache-dtype", kv, "--decode"]);
+        assert_eq!(e["tokens_predicted"], 40 * 32);
+        e["perplexity"].as_f64().unwrap()
+    };
+    let (exact_decoded, int8_decoded) = (decoded("f32"), decoded("int8"));
+    assert!(
+        (exact_decoded - exact).abs() <= 1e-4 * exact,
+        "perplexity {exact_decoded} decoded, {exact} as prompts"
+    );
+    assert!(
+        (int8_decoded - exact).abs() <= 5e-3 * exact,
+        "perplexity {int8_decoded} decoded over an int8 cache, {exact} with f32"
+    );
     let out = skymoe(&[
         "eval",
         "--model",
@@ -292,6 +308,15 @@ fn trained_checkpoint_loads_and_generates() {
         "int8",
     ]);
     assert_clean_failure(&out, "needs --weights");
+    let out = skymoe(&[
+        "eval",
+        "--model",
+        ck.to_str().unwrap(),
+        "--data",
+        corpus().to_str().unwrap(),
+        "--decode",
+    ]);
+    assert_clean_failure(&out, "--decode needs --weights");
 }
 
 #[test]

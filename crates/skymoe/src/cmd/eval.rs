@@ -34,6 +34,10 @@ pub struct Args {
     /// f32, f16 or int8.
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: String,
+    /// With `--weights`: run each window token by token, as decoding reads the KV cache
+    /// (by default a window runs as one prompt).
+    #[arg(long)]
+    decode: bool,
 }
 
 /// Run the verb.
@@ -41,6 +45,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let kv_dtype = super::bench::parse_kv_dtype(&a.kv_cache_dtype)?;
     if kv_dtype.is_some() && a.weights.is_none() {
         anyhow::bail!("--kv-cache-dtype needs --weights (the serving engine's model)");
+    }
+    if a.decode && a.weights.is_none() {
+        anyhow::bail!("--decode needs --weights (the serving engine's model)");
     }
     let device = super::device()?;
     let (ckpt, model) = super::load_model(&a.model, &device)?;
@@ -76,8 +83,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 m => data.num_windows().min(m),
             };
             let windows: Vec<&[u32]> = (0..n).filter_map(|i| data.window(i)).collect();
-            let (nll, count) =
-                skymoe_serve::eval::windows_nll(&served, &windows, a.batch_size, kv_dtype)?;
+            let nll_of = if a.decode {
+                skymoe_serve::eval::windows_nll_decoded
+            } else {
+                skymoe_serve::eval::windows_nll
+            };
+            let (nll, count) = nll_of(&served, &windows, a.batch_size, kv_dtype)?;
             if count == 0 {
                 anyhow::bail!("no windows to evaluate");
             }
