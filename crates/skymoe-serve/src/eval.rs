@@ -2,7 +2,7 @@
 //! quantisation costs.
 
 use crate::error::{Result, ServeError};
-use crate::kv_cache::KvDtype;
+use crate::kv_cache::{KvCache, KvDtype};
 use crate::model::{LogitsFor, SeqChunk, ServeModel};
 
 /// Summed next-token negative log-likelihood (nats) of `windows` (each: inputs followed by
@@ -17,20 +17,7 @@ pub fn windows_nll(
     let (mut nll, mut count) = (0.0f64, 0usize);
     let vocab = model.config.vocab_size;
     for group in windows.chunks(batch.max(1)) {
-        let longest = group.iter().map(|w| w.len()).max().unwrap_or(0);
-        if longest < 2 {
-            return Err(ServeError::InvalidInput(
-                "a window needs at least two tokens".into(),
-            ));
-        }
-        let mut kv = model.new_kv_cache(16, group.len() * longest.div_ceil(16), kv_dtype);
-        let mut tables = Vec::with_capacity(group.len());
-        for w in group {
-            let blocks = kv
-                .allocate(kv.blocks_for(w.len()))
-                .ok_or_else(|| ServeError::InvalidInput("KV cache too small".into()))?;
-            tables.push(blocks);
-        }
+        let (mut kv, tables) = cache_for(model, group, kv_dtype)?;
         let chunks: Vec<SeqChunk<'_>> = group
             .iter()
             .zip(&tables)
@@ -65,20 +52,8 @@ pub fn windows_nll_decoded(
     let (mut nll, mut count) = (0.0f64, 0usize);
     let vocab = model.config.vocab_size;
     for group in windows.chunks(batch.max(1)) {
+        let (mut kv, tables) = cache_for(model, group, kv_dtype)?;
         let longest = group.iter().map(|w| w.len()).max().unwrap_or(0);
-        if group.iter().any(|w| w.len() < 2) {
-            return Err(ServeError::InvalidInput(
-                "a window needs at least two tokens".into(),
-            ));
-        }
-        let mut kv = model.new_kv_cache(16, group.len() * longest.div_ceil(16), kv_dtype);
-        let mut tables = Vec::with_capacity(group.len());
-        for w in group {
-            let blocks = kv
-                .allocate(kv.blocks_for(w.len()))
-                .ok_or_else(|| ServeError::InvalidInput("KV cache too small".into()))?;
-            tables.push(blocks);
-        }
         for pos in 0..longest - 1 {
             let active: Vec<usize> = (0..group.len())
                 .filter(|&i| pos + 1 < group[i].len())
@@ -100,6 +75,31 @@ pub fn windows_nll_decoded(
         }
     }
     Ok((nll, count))
+}
+
+/// A KV cache of `kv_dtype` in blocks of 16 positions holding every window of `group`, and
+/// each window's block table; an error for a window of fewer than two tokens (nothing to
+/// predict).
+fn cache_for(
+    model: &ServeModel,
+    group: &[&[u32]],
+    kv_dtype: Option<KvDtype>,
+) -> Result<(KvCache, Vec<Vec<u32>>)> {
+    if group.iter().any(|w| w.len() < 2) {
+        return Err(ServeError::InvalidInput(
+            "a window needs at least two tokens".into(),
+        ));
+    }
+    let blocks: usize = group.iter().map(|w| w.len().div_ceil(16)).sum();
+    let mut kv = model.new_kv_cache(16, blocks, kv_dtype);
+    let mut tables = Vec::with_capacity(group.len());
+    for w in group {
+        let table = kv
+            .allocate(kv.blocks_for(w.len()))
+            .ok_or_else(|| ServeError::InvalidInput("KV cache too small".into()))?;
+        tables.push(table);
+    }
+    Ok((kv, tables))
 }
 
 /// `−log softmax(row)[target]`, in f64.

@@ -298,5 +298,6 @@ fn decoded_windows_score_as_prompts_do() {
         assert!((alone - decoded).abs() <= 1e-5 * decoded, "{fam}");
         let short: Vec<&[u32]> = vec![&tokens[0..5], &tokens[5..6]];
         assert!(windows_nll_decoded(&model, &short, 2, kv).is_err());
+        assert!(windows_nll(&model, &short, 2, kv).is_err());
     }
 }

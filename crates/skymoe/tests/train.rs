@@ -298,25 +298,19 @@ fn trained_checkpoint_loads_and_generates() {
         (int8_decoded - exact).abs() <= 5e-3 * exact,
         "perplexity {int8_decoded} decoded over an int8 cache, {exact} with f32"
     );
-    let out = skymoe(&[
-        "eval",
-        "--model",
-        ck.to_str().unwrap(),
-        "--data",
-        corpus().to_str().unwrap(),
-        "--kv-cache-dtype",
-        "int8",
-    ]);
-    assert_clean_failure(&out, "needs --weights");
-    let out = skymoe(&[
-        "eval",
-        "--model",
-        ck.to_str().unwrap(),
-        "--data",
-        corpus().to_str().unwrap(),
-        "--decode",
-    ]);
-    assert_clean_failure(&out, "--decode needs --weights");
+    // The serving engine's options without `--weights` are refused.
+    for (extra, message) in [
+        (
+            &["--kv-cache-dtype", "int8"][..],
+            "--kv-cache-dtype needs --weights",
+        ),
+        (&["--decode"][..], "--decode needs --weights"),
+    ] {
+        let (model, data) = (ck.to_str().unwrap(), corpus());
+        let mut args = vec!["eval", "--model", model, "--data", data.to_str().unwrap()];
+        args.extend(extra);
+        assert_clean_failure(&skymoe(&args), message);
+    }
 }
 
 #[test]
