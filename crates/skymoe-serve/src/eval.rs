@@ -5,72 +5,75 @@ use crate::error::{Result, ServeError};
 use crate::kv_cache::{KvCache, KvDtype};
 use crate::model::{LogitsFor, SeqChunk, ServeModel};
 
+/// How [`windows_nll`] runs a window through the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    /// Each window as one prompt: one forward pass of all its inputs.
+    Prompts,
+    /// Each window token by token, as decoding runs: the windows of a batch are concurrent
+    /// sequences, each step feeds every unfinished one its next token and scores the token
+    /// after it. The attention then reads the KV cache as a decoding step does (through the
+    /// decode kernels, for every position), not as a prompt does.
+    Decoded,
+}
+
 /// Summed next-token negative log-likelihood (nats) of `windows` (each: inputs followed by
-/// the last target) and the number of predicted tokens, running `batch` windows per pass
-/// over a KV cache of `kv_dtype` (`None`: as `skymoe serve` chooses).
+/// the last target) and the number of predicted tokens, running `batch` windows at a time
+/// as `scoring` says over a KV cache of `kv_dtype` (`None`: as `skymoe serve` chooses).
 pub fn windows_nll(
     model: &ServeModel,
     windows: &[&[u32]],
     batch: usize,
     kv_dtype: Option<KvDtype>,
+    scoring: Scoring,
 ) -> Result<(f64, usize)> {
     let (mut nll, mut count) = (0.0f64, 0usize);
     let vocab = model.config.vocab_size;
+    let mut add = |row: &[f32], target: u32| {
+        nll += next_token_nll(&row[..vocab], target);
+        count += 1;
+    };
     for group in windows.chunks(batch.max(1)) {
         let (mut kv, tables) = cache_for(model, group, kv_dtype)?;
-        let chunks: Vec<SeqChunk<'_>> = group
-            .iter()
-            .zip(&tables)
-            .map(|(w, blocks)| SeqChunk {
-                tokens: &w[..w.len() - 1],
-                start: 0,
-                blocks,
-                logits: LogitsFor::All,
-            })
-            .collect();
-        let logits = model.forward(&chunks, &mut kv)?;
-        for (w, l) in group.iter().zip(logits) {
-            for (row, &target) in l.chunks_exact(vocab).zip(&w[1..]) {
-                nll += next_token_nll(row, target);
-                count += 1;
+        match scoring {
+            Scoring::Prompts => {
+                let chunks: Vec<SeqChunk<'_>> = group
+                    .iter()
+                    .zip(&tables)
+                    .map(|(w, blocks)| SeqChunk {
+                        tokens: &w[..w.len() - 1],
+                        start: 0,
+                        blocks,
+                        logits: LogitsFor::All,
+                    })
+                    .collect();
+                let logits = model.forward(&chunks, &mut kv)?;
+                for (w, l) in group.iter().zip(logits) {
+                    for (row, &target) in l.chunks_exact(vocab).zip(&w[1..]) {
+                        add(row, target);
+                    }
+                }
             }
-        }
-    }
-    Ok((nll, count))
-}
-
-/// [`windows_nll`] with each window run token by token, as decoding runs: the windows of a
-/// batch are concurrent sequences, each step feeds every unfinished one its next token and
-/// scores the token after it. The attention then reads the KV cache as a decoding step does
-/// (through the decode kernels, for every position), not as a prompt does.
-pub fn windows_nll_decoded(
-    model: &ServeModel,
-    windows: &[&[u32]],
-    batch: usize,
-    kv_dtype: Option<KvDtype>,
-) -> Result<(f64, usize)> {
-    let (mut nll, mut count) = (0.0f64, 0usize);
-    let vocab = model.config.vocab_size;
-    for group in windows.chunks(batch.max(1)) {
-        let (mut kv, tables) = cache_for(model, group, kv_dtype)?;
-        let longest = group.iter().map(|w| w.len()).max().unwrap_or(0);
-        for pos in 0..longest - 1 {
-            let active: Vec<usize> = (0..group.len())
-                .filter(|&i| pos + 1 < group[i].len())
-                .collect();
-            let chunks: Vec<SeqChunk<'_>> = active
-                .iter()
-                .map(|&i| SeqChunk {
-                    tokens: &group[i][pos..pos + 1],
-                    start: pos,
-                    blocks: &tables[i],
-                    logits: LogitsFor::All,
-                })
-                .collect();
-            let logits = model.forward(&chunks, &mut kv)?;
-            for (&i, row) in active.iter().zip(&logits) {
-                nll += next_token_nll(&row[..vocab], group[i][pos + 1]);
-                count += 1;
+            Scoring::Decoded => {
+                let longest = group.iter().map(|w| w.len()).max().unwrap_or(0);
+                for pos in 0..longest - 1 {
+                    let active: Vec<usize> = (0..group.len())
+                        .filter(|&i| pos + 1 < group[i].len())
+                        .collect();
+                    let chunks: Vec<SeqChunk<'_>> = active
+                        .iter()
+                        .map(|&i| SeqChunk {
+                            tokens: &group[i][pos..pos + 1],
+                            start: pos,
+                            blocks: &tables[i],
+                            logits: LogitsFor::All,
+                        })
+                        .collect();
+                    let logits = model.forward(&chunks, &mut kv)?;
+                    for (&i, row) in active.iter().zip(&logits) {
+                        add(row, group[i][pos + 1]);
+                    }
+                }
             }
         }
     }

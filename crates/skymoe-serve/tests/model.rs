@@ -278,7 +278,7 @@ fn decode_bytes_per_token_count_the_active_weights() {
 /// another order); a window of one token is refused.
 #[test]
 fn decoded_windows_score_as_prompts_do() {
-    use skymoe_serve::eval::{windows_nll, windows_nll_decoded};
+    use skymoe_serve::eval::{windows_nll, Scoring};
     for fam in ["mixtral", "deepseek_v2"] {
         let ckpt = Checkpoint::open(&fixture(fam), &Device::Cpu).unwrap();
         let model = ServeModel::load(&ckpt, Some(WeightFormat::F32)).unwrap();
@@ -286,18 +286,18 @@ fn decoded_windows_score_as_prompts_do() {
         let tokens: Vec<u32> = (0..40).map(|i| (i * 29 + 3) % vocab).collect();
         let windows: Vec<&[u32]> = vec![&tokens[0..9], &tokens[9..29], &tokens[29..31]];
         let kv = Some(KvDtype::F32);
-        let (prompts, n) = windows_nll(&model, &windows, 2, kv).unwrap();
-        let (decoded, m) = windows_nll_decoded(&model, &windows, 2, kv).unwrap();
+        let (prompts, n) = windows_nll(&model, &windows, 2, kv, Scoring::Prompts).unwrap();
+        let (decoded, m) = windows_nll(&model, &windows, 2, kv, Scoring::Decoded).unwrap();
         assert_eq!((n, m), (8 + 19 + 1, 8 + 19 + 1));
         assert!(
             (decoded - prompts).abs() <= 1e-5 * prompts,
             "{fam}: {decoded} decoded, {prompts} as prompts"
         );
         // Windows one by one give the same sums.
-        let (alone, _) = windows_nll_decoded(&model, &windows, 1, kv).unwrap();
+        let (alone, _) = windows_nll(&model, &windows, 1, kv, Scoring::Decoded).unwrap();
         assert!((alone - decoded).abs() <= 1e-5 * decoded, "{fam}");
         let short: Vec<&[u32]> = vec![&tokens[0..5], &tokens[5..6]];
-        assert!(windows_nll_decoded(&model, &short, 2, kv).is_err());
-        assert!(windows_nll(&model, &short, 2, kv).is_err());
+        assert!(windows_nll(&model, &short, 2, kv, Scoring::Decoded).is_err());
+        assert!(windows_nll(&model, &short, 2, kv, Scoring::Prompts).is_err());
     }
 }

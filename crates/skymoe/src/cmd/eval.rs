@@ -83,12 +83,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 m => data.num_windows().min(m),
             };
             let windows: Vec<&[u32]> = (0..n).filter_map(|i| data.window(i)).collect();
-            let nll_of = if a.decode {
-                skymoe_serve::eval::windows_nll_decoded
+            let scoring = if a.decode {
+                skymoe_serve::eval::Scoring::Decoded
             } else {
-                skymoe_serve::eval::windows_nll
+                skymoe_serve::eval::Scoring::Prompts
             };
-            let (nll, count) = nll_of(&served, &windows, a.batch_size, kv_dtype)?;
+            let (nll, count) = skymoe_serve::eval::windows_nll(
+                &served,
+                &windows,
+                a.batch_size,
+                kv_dtype,
+                scoring,
+            )?;
             if count == 0 {
                 anyhow::bail!("no windows to evaluate");
             }
