@@ -97,20 +97,48 @@ fn hi16_512(qh: u32) -> __m256i {
     _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(16))
 }
 
-/// Lane `k` = the sum of the eight lanes of `v[k]`.
+/// Lane `k` = the sum of the eight lanes of `v[k]` (exact: integer adds in any order), for a
+/// kernel of `M` activation rows.
+///
+/// Several rows are bound by the arithmetic, and `vphaddd` issues only one per two cycles on
+/// Zen 4: they transpose by interleaves and adds, which issue several per cycle (1.04–1.13x
+/// from cache at 2–4 rows). One row keeps the six horizontal adds: it streams its weights from
+/// memory, and there the interleaves, though faster from cache, made batch-1 decode 5–9% slower
+/// (`BENCHMARKS.md`).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn reduce8(v: &[__m256i; 8]) -> __m256i {
-    let a0 = _mm256_hadd_epi32(v[0], v[1]);
-    let a1 = _mm256_hadd_epi32(v[2], v[3]);
-    let a2 = _mm256_hadd_epi32(v[4], v[5]);
-    let a3 = _mm256_hadd_epi32(v[6], v[7]);
-    // Per 128-bit half: the half-sums of v0..v3 (b0) and v4..v7 (b1).
-    let b0 = _mm256_hadd_epi32(a0, a1);
-    let b1 = _mm256_hadd_epi32(a2, a3);
-    let lo = _mm256_permute2x128_si256::<0x20>(b0, b1);
-    let hi = _mm256_permute2x128_si256::<0x31>(b0, b1);
-    _mm256_add_epi32(lo, hi)
+fn reduce8<const M: usize>(v: &[__m256i; 8]) -> __m256i {
+    if M == 1 {
+        let a0 = _mm256_hadd_epi32(v[0], v[1]);
+        let a1 = _mm256_hadd_epi32(v[2], v[3]);
+        let a2 = _mm256_hadd_epi32(v[4], v[5]);
+        let a3 = _mm256_hadd_epi32(v[6], v[7]);
+        // Per 128-bit half: the half-sums of v0..v3 (b0) and v4..v7 (b1).
+        let b0 = _mm256_hadd_epi32(a0, a1);
+        let b1 = _mm256_hadd_epi32(a2, a3);
+        let lo = _mm256_permute2x128_si256::<0x20>(b0, b1);
+        let hi = _mm256_permute2x128_si256::<0x31>(b0, b1);
+        return _mm256_add_epi32(lo, hi);
+    }
+    // Per 128-bit half: [a0 + a2, b0 + b2, a1 + a3, b1 + b3].
+    let pair = |a: __m256i, b: __m256i| {
+        _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b))
+    };
+    let p01 = pair(v[0], v[1]);
+    let p23 = pair(v[2], v[3]);
+    let p45 = pair(v[4], v[5]);
+    let p67 = pair(v[6], v[7]);
+    // Per 128-bit half: the half-sums of four vectors, [a, b, c, d].
+    let quad = |a: __m256i, b: __m256i| {
+        _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b))
+    };
+    let q0 = quad(p01, p23);
+    let q1 = quad(p45, p67);
+    // [q0.lo + q0.hi, q1.hi + q1.lo]: v0..v3 in the low half, v4..v7 in the high.
+    _mm256_add_epi32(
+        _mm256_blend_epi32::<0b1111_0000>(q0, q1),
+        _mm256_permute2x128_si256::<0x21>(q0, q1),
+    )
 }
 
 /// The sum of the lanes, in the order of [`super::q8::sum8`].
@@ -285,7 +313,7 @@ macro_rules! int_kernels {
                                     let x = _mm256_loadu_si256(xq.add(32 * k) as *const __m256i);
                                     v[k] = dot32::<T>(w[k], x);
                                 }
-                                let mut s = reduce8(&v);
+                                let mut s = reduce8::<M>(&v);
                                 let off = r * a.nbx + g;
                                 if corr_shift > 0 {
                                     let sx = if $full {
@@ -461,7 +489,7 @@ macro_rules! int_kernels {
                             v[l] = dot32::<T>(w[l], x);
                         }
                     }
-                    let mut s = reduce8(&v);
+                    let mut s = reduce8::<M>(&v);
                     let off = r * a.nbx + g;
                     // The activation's block values of each lane: the row's n blocks,
                     // repeated for every weight row.
