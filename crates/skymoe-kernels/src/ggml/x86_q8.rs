@@ -101,8 +101,8 @@ fn hi16_512(qh: u32) -> __m256i {
 /// kernel of `M` activation rows.
 ///
 /// Several rows are bound by the arithmetic, and `vphaddd` issues only one per two cycles on
-/// Zen 4: they transpose by interleaves and adds, which issue several per cycle (1.04–1.13x
-/// from cache at 2–4 rows). One row keeps the six horizontal adds: it streams its weights from
+/// Zen 4: they transpose by interleaves and adds, which issue several per cycle (1.01–1.12x
+/// from cache at 2–8 rows). One row keeps the six horizontal adds: it streams its weights from
 /// memory, and there the interleaves, though faster from cache, made batch-1 decode 5–9% slower
 /// (`BENCHMARKS.md`).
 #[target_feature(enable = "avx2,fma,f16c")]
