@@ -45,6 +45,7 @@ mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86_q8;
 
+use rayon::prelude::*;
 use std::cell::RefCell;
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -601,6 +602,10 @@ fn matmul_segments_at(
         .iter()
         .any(|&i| i)
         .then(|| Q8Activations::new(x, m, cols, need(false), need(true)));
+    if let (Some(a), true) = (&a, segments.len() > 1 && int8.iter().all(|&i| i)) {
+        matmul_q8_segments(eff, segments, a, out, ld, col0);
+        return;
+    }
     // Many rows on AVX512-BF16: exact bf16 codes, the multipliers and offsets in f32, bf16
     // activations (see `quant::bf16_tiles`).
     let bf16: Vec<bool> = segments
@@ -630,6 +635,75 @@ fn matmul_segments_at(
             _ => s.matmul_f32_into_with(isa, x, m, out, ld, col0),
         }
         col0 += s.rows;
+    }
+}
+
+/// The products of several row segments that all take the 8-bit activations `a` (a decode
+/// step's stacked q, k and v, or an expert's gate and up), segment `s` into columns
+/// `col0(s) .. col0(s) + rows(s)` of the row-major `[a.rows, ld]` output from `col0` on: the
+/// tasks of 16 weight rows of every segment run in one parallel region, so a stacked product
+/// forks and joins the pool once rather than once per segment.
+///
+/// # Panics
+/// When a segment's width differs from `a`'s, `a` lacks a segment's blocks, the segments'
+/// columns pass `ld`, or `out` is shorter than `a.rows · ld`.
+fn matmul_q8_segments(
+    isa: Isa,
+    segments: &[GgmlMatrix],
+    a: &Q8Activations,
+    out: &mut [f32],
+    ld: usize,
+    col0: usize,
+) {
+    let (m, cols) = (a.rows, a.cols);
+    let rows: usize = segments.iter().map(|s| s.rows).sum();
+    assert!(
+        col0.checked_add(rows).is_some_and(|end| end <= ld),
+        "columns {col0}..{col0}+{rows} outside an output row of {ld}"
+    );
+    assert!(
+        m.checked_mul(ld).is_some_and(|n| n <= out.len()),
+        "output length"
+    );
+    for s in segments {
+        assert_eq!(s.cols, cols, "activation width");
+        assert!(
+            a.serves(s.ty),
+            "activations without the {} blocks of {}",
+            s.ty.block_elems(),
+            s.ty
+        );
+    }
+    if m == 0 || rows == 0 {
+        return;
+    }
+    let kind = int_isa(isa);
+    let group = int_group_rows(kind);
+    // (segment, its first output column, its weight rows r0..r1): tasks of 16 rows, as in
+    // `GgmlMatrix::matmul_q8_into_with`.
+    let mut tasks = Vec::with_capacity(rows.div_ceil(16) + segments.len());
+    let mut c0 = col0;
+    for (i, s) in segments.iter().enumerate() {
+        for r0 in (0..s.rows).step_by(16) {
+            tasks.push((i, c0, r0, (r0 + 16).min(s.rows)));
+        }
+        c0 += s.rows;
+    }
+    let base = OutPtr(out.as_mut_ptr());
+    let run = |&(i, c0, r0, r1): &(usize, usize, usize, usize)| {
+        let mat = &segments[i];
+        for g0 in (0..m).step_by(group) {
+            let g = (m - g0).min(group);
+            // Elements (j, c0 + r) of this task (j < m, r0 ≤ r < r1) are in bounds
+            // (c0 + r < col0 + rows ≤ ld, asserted) and no other task's (segments own
+            // disjoint columns, tasks disjoint rows of a segment).
+            q8_rows_dots(kind, mat, r0, r1, a, g0, g, OutPtr(base.at(c0)), ld);
+        }
+    };
+    if tasks.len() <= 1 || rows * m * cols < 1 << 15 || crate::quant::kept_on_this_thread() {
+        tasks.iter().for_each(run);
+    } else {
+        tasks.par_iter().for_each(run);
     }
 }
 
@@ -709,13 +783,10 @@ pub(crate) unsafe fn int8_rows_q8_task(
     let group = int_group_rows(kind);
     let ptr = OutPtr(ptr);
     let w = &q[r0 * cols..r1 * cols];
+    // The task's row scales are read after its products: requested first, they arrive
+    // meanwhile instead of missing then.
     #[cfg(target_arch = "x86_64")]
-    {
-        // The task's row scales are read after its products: requested first, they arrive
-        // meanwhile instead of missing then.
-        x86::prefetch_first(f32_bytes(&scales[r0..r1]));
-        x86::prefetch_first(i8_bytes(w));
-    }
+    x86::prefetch_first(f32_bytes(&scales[r0..r1]));
     for g0 in (0..m).step_by(group) {
         let g = (m - g0).min(group);
         match kind {
@@ -767,14 +838,6 @@ fn f32_bytes(v: &[f32]) -> &[u8] {
     // SAFETY: any initialised f32 is four initialised bytes, u8 has alignment 1, and the slice
     // covers the same memory.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
-}
-
-/// The bytes of signed bytes (for prefetching).
-#[cfg(target_arch = "x86_64")]
-fn i8_bytes(v: &[i8]) -> &[u8] {
-    // SAFETY: i8 and u8 have the same size and alignment and every bit pattern is valid for
-    // both; the slice covers the same memory.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len()) }
 }
 
 /// The fused dot product of one weight row (the blocks `row`, `x.len()` weights) with the f32
@@ -1148,8 +1211,6 @@ impl GgmlMatrix {
             // rows come from memory once and from cache for the other groups.
             let group = group_rows(isa);
             par_ranges(rows, 16, m * cols, |r0, r1| {
-                #[cfg(target_arch = "x86_64")]
-                x86::prefetch_first(&blocks[r0 * rb..r1 * rb]);
                 let mut dots = [0f32; FUSED_MAX_ROWS];
                 for g0 in (0..m).step_by(group) {
                     let g = (m - g0).min(group);
@@ -1263,8 +1324,7 @@ impl GgmlMatrix {
             return;
         }
         let kind = int_isa(effective(isa));
-        let (rows, cols, rb) = (self.rows, self.cols, self.row_bytes);
-        let blocks = self.blocks();
+        let (rows, cols) = (self.rows, self.cols);
         // Element (i, r) of this product is at `i·ld + r` from here.
         let ptr = OutPtr(out[col0..].as_mut_ptr());
         let group = int_group_rows(kind);
@@ -1273,8 +1333,6 @@ impl GgmlMatrix {
         // bounds (i·ld + col0 + r < m·ld as r < rows ≤ ld − col0, i < m) and only this task
         // writes its columns r0..r1.
         par_ranges(rows, 16, m * cols, |r0, r1| {
-            #[cfg(target_arch = "x86_64")]
-            x86::prefetch_first(&blocks[r0 * rb..r1 * rb]);
             for g0 in (0..m).step_by(group) {
                 let g = (m - g0).min(group);
                 q8_rows_dots(kind, self, r0, r1, a, g0, g, ptr, ld);

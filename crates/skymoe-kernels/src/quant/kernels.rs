@@ -447,7 +447,7 @@ unsafe fn product_rows(
                 unreachable!("the BF16 path is chosen for FP8 rows with activations")
             };
             #[cfg(target_arch = "x86_64")]
-            super::x86::prefetch_rows(mat, r0, r1);
+            super::x86::prefetch_scales(mat, r0, r1);
             for g0 in (0..m).step_by(FUSED_MAX_ROWS) {
                 let g = (m - g0).min(FUSED_MAX_ROWS);
                 // SAFETY: the path is chosen only where the CPU runs the kernels; `q` holds
@@ -462,7 +462,7 @@ unsafe fn product_rows(
             // rows, so they are read from memory once and from cache for the other groups.
             #[cfg(target_arch = "x86_64")]
             if isa != Isa::Scalar {
-                super::x86::prefetch_rows(mat, r0, r1);
+                super::x86::prefetch_scales(mat, r0, r1);
             }
             // One activation row (batch-1 decode): four weight rows per kernel call.
             let mut from = r0;
