@@ -27,6 +27,7 @@ for example many rounds of one batch-1 comparison: `--pairs f16 --concurrency 1 
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -407,61 +408,69 @@ def main():
         return
     work = pathlib.Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    # Each model is built (once, cached in --work) only when a chosen pair needs it.
     src = smollm2_gguf()
-    hf = work / "smollm2-moe"
-    if not (hf / "model.safetensors").exists():
-        subprocess.run([str(SKYMOE), "upcycle", "--from", str(src), "--experts", "4", "--top-k", "2",
-                        "--arch", "mixtral", "--expert-noise", "0.002", "--seed", "0", "--out", str(hf)], check=True)
-    ggufs = {}
-    for q in ("q8_0", "f16"):
+
+    @functools.cache
+    def moe_checkpoint():
+        hf = work / "smollm2-moe"
+        if not (hf / "model.safetensors").exists():
+            subprocess.run([str(SKYMOE), "upcycle", "--from", str(src), "--experts", "4", "--top-k", "2",
+                            "--arch", "mixtral", "--expert-noise", "0.002", "--seed", "0", "--out", str(hf)],
+                           check=True)
+        return hf
+
+    @functools.cache
+    def gguf(q):
         path = work / f"smollm2-moe-{q}.gguf"
-        if not path.exists():
-            export_gguf(hf, src, path, q)
-        ggufs[q] = path
+        if q == "qwen3moe-q8_0":
+            # A Qwen3-MoE-shaped model: many small experts, top-8.
+            qwen = work / "smollm2-qwen3moe"
+            if not (qwen / "model.safetensors").exists():
+                subprocess.run([str(SKYMOE), "upcycle", "--from", str(src), "--experts", "64", "--top-k", "8",
+                                "--segments", "8", "--arch", "qwen3_moe", "--gate-init", "normal:0.02",
+                                "--seed", "0", "--out", str(qwen)], check=True)
+            path = work / "smollm2-qwen3moe-q8_0.gguf"
+            if not path.exists():
+                export_qwen3moe_gguf(qwen, src, path)
+        elif q == "q4_k_m":
+            # The F16 file quantised to Q4_K_M by llama.cpp (64-wide rows fall back to Q5_0/Q8_0 etc.).
+            if not path.exists():
+                quantize_gguf(gguf("f16"), path, 15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+        elif not path.exists():
+            export_gguf(moe_checkpoint(), src, path, q)
+        return path
+
+    @functools.cache
+    def quantized(fmt):
+        # Served as stored from a quantised checkpoint, so that loading reads only what is kept.
+        qdir = work / f"smollm2-moe-{fmt}"
+        if not (qdir / "model.safetensors").exists():
+            subprocess.run([str(SKYMOE), "quantize", "--model", str(moe_checkpoint()), "--to", fmt,
+                            "--out", str(qdir)], check=True, capture_output=True)
+        return qdir
+
     # One measurement per process and round (see `interleaved`).
     common = ["--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens),
               "--kv-cache-dtype", a.kv_cache_dtype,
               "--concurrency", a.concurrency, "--repeats", "1"]
-    qdirs = {}
-    for fmt in ("int8", "fp8", "f16"):
-        # Served as stored from a quantised checkpoint, so that loading reads only what is kept.
-        qdir = work / f"smollm2-moe-{fmt}"
-        if not (qdir / "model.safetensors").exists():
-            subprocess.run([str(SKYMOE), "quantize", "--model", str(hf), "--to", fmt, "--out", str(qdir)],
-                           check=True, capture_output=True)
-        qdirs[fmt] = qdir
-    # The F16 file quantised to Q4_K_M by llama.cpp (64-wide rows fall back to Q5_0/Q8_0 etc.).
-    q4km = work / "smollm2-moe-q4_k_m.gguf"
-    if not q4km.exists():
-        quantize_gguf(ggufs["f16"], q4km, 15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M
-    ggufs["q4_k_m"] = q4km
-    # A Qwen3-MoE-shaped model: many small experts, top-8.
-    qwen = work / "smollm2-qwen3moe"
-    if not (qwen / "model.safetensors").exists():
-        subprocess.run([str(SKYMOE), "upcycle", "--from", str(src), "--experts", "64", "--top-k", "8",
-                        "--segments", "8", "--arch", "qwen3_moe", "--gate-init", "normal:0.02",
-                        "--seed", "0", "--out", str(qwen)], check=True)
-    qwen_gguf = work / "smollm2-qwen3moe-q8_0.gguf"
-    if not qwen_gguf.exists():
-        export_qwen3moe_gguf(qwen, src, qwen_gguf)
-    ggufs["qwen3moe-q8_0"] = qwen_gguf
     skymoe = lambda model: [str(SKYMOE), "bench", "--model", str(model), *common]
-    llama = lambda q: [sys.executable, __file__, "--llama-worker", str(ggufs[q]), *common]
+    llama = lambda q: [sys.executable, __file__, "--llama-worker", str(gguf(q)), *common]
     # Each engine next to the runs it is compared with; skymoe serves the GGUF files as stored.
     commands = {
-        "llama.cpp-q8_0": llama("q8_0"),
-        "skymoe-int8": skymoe(qdirs["int8"]),
-        "skymoe-fp8": skymoe(qdirs["fp8"]),
-        "skymoe-gguf-q8_0": skymoe(ggufs["q8_0"]),
-        "llama.cpp-f16": llama("f16"),
-        "skymoe-f16": skymoe(qdirs["f16"]),
-        "llama.cpp-q4_k_m": llama("q4_k_m"),
-        "skymoe-gguf-q4_k_m": skymoe(ggufs["q4_k_m"]),
-        "llama.cpp-qwen3moe-q8_0": llama("qwen3moe-q8_0"),
-        "skymoe-gguf-qwen3moe-q8_0": skymoe(ggufs["qwen3moe-q8_0"]),
+        "llama.cpp-q8_0": lambda: llama("q8_0"),
+        "skymoe-int8": lambda: skymoe(quantized("int8")),
+        "skymoe-fp8": lambda: skymoe(quantized("fp8")),
+        "skymoe-gguf-q8_0": lambda: skymoe(gguf("q8_0")),
+        "llama.cpp-f16": lambda: llama("f16"),
+        "skymoe-f16": lambda: skymoe(quantized("f16")),
+        "llama.cpp-q4_k_m": lambda: llama("q4_k_m"),
+        "skymoe-gguf-q4_k_m": lambda: skymoe(gguf("q4_k_m")),
+        "llama.cpp-qwen3moe-q8_0": lambda: llama("qwen3moe-q8_0"),
+        "skymoe-gguf-qwen3moe-q8_0": lambda: skymoe(gguf("qwen3moe-q8_0")),
     }
     pairs = [PAIRS[name] for name in chosen]
-    commands = {k: v for k, v in commands.items() if any(k in pair for pair in pairs)}
+    commands = {k: make() for k, make in commands.items() if any(k in pair for pair in pairs)}
     results = interleaved(commands, a.repeats)
     # The memory's read bandwidth, measured by skymoe's bench (a streaming read on every
     # thread) beside each of its runs; the median is each engine's batch-1 decode ceiling.
@@ -469,7 +478,7 @@ def main():
     print(f"read bandwidth (streaming read, {threads} threads): {bandwidth:.1f} GB/s")
     print(f"{'pair':52} {'metric':28} {'skymoe':>10} {'llama.cpp':>10} {'ratio':>7}")
     for ours, theirs in pairs:
-        their_bytes = gguf_decode_bytes(ggufs[theirs.removeprefix("llama.cpp-")])
+        their_bytes = gguf_decode_bytes(gguf(theirs.removeprefix("llama.cpp-")))
         for r_ours, r_theirs in zip(results[ours]["runs"], results[theirs]["runs"]):
             n = r_ours["requests"]
             metrics = ["prefill_tokens_per_s", "decode_tokens_per_s"] if n == 1 else ["total_tokens_per_s",
