@@ -638,6 +638,19 @@ fn matmul_segments_at(
     }
 }
 
+/// Check that a row-major `[m, ld]` output of `len` elements holds the columns
+/// `col0 .. col0 + rows`.
+///
+/// # Panics
+/// When `col0 + rows > ld` or `len < m·ld`.
+fn check_output_columns(m: usize, len: usize, ld: usize, col0: usize, rows: usize) {
+    assert!(
+        col0.checked_add(rows).is_some_and(|end| end <= ld),
+        "columns {col0}..{col0}+{rows} outside an output row of {ld}"
+    );
+    assert!(m.checked_mul(ld).is_some_and(|n| n <= len), "output length");
+}
+
 /// The products of several row segments that all take the 8-bit activations `a` (a decode
 /// step's stacked q, k and v, or an expert's gate and up), segment `s` into columns
 /// `col0(s) .. col0(s) + rows(s)` of the row-major `[a.rows, ld]` output from `col0` on: the
@@ -657,14 +670,7 @@ fn matmul_q8_segments(
 ) {
     let (m, cols) = (a.rows, a.cols);
     let rows: usize = segments.iter().map(|s| s.rows).sum();
-    assert!(
-        col0.checked_add(rows).is_some_and(|end| end <= ld),
-        "columns {col0}..{col0}+{rows} outside an output row of {ld}"
-    );
-    assert!(
-        m.checked_mul(ld).is_some_and(|n| n <= out.len()),
-        "output length"
-    );
+    check_output_columns(m, out.len(), ld, col0, rows);
     for s in segments {
         assert_eq!(s.cols, cols, "activation width");
         assert!(
@@ -1094,14 +1100,7 @@ impl GgmlMatrix {
     /// When `col0 + rows > ld` or `out` is shorter than `m·ld`.
     fn output_is_trivial(&self, m: usize, out: &mut [f32], ld: usize, col0: usize) -> bool {
         let rows = self.rows;
-        assert!(
-            col0.checked_add(rows).is_some_and(|end| end <= ld),
-            "columns {col0}..{col0}+{rows} outside an output row of {ld}"
-        );
-        assert!(
-            m.checked_mul(ld).is_some_and(|n| n <= out.len()),
-            "output length"
-        );
+        check_output_columns(m, out.len(), ld, col0, rows);
         if m == 0 || rows == 0 {
             return true;
         }
