@@ -602,7 +602,7 @@ fn matmul_segments_at(
         .iter()
         .any(|&i| i)
         .then(|| Q8Activations::new(x, m, cols, need(false), need(true)));
-    if let (Some(a), true) = (&a, segments.len() > 1 && int8.iter().all(|&i| i)) {
+    if let (Some(a), true) = (&a, int8.iter().all(|&i| i)) {
         matmul_q8_segments(eff, segments, a, out, ld, col0);
         return;
     }
@@ -651,11 +651,12 @@ fn check_output_columns(m: usize, len: usize, ld: usize, col0: usize, rows: usiz
     assert!(m.checked_mul(ld).is_some_and(|n| n <= len), "output length");
 }
 
-/// The products of several row segments that all take the 8-bit activations `a` (a decode
-/// step's stacked q, k and v, or an expert's gate and up), segment `s` into columns
-/// `col0(s) .. col0(s) + rows(s)` of the row-major `[a.rows, ld]` output from `col0` on: the
-/// tasks of 16 weight rows of every segment run in one parallel region, so a stacked product
-/// forks and joins the pool once rather than once per segment.
+/// The products of row segments that all take the 8-bit activations `a` (one matrix, or a
+/// decode step's stacked q, k and v, or an expert's gate and up), segment `s` into columns
+/// `col0(s) .. col0(s) + rows(s)` of the row-major `[a.rows, ld]` output from `col0` on, with
+/// an effective `isa`: tasks of 16 weight rows (larger ones measured slower at batch 1), every
+/// group of activation rows over them, and the tasks of every segment in one parallel region,
+/// so a stacked product forks and joins the pool once rather than once per segment.
 ///
 /// # Panics
 /// When a segment's width differs from `a`'s, `a` lacks a segment's blocks, the segments'
@@ -685,31 +686,35 @@ fn matmul_q8_segments(
     }
     let kind = int_isa(isa);
     let group = int_group_rows(kind);
-    // (segment, its first output column, its weight rows r0..r1): tasks of 16 rows, as in
-    // `GgmlMatrix::matmul_q8_into_with`.
-    let mut tasks = Vec::with_capacity(rows.div_ceil(16) + segments.len());
-    let mut c0 = col0;
-    for (i, s) in segments.iter().enumerate() {
-        for r0 in (0..s.rows).step_by(16) {
-            tasks.push((i, c0, r0, (r0 + 16).min(s.rows)));
-        }
+    // Task t is rows 16·(t − first[s]) .. of segment s, the last segment with first[s] ≤ t;
+    // segment s writes from column col0 + Σ rows of the segments before it.
+    let mut first = Vec::with_capacity(segments.len());
+    let mut columns = Vec::with_capacity(segments.len());
+    let (mut tasks, mut c0) = (0, col0);
+    for s in segments {
+        first.push(tasks);
+        columns.push(c0);
+        tasks += s.rows.div_ceil(16);
         c0 += s.rows;
     }
     let base = OutPtr(out.as_mut_ptr());
-    let run = |&(i, c0, r0, r1): &(usize, usize, usize, usize)| {
+    let run = |t: usize| {
+        let i = first.partition_point(|&f| f <= t) - 1;
         let mat = &segments[i];
+        let r0 = (t - first[i]) * 16;
+        let r1 = (r0 + 16).min(mat.rows);
         for g0 in (0..m).step_by(group) {
             let g = (m - g0).min(group);
-            // Elements (j, c0 + r) of this task (j < m, r0 ≤ r < r1) are in bounds
-            // (c0 + r < col0 + rows ≤ ld, asserted) and no other task's (segments own
-            // disjoint columns, tasks disjoint rows of a segment).
-            q8_rows_dots(kind, mat, r0, r1, a, g0, g, OutPtr(base.at(c0)), ld);
+            // Elements (j, c + r) of this task (j < m, r0 ≤ r < r1, c its segment's first
+            // column) are in bounds (c + r < col0 + rows ≤ ld, checked) and no other task's
+            // (segments own disjoint columns, tasks disjoint rows of a segment).
+            q8_rows_dots(kind, mat, r0, r1, a, g0, g, OutPtr(base.at(columns[i])), ld);
         }
     };
-    if tasks.len() <= 1 || rows * m * cols < 1 << 15 || crate::quant::kept_on_this_thread() {
-        tasks.iter().for_each(run);
+    if tasks <= 1 || rows * m * cols < 1 << 15 || crate::quant::kept_on_this_thread() {
+        (0..tasks).for_each(run);
     } else {
-        tasks.par_iter().for_each(run);
+        (0..tasks).into_par_iter().for_each(run);
     }
 }
 
@@ -1322,21 +1327,7 @@ impl GgmlMatrix {
         if self.output_is_trivial(m, out, ld, col0) {
             return;
         }
-        let kind = int_isa(effective(isa));
-        let (rows, cols) = (self.rows, self.cols);
-        // Element (i, r) of this product is at `i·ld + r` from here.
-        let ptr = OutPtr(out[col0..].as_mut_ptr());
-        let group = int_group_rows(kind);
-        // Tasks of 16 weight rows (as the f32 kernels; larger ones measured slower at batch
-        // 1), every group of activation rows over them. Elements (i, r) of a task are in
-        // bounds (i·ld + col0 + r < m·ld as r < rows ≤ ld − col0, i < m) and only this task
-        // writes its columns r0..r1.
-        par_ranges(rows, 16, m * cols, |r0, r1| {
-            for g0 in (0..m).step_by(group) {
-                let g = (m - g0).min(group);
-                q8_rows_dots(kind, self, r0, r1, a, g0, g, ptr, ld);
-            }
-        });
+        matmul_q8_segments(effective(isa), std::slice::from_ref(self), a, out, ld, col0);
     }
 
     /// The reference of [`GgmlMatrix::matmul_q8_with`]: the dequantised weights times the
