@@ -9,12 +9,18 @@ Writes `fixtures/reference/gguf_quant/`:
 * `mixtral-q4_k_m.gguf`: `fixtures/reference/gguf/mixtral-f16.gguf` (stacked `ffn_*_exps`
   experts) quantised the same way;
 * `wide-q4_k_m.gguf`, `wide-q5_k_m.gguf`: a tiny random llama with 256-wide rows (written here
-  with the gguf writer, F32) quantised to Q4_K_M (Q4_K and Q6_K) and Q5_K_M (Q5_K and Q6_K).
+  with the gguf writer, F32) quantised to Q4_K_M (Q4_K and Q6_K) and Q5_K_M (Q5_K and Q6_K);
+* `llama_cpp_logits.safetensors`: llama.cpp's own logits for every quantised fixture (those
+  above and `fixtures/reference/gguf/llama-q{8_0,4_0,4_1}.gguf`) on `LOGIT_TOKENS` tokens
+  (`<stem>.tokens`), computed as one prompt (`<stem>.prefill`) and one token at a time
+  (`<stem>.decode`), with llama.cpp's default f16 KV cache, and both again with an f32 KV
+  cache and no flash attention (`<stem>.prefill_f32kv`, `<stem>.decode_f32kv`), where
+  llama.cpp's attention is plain f32 arithmetic.
 
 Needs `gguf` 0.19.0 and `llama-cpp-python` 0.3.36 (its `llama_model_quantize`); the tests need
 neither: the generated files are committed. Run from the repository root:
 
-    python3 tools/reference/make_gguf_quant_fixtures.py [--out DIR]
+    python3 tools/reference/make_gguf_quant_fixtures.py [--out DIR] [--logits-only]
 """
 
 from __future__ import annotations
@@ -29,9 +35,16 @@ import tempfile
 import numpy as np
 import gguf
 import llama_cpp
+from safetensors.numpy import save_file
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 SRC = os.path.join(ROOT, "fixtures", "reference", "gguf")
+
+#: Tokens of each logits fixture: ids (i * 37 + 5) mod vocab, as the Rust tests build them.
+LOGIT_TOKENS = 16
+
+#: Quantised files outside `--out` whose llama.cpp logits are recorded too.
+OTHER_QUANTISED = ["llama-q8_0.gguf", "llama-q4_0.gguf", "llama-q4_1.gguf"]
 
 
 def quantize(src: str, dst: str, ftype: int) -> None:
@@ -103,11 +116,47 @@ def write_wide_llama(path: str) -> None:
     w.close()
 
 
+def llama_cpp_logits(path: str) -> dict[str, np.ndarray]:
+    """llama.cpp's logits for `LOGIT_TOKENS` tokens: as one prompt and one token at a time,
+    with the default f16 KV cache and with an f32 one."""
+    stem = os.path.basename(path).removesuffix(".gguf")
+    out: dict[str, np.ndarray] = {}
+    for suffix, cache in (("", {}), ("_f32kv", {"type_k": 0, "type_v": 0, "flash_attn": False})):
+        llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=64, logits_all=True, n_threads=1,
+                              seed=0, verbose=False, **cache)
+        vocab = llm.n_vocab()
+        tokens = [(i * 37 + 5) % vocab for i in range(LOGIT_TOKENS)]
+        llm.eval(tokens)
+        out[f"{stem}.prefill{suffix}"] = np.array(llm.scores[:LOGIT_TOKENS], dtype=np.float32)
+        llm.reset()
+        for t in tokens:
+            llm.eval([t])
+        out[f"{stem}.decode{suffix}"] = np.array(llm.scores[:LOGIT_TOKENS], dtype=np.float32)
+        out[f"{stem}.tokens"] = np.array(tokens, dtype=np.int64)
+    return out
+
+
+def write_logits(out: str) -> None:
+    paths = [os.path.join(out, n) for n in sorted(os.listdir(out)) if n.endswith(".gguf")]
+    paths += [os.path.join(SRC, n) for n in OTHER_QUANTISED]
+    tensors: dict[str, np.ndarray] = {}
+    for path in paths:
+        tensors.update(llama_cpp_logits(path))
+    meta = {"llama_cpp_python": llama_cpp.__version__, "tokens": str(LOGIT_TOKENS)}
+    save_file(tensors, os.path.join(out, "llama_cpp_logits.safetensors"), metadata=meta)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(ROOT, "fixtures", "reference", "gguf_quant"))
-    out = ap.parse_args().out
+    ap.add_argument("--logits-only", action="store_true",
+                    help="only (re)write llama_cpp_logits.safetensors for the files in --out")
+    args = ap.parse_args()
+    out = args.out
     os.makedirs(out, exist_ok=True)
+    if args.logits_only:
+        write_logits(out)
+        return
     q4km, q5km = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M
     quantize(os.path.join(SRC, "llama-f32.gguf"), os.path.join(out, "llama-q4_k_m.gguf"), q4km)
     quantize(os.path.join(SRC, "mixtral-f16.gguf"), os.path.join(out, "mixtral-q4_k_m.gguf"), q4km)
@@ -132,6 +181,7 @@ def main() -> None:
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, sort_keys=True)
         f.write("\n")
+    write_logits(out)
 
 
 if __name__ == "__main__":

@@ -1331,7 +1331,9 @@ impl GgmlMatrix {
     }
 
     /// The reference of [`GgmlMatrix::matmul_q8_with`]: the dequantised weights times the
-    /// dequantised 8-bit activations, accumulated in f64.
+    /// dequantised 8-bit activations, accumulated in f64. For Q4_1 and Q5_1 a block's minimum
+    /// multiplies the activations' stored `d·Σq` (rounded to f16, as llama.cpp's
+    /// `block_q8_1::s`) rather than the dequantised values' sum.
     ///
     /// # Panics
     /// When `a` has another width or lacks this type's blocks.
@@ -1340,7 +1342,29 @@ impl GgmlMatrix {
         let x = a
             .dequantize_for(self.ty)
             .expect("activations with this type's blocks");
-        self.matmul_reference(&x, a.rows)
+        let mut out = self.matmul_reference(&x, a.rows);
+        if let (Some(b), true) = (
+            &a.b32,
+            blocks::has_min(self.ty) && self.ty.block_elems() == 32,
+        ) {
+            let nb = self.cols / 32;
+            for i in 0..a.rows {
+                for r in 0..self.rows {
+                    let row_blocks = self.row_bytes_of(r).chunks_exact(self.ty.block_bytes());
+                    let shift: f64 = row_blocks
+                        .enumerate()
+                        .map(|(k, blk)| {
+                            let j = i * nb + k;
+                            let min = blocks::prep(self.ty, blk).o[0] as f64;
+                            min * (b.dsum[j] as f64 - b.d[j] as f64 * b.sum[j] as f64)
+                        })
+                        .sum();
+                    let o = &mut out[i * self.rows + r];
+                    *o = (*o as f64 + shift) as f32;
+                }
+            }
+        }
+        out
     }
 
     /// The plain reference: dequantise the whole matrix, then multiply with f64 accumulation.

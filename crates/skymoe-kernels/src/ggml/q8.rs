@@ -2,10 +2,16 @@
 //! quantised products: the activation rows are quantised once per product, then every weight
 //! block is multiplied with them in integers and scaled once per block.
 //!
-//! Activations ([`Q8Activations`]), symmetric, rounded half to even, `x̂ = d·q`, `q ∈ [-127, 127]`:
-//! - 32-value blocks (for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): an f32 scale `d = max|x| / 127`, the
-//!   block's integer sum `Σq` and `d·Σq` (f32) for the types with a minimum;
-//! - 256-value blocks (for the k-quants): one f32 scale per 256 and the integer sum of every 16.
+//! Activations ([`Q8Activations`]), symmetric, `q = round(x·(127 / max|x|))` rounded half to
+//! even, `q ∈ [-127, 127]`, with the scales llama.cpp's `block_q8_0`, `block_q8_1` and
+//! `block_q8_K` hold, so that a product gives llama.cpp's result up to the order of its float
+//! additions:
+//! - 32-value blocks (for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): the scale `max|x| / 127` rounded to
+//!   f16, the block's integer sum `Σq` and, for the types with a minimum, `(max|x| / 127)·Σq`
+//!   rounded to f16. Where llama.cpp's f16 would overflow (`max|x|` above 127·65504) the f32
+//!   values are kept, so that large activations stay finite;
+//! - 256-value blocks (for the k-quants): the f32 scale `1 / (127 / max|x|)` per 256 and the
+//!   integer sum of every 16.
 //!
 //! The canonical arithmetic, which the scalar code below spells out and the SIMD kernels
 //! reproduce bit for bit (integer sums are exact; the float operations are the same, in the
@@ -67,9 +73,10 @@ fn round_q(v: f32) -> i8 {
     r.clamp(-127, 127) as i8
 }
 
-/// Quantise one block of values into `q`; returns its scale. A block holding a NaN or an
-/// infinity gets a NaN scale (its products are NaN, as with f32 activations); a block whose
-/// largest magnitude has no finite inverse (zeros, tiny subnormals) quantises to zeros.
+/// Quantise one block of values into `q` (`q = round(x·(127 / max|x|))`); returns `max|x|`,
+/// from which the callers derive the block's scale. A block holding a NaN or an infinity
+/// returns NaN (its products are NaN, as with f32 activations); a block whose largest
+/// magnitude has no finite inverse (zeros, tiny subnormals) quantises to zeros and returns 0.
 #[inline(always)]
 pub(super) fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
     let mut amax = 0f32;
@@ -93,17 +100,46 @@ pub(super) fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
     for (q, &v) in q.iter_mut().zip(x) {
         *q = round_q(v * id);
     }
-    amax / 127.0
+    amax
+}
+
+/// A 32-value block's scale from its `max|x|`: `max|x| / 127` rounded to f16, as llama.cpp's
+/// `block_q8_0` and `block_q8_1` store it (the f32 value where f16 would overflow).
+#[inline(always)]
+fn scale32(amax: f32) -> f32 {
+    to_f16_finite(amax / 127.0)
+}
+
+/// `v` rounded to the nearest f16 (ties to even), or `v` itself where that is infinite.
+#[inline(always)]
+fn to_f16_finite(v: f32) -> f32 {
+    let h = half::f16::from_f32(v).to_f32();
+    if h.is_infinite() && v.is_finite() {
+        v
+    } else {
+        h
+    }
+}
+
+/// A 256-value block's scale from its `max|x|`: `1 / (127 / max|x|)`, as llama.cpp's
+/// `block_q8_K` holds it (0 for a block of zeros, NaN for a NaN).
+#[inline(always)]
+fn scale256(amax: f32) -> f32 {
+    if amax == 0.0 {
+        0.0
+    } else {
+        1.0 / (127.0 / amax)
+    }
 }
 
 /// [`quantize_block`] of 32 or 256 values, with the sums of every 16 quantised values in
-/// `sums16`, in portable code.
+/// `sums16`, in portable code; returns `max|x|` as [`quantize_block`] does.
 fn block_portable(x: &[f32], q: &mut [i8], sums16: &mut [i32]) -> f32 {
-    let d = quantize_block(x, q);
+    let amax = quantize_block(x, q);
     for (s, q16) in sums16.iter_mut().zip(q.chunks_exact(16)) {
         *s = q16.iter().map(|&v| v as i32).sum();
     }
-    d
+    amax
 }
 
 /// A block quantiser: [`block_portable`] or its SIMD twin.
@@ -133,11 +169,12 @@ pub(super) fn quantize32(x: &[f32], rows: usize, cols: usize, block: BlockFn) ->
     };
     let mut s2 = [0i32; 2];
     for (k, (xs, qs)) in x.chunks_exact(32).zip(b.q.chunks_exact_mut(32)).enumerate() {
-        let d = block(xs, qs, &mut s2);
+        let amax = block(xs, qs, &mut s2);
         let s = s2[0] + s2[1];
-        b.d[k] = d;
+        b.d[k] = scale32(amax);
         b.sum[k] = s;
-        b.dsum[k] = d * s as f32;
+        // llama.cpp's `block_q8_1::s`: the f32 scale times the sum, then rounded to f16.
+        b.dsum[k] = to_f16_finite((amax / 127.0) * s as f32);
     }
     b
 }
@@ -155,7 +192,7 @@ pub(super) fn quantize256(x: &[f32], rows: usize, cols: usize, block: BlockFn) -
         .zip(b.q.chunks_exact_mut(256))
         .enumerate()
     {
-        b.d[k] = block(xs, qs, &mut s16);
+        b.d[k] = scale256(block(xs, qs, &mut s16));
         for (o, &s) in b.bsums[k * 16..k * 16 + 16].iter_mut().zip(&s16) {
             *o = s as i16;
         }

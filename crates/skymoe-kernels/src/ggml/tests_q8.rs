@@ -32,6 +32,11 @@ fn varied_x(n: usize, seed: u64) -> Vec<f32> {
     x
 }
 
+/// `v` rounded to the nearest f16.
+fn f16_rounded(v: f32) -> f32 {
+    half::f16::from_f32(v).to_f32()
+}
+
 #[test]
 fn activations_quantise_within_half_a_step() {
     for cols in [32, 256, 288, 576, 768] {
@@ -60,25 +65,33 @@ fn activations_quantise_within_half_a_step() {
             let deq = a.dequantize_for(ty).unwrap();
             for (blk, ((xs, qs), &d)) in x.chunks(size).zip(q.chunks(size)).zip(d).enumerate() {
                 let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-                assert_eq!(d, amax / 127.0, "block {blk}");
+                // llama.cpp's scales: `block_q8_0`'s f16, `block_q8_K`'s `1 / iscale`.
+                let step = amax / 127.0;
+                let want = match (size, amax) {
+                    (_, 0.0) => 0.0,
+                    (32, _) => f16_rounded(step),
+                    _ => 1.0 / (127.0 / amax),
+                };
+                assert_eq!(d, want, "block {blk}");
                 assert!(qs.iter().all(|&v| v != i8::MIN));
                 if amax > 0.0 {
                     assert_eq!(qs.iter().map(|v| v.abs()).max(), Some(127));
                 }
+                // Half a step, plus what the scale's rounding moves the largest values.
+                let bound = (0.5 * step + 127.0 * (d - step).abs()) * (1.0 + 1e-5);
                 for (l, (&xv, &qv)) in xs.iter().zip(qs).enumerate() {
                     let e = (xv - deq[blk * size + l]).abs();
-                    assert!(
-                        e <= 0.5 * d * (1.0 + 1e-5),
-                        "{size} block {blk}: {xv} vs {qv}·{d}"
-                    );
+                    assert!(e <= bound, "{size} block {blk}: {xv} vs {qv}·{d}");
                 }
             }
         }
         let b = a.b32.as_ref().unwrap();
-        for (k, qs) in b.q.chunks(32).enumerate() {
+        for (k, (qs, xs)) in b.q.chunks(32).zip(x.chunks(32)).enumerate() {
             let s: i32 = qs.iter().map(|&v| v as i32).sum();
             assert_eq!(b.sum[k], s);
-            assert_eq!(b.dsum[k], b.d[k] * s as f32);
+            // llama.cpp's `block_q8_1::s`: the f32 scale times the sum, rounded to f16.
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(b.dsum[k], f16_rounded(amax / 127.0 * s as f32));
         }
         if let Some(b) = &a.b256 {
             for (k, qs) in b.q.chunks(16).enumerate() {
@@ -122,7 +135,7 @@ fn activation_quantisation_rounds_half_to_even_and_survives_odd_values() {
             b.d[0].is_nan() && b.q[..32].iter().all(|&q| q == 0),
             "{bad}"
         );
-        assert_eq!((b.d[1], b.q[32]), (1.0 / 127.0, 127));
+        assert_eq!((b.d[1], b.q[32]), (f16_rounded(1.0 / 127.0), 127));
         let mat = GgmlMatrix::from_vec(
             GgmlType::Q8_0,
             1,

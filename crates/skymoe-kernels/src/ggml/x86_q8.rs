@@ -800,7 +800,7 @@ fn f16_to_f32_x86(h: u16) -> f32 {
 
 /// Quantise the 32 or 256 values of `x` into `q` (see [`super::q8::quantize_block`], whose
 /// results these are, bit for bit) and write the sum of every 16 quantised values into
-/// `sums16`; returns the scale.
+/// `sums16`; returns `max|x|` (NaN for a non-finite block, 0 where no scale exists).
 ///
 /// # Safety
 /// The CPU supports AVX2; `x.len()` is 32 or 256, `q` as long, `sums16` at least
@@ -861,7 +861,7 @@ pub(super) unsafe fn quantize_block(x: &[f32], q: &mut [i8], sums16: &mut [i32])
             sums16[c / 16 + 1] = hsum_epi32(_mm256_add_epi32(r[2], r[3]));
         }
     }
-    amax / 127.0
+    amax
 }
 
 /// The AVX2 kernels.
