@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_clean_failure, fixtures, skymoe};
+use common::{assert_clean_failure, fixtures, max_abs, skymoe, skymoe_with_env, token_list};
 
 #[test]
 fn logits_verb_writes_the_reference_logits() {
@@ -15,18 +15,12 @@ fn logits_verb_writes_the_reference_logits() {
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    let tokens: Vec<String> = refmap["tokens"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .iter()
-        .map(|t| t.to_string())
-        .collect();
     let out = skymoe(&[
         "logits",
         "--model",
         dir.to_str().unwrap(),
         "--tokens",
-        &tokens.join(","),
+        &token_list(&refmap["tokens"]),
         "--out",
         out_file.to_str().unwrap(),
     ]);
@@ -39,17 +33,73 @@ fn logits_verb_writes_the_reference_logits() {
     let logits = &got["logits"];
     assert_eq!(logits.dtype(), candle_core::DType::F32);
     assert_eq!(logits.dims(), refmap["logits"].dims());
-    let d = (logits - &refmap["logits"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs(&(logits - &refmap["logits"]).unwrap());
     assert!(d <= 1e-4, "max |Δ| {d}");
+}
+
+/// `logits --weights stored --kv-cache-dtype f32` on a llama.cpp-quantised GGUF file, with
+/// 8-bit activations, gives llama.cpp's own logits for the same file (its f32 KV cache;
+/// `fixtures/reference/gguf_quant/llama_cpp_logits.safetensors`).
+#[test]
+fn logits_verb_serves_a_gguf_file_as_llama_cpp_computes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_file = tmp.path().join("logits.safetensors");
+    let cpu = candle_core::Device::Cpu;
+    let want = candle_core::safetensors::load(
+        fixtures().join("gguf_quant/llama_cpp_logits.safetensors"),
+        &cpu,
+    )
+    .unwrap();
+    let out = skymoe_with_env(
+        &[
+            "logits",
+            "--model",
+            fixtures()
+                .join("gguf_quant/wide-q4_k_m.gguf")
+                .to_str()
+                .unwrap(),
+            "--tokens",
+            &token_list(&want["wide-q4_k_m.tokens"]),
+            "--weights",
+            "stored",
+            "--kv-cache-dtype",
+            "f32",
+            "--out",
+            out_file.to_str().unwrap(),
+        ],
+        &[("SKYMOE_GGML_ACTIVATIONS", "int8")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = candle_core::safetensors::load(&out_file, &cpu).unwrap();
+    let theirs = &want["wide-q4_k_m.prefill_f32kv"];
+    assert_eq!(got["logits"].dims(), theirs.dims());
+    let e = max_abs(&(&got["logits"] - theirs).unwrap()) / max_abs(theirs);
+    assert!(e < 1e-5, "max relative logit error against llama.cpp {e}");
+    // The cache's type applies to the serving model only, and must be one.
+    let model = fixtures().join("llama");
+    for (extra, needle) in [
+        (&["--kv-cache-dtype", "f32"][..], "needs --weights"),
+        (
+            &["--weights", "stored", "--kv-cache-dtype", "f8"][..],
+            "invalid --kv-cache-dtype",
+        ),
+    ] {
+        let mut args = vec![
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokens",
+            "1,2",
+            "--out",
+            out_file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        assert_clean_failure(&skymoe(&args), needle);
+    }
 }
 
 #[test]
@@ -220,16 +270,7 @@ fn grads_verb_writes_loss_and_every_gradient() {
     assert_eq!(got.len(), n_ref + 1);
     let g = &got["model.layers.0.block_sparse_moe.gate.weight"];
     let want = &refmap["grad.model.layers.0.block_sparse_moe.gate.weight"];
-    let d = (g - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs(&(g - want).unwrap());
     assert!(d < 1e-6, "router gradient differs by {d}");
 }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fixtures, skymoe, Mpirun};
+use common::{fixtures, skymoe, token_list, Mpirun};
 
 fn read_logits(path: &Path) -> Vec<f32> {
     let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
@@ -34,13 +34,7 @@ fn logits_over_three_uneven_ranks_equal_one_process_and_transformers() {
             &candle_core::Device::Cpu,
         )
         .unwrap();
-        let tokens: Vec<String> = reference["tokens"]
-            .to_vec1::<i64>()
-            .unwrap()
-            .iter()
-            .map(|t| t.to_string())
-            .collect();
-        let tokens = tokens.join(",");
+        let tokens = token_list(&reference["tokens"]);
         let hf = reference["logits"]
             .flatten_all()
             .unwrap()

@@ -11,7 +11,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use common::{assert_clean_failure, corpus, fixtures, skymoe, skymoe_with_env};
+use common::{
+    assert_clean_failure, corpus, fixtures, max_abs, skymoe, skymoe_with_env, token_list,
+};
 
 fn layout(name: &str) -> PathBuf {
     fixtures().join("skywork_files").join(name)
@@ -23,26 +25,11 @@ fn reference(name: &str) -> HashMap<String, Tensor> {
 }
 
 fn ref_tokens(name: &str) -> String {
-    reference(name)["tokens"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .iter()
-        .map(|t| t.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
+    token_list(&reference(name)["tokens"])
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_abs(&(a - b).unwrap())
 }
 
 fn run_ok(args: &[&str]) -> String {
@@ -151,16 +138,7 @@ fn published_layouts_give_the_pytorch_gradients() {
             let g = got
                 .get(param)
                 .unwrap_or_else(|| panic!("{name}: no gradient for {param}"));
-            let scale = want
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .max(1e-6);
+            let scale = max_abs(want).max(1e-6);
             let rel = max_abs_diff(g, want) / scale;
             assert!(rel <= 1e-4, "{name}: {param} relative error {rel}");
             checked += 1;

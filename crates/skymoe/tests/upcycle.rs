@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use common::{assert_clean_failure, fixtures, skymoe};
+use common::{assert_clean_failure, fixtures, max_abs, skymoe};
 use skymoe_model::{CausalLm, Checkpoint, Tokenizer};
 
 fn logits(model: &Path, tokens: &[u32]) -> Tensor {
@@ -18,16 +18,7 @@ fn logits(model: &Path, tokens: &[u32]) -> Tensor {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_abs(&(a - b).unwrap())
 }
 
 const TOKENS: [u32; 10] = [0, 45, 319, 17, 290, 128, 256, 3, 318, 77];

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use skymoe_kernels::quant::WeightFormat;
+use skymoe_serve::kv_cache::KvDtype;
 use skymoe_serve::model::{LogitsFor, SeqChunk, ServeModel, TensorParallel};
 
 /// Arguments of `skymoe logits`.
@@ -27,20 +28,25 @@ pub struct Args {
     /// Relative share of each process under tensor parallelism, e.g. 2,1,1 (default: equal).
     #[arg(long)]
     tp_weights: Option<String>,
+    /// With `--weights`: the element type of the KV cache, auto (as `skymoe serve` chooses),
+    /// f32, f16 or int8.
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: String,
 }
 
-/// Logits `[n_tokens · vocab]` of the serving model with projections in `format`, split over
-/// `tp` when given.
+/// Logits `[n_tokens · vocab]` of the serving model with projections in `format` and a KV
+/// cache of `kv_dtype` (the engine's choice where `None`), split over `tp` when given.
 fn served_logits(
     model: &Path,
     tokens: &[u32],
     format: Option<WeightFormat>,
+    kv_dtype: Option<KvDtype>,
     tp: Option<TensorParallel>,
 ) -> anyhow::Result<Vec<f32>> {
     let ckpt = skymoe_model::Checkpoint::open(model, &candle_core::Device::Cpu)
         .with_context(|| format!("cannot open model {}", model.display()))?;
     let model = ServeModel::load_sharded(&ckpt, format, tp)?;
-    let mut kv = model.new_kv_cache(16, tokens.len().div_ceil(16), None);
+    let mut kv = model.new_kv_cache(16, tokens.len().div_ceil(16), kv_dtype);
     let blocks = kv.allocate(kv.blocks_for(tokens.len())).unwrap_or_default();
     let chunk = SeqChunk {
         tokens,
@@ -53,7 +59,12 @@ fn served_logits(
 
 /// `--weights`: the serving model, one process or tensor-parallel over an `mpirun` job
 /// (rank 0 writes the file).
-fn run_served(a: &Args, tokens: Vec<u32>, weights: &str) -> anyhow::Result<()> {
+fn run_served(
+    a: &Args,
+    tokens: Vec<u32>,
+    weights: &str,
+    kv_dtype: Option<KvDtype>,
+) -> anyhow::Result<()> {
     let format = match weights {
         "stored" => None,
         other => Some(other.parse::<WeightFormat>()?),
@@ -64,14 +75,14 @@ fn run_served(a: &Args, tokens: Vec<u32>, weights: &str) -> anyhow::Result<()> {
         if tp_weights.is_some() {
             anyhow::bail!("--tp-weights needs several processes (mpirun -np N)");
         }
-        served_logits(&a.model, &tokens, format, None)
+        served_logits(&a.model, &tokens, format, kv_dtype, None)
     } else {
         let comm = procs.world_comm(std::time::Duration::from_secs(600));
         let model = a.model.clone();
         let toks = tokens.clone();
         super::tp::with_comm_thread(comm.as_ref(), move |c| {
             let tp = TensorParallel::new(c, tp_weights)?;
-            served_logits(&model, &toks, format, Some(tp))
+            served_logits(&model, &toks, format, kv_dtype, Some(tp))
         })
         .and_then(|r| r)
     };
@@ -111,11 +122,15 @@ fn write_logits(logits: candle_core::Tensor, out: &Path) -> anyhow::Result<()> {
 /// Run the verb.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let tokens = super::parse_tokens(&a.tokens)?;
+    let kv_dtype = super::bench::parse_kv_dtype(&a.kv_cache_dtype)?;
     if let Some(w) = a.weights.clone() {
-        return run_served(&a, tokens, &w);
+        return run_served(&a, tokens, &w, kv_dtype);
     }
     if a.tp_weights.is_some() {
         anyhow::bail!("--tp-weights applies to the serving model: add --weights");
+    }
+    if kv_dtype.is_some() {
+        anyhow::bail!("--kv-cache-dtype needs --weights (the serving engine's model)");
     }
     let device = super::device()?;
     let (_, model) = super::load_model(&a.model, &device)?;

@@ -17,6 +17,29 @@ pub fn corpus() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/corpus")
 }
 
+/// A 1-D tensor of token ids as `--tokens` takes them (`1,2,3`).
+pub fn token_list(ids: &candle_core::Tensor) -> String {
+    let ids: Vec<String> = ids
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    ids.join(",")
+}
+
+/// The largest magnitude of a tensor's elements.
+pub fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// Run the `skymoe` binary.
 pub fn skymoe(args: &[&str]) -> Output {
     skymoe_with_env(args, &[])
