@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_clean_failure, corpus, skymoe};
+use common::{assert_clean_failure, corpus, max_abs, skymoe};
 use skymoe_model::Checkpoint;
 
 fn write_config(dir: &Path, extra: &str) -> PathBuf {
@@ -188,16 +188,7 @@ fn killed_and_resumed_run_matches_an_uninterrupted_one() {
     };
     let (wa, wb) = (w(&straight), w(&killed));
     for (k, t) in &wa {
-        let d = (t - &wb[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs(&(t - &wb[k]).unwrap());
         assert_eq!(d, 0.0, "{k}");
     }
     // Only the newest checkpoints are kept, and no partial directory is left.

@@ -1343,10 +1343,8 @@ impl GgmlMatrix {
             .dequantize_for(self.ty)
             .expect("activations with this type's blocks");
         let mut out = self.matmul_reference(&x, a.rows);
-        if let (Some(b), true) = (
-            &a.b32,
-            blocks::has_min(self.ty) && self.ty.block_elems() == 32,
-        ) {
+        if blocks::has_min(self.ty) && self.ty.block_elems() == 32 {
+            let b = a.b32.as_ref().expect("32-value activation blocks");
             let nb = self.cols / 32;
             for i in 0..a.rows {
                 for r in 0..self.rows {

@@ -103,13 +103,6 @@ pub(super) fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
     amax
 }
 
-/// A 32-value block's scale from its `max|x|`: `max|x| / 127` rounded to f16, as llama.cpp's
-/// `block_q8_0` and `block_q8_1` store it (the f32 value where f16 would overflow).
-#[inline(always)]
-fn scale32(amax: f32) -> f32 {
-    to_f16_finite(amax / 127.0)
-}
-
 /// `v` rounded to the nearest f16 (ties to even), or `v` itself where that is infinite.
 #[inline(always)]
 fn to_f16_finite(v: f32) -> f32 {
@@ -122,14 +115,10 @@ fn to_f16_finite(v: f32) -> f32 {
 }
 
 /// A 256-value block's scale from its `max|x|`: `1 / (127 / max|x|)`, as llama.cpp's
-/// `block_q8_K` holds it (0 for a block of zeros, NaN for a NaN).
+/// `block_q8_K` holds it (0 for a block of zeros, through `1 / ∞`; NaN for a NaN).
 #[inline(always)]
 fn scale256(amax: f32) -> f32 {
-    if amax == 0.0 {
-        0.0
-    } else {
-        1.0 / (127.0 / amax)
-    }
+    1.0 / (127.0 / amax)
 }
 
 /// [`quantize_block`] of 32 or 256 values, with the sums of every 16 quantised values in
@@ -171,10 +160,12 @@ pub(super) fn quantize32(x: &[f32], rows: usize, cols: usize, block: BlockFn) ->
     for (k, (xs, qs)) in x.chunks_exact(32).zip(b.q.chunks_exact_mut(32)).enumerate() {
         let amax = block(xs, qs, &mut s2);
         let s = s2[0] + s2[1];
-        b.d[k] = scale32(amax);
+        // llama.cpp's `block_q8_0::d` and `block_q8_1::s`: the f32 scale, and the f32 scale
+        // times the sum, each rounded to f16.
+        let d = amax / 127.0;
+        b.d[k] = to_f16_finite(d);
         b.sum[k] = s;
-        // llama.cpp's `block_q8_1::s`: the f32 scale times the sum, then rounded to f16.
-        b.dsum[k] = to_f16_finite((amax / 127.0) * s as f32);
+        b.dsum[k] = to_f16_finite(d * s as f32);
     }
     b
 }

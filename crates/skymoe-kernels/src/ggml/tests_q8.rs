@@ -124,6 +124,19 @@ fn activation_quantisation_rounds_half_to_even_and_survives_odd_values() {
             assert!(b.q.iter().all(|&q| q == 0) && b.d[0] == 0.0, "{v}");
         }
     }
+    // Activations whose f16 scale would overflow keep the f32 one (llama.cpp's would be
+    // infinite), in both the scale and the scaled sum; the products stay finite.
+    let x = [1e9f32; 32];
+    let a = Q8Activations::new(&x, 1, 32, true, false);
+    let b = a.b32.as_ref().unwrap();
+    assert_eq!((b.d[0], b.q[0]), (1e9 / 127.0, 127));
+    assert_eq!(b.dsum[0], 1e9 / 127.0 * (32.0 * 127.0));
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
+        let mat = GgmlMatrix::from_vec(ty, 1, 32, random_blocks(ty, 1, 32, 2)).unwrap();
+        for isa in isas() {
+            assert!(q8_product(&mat, isa, &a)[0].is_finite(), "{ty} {isa:?}");
+        }
+    }
     // A NaN or an infinity makes the block's scale NaN (and its products NaN, as with f32
     // activations); the other blocks are unaffected.
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
